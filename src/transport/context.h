@@ -1,0 +1,83 @@
+// A transport context: one backend instance with its own loop thread, its connections,
+// listeners and registered memory. No global state: a process may hold several contexts.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "shardps/status.h"
+#include "transport/connection.h"
+#include "transport/memory.h"
+
+namespace shardps::transport {
+
+struct ContextOptions {
+  // Largest message payload or one-sided transfer accepted from a peer; larger frames close
+  // the connection with a protocol error.
+  uint64_t max_payload_bytes = 1ull << 31;
+  // Largest metadata section of a frame.
+  uint32_t max_meta_bytes = 64u << 20;
+  // Socket buffer sizes for tcp (0 = kernel default).
+  int socket_buffer_bytes = 4 << 20;
+  // Name for logs ("server 1", "worker 0").
+  std::string name = "transport";
+  // Backend-specific settings, e.g. {"UCX_TLS", "shm"} for ucx.
+  std::vector<std::pair<std::string, std::string>> backend_settings;
+};
+
+// Whether a backend can run on this machine, and if not, why.
+struct Viability {
+  bool viable = false;
+  std::string reason;
+};
+
+class Listener {
+ public:
+  virtual ~Listener() = default;  // stops accepting
+  // The bound address, "127.0.0.1:41234" (the real port when 0 was asked for).
+  virtual std::string address() const = 0;
+};
+
+// Called on the loop thread for each accepted connection; returns its handlers. The
+// connection starts receiving only after this returns.
+using AcceptHandler = std::function<ConnectionHandlers(const std::shared_ptr<Connection>&)>;
+
+class Context {
+ public:
+  virtual ~Context() = default;  // closes every connection (pending ops fail), joins the loop
+
+  virtual std::string backend() const = 0;
+
+  // Listens on "host:port" (port 0 picks a free one).
+  virtual Result<std::unique_ptr<Listener>> Listen(const std::string& address,
+                                                   AcceptHandler on_accept) = 0;
+
+  // Connects to "host:port", waiting at most `timeout`. Blocks: do not call on a loop thread.
+  virtual Result<std::shared_ptr<Connection>> Connect(const std::string& address,
+                                                      ConnectionHandlers handlers,
+                                                      std::chrono::milliseconds timeout) = 0;
+
+  // Allocates and registers `size` bytes for remote access (zero-filled).
+  virtual Result<std::unique_ptr<MemoryRegion>> AllocateRegion(size_t size) = 0;
+
+  // True when the calling thread is this context's loop thread.
+  virtual bool InLoopThread() const = 0;
+};
+
+// Names of the backends built into this binary ("tcp", and "ucx" where built).
+std::vector<std::string> BackendNames();
+// Whether `backend` can run here, with the reason when not.
+Viability CheckViability(const std::string& backend);
+// Creates a context of `backend` ("tcp", "ucx"). InvalidArgument for an unknown name,
+// Unavailable when the backend is not viable here.
+Result<std::unique_ptr<Context>> CreateContext(const std::string& backend,
+                                               const ContextOptions& options);
+
+// Splits "host:port". InvalidArgument when malformed.
+Status ParseHostPort(const std::string& address, std::string* host, uint16_t* port);
+
+}  // namespace shardps::transport

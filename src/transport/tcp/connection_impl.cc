@@ -1,0 +1,465 @@
+#include "transport/tcp/connection_impl.h"
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+
+#include <spdlog/spdlog.h>
+
+namespace shardps::transport::tcp {
+namespace {
+
+constexpr size_t kStagingBytes = 256 << 10;
+constexpr size_t kDirectRecvThreshold = 64 << 10;
+constexpr int kMaxIov = 64;
+
+Bytes EncodeStatus(const Status& st) {
+  Bytes b;
+  Writer w(&b);
+  w.Put<int32_t>(static_cast<int32_t>(st.code()));
+  w.PutString(st.message());
+  return b;
+}
+
+bool DecodeStatus(Reader* r, Status* out) {
+  int32_t code = 0;
+  std::string msg;
+  if (!r->Get(&code) || !r->GetString(&msg)) return false;
+  if (code == 0) {
+    *out = Status::OK();
+  } else {
+    *out = Status::RemoteError(msg);
+  }
+  return true;
+}
+
+Status DecodeKey(const RemoteKey& key, uint64_t* id, uint64_t* secret) {
+  Reader r(key.packed.data(), key.packed.size());
+  if (!r.Get(id) || !r.Get(secret) || !r.done())
+    return Status::InvalidArgument("remote key is not a tcp key");
+  return Status::OK();
+}
+
+}  // namespace
+
+TcpConnection::TcpConnection(std::shared_ptr<Shared> shared, int fd, std::string peer)
+    : shared_(std::move(shared)), fd_(fd), peer_(std::move(peer)) {
+  in_buf_.resize(kStagingBytes);
+}
+
+TcpConnection::~TcpConnection() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void TcpConnection::Start(ConnectionHandlers handlers) {
+  handlers_ = std::move(handlers);
+  started_ = true;
+  auto self = shared_from_this();
+  shared_->connections.insert(self);
+  std::weak_ptr<TcpConnection> weak = self;
+  Status st = shared_->loop.Add(fd_, EPOLLIN | EPOLLRDHUP, [weak](uint32_t ev) {
+    if (auto c = weak.lock()) c->OnEvents(ev);
+  });
+  if (!st.ok()) Fail(st);
+}
+
+void TcpConnection::Post(std::function<void()> fn, const DoneCallback& done) {
+  if (!shared_->loop.Defer(std::move(fn))) {
+    // The context is gone: nothing can run on its loop any more.
+    if (done) done(Status::Aborted("transport context was destroyed"));
+  }
+}
+
+void TcpConnection::Send(uint32_t tag, Bytes meta, Payload payload, DoneCallback done) {
+  auto self = shared_from_this();
+  Post(
+      [self, tag, meta = std::move(meta), payload = std::move(payload), done]() mutable {
+        self->Enqueue(FrameType::kMessage, tag, 0, std::move(meta), std::move(payload),
+                      std::move(done));
+      },
+      done);
+}
+
+void TcpConnection::Write(const void* local, size_t len, const RemoteKey& key, uint64_t offset,
+                          DoneCallback done) {
+  auto self = shared_from_this();
+  uint64_t id = 0, secret = 0;
+  Status st = DecodeKey(key, &id, &secret);
+  Post(
+      [self, st, id, secret, offset, local, len, done]() mutable {
+        if (!st.ok()) return done(st);
+        Bytes meta;
+        Writer w(&meta);
+        w.Put(id);
+        w.Put(secret);
+        w.Put(offset);
+        self->StartRequest(FrameType::kWriteReq, std::move(meta), Payload::View(local, len),
+                           PendingOp{std::move(done), nullptr, len, false});
+      },
+      done);
+}
+
+void TcpConnection::Read(void* local, size_t len, const RemoteKey& key, uint64_t offset,
+                         DoneCallback done) {
+  auto self = shared_from_this();
+  uint64_t id = 0, secret = 0;
+  Status st = DecodeKey(key, &id, &secret);
+  Post(
+      [self, st, id, secret, offset, local, len, done]() mutable {
+        if (!st.ok()) return done(st);
+        Bytes meta;
+        Writer w(&meta);
+        w.Put(id);
+        w.Put(secret);
+        w.Put(offset);
+        w.Put<uint64_t>(len);
+        self->StartRequest(FrameType::kReadReq, std::move(meta), Payload{},
+                           PendingOp{std::move(done), local, len, true});
+      },
+      done);
+}
+
+void TcpConnection::Close() {
+  auto self = shared_from_this();
+  Post([self] { self->Shutdown(Status::OK(), true); }, nullptr);
+}
+
+void TcpConnection::StartRequest(FrameType type, Bytes meta, Payload payload, PendingOp op) {
+  if (closed_) return op.done(Status::Aborted("connection to " + peer_ + " is closed"));
+  uint64_t id = next_request_++;
+  pending_.emplace(id, std::move(op));
+  Enqueue(type, 0, id, std::move(meta), std::move(payload), nullptr);
+}
+
+void TcpConnection::Enqueue(FrameType type, uint32_t aux, uint64_t request_id, Bytes meta,
+                            Payload payload, DoneCallback done) {
+  if (closed_) {
+    if (done) done(Status::Aborted("connection to " + peer_ + " is closed"));
+    return;
+  }
+  OutFrame f;
+  FrameHeader h;
+  h.type = type;
+  h.aux = aux;
+  h.meta_len = static_cast<uint32_t>(meta.size());
+  h.payload_len = payload.size;
+  h.request_id = request_id;
+  f.head.resize(kFrameHeaderSize + meta.size());
+  h.EncodeTo(f.head.data());
+  if (!meta.empty()) std::copy(meta.begin(), meta.end(), f.head.begin() + kFrameHeaderSize);
+  f.payload = std::move(payload);
+  f.done = std::move(done);
+  out_.push_back(std::move(f));
+  if (started_ && !want_out_) FlushOut();
+}
+
+void TcpConnection::FlushOut() {
+  while (!out_.empty() && !closed_) {
+    iovec iov[kMaxIov];
+    int cnt = 0;
+    for (auto it = out_.begin(); it != out_.end() && cnt + 2 <= kMaxIov; ++it) {
+      size_t off = it->sent;
+      if (off < it->head.size()) {
+        iov[cnt++] = {it->head.data() + off, it->head.size() - off};
+        off = 0;
+      } else {
+        off -= it->head.size();
+      }
+      if (it->payload.size > off) {
+        iov[cnt++] = {const_cast<uint8_t*>(static_cast<const uint8_t*>(it->payload.data)) + off,
+                      it->payload.size - off};
+      }
+    }
+    msghdr mh{};
+    mh.msg_iov = iov;
+    mh.msg_iovlen = static_cast<size_t>(cnt);
+    ssize_t n = ::sendmsg(fd_, &mh, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        if (!want_out_) {
+          want_out_ = true;
+          shared_->loop.Modify(fd_, EPOLLIN | EPOLLOUT | EPOLLRDHUP);
+        }
+        return;
+      }
+      return Fail(Status::FromErrno("send to " + peer_, errno));
+    }
+    size_t left = static_cast<size_t>(n);
+    while (!out_.empty()) {
+      OutFrame& f = out_.front();
+      size_t total = f.head.size() + f.payload.size;
+      size_t take = std::min(left, total - f.sent);
+      f.sent += take;
+      left -= take;
+      if (f.sent < total) break;
+      DoneCallback done = std::move(f.done);
+      out_.pop_front();
+      if (done) done(Status::OK());
+    }
+  }
+  if (want_out_ && !closed_) {
+    want_out_ = false;
+    shared_->loop.Modify(fd_, EPOLLIN | EPOLLRDHUP);
+  }
+}
+
+void TcpConnection::OnEvents(uint32_t events) {
+  if (closed_) return;
+  if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+    if (!ReadSome()) return;
+  }
+  if (!closed_ && (events & EPOLLOUT)) FlushOut();
+}
+
+bool TcpConnection::ReadSome() {
+  for (int rounds = 0; rounds < 64; ++rounds) {
+    if (!ParseStaged()) return false;
+    ssize_t n;
+    uint64_t want = in_hdr_.payload_len - in_got_;
+    if (in_state_ == InState::kPayload && in_start_ == in_end_ && in_dst_ != nullptr &&
+        want >= kDirectRecvThreshold) {
+      n = ::recv(fd_, in_dst_ + in_got_, static_cast<size_t>(want), 0);
+      if (n > 0) {
+        in_got_ += static_cast<uint64_t>(n);
+        if (in_got_ == in_hdr_.payload_len && !OnPayloadComplete()) return false;
+        continue;
+      }
+    } else {
+      if (in_start_ == in_end_) in_start_ = in_end_ = 0;
+      if (in_end_ == in_buf_.size()) {
+        std::copy(in_buf_.begin() + static_cast<ptrdiff_t>(in_start_),
+                  in_buf_.begin() + static_cast<ptrdiff_t>(in_end_), in_buf_.begin());
+        in_end_ -= in_start_;
+        in_start_ = 0;
+      }
+      n = ::recv(fd_, in_buf_.data() + in_end_, in_buf_.size() - in_end_, 0);
+      if (n > 0) {
+        in_end_ += static_cast<size_t>(n);
+        continue;
+      }
+    }
+    if (n == 0) {
+      Fail(Status::Unavailable("connection closed by peer " + peer_));
+      return false;
+    }
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+    Fail(Status::FromErrno("recv from " + peer_, errno));
+    return false;
+  }
+  // Fairness: let other connections run; epoll is level-triggered and calls again.
+  return ParseStaged();
+}
+
+bool TcpConnection::ParseStaged() {
+  for (;;) {
+    if (closed_) return false;
+    size_t avail = in_end_ - in_start_;
+    switch (in_state_) {
+      case InState::kHeader: {
+        if (avail < kFrameHeaderSize) return true;
+        Status st = in_hdr_.DecodeFrom(in_buf_.data() + in_start_, shared_->options.max_meta_bytes,
+                                       shared_->options.max_payload_bytes);
+        in_start_ += kFrameHeaderSize;
+        if (!st.ok()) {
+          Fail(st.WithContext("from " + peer_));
+          return false;
+        }
+        in_got_ = 0;
+        in_state_ = InState::kMeta;
+        if (in_hdr_.meta_len > in_buf_.size()) {
+          // Grow the staging buffer so that the metadata fits in one piece.
+          Bytes bigger(in_hdr_.meta_len);
+          std::copy(in_buf_.begin() + static_cast<ptrdiff_t>(in_start_),
+                    in_buf_.begin() + static_cast<ptrdiff_t>(in_end_), bigger.begin());
+          in_end_ -= in_start_;
+          in_start_ = 0;
+          in_buf_.swap(bigger);
+        }
+        break;
+      }
+      case InState::kMeta: {
+        if (avail < in_hdr_.meta_len) {
+          if (in_buf_.size() - in_start_ < in_hdr_.meta_len) {
+            std::copy(in_buf_.begin() + static_cast<ptrdiff_t>(in_start_),
+                      in_buf_.begin() + static_cast<ptrdiff_t>(in_end_), in_buf_.begin());
+            in_end_ -= in_start_;
+            in_start_ = 0;
+          }
+          return true;
+        }
+        in_meta_.assign(in_buf_.begin() + static_cast<ptrdiff_t>(in_start_),
+                        in_buf_.begin() + static_cast<ptrdiff_t>(in_start_ + in_hdr_.meta_len));
+        in_start_ += in_hdr_.meta_len;
+        if (in_buf_.size() > kStagingBytes && in_start_ == in_end_) {
+          in_buf_.resize(kStagingBytes);
+          in_buf_.shrink_to_fit();
+          in_start_ = in_end_ = 0;
+        }
+        if (!OnMetaComplete()) return false;
+        in_state_ = InState::kPayload;
+        if (in_hdr_.payload_len == 0 && !OnPayloadComplete()) return false;
+        break;
+      }
+      case InState::kPayload: {
+        uint64_t want = in_hdr_.payload_len - in_got_;
+        size_t take = static_cast<size_t>(std::min<uint64_t>(avail, want));
+        if (take == 0) return true;
+        if (in_dst_ != nullptr) std::memcpy(in_dst_ + in_got_, in_buf_.data() + in_start_, take);
+        in_start_ += take;
+        in_got_ += take;
+        if (in_got_ < in_hdr_.payload_len) return true;
+        if (!OnPayloadComplete()) return false;
+        break;
+      }
+    }
+  }
+}
+
+bool TcpConnection::OnMetaComplete() {
+  in_dst_ = nullptr;
+  in_region_.reset();
+  in_refusal_ = Status::OK();
+  Reader r(in_meta_.data(), in_meta_.size());
+  switch (in_hdr_.type) {
+    case FrameType::kMessage: {
+      in_msg_ = Message{};
+      in_msg_.tag = in_hdr_.aux;
+      in_msg_.meta = std::move(in_meta_);
+      in_meta_ = Bytes();
+      in_msg_.payload = Buffer(static_cast<size_t>(in_hdr_.payload_len));
+      in_dst_ = in_msg_.payload.data();
+      return true;
+    }
+    case FrameType::kWriteReq: {
+      uint64_t id = 0, secret = 0, offset = 0;
+      if (!r.Get(&id) || !r.Get(&secret) || !r.Get(&offset) || !r.done()) {
+        Fail(Status::ProtocolError("malformed write request from " + peer_));
+        return false;
+      }
+      auto region = shared_->Lookup(id, secret);
+      if (!region.ok()) {
+        in_refusal_ = region.status();
+      } else if (offset > (*region)->size || in_hdr_.payload_len > (*region)->size - offset) {
+        in_refusal_ = Status::InvalidArgument(
+            fmt::format("write of {} bytes at offset {} is outside the region of {} bytes",
+                        in_hdr_.payload_len, offset, (*region)->size));
+      } else {
+        in_region_ = *region;
+        in_dst_ = in_region_->data + offset;
+      }
+      return true;  // a refused write's payload is drained, then the refusal is answered
+    }
+    case FrameType::kReadReq: {
+      uint64_t id = 0, secret = 0, offset = 0, len = 0;
+      if (!r.Get(&id) || !r.Get(&secret) || !r.Get(&offset) || !r.Get(&len) || !r.done() ||
+          in_hdr_.payload_len != 0) {
+        Fail(Status::ProtocolError("malformed read request from " + peer_));
+        return false;
+      }
+      auto region = shared_->Lookup(id, secret);
+      Status st = region.status();
+      if (st.ok() && (offset > (*region)->size || len > (*region)->size - offset)) {
+        st = Status::InvalidArgument(
+            fmt::format("read of {} bytes at offset {} is outside the region of {} bytes", len,
+                        offset, (*region)->size));
+      }
+      if (st.ok() && len > shared_->options.max_payload_bytes)
+        st = Status::InvalidArgument("read larger than the transfer limit");
+      Payload p;
+      if (st.ok()) p = Payload{(*region)->data + offset, len, *region};
+      Enqueue(FrameType::kReadResp, 0, in_hdr_.request_id, EncodeStatus(st), std::move(p),
+              nullptr);
+      return true;
+    }
+    case FrameType::kWriteResp:
+    case FrameType::kReadResp: {
+      auto it = pending_.find(in_hdr_.request_id);
+      bool is_read = in_hdr_.type == FrameType::kReadResp;
+      Status st;
+      if (it == pending_.end() || it->second.is_read != is_read || !DecodeStatus(&r, &st) ||
+          !r.done()) {
+        Fail(Status::ProtocolError("unexpected or malformed response from " + peer_));
+        return false;
+      }
+      uint64_t expect = (is_read && st.ok()) ? it->second.len : 0;
+      if (in_hdr_.payload_len != expect) {
+        Fail(Status::ProtocolError("response payload of the wrong size from " + peer_));
+        return false;
+      }
+      if (expect > 0) in_dst_ = static_cast<uint8_t*>(it->second.local);
+      in_refusal_ = st;
+      return true;
+    }
+  }
+  return true;
+}
+
+bool TcpConnection::OnPayloadComplete() {
+  in_state_ = InState::kHeader;
+  switch (in_hdr_.type) {
+    case FrameType::kMessage: {
+      Message m = std::move(in_msg_);
+      in_msg_ = Message{};
+      if (handlers_.on_message) handlers_.on_message(shared_from_this(), std::move(m));
+      break;
+    }
+    case FrameType::kWriteReq:
+      in_region_.reset();
+      Enqueue(FrameType::kWriteResp, 0, in_hdr_.request_id, EncodeStatus(in_refusal_), Payload{},
+              nullptr);
+      break;
+    case FrameType::kReadReq:
+      break;
+    case FrameType::kWriteResp:
+    case FrameType::kReadResp: {
+      auto it = pending_.find(in_hdr_.request_id);
+      if (it != pending_.end()) {
+        DoneCallback done = std::move(it->second.done);
+        pending_.erase(it);
+        done(in_refusal_);
+      }
+      break;
+    }
+  }
+  in_dst_ = nullptr;
+  return !closed_;
+}
+
+void TcpConnection::Fail(Status why) {
+  if (why.IsProtocolError()) spdlog::error("[{}] closing connection: {}", shared_->options.name,
+                                           why.ToString());
+  Shutdown(std::move(why), false);
+}
+
+void TcpConnection::Shutdown(Status why, bool local) {
+  if (closed_) return;
+  closed_ = true;
+  closed_flag_ = true;
+  auto self = shared_from_this();  // keep alive through the callbacks below
+  if (started_) shared_->loop.Remove(fd_);
+  ::shutdown(fd_, SHUT_RDWR);
+  ::close(fd_);
+  fd_ = -1;
+  Status op_status =
+      local ? Status::Aborted("connection to " + peer_ + " was closed") : why;
+  std::deque<OutFrame> out;
+  out.swap(out_);
+  for (auto& f : out)
+    if (f.done) f.done(op_status);
+  auto pending = std::move(pending_);
+  pending_.clear();
+  for (auto& [id, op] : pending) op.done(op_status);
+  in_region_.reset();
+  auto on_close = std::move(handlers_.on_close);
+  handlers_ = ConnectionHandlers{};
+  if (on_close) on_close(self, local ? Status::OK() : why);
+  shared_->connections.erase(self);
+}
+
+}  // namespace shardps::transport::tcp

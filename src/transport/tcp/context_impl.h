@@ -1,0 +1,73 @@
+// The tcp backend: an epoll loop thread, non-blocking sockets, and one-sided operations that
+// the target's loop thread serves against its registered regions (docs/transports.md).
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+#include <unordered_map>
+
+#include "transport/context.h"
+#include "transport/tcp/loop.h"
+
+namespace shardps::transport::tcp {
+
+class TcpConnection;
+
+// Memory of one registered region. Freed when the region is deregistered and no operation
+// that was already in flight still refers to it.
+struct RegionMemory {
+  explicit RegionMemory(size_t n);
+  ~RegionMemory();
+  uint8_t* data = nullptr;
+  size_t size = 0;
+  uint64_t id = 0;
+  uint64_t secret = 0;
+};
+
+// State shared by the context, its connections and its regions. Outlives the Context object
+// while connections that users still hold refer to it.
+struct Shared {
+  ContextOptions options;
+  Loop loop;
+  bool shut_down = false;  // loop thread only
+
+  std::mutex regions_mu;
+  std::unordered_map<uint64_t, std::shared_ptr<RegionMemory>> regions;  // guarded by regions_mu
+  uint64_t next_region_id = 1;                                          // guarded by regions_mu
+  std::mt19937_64 rng{std::random_device{}()};                          // guarded by regions_mu
+
+  // Loop thread only: open connections (kept alive until closed) and listening sockets.
+  std::set<std::shared_ptr<TcpConnection>> connections;
+
+  // Finds the region for a packed key; Unavailable/InvalidArgument with a reason otherwise.
+  Result<std::shared_ptr<RegionMemory>> Lookup(uint64_t id, uint64_t secret);
+  void Deregister(uint64_t id);
+};
+
+class TcpContext final : public Context {
+ public:
+  static Result<std::unique_ptr<TcpContext>> Create(const ContextOptions& options);
+  ~TcpContext() override;
+
+  std::string backend() const override { return "tcp"; }
+  Result<std::unique_ptr<Listener>> Listen(const std::string& address,
+                                           AcceptHandler on_accept) override;
+  Result<std::shared_ptr<Connection>> Connect(const std::string& address,
+                                              ConnectionHandlers handlers,
+                                              std::chrono::milliseconds timeout) override;
+  Result<std::unique_ptr<MemoryRegion>> AllocateRegion(size_t size) override;
+  bool InLoopThread() const override { return shared_->loop.InLoop(); }
+
+ private:
+  explicit TcpContext(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {}
+  std::shared_ptr<Shared> shared_;
+};
+
+// Runs `fn` on the loop thread and waits for it (inline when already there).
+Status RunOnLoop(Loop& loop, const std::function<Status()>& fn);
+// Applies socket options (TCP_NODELAY, buffer sizes).
+void TuneSocket(int fd, const ContextOptions& options);
+
+}  // namespace shardps::transport::tcp
