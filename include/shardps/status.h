@@ -85,15 +85,13 @@ class Status {
 template <typename T>
 class Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT
     if (std::get<Status>(v_).ok()) v_ = Status::Internal("Result constructed from an OK status");
   }
 
   bool ok() const { return std::holds_alternative<T>(v_); }
-  const Status& status() const {
-    return ok() ? ok_status_ : std::get<Status>(v_);
-  }
+  const Status& status() const { return ok() ? ok_status_ : std::get<Status>(v_); }
   T& value() & { return std::get<T>(v_); }
   const T& value() const& { return std::get<T>(v_); }
   T&& value() && { return std::get<T>(std::move(v_)); }
@@ -113,15 +111,14 @@ class Result {
 #define SHARDPS_CONCAT(a, b) SHARDPS_CONCAT_INNER(a, b)
 
 // Returns from the enclosing function if `expr` (a Status) is not OK.
-#define SHARDPS_RETURN_IF_ERROR(expr)           \
-  do {                                          \
-    ::shardps::Status _st = (expr);             \
-    if (!_st.ok()) return _st;                  \
+#define SHARDPS_RETURN_IF_ERROR(expr) \
+  do {                                \
+    ::shardps::Status _st = (expr);   \
+    if (!_st.ok()) return _st;        \
   } while (0)
 
 // `SHARDPS_ASSIGN_OR_RETURN(auto x, MakeX());`
-#define SHARDPS_ASSIGN_OR_RETURN(lhs, expr)                         \
-  auto SHARDPS_CONCAT(_res_, __LINE__) = (expr);                    \
-  if (!SHARDPS_CONCAT(_res_, __LINE__).ok())                        \
-    return SHARDPS_CONCAT(_res_, __LINE__).status();                \
+#define SHARDPS_ASSIGN_OR_RETURN(lhs, expr)                                                   \
+  auto SHARDPS_CONCAT(_res_, __LINE__) = (expr);                                              \
+  if (!SHARDPS_CONCAT(_res_, __LINE__).ok()) return SHARDPS_CONCAT(_res_, __LINE__).status(); \
   lhs = std::move(SHARDPS_CONCAT(_res_, __LINE__)).value()

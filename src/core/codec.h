@@ -21,7 +21,7 @@ class Writer {
  public:
   explicit Writer(Bytes* out) : out_(out) {}
   template <typename T>
-    requires std::is_arithmetic_v<T>
+  requires std::is_arithmetic_v<T>
   void Put(T v) {
     static_assert(std::endian::native == std::endian::little, "ShardPS assumes little-endian");
     size_t at = out_->size();
@@ -38,7 +38,7 @@ class Writer {
     out_->insert(out_->end(), b, b + n);
   }
   template <typename T>
-    requires std::is_arithmetic_v<T>
+  requires std::is_arithmetic_v<T>
   void PutVector(std::span<const T> v) {
     Put<uint64_t>(v.size());
     PutRaw(v.data(), v.size_bytes());
@@ -58,7 +58,7 @@ class Reader {
   explicit Reader(std::span<const uint8_t> s) : Reader(s.data(), s.size()) {}
 
   template <typename T>
-    requires std::is_arithmetic_v<T>
+  requires std::is_arithmetic_v<T>
   [[nodiscard]] bool Get(T* v) {
     if (remaining() < sizeof(T)) return Fail();
     std::memcpy(v, p_, sizeof(T));
@@ -80,7 +80,7 @@ class Reader {
     return true;
   }
   template <typename T>
-    requires std::is_arithmetic_v<T>
+  requires std::is_arithmetic_v<T>
   [[nodiscard]] bool GetVector(std::vector<T>* v, size_t max_count) {
     uint64_t n = 0;
     if (!Get(&n) || n > max_count || n > remaining() / sizeof(T)) return Fail();

@@ -22,18 +22,30 @@ const std::string& Status::message() const {
 
 const char* Status::CodeName(Code code) {
   switch (code) {
-    case Code::kOk: return "OK";
-    case Code::kInvalidArgument: return "InvalidArgument";
-    case Code::kNotFound: return "NotFound";
-    case Code::kAlreadyExists: return "AlreadyExists";
-    case Code::kTimeout: return "Timeout";
-    case Code::kUnavailable: return "Unavailable";
-    case Code::kProtocolError: return "ProtocolError";
-    case Code::kRemoteError: return "RemoteError";
-    case Code::kIOError: return "IOError";
-    case Code::kAborted: return "Aborted";
-    case Code::kInternal: return "Internal";
-    case Code::kResourceExhausted: return "ResourceExhausted";
+    case Code::kOk:
+      return "OK";
+    case Code::kInvalidArgument:
+      return "InvalidArgument";
+    case Code::kNotFound:
+      return "NotFound";
+    case Code::kAlreadyExists:
+      return "AlreadyExists";
+    case Code::kTimeout:
+      return "Timeout";
+    case Code::kUnavailable:
+      return "Unavailable";
+    case Code::kProtocolError:
+      return "ProtocolError";
+    case Code::kRemoteError:
+      return "RemoteError";
+    case Code::kIOError:
+      return "IOError";
+    case Code::kAborted:
+      return "Aborted";
+    case Code::kInternal:
+      return "Internal";
+    case Code::kResourceExhausted:
+      return "ResourceExhausted";
   }
   return "Unknown";
 }

@@ -373,8 +373,7 @@ bool TcpConnection::OnMetaComplete() {
         st = Status::InvalidArgument("read larger than the transfer limit");
       Payload p;
       if (st.ok()) p = Payload{(*region)->data + offset, len, *region};
-      Enqueue(FrameType::kReadResp, 0, in_hdr_.request_id, EncodeStatus(st), std::move(p),
-              nullptr);
+      Enqueue(FrameType::kReadResp, 0, in_hdr_.request_id, EncodeStatus(st), std::move(p), nullptr);
       return true;
     }
     case FrameType::kWriteResp:
@@ -432,8 +431,8 @@ bool TcpConnection::OnPayloadComplete() {
 }
 
 void TcpConnection::Fail(Status why) {
-  if (why.IsProtocolError()) spdlog::error("[{}] closing connection: {}", shared_->options.name,
-                                           why.ToString());
+  if (why.IsProtocolError())
+    spdlog::error("[{}] closing connection: {}", shared_->options.name, why.ToString());
   Shutdown(std::move(why), false);
 }
 
@@ -446,8 +445,7 @@ void TcpConnection::Shutdown(Status why, bool local) {
   ::shutdown(fd_, SHUT_RDWR);
   ::close(fd_);
   fd_ = -1;
-  Status op_status =
-      local ? Status::Aborted("connection to " + peer_ + " was closed") : why;
+  Status op_status = local ? Status::Aborted("connection to " + peer_ + " was closed") : why;
   std::deque<OutFrame> out;
   out.swap(out_);
   for (auto& f : out)

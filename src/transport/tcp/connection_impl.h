@@ -11,8 +11,7 @@
 
 namespace shardps::transport::tcp {
 
-class TcpConnection final : public Connection,
-                            public std::enable_shared_from_this<TcpConnection> {
+class TcpConnection final : public Connection, public std::enable_shared_from_this<TcpConnection> {
  public:
   TcpConnection(std::shared_ptr<Shared> shared, int fd, std::string peer);
   ~TcpConnection() override;
@@ -82,7 +81,7 @@ class TcpConnection final : public Connection,
   uint64_t in_got_ = 0;
   Message in_msg_;
   std::shared_ptr<RegionMemory> in_region_;  // region a write lands in
-  Status in_refusal_;                         // why an incoming write is refused
+  Status in_refusal_;                        // why an incoming write is refused
 };
 
 }  // namespace shardps::transport::tcp

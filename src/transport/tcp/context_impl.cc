@@ -49,8 +49,8 @@ Status Resolve(const std::string& address, sockaddr_in* out) {
   addrinfo* res = nullptr;
   int rc = getaddrinfo(host.c_str(), nullptr, &hints, &res);
   if (rc != 0 || res == nullptr)
-    return Status::InvalidArgument(fmt::format("cannot resolve host '{}': {}", host,
-                                               gai_strerror(rc)));
+    return Status::InvalidArgument(
+        fmt::format("cannot resolve host '{}': {}", host, gai_strerror(rc)));
   out->sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
   freeaddrinfo(res);
   return Status::OK();
@@ -240,8 +240,8 @@ Result<std::shared_ptr<Connection>> TcpContext::Connect(const std::string& addre
     if ((err != ECONNREFUSED && err != ETIMEDOUT && err != EAGAIN) ||
         std::chrono::steady_clock::now() + std::chrono::milliseconds(20) >= deadline) {
       if (err == ECONNREFUSED || err == ETIMEDOUT)
-        return Status::Unavailable(fmt::format("could not connect to {} within {} ms: {}",
-                                               address, timeout.count(), last.message()));
+        return Status::Unavailable(fmt::format("could not connect to {} within {} ms: {}", address,
+                                               timeout.count(), last.message()));
       return last;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));

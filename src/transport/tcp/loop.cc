@@ -76,7 +76,8 @@ Status Loop::Add(int fd, uint32_t events, FdHandler handler) {
   epoll_event ev{};
   ev.events = events;
   ev.data.fd = fd;
-  if (epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev) != 0) return Status::FromErrno("epoll_ctl add", errno);
+  if (epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev) != 0)
+    return Status::FromErrno("epoll_ctl add", errno);
   handlers_[fd] = std::make_shared<FdHandler>(std::move(handler));
   return Status::OK();
 }
@@ -85,7 +86,8 @@ Status Loop::Modify(int fd, uint32_t events) {
   epoll_event ev{};
   ev.events = events;
   ev.data.fd = fd;
-  if (epoll_ctl(epfd_, EPOLL_CTL_MOD, fd, &ev) != 0) return Status::FromErrno("epoll_ctl mod", errno);
+  if (epoll_ctl(epfd_, EPOLL_CTL_MOD, fd, &ev) != 0)
+    return Status::FromErrno("epoll_ctl mod", errno);
   return Status::OK();
 }
 

@@ -43,8 +43,8 @@ class Loop {
   std::atomic<std::thread::id> thread_id_{};
   std::atomic<bool> stopping_{false};
   std::mutex mu_;
-  std::vector<std::function<void()>> tasks_;  // guarded by mu_
-  bool accepting_ = true;                      // guarded by mu_
+  std::vector<std::function<void()>> tasks_;                      // guarded by mu_
+  bool accepting_ = true;                                         // guarded by mu_
   std::unordered_map<int, std::shared_ptr<FdHandler>> handlers_;  // loop thread only
 };
 

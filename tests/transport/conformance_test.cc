@@ -1,0 +1,448 @@
+// The transport contract, written once and instantiated for every backend viable here
+// (docs/transports.md). Each test bounds every wait; nothing here can hang.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <numeric>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "transport/context.h"
+
+namespace shardps::transport {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct BackendParam {
+  std::string label;  // test name suffix
+  std::string backend;
+  std::vector<std::pair<std::string, std::string>> settings;
+};
+
+std::string ParamName(const ::testing::TestParamInfo<BackendParam>& info) {
+  return info.param.label;
+}
+
+// Records one completion and checks it fires exactly once and never inline.
+class Probe {
+ public:
+  DoneCallback Callback() {
+    calls_issued_++;
+    return [this](Status st) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (in_call_.load() && caller_ == std::this_thread::get_id()) inline_ = true;
+      statuses_.push_back(st);
+      cv_.notify_all();
+    };
+  }
+  // Marks the start/end of the call that may not invoke the callback inline.
+  void EnterCall() {
+    caller_ = std::this_thread::get_id();
+    in_call_ = true;
+  }
+  void LeaveCall() { in_call_ = false; }
+  bool WaitFor(size_t n, std::chrono::milliseconds timeout = 20s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return statuses_.size() >= n; });
+  }
+  std::vector<Status> statuses() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return statuses_;
+  }
+  bool fired_inline() const { return inline_; }
+  size_t issued() const { return calls_issued_; }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Status> statuses_;
+  std::atomic<bool> in_call_{false};
+  std::thread::id caller_;
+  bool inline_ = false;
+  size_t calls_issued_ = 0;
+};
+
+// Messages and close events seen on one side.
+class Inbox {
+ public:
+  ConnectionHandlers Handlers() {
+    ConnectionHandlers h;
+    h.on_message = [this](const std::shared_ptr<Connection>& c, Message m) {
+      std::lock_guard<std::mutex> lock(mu_);
+      messages_.push_back(std::move(m));
+      last_conn_ = c;
+      cv_.notify_all();
+    };
+    h.on_close = [this](const std::shared_ptr<Connection>&, Status st) {
+      std::lock_guard<std::mutex> lock(mu_);
+      closes_.push_back(st);
+      cv_.notify_all();
+    };
+    return h;
+  }
+  bool WaitMessages(size_t n, std::chrono::milliseconds timeout = 30s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return messages_.size() >= n; });
+  }
+  bool WaitCloses(size_t n, std::chrono::milliseconds timeout = 20s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return closes_.size() >= n; });
+  }
+  Message Take() {
+    std::lock_guard<std::mutex> lock(mu_);
+    Message m = std::move(messages_.front());
+    messages_.pop_front();
+    return m;
+  }
+  size_t closes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return closes_.size();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Message> messages_;
+  std::vector<Status> closes_;
+  std::shared_ptr<Connection> last_conn_;
+};
+
+class TransportConformance : public ::testing::TestWithParam<BackendParam> {
+ protected:
+  void SetUp() override {
+    Viability v = CheckViability(GetParam().backend);
+    if (!v.viable) GTEST_SKIP() << GetParam().backend << " is not viable here: " << v.reason;
+  }
+  ContextOptions Options(const std::string& name) {
+    ContextOptions o;
+    o.name = name;
+    o.backend_settings = GetParam().settings;
+    return o;
+  }
+  std::unique_ptr<Context> MakeContext(const std::string& name) {
+    auto ctx = CreateContext(GetParam().backend, Options(name));
+    EXPECT_TRUE(ctx.ok()) << ctx.status().ToString();
+    return ctx.ok() ? std::move(ctx).value() : nullptr;
+  }
+
+  // A server context listening, and a client connected to it.
+  void Connect() {
+    server_ = MakeContext("srv");
+    client_ = MakeContext("cli");
+    ASSERT_TRUE(server_ && client_);
+    auto l = server_->Listen("127.0.0.1:0", [this](const std::shared_ptr<Connection>& c) {
+      std::lock_guard<std::mutex> lock(mu_);
+      accepted_.push_back(c);
+      return server_inbox_.Handlers();
+    });
+    ASSERT_TRUE(l.ok()) << l.status().ToString();
+    listener_ = std::move(l).value();
+    auto c = client_->Connect(listener_->address(), client_inbox_.Handlers(), 5s);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    conn_ = *c;
+  }
+
+  std::unique_ptr<Context> server_, client_;
+  std::unique_ptr<Listener> listener_;
+  std::shared_ptr<Connection> conn_;
+  std::mutex mu_;
+  std::vector<std::shared_ptr<Connection>> accepted_;
+  Inbox server_inbox_, client_inbox_;
+};
+
+TEST_P(TransportConformance, MessageArrivesWithTagMetaAndPayload) {
+  Connect();
+  Probe probe;
+  Bytes meta = {1, 2, 3};
+  std::vector<uint8_t> payload(1000);
+  std::iota(payload.begin(), payload.end(), 0);
+  probe.EnterCall();
+  conn_->Send(42, meta, Payload::View(payload.data(), payload.size()), probe.Callback());
+  probe.LeaveCall();
+  ASSERT_TRUE(probe.WaitFor(1));
+  ASSERT_TRUE(server_inbox_.WaitMessages(1));
+  Message m = server_inbox_.Take();
+  EXPECT_EQ(m.tag, 42u);
+  EXPECT_EQ(m.meta, meta);
+  ASSERT_EQ(m.payload.size(), payload.size());
+  EXPECT_EQ(0, std::memcmp(m.payload.data(), payload.data(), payload.size()));
+  EXPECT_TRUE(probe.statuses()[0].ok());
+  EXPECT_FALSE(probe.fired_inline());
+}
+
+TEST_P(TransportConformance, ZeroLengthMessage) {
+  Connect();
+  Probe probe;
+  probe.EnterCall();
+  conn_->Send(7, {}, Payload{}, probe.Callback());
+  probe.LeaveCall();
+  ASSERT_TRUE(probe.WaitFor(1));
+  ASSERT_TRUE(server_inbox_.WaitMessages(1));
+  Message m = server_inbox_.Take();
+  EXPECT_EQ(m.tag, 7u);
+  EXPECT_TRUE(m.meta.empty());
+  EXPECT_EQ(m.payload.size(), 0u);
+  EXPECT_FALSE(probe.fired_inline());
+}
+
+TEST_P(TransportConformance, Message256MiB) {
+  Connect();
+  constexpr size_t kSize = 256ull << 20;
+  std::vector<uint32_t> payload(kSize / 4);
+  for (size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<uint32_t>(i * 2654435761u);
+  Probe probe;
+  conn_->Send(1, {}, Payload::View(payload.data(), kSize), probe.Callback());
+  ASSERT_TRUE(probe.WaitFor(1, 60s));
+  ASSERT_TRUE(server_inbox_.WaitMessages(1, 60s));
+  Message m = server_inbox_.Take();
+  ASSERT_EQ(m.payload.size(), kSize);
+  EXPECT_EQ(0, std::memcmp(m.payload.data(), payload.data(), kSize));
+}
+
+TEST_P(TransportConformance, SixtyFourConcurrentConnections) {
+  server_ = MakeContext("srv");
+  ASSERT_TRUE(server_);
+  // The server echoes every message back on the connection it came from.
+  ConnectionHandlers echo;
+  echo.on_message = [](const std::shared_ptr<Connection>& c, Message m) {
+    c->Send(m.tag, std::move(m.meta), Payload{}, nullptr);
+  };
+  auto l = server_->Listen("127.0.0.1:0", [&](const std::shared_ptr<Connection>&) { return echo; });
+  ASSERT_TRUE(l.ok());
+  constexpr int kConns = 64;
+  std::vector<std::unique_ptr<Context>> clients;
+  std::vector<std::unique_ptr<Inbox>> inboxes;
+  std::vector<std::shared_ptr<Connection>> conns;
+  auto one = MakeContext("cli");  // one context, 64 connections
+  for (int i = 0; i < kConns; ++i) {
+    inboxes.push_back(std::make_unique<Inbox>());
+    auto c = one->Connect((*l)->address(), inboxes.back()->Handlers(), 5s);
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    conns.push_back(*c);
+  }
+  for (int round = 0; round < 10; ++round)
+    for (int i = 0; i < kConns; ++i) {
+      Bytes meta(4);
+      std::memcpy(meta.data(), &i, 4);
+      conns[i]->Send(static_cast<uint32_t>(round), meta, Payload{}, nullptr);
+    }
+  for (int i = 0; i < kConns; ++i) {
+    ASSERT_TRUE(inboxes[i]->WaitMessages(10)) << "connection " << i;
+    for (int round = 0; round < 10; ++round) {
+      Message m = inboxes[i]->Take();
+      EXPECT_EQ(m.tag, static_cast<uint32_t>(round));
+      int who = -1;
+      std::memcpy(&who, m.meta.data(), 4);
+      EXPECT_EQ(who, i);
+    }
+  }
+}
+
+TEST_P(TransportConformance, OneSidedWriteThenReadReturnsTheBytes) {
+  Connect();
+  auto region = server_->AllocateRegion(1 << 20);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  RemoteKey key = (*region)->remote_key();
+  std::vector<uint8_t> src(4096);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i * 7 + 1);
+  Probe wprobe;
+  wprobe.EnterCall();
+  conn_->Write(src.data(), src.size(), key, 8192, wprobe.Callback());
+  wprobe.LeaveCall();
+  ASSERT_TRUE(wprobe.WaitFor(1));
+  ASSERT_TRUE(wprobe.statuses()[0].ok()) << wprobe.statuses()[0].ToString();
+  EXPECT_EQ(0, std::memcmp(static_cast<uint8_t*>((*region)->data()) + 8192, src.data(), 4096));
+  std::vector<uint8_t> dst(4096, 0);
+  Probe rprobe;
+  rprobe.EnterCall();
+  conn_->Read(dst.data(), dst.size(), key, 8192, rprobe.Callback());
+  rprobe.LeaveCall();
+  ASSERT_TRUE(rprobe.WaitFor(1));
+  ASSERT_TRUE(rprobe.statuses()[0].ok()) << rprobe.statuses()[0].ToString();
+  EXPECT_EQ(src, dst);
+  EXPECT_FALSE(wprobe.fired_inline());
+  EXPECT_FALSE(rprobe.fired_inline());
+}
+
+TEST_P(TransportConformance, ZeroLengthWriteAndRead) {
+  Connect();
+  auto region = server_->AllocateRegion(64);
+  ASSERT_TRUE(region.ok());
+  Probe probe;
+  uint8_t b = 0;
+  conn_->Write(&b, 0, (*region)->remote_key(), 0, probe.Callback());
+  conn_->Read(&b, 0, (*region)->remote_key(), 64, probe.Callback());
+  ASSERT_TRUE(probe.WaitFor(2));
+  for (auto& st : probe.statuses()) EXPECT_TRUE(st.ok()) << st.ToString();
+}
+
+TEST_P(TransportConformance, AccessOutsideRegionIsRefusedAndCorruptsNothing) {
+  Connect();
+  auto region = server_->AllocateRegion(4096);
+  ASSERT_TRUE(region.ok());
+  auto* mem = static_cast<uint8_t*>((*region)->data());
+  std::memset(mem, 0xAB, 4096);
+  RemoteKey key = (*region)->remote_key();
+  std::vector<uint8_t> src(8192, 0x11);
+  std::vector<uint8_t> dst(8192, 0x22);
+  Probe probe;
+  conn_->Write(src.data(), 100, key, 4000, probe.Callback());     // crosses the end
+  conn_->Write(src.data(), 8192, key, 0, probe.Callback());       // larger than the region
+  conn_->Write(src.data(), 1, key, ~0ull, probe.Callback());      // offset overflow
+  conn_->Read(dst.data(), 100, key, 4000, probe.Callback());      // read crosses the end
+  conn_->Read(dst.data(), 16, key, ~0ull - 4, probe.Callback());  // overflow
+  ASSERT_TRUE(probe.WaitFor(5));
+  for (auto& st : probe.statuses()) EXPECT_FALSE(st.ok());
+  for (int i = 0; i < 4096; ++i) ASSERT_EQ(mem[i], 0xAB) << "byte " << i;
+  for (int i = 0; i < 8192; ++i) ASSERT_EQ(dst[i], 0x22) << "byte " << i;
+  // The connection still works after the refusals.
+  Probe ok;
+  conn_->Write(src.data(), 16, key, 0, ok.Callback());
+  ASSERT_TRUE(ok.WaitFor(1));
+  EXPECT_TRUE(ok.statuses()[0].ok()) << ok.statuses()[0].ToString();
+  EXPECT_EQ(mem[0], 0x11);
+}
+
+TEST_P(TransportConformance, WrongOrStaleKeyIsRefused) {
+  Connect();
+  auto region = server_->AllocateRegion(4096);
+  ASSERT_TRUE(region.ok());
+  RemoteKey stale = (*region)->remote_key();
+  RemoteKey wrong = stale;
+  wrong.packed.back() ^= 0x5A;  // corrupt the key
+  std::vector<uint8_t> src(64, 0x33), dst(64, 0x44);
+  Probe probe;
+  conn_->Write(src.data(), 64, wrong, 0, probe.Callback());
+  ASSERT_TRUE(probe.WaitFor(1));
+  EXPECT_FALSE(probe.statuses()[0].ok());
+  EXPECT_EQ(static_cast<uint8_t*>((*region)->data())[0], 0);
+  region->reset();  // deregister: the key becomes stale
+  conn_->Write(src.data(), 64, stale, 0, probe.Callback());
+  conn_->Read(dst.data(), 64, stale, 0, probe.Callback());
+  ASSERT_TRUE(probe.WaitFor(3));
+  EXPECT_FALSE(probe.statuses()[1].ok());
+  EXPECT_FALSE(probe.statuses()[2].ok());
+  EXPECT_EQ(dst, std::vector<uint8_t>(64, 0x44));
+}
+
+TEST_P(TransportConformance, CloseWithPendingOperationsFiresEveryCallbackOnce) {
+  Connect();
+  auto region = server_->AllocateRegion(16 << 20);
+  ASSERT_TRUE(region.ok());
+  std::vector<uint8_t> big(16 << 20, 5);
+  std::vector<uint8_t> sink(16 << 20);
+  Probe probe;
+  for (int i = 0; i < 8; ++i) {
+    conn_->Write(big.data(), big.size(), (*region)->remote_key(), 0, probe.Callback());
+    conn_->Read(sink.data(), sink.size(), (*region)->remote_key(), 0, probe.Callback());
+    conn_->Send(1, {}, Payload::View(big.data(), big.size()), probe.Callback());
+  }
+  conn_->Close();
+  ASSERT_TRUE(probe.WaitFor(probe.issued(), 30s));
+  ASSERT_TRUE(client_inbox_.WaitCloses(1));
+  // Nothing fires twice: give late duplicates a chance to show up.
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(probe.statuses().size(), probe.issued());
+  EXPECT_EQ(client_inbox_.closes(), 1u);
+  // Operations on a closed connection fail, still through their callback.
+  Probe after;
+  after.EnterCall();
+  conn_->Send(1, {}, Payload{}, after.Callback());
+  after.LeaveCall();
+  ASSERT_TRUE(after.WaitFor(1));
+  EXPECT_FALSE(after.statuses()[0].ok());
+  EXPECT_FALSE(after.fired_inline());
+}
+
+TEST_P(TransportConformance, DestroyingTheContextFailsPendingOperations) {
+  Connect();
+  auto region = server_->AllocateRegion(8 << 20);
+  ASSERT_TRUE(region.ok());
+  std::vector<uint8_t> big(8 << 20, 9);
+  Probe probe;
+  for (int i = 0; i < 4; ++i)
+    conn_->Write(big.data(), big.size(), (*region)->remote_key(), 0, probe.Callback());
+  client_.reset();
+  ASSERT_TRUE(probe.WaitFor(4, 10s));
+  EXPECT_EQ(probe.statuses().size(), 4u);
+}
+
+// A peer process killed while a large transfer is under way: the operation fails within a
+// bounded time instead of hanging.
+TEST_P(TransportConformance, PeerKilledMidTransferFailsWithinBoundedTime) {
+  int fds[2];
+  ASSERT_EQ(pipe(fds), 0);
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(fds[0]);
+    alarm(60);  // never outlive the test
+    auto ctx = CreateContext(GetParam().backend, Options("victim"));
+    if (!ctx.ok()) _exit(2);
+    auto region = (*ctx)->AllocateRegion(512 << 20);
+    Bytes key;
+    Writer w(&key);
+    (*region)->remote_key().Encode(&w);
+    auto l = (*ctx)->Listen(
+        "127.0.0.1:0", [](const std::shared_ptr<Connection>&) { return ConnectionHandlers{}; });
+    if (!l.ok()) _exit(3);
+    std::string addr = (*l)->address();
+    uint32_t n = static_cast<uint32_t>(addr.size());
+    uint32_t k = static_cast<uint32_t>(key.size());
+    if (write(fds[1], &n, 4) != 4 || write(fds[1], addr.data(), n) != n ||
+        write(fds[1], &k, 4) != 4 || write(fds[1], key.data(), k) != k)
+      _exit(4);
+    for (;;) pause();
+  }
+  close(fds[1]);
+  uint32_t n = 0, k = 0;
+  ASSERT_EQ(read(fds[0], &n, 4), 4);
+  std::string addr(n, '\0');
+  ASSERT_EQ(read(fds[0], addr.data(), n), static_cast<ssize_t>(n));
+  ASSERT_EQ(read(fds[0], &k, 4), 4);
+  Bytes keybytes(k);
+  ASSERT_EQ(read(fds[0], keybytes.data(), k), static_cast<ssize_t>(k));
+  close(fds[0]);
+  RemoteKey key;
+  Reader r(keybytes.data(), keybytes.size());
+  ASSERT_TRUE(key.Decode(&r));
+
+  client_ = MakeContext("cli");
+  Inbox inbox;
+  auto c = client_->Connect(addr, inbox.Handlers(), 5s);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  std::vector<uint8_t> big(512 << 20, 1);
+  Probe probe;
+  for (int i = 0; i < 4; ++i) (*c)->Write(big.data(), big.size(), key, 0, probe.Callback());
+  std::this_thread::sleep_for(50ms);
+  kill(child, SIGKILL);
+  int wstatus = 0;
+  waitpid(child, &wstatus, 0);
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(probe.WaitFor(4, 15s)) << "pending writes did not fail after the peer died";
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 15s);
+  bool any_failed = false;
+  for (auto& st : probe.statuses()) any_failed |= !st.ok();
+  EXPECT_TRUE(any_failed);
+  ASSERT_TRUE(inbox.WaitCloses(1));
+}
+
+std::vector<BackendParam> Backends() {
+  std::vector<BackendParam> v = {{"tcp", "tcp", {}}};
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, TransportConformance, ::testing::ValuesIn(Backends()),
+                         ParamName);
+
+}  // namespace
+}  // namespace shardps::transport
