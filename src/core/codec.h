@@ -5,6 +5,7 @@
 // into a ProtocolError; nothing here asserts or throws on bad input from the network.
 #pragma once
 
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <span>
@@ -30,12 +31,11 @@ class Writer {
   }
   void PutString(std::string_view s) {
     Put<uint32_t>(static_cast<uint32_t>(s.size()));
-    out_->insert(out_->end(), s.begin(), s.end());
+    PutRaw(s.data(), s.size());
   }
   void PutBytes(const void* p, size_t n) {
     Put<uint64_t>(n);
-    const auto* b = static_cast<const uint8_t*>(p);
-    out_->insert(out_->end(), b, b + n);
+    PutRaw(p, n);
   }
   template <typename T>
   requires std::is_arithmetic_v<T>
@@ -44,8 +44,10 @@ class Writer {
     PutRaw(v.data(), v.size_bytes());
   }
   void PutRaw(const void* p, size_t n) {
-    const auto* b = static_cast<const uint8_t*>(p);
-    out_->insert(out_->end(), b, b + n);
+    if (n == 0) return;
+    size_t at = out_->size();
+    out_->resize(at + n);
+    std::memcpy(out_->data() + at, p, n);
   }
 
  private:
@@ -90,6 +92,8 @@ class Reader {
     return true;
   }
   size_t remaining() const { return static_cast<size_t>(end_ - p_); }
+  // The bytes not read yet.
+  std::span<const uint8_t> rest() const { return {p_, remaining()}; }
   bool failed() const { return failed_; }
   // True when everything was consumed and nothing failed: messages must not carry trailing junk.
   bool done() const { return !failed_ && p_ == end_; }

@@ -32,12 +32,7 @@ Status ReadHeader(std::span<const uint8_t> b, const std::string& name, uint32_t 
                   const char* kind, std::vector<uint32_t>* dims) {
   const size_t header = 4 * (1 + dims->size());
   uint32_t magic = 0;
-  if (!ReadU32(b, 0, &magic) || b.size() < header) {
-    return Status::InvalidArgument(
-        fmt::format("{}: truncated: the file holds only {} bytes but an IDX {} header needs {}",
-                    name, b.size(), kind, header));
-  }
-  if (magic != want_magic) {
+  if (ReadU32(b, 0, &magic) && magic != want_magic) {
     std::string hint;
     if (b[0] == 0x1f && b[1] == 0x8b) hint = "; the data is still gzip-compressed";
     if (magic == kImagesMagic) hint = "; this is an IDX image file";
@@ -45,6 +40,11 @@ Status ReadHeader(std::span<const uint8_t> b, const std::string& name, uint32_t 
     return Status::InvalidArgument(
         fmt::format("{}: wrong magic number 0x{:08x} (expected 0x{:08x} for IDX {}){}", name, magic,
                     want_magic, kind, hint));
+  }
+  if (b.size() < header) {
+    return Status::InvalidArgument(
+        fmt::format("{}: truncated: the file holds only {} bytes but an IDX {} header needs {}",
+                    name, b.size(), kind, header));
   }
   for (size_t i = 0; i < dims->size(); ++i) ReadU32(b, 4 * (i + 1), &(*dims)[i]);
   return Status::OK();

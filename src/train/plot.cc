@@ -50,20 +50,31 @@ std::string Script(const std::string& png_path, const std::vector<EpochPoint>& r
 )";
   s += fmt::format("set output {}\n", Quote(png_path));
   s += fmt::format("set multiplot layout 1,2 title {}\n", Quote(title));
-  s += "set grid\nset key right center\nset xlabel 'epoch'\nset format x '%g'\n";
-  const auto panel = [&](const char* ylabel, int column) {
-    std::string p = fmt::format("set ylabel '{}'\nplot $RUN using 1:{} with linespoints lw 2 pt 7 "
-                                "title 'run'",
-                                ylabel, column);
+  s += "set grid\nset xlabel 'epoch'\nset format x '%g'\n";
+  const auto panel = [&](const char* ylabel, int column, const char* key) {
+    std::string p = fmt::format(
+        "set key {}\nset ylabel '{}'\n"
+        "plot $RUN using 1:{} with linespoints lw 2 pt 7 title 'run'",
+        key, ylabel, column);
     if (!baseline.empty()) {
       p += fmt::format(", $BASE using 1:{} with linespoints lw 2 pt 5 dt 2 title 'baseline'",
                        column);
     }
     return p + "\n";
   };
-  s += panel("training loss", 2);
-  s += panel("test accuracy", 3);
+  s += panel("training loss", 2, "top right");
+  s += panel("test accuracy", 3, "bottom right");
   return s + "unset multiplot\nset output\n";
+}
+
+// gnuplot's messages for an error report: printable text only, at most ~2000 characters.
+std::string Printable(const std::string& output) {
+  std::string s;
+  for (char c : output) {
+    if (c == '\n' || (c >= 0x20 && c < 0x7f)) s += c;
+  }
+  if (s.size() > 2000) s = "..." + s.substr(s.size() - 2000);
+  return s;
 }
 
 // The path of `prog` on $PATH, or "" if it is not there.
@@ -141,7 +152,7 @@ Status RunGnuplot(const std::string& gnuplot, const std::string& script, std::st
   if (!WIFEXITED(wstatus) || WEXITSTATUS(wstatus) != 0) {
     return Status::IOError(fmt::format(
         "gnuplot failed ({} {}): {}", WIFEXITED(wstatus) ? "exit status" : "signal",
-        WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : WTERMSIG(wstatus), *output));
+        WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : WTERMSIG(wstatus), Printable(*output)));
   }
   return write_status;
 }
@@ -154,14 +165,19 @@ Status WritePlot(const std::string& png_path, const std::vector<EpochPoint>& run
   const std::string gnuplot = FindOnPath("gnuplot");
   if (gnuplot.empty()) return Status::NotFound("gnuplot not found: apt-get install gnuplot-nox");
   std::error_code ec;
+  const std::filesystem::path parent = std::filesystem::path(png_path).parent_path();
+  if (!parent.empty() && !std::filesystem::is_directory(parent, ec)) {
+    return Status::IOError(
+        fmt::format("cannot write {}: directory {} does not exist", png_path, parent.string()));
+  }
   std::filesystem::remove(png_path, ec);  // so a stale file cannot pass the check below
   std::string output;
   SHARDPS_RETURN_IF_ERROR(RunGnuplot(gnuplot, Script(png_path, run, baseline, title), &output)
                               .WithContext(fmt::format("plotting {}", png_path)));
   const auto size = std::filesystem::file_size(png_path, ec);
   if (ec || size == 0) {
-    return Status::IOError(
-        fmt::format("gnuplot wrote no file {}{}{}", png_path, output.empty() ? "" : ": ", output));
+    return Status::IOError(fmt::format("gnuplot wrote no file {}{}{}", png_path,
+                                       output.empty() ? "" : ": ", Printable(output)));
   }
   return Status::OK();
 }

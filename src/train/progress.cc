@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include <fmt/format.h>
 
@@ -27,8 +28,12 @@ std::string Rate(double per_second) {
 }  // namespace
 
 Progress::Progress(std::FILE* out, bool is_tty, std::string label, size_t total)
-    : out_(out), is_tty_(is_tty && out != nullptr), label_(std::move(label)), total_(total),
-      start_(Clock::now()), last_draw_(start_) {}
+    : out_(out),
+      is_tty_(is_tty && out != nullptr),
+      label_(std::move(label)),
+      total_(total),
+      start_(Clock::now()),
+      last_draw_(start_) {}
 
 Progress::~Progress() { Finish(); }
 
@@ -61,8 +66,7 @@ void Progress::Draw() {
   const std::string line = fmt::format(
       "\r{} [{}{}] {:3.0f}% {}/{} {} samples/s loss {:.4f} {} {}\x1b[K", label_,
       std::string(filled, '#'), std::string(kBarWidth - filled, '.'), frac * 100, done_, total_,
-      Rate(rate), loss_, done_ < total_ ? "ETA" : "in",
-      Duration(done_ < total_ ? eta : elapsed));
+      Rate(rate), loss_, done_ < total_ ? "ETA" : "in", Duration(done_ < total_ ? eta : elapsed));
   std::fputs(line.c_str(), out_);
   std::fflush(out_);
 }

@@ -1,0 +1,48 @@
+// The coordinator: rendezvous and membership for one job. It assigns node ranks, hands every
+// node the cluster view (servers and their addresses, mode, chunk size), places tensor chunks
+// on servers, runs barriers, and watches heartbeats. It holds no parameters.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "shardps/status.h"
+#include "shardps/types.h"
+
+namespace shardps {
+
+struct CoordinatorOptions {
+  std::string listen = "127.0.0.1:0";  // control-plane address (always tcp)
+  uint32_t num_servers = 1;
+  uint32_t num_workers = 1;
+  Mode mode = Mode::kSync;
+  Aggregate aggregate = Aggregate::kMean;
+  std::string transport = "tcp";      // data-plane transport the nodes use between them
+  uint64_t chunk_bytes = 4ull << 20;  // upper bound of one chunk
+  // A node that has not registered by then fails the job with an error naming what is missing.
+  std::chrono::milliseconds register_timeout{60000};
+  std::chrono::milliseconds heartbeat_interval{500};
+  // A node silent for this long is declared dead and the job fails, naming it.
+  std::chrono::milliseconds heartbeat_timeout{5000};
+
+  Status Validate() const;
+};
+
+class Coordinator {
+ public:
+  // Starts listening and serving on its own threads. Non-blocking.
+  static Result<std::unique_ptr<Coordinator>> Start(const CoordinatorOptions& options);
+  virtual ~Coordinator() = default;  // stops serving; connected nodes see the connection close
+
+  // The address nodes connect to, "127.0.0.1:40123".
+  virtual std::string address() const = 0;
+
+  // Waits until the job ended: OK once every worker said goodbye (servers are then told to
+  // shut down); an error naming the node when one failed, went silent or never showed up.
+  // Timeout when `timeout` passed first (the job goes on). Thread-safe.
+  virtual Status Wait(std::chrono::milliseconds timeout) = 0;
+};
+
+}  // namespace shardps

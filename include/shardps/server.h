@@ -1,0 +1,57 @@
+// A ShardPS server: owns the chunks the coordinator placed on it, with their parameters in
+// memory registered with the transport, optimizer state, and a bounded pool of landing buffers
+// that workers' pushes are written into.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "shardps/status.h"
+
+namespace shardps {
+
+struct ServerOptions {
+  std::string coordinator;             // host:port of the coordinator
+  std::string listen = "127.0.0.1:0";  // data-plane address workers connect to
+  std::string transport = "tcp";       // must match the job's
+  int32_t rank = -1;                   // -1: the coordinator picks
+  // Landing buffers (each one chunk large): the bound on in-flight pushes, whatever the
+  // number of workers. A push waits for a free buffer (credit) when all are taken.
+  uint32_t landing_buffers = 16;
+  uint32_t apply_threads = 1;  // threads folding pushes and running the optimizer
+  std::chrono::milliseconds connect_timeout{30000};
+  std::chrono::milliseconds register_timeout{120000};
+
+  Status Validate() const;
+};
+
+struct ServerStats {
+  uint64_t chunks = 0;
+  uint64_t parameter_bytes = 0;
+  uint64_t pushes_applied = 0;    // pushes folded in (duplicates excluded)
+  uint64_t duplicate_pushes = 0;  // resent pushes recognised and not applied again
+  uint64_t versions_published = 0;
+  uint64_t grants_waited = 0;  // grant requests that had to wait for a free buffer
+  uint64_t landing_buffers = 0;
+  uint64_t rss_bytes = 0;
+  uint64_t peak_rss_bytes = 0;
+  std::string ToJson() const;
+};
+
+class Server {
+ public:
+  // Listens, registers with the coordinator and waits until the job is complete. Then serves
+  // on its own threads until the coordinator says the job ended, or the job fails.
+  static Result<std::unique_ptr<Server>> Start(const ServerOptions& options);
+  virtual ~Server() = default;
+
+  virtual uint32_t rank() const = 0;
+  virtual std::string address() const = 0;
+  // Blocks until the job ended (OK) or failed (the reason), at most `timeout` (Timeout).
+  virtual Status Wait(std::chrono::milliseconds timeout) = 0;
+  virtual ServerStats stats() const = 0;
+};
+
+}  // namespace shardps

@@ -1,0 +1,96 @@
+// The worker client: what a training program links to push gradients and pull parameters.
+//
+// Shape (kept from ps-lite): declare tensors once, then asynchronous Push / Pull / PushPull on
+// the caller's own buffers, each returning a Handle to Wait on with a timeout. Buffers are not
+// copied: they must stay valid and unmodified until the handle completes (or, after a Wait
+// that timed out, until the worker is destroyed).
+//
+// Version semantics: every chunk of a tensor has a version, the number of updates applied.
+// - sync: version t holds the parameters after step t (the t-th push of every worker, mean or
+//   sum). A Push completes once the version containing it is published, so a Pull issued after
+//   Push(step t) completed returns exactly the parameters after step t (PushPull does both).
+// - async: each push is applied on arrival; a Pull returns the version that the last completed
+//   push of this worker produced, or a newer one, and never a half-applied update.
+// Operations on one tensor must be issued from one thread at a time, in order; different
+// tensors may be used from different threads. All methods are thread-safe otherwise.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "shardps/status.h"
+#include "shardps/types.h"
+
+namespace shardps {
+
+struct WorkerOptions {
+  std::string coordinator;  // host:port
+  std::string transport = "tcp";
+  int32_t rank = -1;  // -1: the coordinator picks
+  std::chrono::milliseconds connect_timeout{30000};
+  std::chrono::milliseconds register_timeout{120000};
+  std::chrono::milliseconds rpc_timeout{60000};
+
+  // Fills the options from SHARDPS_COORDINATOR, SHARDPS_TRANSPORT, SHARDPS_RANK and
+  // SHARDPS_TIMEOUT_MS in `environ` (as `shardps launch` sets them for its workers).
+  static Result<WorkerOptions> FromEnvironment(char** environ);
+  Status Validate() const;
+};
+
+using TensorId = uint32_t;
+
+namespace worker {
+struct OpState;
+}
+
+// The completion of one Push / Pull / PushPull. Copyable; cheap.
+class Handle {
+ public:
+  Handle() = default;
+  explicit Handle(std::shared_ptr<worker::OpState> s) : s_(std::move(s)) {}
+  // Blocks until the operation completed or `timeout` passed (Timeout; the operation goes on).
+  Status Wait(std::chrono::milliseconds timeout) const;
+  bool done() const;
+  // After completion: the lowest version over the tensor's chunks that this operation saw.
+  uint64_t version() const;
+
+ private:
+  std::shared_ptr<worker::OpState> s_;
+};
+
+class Worker {
+ public:
+  // Connects to the coordinator, registers, waits for the job to be complete, and connects to
+  // every server. Blocks (bounded by the options' timeouts).
+  static Result<std::unique_ptr<Worker>> Connect(const WorkerOptions& options);
+  virtual ~Worker() = default;  // closes connections; pending operations fail
+
+  virtual uint32_t rank() const = 0;
+  virtual uint32_t num_workers() const = 0;
+  virtual uint32_t num_servers() const = 0;
+  virtual Mode mode() const = 0;
+
+  // Declares tensors (every worker declares the same ones, with the same shapes); the first
+  // declaration's initial value and optimizer win. Blocks.
+  virtual Result<std::vector<TensorId>> Declare(const std::vector<TensorSpec>& specs) = 0;
+  Result<TensorId> Declare(const TensorSpec& spec);
+  virtual uint64_t numel(TensorId id) const = 0;
+
+  virtual Handle Push(TensorId id, const float* grad) = 0;
+  virtual Handle Pull(TensorId id, float* out) = 0;
+  virtual Handle PushPull(TensorId id, const float* grad, float* out) = 0;
+
+  // Waits until every worker reached barrier `name`. Timeout names the missing workers.
+  virtual Status Barrier(const std::string& name, std::chrono::milliseconds timeout) = 0;
+  // A server's statistics as JSON (see ServerStats).
+  virtual Result<std::string> ServerStats(uint32_t server) = 0;
+  // Tells the coordinator this worker is done. Call once, after the last operation completed.
+  virtual Status Finish() = 0;
+  // Why the job failed (a node died, the coordinator is gone); OK while healthy.
+  virtual Status failure() const = 0;
+};
+
+}  // namespace shardps

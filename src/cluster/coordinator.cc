@@ -1,0 +1,433 @@
+#include "shardps/coordinator.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "cluster/messages.h"
+#include "cluster/rpc.h"
+#include "transport/context.h"
+
+namespace shardps {
+
+Status CoordinatorOptions::Validate() const {
+  if (num_servers < 1) return Status::InvalidArgument("a job needs at least one server");
+  if (num_workers < 1) return Status::InvalidArgument("a job needs at least one worker");
+  if (num_servers > 4096 || num_workers > 65536)
+    return Status::InvalidArgument("too many servers or workers");
+  if (chunk_bytes < 64 || chunk_bytes % 4 != 0 || chunk_bytes > (1ull << 30))
+    return Status::InvalidArgument(
+        fmt::format("chunk size {} must be a multiple of 4 between 64 B and 1 GiB", chunk_bytes));
+  if (heartbeat_interval.count() <= 0 || heartbeat_timeout <= heartbeat_interval)
+    return Status::InvalidArgument("heartbeat timeout must exceed the heartbeat interval");
+  auto v = transport::CheckViability(transport);
+  if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
+  return Status::OK();
+}
+
+namespace {
+
+using namespace cluster;
+using Clock = std::chrono::steady_clock;
+
+struct Node {
+  uint32_t id = 0;
+  Role role = Role::kWorker;
+  uint32_t rank = 0;
+  uint32_t pid = 0;
+  std::string host;
+  std::string data_address;
+  std::shared_ptr<transport::Connection> conn;
+  uint64_t register_request = 0;
+  Clock::time_point last_seen;
+  bool goodbye = false;
+  std::string Name() const {
+    return fmt::format("{} {} (node {}, pid {})", RoleName(role), rank, id, pid);
+  }
+};
+
+struct Barrier {
+  std::set<uint32_t> arrived;  // worker ranks
+  std::vector<std::pair<std::shared_ptr<transport::Connection>, uint64_t>> waiters;
+  Clock::time_point deadline;
+};
+
+struct TensorRecord {
+  uint64_t numel = 0;
+  TensorPlacement placement;
+};
+
+class CoordinatorImpl final : public Coordinator {
+ public:
+  explicit CoordinatorImpl(CoordinatorOptions o) : opt_(std::move(o)) {}
+  ~CoordinatorImpl() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    if (ticker_.joinable()) ticker_.join();
+    listener_.reset();
+    ctx_.reset();
+  }
+
+  Status Init() {
+    transport::ContextOptions co;
+    co.name = "coordinator";
+    co.max_payload_bytes = 64 << 20;
+    auto ctx = transport::CreateContext("tcp", co);
+    if (!ctx.ok()) return ctx.status();
+    ctx_ = std::move(ctx).value();
+    auto l = ctx_->Listen(opt_.listen, [this](const std::shared_ptr<transport::Connection>&) {
+      transport::ConnectionHandlers h;
+      h.on_message = [this](const std::shared_ptr<transport::Connection>& c, transport::Message m) {
+        OnMessage(c, m);
+      };
+      h.on_close = [this](const std::shared_ptr<transport::Connection>& c, Status st) {
+        OnClose(c, st);
+      };
+      return h;
+    });
+    if (!l.ok()) return l.status().WithContext("coordinator listen");
+    listener_ = std::move(l).value();
+    server_bytes_.assign(opt_.num_servers, 0);
+    started_ = Clock::now();
+    ticker_ = std::thread([this] { Tick(); });
+    spdlog::info("coordinator listening on {}: {} servers, {} workers, mode {}, transport {}",
+                 listener_->address(), opt_.num_servers, opt_.num_workers, ModeName(opt_.mode),
+                 opt_.transport);
+    return Status::OK();
+  }
+
+  std::string address() const override { return listener_->address(); }
+
+  Status Wait(std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!cv_.wait_for(lock, timeout, [&] { return finished_; }))
+      return Status::Timeout("the job is still running");
+    return result_;
+  }
+
+ private:
+  void OnMessage(const std::shared_ptr<transport::Connection>& c, transport::Message& m) {
+    Reader r(m.meta.data(), m.meta.size());
+    uint64_t req = 0;
+    if (!r.Get(&req)) return Drop(c, "message without a request id");
+    std::unique_lock<std::mutex> lock(mu_);
+    Node* node = FindNode(c);
+    if (node) node->last_seen = Clock::now();
+    switch (m.tag) {
+      case kRegister: {
+        RegisterRequest rq;
+        if (!rq.Decode(&r) || !r.done()) return Drop(c, "malformed register request");
+        return HandleRegister(c, req, rq);
+      }
+      case kHeartbeat:
+        if (!node) return Drop(c, "heartbeat from an unregistered connection");
+        return;
+      case kBarrier: {
+        std::string name;
+        uint64_t timeout_ms = 0;
+        if (!r.GetString(&name, 256) || !r.Get(&timeout_ms) || !r.done())
+          return Drop(c, "malformed barrier request");
+        if (!node || node->role != Role::kWorker)
+          return Reply(*c, req, Status::InvalidArgument("only registered workers take barriers"));
+        return HandleBarrier(c, req, *node, name, timeout_ms);
+      }
+      case kDeclare: {
+        uint32_t n = 0;
+        if (!r.Get(&n) || n > (1u << 20)) return Drop(c, "malformed declare request");
+        std::vector<DeclareItem> items(n);
+        for (auto& it : items)
+          if (!r.GetString(&it.name, 4096) || !r.Get(&it.numel))
+            return Drop(c, "malformed declare");
+        if (!r.done()) return Drop(c, "malformed declare request");
+        if (!node) return Reply(*c, req, Status::InvalidArgument("declare before register"));
+        return HandleDeclare(c, req, items);
+      }
+      case kGoodbye: {
+        if (!node) return Drop(c, "goodbye from an unregistered connection");
+        node->goodbye = true;
+        Reply(*c, req, Status::OK());
+        spdlog::info("coordinator: {} finished", node->Name());
+        return MaybeFinish();
+      }
+      case kReportFailure: {
+        std::string why;
+        if (!r.GetString(&why, 4096) || !node) return Drop(c, "malformed failure report");
+        return Fail(Status::Aborted(fmt::format("{} failed: {}", node->Name(), why)));
+      }
+      default:
+        return Drop(c, fmt::format("unexpected message tag {}", m.tag));
+    }
+  }
+
+  // Bad input from the network: log, close that connection, go on serving everyone else.
+  void Drop(const std::shared_ptr<transport::Connection>& c, const std::string& why) {
+    spdlog::error("coordinator: closing connection from {}: {}", c->peer(), why);
+    c->Close();
+  }
+
+  Node* FindNode(const std::shared_ptr<transport::Connection>& c) {
+    for (auto& n : nodes_)
+      if (n.conn == c) return &n;
+    return nullptr;
+  }
+
+  void HandleRegister(const std::shared_ptr<transport::Connection>& c, uint64_t req,
+                      const RegisterRequest& rq) {
+    if (FindNode(c)) return Reply(*c, req, Status::AlreadyExists("already registered"));
+    if (finished_) return Reply(*c, req, Status::Unavailable("the job has ended"));
+    uint32_t limit = rq.role == Role::kServer ? opt_.num_servers : opt_.num_workers;
+    std::set<uint32_t> taken;
+    for (auto& n : nodes_)
+      if (n.role == rq.role) taken.insert(n.rank);
+    if (taken.size() >= limit)
+      return Reply(*c, req,
+                   Status::InvalidArgument(fmt::format("the job already has all its {} {}s", limit,
+                                                       RoleName(rq.role))));
+    uint32_t rank = 0;
+    if (rq.rank >= 0) {
+      rank = static_cast<uint32_t>(rq.rank);
+      if (rank >= limit || taken.count(rank))
+        return Reply(*c, req,
+                     Status::InvalidArgument(fmt::format("{} rank {} is out of range or taken",
+                                                         RoleName(rq.role), rank)));
+    } else {
+      while (taken.count(rank)) ++rank;
+    }
+    if (rq.transport != opt_.transport)
+      return Reply(
+          *c, req,
+          Status::InvalidArgument(fmt::format("this job uses transport '{}', the {} asked for '{}'",
+                                              opt_.transport, RoleName(rq.role), rq.transport)));
+    if (rq.role == Role::kServer && rq.data_address.empty())
+      return Reply(*c, req, Status::InvalidArgument("a server must give its data address"));
+    Node n;
+    n.id = next_node_id_++;
+    n.role = rq.role;
+    n.rank = rank;
+    n.pid = rq.pid;
+    n.host = rq.host;
+    n.data_address = rq.data_address;
+    n.conn = c;
+    n.register_request = req;
+    n.last_seen = Clock::now();
+    spdlog::info("coordinator: {} registered from {}", n.Name(), c->peer());
+    nodes_.push_back(std::move(n));
+    if (nodes_.size() == opt_.num_servers + opt_.num_workers) Complete();
+  }
+
+  // Everyone is here: send each node the view.
+  void Complete() {
+    ClusterView view;
+    view.num_servers = opt_.num_servers;
+    view.num_workers = opt_.num_workers;
+    view.servers.resize(opt_.num_servers);
+    for (auto& n : nodes_)
+      if (n.role == Role::kServer) view.servers[n.rank] = ServerInfo{n.id, n.data_address};
+    view.mode = opt_.mode;
+    view.aggregate = opt_.aggregate;
+    view.chunk_bytes = opt_.chunk_bytes;
+    view.heartbeat_ms = static_cast<uint32_t>(opt_.heartbeat_interval.count());
+    view.heartbeat_timeout_ms = static_cast<uint32_t>(opt_.heartbeat_timeout.count());
+    view.transport = opt_.transport;
+    complete_ = true;
+    for (auto& n : nodes_) {
+      RegisterReply rep;
+      rep.node_id = n.id;
+      rep.rank = n.rank;
+      rep.view = view;
+      Bytes body;
+      Writer w(&body);
+      rep.Encode(&w);
+      n.last_seen = Clock::now();
+      Reply(*n.conn, n.register_request, Status::OK(), body);
+    }
+    spdlog::info("coordinator: all {} servers and {} workers registered", opt_.num_servers,
+                 opt_.num_workers);
+  }
+
+  void HandleBarrier(const std::shared_ptr<transport::Connection>& c, uint64_t req, Node& node,
+                     const std::string& name, uint64_t timeout_ms) {
+    Barrier& b = barriers_[name];
+    if (b.arrived.empty()) b.deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+    b.arrived.insert(node.rank);
+    b.waiters.emplace_back(c, req);
+    if (b.arrived.size() == opt_.num_workers) {
+      for (auto& [conn, id] : b.waiters) Reply(*conn, id, Status::OK());
+      barriers_.erase(name);
+    }
+  }
+
+  void HandleDeclare(const std::shared_ptr<transport::Connection>& c, uint64_t req,
+                     const std::vector<DeclareItem>& items) {
+    Bytes body;
+    Writer w(&body);
+    w.Put<uint32_t>(static_cast<uint32_t>(items.size()));
+    uint64_t elems_per_chunk = opt_.chunk_bytes / 4;
+    for (const auto& it : items) {
+      if (it.name.empty() || it.numel == 0 || it.numel > (1ull << 40))
+        return Reply(*c, req,
+                     Status::InvalidArgument(fmt::format(
+                         "tensor '{}' has an invalid size of {} elements", it.name, it.numel)));
+      auto found = tensors_.find(it.name);
+      if (found != tensors_.end() && found->second.numel != it.numel)
+        return Reply(*c, req,
+                     Status::InvalidArgument(
+                         fmt::format("tensor '{}' was declared with {} elements, now with {}",
+                                     it.name, found->second.numel, it.numel)));
+      if (found == tensors_.end()) {
+        TensorRecord rec;
+        rec.numel = it.numel;
+        for (uint64_t off = 0; off < it.numel; off += elems_per_chunk) {
+          ChunkPlacement p;
+          p.chunk_id = next_chunk_id_++;
+          p.offset = off;
+          p.numel = std::min(elems_per_chunk, it.numel - off);
+          // Balance by bytes: the least loaded server takes the chunk.
+          auto least = std::min_element(server_bytes_.begin(), server_bytes_.end());
+          p.server = static_cast<uint32_t>(least - server_bytes_.begin());
+          *least += p.numel * 4;
+          rec.placement.chunks.push_back(p);
+        }
+        found = tensors_.emplace(it.name, std::move(rec)).first;
+      }
+      const auto& chunks = found->second.placement.chunks;
+      w.Put<uint32_t>(static_cast<uint32_t>(chunks.size()));
+      for (const auto& p : chunks) {
+        w.Put(p.chunk_id);
+        w.Put(p.server);
+        w.Put(p.offset);
+        w.Put(p.numel);
+      }
+    }
+    Reply(*c, req, Status::OK(), body);
+  }
+
+  void OnClose(const std::shared_ptr<transport::Connection>& c, const Status& st) {
+    std::lock_guard<std::mutex> lock(mu_);
+    Node* n = FindNode(c);
+    if (!n || finished_) return;
+    if (n->role == Role::kWorker && n->goodbye) return;
+    Fail(Status::Unavailable(fmt::format("{} disconnected before the job ended ({})", n->Name(),
+                                         st.ok() ? "closed" : st.message())));
+  }
+
+  void Tick() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stopping_) {
+      cv_.wait_for(lock, std::chrono::milliseconds(100));
+      if (stopping_ || finished_) continue;
+      auto now = Clock::now();
+      if (!complete_ && now - started_ > opt_.register_timeout) {
+        std::vector<std::string> missing;
+        for (Role role : {Role::kServer, Role::kWorker}) {
+          uint32_t limit = role == Role::kServer ? opt_.num_servers : opt_.num_workers;
+          for (uint32_t r = 0; r < limit; ++r) {
+            bool here = std::any_of(nodes_.begin(), nodes_.end(),
+                                    [&](const Node& n) { return n.role == role && n.rank == r; });
+            if (!here) missing.push_back(fmt::format("{} {}", RoleName(role), r));
+          }
+        }
+        Fail(Status::Timeout(fmt::format("only {} of {} nodes registered within {} ms; missing: {}",
+                                         nodes_.size(), opt_.num_servers + opt_.num_workers,
+                                         opt_.register_timeout.count(), fmt::join(missing, ", "))));
+        continue;
+      }
+      for (auto& n : nodes_) {
+        if (n.goodbye) continue;
+        if (now - n.last_seen > opt_.heartbeat_timeout) {
+          Fail(Status::Unavailable(fmt::format(
+              "{} sent no heartbeat for {} ms", n.Name(),
+              std::chrono::duration_cast<std::chrono::milliseconds>(now - n.last_seen).count())));
+          break;
+        }
+      }
+      if (finished_) continue;
+      for (auto it = barriers_.begin(); it != barriers_.end();) {
+        if (now < it->second.deadline) {
+          ++it;
+          continue;
+        }
+        std::vector<uint32_t> absent;
+        for (uint32_t r = 0; r < opt_.num_workers; ++r)
+          if (!it->second.arrived.count(r)) absent.push_back(r);
+        Status st = Status::Timeout(fmt::format("barrier '{}' timed out waiting for worker(s) {}",
+                                                it->first, fmt::join(absent, ", ")));
+        for (auto& [conn, id] : it->second.waiters) Reply(*conn, id, st);
+        it = barriers_.erase(it);
+      }
+    }
+  }
+
+  void MaybeFinish() {
+    uint32_t done = 0;
+    for (auto& n : nodes_)
+      if (n.role == Role::kWorker && n.goodbye) ++done;
+    if (done < opt_.num_workers) return;
+    for (auto& n : nodes_)
+      if (n.role == Role::kServer) {
+        Bytes meta;
+        Writer w(&meta);
+        w.Put<uint64_t>(0);
+        w.PutString("all workers finished");
+        n.conn->Send(kShutdown, meta, {}, nullptr);
+      }
+    spdlog::info("coordinator: all workers finished; job done");
+    finished_ = true;
+    result_ = Status::OK();
+    cv_.notify_all();
+  }
+
+  void Fail(Status why) {
+    if (finished_) return;
+    spdlog::error("coordinator: job failed: {}", why.ToString());
+    finished_ = true;
+    result_ = why;
+    for (auto& n : nodes_) {
+      Bytes meta;
+      Writer w(&meta);
+      w.Put<uint64_t>(0);
+      w.PutString(why.message());
+      n.conn->Send(kNodeFailed, meta, {}, nullptr);
+    }
+    cv_.notify_all();
+  }
+
+  CoordinatorOptions opt_;
+  std::unique_ptr<transport::Context> ctx_;
+  std::unique_ptr<transport::Listener> listener_;
+  std::thread ticker_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  bool complete_ = false;
+  bool finished_ = false;
+  Status result_;
+  Clock::time_point started_;
+  uint32_t next_node_id_ = 1;
+  std::vector<Node> nodes_;
+  std::map<std::string, Barrier> barriers_;
+  std::map<std::string, TensorRecord> tensors_;
+  std::vector<uint64_t> server_bytes_;
+  uint64_t next_chunk_id_ = 1;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Coordinator>> Coordinator::Start(const CoordinatorOptions& options) {
+  SHARDPS_RETURN_IF_ERROR(options.Validate());
+  auto c = std::make_unique<CoordinatorImpl>(options);
+  SHARDPS_RETURN_IF_ERROR(c->Init());
+  return std::unique_ptr<Coordinator>(std::move(c));
+}
+
+}  // namespace shardps

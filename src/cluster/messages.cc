@@ -1,0 +1,141 @@
+#include "cluster/messages.h"
+
+namespace shardps::cluster {
+
+const char* RoleName(Role r) { return r == Role::kServer ? "server" : "worker"; }
+
+void ClusterView::Encode(Writer* w) const {
+  w->Put(num_servers);
+  w->Put(num_workers);
+  w->Put<uint32_t>(static_cast<uint32_t>(servers.size()));
+  for (const auto& s : servers) {
+    w->Put(s.node_id);
+    w->PutString(s.address);
+  }
+  w->Put<uint8_t>(static_cast<uint8_t>(mode));
+  w->Put<uint8_t>(static_cast<uint8_t>(aggregate));
+  w->Put(chunk_bytes);
+  w->Put(heartbeat_ms);
+  w->Put(heartbeat_timeout_ms);
+  w->PutString(transport);
+}
+
+bool ClusterView::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->Get(&num_servers) || !r->Get(&num_workers) || !r->Get(&n) || n > 65536) return false;
+  servers.resize(n);
+  for (auto& s : servers)
+    if (!r->Get(&s.node_id) || !r->GetString(&s.address, 1024)) return false;
+  uint8_t m = 0, a = 0;
+  if (!r->Get(&m) || !r->Get(&a) || m > 1 || a > 1) return false;
+  mode = static_cast<Mode>(m);
+  aggregate = static_cast<Aggregate>(a);
+  return r->Get(&chunk_bytes) && r->Get(&heartbeat_ms) && r->Get(&heartbeat_timeout_ms) &&
+         r->GetString(&transport, 64);
+}
+
+void RegisterRequest::Encode(Writer* w) const {
+  w->Put<uint8_t>(static_cast<uint8_t>(role));
+  w->Put(rank);
+  w->PutString(data_address);
+  w->PutString(host);
+  w->Put(pid);
+  w->PutString(transport);
+}
+
+bool RegisterRequest::Decode(Reader* r) {
+  uint8_t ro = 0;
+  if (!r->Get(&ro) || (ro != 1 && ro != 2)) return false;
+  role = static_cast<Role>(ro);
+  return r->Get(&rank) && r->GetString(&data_address, 1024) && r->GetString(&host, 1024) &&
+         r->Get(&pid) && r->GetString(&transport, 64);
+}
+
+void RegisterReply::Encode(Writer* w) const {
+  w->Put(node_id);
+  w->Put(rank);
+  view.Encode(w);
+}
+
+bool RegisterReply::Decode(Reader* r) {
+  return r->Get(&node_id) && r->Get(&rank) && view.Decode(r);
+}
+
+void EncodeOptimizer(const OptimizerConfig& o, Writer* w) {
+  w->Put<uint8_t>(static_cast<uint8_t>(o.kind));
+  w->Put(o.lr);
+  w->Put(o.weight_decay);
+  w->Put(o.momentum);
+  w->Put<uint8_t>(o.nesterov ? 1 : 0);
+  w->Put(o.beta1);
+  w->Put(o.beta2);
+  w->Put(o.eps);
+  w->Put(o.initial_accumulator);
+}
+
+bool DecodeOptimizer(Reader* r, OptimizerConfig* o) {
+  uint8_t k = 0, nesterov = 0;
+  if (!r->Get(&k) || k > 3) return false;
+  o->kind = static_cast<OptimizerKind>(k);
+  if (!r->Get(&o->lr) || !r->Get(&o->weight_decay) || !r->Get(&o->momentum) || !r->Get(&nesterov) ||
+      !r->Get(&o->beta1) || !r->Get(&o->beta2) || !r->Get(&o->eps) ||
+      !r->Get(&o->initial_accumulator))
+    return false;
+  o->nesterov = nesterov != 0;
+  return true;
+}
+
+void CreateChunkItem::Encode(Writer* w) const {
+  w->Put(chunk_id);
+  w->PutString(tensor);
+  w->Put(offset);
+  w->Put(numel);
+  EncodeOptimizer(optimizer, w);
+}
+
+bool CreateChunkItem::Decode(Reader* r) {
+  return r->Get(&chunk_id) && r->GetString(&tensor, 4096) && r->Get(&offset) && r->Get(&numel) &&
+         DecodeOptimizer(r, &optimizer);
+}
+
+void ChunkSlots::Encode(Writer* w) const {
+  key.Encode(w);
+  w->Put(slot_stride);
+  w->Put(version);
+}
+
+bool ChunkSlots::Decode(Reader* r) {
+  return key.Decode(r) && r->Get(&slot_stride) && r->Get(&version);
+}
+
+Bytes ReplyMeta(uint64_t request_id, const Status& st, const Bytes& body) {
+  Bytes b;
+  Writer w(&b);
+  w.Put(request_id);
+  w.Put<int32_t>(static_cast<int32_t>(st.code()));
+  w.PutString(st.message());
+  w.PutRaw(body.data(), body.size());
+  return b;
+}
+
+bool ParseReplyHead(Reader* r, uint64_t* request_id, Status* st) {
+  int32_t code = 0;
+  std::string msg;
+  if (!r->Get(request_id) || !r->Get(&code) || !r->GetString(&msg)) return false;
+  if (code == 0) {
+    *st = Status::OK();
+  } else if (code == static_cast<int32_t>(Status::Code::kTimeout)) {
+    *st = Status::Timeout(msg);
+  } else if (code == static_cast<int32_t>(Status::Code::kInvalidArgument)) {
+    *st = Status::InvalidArgument(msg);
+  } else if (code == static_cast<int32_t>(Status::Code::kUnavailable)) {
+    *st = Status::Unavailable(msg);
+  } else if (code == static_cast<int32_t>(Status::Code::kNotFound)) {
+    *st = Status::NotFound(msg);
+  } else {
+    *st = Status::RemoteError(msg);
+  }
+  return true;
+}
+
+}  // namespace shardps::cluster

@@ -1,0 +1,141 @@
+// Control-plane messages between coordinator, servers and workers (docs/protocol.md,
+// "Messages"). Every request's metadata starts with a u64 request id; every reply is a
+// kReply message whose metadata is [request id][status code][status message][body].
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/codec.h"
+#include "shardps/status.h"
+#include "shardps/types.h"
+#include "transport/memory.h"
+
+namespace shardps::cluster {
+
+enum Tag : uint32_t {
+  kReply = 1,
+  // node -> coordinator
+  kRegister = 10,
+  kHeartbeat = 11,
+  kBarrier = 12,
+  kDeclare = 13,
+  kGoodbye = 14,
+  kReportFailure = 15,
+  // coordinator -> node (request id 0, no reply)
+  kNodeFailed = 20,
+  kShutdown = 21,
+  // worker -> server
+  kCreateChunks = 30,
+  kGrant = 31,
+  kPushDone = 32,
+  kStats = 33,
+};
+
+enum class Role : uint8_t { kServer = 1, kWorker = 2 };
+const char* RoleName(Role r);
+
+struct ServerInfo {
+  uint32_t node_id = 0;
+  std::string address;  // where workers connect to for data
+};
+
+// What every node learns when the job is complete.
+struct ClusterView {
+  uint32_t num_servers = 0;
+  uint32_t num_workers = 0;
+  std::vector<ServerInfo> servers;  // indexed by server rank
+  Mode mode = Mode::kSync;
+  Aggregate aggregate = Aggregate::kMean;
+  uint64_t chunk_bytes = 4 << 20;
+  uint32_t heartbeat_ms = 500;
+  uint32_t heartbeat_timeout_ms = 5000;
+  std::string transport = "tcp";
+
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+struct RegisterRequest {
+  Role role = Role::kWorker;
+  int32_t rank = -1;  // requested rank, -1: any
+  std::string data_address;
+  std::string host;
+  uint32_t pid = 0;
+  std::string transport = "tcp";  // data-plane transport; must match the job's
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+struct RegisterReply {
+  uint32_t node_id = 0;
+  uint32_t rank = 0;
+  ClusterView view;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// One chunk of a tensor as assigned by the coordinator.
+struct ChunkPlacement {
+  uint64_t chunk_id = 0;
+  uint32_t server = 0;  // server rank
+  uint64_t offset = 0;  // first element in the tensor
+  uint64_t numel = 0;
+};
+
+struct DeclareItem {
+  std::string name;
+  uint64_t numel = 0;
+};
+
+struct TensorPlacement {
+  std::vector<ChunkPlacement> chunks;
+};
+
+struct CreateChunkItem {
+  uint64_t chunk_id = 0;
+  std::string tensor;
+  uint64_t offset = 0;
+  uint64_t numel = 0;
+  OptimizerConfig optimizer;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// Where the published parameters of a chunk live on its server: two slots, each numel floats
+// followed by a 16-byte trailer {u64 tag, u64 xxh3 of the floats}; tag = version + 1, 0 while
+// the slot is being rewritten. Version v lives in slot v % 2.
+struct ChunkSlots {
+  transport::RemoteKey key;
+  uint64_t slot_stride = 0;  // bytes from slot 0 to slot 1
+  uint64_t version = 0;      // latest published version when created
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+inline constexpr size_t kTrailerBytes = 16;
+
+// Byte layout of a chunk's two published slots: [floats][pad to 64][trailer][pad to 64].
+struct SlotLayout {
+  uint64_t data_bytes = 0;
+  uint64_t trailer_offset = 0;
+  uint64_t stride = 0;
+};
+inline SlotLayout LayoutFor(uint64_t numel) {
+  SlotLayout l;
+  l.data_bytes = numel * 4;
+  l.trailer_offset = (l.data_bytes + 63) / 64 * 64;
+  l.stride = l.trailer_offset + 64;
+  return l;
+}
+
+void EncodeOptimizer(const OptimizerConfig& o, Writer* w);
+[[nodiscard]] bool DecodeOptimizer(Reader* r, OptimizerConfig* o);
+
+// Reply helpers.
+Bytes ReplyMeta(uint64_t request_id, const Status& st, const Bytes& body = {});
+// Parses [request id][status]; the reader is left at the body.
+[[nodiscard]] bool ParseReplyHead(Reader* r, uint64_t* request_id, Status* st);
+
+}  // namespace shardps::cluster

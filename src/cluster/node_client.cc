@@ -1,0 +1,176 @@
+#include "cluster/node_client.h"
+
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+namespace shardps::cluster {
+
+Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
+                                                        const NodeClientOptions& options,
+                                                        EventHandler on_event) {
+  std::unique_ptr<NodeClient> nc(new NodeClient());
+  nc->opt_ = options;
+  nc->events_->handler = std::move(on_event);
+  NodeClient* self = nc.get();
+  auto events = nc->events_;
+  auto rpc_slot = std::make_shared<std::shared_ptr<RpcChannel>>();
+  transport::ConnectionHandlers h;
+  h.on_message = [events, rpc_slot](const std::shared_ptr<transport::Connection>& c,
+                                    transport::Message m) {
+    auto rpc = *rpc_slot;
+    if (m.tag == kReply) {
+      if (rpc && !rpc->OnReply(m)) {
+        spdlog::error("unexpected reply from the coordinator; closing");
+        c->Close();
+      }
+      return;
+    }
+    Reader r(m.meta.data(), m.meta.size());
+    uint64_t req = 0;
+    std::string why;
+    if (!r.Get(&req) || !r.GetString(&why, 65536)) {
+      c->Close();
+      return;
+    }
+    if (m.tag == kNodeFailed) {
+      Status st = Status::Aborted("job failed: " + why);
+      if (rpc) rpc->FailAll(st);  // e.g. a registration still waiting for missing nodes
+      events->Fire(st, false);
+    }
+    if (m.tag == kShutdown) events->Fire(Status::OK(), true);
+  };
+  h.on_close = [events, rpc_slot](const std::shared_ptr<transport::Connection>&, Status st) {
+    Status why = Status::Unavailable("lost the connection to the coordinator" +
+                                     (st.ok() ? std::string() : ": " + st.message()));
+    if (auto rpc = *rpc_slot) rpc->FailAll(why);
+    events->Fire(why, false);
+  };
+  auto conn = ctx->Connect(options.coordinator, h, options.connect_timeout);
+  if (!conn.ok()) return conn.status().WithContext("cannot reach the coordinator");
+  nc->rpc_ = std::make_shared<RpcChannel>(*conn);
+  *rpc_slot = nc->rpc_;
+
+  nc->heartbeat_ = std::thread([self] { self->HeartbeatLoop(); });
+
+  RegisterRequest rq;
+  rq.role = options.role;
+  rq.rank = options.rank;
+  rq.data_address = options.data_address;
+  rq.transport = options.transport;
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  rq.host = host;
+  rq.pid = static_cast<uint32_t>(getpid());
+  Bytes body;
+  Writer w(&body);
+  rq.Encode(&w);
+  auto rep = CallSync(*nc->rpc_, kRegister, body, options.register_timeout,
+                      fmt::format("registering {} with the coordinator at {}",
+                                  RoleName(options.role), options.coordinator));
+  if (!rep.ok()) return rep.status();
+  Reader r(rep->data(), rep->size());
+  if (!nc->info_.Decode(&r)) return Status::ProtocolError("malformed register reply");
+  return nc;
+}
+
+NodeClient::~NodeClient() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (heartbeat_.joinable()) heartbeat_.join();
+  {
+    std::lock_guard<std::mutex> lock(events_->mu);
+    events_->handler = nullptr;  // nothing fires into a destroyed owner
+  }
+  if (rpc_) rpc_->connection().Close();
+}
+
+void NodeClient::HeartbeatLoop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_) {
+    uint32_t ms = info_.view.heartbeat_ms ? info_.view.heartbeat_ms : 500;
+    cv_.wait_for(lock, std::chrono::milliseconds(ms / 2 + 1));
+    if (stop_) continue;
+    Bytes meta;
+    Writer w(&meta);
+    w.Put<uint64_t>(0);
+    rpc_->connection().Send(kHeartbeat, std::move(meta), {}, nullptr);
+  }
+}
+
+void NodeClient::Events::Fire(Status why, bool shutdown) {
+  EventHandler cb;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (fired) return;
+    if (said_goodbye && !shutdown && why.IsUnavailable()) return;  // normal end of the job
+    fired = true;
+    if (!shutdown) failure = why;
+    cb = handler;
+  }
+  if (!shutdown) spdlog::error("{}", why.ToString());
+  if (cb) cb(why, shutdown);
+}
+
+Status NodeClient::failure() const {
+  std::lock_guard<std::mutex> lock(events_->mu);
+  return events_->failure;
+}
+
+Status NodeClient::Barrier(const std::string& name, std::chrono::milliseconds timeout) {
+  Bytes body;
+  Writer w(&body);
+  w.PutString(name);
+  w.Put<uint64_t>(static_cast<uint64_t>(timeout.count()));
+  auto rep = CallSync(*rpc_, kBarrier, body, timeout + std::chrono::milliseconds(2000),
+                      "barrier '" + name + "'");
+  return rep.status();
+}
+
+Result<std::vector<TensorPlacement>> NodeClient::Declare(const std::vector<DeclareItem>& items) {
+  Bytes body;
+  Writer w(&body);
+  w.Put<uint32_t>(static_cast<uint32_t>(items.size()));
+  for (const auto& it : items) {
+    w.PutString(it.name);
+    w.Put(it.numel);
+  }
+  auto rep = CallSync(*rpc_, kDeclare, body, opt_.rpc_timeout, "declaring tensors");
+  if (!rep.ok()) return rep.status();
+  Reader r(rep->data(), rep->size());
+  uint32_t n = 0;
+  if (!r.Get(&n) || n != items.size()) return Status::ProtocolError("malformed declare reply");
+  std::vector<TensorPlacement> out(n);
+  for (auto& t : out) {
+    uint32_t k = 0;
+    if (!r.Get(&k) || k > (1u << 24)) return Status::ProtocolError("malformed declare reply");
+    t.chunks.resize(k);
+    for (auto& c : t.chunks)
+      if (!r.Get(&c.chunk_id) || !r.Get(&c.server) || !r.Get(&c.offset) || !r.Get(&c.numel) ||
+          c.server >= info_.view.num_servers)
+        return Status::ProtocolError("malformed declare reply");
+  }
+  return out;
+}
+
+Status NodeClient::Goodbye() {
+  {
+    std::lock_guard<std::mutex> lock(events_->mu);
+    events_->said_goodbye = true;
+  }
+  return CallSync(*rpc_, kGoodbye, {}, opt_.rpc_timeout, "saying goodbye").status();
+}
+
+void NodeClient::ReportFailure(const std::string& why) {
+  Bytes meta;
+  Writer w(&meta);
+  w.Put<uint64_t>(0);
+  w.PutString(why);
+  rpc_->connection().Send(kReportFailure, std::move(meta), {}, nullptr);
+}
+
+}  // namespace shardps::cluster

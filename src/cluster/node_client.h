@@ -1,0 +1,81 @@
+// A node's link to the coordinator: registration, heartbeats, barriers, tensor placement,
+// goodbye, and the job-failure notice. Used by servers and workers alike.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cluster/messages.h"
+#include "cluster/rpc.h"
+#include "transport/context.h"
+
+namespace shardps::cluster {
+
+struct NodeClientOptions {
+  std::string coordinator;  // host:port
+  Role role = Role::kWorker;
+  int32_t rank = -1;
+  std::string data_address;  // servers: where workers reach them
+  std::string transport = "tcp";
+  std::chrono::milliseconds connect_timeout{30000};
+  std::chrono::milliseconds register_timeout{120000};
+  std::chrono::milliseconds rpc_timeout{60000};
+};
+
+class NodeClient {
+ public:
+  // Called once, on a transport thread, when the job failed (a node died, the coordinator
+  // went away) or the coordinator asked this node to shut down (`shutdown` true, OK status).
+  using EventHandler = std::function<void(Status why, bool shutdown)>;
+
+  // Connects and registers; blocks until every node of the job registered (the view is
+  // complete) or the registration timeout passed.
+  static Result<std::unique_ptr<NodeClient>> Connect(transport::Context* ctx,
+                                                     const NodeClientOptions& options,
+                                                     EventHandler on_event);
+  ~NodeClient();  // stops heartbeats and closes the connection
+
+  const RegisterReply& info() const { return info_; }
+  // Waits until every worker entered barrier `name`, at most `timeout`.
+  Status Barrier(const std::string& name, std::chrono::milliseconds timeout);
+  // Asks the coordinator where each tensor's chunks live.
+  Result<std::vector<TensorPlacement>> Declare(const std::vector<DeclareItem>& items);
+  // Tells the coordinator this node finished cleanly.
+  Status Goodbye();
+  // Tells the coordinator this node failed (the job then fails, naming it).
+  void ReportFailure(const std::string& why);
+  // The failure seen so far (OK while the job is healthy).
+  Status failure() const;
+
+ private:
+  // Shared with the connection's handlers, which may run after this object is gone.
+  struct Events {
+    std::mutex mu;
+    EventHandler handler;
+    bool fired = false;         // guarded by mu
+    bool said_goodbye = false;  // guarded by mu
+    Status failure;             // guarded by mu
+    void Fire(Status why, bool shutdown);
+  };
+
+  NodeClient() = default;
+  void HeartbeatLoop();
+
+  NodeClientOptions opt_;
+  std::shared_ptr<RpcChannel> rpc_;
+  std::shared_ptr<Events> events_ = std::make_shared<Events>();
+  RegisterReply info_;
+  std::thread heartbeat_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;  // guarded by mu_
+};
+
+}  // namespace shardps::cluster

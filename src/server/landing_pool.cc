@@ -1,0 +1,82 @@
+#include "server/landing_pool.h"
+
+#include <fmt/format.h>
+
+namespace shardps::server {
+
+Status LandingPool::Init(transport::Context* ctx, uint32_t buffers, uint64_t buffer_bytes) {
+  auto region = ctx->AllocateRegion(static_cast<size_t>(buffers) * buffer_bytes);
+  if (!region.ok())
+    return region.status().WithContext(
+        fmt::format("allocating {} landing buffers of {} bytes", buffers, buffer_bytes));
+  region_ = std::move(region).value();
+  buffer_bytes_ = buffer_bytes;
+  state_.assign(buffers, Slot{});
+  for (uint32_t i = buffers; i > 0; --i) free_.push_back(i - 1);
+  return Status::OK();
+}
+
+bool LandingPool::Request(const transport::Connection* owner, GrantFn grant) {
+  uint32_t b;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_.empty()) {
+      waiters_.push_back(Waiter{owner, std::move(grant)});
+      return true;
+    }
+    b = free_.back();
+    free_.pop_back();
+    state_[b] = Slot{State::kGranted, owner};
+  }
+  grant(b);
+  return false;
+}
+
+bool LandingPool::Claim(uint32_t buffer, const transport::Connection* owner) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (buffer >= state_.size()) return false;
+  Slot& s = state_[buffer];
+  if (s.state != State::kGranted || s.owner != owner) return false;
+  s.state = State::kApplying;
+  return true;
+}
+
+void LandingPool::Release(uint32_t buffer) {
+  GrantFn grant;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (buffer >= state_.size()) return;
+    if (waiters_.empty()) {
+      state_[buffer] = Slot{};
+      free_.push_back(buffer);
+      return;
+    }
+    Waiter w = std::move(waiters_.front());
+    waiters_.pop_front();
+    state_[buffer] = Slot{State::kGranted, w.owner};
+    grant = std::move(w.grant);
+  }
+  grant(buffer);
+}
+
+void LandingPool::DropOwner(const transport::Connection* owner) {
+  std::vector<uint32_t> back;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = waiters_.begin(); it != waiters_.end();)
+      it = it->owner == owner ? waiters_.erase(it) : it + 1;
+    for (uint32_t i = 0; i < state_.size(); ++i)
+      if (state_[i].state == State::kGranted && state_[i].owner == owner) {
+        state_[i].state = State::kApplying;  // released just below, through the waiters
+        back.push_back(i);
+      }
+  }
+  for (uint32_t b : back) Release(b);
+}
+
+const float* LandingPool::data(uint32_t buffer) const {
+  return reinterpret_cast<const float*>(static_cast<const uint8_t*>(region_->data()) +
+                                        static_cast<uint64_t>(buffer) * buffer_bytes_);
+}
+
+}  // namespace shardps::server

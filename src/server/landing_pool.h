@@ -1,0 +1,59 @@
+// The bounded pool of landing buffers that pushes are written into (credits). A grant request
+// gets a free buffer at once or waits in FIFO order; a worker that holds no grant cannot write,
+// so a slow server pushes back on its senders and its memory does not grow with their number.
+// Thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "shardps/status.h"
+#include "transport/connection.h"
+#include "transport/context.h"
+
+namespace shardps::server {
+
+class LandingPool {
+ public:
+  // Called (possibly on another thread, never inline in Request) when a buffer is granted.
+  using GrantFn = std::function<void(uint32_t buffer)>;
+
+  Status Init(transport::Context* ctx, uint32_t buffers, uint64_t buffer_bytes);
+
+  // Grants a buffer to `owner` now or when one frees up; returns true if it had to wait.
+  bool Request(const transport::Connection* owner, GrantFn grant);
+  // Moves a granted buffer into use; false when `owner` does not hold it.
+  bool Claim(uint32_t buffer, const transport::Connection* owner);
+  // Returns a buffer that was claimed; the oldest waiter gets it.
+  void Release(uint32_t buffer);
+  // Forgets a closed connection: its granted buffers come back, its waiters are dropped.
+  void DropOwner(const transport::Connection* owner);
+
+  const float* data(uint32_t buffer) const;
+  uint64_t buffer_bytes() const { return buffer_bytes_; }
+  uint32_t size() const { return static_cast<uint32_t>(state_.size()); }
+  const transport::RemoteKey& key() const { return region_->remote_key(); }
+
+ private:
+  enum class State : uint8_t { kFree, kGranted, kApplying };
+  struct Slot {
+    State state = State::kFree;
+    const transport::Connection* owner = nullptr;
+  };
+  struct Waiter {
+    const transport::Connection* owner;
+    GrantFn grant;
+  };
+  std::unique_ptr<transport::MemoryRegion> region_;
+  uint64_t buffer_bytes_ = 0;
+  std::mutex mu_;
+  std::vector<Slot> state_;     // guarded by mu_
+  std::vector<uint32_t> free_;  // guarded by mu_
+  std::deque<Waiter> waiters_;  // guarded by mu_
+};
+
+}  // namespace shardps::server

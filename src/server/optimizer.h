@@ -1,0 +1,34 @@
+// CPU optimizers applied to a chunk's parameters. Plain loops over restrict pointers that the
+// compiler vectorizes; the CUDA kernels (src/gpu/, later) follow the same semantics.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "shardps/types.h"
+
+namespace shardps::server {
+
+struct OptimizerState {
+  std::vector<float> m;  // momentum: velocity; adam: first moment; adagrad: sum of squares
+  std::vector<float> v;  // adam: second moment
+  uint64_t steps = 0;    // updates applied (adam's bias correction)
+};
+
+// Sizes the state for `n` parameters.
+void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* state);
+
+// One update: g = scale * grad (+ weight_decay * p), then the optimizer's rule.
+//   sgd:      p -= lr * g
+//   momentum: m = mu * m + g;  p -= lr * (nesterov ? g + mu * m : m)
+//   adam:     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+//             p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+//   adagrad:  m += g^2;  p -= lr * g / (sqrt(m) + eps)
+void ApplyOptimizer(const OptimizerConfig& cfg, float* params, const float* grad, float scale,
+                    size_t n, OptimizerState* state);
+
+// dst[i] += src[i]
+void Accumulate(float* dst, const float* src, size_t n);
+
+}  // namespace shardps::server

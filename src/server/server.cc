@@ -1,0 +1,549 @@
+#include "shardps/server.h"
+
+#include <xxhash.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <map>
+#include <shared_mutex>
+#include <thread>
+#include <unordered_map>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
+
+#include "cluster/messages.h"
+#include "cluster/node_client.h"
+#include "cluster/rpc.h"
+#include "server/landing_pool.h"
+#include "server/optimizer.h"
+#include "transport/context.h"
+
+namespace shardps {
+
+Status ServerOptions::Validate() const {
+  if (coordinator.empty()) return Status::InvalidArgument("the server needs a coordinator address");
+  if (landing_buffers < 1 || landing_buffers > 4096)
+    return Status::InvalidArgument(
+        fmt::format("landing buffers {} outside [1, 4096]", landing_buffers));
+  if (apply_threads < 1 || apply_threads > 64)
+    return Status::InvalidArgument(fmt::format("apply threads {} outside [1, 64]", apply_threads));
+  auto v = transport::CheckViability(transport);
+  if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
+  return Status::OK();
+}
+
+std::string ServerStats::ToJson() const {
+  nlohmann::json j = {{"chunks", chunks},
+                      {"parameter_bytes", parameter_bytes},
+                      {"pushes_applied", pushes_applied},
+                      {"duplicate_pushes", duplicate_pushes},
+                      {"versions_published", versions_published},
+                      {"grants_waited", grants_waited},
+                      {"landing_buffers", landing_buffers},
+                      {"rss_bytes", rss_bytes},
+                      {"peak_rss_bytes", peak_rss_bytes}};
+  return j.dump();
+}
+
+namespace server {
+namespace {
+
+using namespace cluster;
+using transport::Connection;
+
+constexpr uint64_t kMaxStepsAhead = 2;  // sync: pushes further ahead wait, holding their buffer
+
+void ReadRss(uint64_t* rss, uint64_t* peak) {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line)) {
+    unsigned long long kb = 0;
+    if (std::sscanf(line.c_str(), "VmRSS: %llu kB", &kb) == 1) *rss = kb * 1024;
+    if (std::sscanf(line.c_str(), "VmHWM: %llu kB", &kb) == 1) *peak = kb * 1024;
+  }
+}
+
+struct Ack {
+  std::shared_ptr<Connection> conn;
+  uint64_t request = 0;
+};
+
+struct PushTask {
+  std::shared_ptr<Connection> conn;
+  uint64_t request = 0;
+  uint64_t chunk_id = 0;
+  uint32_t buffer = 0;
+  uint32_t worker = 0;
+  uint64_t seq = 0;
+};
+
+struct Chunk {
+  uint64_t id = 0;
+  std::string tensor;
+  uint64_t offset = 0;
+  uint64_t numel = 0;
+  OptimizerConfig opt;
+  SlotLayout layout;
+  std::unique_ptr<transport::MemoryRegion> slots;
+  std::atomic<uint64_t> version{0};
+
+  // Owned by the chunk's apply thread.
+  OptimizerState state;
+  std::vector<float> params;
+  std::vector<uint64_t> last_seq;  // per worker rank
+  struct Step {
+    std::vector<float> sum;
+    uint32_t count = 0;
+    std::vector<Ack> acks;
+  };
+  std::map<uint64_t, Step> steps;
+  std::deque<PushTask> deferred;
+};
+
+// Runs tasks on N threads; a chunk always goes to the same thread, so its state needs no lock.
+class Applier {
+ public:
+  void Start(uint32_t n) {
+    queues_.resize(n);
+    for (uint32_t i = 0; i < n; ++i) threads_.emplace_back([this, i] { Run(queues_[i]); });
+  }
+  void Stop() {
+    for (auto& q : queues_) {
+      std::lock_guard<std::mutex> lock(q.mu);
+      q.stop = true;
+      q.cv.notify_all();
+    }
+    for (auto& t : threads_) t.join();
+    threads_.clear();
+  }
+  void Post(uint64_t key, std::function<void()> fn) {
+    Queue& q = queues_[key % queues_.size()];
+    std::lock_guard<std::mutex> lock(q.mu);
+    q.tasks.push_back(std::move(fn));
+    q.cv.notify_one();
+  }
+
+ private:
+  struct Queue {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<std::function<void()>> tasks;
+    bool stop = false;
+  };
+  void Run(Queue& q) {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> lock(q.mu);
+        q.cv.wait(lock, [&] { return q.stop || !q.tasks.empty(); });
+        if (q.stop) return;
+        fn = std::move(q.tasks.front());
+        q.tasks.pop_front();
+      }
+      fn();
+    }
+  }
+  std::deque<Queue> queues_;
+  std::vector<std::thread> threads_;
+};
+
+class ServerImpl final : public Server {
+ public:
+  explicit ServerImpl(ServerOptions o) : opt_(std::move(o)) {}
+
+  ~ServerImpl() override {
+    applier_.Stop();
+    listener_.reset();
+    node_.reset();
+    data_ctx_.reset();
+    control_ctx_.reset();
+  }
+
+  Status Init() {
+    transport::ContextOptions co;
+    co.name = "server-data";
+    auto dctx = transport::CreateContext(opt_.transport, co);
+    if (!dctx.ok()) return dctx.status();
+    data_ctx_ = std::move(dctx).value();
+    auto l = data_ctx_->Listen(opt_.listen, [this](const std::shared_ptr<Connection>&) {
+      transport::ConnectionHandlers h;
+      h.on_message = [this](const std::shared_ptr<Connection>& c, transport::Message m) {
+        OnMessage(c, m);
+      };
+      h.on_close = [this](const std::shared_ptr<Connection>& c, Status) {
+        if (ready_.load()) pool_.DropOwner(c.get());
+      };
+      return h;
+    });
+    if (!l.ok()) return l.status().WithContext("server listen");
+    listener_ = std::move(l).value();
+
+    co.name = "server-ctl";
+    auto cctx = transport::CreateContext("tcp", co);
+    if (!cctx.ok()) return cctx.status();
+    control_ctx_ = std::move(cctx).value();
+    NodeClientOptions no;
+    no.coordinator = opt_.coordinator;
+    no.role = Role::kServer;
+    no.rank = opt_.rank;
+    no.data_address = listener_->address();
+    no.transport = opt_.transport;
+    no.connect_timeout = opt_.connect_timeout;
+    no.register_timeout = opt_.register_timeout;
+    auto done = done_;
+    auto node = NodeClient::Connect(control_ctx_.get(), no, [done](Status why, bool shutdown) {
+      std::lock_guard<std::mutex> lock(done->mu);
+      if (done->finished) return;
+      done->finished = true;
+      done->result = shutdown ? Status::OK() : why;
+      done->cv.notify_all();
+    });
+    if (!node.ok()) {
+      Finish(node.status());
+      return node.status();
+    }
+    node_ = std::move(node).value();
+    view_ = node_->info().view;
+    rank_ = node_->info().rank;
+    SHARDPS_RETURN_IF_ERROR(pool_.Init(data_ctx_.get(), opt_.landing_buffers, view_.chunk_bytes));
+    applier_.Start(opt_.apply_threads);
+    {
+      std::lock_guard<std::mutex> lock(ready_mu_);
+      ready_ = true;
+    }
+    ready_cv_.notify_all();
+    spdlog::info("server {} serving on {} ({} mode, {} workers, {} landing buffers of {} bytes)",
+                 rank_, listener_->address(), ModeName(view_.mode), view_.num_workers,
+                 opt_.landing_buffers, view_.chunk_bytes);
+    return Status::OK();
+  }
+
+  uint32_t rank() const override { return rank_; }
+  std::string address() const override { return listener_->address(); }
+
+  Status Wait(std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> lock(done_->mu);
+    if (!done_->cv.wait_for(lock, timeout, [&] { return done_->finished; }))
+      return Status::Timeout("the server is still serving");
+    return done_->result;
+  }
+
+  ServerStats stats() const override {
+    ServerStats s;
+    {
+      std::shared_lock<std::shared_mutex> lock(chunks_mu_);
+      s.chunks = chunks_.size();
+      for (auto& [id, c] : chunks_) s.parameter_bytes += c->numel * 4;
+    }
+    s.pushes_applied = pushes_applied_.load();
+    s.duplicate_pushes = duplicates_.load();
+    s.versions_published = versions_.load();
+    s.grants_waited = grants_waited_.load();
+    s.landing_buffers = pool_.size();
+    ReadRss(&s.rss_bytes, &s.peak_rss_bytes);
+    return s;
+  }
+
+ private:
+  struct Done {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool finished = false;
+    Status result;
+  };
+
+  void Finish(Status st) {
+    std::lock_guard<std::mutex> lock(done_->mu);
+    if (done_->finished) return;
+    done_->finished = true;
+    done_->result = std::move(st);
+    done_->cv.notify_all();
+  }
+
+  // Workers may reach the data port a moment before this server processed its own
+  // registration reply; hold their first message until then (bounded).
+  bool WaitReady() {
+    if (ready_.load()) return true;
+    std::unique_lock<std::mutex> lock(ready_mu_);
+    return ready_cv_.wait_for(lock, opt_.register_timeout, [&] { return ready_.load(); });
+  }
+
+  void Drop(const std::shared_ptr<Connection>& c, const std::string& why) {
+    spdlog::error("server {}: closing connection from {}: {}", rank_, c->peer(), why);
+    c->Close();
+  }
+
+  Chunk* FindChunk(uint64_t id) const {
+    std::shared_lock<std::shared_mutex> lock(chunks_mu_);
+    auto it = chunks_.find(id);
+    return it == chunks_.end() ? nullptr : it->second.get();
+  }
+
+  void OnMessage(const std::shared_ptr<Connection>& c, transport::Message& m) {
+    if (!WaitReady()) return Drop(c, "server not ready");
+    Reader r(m.meta.data(), m.meta.size());
+    uint64_t req = 0;
+    if (!r.Get(&req)) return Drop(c, "message without a request id");
+    switch (m.tag) {
+      case kCreateChunks:
+        return OnCreate(c, req, r, m);
+      case kGrant:
+        return OnGrant(c, req, r);
+      case kPushDone:
+        return OnPushDone(c, req, r);
+      case kStats: {
+        if (!r.done()) return Drop(c, "malformed stats request");
+        std::string json = stats().ToJson();
+        Bytes body;
+        Writer w(&body);
+        w.PutString(json);
+        return Reply(*c, req, Status::OK(), body);
+      }
+      default:
+        return Drop(c, fmt::format("unexpected message tag {}", m.tag));
+    }
+  }
+
+  void OnCreate(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r,
+                transport::Message& m) {
+    uint32_t n = 0;
+    if (!r.Get(&n) || n > (1u << 20)) return Drop(c, "malformed create request");
+    std::vector<CreateChunkItem> items(n);
+    uint64_t total = 0;
+    for (auto& it : items) {
+      if (!it.Decode(&r)) return Drop(c, "malformed create request");
+      if (it.numel == 0 || it.numel > view_.chunk_bytes / 4)
+        return Reply(*c, req,
+                     Status::InvalidArgument(
+                         fmt::format("chunk {} of '{}' has {} elements; the bound is {}",
+                                     it.chunk_id, it.tensor, it.numel, view_.chunk_bytes / 4)));
+      Status v = it.optimizer.Validate();
+      if (!v.ok()) return Reply(*c, req, v.WithContext("tensor '" + it.tensor + "'"));
+      total += it.numel * 4;
+    }
+    if (!r.done() || total != m.payload.size())
+      return Drop(c, "create request whose payload does not match its chunks");
+    Bytes body;
+    Writer w(&body);
+    w.Put<uint32_t>(n);
+    const uint8_t* init = m.payload.data();
+    for (auto& it : items) {
+      Chunk* ch = FindChunk(it.chunk_id);
+      if (ch == nullptr) {
+        auto made = MakeChunk(it, reinterpret_cast<const float*>(init));
+        if (!made.ok()) return Reply(*c, req, made.status());
+        ch = *made;
+      } else if (ch->numel != it.numel || ch->tensor != it.tensor || ch->offset != it.offset) {
+        return Reply(*c, req,
+                     Status::InvalidArgument(fmt::format("chunk {} exists as {} elements of '{}'",
+                                                         it.chunk_id, ch->numel, ch->tensor)));
+      }
+      init += it.numel * 4;
+      ChunkSlots slots;
+      slots.key = ch->slots->remote_key();
+      slots.slot_stride = ch->layout.stride;
+      slots.version = ch->version.load();
+      slots.Encode(&w);
+    }
+    Reply(*c, req, Status::OK(), body);
+  }
+
+  Result<Chunk*> MakeChunk(const CreateChunkItem& it, const float* init) {
+    auto ch = std::make_unique<Chunk>();
+    ch->id = it.chunk_id;
+    ch->tensor = it.tensor;
+    ch->offset = it.offset;
+    ch->numel = it.numel;
+    ch->opt = it.optimizer;
+    ch->layout = LayoutFor(it.numel);
+    auto region = data_ctx_->AllocateRegion(ch->layout.stride * 2);
+    if (!region.ok()) return region.status().WithContext("allocating chunk " + it.tensor);
+    ch->slots = std::move(region).value();
+    ch->params.assign(init, init + it.numel);
+    InitOptimizerState(ch->opt, it.numel, &ch->state);
+    ch->last_seq.assign(view_.num_workers, 0);
+    Publish(*ch);
+    Chunk* raw = ch.get();
+    std::unique_lock<std::shared_mutex> lock(chunks_mu_);
+    chunks_.emplace(it.chunk_id, std::move(ch));
+    return raw;
+  }
+
+  void OnGrant(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
+    uint64_t chunk_id = 0, bytes = 0;
+    if (!r.Get(&chunk_id) || !r.Get(&bytes) || !r.done()) return Drop(c, "malformed grant request");
+    Chunk* ch = FindChunk(chunk_id);
+    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", chunk_id)));
+    if (bytes != ch->numel * 4)
+      return Reply(*c, req,
+                   Status::InvalidArgument(fmt::format("push of {} bytes into chunk {} of {} bytes",
+                                                       bytes, chunk_id, ch->numel * 4)));
+    std::weak_ptr<Connection> weak = c;
+    const transport::RemoteKey& key = pool_.key();
+    uint64_t stride = pool_.buffer_bytes();
+    bool waited = pool_.Request(c.get(), [weak, req, &key, stride](uint32_t buffer) {
+      auto conn = weak.lock();
+      if (!conn) return;
+      Bytes body;
+      Writer w(&body);
+      w.Put(buffer);
+      w.Put<uint64_t>(static_cast<uint64_t>(buffer) * stride);
+      key.Encode(&w);
+      Reply(*conn, req, Status::OK(), body);
+    });
+    if (waited) grants_waited_++;
+  }
+
+  void OnPushDone(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
+    PushTask t;
+    t.conn = c;
+    t.request = req;
+    if (!r.Get(&t.chunk_id) || !r.Get(&t.buffer) || !r.Get(&t.worker) || !r.Get(&t.seq) ||
+        !r.done())
+      return Drop(c, "malformed push notification");
+    Chunk* ch = FindChunk(t.chunk_id);
+    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", t.chunk_id)));
+    if (t.worker >= view_.num_workers)
+      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", t.worker)));
+    if (!pool_.Claim(t.buffer, c.get()))
+      return Drop(c, fmt::format("push names landing buffer {} that it does not hold", t.buffer));
+    applier_.Post(t.chunk_id, [this, ch, t] { ApplyPush(*ch, t); });
+  }
+
+  void AckNow(const Ack& a, uint64_t version) {
+    Bytes body;
+    Writer w(&body);
+    w.Put(version);
+    Reply(*a.conn, a.request, Status::OK(), body);
+  }
+
+  // Apply thread of `ch`.
+  void ApplyPush(Chunk& ch, const PushTask& t) {
+    const float* grad = pool_.data(t.buffer);
+    Ack ack{t.conn, t.request};
+    uint64_t& last = ch.last_seq[t.worker];
+    if (t.seq <= last) {
+      // A resent push: acknowledged, never applied twice.
+      duplicates_++;
+      pool_.Release(t.buffer);
+      auto pending = ch.steps.find(t.seq);
+      if (view_.mode == Mode::kSync && pending != ch.steps.end()) {
+        pending->second.acks.push_back(ack);
+      } else {
+        AckNow(ack, ch.version.load());
+      }
+      return;
+    }
+    if (view_.mode == Mode::kAsync) {
+      ApplyOptimizer(ch.opt, ch.params.data(), grad, 1.0f, ch.numel, &ch.state);
+      pool_.Release(t.buffer);
+      last = t.seq;
+      pushes_applied_++;
+      ch.version.fetch_add(1);
+      Publish(ch);
+      AckNow(ack, ch.version.load());
+      return;
+    }
+    if (t.seq != last + 1) {
+      pool_.Release(t.buffer);
+      return Reply(
+          *t.conn, t.request,
+          Status::InvalidArgument(fmt::format("worker {} pushed step {} of chunk {} after step {}",
+                                              t.worker, t.seq, ch.id, last)));
+    }
+    if (t.seq > ch.version.load() + kMaxStepsAhead) {
+      ch.deferred.push_back(t);  // keeps its landing buffer: the sender is held back
+      return;
+    }
+    auto& step = ch.steps[t.seq];
+    if (step.count == 0) {
+      step.sum.assign(grad, grad + ch.numel);
+    } else {
+      Accumulate(step.sum.data(), grad, ch.numel);
+    }
+    step.count++;
+    step.acks.push_back(ack);
+    last = t.seq;
+    pushes_applied_++;
+    pool_.Release(t.buffer);
+    PublishReadySteps(ch);
+  }
+
+  void PublishReadySteps(Chunk& ch) {
+    bool advanced = false;
+    for (;;) {
+      auto it = ch.steps.find(ch.version.load() + 1);
+      if (it == ch.steps.end() || it->second.count < view_.num_workers) break;
+      float scale =
+          view_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(view_.num_workers) : 1.0f;
+      ApplyOptimizer(ch.opt, ch.params.data(), it->second.sum.data(), scale, ch.numel, &ch.state);
+      ch.version.fetch_add(1);
+      Publish(ch);
+      uint64_t v = ch.version.load();
+      for (auto& a : it->second.acks) AckNow(a, v);
+      ch.steps.erase(it);
+      advanced = true;
+    }
+    if (advanced && !ch.deferred.empty()) {
+      std::deque<PushTask> again;
+      again.swap(ch.deferred);
+      for (auto& t : again) ApplyPush(ch, t);
+    }
+  }
+
+  // Writes the current parameters into slot version % 2 with its trailer. Readers validate
+  // the trailer's tag and checksum, so a read that overlaps this write is detected and retried.
+  void Publish(Chunk& ch) {
+    uint64_t v = ch.version.load();
+    auto* base = static_cast<uint8_t*>(ch.slots->data()) + (v % 2) * ch.layout.stride;
+    auto* tag = reinterpret_cast<std::atomic<uint64_t>*>(base + ch.layout.trailer_offset);
+    auto* sum = reinterpret_cast<std::atomic<uint64_t>*>(base + ch.layout.trailer_offset + 8);
+    tag->store(0, std::memory_order_release);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    std::memcpy(base, ch.params.data(), ch.layout.data_bytes);
+    uint64_t h = XXH3_64bits(base, ch.layout.data_bytes);
+    sum->store(h, std::memory_order_relaxed);
+    tag->store(v + 1, std::memory_order_release);
+    versions_++;
+  }
+
+  ServerOptions opt_;
+  std::unique_ptr<transport::Context> data_ctx_;
+  std::unique_ptr<transport::Context> control_ctx_;
+  std::unique_ptr<transport::Listener> listener_;
+  std::unique_ptr<NodeClient> node_;
+  std::shared_ptr<Done> done_ = std::make_shared<Done>();
+  ClusterView view_;
+  uint32_t rank_ = 0;
+  LandingPool pool_;
+  Applier applier_;
+
+  std::mutex ready_mu_;
+  std::condition_variable ready_cv_;
+  std::atomic<bool> ready_{false};
+
+  mutable std::shared_mutex chunks_mu_;
+  std::unordered_map<uint64_t, std::unique_ptr<Chunk>> chunks_;
+
+  std::atomic<uint64_t> pushes_applied_{0};
+  std::atomic<uint64_t> duplicates_{0};
+  std::atomic<uint64_t> versions_{0};
+  std::atomic<uint64_t> grants_waited_{0};
+};
+
+}  // namespace
+}  // namespace server
+
+Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
+  SHARDPS_RETURN_IF_ERROR(options.Validate());
+  auto s = std::make_unique<server::ServerImpl>(options);
+  SHARDPS_RETURN_IF_ERROR(s->Init());
+  return std::unique_ptr<Server>(std::move(s));
+}
+
+}  // namespace shardps

@@ -1,0 +1,523 @@
+#include "shardps/worker.h"
+
+#include <xxhash.h>
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "cluster/messages.h"
+#include "cluster/node_client.h"
+#include "cluster/rpc.h"
+#include "transport/context.h"
+
+namespace shardps {
+
+namespace worker {
+
+// Completion state shared by a Handle and the callbacks of its chunk operations.
+struct OpState {
+  std::mutex mu;
+  std::condition_variable cv;
+  size_t remaining = 0;
+  Status error;
+  uint64_t version = UINT64_MAX;
+
+  void ChunkDone(const Status& st, uint64_t v) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!st.ok() && error.ok()) error = st;
+    version = std::min(version, v);
+    if (--remaining == 0) cv.notify_all();
+  }
+};
+
+}  // namespace worker
+
+Status Handle::Wait(std::chrono::milliseconds timeout) const {
+  if (!s_) return Status::InvalidArgument("waiting on an empty handle");
+  std::unique_lock<std::mutex> lock(s_->mu);
+  if (!s_->cv.wait_for(lock, timeout, [&] { return s_->remaining == 0; }))
+    return Status::Timeout(fmt::format("operation not complete after {} ms", timeout.count()));
+  return s_->error;
+}
+
+bool Handle::done() const {
+  if (!s_) return true;
+  std::lock_guard<std::mutex> lock(s_->mu);
+  return s_->remaining == 0;
+}
+
+uint64_t Handle::version() const {
+  if (!s_) return 0;
+  std::lock_guard<std::mutex> lock(s_->mu);
+  return s_->version == UINT64_MAX ? 0 : s_->version;
+}
+
+Result<TensorId> Worker::Declare(const TensorSpec& spec) {
+  auto ids = Declare(std::vector<TensorSpec>{spec});
+  if (!ids.ok()) return ids.status();
+  return ids->front();
+}
+
+Result<WorkerOptions> WorkerOptions::FromEnvironment(char** env) {
+  WorkerOptions o;
+  for (char** e = env; e && *e; ++e) {
+    std::string kv = *e;
+    auto eq = kv.find('=');
+    if (eq == std::string::npos) continue;
+    std::string k = kv.substr(0, eq), v = kv.substr(eq + 1);
+    auto parse_int = [&](int64_t* out) {
+      auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), *out);
+      if (ec != std::errc() || p != v.data() + v.size())
+        return Status::InvalidArgument(fmt::format("{}='{}' is not an integer", k, v));
+      return Status::OK();
+    };
+    if (k == "SHARDPS_COORDINATOR") {
+      o.coordinator = v;
+    } else if (k == "SHARDPS_TRANSPORT") {
+      o.transport = v;
+    } else if (k == "SHARDPS_RANK") {
+      int64_t r = 0;
+      SHARDPS_RETURN_IF_ERROR(parse_int(&r));
+      o.rank = static_cast<int32_t>(r);
+    } else if (k == "SHARDPS_TIMEOUT_MS") {
+      int64_t t = 0;
+      SHARDPS_RETURN_IF_ERROR(parse_int(&t));
+      if (t <= 0) return Status::InvalidArgument("SHARDPS_TIMEOUT_MS must be positive");
+      o.rpc_timeout = std::chrono::milliseconds(t);
+    }
+  }
+  if (o.coordinator.empty())
+    return Status::InvalidArgument(
+        "SHARDPS_COORDINATOR is not set: run this program under `shardps launch`, or set it to "
+        "the coordinator's host:port");
+  return o;
+}
+
+Status WorkerOptions::Validate() const {
+  if (coordinator.empty()) return Status::InvalidArgument("the worker needs a coordinator address");
+  auto v = transport::CheckViability(transport);
+  if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
+  return Status::OK();
+}
+
+namespace worker {
+namespace {
+
+using namespace cluster;
+using transport::Connection;
+
+constexpr int kMaxReadAttempts = 100000;
+
+struct ChunkRef {
+  uint64_t chunk_id = 0;
+  uint32_t server = 0;
+  uint64_t offset = 0;
+  uint64_t numel = 0;
+  ChunkSlots slots;
+  SlotLayout layout;
+  std::atomic<uint64_t> known_version{0};
+  std::atomic<uint64_t> next_seq{1};
+};
+
+struct TensorInfo {
+  std::string name;
+  uint64_t numel = 0;
+  std::vector<std::unique_ptr<ChunkRef>> chunks;
+};
+
+// Reads a chunk's latest slot into `dst` and validates it against the slot's trailer.
+struct PullJob : std::enable_shared_from_this<PullJob> {
+  std::shared_ptr<RpcChannel> rpc;
+  ChunkRef* chunk;
+  float* dst;
+  std::shared_ptr<OpState> op;
+  uint64_t trailer[2] = {0, 0};
+  uint64_t other_tag = 0;  // the other slot's tag: tells whether a newer version exists
+  int attempt = 0;
+  std::atomic<int> pending{0};
+  Status read_error;
+  std::mutex mu;
+
+  void Start() {
+    uint64_t v = chunk->known_version.load();
+    uint64_t slot = (v + static_cast<uint64_t>(attempt)) % 2;
+    if (other_tag > 0) slot = (other_tag - 1) % 2;  // the newest version seen last attempt
+    uint64_t base = slot * chunk->layout.stride;
+    pending = 3;
+    auto self = shared_from_this();
+    auto done = [self](Status st) {
+      if (!st.ok()) {
+        std::lock_guard<std::mutex> lock(self->mu);
+        if (self->read_error.ok()) self->read_error = st;
+      }
+      if (--self->pending == 0) self->Check();
+    };
+    Connection& c = rpc->connection();
+    c.Read(dst, chunk->layout.data_bytes, chunk->slots.key, base, done);
+    c.Read(trailer, sizeof(trailer), chunk->slots.key, base + chunk->layout.trailer_offset, done);
+    uint64_t other = (1 - slot) * chunk->layout.stride + chunk->layout.trailer_offset;
+    c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, other, done);
+  }
+
+  void Check() {
+    if (!read_error.ok()) return op->ChunkDone(read_error, 0);
+    uint64_t want = chunk->known_version.load();
+    uint64_t tag = trailer[0];
+    // A newer version in the other slot: read that one instead (a pull returns the latest).
+    bool newer_elsewhere = other_tag > tag;
+    bool ok = !newer_elsewhere && tag != 0 && tag - 1 >= want &&
+              XXH3_64bits(dst, chunk->layout.data_bytes) == trailer[1];
+    if (ok) {
+      uint64_t v = tag - 1;
+      uint64_t cur = chunk->known_version.load();
+      while (v > cur && !chunk->known_version.compare_exchange_weak(cur, v)) {
+      }
+      return op->ChunkDone(Status::OK(), v);
+    }
+    // The slot was being rewritten while we read it (or holds an older version): try again,
+    // alternating slots.
+    if (++attempt >= kMaxReadAttempts)
+      return op->ChunkDone(Status::Internal(fmt::format(
+                               "could not read a consistent version of chunk {} in {} attempts",
+                               chunk->chunk_id, attempt)),
+                           0);
+    Start();
+  }
+};
+
+class WorkerImpl final : public Worker {
+ public:
+  explicit WorkerImpl(WorkerOptions o) : opt_(std::move(o)) {}
+
+  ~WorkerImpl() override {
+    node_.reset();
+    for (auto& s : servers_) s->connection().Close();
+    data_ctx_.reset();
+    control_ctx_.reset();
+  }
+
+  Status Init() {
+    transport::ContextOptions co;
+    co.name = "worker-ctl";
+    auto cctx = transport::CreateContext("tcp", co);
+    if (!cctx.ok()) return cctx.status();
+    control_ctx_ = std::move(cctx).value();
+    NodeClientOptions no;
+    no.coordinator = opt_.coordinator;
+    no.role = Role::kWorker;
+    no.rank = opt_.rank;
+    no.transport = opt_.transport;
+    no.connect_timeout = opt_.connect_timeout;
+    no.register_timeout = opt_.register_timeout;
+    no.rpc_timeout = opt_.rpc_timeout;
+    auto servers_failed = failed_servers_;
+    auto node = NodeClient::Connect(control_ctx_.get(), no, [servers_failed](Status why, bool) {
+      // The job failed: fail every outstanding server call so that waits return promptly.
+      std::lock_guard<std::mutex> lock(servers_failed->mu);
+      servers_failed->why = why;
+      for (auto& rpc : servers_failed->rpcs)
+        if (auto r = rpc.lock()) r->FailAll(why);
+    });
+    if (!node.ok()) return node.status();
+    node_ = std::move(node).value();
+    view_ = node_->info().view;
+    rank_ = node_->info().rank;
+
+    co.name = "worker-data";
+    auto dctx = transport::CreateContext(opt_.transport, co);
+    if (!dctx.ok()) return dctx.status();
+    data_ctx_ = std::move(dctx).value();
+    for (uint32_t s = 0; s < view_.num_servers; ++s) {
+      auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
+      transport::ConnectionHandlers h;
+      h.on_message = [slot, s](const std::shared_ptr<Connection>& c, transport::Message m) {
+        if (m.tag != kReply || !*slot || !(*slot)->OnReply(m)) {
+          spdlog::error("unexpected message from server {}; closing", s);
+          c->Close();
+        }
+      };
+      h.on_close = [slot, s](const std::shared_ptr<Connection>&, Status st) {
+        if (*slot)
+          (*slot)->FailAll(Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
+                                                           st.ok() ? "" : ": " + st.message())));
+      };
+      auto conn = data_ctx_->Connect(view_.servers[s].address, h, opt_.connect_timeout);
+      if (!conn.ok()) return conn.status().WithContext(fmt::format("connecting to server {}", s));
+      *slot = std::make_shared<RpcChannel>(*conn);
+      servers_.push_back(*slot);
+      std::lock_guard<std::mutex> lock(failed_servers_->mu);
+      failed_servers_->rpcs.push_back(*slot);
+    }
+    return Status::OK();
+  }
+
+  uint32_t rank() const override { return rank_; }
+  uint32_t num_workers() const override { return view_.num_workers; }
+  uint32_t num_servers() const override { return view_.num_servers; }
+  Mode mode() const override { return view_.mode; }
+
+  uint64_t numel(TensorId id) const override {
+    std::lock_guard<std::mutex> lock(tensors_mu_);
+    return id < tensors_.size() ? tensors_[id]->numel : 0;
+  }
+
+  Result<std::vector<TensorId>> Declare(const std::vector<TensorSpec>& specs) override {
+    std::vector<DeclareItem> items;
+    std::set<std::string> names;
+    for (const auto& s : specs) {
+      if (s.name.empty()) return Status::InvalidArgument("a tensor needs a name");
+      if (s.numel() == 0)
+        return Status::InvalidArgument(fmt::format("tensor '{}' has an invalid shape", s.name));
+      SHARDPS_RETURN_IF_ERROR(s.optimizer.Validate().WithContext("tensor '" + s.name + "'"));
+      if (!names.insert(s.name).second)
+        return Status::InvalidArgument(fmt::format("tensor '{}' is declared twice", s.name));
+      {
+        std::lock_guard<std::mutex> lock(tensors_mu_);
+        if (by_name_.count(s.name))
+          return Status::AlreadyExists(fmt::format("tensor '{}' was already declared", s.name));
+      }
+      items.push_back(DeclareItem{s.name, s.numel()});
+    }
+    auto placements = node_->Declare(items);
+    if (!placements.ok()) return placements.status();
+
+    // Create the chunks on their servers (idempotent: the first creation wins).
+    std::vector<std::unique_ptr<TensorInfo>> infos;
+    struct PerServer {
+      Bytes body;
+      uint32_t count = 0;
+      Bytes init;
+      std::vector<ChunkRef*> refs;
+    };
+    std::vector<PerServer> per(view_.num_servers);
+    for (size_t i = 0; i < specs.size(); ++i) {
+      auto info = std::make_unique<TensorInfo>();
+      info->name = specs[i].name;
+      info->numel = items[i].numel;
+      for (const auto& p : (*placements)[i].chunks) {
+        auto ref = std::make_unique<ChunkRef>();
+        ref->chunk_id = p.chunk_id;
+        ref->server = p.server;
+        ref->offset = p.offset;
+        ref->numel = p.numel;
+        ref->layout = LayoutFor(p.numel);
+        PerServer& ps = per[p.server];
+        CreateChunkItem ci{p.chunk_id, specs[i].name, p.offset, p.numel, specs[i].optimizer};
+        Writer w(&ps.body);
+        ci.Encode(&w);
+        ps.count++;
+        size_t at = ps.init.size();
+        ps.init.resize(at + p.numel * 4);
+        auto* f = reinterpret_cast<float*>(ps.init.data() + at);
+        if (specs[i].init) {
+          std::memcpy(f, specs[i].init + p.offset, p.numel * 4);
+        } else {
+          std::fill(f, f + p.numel, specs[i].init_value);
+        }
+        ps.refs.push_back(ref.get());
+        info->chunks.push_back(std::move(ref));
+      }
+      infos.push_back(std::move(info));
+    }
+    for (uint32_t s = 0; s < view_.num_servers; ++s) {
+      if (per[s].count == 0) continue;
+      Bytes body;
+      Writer w(&body);
+      w.Put(per[s].count);
+      w.PutRaw(per[s].body.data(), per[s].body.size());
+      // Sent as a message whose payload is the initial values.
+      auto rep = CallCreate(*servers_[s], body, std::move(per[s].init));
+      if (!rep.ok())
+        return rep.status().WithContext(fmt::format("creating chunks on server {}", s));
+      Reader r(rep->data(), rep->size());
+      uint32_t n = 0;
+      if (!r.Get(&n) || n != per[s].count) return Status::ProtocolError("malformed create reply");
+      for (ChunkRef* ref : per[s].refs) {
+        if (!ref->slots.Decode(&r) || ref->slots.slot_stride != ref->layout.stride)
+          return Status::ProtocolError("malformed create reply");
+        ref->known_version = ref->slots.version;
+      }
+    }
+    std::vector<TensorId> ids;
+    std::lock_guard<std::mutex> lock(tensors_mu_);
+    for (auto& info : infos) {
+      TensorId id = static_cast<TensorId>(tensors_.size());
+      by_name_[info->name] = id;
+      tensors_.push_back(std::move(info));
+      ids.push_back(id);
+    }
+    return ids;
+  }
+
+  Handle Push(TensorId id, const float* grad) override { return Start(id, grad, nullptr); }
+  Handle Pull(TensorId id, float* out) override { return Start(id, nullptr, out); }
+  Handle PushPull(TensorId id, const float* grad, float* out) override {
+    return Start(id, grad, out);
+  }
+
+  Status Barrier(const std::string& name, std::chrono::milliseconds timeout) override {
+    return node_->Barrier(name, timeout);
+  }
+
+  Result<std::string> ServerStats(uint32_t server) override {
+    if (server >= servers_.size())
+      return Status::InvalidArgument(fmt::format("no server {}", server));
+    auto rep = CallSync(*servers_[server], kStats, {}, opt_.rpc_timeout, "server stats");
+    if (!rep.ok()) return rep.status();
+    Reader r(rep->data(), rep->size());
+    std::string json;
+    if (!r.GetString(&json)) return Status::ProtocolError("malformed stats reply");
+    return json;
+  }
+
+  Status Finish() override { return node_->Goodbye(); }
+  Status failure() const override { return node_->failure(); }
+
+ private:
+  struct FailedServers {
+    std::mutex mu;
+    Status why;
+    std::vector<std::weak_ptr<RpcChannel>> rpcs;
+  };
+
+  Result<Bytes> CallCreate(RpcChannel& rpc, const Bytes& body, Bytes init) {
+    struct St {
+      std::mutex mu;
+      std::condition_variable cv;
+      bool done = false;
+      Status st;
+      Bytes body;
+    };
+    auto st = std::make_shared<St>();
+    rpc.Call(kCreateChunks, body, transport::Payload::Own(std::move(init)),
+             [st](Status s, Reader& r, transport::Message&) {
+               std::lock_guard<std::mutex> lock(st->mu);
+               st->st = s;
+               auto rest = r.rest();
+               st->body.assign(rest.begin(), rest.end());
+               st->done = true;
+               st->cv.notify_all();
+             });
+    std::unique_lock<std::mutex> lock(st->mu);
+    if (!st->cv.wait_for(lock, opt_.rpc_timeout, [&] { return st->done; }))
+      return Status::Timeout("creating chunks: no reply");
+    if (!st->st.ok()) return st->st;
+    return st->body;
+  }
+
+  Handle Start(TensorId id, const float* grad, float* out) {
+    auto op = std::make_shared<OpState>();
+    TensorInfo* t = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(tensors_mu_);
+      if (id < tensors_.size()) t = tensors_[id].get();
+    }
+    if (t == nullptr) {
+      op->error = Status::NotFound(fmt::format("unknown tensor id {}", id));
+      return Handle(op);
+    }
+    if (Status f = node_->failure(); !f.ok()) {
+      op->error = f;
+      return Handle(op);
+    }
+    op->remaining = t->chunks.size();
+    for (auto& c : t->chunks) {
+      ChunkRef* ref = c.get();
+      auto rpc = servers_[ref->server];
+      if (grad) {
+        uint64_t seq = ref->next_seq.fetch_add(1);
+        PushChunk(rpc, ref, grad + ref->offset, seq, op, out ? out + ref->offset : nullptr);
+      } else {
+        PullChunk(rpc, ref, out + ref->offset, op);
+      }
+    }
+    return Handle(op);
+  }
+
+  void PullChunk(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, float* dst,
+                 const std::shared_ptr<OpState>& op) {
+    auto job = std::make_shared<PullJob>();
+    job->rpc = rpc;
+    job->chunk = ref;
+    job->dst = dst;
+    job->op = op;
+    job->Start();
+  }
+
+  // grant -> one-sided write into the landing buffer -> notification -> ack (-> pull)
+  void PushChunk(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, const float* src,
+                 uint64_t seq, const std::shared_ptr<OpState>& op, float* then_pull) {
+    Bytes body;
+    Writer w(&body);
+    w.Put(ref->chunk_id);
+    w.Put<uint64_t>(ref->numel * 4);
+    uint32_t me = rank_;
+    rpc->Call(
+        kGrant, body, {},
+        [this, rpc, ref, src, seq, op, then_pull, me](Status st, Reader& r, transport::Message&) {
+          uint32_t buffer = 0;
+          uint64_t offset = 0;
+          transport::RemoteKey key;
+          if (st.ok() && (!r.Get(&buffer) || !r.Get(&offset) || !key.Decode(&r)))
+            st = Status::ProtocolError("malformed grant");
+          if (!st.ok()) return op->ChunkDone(st, 0);
+          rpc->connection().Write(
+              src, ref->numel * 4, key, offset,
+              [this, rpc, ref, seq, op, then_pull, me, buffer](Status st) {
+                if (!st.ok()) return op->ChunkDone(st, 0);
+                Bytes note;
+                Writer w(&note);
+                w.Put(ref->chunk_id);
+                w.Put(buffer);
+                w.Put(me);
+                w.Put(seq);
+                rpc->Call(
+                    kPushDone, note, {},
+                    [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {
+                      uint64_t v = 0;
+                      if (st.ok() && !r.Get(&v)) st = Status::ProtocolError("malformed push ack");
+                      if (!st.ok()) return op->ChunkDone(st, 0);
+                      uint64_t cur = ref->known_version.load();
+                      while (v > cur && !ref->known_version.compare_exchange_weak(cur, v)) {
+                      }
+                      if (then_pull) return PullChunk(rpc, ref, then_pull, op);
+                      op->ChunkDone(Status::OK(), v);
+                    });
+              });
+        });
+  }
+
+  WorkerOptions opt_;
+  std::unique_ptr<transport::Context> control_ctx_;
+  std::unique_ptr<transport::Context> data_ctx_;
+  std::unique_ptr<NodeClient> node_;
+  ClusterView view_;
+  uint32_t rank_ = 0;
+  std::vector<std::shared_ptr<RpcChannel>> servers_;
+  std::shared_ptr<FailedServers> failed_servers_ = std::make_shared<FailedServers>();
+
+  mutable std::mutex tensors_mu_;
+  std::vector<std::unique_ptr<TensorInfo>> tensors_;
+  std::map<std::string, TensorId> by_name_;
+};
+
+}  // namespace
+}  // namespace worker
+
+Result<std::unique_ptr<Worker>> Worker::Connect(const WorkerOptions& options) {
+  SHARDPS_RETURN_IF_ERROR(options.Validate());
+  auto w = std::make_unique<worker::WorkerImpl>(options);
+  SHARDPS_RETURN_IF_ERROR(w->Init());
+  return std::unique_ptr<Worker>(std::move(w));
+}
+
+}  // namespace shardps

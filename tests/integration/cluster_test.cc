@@ -1,0 +1,257 @@
+// Whole jobs in one process: exact-value sync and async runs, chunking, many small tensors,
+// resent pushes, backpressure, failures.
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "support/local_cluster.h"
+
+namespace shardps {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::LocalCluster;
+
+// Integer-valued gradient of worker w at step s for element i: exact in float32.
+float Grad(uint32_t w, uint64_t s, uint64_t i) {
+  return static_cast<float>(static_cast<int64_t>((w + 1) * 3 + s * 7 + i % 13) % 17 - 8);
+}
+
+CoordinatorOptions Opts(uint32_t servers, uint32_t workers, Mode mode, Aggregate agg,
+                        uint64_t chunk_bytes = 4 << 20) {
+  CoordinatorOptions co;
+  co.num_servers = servers;
+  co.num_workers = workers;
+  co.mode = mode;
+  co.aggregate = agg;
+  co.chunk_bytes = chunk_bytes;
+  co.heartbeat_timeout = 10s;
+  return co;
+}
+
+TensorSpec Sgd1(const std::string& name, int64_t n, float init) {
+  TensorSpec t;
+  t.name = name;
+  t.shape = {n};
+  t.init_value = init;
+  t.optimizer.kind = OptimizerKind::kSgd;
+  t.optimizer.lr = 1.0f;
+  return t;
+}
+
+// 3 workers, 2 servers, 50 sync steps: every pull equals the exact expected parameters, and
+// tensor sizes are not multiples of the chunk size.
+TEST(ClusterSync, FiftyStepsExactValues) {
+  auto lc = LocalCluster::Start(Opts(2, 3, Mode::kSync, Aggregate::kSum, 4096));
+  ASSERT_TRUE(lc);
+  const std::vector<int64_t> sizes = {1, 1000, 1024, 1025, 3333};  // chunk = 1024 floats
+  lc->ForEachWorker([&](Worker& w) {
+    std::vector<TensorSpec> specs;
+    for (size_t k = 0; k < sizes.size(); ++k)
+      specs.push_back(Sgd1("t" + std::to_string(k), sizes[k], 100.0f));
+    auto ids = w.Declare(specs);
+    ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+    std::vector<std::vector<float>> grad(sizes.size()), out(sizes.size());
+    for (size_t k = 0; k < sizes.size(); ++k) {
+      grad[k].resize(sizes[k]);
+      out[k].resize(sizes[k]);
+    }
+    for (uint64_t s = 1; s <= 50; ++s) {
+      std::vector<Handle> hs;
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        for (int64_t i = 0; i < sizes[k]; ++i) grad[k][i] = Grad(w.rank(), s, i);
+        hs.push_back(w.PushPull((*ids)[k], grad[k].data(), out[k].data()));
+      }
+      for (auto& h : hs) ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
+      for (size_t k = 0; k < sizes.size(); ++k) {
+        EXPECT_GE(hs[k].version(), s);
+        for (int64_t i = 0; i < sizes[k]; ++i) {
+          double expect = 100.0;
+          for (uint64_t t = 1; t <= s; ++t)
+            for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
+          ASSERT_EQ(out[k][i], static_cast<float>(expect))
+              << "tensor " << k << " element " << i << " step " << s << " worker " << w.rank();
+        }
+      }
+    }
+  });
+  auto stats = nlohmann::json::parse(*lc->workers[0]->ServerStats(0));
+  auto stats1 = nlohmann::json::parse(*lc->workers[0]->ServerStats(1));
+  // Chunks per tensor: 1,1,1,2,4 = 9, spread over two servers; 50 steps x 3 workers each.
+  EXPECT_EQ(stats["chunks"].get<int>() + stats1["chunks"].get<int>(), 9);
+  EXPECT_EQ(stats["pushes_applied"].get<int>() + stats1["pushes_applied"].get<int>(), 9 * 50 * 3);
+  EXPECT_EQ(stats["duplicate_pushes"].get<int>(), 0);
+  lc->Finish();
+}
+
+TEST(ClusterSync, MeanAggregationAndPullAfterPush) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kMean));
+  ASSERT_TRUE(lc);
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("p", 10, 0.0f));
+    ASSERT_TRUE(id.ok());
+    std::vector<float> g(10, w.rank() == 0 ? 2.0f : 4.0f), out(10);
+    ASSERT_TRUE(w.Push(*id, g.data()).Wait(10s).ok());
+    auto h = w.Pull(*id, out.data());
+    ASSERT_TRUE(h.Wait(10s).ok());
+    EXPECT_EQ(h.version(), 1u);
+    for (float v : out) EXPECT_EQ(v, -3.0f);  // mean of 2 and 4, lr 1
+  });
+  lc->Finish();
+}
+
+TEST(ClusterAsync, EndsWithExactlyTheSumOfAllPushes) {
+  auto lc = LocalCluster::Start(Opts(2, 3, Mode::kAsync, Aggregate::kSum, 4096));
+  ASSERT_TRUE(lc);
+  constexpr int kSteps = 40;
+  constexpr int64_t kN = 2500;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("a", kN, 0.0f));
+    ASSERT_TRUE(id.ok());
+    std::vector<float> g(kN), out(kN);
+    uint64_t last_version = 0;
+    for (int s = 1; s <= kSteps; ++s) {
+      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(30s).ok());
+      EXPECT_GE(h.version(), last_version);  // versions seen never go back
+      last_version = h.version();
+    }
+    ASSERT_TRUE(w.Barrier("pushed", 30s).ok());
+    auto h = w.Pull(*id, out.data());
+    ASSERT_TRUE(h.Wait(30s).ok());
+    EXPECT_EQ(h.version(), 3u * kSteps);
+    for (int64_t i = 0; i < kN; ++i) {
+      double expect = 0;
+      for (int s = 1; s <= kSteps; ++s)
+        for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, s, i);
+      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+    }
+  });
+  lc->Finish();
+}
+
+TEST(ClusterSync, ThousandSmallTensors) {
+  auto lc = LocalCluster::Start(Opts(2, 2, Mode::kSync, Aggregate::kSum));
+  ASSERT_TRUE(lc);
+  lc->ForEachWorker([&](Worker& w) {
+    std::vector<TensorSpec> specs;
+    for (int k = 0; k < 1000; ++k) specs.push_back(Sgd1("s" + std::to_string(k), 1 + k % 100, k));
+    auto ids = w.Declare(specs);
+    ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+    std::vector<std::vector<float>> g(1000), out(1000);
+    for (int step = 1; step <= 3; ++step) {
+      std::vector<Handle> hs;
+      for (int k = 0; k < 1000; ++k) {
+        g[k].assign(1 + k % 100, static_cast<float>(w.rank() + step));
+        out[k].assign(1 + k % 100, -1.0f);
+        hs.push_back(w.PushPull((*ids)[k], g[k].data(), out[k].data()));
+      }
+      for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok());
+      for (int k = 0; k < 1000; ++k) {
+        // init k, minus per step (rank0 + step) + (rank1 + step) = 1 + 2 step
+        float expect = static_cast<float>(k);
+        for (int t = 1; t <= step; ++t) expect -= static_cast<float>(1 + 2 * t);
+        for (float v : out[k]) ASSERT_EQ(v, expect) << "tensor " << k;
+      }
+    }
+  });
+  auto s0 = nlohmann::json::parse(*lc->workers[0]->ServerStats(0));
+  auto s1 = nlohmann::json::parse(*lc->workers[0]->ServerStats(1));
+  // Balanced by bytes: neither server holds much more than half.
+  double b0 = s0["parameter_bytes"].get<double>(), b1 = s1["parameter_bytes"].get<double>();
+  EXPECT_LT(std::abs(b0 - b1) / (b0 + b1), 0.05);
+  lc->Finish();
+}
+
+// A landing pool of one buffer: pushes queue for the credit and all still land exactly.
+TEST(ClusterSync, SingleLandingBufferBackpressure) {
+  auto lc = LocalCluster::Start(Opts(1, 3, Mode::kSync, Aggregate::kSum, 1024), 1);
+  ASSERT_TRUE(lc);
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("big", 5000, 0.0f));  // 20 chunks through one buffer
+    ASSERT_TRUE(id.ok());
+    std::vector<float> g(5000, 1.0f), out(5000);
+    for (int s = 1; s <= 5; ++s) ASSERT_TRUE(w.PushPull(*id, g.data(), out.data()).Wait(30s).ok());
+    for (float v : out) ASSERT_EQ(v, -15.0f);
+  });
+  auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(0));
+  EXPECT_GT(st["grants_waited"].get<int>(), 0);
+  EXPECT_EQ(st["landing_buffers"].get<int>(), 1);
+  lc->Finish();
+}
+
+TEST(ClusterErrors, BadDeclarationsAreRefusedClearly) {
+  auto lc = LocalCluster::Start(Opts(1, 1, Mode::kSync, Aggregate::kSum));
+  ASSERT_TRUE(lc);
+  Worker& w = *lc->workers[0];
+  TensorSpec bad = Sgd1("x", 10, 0);
+  bad.shape = {0};
+  EXPECT_TRUE(w.Declare(bad).status().IsInvalidArgument());
+  bad = Sgd1("", 10, 0);
+  EXPECT_TRUE(w.Declare(bad).status().IsInvalidArgument());
+  bad = Sgd1("y", 10, 0);
+  bad.optimizer.lr = -1;
+  EXPECT_TRUE(w.Declare(bad).status().IsInvalidArgument());
+  ASSERT_TRUE(w.Declare(Sgd1("z", 10, 0)).ok());
+  EXPECT_FALSE(w.Declare(Sgd1("z", 10, 0)).ok());
+  EXPECT_TRUE(w.Push(12345, nullptr).Wait(1s).IsNotFound());
+  lc->Finish();
+}
+
+TEST(ClusterErrors, ShapeMismatchAcrossWorkersIsRefused) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum));
+  ASSERT_TRUE(lc);
+  ASSERT_TRUE(lc->workers[0]->Declare(Sgd1("m", 10, 0)).ok());
+  auto r = lc->workers[1]->Declare(Sgd1("m", 11, 0));
+  EXPECT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("10 elements"), std::string::npos) << r.status().ToString();
+  lc->Finish();
+}
+
+TEST(ClusterErrors, MissingNodeFailsRegistrationNamingIt) {
+  CoordinatorOptions co = Opts(1, 2, Mode::kSync, Aggregate::kSum);
+  co.register_timeout = 1500ms;
+  auto c = Coordinator::Start(co);
+  ASSERT_TRUE(c.ok());
+  WorkerOptions wo;
+  wo.coordinator = (*c)->address();
+  wo.register_timeout = 10s;
+  auto t0 = std::chrono::steady_clock::now();
+  auto w = Worker::Connect(wo);  // server 0 and worker 1 never come
+  EXPECT_FALSE(w.ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 8s);
+  Status st = (*c)->Wait(1s);
+  EXPECT_TRUE(st.IsTimeout()) << st.ToString();
+  EXPECT_NE(st.message().find("server 0"), std::string::npos) << st.ToString();
+  EXPECT_NE(st.message().find("worker 1"), std::string::npos) << st.ToString();
+}
+
+TEST(ClusterErrors, BarrierTimeoutNamesTheAbsentWorker) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum));
+  ASSERT_TRUE(lc);
+  Status st = lc->workers[0]->Barrier("lonely", 500ms);
+  EXPECT_TRUE(st.IsTimeout()) << st.ToString();
+  EXPECT_NE(st.message().find("worker(s) 1"), std::string::npos) << st.ToString();
+  lc->Finish();
+}
+
+// A worker that vanishes (its connections close without goodbye) fails the job; the others'
+// waits return an error naming it instead of hanging.
+TEST(ClusterErrors, VanishedWorkerFailsTheJobNamingIt) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum));
+  ASSERT_TRUE(lc);
+  auto id0 = lc->workers[0]->Declare(Sgd1("v", 100, 0));
+  ASSERT_TRUE(id0.ok());
+  lc->workers[1].reset();  // worker 1 dies
+  std::vector<float> g(100, 1), out(100);
+  auto h = lc->workers[0]->PushPull(*id0, g.data(), out.data());
+  Status st = h.Wait(15s);
+  EXPECT_FALSE(st.ok());
+  EXPECT_FALSE(st.IsTimeout()) << st.ToString();
+  EXPECT_NE(st.message().find("worker 1"), std::string::npos) << st.ToString();
+  Status job = lc->coordinator->Wait(5s);
+  EXPECT_NE(job.message().find("worker 1"), std::string::npos) << job.ToString();
+}
+
+}  // namespace
+}  // namespace shardps

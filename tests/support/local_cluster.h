@@ -1,0 +1,93 @@
+// Runs a whole job inside one test process: a coordinator, S servers and W workers, all with
+// their own contexts and threads (ShardPS keeps no global state, so they coexist).
+#pragma once
+
+#include <future>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "shardps/coordinator.h"
+#include "shardps/server.h"
+#include "shardps/worker.h"
+
+namespace shardps::testing {
+
+struct LocalCluster {
+  std::unique_ptr<Coordinator> coordinator;
+  std::vector<std::unique_ptr<Server>> servers;
+  std::vector<std::unique_ptr<Worker>> workers;  // indexed by rank
+
+  static std::unique_ptr<LocalCluster> Start(CoordinatorOptions co, uint32_t landing_buffers = 16,
+                                             std::string transport = "tcp") {
+    auto lc = std::make_unique<LocalCluster>();
+    co.transport = transport;
+    auto c = Coordinator::Start(co);
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    if (!c.ok()) return nullptr;
+    lc->coordinator = std::move(c).value();
+    std::string addr = lc->coordinator->address();
+    std::vector<std::future<Result<std::unique_ptr<Server>>>> sf;
+    for (uint32_t i = 0; i < co.num_servers; ++i)
+      sf.push_back(std::async(std::launch::async, [addr, i, landing_buffers, transport] {
+        ServerOptions so;
+        so.coordinator = addr;
+        so.rank = static_cast<int32_t>(i);
+        so.landing_buffers = landing_buffers;
+        so.transport = transport;
+        so.register_timeout = std::chrono::milliseconds(20000);
+        return Server::Start(so);
+      }));
+    std::vector<std::future<Result<std::unique_ptr<Worker>>>> wf;
+    for (uint32_t i = 0; i < co.num_workers; ++i)
+      wf.push_back(std::async(std::launch::async, [addr, i, transport] {
+        WorkerOptions wo;
+        wo.coordinator = addr;
+        wo.rank = static_cast<int32_t>(i);
+        wo.transport = transport;
+        wo.register_timeout = std::chrono::milliseconds(20000);
+        wo.rpc_timeout = std::chrono::milliseconds(20000);
+        return Worker::Connect(wo);
+      }));
+    bool ok = true;
+    for (auto& f : sf) {
+      auto s = f.get();
+      EXPECT_TRUE(s.ok()) << s.status().ToString();
+      if (s.ok())
+        lc->servers.push_back(std::move(s).value());
+      else
+        ok = false;
+    }
+    for (auto& f : wf) {
+      auto w = f.get();
+      EXPECT_TRUE(w.ok()) << w.status().ToString();
+      if (w.ok())
+        lc->workers.push_back(std::move(w).value());
+      else
+        ok = false;
+    }
+    if (!ok) return nullptr;
+    std::sort(lc->workers.begin(), lc->workers.end(),
+              [](auto& a, auto& b) { return a->rank() < b->rank(); });
+    return lc;
+  }
+
+  // Runs fn(worker) on one thread per worker and joins them.
+  template <typename Fn>
+  void ForEachWorker(Fn fn) {
+    std::vector<std::thread> ts;
+    for (auto& w : workers) ts.emplace_back([&fn, &w] { fn(*w); });
+    for (auto& t : ts) t.join();
+  }
+
+  // Every worker says goodbye; the coordinator and servers then end cleanly.
+  void Finish() {
+    for (auto& w : workers) EXPECT_TRUE(w->Finish().ok());
+    EXPECT_TRUE(coordinator->Wait(std::chrono::seconds(10)).ok());
+    for (auto& s : servers) EXPECT_TRUE(s->Wait(std::chrono::seconds(10)).ok());
+  }
+};
+
+}  // namespace shardps::testing
