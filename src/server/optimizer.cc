@@ -26,74 +26,88 @@ void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* st
 
 namespace {
 
-void Sgd(float* __restrict p, const float* __restrict g, float scale, float lr, float wd,
-         size_t n) {
-  for (size_t i = 0; i < n; ++i) p[i] -= lr * (scale * g[i] + wd * p[i]);
-}
+// The rules, written once over a gradient source G (one array, or the sum of two); the loops
+// vectorize (in and out may alias, which GCC checks at run time).
+struct One {
+  const float* __restrict a;
+  float operator()(size_t i) const { return a[i]; }
+};
+struct Two {
+  const float* __restrict a;
+  const float* __restrict b;
+  float operator()(size_t i) const { return a[i] + b[i]; }
+};
 
-void Momentum(float* __restrict p, const float* __restrict g, float* __restrict m, float scale,
-              float lr, float wd, float mu, bool nesterov, size_t n) {
-  if (nesterov) {
-    for (size_t i = 0; i < n; ++i) {
-      float gi = scale * g[i] + wd * p[i];
-      m[i] = mu * m[i] + gi;
-      p[i] -= lr * (gi + mu * m[i]);
-    }
-  } else {
-    for (size_t i = 0; i < n; ++i) {
-      float gi = scale * g[i] + wd * p[i];
-      m[i] = mu * m[i] + gi;
-      p[i] -= lr * m[i];
-    }
-  }
-}
+struct Params {
+  float scale, lr, wd, mu, b1, b2, eps, c1, c2;
+  bool nesterov;
+};
 
-void Adam(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
-          float scale, float lr, float wd, float b1, float b2, float eps, float c1, float c2,
-          size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    float gi = scale * g[i] + wd * p[i];
-    m[i] = b1 * m[i] + (1.0f - b1) * gi;
-    v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
-    float mh = m[i] * c1;
-    float vh = v[i] * c2;
-    p[i] -= lr * mh / (std::sqrt(vh) + eps);
-  }
-}
-
-void Adagrad(float* __restrict p, const float* __restrict g, float* __restrict h, float scale,
-             float lr, float wd, float eps, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    float gi = scale * g[i] + wd * p[i];
-    h[i] += gi * gi;
-    p[i] -= lr * gi / (std::sqrt(h[i]) + eps);
+template <typename G>
+void Run(OptimizerKind kind, const Params& k, const float* in, float* out, G g, float* __restrict m,
+         float* __restrict v, size_t n) {
+  switch (kind) {
+    case OptimizerKind::kSgd:
+      for (size_t i = 0; i < n; ++i) out[i] = in[i] - k.lr * (k.scale * g(i) + k.wd * in[i]);
+      break;
+    case OptimizerKind::kMomentum:
+      if (k.nesterov) {
+        for (size_t i = 0; i < n; ++i) {
+          float gi = k.scale * g(i) + k.wd * in[i];
+          m[i] = k.mu * m[i] + gi;
+          out[i] = in[i] - k.lr * (gi + k.mu * m[i]);
+        }
+      } else {
+        for (size_t i = 0; i < n; ++i) {
+          float gi = k.scale * g(i) + k.wd * in[i];
+          m[i] = k.mu * m[i] + gi;
+          out[i] = in[i] - k.lr * m[i];
+        }
+      }
+      break;
+    case OptimizerKind::kAdam:
+      for (size_t i = 0; i < n; ++i) {
+        float gi = k.scale * g(i) + k.wd * in[i];
+        m[i] = k.b1 * m[i] + (1.0f - k.b1) * gi;
+        v[i] = k.b2 * v[i] + (1.0f - k.b2) * gi * gi;
+        out[i] = in[i] - k.lr * (m[i] * k.c1) / (std::sqrt(v[i] * k.c2) + k.eps);
+      }
+      break;
+    case OptimizerKind::kAdagrad:
+      for (size_t i = 0; i < n; ++i) {
+        float gi = k.scale * g(i) + k.wd * in[i];
+        m[i] += gi * gi;
+        out[i] = in[i] - k.lr * gi / (std::sqrt(m[i]) + k.eps);
+      }
+      break;
   }
 }
 
 }  // namespace
 
-void ApplyOptimizer(const OptimizerConfig& cfg, float* params, const float* grad, float scale,
-                    size_t n, OptimizerState* state) {
+void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
+                    const float* extra, float scale, size_t n, OptimizerState* state) {
   state->steps++;
-  switch (cfg.kind) {
-    case OptimizerKind::kSgd:
-      Sgd(params, grad, scale, cfg.lr, cfg.weight_decay, n);
-      break;
-    case OptimizerKind::kMomentum:
-      Momentum(params, grad, state->m.data(), scale, cfg.lr, cfg.weight_decay, cfg.momentum,
-               cfg.nesterov, n);
-      break;
-    case OptimizerKind::kAdam: {
-      double t = static_cast<double>(state->steps);
-      float c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta1), t)));
-      float c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta2), t)));
-      Adam(params, grad, state->m.data(), state->v.data(), scale, cfg.lr, cfg.weight_decay,
-           cfg.beta1, cfg.beta2, cfg.eps, c1, c2, n);
-      break;
-    }
-    case OptimizerKind::kAdagrad:
-      Adagrad(params, grad, state->m.data(), scale, cfg.lr, cfg.weight_decay, cfg.eps, n);
-      break;
+  Params k{};
+  k.scale = scale;
+  k.lr = cfg.lr;
+  k.wd = cfg.weight_decay;
+  k.mu = cfg.momentum;
+  k.b1 = cfg.beta1;
+  k.b2 = cfg.beta2;
+  k.eps = cfg.eps;
+  k.nesterov = cfg.nesterov;
+  if (cfg.kind == OptimizerKind::kAdam) {
+    double t = static_cast<double>(state->steps);
+    k.c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta1), t)));
+    k.c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta2), t)));
+  }
+  float* m = state->m.empty() ? nullptr : state->m.data();
+  float* v = state->v.empty() ? nullptr : state->v.data();
+  if (extra) {
+    Run(cfg.kind, k, in, out, Two{grad, extra}, m, v, n);
+  } else {
+    Run(cfg.kind, k, in, out, One{grad}, m, v, n);
   }
 }
 

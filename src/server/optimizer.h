@@ -19,14 +19,15 @@ struct OptimizerState {
 // Sizes the state for `n` parameters.
 void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* state);
 
-// One update: g = scale * grad (+ weight_decay * p), then the optimizer's rule.
+// One update from `in` to `out` (which may be the same array): g = scale * (grad + extra)
+// (+ weight_decay * p), with `extra` optional (nullptr), then the optimizer's rule.
 //   sgd:      p -= lr * g
 //   momentum: m = mu * m + g;  p -= lr * (nesterov ? g + mu * m : m)
 //   adam:     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
 //             p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
 //   adagrad:  m += g^2;  p -= lr * g / (sqrt(m) + eps)
-void ApplyOptimizer(const OptimizerConfig& cfg, float* params, const float* grad, float scale,
-                    size_t n, OptimizerState* state);
+void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
+                    const float* extra, float scale, size_t n, OptimizerState* state);
 
 // dst[i] += src[i]
 void Accumulate(float* dst, const float* src, size_t n);

@@ -1,6 +1,6 @@
 #include "shardps/server.h"
 
-#include <xxhash.h>
+#include "core/checksum.h"
 
 #include <atomic>
 #include <condition_variable>
@@ -92,10 +92,11 @@ struct Chunk {
   std::unique_ptr<transport::MemoryRegion> slots;
   std::atomic<uint64_t> version{0};
 
-  // Owned by the chunk's apply thread.
+  // Owned by the chunk's apply thread. The current parameters are those in slot version % 2;
+  // an update writes the next version straight into the other slot.
   OptimizerState state;
-  std::vector<float> params;
-  std::vector<uint64_t> last_seq;  // per worker rank
+  std::vector<std::vector<float>> spare;  // recycled accumulators (no page faults per step)
+  std::vector<uint64_t> last_seq;         // per worker rank
   struct Step {
     std::vector<float> sum;
     uint32_t count = 0;
@@ -364,10 +365,10 @@ class ServerImpl final : public Server {
     auto region = data_ctx_->AllocateRegion(ch->layout.stride * 2);
     if (!region.ok()) return region.status().WithContext("allocating chunk " + it.tensor);
     ch->slots = std::move(region).value();
-    ch->params.assign(init, init + it.numel);
     InitOptimizerState(ch->opt, it.numel, &ch->state);
     ch->last_seq.assign(view_.num_workers, 0);
-    Publish(*ch);
+    std::memcpy(ch->slots->data(), init, ch->layout.data_bytes);
+    Seal(*ch, 0);
     Chunk* raw = ch.get();
     std::unique_lock<std::shared_mutex> lock(chunks_mu_);
     chunks_.emplace(it.chunk_id, std::move(ch));
@@ -440,12 +441,10 @@ class ServerImpl final : public Server {
       return;
     }
     if (view_.mode == Mode::kAsync) {
-      ApplyOptimizer(ch.opt, ch.params.data(), grad, 1.0f, ch.numel, &ch.state);
+      Update(ch, grad, nullptr, 1.0f);
       pool_.Release(t.buffer);
       last = t.seq;
       pushes_applied_++;
-      ch.version.fetch_add(1);
-      Publish(ch);
       AckNow(ack, ch.version.load());
       return;
     }
@@ -461,54 +460,85 @@ class ServerImpl final : public Server {
       return;
     }
     auto& step = ch.steps[t.seq];
+    step.acks.push_back(ack);
+    last = t.seq;
+    pushes_applied_++;
+    if (step.count + 1 == view_.num_workers && t.seq == ch.version.load() + 1) {
+      // The step's last push: fold it straight into the update (no accumulator pass).
+      Update(ch, step.count ? step.sum.data() : grad, step.count ? grad : nullptr, Scale());
+      pool_.Release(t.buffer);
+      FinishStep(ch, ch.steps.find(t.seq));
+      PublishReadySteps(ch);
+      return;
+    }
     if (step.count == 0) {
-      step.sum.assign(grad, grad + ch.numel);
+      if (!ch.spare.empty()) {
+        step.sum = std::move(ch.spare.back());
+        ch.spare.pop_back();
+      }
+      step.sum.resize(ch.numel);
+      std::memcpy(step.sum.data(), grad, ch.layout.data_bytes);
     } else {
       Accumulate(step.sum.data(), grad, ch.numel);
     }
     step.count++;
-    step.acks.push_back(ack);
-    last = t.seq;
-    pushes_applied_++;
     pool_.Release(t.buffer);
     PublishReadySteps(ch);
   }
 
+  float Scale() const {
+    return view_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(view_.num_workers)
+                                               : 1.0f;
+  }
+
+  void FinishStep(Chunk& ch, std::map<uint64_t, Chunk::Step>::iterator it) {
+    uint64_t v = ch.version.load();
+    for (auto& a : it->second.acks) AckNow(a, v);
+    if (!it->second.sum.empty()) ch.spare.push_back(std::move(it->second.sum));
+    ch.steps.erase(it);
+  }
+
+  // Publishes every step that is complete and next in line, then retries pushes that were
+  // too far ahead (each either lands now or waits again).
   void PublishReadySteps(Chunk& ch) {
-    bool advanced = false;
     for (;;) {
       auto it = ch.steps.find(ch.version.load() + 1);
       if (it == ch.steps.end() || it->second.count < view_.num_workers) break;
-      float scale =
-          view_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(view_.num_workers) : 1.0f;
-      ApplyOptimizer(ch.opt, ch.params.data(), it->second.sum.data(), scale, ch.numel, &ch.state);
-      ch.version.fetch_add(1);
-      Publish(ch);
-      uint64_t v = ch.version.load();
-      for (auto& a : it->second.acks) AckNow(a, v);
-      ch.steps.erase(it);
-      advanced = true;
+      Update(ch, it->second.sum.data(), nullptr, Scale());
+      FinishStep(ch, it);
     }
-    if (advanced && !ch.deferred.empty()) {
+    if (!ch.deferred.empty()) {
       std::deque<PushTask> again;
       again.swap(ch.deferred);
       for (auto& t : again) ApplyPush(ch, t);
     }
   }
 
-  // Writes the current parameters into slot version % 2 with its trailer. Readers validate
+  // Computes version v+1 from slot v % 2 into slot (v+1) % 2 and publishes it. Readers check
   // the trailer's tag and checksum, so a read that overlaps this write is detected and retried.
-  void Publish(Chunk& ch) {
+  void Update(Chunk& ch, const float* grad, const float* extra, float scale) {
     uint64_t v = ch.version.load();
-    auto* base = static_cast<uint8_t*>(ch.slots->data()) + (v % 2) * ch.layout.stride;
-    auto* tag = reinterpret_cast<std::atomic<uint64_t>*>(base + ch.layout.trailer_offset);
-    auto* sum = reinterpret_cast<std::atomic<uint64_t>*>(base + ch.layout.trailer_offset + 8);
-    tag->store(0, std::memory_order_release);
+    auto* base = static_cast<uint8_t*>(ch.slots->data());
+    const auto* in = reinterpret_cast<const float*>(base + (v % 2) * ch.layout.stride);
+    uint8_t* next = base + ((v + 1) % 2) * ch.layout.stride;
+    Trailer(ch, next)[0].store(0, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    std::memcpy(base, ch.params.data(), ch.layout.data_bytes);
-    uint64_t h = XXH3_64bits(base, ch.layout.data_bytes);
-    sum->store(h, std::memory_order_relaxed);
-    tag->store(v + 1, std::memory_order_release);
+    ApplyOptimizer(ch.opt, in, reinterpret_cast<float*>(next), grad, extra, scale, ch.numel,
+                   &ch.state);
+    Seal(ch, v + 1);
+    ch.version.store(v + 1);
+  }
+
+  static std::atomic<uint64_t>* Trailer(Chunk& ch, uint8_t* slot) {
+    return reinterpret_cast<std::atomic<uint64_t>*>(slot + ch.layout.trailer_offset);
+  }
+
+  // Stamps slot v % 2 as holding version v: checksum, then the tag.
+  void Seal(Chunk& ch, uint64_t v) {
+    uint8_t* slot = static_cast<uint8_t*>(ch.slots->data()) + (v % 2) * ch.layout.stride;
+    std::atomic<uint64_t>* t = Trailer(ch, slot);
+    t[1].store(Checksum(slot, ch.layout.data_bytes), std::memory_order_relaxed);
+    t[0].store(v + 1, std::memory_order_release);
     versions_++;
   }
 

@@ -1,6 +1,6 @@
 #include "shardps/worker.h"
 
-#include <xxhash.h>
+#include "core/checksum.h"
 
 #include <algorithm>
 #include <atomic>
@@ -175,7 +175,7 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
     // A newer version in the other slot: read that one instead (a pull returns the latest).
     bool newer_elsewhere = other_tag > tag;
     bool ok = !newer_elsewhere && tag != 0 && tag - 1 >= want &&
-              XXH3_64bits(dst, chunk->layout.data_bytes) == trailer[1];
+              Checksum(dst, chunk->layout.data_bytes) == trailer[1];
     if (ok) {
       uint64_t v = tag - 1;
       uint64_t cur = chunk->known_version.load();
@@ -199,6 +199,12 @@ class WorkerImpl final : public Worker {
   explicit WorkerImpl(WorkerOptions o) : opt_(std::move(o)) {}
 
   ~WorkerImpl() override {
+    // A worker that ends without Finish() but in a healthy job still says goodbye, so that
+    // returning from main() is a clean exit; a crash (no destructor) is a failure.
+    if (node_ && !finished_ && node_->failure().ok()) {
+      Status st = node_->Goodbye();
+      if (!st.ok()) spdlog::warn("worker {}: goodbye failed: {}", rank_, st.ToString());
+    }
     node_.reset();
     for (auto& s : servers_) s->connection().Close();
     data_ctx_.reset();
@@ -379,7 +385,10 @@ class WorkerImpl final : public Worker {
     return json;
   }
 
-  Status Finish() override { return node_->Goodbye(); }
+  Status Finish() override {
+    if (finished_.exchange(true)) return Status::OK();
+    return node_->Goodbye();
+  }
   Status failure() const override { return node_->failure(); }
 
  private:
@@ -505,6 +514,7 @@ class WorkerImpl final : public Worker {
   std::vector<std::shared_ptr<RpcChannel>> servers_;
   std::shared_ptr<FailedServers> failed_servers_ = std::make_shared<FailedServers>();
 
+  std::atomic<bool> finished_{false};
   mutable std::mutex tensors_mu_;
   std::vector<std::unique_ptr<TensorInfo>> tensors_;
   std::map<std::string, TensorId> by_name_;

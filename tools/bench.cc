@@ -1,0 +1,316 @@
+#include "bench.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
+
+#include "launch.h"
+#include "shardps/worker.h"
+
+extern char** environ;
+
+namespace shardps::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+// Integer-valued gradient: exact in float32 whether the servers sum or average.
+float Grad(uint32_t w, uint64_t step, uint64_t i, uint32_t workers) {
+  int64_t v = static_cast<int64_t>(((w + 1) * 3 + step * 7 + i % 13) % 17) - 8;
+  return static_cast<float>(v * static_cast<int64_t>(workers));
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  size_t idx = static_cast<size_t>(p * static_cast<double>(v.size() - 1) + 0.5);
+  return v[std::min(idx, v.size() - 1)];
+}
+
+bool IsUnder(const char* var) { return std::getenv(var) != nullptr; }
+
+}  // namespace
+
+void AddBenchFlags(CLI::App* app, BenchFlags* b) {
+  app->add_option("--op", b->op, "push, pull or pushpull")
+      ->check(CLI::IsMember({"push", "pull", "pushpull"}));
+  app->add_option("--size", b->size, "bytes per tensor (e.g. 4MiB)");
+  app->add_option("--tensors", b->tensors, "tensors per iteration")->check(CLI::Range(1u, 100000u));
+  app->add_option("--iters", b->iters, "timed iterations")->check(CLI::Range(1u, 1000000u));
+  app->add_option("--warmup", b->warmup, "untimed iterations first")->check(CLI::Range(0u, 1000u));
+  app->add_flag("--verify", b->verify, "check every pulled value exactly");
+  app->add_option("--report", b->report, "write a JSON report here");
+}
+
+Result<double> MeasureTcpStreamGbps(uint64_t bytes) {
+  int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  if (bind(ls, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(ls, 1) != 0 ||
+      getsockname(ls, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    close(ls);
+    return Status::FromErrno("baseline socket", errno);
+  }
+  constexpr size_t kBuf = 4 << 20;
+  pid_t pid = fork();
+  if (pid < 0) return Status::FromErrno("fork", errno);
+  if (pid == 0) {
+    alarm(120);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    int b = 4 << 20;
+    setsockopt(s, SOL_SOCKET, SO_SNDBUF, &b, sizeof(b));
+    if (connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) _exit(1);
+    std::vector<char> buf(kBuf, 1);
+    uint64_t left = bytes;
+    while (left > 0) {
+      ssize_t n = send(s, buf.data(), std::min<uint64_t>(left, kBuf), 0);
+      if (n <= 0) _exit(2);
+      left -= static_cast<uint64_t>(n);
+    }
+    char ack;
+    if (recv(s, &ack, 1, 0) != 1) _exit(3);
+    _exit(0);
+  }
+  int c = accept(ls, nullptr, nullptr);
+  close(ls);
+  int b = 4 << 20;
+  setsockopt(c, SOL_SOCKET, SO_RCVBUF, &b, sizeof(b));
+  std::vector<char> buf(kBuf);
+  auto t0 = Clock::now();
+  uint64_t got = 0;
+  while (got < bytes) {
+    ssize_t n = recv(c, buf.data(), kBuf, 0);
+    if (n <= 0) break;
+    got += static_cast<uint64_t>(n);
+  }
+  double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  char ack = 1;
+  [[maybe_unused]] ssize_t w = send(c, &ack, 1, 0);
+  close(c);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  if (got < bytes) return Status::IOError("baseline stream ended early");
+  return static_cast<double>(bytes) * 8 / secs / 1e9;
+}
+
+int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::string>& args) {
+  auto size = ParseBytes(b.size);
+  if (!size.ok() || *size < 4 || *size % 4 != 0) {
+    std::fprintf(stderr, "shardps bench: --size %s: must be a positive multiple of 4 bytes\n",
+                 b.size.c_str());
+    return 2;
+  }
+  if (!IsUnder("SHARDPS_COORDINATOR")) {
+    // Standalone: launch a local cluster whose workers are this same benchmark.
+    auto co = job.ToCoordinator();
+    if (!co.ok()) {
+      std::fprintf(stderr, "shardps bench: %s\n", co.status().ToString().c_str());
+      return 2;
+    }
+    LaunchOptions lo;
+    lo.coordinator = *co;
+    lo.landing_buffers = job.landing_buffers;
+    lo.program = {SelfExe(), "bench"};
+    lo.program.insert(lo.program.end(), args.begin(), args.end());
+    lo.env.push_back("SHARDPS_AGGREGATE=" + job.aggregate);
+    return RunLaunch(lo);
+  }
+  auto wo = WorkerOptions::FromEnvironment(environ);
+  if (!wo.ok()) {
+    std::fprintf(stderr, "shardps bench: %s\n", wo.status().ToString().c_str());
+    return 2;
+  }
+  // The baseline is measured before this process starts any thread (it forks).
+  double baseline_gbps = 0;
+  bool rank0 = wo->rank <= 0;
+  if (rank0 && !b.report.empty()) {
+    auto g = MeasureTcpStreamGbps(std::max<uint64_t>(1ull << 30, *size * 8));
+    if (!g.ok()) {
+      std::fprintf(stderr, "shardps bench: baseline: %s\n", g.status().ToString().c_str());
+      return 1;
+    }
+    baseline_gbps = *g;
+  }
+  auto worker = Worker::Connect(*wo);
+  if (!worker.ok()) {
+    std::fprintf(stderr, "shardps bench: %s\n", worker.status().ToString().c_str());
+    return 1;
+  }
+  Worker& w = **worker;
+  const uint32_t W = w.num_workers();
+  const uint64_t n = *size / 4;
+  const bool sum = job.aggregate == "sum";
+  const bool async = w.mode() == Mode::kAsync;
+  const float init = 1000.0f;
+  std::vector<TensorSpec> specs;
+  for (uint32_t k = 0; k < b.tensors; ++k) {
+    TensorSpec t;
+    t.name = fmt::format("bench.{}", k);
+    t.shape = {static_cast<int64_t>(n)};
+    t.init_value = init;
+    t.optimizer.kind = OptimizerKind::kSgd;
+    t.optimizer.lr = 1.0f;
+    specs.push_back(t);
+  }
+  auto ids = w.Declare(specs);
+  if (!ids.ok()) {
+    std::fprintf(stderr, "shardps bench: %s\n", ids.status().ToString().c_str());
+    return 1;
+  }
+  bool push = b.op != "pull", pull = b.op != "push";
+  std::vector<float> grad(n), out(static_cast<size_t>(n) * b.tensors);
+  // Expected parameter after `steps` of everyone's pushes, element i (exact integers).
+  auto expected = [&](uint64_t steps, uint64_t i) {
+    double v = init;
+    for (uint64_t s = 1; s <= steps; ++s)
+      for (uint32_t ww = 0; ww < W; ++ww)
+        v -= Grad(ww, s, i, W) / ((sum || async) ? 1.0 : static_cast<double>(W));
+    return static_cast<float>(v);
+  };
+  int mismatches = 0;
+  auto check = [&](uint64_t steps, const std::string& when) {
+    // The expected value depends on i only through i % 13.
+    float table[13];
+    for (uint64_t r = 0; r < 13; ++r) table[r] = expected(steps, r);
+    for (uint64_t k = 0; k < b.tensors; ++k) {
+      const float* o = out.data() + k * n;
+      for (uint64_t i = 0; i < n; ++i) {
+        if (o[i] != table[i % 13]) {
+          std::fprintf(stderr,
+                       "shardps bench: verify failed %s: tensor bench.%lu element %lu: expected "
+                       "%.1f, found %.9g\n",
+                       when.c_str(), static_cast<unsigned long>(k), static_cast<unsigned long>(i),
+                       table[i % 13], o[i]);
+          ++mismatches;
+          return;
+        }
+      }
+    }
+  };
+  std::vector<double> lat_us;
+  uint64_t step = 0;
+  auto t_start = Clock::now();
+  for (uint32_t it = 0; it < b.warmup + b.iters && mismatches == 0; ++it) {
+    if (it == b.warmup) {
+      Status bs = w.Barrier("bench.start", 120s);
+      if (!bs.ok()) {
+        std::fprintf(stderr, "shardps bench: %s\n", bs.ToString().c_str());
+        return 1;
+      }
+      t_start = Clock::now();
+    }
+    if (push) {
+      // Filled outside the timed region; periodic in i (i % 13), so filled from a table.
+      ++step;
+      float g[13];
+      for (uint64_t r = 0; r < 13; ++r) g[r] = Grad(w.rank(), step, r, W);
+      for (uint64_t i = 0; i < n; ++i) grad[i] = g[i % 13];
+    }
+    auto t0 = Clock::now();
+    std::vector<Handle> hs;
+    for (uint32_t k = 0; k < b.tensors; ++k) {
+      float* o = out.data() + static_cast<size_t>(k) * n;
+      if (push && pull)
+        hs.push_back(w.PushPull((*ids)[k], grad.data(), o));
+      else if (push)
+        hs.push_back(w.Push((*ids)[k], grad.data()));
+      else
+        hs.push_back(w.Pull((*ids)[k], o));
+    }
+    for (auto& h : hs) {
+      Status st = h.Wait(120s);
+      if (!st.ok()) {
+        std::fprintf(stderr, "shardps bench: worker %u: %s\n", w.rank(), st.ToString().c_str());
+        return 1;
+      }
+    }
+    if (it >= b.warmup)
+      lat_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
+    if (b.verify && pull && !async) check(push ? step : 0, fmt::format("at step {}", step));
+  }
+  // Throughput over the time spent in the operations themselves.
+  double secs = 0;
+  for (double us : lat_us) secs += us / 1e6;
+  (void)t_start;
+  Status bs = w.Barrier("bench.end", 120s);
+  if (!bs.ok()) {
+    std::fprintf(stderr, "shardps bench: %s\n", bs.ToString().c_str());
+    return 1;
+  }
+  if (b.verify && mismatches == 0 && (async || !pull)) {
+    // Final state after everyone's pushes.
+    for (uint32_t k = 0; k < b.tensors; ++k) {
+      Status st = w.Pull((*ids)[k], out.data() + static_cast<size_t>(k) * n).Wait(120s);
+      if (!st.ok()) {
+        std::fprintf(stderr, "shardps bench: %s\n", st.ToString().c_str());
+        return 1;
+      }
+    }
+    check(step, "after the last step");
+  }
+  double bytes = static_cast<double>(*size) * b.tensors * b.iters * (push && pull ? 2 : 1);
+  double gbps = bytes * 8 / secs / 1e9;
+  double p50 = Percentile(lat_us, 0.5), p99 = Percentile(lat_us, 0.99);
+  std::printf(
+      "bench: worker %u op %s size %s x %u tensors, %u iters: %.2f Gbit/s, p50 %.0f us, "
+      "p99 %.0f us%s\n",
+      w.rank(), b.op.c_str(), b.size.c_str(), b.tensors, b.iters, gbps, p50, p99,
+      b.verify ? (mismatches ? ", VERIFY FAILED" : ", verified") : "");
+  if (rank0 && !b.report.empty()) {
+    uint64_t peak_rss = 0;
+    for (uint32_t s = 0; s < w.num_servers(); ++s) {
+      auto js = w.ServerStats(s);
+      if (js.ok()) {
+        auto j = nlohmann::json::parse(*js, nullptr, false);
+        if (!j.is_discarded())
+          peak_rss = std::max(peak_rss, j.value("peak_rss_bytes", uint64_t{0}));
+      }
+    }
+    nlohmann::json scenario = {{"op", b.op},
+                               {"size_bytes", *size},
+                               {"tensors", b.tensors},
+                               {"iters", b.iters},
+                               {"workers", W},
+                               {"servers", w.num_servers()},
+                               {"transport", wo->transport},
+                               {"mode", ModeName(w.mode())},
+                               {"gbps", gbps},
+                               {"p50_us", p50},
+                               {"p99_us", p99},
+                               {"latencies_us", lat_us},
+                               {"server_peak_rss_bytes", peak_rss},
+                               {"ratio_to_baseline", baseline_gbps > 0 ? gbps / baseline_gbps : 0},
+                               {"verified", b.verify && mismatches == 0}};
+    nlohmann::json report = {
+        {"scenarios", nlohmann::json::array({scenario})},
+        {"baseline", {{"kind", "tcp_stream_two_processes"}, {"gbps", baseline_gbps}}}};
+    std::ofstream f(b.report);
+    f << report.dump(2) << "\n";
+    if (!f) {
+      std::fprintf(stderr, "shardps bench: cannot write %s\n", b.report.c_str());
+      return 1;
+    }
+    std::printf("bench: baseline tcp stream %.2f Gbit/s; ratio %.2f; report in %s\n", baseline_gbps,
+                baseline_gbps > 0 ? gbps / baseline_gbps : 0, b.report.c_str());
+  }
+  Status fin = w.Finish();
+  if (!fin.ok()) std::fprintf(stderr, "shardps bench: %s\n", fin.ToString().c_str());
+  return mismatches ? 1 : 0;
+}
+
+}  // namespace shardps::tools

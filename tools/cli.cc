@@ -1,0 +1,91 @@
+#include "cli.h"
+
+#include <charconv>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+namespace shardps::tools {
+
+void JobFlags::Add(CLI::App* app, bool with_sizes) {
+  if (with_sizes) {
+    app->add_option("--servers", servers, "number of servers")
+        ->envname("SHARDPS_NUM_SERVERS")
+        ->check(CLI::Range(1u, 4096u));
+    app->add_option("--workers", workers, "number of workers")
+        ->envname("SHARDPS_NUM_WORKERS")
+        ->check(CLI::Range(1u, 65536u));
+  }
+  app->add_option("--mode", mode, "consistency: sync or async")
+      ->envname("SHARDPS_MODE")
+      ->check(CLI::IsMember({"sync", "async"}));
+  app->add_option("--aggregate", aggregate, "sync aggregation: mean or sum")
+      ->envname("SHARDPS_AGGREGATE")
+      ->check(CLI::IsMember({"mean", "sum"}));
+  app->add_option("--transport", transport, "data transport (tcp)")->envname("SHARDPS_TRANSPORT");
+  app->add_option("--chunk-size", chunk_size, "upper bound of a chunk (e.g. 4MiB)")
+      ->envname("SHARDPS_CHUNK_SIZE");
+  app->add_option("--landing-buffers", landing_buffers, "landing buffers per server")
+      ->envname("SHARDPS_LANDING_BUFFERS")
+      ->check(CLI::Range(1u, 4096u));
+  app->add_option("--register-timeout-ms", register_timeout_ms, "registration deadline")
+      ->envname("SHARDPS_REGISTER_TIMEOUT_MS")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--heartbeat-interval-ms", heartbeat_interval_ms, "heartbeat period")
+      ->envname("SHARDPS_HEARTBEAT_INTERVAL_MS")
+      ->check(CLI::PositiveNumber);
+  app->add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms,
+                  "a node silent this long fails the job")
+      ->envname("SHARDPS_HEARTBEAT_TIMEOUT_MS")
+      ->check(CLI::PositiveNumber);
+}
+
+Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
+  CoordinatorOptions co;
+  co.num_servers = servers;
+  co.num_workers = workers;
+  SHARDPS_ASSIGN_OR_RETURN(co.mode, ParseMode(mode));
+  SHARDPS_ASSIGN_OR_RETURN(co.aggregate, ParseAggregate(aggregate));
+  co.transport = transport;
+  auto cb = ParseBytes(chunk_size);
+  if (!cb.ok()) return cb.status().WithContext("--chunk-size");
+  co.chunk_bytes = *cb;
+  co.register_timeout = std::chrono::milliseconds(register_timeout_ms);
+  co.heartbeat_interval = std::chrono::milliseconds(heartbeat_interval_ms);
+  co.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
+  SHARDPS_RETURN_IF_ERROR(co.Validate());
+  return co;
+}
+
+Result<uint64_t> ParseBytes(const std::string& s) {
+  uint64_t v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || p == s.data())
+    return Status::InvalidArgument(fmt::format("'{}' is not a size (e.g. 4096, 64KiB, 4MiB)", s));
+  std::string unit(p, s.data() + s.size());
+  uint64_t mul = 0;
+  if (unit.empty() || unit == "B") mul = 1;
+  if (unit == "KiB" || unit == "K" || unit == "KB" || unit == "k") mul = 1ull << 10;
+  if (unit == "MiB" || unit == "M" || unit == "MB") mul = 1ull << 20;
+  if (unit == "GiB" || unit == "G" || unit == "GB") mul = 1ull << 30;
+  if (mul == 0)
+    return Status::InvalidArgument(
+        fmt::format("'{}' has an unknown unit '{}' (B, KiB, MiB, GiB)", s, unit));
+  if (v > (1ull << 40) / mul) return Status::InvalidArgument(fmt::format("'{}' is too large", s));
+  return v * mul;
+}
+
+void LogEffectiveConfig(const CLI::App& app) {
+  std::string cfg = app.config_to_str(true, false);
+  std::string line;
+  for (char c : cfg) {
+    if (c == '\n') {
+      if (!line.empty()) spdlog::info("config: {}", line);
+      line.clear();
+    } else {
+      line += c;
+    }
+  }
+}
+
+}  // namespace shardps::tools

@@ -1,0 +1,307 @@
+#include "launch.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+extern char** environ;
+
+namespace shardps::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Child {
+  std::string name;  // "server 0", "worker 2"
+  bool is_worker = false;
+  pid_t pid = -1;
+  int out = -1;  // read end of its stdout+stderr
+  std::string partial;
+  bool exited = false;
+  int status = 0;
+};
+
+std::string Describe(int status) {
+  if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
+  if (WIFSIGNALED(status))
+    return fmt::format("was killed by signal {} ({})", WTERMSIG(status),
+                       strsignal(WTERMSIG(status)));
+  return "stopped";
+}
+
+// Forks and execs argv with extra environment; stdout and stderr go to a pipe.
+Result<Child> Spawn(const std::string& name, bool is_worker, const std::vector<std::string>& argv,
+                    const std::vector<std::string>& extra_env) {
+  int fds[2];
+  if (pipe2(fds, O_CLOEXEC) != 0) return Status::FromErrno("pipe", errno);
+  std::vector<std::string> env_store;
+  for (char** e = environ; *e; ++e) env_store.emplace_back(*e);
+  for (const auto& kv : extra_env) env_store.push_back(kv);
+  std::vector<char*> envp, args;
+  for (auto& s : env_store) envp.push_back(s.data());
+  envp.push_back(nullptr);
+  std::vector<std::string> argv_store = argv;
+  for (auto& s : argv_store) args.push_back(s.data());
+  args.push_back(nullptr);
+  pid_t parent = getpid();
+  pid_t pid = fork();
+  if (pid < 0) return Status::FromErrno("fork", errno);
+  if (pid == 0) {
+    // The child dies with the launcher, whatever kills it.
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);  // children get default signal handling
+    dup2(fds[1], 1);
+    dup2(fds[1], 2);
+    execvpe(args[0], args.data(), envp.data());
+    dprintf(2, "cannot run %s: %s\n", args[0], strerror(errno));
+    _exit(127);
+  }
+  close(fds[1]);
+  Child c;
+  c.name = name;
+  c.is_worker = is_worker;
+  c.pid = pid;
+  c.out = fds[0];
+  return c;
+}
+
+void Forward(Child& c, bool flush_partial) {
+  char buf[65536];
+  for (;;) {
+    ssize_t n = read(c.out, buf, sizeof(buf));
+    if (n <= 0) break;
+    c.partial.append(buf, static_cast<size_t>(n));
+    if (n < static_cast<ssize_t>(sizeof(buf))) break;
+  }
+  size_t start = 0;
+  for (;;) {
+    size_t nl = c.partial.find('\n', start);
+    if (nl == std::string::npos) break;
+    std::string line = c.partial.substr(start, nl - start);
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    std::fprintf(stdout, "[%s] %s\n", c.name.c_str(), line.c_str());
+    start = nl + 1;
+  }
+  c.partial.erase(0, start);
+  if (flush_partial && !c.partial.empty()) {
+    std::fprintf(stdout, "[%s] %s\n", c.name.c_str(), c.partial.c_str());
+    c.partial.clear();
+  }
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+std::string SelfExe() {
+  char buf[4096];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return "shardps";
+  buf[n] = 0;
+  return buf;
+}
+
+int RunLaunch(const LaunchOptions& opt) {
+  if (opt.program.empty()) {
+    std::fprintf(
+        stderr,
+        "shardps launch: no program given (usage: shardps launch [flags] -- PROGRAM ARGS...)\n");
+    return 2;
+  }
+  // Signals arrive through a signalfd in the loop below, not through handlers.
+  sigset_t mask, old_mask;
+  sigemptyset(&mask);
+  sigaddset(&mask, SIGINT);
+  sigaddset(&mask, SIGTERM);
+  sigaddset(&mask, SIGCHLD);
+  sigaddset(&mask, SIGHUP);
+  sigprocmask(SIG_BLOCK, &mask, &old_mask);
+  int sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+
+  auto coord = Coordinator::Start(opt.coordinator);
+  if (!coord.ok()) {
+    std::fprintf(stderr, "shardps launch: %s\n", coord.status().ToString().c_str());
+    sigprocmask(SIG_SETMASK, &old_mask, nullptr);
+    close(sfd);
+    return 2;
+  }
+  std::string addr = (*coord)->address();
+  const auto& co = opt.coordinator;
+  std::vector<std::string> common = {
+      "SHARDPS_COORDINATOR=" + addr,
+      "SHARDPS_TRANSPORT=" + co.transport,
+      fmt::format("SHARDPS_NUM_SERVERS={}", co.num_servers),
+      fmt::format("SHARDPS_NUM_WORKERS={}", co.num_workers),
+      std::string("SHARDPS_MODE=") + ModeName(co.mode),
+  };
+  for (const auto& e : opt.env) common.push_back(e);
+  std::vector<Child> children;
+  Status spawn_error;
+  for (uint32_t i = 0; i < co.num_servers && spawn_error.ok(); ++i) {
+    auto env = common;
+    env.push_back("SHARDPS_ROLE=server");
+    env.push_back(fmt::format("SHARDPS_RANK={}", i));
+    std::vector<std::string> argv = {SelfExe(),
+                                     "server",
+                                     "--coordinator",
+                                     addr,
+                                     "--rank",
+                                     std::to_string(i),
+                                     "--transport",
+                                     co.transport,
+                                     "--landing-buffers",
+                                     std::to_string(opt.landing_buffers)};
+    auto c = Spawn(fmt::format("server {}", i), false, argv, env);
+    if (c.ok())
+      children.push_back(std::move(c).value());
+    else
+      spawn_error = c.status();
+  }
+  for (uint32_t i = 0; i < co.num_workers && spawn_error.ok(); ++i) {
+    auto env = common;
+    env.push_back("SHARDPS_ROLE=worker");
+    env.push_back(fmt::format("SHARDPS_RANK={}", i));
+    auto c = Spawn(fmt::format("worker {}", i), true, opt.program, env);
+    if (c.ok())
+      children.push_back(std::move(c).value());
+    else
+      spawn_error = c.status();
+  }
+
+  int exit_code = 0;
+  std::string stop_reason;
+  if (!spawn_error.ok()) {
+    stop_reason = spawn_error.ToString();
+    exit_code = 1;
+  }
+  Clock::time_point term_sent{};
+  bool terminating = !spawn_error.ok();
+  bool killed = false;
+  auto terminate_all = [&](int sig) {
+    for (auto& c : children)
+      if (!c.exited) kill(c.pid, sig);
+  };
+  if (terminating) {
+    terminate_all(SIGTERM);
+    term_sent = Clock::now();
+  }
+  Clock::time_point workers_done{};
+  bool all_workers_done = false;
+  for (;;) {
+    std::vector<pollfd> pfds;
+    std::vector<Child*> owners;
+    pfds.push_back({sfd, POLLIN, 0});
+    owners.push_back(nullptr);
+    for (auto& c : children)
+      if (c.out >= 0) {
+        pfds.push_back({c.out, POLLIN, 0});
+        owners.push_back(&c);
+      }
+    poll(pfds.data(), pfds.size(), 100);
+    for (size_t i = 1; i < pfds.size(); ++i) {
+      if (pfds[i].revents & POLLIN) Forward(*owners[i], false);
+      if ((pfds[i].revents & (POLLHUP | POLLERR)) && !(pfds[i].revents & POLLIN)) {
+        Forward(*owners[i], true);
+        close(owners[i]->out);
+        owners[i]->out = -1;
+      }
+    }
+    signalfd_siginfo si;
+    while (read(sfd, &si, sizeof(si)) == sizeof(si)) {
+      if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM || si.ssi_signo == SIGHUP) {
+        if (!terminating) {
+          stop_reason = fmt::format("received {}", strsignal(static_cast<int>(si.ssi_signo)));
+          exit_code = 128 + static_cast<int>(si.ssi_signo);
+          terminating = true;
+          terminate_all(SIGTERM);
+          term_sent = Clock::now();
+        } else {
+          terminate_all(SIGKILL);  // a second Ctrl-C: no more grace
+          killed = true;
+        }
+      }
+    }
+    // Reap.
+    for (auto& c : children) {
+      if (c.exited) continue;
+      int st = 0;
+      if (waitpid(c.pid, &st, WNOHANG) != c.pid) continue;
+      c.exited = true;
+      c.status = st;
+      bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+      if (terminating) continue;
+      if (!ok || (!c.is_worker && !all_workers_done)) {
+        if (!ok || !c.is_worker) {
+          stop_reason = fmt::format("{} {}", c.name, Describe(st));
+          exit_code = 1;
+          terminating = true;
+          terminate_all(SIGTERM);
+          term_sent = Clock::now();
+        }
+      }
+    }
+    if (!terminating) {
+      Status job = (*coord)->Wait(std::chrono::milliseconds(0));
+      if (!job.ok() && !job.IsTimeout()) {
+        stop_reason = "the job failed: " + job.message();
+        exit_code = 1;
+        terminating = true;
+        terminate_all(SIGTERM);
+        term_sent = Clock::now();
+      }
+    }
+    bool workers_left = false, any_left = false;
+    for (auto& c : children) {
+      if (!c.exited) any_left = true;
+      if (!c.exited && c.is_worker) workers_left = true;
+    }
+    if (!workers_left && !all_workers_done) {
+      all_workers_done = true;
+      workers_done = Clock::now();
+    }
+    bool pipes_open = false;
+    for (auto& c : children) pipes_open |= c.out >= 0;
+    if (!any_left && !pipes_open) break;
+    if (!any_left && terminating) break;
+    // Servers end once the coordinator tells them the job is done; do not wait forever.
+    if (all_workers_done && any_left && !terminating &&
+        Clock::now() - workers_done > std::chrono::seconds(15)) {
+      stop_reason = "servers did not stop within 15 s after the workers finished";
+      exit_code = 1;
+      terminating = true;
+      terminate_all(SIGTERM);
+      term_sent = Clock::now();
+    }
+    if (terminating && !killed && Clock::now() - term_sent > opt.grace) {
+      terminate_all(SIGKILL);
+      killed = true;
+    }
+  }
+  for (auto& c : children)
+    if (c.out >= 0) close(c.out);
+  if (!stop_reason.empty())
+    std::fprintf(stderr, "[launch] stopping the job: %s\n", stop_reason.c_str());
+  for (auto& c : children)
+    if (!(WIFEXITED(c.status) && WEXITSTATUS(c.status) == 0) && exit_code != 0)
+      std::fprintf(stderr, "[launch] %s %s\n", c.name.c_str(), Describe(c.status).c_str());
+  coord->reset();
+  sigprocmask(SIG_SETMASK, &old_mask, nullptr);
+  close(sfd);
+  return exit_code;
+}
+
+}  // namespace shardps::tools
