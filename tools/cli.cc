@@ -75,6 +75,57 @@ Result<uint64_t> ParseBytes(const std::string& s) {
   return v * mul;
 }
 
+void ParseLayered(CLI::App& app, int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  // Pass 1: flags and environment, to learn the config file and the subcommand.
+  app.parse(std::vector<std::string>(args.rbegin(), args.rend()));
+  auto* cfg_opt = app.get_option("--config");
+  std::string path = cfg_opt->count() ? cfg_opt->as<std::string>() : std::string();
+  if (path.empty()) return;
+  std::vector<CLI::ConfigItem> items;
+  try {
+    items = CLI::ConfigTOML().from_file(path);
+  } catch (const CLI::FileError& e) {
+    throw CLI::ValidationError("--config", e.what());
+  }
+  std::vector<std::string> extra_global, extra_sub;
+  CLI::App* sub = app.get_subcommands().empty() ? nullptr : app.get_subcommands().front();
+  for (const auto& it : items) {
+    if (it.name == "++" || it.name == "--") continue;  // section markers
+    CLI::App* target = &app;
+    if (!it.parents.empty()) {
+      if (it.parents.size() != 1)
+        throw CLI::ValidationError("--config", path + ": unknown section '" + it.fullname() + "'");
+      target = nullptr;
+      for (auto* s : app.get_subcommands({}))
+        if (s->get_name() == it.parents[0]) target = s;
+      if (target == nullptr)
+        throw CLI::ValidationError("--config", path + ": unknown section [" + it.parents[0] + "]");
+    }
+    CLI::Option* opt = nullptr;
+    try {
+      opt = target->get_option("--" + it.name);
+    } catch (const CLI::OptionNotFound&) {
+      throw CLI::ValidationError("--config", path + ": unknown key '" + it.fullname() + "'");
+    }
+    if (opt->count() > 0) continue;                 // a flag or a SHARDPS_* variable already set it
+    if (target != &app && target != sub) continue;  // another subcommand's section
+    auto& dst = target == &app ? extra_global : extra_sub;
+    for (const auto& v : it.inputs) dst.push_back("--" + it.name + "=" + v);
+  }
+  // Pass 2: the file's values for what flags and environment left unset.
+  std::vector<std::string> merged;
+  for (const auto& a : args) {
+    merged.push_back(a);
+    if (sub && a == sub->get_name()) {
+      merged.insert(merged.end(), extra_sub.begin(), extra_sub.end());
+    }
+  }
+  merged.insert(merged.begin(), extra_global.begin(), extra_global.end());
+  app.clear();
+  app.parse(std::vector<std::string>(merged.rbegin(), merged.rend()));
+}
+
 void LogEffectiveConfig(const CLI::App& app) {
   std::string cfg = app.config_to_str(true, false);
   std::string line;

@@ -29,6 +29,12 @@ struct JobFlags {
 // "4MiB", "64KiB", "1GiB", "4096" -> bytes.
 Result<uint64_t> ParseBytes(const std::string& s);
 
+// Parses argv with the precedence flags > SHARDPS_* variables > config file. The file
+// (TOML/INI, given by --config or SHARDPS_CONFIG) holds `key = value` lines, at top level for
+// global flags or under [subcommand]; an unknown key is an error. Throws CLI::ParseError like
+// CLI::App::parse.
+void ParseLayered(CLI::App& app, int argc, char** argv);
+
 // Logs the effective configuration of `app` (flags, environment and config file merged).
 void LogEffectiveConfig(const CLI::App& app);
 

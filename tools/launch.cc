@@ -244,14 +244,14 @@ int RunLaunch(const LaunchOptions& opt) {
       c.status = st;
       bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
       if (terminating) continue;
-      if (!ok || (!c.is_worker && !all_workers_done)) {
-        if (!ok || !c.is_worker) {
-          stop_reason = fmt::format("{} {}", c.name, Describe(st));
-          exit_code = 1;
-          terminating = true;
-          terminate_all(SIGTERM);
-          term_sent = Clock::now();
-        }
+      // A server ending is only normal once the coordinator says the job is done.
+      bool job_done = (*coord)->Wait(std::chrono::milliseconds(0)).ok();
+      if (!ok || (!c.is_worker && !job_done)) {
+        stop_reason = fmt::format("{} {}", c.name, Describe(st));
+        exit_code = 1;
+        terminating = true;
+        terminate_all(SIGTERM);
+        term_sent = Clock::now();
       }
     }
     if (!terminating) {
@@ -279,8 +279,11 @@ int RunLaunch(const LaunchOptions& opt) {
     if (!any_left && terminating) break;
     // Servers end once the coordinator tells them the job is done; do not wait forever.
     if (all_workers_done && any_left && !terminating &&
-        Clock::now() - workers_done > std::chrono::seconds(15)) {
-      stop_reason = "servers did not stop within 15 s after the workers finished";
+        Clock::now() - workers_done > std::chrono::seconds(5)) {
+      stop_reason = (*coord)->Wait(std::chrono::milliseconds(0)).ok()
+                        ? "servers did not stop within 5 s after the job ended"
+                        : "every worker exited but the job did not end (did each worker connect "
+                          "with shardps::Worker and finish?)";
       exit_code = 1;
       terminating = true;
       terminate_all(SIGTERM);

@@ -54,8 +54,11 @@ std::vector<std::string> ArgsAfter(int argc, char** argv, const std::string& sub
 int Main(int argc, char** argv) {
   CLI::App app{"ShardPS: a parameter server for distributed training", "shardps"};
   app.require_subcommand(1);
-  app.set_config("--config", "", "read flags from this TOML/INI file (flags > SHARDPS_* > file)");
-  app.allow_config_extras(false);
+  app.option_defaults()->always_capture_default();
+  std::string config_file;
+  app.add_option("--config", config_file,
+                 "TOML/INI file of flags ([subcommand] sections); flags > SHARDPS_* > file")
+      ->envname("SHARDPS_CONFIG");
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->envname("SHARDPS_LOG_LEVEL")
@@ -78,6 +81,8 @@ int Main(int argc, char** argv) {
       ->required();
   srv->add_option("--listen", srv_listen, "data address host:port")
       ->envname("SHARDPS_SERVER_LISTEN");
+  srv->add_option("--advertise", so.advertise, "host workers reach this server at")
+      ->envname("SHARDPS_ADVERTISE");
   srv->add_option("--rank", srv_rank, "server rank (-1: any)")->envname("SHARDPS_RANK");
   srv->add_option("--transport", so.transport, "data transport")->envname("SHARDPS_TRANSPORT");
   srv->add_option("--landing-buffers", so.landing_buffers, "landing buffers (credits)")
@@ -101,7 +106,7 @@ int Main(int argc, char** argv) {
   AddBenchFlags(bench, &bflags);
 
   try {
-    app.parse(argc, argv);
+    ParseLayered(app, argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }

@@ -14,7 +14,10 @@ namespace shardps {
 
 struct ServerOptions {
   std::string coordinator;             // host:port of the coordinator
-  std::string listen = "127.0.0.1:0";  // data-plane address workers connect to
+  std::string listen = "127.0.0.1:0";  // data-plane address to listen on
+  // Host that workers should connect to; empty: the listen host, or this machine's host name
+  // when listening on 0.0.0.0.
+  std::string advertise;
   std::string transport = "tcp";       // must match the job's
   int32_t rank = -1;                   // -1: the coordinator picks
   // Landing buffers (each one chunk large): the bound on in-flight pushes, whatever the

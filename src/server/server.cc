@@ -10,6 +10,8 @@
 #include <map>
 #include <shared_mutex>
 #include <thread>
+
+#include <unistd.h>
 #include <unordered_map>
 
 #include <fmt/format.h>
@@ -192,7 +194,7 @@ class ServerImpl final : public Server {
     no.coordinator = opt_.coordinator;
     no.role = Role::kServer;
     no.rank = opt_.rank;
-    no.data_address = listener_->address();
+    no.data_address = AdvertisedAddress();
     no.transport = opt_.transport;
     no.connect_timeout = opt_.connect_timeout;
     no.register_timeout = opt_.register_timeout;
@@ -222,6 +224,21 @@ class ServerImpl final : public Server {
                  rank_, listener_->address(), ModeName(view_.mode), view_.num_workers,
                  opt_.landing_buffers, view_.chunk_bytes);
     return Status::OK();
+  }
+
+  std::string AdvertisedAddress() const {
+    std::string host;
+    uint16_t port = 0;
+    if (!transport::ParseHostPort(listener_->address(), &host, &port).ok())
+      return listener_->address();
+    if (!opt_.advertise.empty()) {
+      host = opt_.advertise;
+    } else if (host == "0.0.0.0" || host.empty()) {
+      char name[256] = {0};
+      gethostname(name, sizeof(name) - 1);
+      host = name;
+    }
+    return host + ":" + std::to_string(port);
   }
 
   uint32_t rank() const override { return rank_; }
