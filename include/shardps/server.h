@@ -18,8 +18,8 @@ struct ServerOptions {
   // Host that workers should connect to; empty: the listen host, or this machine's host name
   // when listening on 0.0.0.0.
   std::string advertise;
-  std::string transport = "tcp";       // must match the job's
-  int32_t rank = -1;                   // -1: the coordinator picks
+  std::string transport = "tcp";  // must match the job's
+  int32_t rank = -1;              // -1: the coordinator picks
   // Landing buffers (each one chunk large): the bound on in-flight pushes, whatever the
   // number of workers. A push waits for a free buffer (credit) when all are taken.
   uint32_t landing_buffers = 16;

@@ -44,7 +44,8 @@ struct OptimizerConfig {
 struct TensorSpec {
   std::string name;
   std::vector<int64_t> shape;
-  // Initial value: `init` (numel floats, copied during Declare) when set, else `init_value`.
+  // Initial value (used from worker 0): `init` (numel floats, copied during Declare) when set,
+  // else `init_value`.
   const float* init = nullptr;
   float init_value = 0.0f;
   OptimizerConfig optimizer;

@@ -73,8 +73,9 @@ class Worker {
   virtual uint32_t num_servers() const = 0;
   virtual Mode mode() const = 0;
 
-  // Declares tensors (every worker declares the same ones, with the same shapes); the first
-  // declaration's initial value and optimizer win. Blocks.
+  // Declares tensors: every worker declares the same ones, with the same shapes. Worker 0's
+  // initial values and optimizer settings are the ones used; the other workers' Declare waits
+  // (at most the RPC timeout) until worker 0 has declared them. Blocks.
   virtual Result<std::vector<TensorId>> Declare(const std::vector<TensorSpec>& specs) = 0;
   Result<TensorId> Declare(const TensorSpec& spec);
   virtual uint64_t numel(TensorId id) const = 0;

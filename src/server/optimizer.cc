@@ -27,14 +27,15 @@ void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* st
 namespace {
 
 // The rules, written once over a gradient source G (one array, or the sum of two); the loops
-// vectorize (in and out may alias, which GCC checks at run time).
+// vectorize. `out` may alias `in` and the gradient (the server accumulates a step's sum in the
+// slot it then writes), so nothing here is restrict; each element is read before it is written.
 struct One {
-  const float* __restrict a;
+  const float* a;
   float operator()(size_t i) const { return a[i]; }
 };
 struct Two {
-  const float* __restrict a;
-  const float* __restrict b;
+  const float* a;
+  const float* b;
   float operator()(size_t i) const { return a[i] + b[i]; }
 };
 

@@ -19,7 +19,8 @@ struct OptimizerState {
 // Sizes the state for `n` parameters.
 void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* state);
 
-// One update from `in` to `out` (which may be the same array): g = scale * (grad + extra)
+// One update from `in` to `out` (which may be the same array as `in` or as `grad`): g = scale *
+// (grad + extra)
 // (+ weight_decay * p), with `extra` optional (nullptr), then the optimizer's rule.
 //   sgd:      p -= lr * g
 //   momentum: m = mu * m + g;  p -= lr * (nesterov ? g + mu * m : m)

@@ -2,6 +2,7 @@
 
 #include "core/checksum.h"
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -100,7 +101,10 @@ struct Chunk {
   std::vector<std::vector<float>> spare;  // recycled accumulators (no page faults per step)
   std::vector<uint64_t> last_seq;         // per worker rank
   struct Step {
-    std::vector<float> sum;
+    // The running sum: in the next slot (free while this step is next in line, so sync mode
+    // needs no model-sized accumulator), or in `own` for a step pushed ahead of that.
+    float* sum = nullptr;
+    std::vector<float> own;
     uint32_t count = 0;
     std::vector<Ack> acks;
   };
@@ -327,6 +331,9 @@ class ServerImpl final : public Server {
     }
   }
 
+  // Creates chunks from the initial values in the payload (worker 0), or, with an empty
+  // payload, attaches to them (other workers): an attach for chunks that do not exist yet is
+  // answered once they do. Only one copy of the initial values ever reaches the server.
   void OnCreate(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r,
                 transport::Message& m) {
     uint32_t n = 0;
@@ -344,31 +351,59 @@ class ServerImpl final : public Server {
       if (!v.ok()) return Reply(*c, req, v.WithContext("tensor '" + it.tensor + "'"));
       total += it.numel * 4;
     }
-    if (!r.done() || total != m.payload.size())
+    bool attach = m.payload.size() == 0;
+    if (!r.done() || (!attach && total != m.payload.size()))
       return Drop(c, "create request whose payload does not match its chunks");
-    Bytes body;
-    Writer w(&body);
-    w.Put<uint32_t>(n);
-    const uint8_t* init = m.payload.data();
-    for (auto& it : items) {
-      Chunk* ch = FindChunk(it.chunk_id);
-      if (ch == nullptr) {
-        auto made = MakeChunk(it, reinterpret_cast<const float*>(init));
-        if (!made.ok()) return Reply(*c, req, made.status());
-        ch = *made;
-      } else if (ch->numel != it.numel || ch->tensor != it.tensor || ch->offset != it.offset) {
-        return Reply(*c, req,
-                     Status::InvalidArgument(fmt::format("chunk {} exists as {} elements of '{}'",
-                                                         it.chunk_id, ch->numel, ch->tensor)));
+    if (!attach) {
+      const uint8_t* init = m.payload.data();
+      for (auto& it : items) {
+        if (!FindChunk(it.chunk_id)) {
+          auto made = MakeChunk(it, reinterpret_cast<const float*>(init));
+          if (!made.ok()) return Reply(*c, req, made.status());
+        }
+        init += it.numel * 4;
       }
-      init += it.numel * 4;
-      ChunkSlots slots;
-      slots.key = ch->slots->remote_key();
-      slots.slot_stride = ch->layout.stride;
-      slots.version = ch->version.load();
-      slots.Encode(&w);
     }
-    Reply(*c, req, Status::OK(), body);
+    attaches_.push_back(Attach{c, req, std::move(items)});
+    AnswerAttaches();
+  }
+
+  // Loop thread: answers every create/attach whose chunks all exist.
+  void AnswerAttaches() {
+    for (auto it = attaches_.begin(); it != attaches_.end();) {
+      if (it->conn->closed()) {
+        it = attaches_.erase(it);
+        continue;
+      }
+      Bytes body;
+      Writer w(&body);
+      w.Put<uint32_t>(static_cast<uint32_t>(it->items.size()));
+      Status st;
+      bool ready = true;
+      for (auto& item : it->items) {
+        Chunk* ch = FindChunk(item.chunk_id);
+        if (!ch) {
+          ready = false;
+          break;
+        }
+        if (ch->numel != item.numel || ch->tensor != item.tensor || ch->offset != item.offset) {
+          st = Status::InvalidArgument(fmt::format("chunk {} exists as {} elements of '{}'",
+                                                   item.chunk_id, ch->numel, ch->tensor));
+          break;
+        }
+        ChunkSlots slots;
+        slots.key = ch->slots->remote_key();
+        slots.slot_stride = ch->layout.stride;
+        slots.version = ch->version.load();
+        slots.Encode(&w);
+      }
+      if (!ready) {
+        ++it;
+        continue;
+      }
+      Reply(*it->conn, it->request, st, st.ok() ? body : Bytes{});
+      it = attaches_.erase(it);
+    }
   }
 
   Result<Chunk*> MakeChunk(const CreateChunkItem& it, const float* init) {
@@ -465,6 +500,14 @@ class ServerImpl final : public Server {
       AckNow(ack, ch.version.load());
       return;
     }
+    // Too far ahead of the published version, or behind an earlier push of the same worker
+    // that is waiting: wait too, keeping the landing buffer (the sender is held back).
+    bool behind_own = std::any_of(ch.deferred.begin(), ch.deferred.end(),
+                                  [&](const PushTask& d) { return d.worker == t.worker; });
+    if (t.seq > ch.version.load() + kMaxStepsAhead || behind_own) {
+      ch.deferred.push_back(t);
+      return;
+    }
     if (t.seq != last + 1) {
       pool_.Release(t.buffer);
       return Reply(
@@ -472,35 +515,45 @@ class ServerImpl final : public Server {
           Status::InvalidArgument(fmt::format("worker {} pushed step {} of chunk {} after step {}",
                                               t.worker, t.seq, ch.id, last)));
     }
-    if (t.seq > ch.version.load() + kMaxStepsAhead) {
-      ch.deferred.push_back(t);  // keeps its landing buffer: the sender is held back
-      return;
-    }
     auto& step = ch.steps[t.seq];
     step.acks.push_back(ack);
     last = t.seq;
     pushes_applied_++;
-    if (step.count + 1 == view_.num_workers && t.seq == ch.version.load() + 1) {
+    bool next_in_line = t.seq == ch.version.load() + 1;
+    if (step.count + 1 == view_.num_workers && next_in_line) {
       // The step's last push: fold it straight into the update (no accumulator pass).
-      Update(ch, step.count ? step.sum.data() : grad, step.count ? grad : nullptr, Scale());
+      Update(ch, step.count ? step.sum : grad, step.count ? grad : nullptr, Scale());
       pool_.Release(t.buffer);
       FinishStep(ch, ch.steps.find(t.seq));
       PublishReadySteps(ch);
       return;
     }
     if (step.count == 0) {
-      if (!ch.spare.empty()) {
-        step.sum = std::move(ch.spare.back());
-        ch.spare.pop_back();
+      if (next_in_line) {
+        uint8_t* slot = NextSlot(ch);
+        Trailer(ch, slot)[0].store(0, std::memory_order_release);  // no longer a valid version
+        std::atomic_thread_fence(std::memory_order_seq_cst);
+        step.sum = reinterpret_cast<float*>(slot);
+      } else {
+        if (!ch.spare.empty()) {
+          step.own = std::move(ch.spare.back());
+          ch.spare.pop_back();
+        }
+        step.own.resize(ch.numel);
+        step.sum = step.own.data();
       }
-      step.sum.resize(ch.numel);
-      std::memcpy(step.sum.data(), grad, ch.layout.data_bytes);
+      std::memcpy(step.sum, grad, ch.layout.data_bytes);
     } else {
-      Accumulate(step.sum.data(), grad, ch.numel);
+      Accumulate(step.sum, grad, ch.numel);
     }
     step.count++;
     pool_.Release(t.buffer);
     PublishReadySteps(ch);
+  }
+
+  uint8_t* NextSlot(Chunk& ch) {
+    return static_cast<uint8_t*>(ch.slots->data()) +
+           ((ch.version.load() + 1) % 2) * ch.layout.stride;
   }
 
   float Scale() const {
@@ -511,7 +564,7 @@ class ServerImpl final : public Server {
   void FinishStep(Chunk& ch, std::map<uint64_t, Chunk::Step>::iterator it) {
     uint64_t v = ch.version.load();
     for (auto& a : it->second.acks) AckNow(a, v);
-    if (!it->second.sum.empty()) ch.spare.push_back(std::move(it->second.sum));
+    if (!it->second.own.empty()) ch.spare.push_back(std::move(it->second.own));
     ch.steps.erase(it);
   }
 
@@ -521,7 +574,7 @@ class ServerImpl final : public Server {
     for (;;) {
       auto it = ch.steps.find(ch.version.load() + 1);
       if (it == ch.steps.end() || it->second.count < view_.num_workers) break;
-      Update(ch, it->second.sum.data(), nullptr, Scale());
+      Update(ch, it->second.sum, nullptr, Scale());
       FinishStep(ch, it);
     }
     if (!ch.deferred.empty()) {
@@ -537,7 +590,7 @@ class ServerImpl final : public Server {
     uint64_t v = ch.version.load();
     auto* base = static_cast<uint8_t*>(ch.slots->data());
     const auto* in = reinterpret_cast<const float*>(base + (v % 2) * ch.layout.stride);
-    uint8_t* next = base + ((v + 1) % 2) * ch.layout.stride;
+    uint8_t* next = NextSlot(ch);
     Trailer(ch, next)[0].store(0, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
     ApplyOptimizer(ch.opt, in, reinterpret_cast<float*>(next), grad, extra, scale, ch.numel,
@@ -573,6 +626,13 @@ class ServerImpl final : public Server {
   std::mutex ready_mu_;
   std::condition_variable ready_cv_;
   std::atomic<bool> ready_{false};
+
+  struct Attach {
+    std::shared_ptr<Connection> conn;
+    uint64_t request = 0;
+    std::vector<CreateChunkItem> items;
+  };
+  std::vector<Attach> attaches_;  // loop thread only
 
   mutable std::shared_mutex chunks_mu_;
   std::unordered_map<uint64_t, std::unique_ptr<Chunk>> chunks_;

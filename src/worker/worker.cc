@@ -321,13 +321,15 @@ class WorkerImpl final : public Worker {
         Writer w(&ps.body);
         ci.Encode(&w);
         ps.count++;
-        size_t at = ps.init.size();
-        ps.init.resize(at + p.numel * 4);
-        auto* f = reinterpret_cast<float*>(ps.init.data() + at);
-        if (specs[i].init) {
-          std::memcpy(f, specs[i].init + p.offset, p.numel * 4);
-        } else {
-          std::fill(f, f + p.numel, specs[i].init_value);
+        if (rank_ == 0) {  // worker 0 brings the initial values; the others attach
+          size_t at = ps.init.size();
+          ps.init.resize(at + p.numel * 4);
+          auto* f = reinterpret_cast<float*>(ps.init.data() + at);
+          if (specs[i].init) {
+            std::memcpy(f, specs[i].init + p.offset, p.numel * 4);
+          } else {
+            std::fill(f, f + p.numel, specs[i].init_value);
+          }
         }
         ps.refs.push_back(ref.get());
         info->chunks.push_back(std::move(ref));

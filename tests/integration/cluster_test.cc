@@ -163,6 +163,39 @@ TEST(ClusterSync, ThousandSmallTensors) {
   lc->Finish();
 }
 
+// A worker that pushes several steps without waiting: steps ahead of the published version
+// accumulate in their own buffers and are applied in order, exactly.
+TEST(ClusterSync, PipelinedPushesAheadOfTheStepStayExact) {
+  auto lc = LocalCluster::Start(Opts(1, 3, Mode::kSync, Aggregate::kSum, 4096));
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 3000;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("pipe", kN, 0.0f));
+    ASSERT_TRUE(id.ok());
+    std::vector<std::vector<float>> g(4, std::vector<float>(kN));
+    for (int s = 0; s < 4; ++s)
+      for (int64_t i = 0; i < kN; ++i) g[s][i] = Grad(w.rank(), s + 1, i);
+    if (w.rank() == 0) {
+      std::vector<Handle> hs;  // four steps in flight at once
+      for (int s = 0; s < 4; ++s) hs.push_back(w.Push(*id, g[s].data()));
+      for (auto& h : hs) ASSERT_TRUE(h.Wait(30s).ok());
+    } else {
+      for (int s = 0; s < 4; ++s) ASSERT_TRUE(w.Push(*id, g[s].data()).Wait(30s).ok());
+    }
+    std::vector<float> out(kN);
+    auto h = w.Pull(*id, out.data());
+    ASSERT_TRUE(h.Wait(30s).ok());
+    EXPECT_EQ(h.version(), 4u);
+    for (int64_t i = 0; i < kN; ++i) {
+      double expect = 0;
+      for (uint64_t t = 1; t <= 4; ++t)
+        for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
+      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+    }
+  });
+  lc->Finish();
+}
+
 // A landing pool of one buffer: pushes queue for the credit and all still land exactly.
 TEST(ClusterSync, SingleLandingBufferBackpressure) {
   auto lc = LocalCluster::Start(Opts(1, 3, Mode::kSync, Aggregate::kSum, 1024), 1);

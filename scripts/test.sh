@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine (packages, build) and runs the whole ShardPS test suite:
+# every test in ./build, then the transport and server tests again under AddressSanitizer
+# and UndefinedBehaviorSanitizer (./build-asan). Every test has a timeout; nothing can hang.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+shardps_install_deps
+shardps_build build
+
+echo "== tests =="
+ctest --test-dir build --output-on-failure --timeout 600 -j 2
+
+echo "== sanitizer build (address, undefined): transport and server tests =="
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHARDPS_SANITIZE=address,undefined >/dev/null
+cmake --build build-asan -j "$(nproc)" --target conformance_test cluster_test server_unit_test core_test
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+ctest --test-dir build-asan --output-on-failure --timeout 900 -j 2 -L sanitize
+echo "== all tests passed =="

@@ -1,0 +1,155 @@
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "cluster/messages.h"
+#include "core/checksum.h"
+#include "core/codec.h"
+#include "shardps/status.h"
+#include "shardps/types.h"
+#include "transport/frame.h"
+
+namespace shardps {
+namespace {
+
+TEST(Status, OkIsCheapAndErrorsCarryCodeAndMessage) {
+  Status ok;
+  EXPECT_TRUE(ok.ok());
+  EXPECT_EQ(ok.ToString(), "OK");
+  Status e = Status::Timeout("barrier 'x'");
+  EXPECT_TRUE(e.IsTimeout());
+  EXPECT_EQ(e.ToString(), "Timeout: barrier 'x'");
+  EXPECT_EQ(e.WithContext("worker 1").message(), "worker 1: barrier 'x'");
+  EXPECT_TRUE(Status::FromErrno("connect", ECONNREFUSED).IsUnavailable());
+}
+
+TEST(Result, HoldsValueOrError) {
+  Result<int> a = 5;
+  EXPECT_TRUE(a.ok());
+  EXPECT_EQ(*a, 5);
+  Result<int> b = Status::NotFound("k");
+  EXPECT_FALSE(b.ok());
+  EXPECT_TRUE(b.status().IsNotFound());
+  Result<int> c = Status::OK();  // a bug: turned into an error, never a fake value
+  EXPECT_FALSE(c.ok());
+}
+
+TEST(Codec, RoundTrip) {
+  Bytes b;
+  Writer w(&b);
+  w.Put<uint32_t>(7);
+  w.PutString("hello");
+  std::vector<float> v = {1.5f, -2.0f};
+  w.PutVector<float>(v);
+  Reader r(b.data(), b.size());
+  uint32_t x = 0;
+  std::string s;
+  std::vector<float> got;
+  ASSERT_TRUE(r.Get(&x));
+  ASSERT_TRUE(r.GetString(&s));
+  ASSERT_TRUE(r.GetVector(&got, 10));
+  EXPECT_TRUE(r.done());
+  EXPECT_EQ(x, 7u);
+  EXPECT_EQ(s, "hello");
+  EXPECT_EQ(got, v);
+}
+
+TEST(Codec, LengthsPointingPastTheEndAreRefused) {
+  Bytes b;
+  Writer w(&b);
+  w.Put<uint32_t>(1000);  // a string length with only 3 bytes behind it
+  w.PutRaw("abc", 3);
+  Reader r(b.data(), b.size());
+  std::string s;
+  EXPECT_FALSE(r.GetString(&s));
+  EXPECT_TRUE(r.failed());
+  Bytes c;
+  Writer w2(&c);
+  w2.Put<uint64_t>(~0ull);  // an absurd vector count
+  Reader r2(c.data(), c.size());
+  std::vector<float> v;
+  EXPECT_FALSE(r2.GetVector(&v, 1 << 20));
+}
+
+// Random bytes fed to every message decoder: never a crash, only a clean refusal.
+TEST(Codec, RandomInputNeverCrashesTheDecoders) {
+  std::mt19937 rng(42);
+  for (int i = 0; i < 20000; ++i) {
+    Bytes b(rng() % 64);
+    for (auto& x : b) x = static_cast<uint8_t>(rng());
+    {
+      Reader r(b.data(), b.size());
+      cluster::ClusterView v;
+      (void)v.Decode(&r);
+    }
+    {
+      Reader r(b.data(), b.size());
+      cluster::RegisterRequest q;
+      (void)q.Decode(&r);
+    }
+    {
+      Reader r(b.data(), b.size());
+      cluster::CreateChunkItem c;
+      (void)c.Decode(&r);
+    }
+    {
+      Reader r(b.data(), b.size());
+      cluster::ChunkSlots s;
+      (void)s.Decode(&r);
+    }
+    {
+      Reader r(b.data(), b.size());
+      uint64_t id;
+      Status st;
+      (void)cluster::ParseReplyHead(&r, &id, &st);
+    }
+  }
+}
+
+TEST(Frame, HeaderValidation) {
+  uint8_t buf[transport::kFrameHeaderSize];
+  transport::FrameHeader h;
+  h.type = transport::FrameType::kWriteReq;
+  h.meta_len = 24;
+  h.payload_len = 100;
+  h.request_id = 9;
+  h.EncodeTo(buf);
+  transport::FrameHeader d;
+  ASSERT_TRUE(d.DecodeFrom(buf, 1024, 1024).ok());
+  EXPECT_EQ(d.request_id, 9u);
+  EXPECT_EQ(d.payload_len, 100u);
+  EXPECT_TRUE(d.DecodeFrom(buf, 1024, 99).IsProtocolError());  // payload over the limit
+  EXPECT_TRUE(d.DecodeFrom(buf, 10, 1024).IsProtocolError());  // meta over the limit
+  buf[0] ^= 1;
+  EXPECT_TRUE(d.DecodeFrom(buf, 1024, 1024).IsProtocolError());  // magic
+}
+
+TEST(Types, ParsersNameTheBadValue) {
+  EXPECT_TRUE(ParseMode("sync").ok());
+  EXPECT_NE(ParseMode("synk").status().message().find("synk"), std::string::npos);
+  EXPECT_TRUE(ParseOptimizer("adam").ok());
+  EXPECT_FALSE(ParseOptimizer("adamw").ok());
+  EXPECT_FALSE(ParseAggregate("max").ok());
+  OptimizerConfig o;
+  o.beta1 = 1.0f;
+  EXPECT_NE(o.Validate().message().find("beta1"), std::string::npos);
+  TensorSpec t;
+  t.shape = {3, -1};
+  EXPECT_EQ(t.numel(), 0u);
+  t.shape = {3, 4};
+  EXPECT_EQ(t.numel(), 12u);
+}
+
+TEST(Checksum, DetectsAnyChangedByte) {
+  std::vector<uint8_t> a(4096, 7);
+  uint64_t h = Checksum(a.data(), a.size());
+  for (size_t i : {size_t{0}, size_t{1000}, size_t{4095}}) {
+    a[i] ^= 1;
+    EXPECT_NE(Checksum(a.data(), a.size()), h);
+    a[i] ^= 1;
+  }
+  EXPECT_EQ(Checksum(a.data(), a.size()), h);
+}
+
+}  // namespace
+}  // namespace shardps

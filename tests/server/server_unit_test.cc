@@ -1,0 +1,295 @@
+// Server pieces: the optimizers against a float64 reference; the push protocol spoken by hand
+// over a raw transport connection (a resent push is applied once; malformed messages close
+// only that connection).
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <random>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "cluster/messages.h"
+#include "cluster/rpc.h"
+#include "server/optimizer.h"
+#include "support/local_cluster.h"
+#include "transport/context.h"
+
+namespace shardps {
+namespace {
+
+using namespace std::chrono_literals;
+
+// The optimizers' rules in double precision, written independently of optimizer.cc.
+struct Reference {
+  OptimizerConfig c;
+  std::vector<double> p, m, v;
+  int t = 0;
+  void Step(const std::vector<double>& grad, double scale) {
+    ++t;
+    for (size_t i = 0; i < p.size(); ++i) {
+      double g = scale * grad[i] + c.weight_decay * p[i];
+      switch (c.kind) {
+        case OptimizerKind::kSgd:
+          p[i] -= c.lr * g;
+          break;
+        case OptimizerKind::kMomentum:
+          m[i] = c.momentum * m[i] + g;
+          p[i] -= c.lr * (c.nesterov ? g + c.momentum * m[i] : m[i]);
+          break;
+        case OptimizerKind::kAdam: {
+          m[i] = c.beta1 * m[i] + (1 - c.beta1) * g;
+          v[i] = c.beta2 * v[i] + (1 - c.beta2) * g * g;
+          double mh = m[i] / (1 - std::pow(c.beta1, t)), vh = v[i] / (1 - std::pow(c.beta2, t));
+          p[i] -= c.lr * mh / (std::sqrt(vh) + c.eps);
+          break;
+        }
+        case OptimizerKind::kAdagrad:
+          m[i] += g * g;
+          p[i] -= c.lr * g / (std::sqrt(m[i]) + c.eps);
+          break;
+      }
+    }
+  }
+};
+
+class OptimizerTest : public ::testing::TestWithParam<std::tuple<OptimizerKind, bool, bool>> {};
+
+TEST_P(OptimizerTest, MatchesFloat64Reference) {
+  auto [kind, nesterov, two_sources] = GetParam();
+  OptimizerConfig c;
+  c.kind = kind;
+  c.lr = 0.01f;
+  c.weight_decay = 0.001f;
+  c.nesterov = nesterov;
+  c.initial_accumulator = 0.1f;
+  const size_t n = 1027;  // not a multiple of any vector width
+  std::mt19937 rng(7);
+  std::normal_distribution<float> N(0, 1);
+  std::vector<float> p(n), out(n), g1(n), g2(n);
+  for (auto& x : p) x = N(rng);
+  Reference ref{c, std::vector<double>(p.begin(), p.end()), std::vector<double>(n, 0),
+                std::vector<double>(n, 0)};
+  if (kind == OptimizerKind::kAdagrad) ref.m.assign(n, c.initial_accumulator);
+  server::OptimizerState st;
+  server::InitOptimizerState(c, n, &st);
+  for (int step = 0; step < 20; ++step) {
+    for (size_t i = 0; i < n; ++i) {
+      g1[i] = N(rng);
+      g2[i] = N(rng);
+    }
+    std::vector<double> g(n);
+    for (size_t i = 0; i < n; ++i) g[i] = two_sources ? double(g1[i]) + g2[i] : g1[i];
+    // Alternate in-place and out-of-place updates.
+    float* dst = step % 2 ? p.data() : out.data();
+    server::ApplyOptimizer(c, p.data(), dst, g1.data(), two_sources ? g2.data() : nullptr, 0.5f, n,
+                           &st);
+    if (dst != p.data()) p = out;
+    ref.Step(g, 0.5);
+  }
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    num += (p[i] - ref.p[i]) * (p[i] - ref.p[i]);
+    den += ref.p[i] * ref.p[i];
+    ASSERT_TRUE(std::isfinite(p[i]));
+  }
+  EXPECT_LT(std::sqrt(num / den), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, OptimizerTest,
+                         ::testing::Values(std::make_tuple(OptimizerKind::kSgd, false, false),
+                                           std::make_tuple(OptimizerKind::kSgd, false, true),
+                                           std::make_tuple(OptimizerKind::kMomentum, false, false),
+                                           std::make_tuple(OptimizerKind::kMomentum, true, true),
+                                           std::make_tuple(OptimizerKind::kAdam, false, false),
+                                           std::make_tuple(OptimizerKind::kAdam, false, true),
+                                           std::make_tuple(OptimizerKind::kAdagrad, false, false)));
+
+// A hand-driven client of one server: speaks the push protocol message by message.
+class RawClient {
+ public:
+  RawClient(const std::string& address) {
+    auto ctx = transport::CreateContext("tcp", transport::ContextOptions{});
+    ctx_ = std::move(ctx).value();
+    transport::ConnectionHandlers h;
+    h.on_message = [this](const std::shared_ptr<transport::Connection>&, transport::Message m) {
+      if (rpc_) rpc_->OnReply(m);
+    };
+    h.on_close = [this](const std::shared_ptr<transport::Connection>&, Status st) {
+      std::lock_guard<std::mutex> lock(mu_);
+      closed_ = true;
+      if (rpc_) rpc_->FailAll(st.ok() ? Status::Aborted("closed") : st);
+      cv_.notify_all();
+    };
+    auto c = ctx_->Connect(address, h, 5s);
+    EXPECT_TRUE(c.ok());
+    conn_ = *c;
+    rpc_ = std::make_shared<cluster::RpcChannel>(conn_);
+  }
+  Result<Bytes> Call(uint32_t tag, const Bytes& body) {
+    return cluster::CallSync(*rpc_, tag, body, 10s, "raw call");
+  }
+  void SendRaw(uint32_t tag, Bytes meta) { conn_->Send(tag, std::move(meta), {}, nullptr); }
+  bool WaitClosed() {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, 10s, [&] { return closed_; });
+  }
+  transport::Connection& conn() { return *conn_; }
+
+ private:
+  std::unique_ptr<transport::Context> ctx_;
+  std::shared_ptr<transport::Connection> conn_;
+  std::shared_ptr<cluster::RpcChannel> rpc_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool closed_ = false;
+};
+
+struct Grant {
+  uint32_t buffer = 0;
+  uint64_t offset = 0;
+  transport::RemoteKey key;
+};
+
+Grant DecodeGrant(const Bytes& b) {
+  Grant g;
+  Reader r(b.data(), b.size());
+  EXPECT_TRUE(r.Get(&g.buffer) && r.Get(&g.offset) && g.key.Decode(&r));
+  return g;
+}
+
+Bytes U64s(std::initializer_list<uint64_t> v) {
+  Bytes b;
+  Writer w(&b);
+  for (auto x : v) w.Put(x);
+  return b;
+}
+
+class ServerProtocol : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    CoordinatorOptions co;
+    co.num_servers = 1;
+    co.num_workers = 1;
+    co.mode = Mode::kAsync;
+    lc_ = testing::LocalCluster::Start(co);
+    ASSERT_TRUE(lc_);
+    TensorSpec t;
+    t.name = "p";
+    t.shape = {8};
+    t.init_value = 10;
+    t.optimizer.lr = 1.0f;
+    auto id = lc_->workers[0]->Declare(t);
+    ASSERT_TRUE(id.ok());
+    id_ = *id;
+  }
+  void TearDown() override {
+    if (lc_) lc_->Finish();
+  }
+  std::unique_ptr<testing::LocalCluster> lc_;
+  TensorId id_ = 0;
+};
+
+// The same push notification delivered twice (a resent frame) is applied once.
+TEST_F(ServerProtocol, ResentPushIsAppliedExactlyOnce) {
+  RawClient raw(lc_->servers[0]->address());
+  const uint64_t chunk = 1;  // the coordinator numbers chunks from 1
+  auto g = raw.Call(cluster::kGrant, U64s({chunk, 8 * 4}));
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  Grant grant = DecodeGrant(*g);
+  std::vector<float> grad(8, 2.0f);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool written = false;
+  Status wst;
+  raw.conn().Write(grad.data(), 32, grant.key, grant.offset, [&](Status st) {
+    std::lock_guard<std::mutex> lock(mu);
+    written = true;
+    wst = st;
+    cv.notify_all();
+  });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, 10s, [&] { return written; }));
+    ASSERT_TRUE(wst.ok()) << wst.ToString();
+  }
+  Bytes note;
+  Writer w(&note);
+  w.Put(chunk);
+  w.Put(grant.buffer);
+  w.Put<uint32_t>(0);  // worker rank 0
+  w.Put<uint64_t>(1);  // sequence number 1
+  auto a1 = raw.Call(cluster::kPushDone, note);
+  ASSERT_TRUE(a1.ok()) << a1.status().ToString();
+  // The resend: the buffer was released after the first, so ask for it again and resend the
+  // same (worker, seq).
+  auto g2 = raw.Call(cluster::kGrant, U64s({chunk, 8 * 4}));
+  ASSERT_TRUE(g2.ok());
+  Grant grant2 = DecodeGrant(*g2);
+  Bytes note2;
+  Writer w2(&note2);
+  w2.Put(chunk);
+  w2.Put(grant2.buffer);
+  w2.Put<uint32_t>(0);
+  w2.Put<uint64_t>(1);
+  auto a2 = raw.Call(cluster::kPushDone, note2);
+  ASSERT_TRUE(a2.ok()) << a2.status().ToString();
+  std::vector<float> out(8);
+  ASSERT_TRUE(lc_->workers[0]->Pull(id_, out.data()).Wait(10s).ok());
+  for (float v : out) EXPECT_EQ(v, 8.0f);  // 10 - 1 * 2, once
+  auto stats = nlohmann::json::parse(lc_->servers[0]->stats().ToJson());
+  EXPECT_EQ(stats["pushes_applied"].get<int>(), 1);
+  EXPECT_EQ(stats["duplicate_pushes"].get<int>(), 1);
+}
+
+TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
+  struct Case {
+    uint32_t tag;
+    Bytes meta;
+  };
+  std::vector<Case> cases = {
+      {cluster::kGrant, U64s({1})},                     // request id only: fields missing
+      {cluster::kPushDone, U64s({1, 1})},               // truncated notification
+      {cluster::kCreateChunks, U64s({1, 1ull << 40})},  // absurd count
+      {999, U64s({1})},                                 // unknown tag
+      {cluster::kGrant, {}},                            // no request id at all
+  };
+  for (auto& c : cases) {
+    RawClient raw(lc_->servers[0]->address());
+    raw.SendRaw(c.tag, c.meta);
+    EXPECT_TRUE(raw.WaitClosed()) << "tag " << c.tag;
+  }
+  // A push naming a landing buffer the connection does not hold is refused the same way.
+  {
+    RawClient raw(lc_->servers[0]->address());
+    Bytes note;
+    Writer w(&note);
+    w.Put<uint64_t>(1);  // request id
+    w.Put<uint64_t>(1);  // chunk
+    w.Put<uint32_t>(3);  // buffer never granted
+    w.Put<uint32_t>(0);
+    w.Put<uint64_t>(1);
+    raw.SendRaw(cluster::kPushDone, note);
+    EXPECT_TRUE(raw.WaitClosed());
+  }
+  // Wrong sizes and unknown chunks get an error reply, the connection stays.
+  {
+    RawClient raw(lc_->servers[0]->address());
+    auto wrong = raw.Call(cluster::kGrant, U64s({1, 12345}));
+    EXPECT_FALSE(wrong.ok());
+    EXPECT_NE(wrong.status().message().find("12345 bytes"), std::string::npos)
+        << wrong.status().ToString();
+    auto unknown = raw.Call(cluster::kGrant, U64s({777, 32}));
+    EXPECT_FALSE(unknown.ok());
+    EXPECT_NE(unknown.status().message().find("unknown chunk 777"), std::string::npos);
+    EXPECT_TRUE(raw.Call(cluster::kGrant, U64s({1, 32})).ok());  // still served
+  }
+  // The real worker is unaffected.
+  std::vector<float> g(8, 1.0f), out(8);
+  ASSERT_TRUE(lc_->workers[0]->PushPull(id_, g.data(), out.data()).Wait(10s).ok());
+  EXPECT_EQ(out[0], 9.0f);
+}
+
+}  // namespace
+}  // namespace shardps
