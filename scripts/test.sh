@@ -16,5 +16,6 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHARDPS_SANITIZE=ad
 cmake --build build-asan -j "$(nproc)" --target conformance_test cluster_test server_unit_test core_test
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-ctest --test-dir build-asan --output-on-failure --timeout 900 -j 2 -L sanitize
+# Only those four executables are built there; ctest lists the others as *_NOT_BUILT.
+ctest --test-dir build-asan --output-on-failure --timeout 900 -j 2 -E _NOT_BUILT
 echo "== all tests passed =="

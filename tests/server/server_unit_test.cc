@@ -127,6 +127,10 @@ class RawClient {
     conn_ = *c;
     rpc_ = std::make_shared<cluster::RpcChannel>(conn_);
   }
+  ~RawClient() {
+    conn_.reset();
+    ctx_.reset();  // fires on_close into this object: before its members go
+  }
   Result<Bytes> Call(uint32_t tag, const Bytes& body) {
     return cluster::CallSync(*rpc_, tag, body, 10s, "raw call");
   }

@@ -122,6 +122,14 @@ class TransportConformance : public ::testing::TestWithParam<BackendParam> {
     Viability v = CheckViability(GetParam().backend);
     if (!v.viable) GTEST_SKIP() << GetParam().backend << " is not viable here: " << v.reason;
   }
+  // Contexts go first: closing them fires callbacks into the inboxes below.
+  void TearDown() override {
+    conn_.reset();
+    listener_.reset();
+    client_.reset();
+    server_.reset();
+    accepted_.clear();
+  }
   ContextOptions Options(const std::string& name) {
     ContextOptions o;
     o.name = name;
