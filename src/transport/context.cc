@@ -3,6 +3,9 @@
 #include <charconv>
 
 #include "transport/tcp/context_impl.h"
+#ifdef SHARDPS_HAVE_UCX
+#include "transport/ucx/context_impl.h"
+#endif
 
 namespace shardps::transport {
 
@@ -16,11 +19,29 @@ bool RemoteKey::Decode(Reader* r) {
   return r->Get(&base) && r->Get(&size) && r->GetBytes(&packed, 4096);
 }
 
-std::vector<std::string> BackendNames() { return {"tcp"}; }
+std::vector<std::string> BackendNames() {
+#ifdef SHARDPS_HAVE_UCX
+  return {"tcp", "ucx"};
+#else
+  return {"tcp"};
+#endif
+}
+
+Viability CheckViability(const std::string& backend, const ContextOptions& options) {
+  if (backend == "tcp") return {true, "always available"};
+  if (backend == "ucx") {
+#ifdef SHARDPS_HAVE_UCX
+    return ucx::Check(options);
+#else
+    (void)options;
+    return {false, "this build has no ucx transport (UCX was not found at configure time)"};
+#endif
+  }
+  return {false, "unknown transport '" + backend + "' (known: tcp, ucx)"};
+}
 
 Viability CheckViability(const std::string& backend) {
-  if (backend == "tcp") return {true, "always available"};
-  return {false, "unknown transport '" + backend + "' (known: tcp)"};
+  return CheckViability(backend, ContextOptions{});
 }
 
 Result<std::unique_ptr<Context>> CreateContext(const std::string& backend,
@@ -30,7 +51,11 @@ Result<std::unique_ptr<Context>> CreateContext(const std::string& backend,
     if (!ctx.ok()) return ctx.status();
     return std::unique_ptr<Context>(std::move(ctx).value());
   }
-  Viability v = CheckViability(backend);
+#ifdef SHARDPS_HAVE_UCX
+  if (backend == "ucx") return ucx::CreateUcxContext(options);
+#endif
+  Viability v = CheckViability(backend, options);
+  if (backend == "ucx") return Status::Unavailable(v.reason);
   return Status::InvalidArgument(v.reason);
 }
 

@@ -70,8 +70,9 @@ class Context {
 
 // Names of the backends built into this binary ("tcp", and "ucx" where built).
 std::vector<std::string> BackendNames();
-// Whether `backend` can run here, with the reason when not.
+// Whether `backend` can run here (with these settings), with the reason when not.
 Viability CheckViability(const std::string& backend);
+Viability CheckViability(const std::string& backend, const ContextOptions& options);
 // Creates a context of `backend` ("tcp", "ucx"). InvalidArgument for an unknown name,
 // Unavailable when the backend is not viable here.
 Result<std::unique_ptr<Context>> CreateContext(const std::string& backend,

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/local_cluster.h"
+#include "transport/context.h"
 
 namespace shardps {
 namespace {
@@ -38,10 +39,26 @@ TensorSpec Sgd1(const std::string& name, int64_t n, float init) {
   return t;
 }
 
+// The exact-value runs go over every transport built here.
+class ClusterOver : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    auto v = transport::CheckViability(GetParam());
+    if (!v.viable) GTEST_SKIP() << GetParam() << ": " << v.reason;
+  }
+};
+
+std::vector<std::string> Transports() {
+  std::vector<std::string> t = {"tcp"};
+  for (const auto& b : transport::BackendNames())
+    if (b != "tcp") t.push_back(b);
+  return t;
+}
+
 // 3 workers, 2 servers, 50 sync steps: every pull equals the exact expected parameters, and
 // tensor sizes are not multiples of the chunk size.
-TEST(ClusterSync, FiftyStepsExactValues) {
-  auto lc = LocalCluster::Start(Opts(2, 3, Mode::kSync, Aggregate::kSum, 4096));
+TEST_P(ClusterOver, SyncFiftyStepsExactValues) {
+  auto lc = LocalCluster::Start(Opts(2, 3, Mode::kSync, Aggregate::kSum, 4096), 16, GetParam());
   ASSERT_TRUE(lc);
   const std::vector<int64_t> sizes = {1, 1000, 1024, 1025, 3333};  // chunk = 1024 floats
   lc->ForEachWorker([&](Worker& w) {
@@ -99,8 +116,8 @@ TEST(ClusterSync, MeanAggregationAndPullAfterPush) {
   lc->Finish();
 }
 
-TEST(ClusterAsync, EndsWithExactlyTheSumOfAllPushes) {
-  auto lc = LocalCluster::Start(Opts(2, 3, Mode::kAsync, Aggregate::kSum, 4096));
+TEST_P(ClusterOver, AsyncEndsWithExactlyTheSumOfAllPushes) {
+  auto lc = LocalCluster::Start(Opts(2, 3, Mode::kAsync, Aggregate::kSum, 4096), 16, GetParam());
   ASSERT_TRUE(lc);
   constexpr int kSteps = 40;
   constexpr int64_t kN = 2500;
@@ -129,6 +146,9 @@ TEST(ClusterAsync, EndsWithExactlyTheSumOfAllPushes) {
   });
   lc->Finish();
 }
+
+INSTANTIATE_TEST_SUITE_P(Transports, ClusterOver, ::testing::ValuesIn(Transports()),
+                         [](const auto& info) { return info.param; });
 
 TEST(ClusterSync, ThousandSmallTensors) {
   auto lc = LocalCluster::Start(Opts(2, 2, Mode::kSync, Aggregate::kSum));

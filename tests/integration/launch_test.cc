@@ -51,6 +51,25 @@ TEST(Launch, AsyncBenchEndsWithExactSumOfAllPushes) {
   EXPECT_EQ(CountOccurrences(r.output, ", verified"), 3u) << r.output;
 }
 
+// The same exact runs as real processes over ucx (shared memory between the processes).
+TEST(LaunchUcx, SyncAndAsyncBenchVerifyOverUcx) {
+  auto probe = RunCommand(
+      {kShardps, "bench", "--transport", "ucx", "--size", "4KiB", "--iters", "1", "--warmup", "0"},
+      60s);
+  if (probe.output.find("no ucx transport") != std::string::npos)
+    GTEST_SKIP() << "this build has no ucx transport";
+  for (std::string mode : {"sync", "async"}) {
+    auto r = RunCommand(
+        {kShardps,    "bench", "--transport", "ucx", "--servers",    "2",    "--workers", "3",
+         "--mode",    mode,    "--aggregate", "sum", "--chunk-size", "4KiB", "--size",    "20004",
+         "--tensors", "2",     "--iters",     "30",  "--warmup",     "0",    "--verify"},
+        120s, {"UCX_TLS=shm,self"});
+    ASSERT_FALSE(r.timed_out) << r.output;
+    EXPECT_EQ(r.exit_code, 0) << mode << "\n" << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, ", verified"), 3u) << r.output;
+  }
+}
+
 TEST(Launch, PushOnlyAndPullOnlyVerify) {
   for (std::string op : {"push", "pull"}) {
     auto r = RunCommand({kShardps, "bench", "--servers", "1", "--workers", "2", "--op", op,
