@@ -5,7 +5,10 @@
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <fcntl.h>
 #include <unistd.h>
+
+#include <sstream>
 
 #include <algorithm>
 #include <chrono>
@@ -108,6 +111,98 @@ Result<double> MeasureTcpStreamGbps(uint64_t bytes) {
   return static_cast<double>(bytes) * 8 / secs / 1e9;
 }
 
+namespace {
+
+// Runs argv with a deadline; returns its output, or an error.
+Result<std::string> RunCapture(const std::vector<std::string>& argv, int timeout_s) {
+  int fds[2];
+  if (pipe(fds) != 0) return Status::FromErrno("pipe", errno);
+  pid_t pid = fork();
+  if (pid < 0) return Status::FromErrno("fork", errno);
+  if (pid == 0) {
+    dup2(fds[1], 1);
+    dup2(fds[1], 2);
+    close(fds[0]);
+    alarm(static_cast<unsigned>(timeout_s));
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    execvp(args[0], args.data());
+    _exit(127);
+  }
+  close(fds[1]);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fds[0], buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+  close(fds[0]);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+    return Status::IOError(fmt::format("{} failed: {}", argv[0], out.substr(0, 2000)));
+  return out;
+}
+
+uint16_t FreePort() {
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
+  close(s);
+  return ntohs(a.sin_port);
+}
+
+}  // namespace
+
+Result<PerftestResult> RunUcxPerftest(const std::string& test, uint64_t size, uint32_t iters) {
+  std::string port = std::to_string(FreePort());
+  pid_t server = fork();
+  if (server < 0) return Status::FromErrno("fork", errno);
+  if (server == 0) {
+    int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, 1);
+    dup2(devnull, 2);
+    alarm(120);
+    execlp("ucx_perftest", "ucx_perftest", "-p", port.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  Result<std::string> out = Status::Internal("not run");
+  // The server needs a moment to listen; retry the client a few times (bounded).
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    usleep(100000);
+    out = RunCapture({"ucx_perftest", "127.0.0.1", "-p", port, "-t", test, "-s",
+                      std::to_string(size), "-n", std::to_string(iters), "-f"},
+                     120);
+    if (out.ok() || out.status().message().find("not found") != std::string::npos) break;
+    if (waitpid(server, nullptr, WNOHANG) == server) break;
+  }
+  kill(server, SIGKILL);
+  waitpid(server, nullptr, 0);
+  if (!out.ok())
+    return out.status().WithContext("ucx_perftest -t " + test +
+                                    " (apt-get install ucx-utils if it is missing)");
+  // The last line of numbers: iterations, latency 50%ile, average, overall (usec), bandwidth
+  // average, overall (MB/s), message rate average, overall.
+  PerftestResult r;
+  bool found = false;
+  std::istringstream lines(*out);
+  std::string line;
+  while (std::getline(lines, line)) {
+    double v[8];
+    if (std::sscanf(line.c_str(), "%lf %lf %lf %lf %lf %lf %lf %lf", &v[0], &v[1], &v[2], &v[3],
+                    &v[4], &v[5], &v[6], &v[7]) == 8) {
+      r.latency_us = v[2];
+      r.gbps = v[5] * 1024 * 1024 * 8 / 1e9;
+      found = true;
+    }
+  }
+  if (!found) return Status::IOError("could not read ucx_perftest's output: " + out->substr(0, 500));
+  return r;
+}
+
 int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::string>& args) {
   auto size = ParseBytes(b.size);
   if (!size.ok() || *size < 4 || *size % 4 != 0) {
@@ -138,7 +233,26 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   // The baseline is measured before this process starts any thread (it forks).
   double baseline_gbps = 0;
   bool rank0 = wo->rank <= 0;
-  if (rank0 && !b.report.empty()) {
+  nlohmann::json ucx_baseline;
+  if (rank0 && !b.report.empty() && wo->transport == "ucx") {
+    // ucx_perftest on the same machine and UCX_TLS: put and get bandwidth at this size, and
+    // put and get latency at this size.
+    uint32_t iters = *size >= (1 << 20) ? 200 : 10000;
+    auto put_bw = RunUcxPerftest("ucp_put_bw", *size, iters);
+    auto get_bw = RunUcxPerftest("ucp_get", *size, iters);
+    auto put_lat = RunUcxPerftest("ucp_put_lat", *size, iters);
+    for (auto* r : {&put_bw, &get_bw, &put_lat})
+      if (!r->ok()) {
+        std::fprintf(stderr, "shardps bench: baseline: %s\n", r->status().ToString().c_str());
+        return 1;
+      }
+    ucx_baseline = {{"kind", "ucx_perftest"},
+                    {"size_bytes", *size},
+                    {"ucp_put_bw_gbps", put_bw->gbps},
+                    {"ucp_get_bw_gbps", get_bw->gbps},
+                    {"ucp_put_lat_us", put_lat->latency_us},
+                    {"ucp_get_lat_us", get_bw->latency_us}};
+  } else if (rank0 && !b.report.empty()) {
     auto g = MeasureTcpStreamGbps(std::max<uint64_t>(1ull << 30, *size * 8));
     if (!g.ok()) {
       std::fprintf(stderr, "shardps bench: baseline: %s\n", g.status().ToString().c_str());
@@ -294,19 +408,36 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                                {"p99_us", p99},
                                {"latencies_us", lat_us},
                                {"server_peak_rss_bytes", peak_rss},
-                               {"ratio_to_baseline", baseline_gbps > 0 ? gbps / baseline_gbps : 0},
+                               {"ratio_to_baseline", 0.0},
                                {"verified", b.verify && mismatches == 0}};
-    nlohmann::json report = {
-        {"scenarios", nlohmann::json::array({scenario})},
-        {"baseline", {{"kind", "tcp_stream_two_processes"}, {"gbps", baseline_gbps}}}};
+    nlohmann::json baseline;
+    if (!ucx_baseline.is_null()) {
+      // push vs put bandwidth, pull vs get bandwidth, push_pull (bytes both ways) vs the rate
+      // of one put plus one get of the same size.
+      double put = ucx_baseline["ucp_put_bw_gbps"], get = ucx_baseline["ucp_get_bw_gbps"];
+      double ref = push && pull ? 2.0 / (1.0 / put + 1.0 / get) : (push ? put : get);
+      scenario["ratio_to_baseline"] = ref > 0 ? gbps / ref : 0;
+      double budget = 2 * (ucx_baseline["ucp_put_lat_us"].get<double>() +
+                           ucx_baseline["ucp_get_lat_us"].get<double>());
+      scenario["latency_budget_us"] = budget;
+      scenario["p50_over_latency_budget"] = budget > 0 ? p50 / budget : 0;
+      baseline = ucx_baseline;
+      baseline_gbps = ref;
+    } else {
+      scenario["ratio_to_baseline"] = baseline_gbps > 0 ? gbps / baseline_gbps : 0;
+      baseline = {{"kind", "tcp_stream_two_processes"}, {"gbps", baseline_gbps}};
+    }
+    nlohmann::json report = {{"scenarios", nlohmann::json::array({scenario})},
+                             {"baseline", baseline}};
     std::ofstream f(b.report);
     f << report.dump(2) << "\n";
     if (!f) {
       std::fprintf(stderr, "shardps bench: cannot write %s\n", b.report.c_str());
       return 1;
     }
-    std::printf("bench: baseline tcp stream %.2f Gbit/s; ratio %.2f; report in %s\n", baseline_gbps,
-                baseline_gbps > 0 ? gbps / baseline_gbps : 0, b.report.c_str());
+    std::printf("bench: baseline %s %.2f Gbit/s; ratio %.2f; report in %s\n",
+                baseline["kind"].get<std::string>().c_str(), baseline_gbps,
+                scenario["ratio_to_baseline"].get<double>(), b.report.c_str());
   }
   Status fin = w.Finish();
   if (!fin.ok()) std::fprintf(stderr, "shardps bench: %s\n", fin.ToString().c_str());

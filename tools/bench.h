@@ -27,4 +27,12 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
 // Raw TCP stream throughput between two processes on loopback, in Gbit/s.
 Result<double> MeasureTcpStreamGbps(uint64_t bytes);
 
+// One ucx_perftest run (server and client processes on 127.0.0.1, the environment's UCX_TLS):
+// bandwidth in Gbit/s and per-operation latency (average overhead) in microseconds.
+struct PerftestResult {
+  double gbps = 0;
+  double latency_us = 0;
+};
+Result<PerftestResult> RunUcxPerftest(const std::string& test, uint64_t size, uint32_t iters);
+
 }  // namespace shardps::tools

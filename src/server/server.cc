@@ -224,6 +224,11 @@ class ServerImpl final : public Server {
       ready_ = true;
     }
     ready_cv_.notify_all();
+    spdlog::info("server {}: data transport {}; {}", rank_, data_ctx_->backend(),
+                 data_ctx_->CanRegisterGpuMemory()
+                     ? "GPU memory is registered directly (GPUDirect RDMA)"
+                     : "GPU memory cannot be registered: GPU shards are staged through "
+                       "registered host memory");
     spdlog::info("server {} serving on {} ({} mode, {} workers, {} landing buffers of {} bytes)",
                  rank_, listener_->address(), ModeName(view_.mode), view_.num_workers,
                  opt_.landing_buffers, view_.chunk_bytes);

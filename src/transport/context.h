@@ -66,6 +66,10 @@ class Context {
 
   // True when the calling thread is this context's loop thread.
   virtual bool InLoopThread() const = 0;
+
+  // Whether memory on a GPU can be registered directly (GPUDirect RDMA); when not, GPU
+  // shards are staged through registered host memory.
+  virtual bool CanRegisterGpuMemory() const { return false; }
 };
 
 // Names of the backends built into this binary ("tcp", and "ucx" where built).

@@ -769,6 +769,13 @@ class UcxContext final : public Context {
 
   bool InLoopThread() const override { return shared_->progress.InThread(); }
 
+  bool CanRegisterGpuMemory() const override {
+    ucp_context_attr_t a{};
+    a.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+    if (ucp_context_query(shared_->ctx, &a) != UCS_OK) return false;
+    return (a.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
+  }
+
  private:
   std::shared_ptr<Shared> shared_;
 };

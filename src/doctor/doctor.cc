@@ -1,0 +1,336 @@
+#include "doctor/doctor.h"
+
+#include <dlfcn.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#ifdef SHARDPS_HAVE_VERBS
+#include <infiniband/verbs.h>
+#endif
+#ifdef SHARDPS_HAVE_UCX
+#include "transport/ucx/context_impl.h"
+#endif
+
+namespace shardps::doctor {
+namespace {
+
+std::string Bytes(uint64_t b) {
+  if (b == UINT64_MAX) return "unlimited";
+  if (b >= (1ull << 30)) return fmt::format("{:.1f} GiB", static_cast<double>(b) / (1ull << 30));
+  if (b >= (1ull << 20)) return fmt::format("{:.1f} MiB", static_cast<double>(b) / (1ull << 20));
+  return fmt::format("{} KiB", b / 1024);
+}
+
+const char* LevelName(Finding::Level l) {
+  switch (l) {
+    case Finding::Level::kOk: return "ok";
+    case Finding::Level::kInfo: return "info";
+    case Finding::Level::kWarning: return "warning";
+    case Finding::Level::kError: return "error";
+  }
+  return "?";
+}
+
+#ifdef SHARDPS_HAVE_VERBS
+std::string PortState(ibv_port_state s) {
+  switch (s) {
+    case IBV_PORT_ACTIVE: return "ACTIVE";
+    case IBV_PORT_DOWN: return "DOWN";
+    case IBV_PORT_INIT: return "INIT";
+    case IBV_PORT_ARMED: return "ARMED";
+    case IBV_PORT_ACTIVE_DEFER: return "ACTIVE_DEFER";
+    default: return "UNKNOWN";
+  }
+}
+
+void GatherVerbs(Facts* f) {
+  f->verbs_built = true;
+  int n = 0;
+  ibv_device** list = ibv_get_device_list(&n);
+  if (list == nullptr) {
+    f->verbs_error = fmt::format("ibv_get_device_list failed: {}", std::strerror(errno));
+    return;
+  }
+  for (int i = 0; i < n; ++i) {
+    DeviceFacts d;
+    d.name = ibv_get_device_name(list[i]);
+    ibv_context* ctx = ibv_open_device(list[i]);
+    if (ctx) {
+      ibv_device_attr attr{};
+      if (ibv_query_device(ctx, &attr) == 0) {
+        for (int p = 1; p <= attr.phys_port_cnt; ++p) {
+          ibv_port_attr pa{};
+          if (ibv_query_port(ctx, static_cast<uint8_t>(p), &pa) != 0) continue;
+          PortFacts pf;
+          pf.number = p;
+          pf.state = PortState(pa.state);
+          pf.link_layer = pa.link_layer == IBV_LINK_LAYER_ETHERNET ? "Ethernet" : "InfiniBand";
+          pf.active_mtu = 128 << static_cast<int>(pa.active_mtu);
+          for (int g = 0; g < pa.gid_tbl_len && g < 16; ++g) {
+            ibv_gid gid{};
+            if (ibv_query_gid(ctx, static_cast<uint8_t>(p), g, &gid) != 0) continue;
+            bool zero = std::all_of(gid.raw, gid.raw + 16, [](uint8_t x) { return x == 0; });
+            if (zero) continue;
+            std::string s;
+            for (int k = 0; k < 16; k += 2)
+              s += fmt::format("{}{:02x}{:02x}", k ? ":" : "", gid.raw[k], gid.raw[k + 1]);
+            pf.gids.push_back(s);
+          }
+          d.ports.push_back(pf);
+        }
+      }
+      ibv_close_device(ctx);
+    }
+    f->devices.push_back(std::move(d));
+  }
+  ibv_free_device_list(list);
+}
+#endif
+
+void GatherCuda(Facts* f) {
+  void* h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!h) {
+    f->cuda_error = "no CUDA driver (libcuda.so.1 not found)";
+    return;
+  }
+  using InitFn = int (*)(unsigned);
+  using CountFn = int (*)(int*);
+  auto init = reinterpret_cast<InitFn>(dlsym(h, "cuInit"));
+  auto count = reinterpret_cast<CountFn>(dlsym(h, "cuDeviceGetCount"));
+  int n = 0;
+  if (!init || !count) {
+    f->cuda_error = "libcuda.so.1 lacks cuInit/cuDeviceGetCount";
+  } else if (int rc = init(0); rc != 0) {
+    f->cuda_error = fmt::format("cuInit failed with CUDA error {} (no usable GPU?)", rc);
+    f->cuda_devices = 0;
+  } else if (count(&n) == 0) {
+    f->cuda_devices = n;
+  }
+  dlclose(h);
+}
+
+void GatherNccl(Facts* f) {
+  void* h = dlopen("libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+  if (!h) h = dlopen("/usr/local/cuda/lib64/libnccl.so.2", RTLD_NOW | RTLD_LOCAL);
+  if (!h) return;
+  using VersionFn = int (*)(int*);
+  auto version = reinterpret_cast<VersionFn>(dlsym(h, "ncclGetVersion"));
+  int v = 0;
+  if (version && version(&v) == 0)
+    f->nccl_version = fmt::format("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100);
+  dlclose(h);
+}
+
+}  // namespace
+
+Facts Gather(const Options& options) {
+  Facts f;
+  f.shard_bytes = options.shard_bytes;
+#ifdef SHARDPS_HAVE_VERBS
+  GatherVerbs(&f);
+#endif
+  rlimit rl{};
+  if (getrlimit(RLIMIT_MEMLOCK, &rl) == 0) {
+    f.memlock_soft = rl.rlim_cur == RLIM_INFINITY ? UINT64_MAX : rl.rlim_cur;
+    f.memlock_hard = rl.rlim_max == RLIM_INFINITY ? UINT64_MAX : rl.rlim_max;
+  }
+#ifdef SHARDPS_HAVE_UCX
+  f.ucx_built = true;
+  transport::ContextOptions co;
+  if (!options.ucx_tls.empty()) co.backend_settings = {{"UCX_TLS", options.ucx_tls}};
+  auto info = transport::ucx::QueryUcx(co);
+  f.ucx_version = info.version;
+  f.ucx_error = info.error;
+  f.ucx_cuda_memory = info.cuda_memory;
+  std::istringstream lines(info.transports);
+  std::string line;
+  while (std::getline(lines, line)) {
+    auto pos = line.find("md ");
+    if (pos == std::string::npos) pos = line.find("resource ");
+    if (pos == std::string::npos) continue;
+    std::string s = line.substr(pos);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\r')) s.pop_back();
+    f.ucx_resources.push_back(s);
+  }
+#endif
+  GatherCuda(&f);
+  GatherNccl(&f);
+  return f;
+}
+
+std::string DataPath(const Facts& f) {
+  bool rdma = false;
+  for (const auto& d : f.devices)
+    for (const auto& p : d.ports)
+      if (p.state == "ACTIVE") rdma = true;
+  if (!f.ucx_built || !f.ucx_error.empty())
+    return "tcp (the ucx transport is not available in this build or here)";
+  if (rdma)
+    return "ucx over RDMA (rc/dc on the active InfiniBand/RoCE ports) between hosts, shared "
+           "memory within a host";
+  return "ucx over shared memory within a host and TCP between hosts (no active RDMA port); "
+         "or the tcp transport";
+}
+
+std::vector<Finding> Advise(const Facts& f) {
+  using L = Finding::Level;
+  std::vector<Finding> out;
+  // RDMA devices and ports.
+  if (!f.verbs_built) {
+    out.push_back({L::kWarning, "this build has no libibverbs support; RDMA devices are not listed",
+                   "install libibverbs-dev (rdma-core) and rebuild"});
+  } else if (!f.verbs_error.empty() || f.devices.empty()) {
+    out.push_back(
+        {L::kInfo,
+         "no RDMA device found" + (f.verbs_error.empty() ? "" : " (" + f.verbs_error + ")"),
+         "fine on one host (ucx uses shared memory) or without RDMA (use --transport tcp); on an "
+         "InfiniBand/RoCE cluster, install the NIC's driver and rdma-core's ibverbs-providers, "
+         "load the kernel modules (e.g. mlx5_ib) and check `ibv_devices`"});
+  }
+  bool any_active = false;
+  for (const auto& d : f.devices) {
+    if (d.ports.empty())
+      out.push_back({L::kWarning, fmt::format("{}: no port could be queried", d.name),
+                     "check the device with `ibv_devinfo -d " + d.name + "`"});
+    for (const auto& p : d.ports) {
+      std::string where = fmt::format("{} port {} ({})", d.name, p.number, p.link_layer);
+      if (p.state != "ACTIVE") {
+        out.push_back({L::kError, fmt::format("{} is {}", where, p.state),
+                       "check the cable and the switch (`ibstat`); on InfiniBand a subnet "
+                       "manager must run (opensm); or point UCX at an active port with "
+                       "UCX_NET_DEVICES=<device>:<port>"});
+        continue;
+      }
+      any_active = true;
+      if (p.link_layer == "Ethernet" && p.gids.empty()) {
+        out.push_back({L::kError, where + " is RoCE without any GID",
+                       "give the port's network interface an IP address (RoCE v2 GIDs derive "
+                       "from it) and check with `show_gids`; set UCX_IB_GID_INDEX if needed"});
+      } else {
+        out.push_back({L::kOk,
+                       fmt::format("{} is ACTIVE, MTU {}, {} GID(s)", where, p.active_mtu,
+                                   p.gids.size()),
+                       ""});
+      }
+      if (p.link_layer == "Ethernet" && p.active_mtu < 4096 && p.active_mtu > 0)
+        out.push_back({L::kInfo, fmt::format("{} runs with MTU {}", where, p.active_mtu),
+                       "a 4096-byte RoCE MTU (jumbo frames on the switch and interface) gives "
+                       "better bandwidth"});
+    }
+  }
+  // Locked memory: RDMA registration pins pages.
+  if (f.memlock_soft != UINT64_MAX && f.memlock_soft < f.shard_bytes) {
+    std::string what = fmt::format(
+        "locked-memory limit (ulimit -l) is {}; registering a shard of {} with an RDMA device "
+        "pins it and would fail with ENOMEM",
+        Bytes(f.memlock_soft), Bytes(f.shard_bytes));
+    std::string advice =
+        "raise it: `ulimit -l unlimited` (hard limit " + Bytes(f.memlock_hard) +
+        "), `* - memlock unlimited` in /etc/security/limits.conf, LimitMEMLOCK=infinity for "
+        "systemd services, --ulimit memlock=-1 for containers; Slurm: PropagateResourceLimits";
+    out.push_back({any_active ? L::kError : L::kInfo,
+                   what + (any_active ? "" : " (no RDMA port here, so it does not matter now)"),
+                   advice});
+  } else {
+    out.push_back({L::kOk,
+                   fmt::format("locked-memory limit {} covers a shard of {}", Bytes(f.memlock_soft),
+                               Bytes(f.shard_bytes)),
+                   ""});
+  }
+  // UCX.
+  if (!f.ucx_built) {
+    out.push_back({L::kWarning, "this build has no ucx transport",
+                   "install libucx-dev and rebuild (scripts/setup.sh does)"});
+  } else if (!f.ucx_error.empty()) {
+    out.push_back({L::kError, "UCX " + f.ucx_version + " cannot start: " + f.ucx_error,
+                   "check UCX_TLS / UCX_NET_DEVICES and `ucx_info -d`"});
+  } else {
+    out.push_back({L::kOk, fmt::format("UCX {} with {} transport resource(s)", f.ucx_version,
+                                       f.ucx_resources.size()),
+                   ""});
+  }
+  out.push_back({L::kInfo, "data path: " + DataPath(f), ""});
+  // GPU.
+  if (f.ucx_built && f.ucx_error.empty()) {
+    if (f.ucx_cuda_memory) {
+      out.push_back({L::kOk, "UCX can register CUDA memory: GPU shards are registered directly "
+                             "(GPUDirect RDMA)",
+                     ""});
+    } else {
+      out.push_back({L::kInfo,
+                     "UCX reports no CUDA memory support: GPU shards are staged through "
+                     "registered host memory",
+                     "for GPUDirect RDMA use a UCX built with CUDA (--with-cuda) and the "
+                     "nvidia-peermem kernel module"});
+    }
+  }
+  if (f.cuda_devices > 0) {
+    out.push_back({L::kOk, fmt::format("{} CUDA device(s)", f.cuda_devices), ""});
+  } else {
+    out.push_back({L::kInfo, "no CUDA device" + (f.cuda_error.empty() ? "" : ": " + f.cuda_error),
+                   ""});
+  }
+  out.push_back({L::kInfo,
+                 f.nccl_version.empty() ? "no NCCL library found" : "NCCL " + f.nccl_version, ""});
+  return out;
+}
+
+std::string ToText(const Facts& f, const std::vector<Finding>& findings) {
+  std::string s = "ShardPS doctor\n\nRDMA devices:\n";
+  if (f.devices.empty()) s += "  none\n";
+  for (const auto& d : f.devices) {
+    s += "  " + d.name + "\n";
+    for (const auto& p : d.ports)
+      s += fmt::format("    port {}: {}, {}, MTU {}, GIDs: {}\n", p.number, p.state, p.link_layer,
+                       p.active_mtu, p.gids.empty() ? "none" : fmt::format("{}", fmt::join(p.gids, " ")));
+  }
+  s += fmt::format("Locked memory: soft {}, hard {}\n", Bytes(f.memlock_soft),
+                   Bytes(f.memlock_hard));
+  s += "UCX: " + (f.ucx_built ? f.ucx_version : std::string("not built")) + "\n";
+  for (const auto& r : f.ucx_resources) s += "  " + r + "\n";
+  s += "CUDA devices: " + (f.cuda_devices >= 0 ? std::to_string(f.cuda_devices) : std::string("none")) + "\n";
+  s += "NCCL: " + (f.nccl_version.empty() ? std::string("none") : f.nccl_version) + "\n\nFindings:\n";
+  for (const auto& x : findings) {
+    s += fmt::format("  [{}] {}\n", LevelName(x.level), x.what);
+    if (!x.advice.empty()) s += "      -> " + x.advice + "\n";
+  }
+  return s;
+}
+
+nlohmann::json ToJson(const Facts& f, const std::vector<Finding>& findings) {
+  nlohmann::json devs = nlohmann::json::array();
+  for (const auto& d : f.devices) {
+    nlohmann::json ports = nlohmann::json::array();
+    for (const auto& p : d.ports)
+      ports.push_back({{"port", p.number},
+                       {"state", p.state},
+                       {"link_layer", p.link_layer},
+                       {"active_mtu", p.active_mtu},
+                       {"gids", p.gids}});
+    devs.push_back({{"name", d.name}, {"ports", ports}});
+  }
+  nlohmann::json fs = nlohmann::json::array();
+  for (const auto& x : findings)
+    fs.push_back({{"level", LevelName(x.level)}, {"what", x.what}, {"advice", x.advice}});
+  auto lim = [](uint64_t v) { return v == UINT64_MAX ? nlohmann::json("unlimited") : nlohmann::json(v); };
+  return {{"rdma_devices", devs},
+          {"verbs_error", f.verbs_error},
+          {"memlock", {{"soft", lim(f.memlock_soft)}, {"hard", lim(f.memlock_hard)}}},
+          {"shard_bytes", f.shard_bytes},
+          {"ucx",
+           {{"built", f.ucx_built},
+            {"version", f.ucx_version},
+            {"error", f.ucx_error},
+            {"resources", f.ucx_resources},
+            {"cuda_memory", f.ucx_cuda_memory}}},
+          {"data_path", DataPath(f)},
+          {"cuda_devices", f.cuda_devices},
+          {"nccl_version", f.nccl_version},
+          {"findings", fs}};
+}
+
+}  // namespace shardps::doctor

@@ -1,0 +1,114 @@
+// The doctor's advice on synthetic machines, and one real run on this one.
+#include <gtest/gtest.h>
+
+#include "doctor/doctor.h"
+
+namespace shardps::doctor {
+namespace {
+
+using L = Finding::Level;
+
+const Finding* Find(const std::vector<Finding>& fs, const std::string& needle) {
+  for (const auto& f : fs)
+    if (f.what.find(needle) != std::string::npos) return &f;
+  return nullptr;
+}
+
+Facts Healthy() {
+  Facts f;
+  f.verbs_built = true;
+  f.devices = {{"mlx5_0", {{1, "ACTIVE", "InfiniBand", 4096, {"fe80:0000:0000:0000:0001"}}}}};
+  f.memlock_soft = f.memlock_hard = UINT64_MAX;
+  f.shard_bytes = 64 << 20;
+  f.ucx_built = true;
+  f.ucx_version = "1.13.1";
+  f.ucx_resources = {"md 0 : mlx5_0/ib"};
+  return f;
+}
+
+TEST(DoctorAdvice, HealthyInfiniBandHasNoError) {
+  auto fs = Advise(Healthy());
+  for (const auto& f : fs) EXPECT_NE(f.level, L::kError) << f.what;
+  ASSERT_TRUE(Find(fs, "mlx5_0 port 1"));
+  EXPECT_EQ(Find(fs, "mlx5_0 port 1")->level, L::kOk);
+  EXPECT_NE(DataPath(Healthy()).find("RDMA"), std::string::npos);
+}
+
+TEST(DoctorAdvice, PortDownIsAnErrorWithAdvice) {
+  Facts f = Healthy();
+  f.devices[0].ports[0].state = "DOWN";
+  auto fs = Advise(f);
+  const Finding* x = Find(fs, "mlx5_0 port 1 (InfiniBand) is DOWN");
+  ASSERT_TRUE(x);
+  EXPECT_EQ(x->level, L::kError);
+  EXPECT_NE(x->advice.find("subnet manager"), std::string::npos);
+  EXPECT_NE(x->advice.find("UCX_NET_DEVICES"), std::string::npos);
+}
+
+TEST(DoctorAdvice, RoceWithoutGidIsAnError) {
+  Facts f = Healthy();
+  f.devices[0].ports[0].link_layer = "Ethernet";
+  f.devices[0].ports[0].gids.clear();
+  auto fs = Advise(f);
+  const Finding* x = Find(fs, "RoCE without any GID");
+  ASSERT_TRUE(x);
+  EXPECT_EQ(x->level, L::kError);
+  EXPECT_NE(x->advice.find("IP address"), std::string::npos);
+}
+
+TEST(DoctorAdvice, LowMemlockFailsRegistrationOnlyWhereRdmaIsUsed) {
+  Facts f = Healthy();
+  f.memlock_soft = 64 << 10;
+  f.memlock_hard = 64 << 10;
+  auto fs = Advise(f);
+  const Finding* x = Find(fs, "locked-memory limit");
+  ASSERT_TRUE(x);
+  EXPECT_EQ(x->level, L::kError);
+  EXPECT_NE(x->what.find("ENOMEM"), std::string::npos);
+  EXPECT_NE(x->advice.find("limits.conf"), std::string::npos);
+  f.devices.clear();  // no RDMA: the limit does not matter
+  x = Find(Advise(f), "locked-memory limit");
+  ASSERT_TRUE(x);
+  EXPECT_EQ(x->level, L::kInfo);
+}
+
+TEST(DoctorAdvice, NoDeviceIsSaidPlainly) {
+  Facts f = Healthy();
+  f.devices.clear();
+  auto fs = Advise(f);
+  const Finding* x = Find(fs, "no RDMA device found");
+  ASSERT_TRUE(x);
+  EXPECT_EQ(x->level, L::kInfo);
+  EXPECT_NE(DataPath(f).find("shared memory"), std::string::npos);
+}
+
+TEST(DoctorAdvice, GpuMemoryRegistrationChoice) {
+  Facts f = Healthy();
+  f.ucx_cuda_memory = false;
+  EXPECT_TRUE(Find(Advise(f), "staged through registered host memory"));
+  f.ucx_cuda_memory = true;
+  EXPECT_TRUE(Find(Advise(f), "GPUDirect RDMA"));
+}
+
+TEST(DoctorAdvice, JsonCarriesFactsAndFindings) {
+  Facts f = Healthy();
+  auto j = ToJson(f, Advise(f));
+  EXPECT_EQ(j["rdma_devices"][0]["name"], "mlx5_0");
+  EXPECT_EQ(j["rdma_devices"][0]["ports"][0]["state"], "ACTIVE");
+  EXPECT_EQ(j["memlock"]["soft"], "unlimited");
+  EXPECT_TRUE(j["findings"].is_array());
+  EXPECT_FALSE(j["findings"].empty());
+}
+
+// This machine: whatever it has, gathering works and the report says something.
+TEST(DoctorHere, GatherAndReportOnThisMachine) {
+  Facts f = Gather(Options{});
+  auto fs = Advise(f);
+  EXPECT_FALSE(fs.empty());
+  std::string text = ToText(f, fs);
+  EXPECT_NE(text.find("RDMA devices"), std::string::npos);
+  EXPECT_NE(text.find("Findings"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace shardps::doctor
