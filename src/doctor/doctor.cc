@@ -27,10 +27,14 @@ std::string Bytes(uint64_t b) {
 
 const char* LevelName(Finding::Level l) {
   switch (l) {
-    case Finding::Level::kOk: return "ok";
-    case Finding::Level::kInfo: return "info";
-    case Finding::Level::kWarning: return "warning";
-    case Finding::Level::kError: return "error";
+    case Finding::Level::kOk:
+      return "ok";
+    case Finding::Level::kInfo:
+      return "info";
+    case Finding::Level::kWarning:
+      return "warning";
+    case Finding::Level::kError:
+      return "error";
   }
   return "?";
 }
@@ -38,12 +42,18 @@ const char* LevelName(Finding::Level l) {
 #ifdef SHARDPS_HAVE_VERBS
 std::string PortState(ibv_port_state s) {
   switch (s) {
-    case IBV_PORT_ACTIVE: return "ACTIVE";
-    case IBV_PORT_DOWN: return "DOWN";
-    case IBV_PORT_INIT: return "INIT";
-    case IBV_PORT_ARMED: return "ARMED";
-    case IBV_PORT_ACTIVE_DEFER: return "ACTIVE_DEFER";
-    default: return "UNKNOWN";
+    case IBV_PORT_ACTIVE:
+      return "ACTIVE";
+    case IBV_PORT_DOWN:
+      return "DOWN";
+    case IBV_PORT_INIT:
+      return "INIT";
+    case IBV_PORT_ARMED:
+      return "ARMED";
+    case IBV_PORT_ACTIVE_DEFER:
+      return "ACTIVE_DEFER";
+    default:
+      return "UNKNOWN";
   }
 }
 
@@ -149,12 +159,11 @@ Facts Gather(const Options& options) {
   std::istringstream lines(info.transports);
   std::string line;
   while (std::getline(lines, line)) {
-    auto pos = line.find("md ");
-    if (pos == std::string::npos) pos = line.find("resource ");
-    if (pos == std::string::npos) continue;
-    std::string s = line.substr(pos);
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\r')) s.pop_back();
-    f.ucx_resources.push_back(s);
+    // "#   md 1  dev 2  flags -- tcp/eth0": keep the transport/device names.
+    if (line.find(" dev ") == std::string::npos) continue;
+    auto pos = line.find_last_of(' ');
+    if (pos == std::string::npos || pos + 1 >= line.size()) continue;
+    f.ucx_resources.push_back(line.substr(pos + 1));
   }
 #endif
   GatherCuda(&f);
@@ -211,10 +220,10 @@ std::vector<Finding> Advise(const Facts& f) {
                        "give the port's network interface an IP address (RoCE v2 GIDs derive "
                        "from it) and check with `show_gids`; set UCX_IB_GID_INDEX if needed"});
       } else {
-        out.push_back({L::kOk,
-                       fmt::format("{} is ACTIVE, MTU {}, {} GID(s)", where, p.active_mtu,
-                                   p.gids.size()),
-                       ""});
+        out.push_back(
+            {L::kOk,
+             fmt::format("{} is ACTIVE, MTU {}, {} GID(s)", where, p.active_mtu, p.gids.size()),
+             ""});
       }
       if (p.link_layer == "Ethernet" && p.active_mtu < 4096 && p.active_mtu > 0)
         out.push_back({L::kInfo, fmt::format("{} runs with MTU {}", where, p.active_mtu),
@@ -249,16 +258,16 @@ std::vector<Finding> Advise(const Facts& f) {
     out.push_back({L::kError, "UCX " + f.ucx_version + " cannot start: " + f.ucx_error,
                    "check UCX_TLS / UCX_NET_DEVICES and `ucx_info -d`"});
   } else {
-    out.push_back({L::kOk, fmt::format("UCX {} with {} transport resource(s)", f.ucx_version,
-                                       f.ucx_resources.size()),
-                   ""});
+    out.push_back(
+        {L::kOk, fmt::format("UCX {}: {}", f.ucx_version, fmt::join(f.ucx_resources, ", ")), ""});
   }
   out.push_back({L::kInfo, "data path: " + DataPath(f), ""});
   // GPU.
   if (f.ucx_built && f.ucx_error.empty()) {
     if (f.ucx_cuda_memory) {
-      out.push_back({L::kOk, "UCX can register CUDA memory: GPU shards are registered directly "
-                             "(GPUDirect RDMA)",
+      out.push_back({L::kOk,
+                     "UCX can register CUDA memory: GPU shards are registered directly "
+                     "(GPUDirect RDMA)",
                      ""});
     } else {
       out.push_back({L::kInfo,
@@ -271,11 +280,11 @@ std::vector<Finding> Advise(const Facts& f) {
   if (f.cuda_devices > 0) {
     out.push_back({L::kOk, fmt::format("{} CUDA device(s)", f.cuda_devices), ""});
   } else {
-    out.push_back({L::kInfo, "no CUDA device" + (f.cuda_error.empty() ? "" : ": " + f.cuda_error),
-                   ""});
+    out.push_back(
+        {L::kInfo, "no CUDA device" + (f.cuda_error.empty() ? "" : ": " + f.cuda_error), ""});
   }
-  out.push_back({L::kInfo,
-                 f.nccl_version.empty() ? "no NCCL library found" : "NCCL " + f.nccl_version, ""});
+  out.push_back(
+      {L::kInfo, f.nccl_version.empty() ? "no NCCL library found" : "NCCL " + f.nccl_version, ""});
   return out;
 }
 
@@ -286,14 +295,18 @@ std::string ToText(const Facts& f, const std::vector<Finding>& findings) {
     s += "  " + d.name + "\n";
     for (const auto& p : d.ports)
       s += fmt::format("    port {}: {}, {}, MTU {}, GIDs: {}\n", p.number, p.state, p.link_layer,
-                       p.active_mtu, p.gids.empty() ? "none" : fmt::format("{}", fmt::join(p.gids, " ")));
+                       p.active_mtu,
+                       p.gids.empty() ? "none" : fmt::format("{}", fmt::join(p.gids, " ")));
   }
   s += fmt::format("Locked memory: soft {}, hard {}\n", Bytes(f.memlock_soft),
                    Bytes(f.memlock_hard));
   s += "UCX: " + (f.ucx_built ? f.ucx_version : std::string("not built")) + "\n";
-  for (const auto& r : f.ucx_resources) s += "  " + r + "\n";
-  s += "CUDA devices: " + (f.cuda_devices >= 0 ? std::to_string(f.cuda_devices) : std::string("none")) + "\n";
-  s += "NCCL: " + (f.nccl_version.empty() ? std::string("none") : f.nccl_version) + "\n\nFindings:\n";
+  if (!f.ucx_resources.empty())
+    s += fmt::format("  transports: {}\n", fmt::join(f.ucx_resources, ", "));
+  s += "CUDA devices: " +
+       (f.cuda_devices >= 0 ? std::to_string(f.cuda_devices) : std::string("none")) + "\n";
+  s += "NCCL: " + (f.nccl_version.empty() ? std::string("none") : f.nccl_version) +
+       "\n\nFindings:\n";
   for (const auto& x : findings) {
     s += fmt::format("  [{}] {}\n", LevelName(x.level), x.what);
     if (!x.advice.empty()) s += "      -> " + x.advice + "\n";
@@ -316,7 +329,9 @@ nlohmann::json ToJson(const Facts& f, const std::vector<Finding>& findings) {
   nlohmann::json fs = nlohmann::json::array();
   for (const auto& x : findings)
     fs.push_back({{"level", LevelName(x.level)}, {"what", x.what}, {"advice", x.advice}});
-  auto lim = [](uint64_t v) { return v == UINT64_MAX ? nlohmann::json("unlimited") : nlohmann::json(v); };
+  auto lim = [](uint64_t v) {
+    return v == UINT64_MAX ? nlohmann::json("unlimited") : nlohmann::json(v);
+  };
   return {{"rdma_devices", devs},
           {"verbs_error", f.verbs_error},
           {"memlock", {{"soft", lim(f.memlock_soft)}, {"hard", lim(f.memlock_hard)}}},

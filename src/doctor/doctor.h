@@ -14,9 +14,9 @@ namespace shardps::doctor {
 
 struct PortFacts {
   int number = 0;
-  std::string state;       // "ACTIVE", "DOWN", "INIT", ...
-  std::string link_layer;  // "InfiniBand" or "Ethernet" (RoCE)
-  int active_mtu = 0;      // bytes
+  std::string state;              // "ACTIVE", "DOWN", "INIT", ...
+  std::string link_layer;         // "InfiniBand" or "Ethernet" (RoCE)
+  int active_mtu = 0;             // bytes
   std::vector<std::string> gids;  // non-zero GIDs
 };
 

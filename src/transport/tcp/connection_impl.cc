@@ -86,39 +86,31 @@ void TcpConnection::Send(uint32_t tag, Bytes meta, Payload payload, DoneCallback
 
 void TcpConnection::Write(const void* local, size_t len, const RemoteKey& key, uint64_t offset,
                           DoneCallback done) {
-  auto self = shared_from_this();
-  uint64_t id = 0, secret = 0;
-  Status st = DecodeKey(key, &id, &secret);
-  Post(
-      [self, st, id, secret, offset, local, len, done]() mutable {
-        if (!st.ok()) return done(st);
-        Bytes meta;
-        Writer w(&meta);
-        w.Put(id);
-        w.Put(secret);
-        w.Put(offset);
-        self->StartRequest(FrameType::kWriteReq, std::move(meta), Payload::View(local, len),
-                           PendingOp{std::move(done), nullptr, len, false});
-      },
-      done);
+  StartOneSided(FrameType::kWriteReq, const_cast<void*>(local), len, key, offset, std::move(done));
 }
 
 void TcpConnection::Read(void* local, size_t len, const RemoteKey& key, uint64_t offset,
                          DoneCallback done) {
+  StartOneSided(FrameType::kReadReq, local, len, key, offset, std::move(done));
+}
+
+void TcpConnection::StartOneSided(FrameType type, void* local, size_t len, const RemoteKey& key,
+                                  uint64_t offset, DoneCallback done) {
   auto self = shared_from_this();
   uint64_t id = 0, secret = 0;
   Status st = DecodeKey(key, &id, &secret);
   Post(
-      [self, st, id, secret, offset, local, len, done]() mutable {
+      [self, type, st, id, secret, offset, local, len, done]() mutable {
         if (!st.ok()) return done(st);
+        bool read = type == FrameType::kReadReq;
         Bytes meta;
         Writer w(&meta);
         w.Put(id);
         w.Put(secret);
         w.Put(offset);
-        w.Put<uint64_t>(len);
-        self->StartRequest(FrameType::kReadReq, std::move(meta), Payload{},
-                           PendingOp{std::move(done), local, len, true});
+        if (read) w.Put<uint64_t>(len);
+        self->StartRequest(type, std::move(meta), read ? Payload{} : Payload::View(local, len),
+                           PendingOp{std::move(done), read ? local : nullptr, len, read});
       },
       done);
 }

@@ -48,6 +48,8 @@ class TcpConnection final : public Connection, public std::enable_shared_from_th
   void Enqueue(FrameType type, uint32_t aux, uint64_t request_id, Bytes meta, Payload payload,
                DoneCallback done);
   void StartRequest(FrameType type, Bytes meta, Payload payload, PendingOp op);
+  void StartOneSided(FrameType type, void* local, size_t len, const RemoteKey& key, uint64_t offset,
+                     DoneCallback done);
   void OnEvents(uint32_t events);
   void FlushOut();
   bool ReadSome();

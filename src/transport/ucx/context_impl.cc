@@ -73,7 +73,8 @@ Result<ucp_context_h> MakeUcpContext(const ContextOptions& options) {
     ucp_config_modify(cfg, "MM_ERROR_HANDLING", "y");
   ucp_params_t p{};
   p.field_mask = UCP_PARAM_FIELD_FEATURES;
-  p.features = UCP_FEATURE_RMA;
+  p.features =
+      UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;  // wakeup: the progress thread sleeps on its fd
   ucp_context_h ctx = nullptr;
   st = ucp_init(&p, cfg, &ctx);
   ucp_config_release(cfg);
@@ -309,15 +310,15 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   UcxConnection(std::shared_ptr<Shared> s) : shared_(std::move(s)) {}
 
   // The tcp side's handlers: user messages pass through, the backend's own are handled here.
+  // They hold this connection alive while the tcp connection is open (the tcp side drops its
+  // handlers when it closes, which ends the cycle).
   ConnectionHandlers TcpHandlers() {
-    std::weak_ptr<UcxConnection> weak = weak_from_this();
+    auto self = shared_from_this();
     ConnectionHandlers h;
-    h.on_message = [weak](const std::shared_ptr<Connection>&, Message m) {
-      if (auto self = weak.lock()) self->OnTcpMessage(std::move(m));
+    h.on_message = [self](const std::shared_ptr<Connection>&, Message m) {
+      self->OnTcpMessage(std::move(m));
     };
-    h.on_close = [weak](const std::shared_ptr<Connection>&, Status st) {
-      if (auto self = weak.lock()) self->OnTcpClosed(st);
-    };
+    h.on_close = [self](const std::shared_ptr<Connection>&, Status st) { self->OnTcpClosed(st); };
     return h;
   }
   void Attach(std::shared_ptr<Connection> tcp, ConnectionHandlers user) {
@@ -674,45 +675,24 @@ class UcxContext final : public Context {
   Result<std::unique_ptr<Listener>> Listen(const std::string& address,
                                            AcceptHandler on_accept) override {
     auto shared = shared_;
-    return shared_->tcp->Listen(
-        address, [shared, on_accept](const std::shared_ptr<Connection>& tcp_conn) {
-          auto c = std::make_shared<UcxConnection>(shared);
-          {
-            std::lock_guard<std::mutex> lock(shared->mu);
-            shared->conns.push_back(c);
-          }
-          ConnectionHandlers user = on_accept(c);
-          c->Attach(tcp_conn, std::move(user));
-          // The tcp connection holds the handlers, which hold the ucx connection alive.
-          auto keep = c;
-          ConnectionHandlers h = c->TcpHandlers();
-          auto on_msg = h.on_message;
-          auto on_close = h.on_close;
-          h.on_message = [keep, on_msg](const std::shared_ptr<Connection>& t, Message m) {
-            on_msg(t, std::move(m));
-          };
-          h.on_close = [keep, on_close](const std::shared_ptr<Connection>& t, Status st) {
-            on_close(t, st);
-          };
-          return h;
-        });
+    return shared_->tcp->Listen(address,
+                                [shared, on_accept](const std::shared_ptr<Connection>& tcp_conn) {
+                                  auto c = std::make_shared<UcxConnection>(shared);
+                                  {
+                                    std::lock_guard<std::mutex> lock(shared->mu);
+                                    shared->conns.push_back(c);
+                                  }
+                                  ConnectionHandlers user = on_accept(c);
+                                  c->Attach(tcp_conn, std::move(user));
+                                  return c->TcpHandlers();
+                                });
   }
 
   Result<std::shared_ptr<Connection>> Connect(const std::string& address,
                                               ConnectionHandlers handlers,
                                               std::chrono::milliseconds timeout) override {
     auto c = std::make_shared<UcxConnection>(shared_);
-    ConnectionHandlers h = c->TcpHandlers();
-    auto keep = c;
-    auto on_msg = h.on_message;
-    auto on_close = h.on_close;
-    h.on_message = [keep, on_msg](const std::shared_ptr<Connection>& t, Message m) {
-      on_msg(t, std::move(m));
-    };
-    h.on_close = [keep, on_close](const std::shared_ptr<Connection>& t, Status st) {
-      on_close(t, st);
-    };
-    auto tcp_conn = shared_->tcp->Connect(address, h, timeout);
+    auto tcp_conn = shared_->tcp->Connect(address, c->TcpHandlers(), timeout);
     if (!tcp_conn.ok()) return tcp_conn.status();
     {
       std::lock_guard<std::mutex> lock(shared_->mu);
