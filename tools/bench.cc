@@ -1,11 +1,11 @@
 #include "bench.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <sstream>
@@ -199,7 +199,8 @@ Result<PerftestResult> RunUcxPerftest(const std::string& test, uint64_t size, ui
       found = true;
     }
   }
-  if (!found) return Status::IOError("could not read ucx_perftest's output: " + out->substr(0, 500));
+  if (!found)
+    return Status::IOError("could not read ucx_perftest's output: " + out->substr(0, 500));
   return r;
 }
 

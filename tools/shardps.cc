@@ -1,4 +1,4 @@
-// The `shardps` command: coordinator, server, launch, bench (and more as they come).
+// The `shardps` command: coordinator, server, launch, bench, train, doctor.
 #include <csignal>
 #include <cstdio>
 #include <string>
@@ -9,9 +9,11 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "doctor/doctor.h"
 #include "launch.h"
 #include "shardps/coordinator.h"
 #include "shardps/server.h"
+#include "train.h"
 #include "transport/context.h"
 
 namespace shardps::tools {
@@ -105,6 +107,23 @@ int Main(int argc, char** argv) {
   BenchFlags bflags;
   AddBenchFlags(bench, &bflags);
 
+  // train: every default is the demo's (2 servers, 4 workers, sync, mean, tcp)
+  auto* train = app.add_subcommand("train", "train an MLP on Fashion-MNIST through ShardPS");
+  JobFlags tjob;
+  tjob.servers = 2;
+  tjob.workers = 4;
+  tjob.Add(train);
+  TrainFlags tflags;
+  AddTrainFlags(train, &tflags);
+
+  // doctor
+  auto* doctor = app.add_subcommand("doctor", "check this machine's RDMA, UCX and GPU set-up");
+  bool doctor_json = false;
+  std::string doctor_shard = "64MiB";
+  doctor->add_flag("--json", doctor_json, "print the findings as JSON");
+  doctor->add_option("--shard-size", doctor_shard, "bytes one server registers (memlock check)")
+      ->envname("SHARDPS_SHARD_SIZE");
+
   try {
     ParseLayered(app, argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -156,6 +175,28 @@ int Main(int argc, char** argv) {
   if (*bench) {
     if (!std::getenv("SHARDPS_COORDINATOR")) LogEffectiveConfig(*bench);
     return RunBench(bflags, bjob, ArgsAfter(argc, argv, "bench"));
+  }
+  if (*doctor) {
+    auto bytes = ParseBytes(doctor_shard);
+    if (!bytes.ok()) {
+      std::fprintf(stderr, "shardps doctor: --shard-size: %s\n", bytes.status().ToString().c_str());
+      return 2;
+    }
+    doctor::Options o;
+    o.shard_bytes = *bytes;
+    if (const char* tls = std::getenv("UCX_TLS")) o.ucx_tls = tls;
+    doctor::Facts facts = doctor::Gather(o);
+    auto findings = doctor::Advise(facts);
+    if (doctor_json) {
+      std::printf("%s\n", doctor::ToJson(facts, findings).dump(2).c_str());
+    } else {
+      std::printf("%s", doctor::ToText(facts, findings).c_str());
+    }
+    return 0;  // it reports; problems are findings, not failures
+  }
+  if (*train) {
+    if (!std::getenv("SHARDPS_COORDINATOR")) LogEffectiveConfig(*train);
+    return RunTrain(tflags, tjob, ArgsAfter(argc, argv, "train"));
   }
   return 2;
 }

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "support/subprocess.h"
 
@@ -168,6 +169,21 @@ TEST(Launch, InterruptLeavesNoProcessBehind) {
     EXPECT_NE(kill(pid, 0), 0) << "worker " << rank << " (pid " << pid << ") is still running";
   }
   std::filesystem::remove_all(dir);
+}
+
+// What this machine has, in text and JSON; it exits 0 whatever it finds.
+TEST(Doctor, ReportsThisMachineInTextAndJson) {
+  auto r = RunCommand({kShardps, "doctor"}, 60s);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("RDMA devices:"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("Locked memory:"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("data path:"), std::string::npos) << r.output;
+  auto j = RunCommand({kShardps, "doctor", "--json", "--shard-size", "1GiB"}, 60s);
+  EXPECT_EQ(j.exit_code, 0) << j.output;
+  auto parsed = nlohmann::json::parse(j.output, nullptr, false);
+  ASSERT_FALSE(parsed.is_discarded()) << j.output;
+  EXPECT_EQ(parsed["shard_bytes"], 1ull << 30);
+  EXPECT_TRUE(parsed["findings"].is_array());
 }
 
 TEST(Launch, BadFlagsGetAClearErrorAndNonZeroExit) {

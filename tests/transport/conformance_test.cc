@@ -376,6 +376,10 @@ TEST_P(TransportConformance, CloseWithPendingOperationsFiresEveryCallbackOnce) {
 }
 
 TEST_P(TransportConformance, DestroyingTheContextFailsPendingOperations) {
+  if (GetParam().label == "ucx_tcp")
+    GTEST_SKIP() << "UCX 1.13 (Debian) can abort the surviving process when a peer's worker "
+                    "disappears while a uct-tcp wire-up reply to it is pending (assertion in "
+                    "ucp_request_send_state_ff, removed upstream by openucx/ucx PR #8175)";
   Connect();
   auto region = server_->AllocateRegion(8 << 20);
   ASSERT_TRUE(region.ok());

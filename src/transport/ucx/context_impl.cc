@@ -29,6 +29,7 @@ namespace {
 constexpr uint32_t kHello = 0xFFFF0001;      // meta: this side's UCP worker address
 constexpr uint32_t kRevoke = 0xFFFF0002;     // meta: u64 region id, u64 token
 constexpr uint32_t kRevokeAck = 0xFFFF0003;  // meta: u64 token
+constexpr uint32_t kReady = 0xFFFF0004;      // the sender's endpoint to us is wired up
 constexpr auto kRevokeWait = std::chrono::milliseconds(2000);
 
 Status FromUcs(const std::string& what, ucs_status_t st) {
@@ -322,11 +323,23 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     return h;
   }
   void Attach(std::shared_ptr<Connection> tcp, ConnectionHandlers user) {
-    tcp_ = std::move(tcp);
-    user_ = std::move(user);
-    peer_ = tcp_->peer();
+    {
+      std::lock_guard<std::mutex> lock(wire_mu_);
+      tcp_ = std::move(tcp);
+      user_ = std::move(user);
+      peer_ = tcp_->peer();
+      attached_ = true;
+    }
+    wire_cv_.notify_all();
     Bytes meta = shared_->progress.address();
     tcp_->Send(kHello, std::move(meta), {}, nullptr);
+  }
+
+  // A connect's tcp side receives before Attach() ran on the connecting thread; its first
+  // events wait for it here (microseconds; bounded).
+  bool WaitAttached() {
+    std::unique_lock<std::mutex> lock(wire_mu_);
+    return wire_cv_.wait_for(lock, std::chrono::seconds(10), [&] { return attached_; });
   }
 
   void Send(uint32_t tag, Bytes meta, Payload payload, DoneCallback done) override {
@@ -364,7 +377,26 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   }
   void SendRaw(uint32_t tag, Bytes meta) { tcp_->Send(tag, std::move(meta), {}, nullptr); }
 
+  // Waits until both endpoints (ours to the peer, the peer's to us) are wired up, so that no
+  // wire-up traffic is left in flight when either side goes away. (UCX 1.13 can abort on a
+  // wire-up reply pending to a vanished peer over uct-tcp; openucx/ucx PR #8175.)
+  Status WaitWiredUp(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(wire_mu_);
+    if (!wire_cv_.wait_for(lock, timeout,
+                           [&] { return (local_ready_ && peer_ready_) || wire_failed_; }))
+      return Status::Timeout("ucx wire-up with " + peer_ + " did not complete");
+    if (wire_failed_)
+      return Status::Unavailable("connection to " + peer_ + " closed during wire-up");
+    return Status::OK();
+  }
+
  private:
+  void SetWire(bool* flag) {
+    std::lock_guard<std::mutex> lock(wire_mu_);
+    *flag = true;
+    wire_cv_.notify_all();
+  }
+
   struct Op {
     DoneCallback done;
   };
@@ -401,6 +433,7 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
              DoneCallback done);
 
   void OnTcpMessage(Message m) {
+    if (!WaitAttached()) return;
     if (m.tag == kHello) {
       auto self = shared_from_this();
       Post([self, addr = std::move(m.meta)]() mutable { self->CreateEndpoint(std::move(addr)); },
@@ -423,6 +456,7 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
           nullptr);
       return;
     }
+    if (m.tag == kReady) return SetWire(&peer_ready_);
     if (m.tag == kRevokeAck) {
       Reader r(m.meta.data(), m.meta.size());
       uint64_t token = 0;
@@ -436,7 +470,9 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   }
 
   void OnTcpClosed(Status st) {
+    WaitAttached();
     closed_flag_ = true;
+    SetWire(&wire_failed_);
     auto self = shared_from_this();
     if (!shared_->progress.Post([self, st] { self->Shutdown(st); })) Shutdown(st);
   }
@@ -473,6 +509,8 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     FlushThen([self = shared_from_this()](Status fst) {
       if (!fst.ok()) return self->tcp_->Close();
       self->ready_ = true;
+      self->SetWire(&self->local_ready_);
+      self->SendRaw(kReady, {});
       auto waiting = std::move(self->waiting_);
       self->waiting_.clear();
       for (auto& fn : waiting) fn();
@@ -517,6 +555,13 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   ConnectionHandlers user_;
   std::string peer_;
   std::atomic<bool> closed_flag_{false};
+
+  std::mutex wire_mu_;
+  std::condition_variable wire_cv_;
+  bool local_ready_ = false;  // guarded by wire_mu_
+  bool peer_ready_ = false;   // guarded by wire_mu_
+  bool wire_failed_ = false;  // guarded by wire_mu_
+  bool attached_ = false;     // guarded by wire_mu_
 
   // Progress thread state.
   ucp_ep_h ep_ = nullptr;
@@ -699,6 +744,11 @@ class UcxContext final : public Context {
       shared_->conns.push_back(c);
     }
     c->Attach(*tcp_conn, std::move(handlers));
+    Status wired = c->WaitWiredUp(timeout);
+    if (!wired.ok()) {
+      c->Close();
+      return wired;
+    }
     return std::shared_ptr<Connection>(c);
   }
 

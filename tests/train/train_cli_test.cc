@@ -1,0 +1,188 @@
+// `shardps train` through the real binary: each run launches a local cluster of processes and is
+// bounded in time.
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "support/subprocess.h"
+
+namespace shardps {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::CountOccurrences;
+using testing::RunCommand;
+
+const std::string kShardps = SHARDPS_BIN;
+const std::string kFashionMnist = "/usr/share/datasets/fashion-mnist";
+
+class TrainCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("train-cli-" + std::to_string(getpid()) + "-" + std::to_string(rand()));
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string Path(const std::string& name) const { return (dir_ / name).string(); }
+
+  static nlohmann::json ReadJson(const std::string& path) {
+    std::ifstream f(path);
+    return nlohmann::json::parse(f, nullptr, false);
+  }
+
+  std::filesystem::path dir_;
+};
+
+void PutU32(std::vector<uint8_t>* b, uint32_t v) {
+  for (int s = 24; s >= 0; s -= 8) b->push_back(static_cast<uint8_t>(v >> s));
+}
+
+// An uncompressed IDX file: magic, dimensions, payload.
+void WriteIdx(const std::string& path, uint32_t magic, const std::vector<uint32_t>& dims,
+              const std::vector<uint8_t>& payload) {
+  std::vector<uint8_t> b;
+  PutU32(&b, magic);
+  for (uint32_t d : dims) PutU32(&b, d);
+  b.insert(b.end(), payload.begin(), payload.end());
+  std::ofstream(path, std::ios::binary).write(reinterpret_cast<const char*>(b.data()), b.size());
+}
+
+// A small Fashion-MNIST-shaped dataset in `dir`: image i is bright in the rows of its class.
+void WriteSyntheticDataset(const std::string& dir, uint32_t train, uint32_t test) {
+  for (auto [prefix, n] : {std::pair<std::string, uint32_t>{"train", train}, {"t10k", test}}) {
+    std::vector<uint8_t> images, labels;
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint8_t label = static_cast<uint8_t>(i * 7 % 10);
+      labels.push_back(label);
+      for (int r = 0; r < 28; ++r)
+        for (int c = 0; c < 28; ++c)
+          images.push_back(r / 3 == label ? static_cast<uint8_t>(200 + (i + c) % 50)
+                                          : static_cast<uint8_t>((i * 31 + r * 7 + c) % 40));
+    }
+    WriteIdx(dir + "/" + prefix + "-images-idx3-ubyte", 0x803, {n, 28, 28}, images);
+    WriteIdx(dir + "/" + prefix + "-labels-idx1-ubyte", 0x801, {n}, labels);
+  }
+}
+
+TEST_F(TrainCli, ShortFashionMnistRunLearns) {
+  if (!std::filesystem::exists(kFashionMnist + "/train-images-idx3-ubyte.gz"))
+    GTEST_SKIP() << kFashionMnist << " is missing (Debian package dataset-fashion-mnist)";
+  const std::string report = Path("report.json");
+  auto r = RunCommand({kShardps, "train", "--limit", "6000", "--epochs", "1", "--servers", "1",
+                       "--workers", "2", "--report", report},
+                      180s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto j = ReadJson(report);
+  ASSERT_FALSE(j.is_discarded()) << r.output;
+  EXPECT_EQ(j["workers"], 2);
+  EXPECT_EQ(j["servers"], 1);
+  EXPECT_EQ(j["mode"], "sync");
+  EXPECT_EQ(j["epochs"], 1);
+  EXPECT_EQ(j["train_samples"], 6000);
+  EXPECT_GT(j["test_accuracy"].get<double>(), 0.6) << r.output;  // chance is 0.1
+  EXPECT_LT(j["last_loss"].get<double>(), 0.7 * j["first_loss"].get<double>()) << r.output;
+  EXPECT_GT(j["samples_per_second"].get<double>(), 0);
+  ASSERT_EQ(j["epochs_detail"].size(), 1u);
+  EXPECT_EQ(j["epochs_detail"][0]["test_accuracy"], j["test_accuracy"]);
+  // Rank 0 alone reports; stdout is not a terminal, so plain lines and no progress bar.
+  EXPECT_EQ(CountOccurrences(r.output, "] epoch 1/1: train loss"), 1u) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, "[worker 1] epoch"), 0u) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, "\r"), 0u) << r.output;
+}
+
+// Runs everywhere (no real dataset needed): the whole path with both modes and the baseline.
+TEST_F(TrainCli, SyntheticDatasetEndToEndWithBaseline) {
+  WriteSyntheticDataset(dir_.string(), 240, 60);
+  for (std::string mode : {"sync", "async"}) {
+    const std::string report = Path(mode + ".json");
+    std::vector<std::string> argv = {
+        kShardps, "train",   "--data-dir", dir_.string(), "--servers", "2",      "--workers",
+        "3",      "--batch", "30",         "--epochs",    "3",         "--mode", mode,
+        "--lr",   "0.01",    "--baseline", "--report",    report};
+    const bool gnuplot = std::system("command -v gnuplot >/dev/null 2>&1") == 0;
+    if (gnuplot) {
+      argv.push_back("--plot");
+      argv.push_back(Path(mode + ".png"));
+    }
+    auto r = RunCommand(argv, 120s);
+    ASSERT_FALSE(r.timed_out) << r.output;
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    auto j = ReadJson(report);
+    ASSERT_FALSE(j.is_discarded()) << r.output;
+    EXPECT_EQ(j["mode"], mode);
+    EXPECT_EQ(j["workers"], 3);
+    EXPECT_EQ(j["steps_per_epoch"], 8);
+    EXPECT_EQ(j["epochs_detail"].size(), 3u);
+    EXPECT_EQ(j["baseline_epochs_detail"].size(), 3u);
+    for (const char* key : {"test_accuracy", "train_loss", "wall_seconds", "samples_per_second",
+                            "baseline_test_accuracy", "baseline_wall_seconds"})
+      EXPECT_TRUE(j.contains(key)) << key << " missing in " << j.dump();
+    // An easy problem: both learn it.
+    EXPECT_GT(j["test_accuracy"].get<double>(), 0.9) << r.output;
+    EXPECT_GT(j["baseline_test_accuracy"].get<double>(), 0.9) << r.output;
+    if (gnuplot) {
+      EXPECT_GT(std::filesystem::file_size(Path(mode + ".png")), 0u);
+    }
+  }
+}
+
+TEST_F(TrainCli, TruncatedOrWrongMagicDatasetIsAClearError) {
+  WriteSyntheticDataset(dir_.string(), 100, 20);
+  const std::string images = Path("train-images-idx3-ubyte");
+  std::filesystem::resize_file(images, 16 + 50 * 28 * 28);
+  auto r = RunCommand({kShardps, "train", "--data-dir", dir_.string()}, 30s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("truncated"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("train-images-idx3-ubyte"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("[worker"), std::string::npos) << "checked before launching\n"
+                                                         << r.output;
+
+  WriteSyntheticDataset(dir_.string(), 100, 20);
+  WriteIdx(Path("t10k-labels-idx1-ubyte"), 0x803, {20}, std::vector<uint8_t>(20, 1));
+  r = RunCommand({kShardps, "train", "--data-dir", dir_.string()}, 30s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("wrong magic number 0x00000803"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("t10k-labels-idx1-ubyte"), std::string::npos) << r.output;
+
+  r = RunCommand({kShardps, "train", "--data-dir", Path("nonexistent")}, 30s);
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("dataset-fashion-mnist"), std::string::npos) << r.output;
+}
+
+TEST_F(TrainCli, ImpossibleFlagCombinationsAreRefusedBeforeLaunching) {
+  WriteSyntheticDataset(dir_.string(), 100, 20);
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"--batch", "10", "--workers", "4"}, "not divisible by --workers 4"},
+      {{"--dataset", "mnist"}, "--dataset mnist"},
+      {{"--lr", "0"}, "--lr 0"},
+      {{"--lr", "-0.1"}, "--lr -0.1"},
+      {{"--epochs", "0"}, "--epochs 0"},
+      {{"--batch", "0"}, "--batch 0"},
+      {{"--batch", "120"}, "larger than the 100 training samples"},
+      {{"--limit", "40", "--batch", "48"}, "larger than the 40 training samples"},
+  };
+  for (const auto& [flags, message] : cases) {
+    std::vector<std::string> argv = {kShardps, "train", "--data-dir", dir_.string()};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    auto r = RunCommand(argv, 30s);
+    ASSERT_FALSE(r.timed_out) << r.output;
+    EXPECT_NE(r.exit_code, 0) << message << "\n" << r.output;
+    EXPECT_NE(r.output.find("impossible flag combination"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(message), std::string::npos) << message << "\n" << r.output;
+    EXPECT_EQ(r.output.find("[worker"), std::string::npos) << r.output;
+  }
+}
+
+}  // namespace
+}  // namespace shardps

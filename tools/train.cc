@@ -1,0 +1,464 @@
+#include "train.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <numeric>
+#include <random>
+#include <utility>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "launch.h"
+#include "server/optimizer.h"
+#include "shardps/worker.h"
+#include "train/idx.h"
+#include "train/mlp.h"
+#include "train/plot.h"
+#include "train/progress.h"
+
+extern char** environ;
+
+namespace shardps::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+using train::Dataset;
+using Tensors = std::vector<std::vector<float>>;
+
+constexpr auto kOpTimeout = 120s;
+// Workers may drift apart in async mode (rank 0 also evaluates), so barriers wait longer.
+constexpr auto kBarrierTimeout = 600s;
+
+double Since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// One line on stdout, flushed (under `shardps launch` stdout is a pipe).
+template <typename... A>
+void Say(fmt::format_string<A...> f, A&&... a) {
+  fmt::print(stdout, f, std::forward<A>(a)...);
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+}
+
+int Fail(const Status& st, int code = 1) {
+  std::fprintf(stderr, "shardps train: %s\n", st.ToString().c_str());
+  return code;
+}
+
+Status Impossible(const std::string& why) {
+  return Status::InvalidArgument("impossible flag combination: " + why);
+}
+
+// The checks that need neither the data nor the cluster.
+Status CheckFlags(const TrainFlags& t, uint32_t workers) {
+  if (t.dataset != "fashion-mnist")
+    return Impossible(fmt::format("--dataset {}: only fashion-mnist is supported", t.dataset));
+  if (!(t.lr > 0) || !std::isfinite(t.lr))
+    return Impossible(fmt::format("--lr {} must be a positive number", t.lr));
+  if (t.epochs <= 0) return Impossible(fmt::format("--epochs {} must be positive", t.epochs));
+  if (t.batch <= 0) return Impossible(fmt::format("--batch {} must be positive", t.batch));
+  if (static_cast<uint32_t>(t.batch) % workers != 0)
+    return Impossible(fmt::format(
+        "--batch {} is not divisible by --workers {} (--batch is the global batch; each worker "
+        "uses batch / workers samples per step)",
+        t.batch, workers));
+  auto k = ParseOptimizer(t.optimizer);
+  if (!k.ok()) return k.status().WithContext("--optimizer");
+  return Status::OK();
+}
+
+// The number of training samples used; checks that every worker gets at least one step.
+Result<size_t> TrainSize(const TrainFlags& t, uint32_t workers, size_t available) {
+  const size_t n = t.limit > 0 ? std::min<size_t>(t.limit, available) : available;
+  if (workers > n)
+    return Impossible(fmt::format("{} workers but only {} training samples", workers, n));
+  if (static_cast<size_t>(t.batch) > n)
+    return Impossible(fmt::format("--batch {} is larger than the {} training samples", t.batch, n));
+  return n;
+}
+
+std::string DataDir(const TrainFlags& t) {
+  return t.data_dir.empty() ? train::kDefaultFashionMnistDir : t.data_dir;
+}
+
+uint64_t Mix(uint64_t x) {  // SplitMix64
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+void Shuffle(std::vector<uint32_t>* v, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  for (size_t i = v->size(); i > 1; --i) std::swap((*v)[i - 1], (*v)[rng() % i]);
+}
+
+// The samples of worker `rank` in `epoch`, in order: its strided 1/W share (rank, rank+W, ...)
+// of the first n samples shuffled with the seed, reshuffled every epoch. Every process computes
+// the same, which is how the baseline replays the distributed run's global batches.
+std::vector<uint32_t> EpochOrder(size_t n, uint32_t workers, uint32_t rank, int epoch,
+                                 uint64_t seed) {
+  std::vector<uint32_t> perm(n);
+  std::iota(perm.begin(), perm.end(), 0u);
+  Shuffle(&perm, Mix(seed));
+  std::vector<uint32_t> share;
+  for (size_t i = rank; i < n; i += workers) share.push_back(perm[i]);
+  Shuffle(&share, Mix(Mix(seed) ^ Mix((uint64_t{static_cast<uint32_t>(epoch)} << 32) | rank)));
+  return share;
+}
+
+void Gather(const Dataset& d, const uint32_t* idx, size_t n, float* x, uint8_t* y) {
+  const size_t f = static_cast<size_t>(d.rows) * static_cast<size_t>(d.cols);
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(x + i * f, d.images.data() + idx[i] * f, f * sizeof(float));
+    y[i] = d.labels[idx[i]];
+  }
+}
+
+std::vector<const float*> ConstPtrs(const Tensors& ts) {
+  std::vector<const float*> p;
+  for (const auto& t : ts) p.push_back(t.data());
+  return p;
+}
+
+std::vector<float*> Ptrs(Tensors& ts) {
+  std::vector<float*> p;
+  for (auto& t : ts) p.push_back(t.data());
+  return p;
+}
+
+double TestAccuracy(train::Mlp& mlp, const Tensors& params, const Dataset& test) {
+  const int n = static_cast<int>(test.size());
+  return static_cast<double>(
+             mlp.CountCorrect(ConstPtrs(params), test.images.data(), test.labels.data(), n)) /
+         n;
+}
+
+// What every process derives from the flags and the data.
+struct Plan {
+  size_t samples;  // training samples used
+  uint32_t workers;
+  int local_batch;      // per worker and step
+  int steps;            // per epoch, the same on every worker
+  OptimizerConfig opt;  // what the servers (and the baseline) apply
+  train::MlpShape shape;
+};
+
+Result<Plan> MakePlan(const TrainFlags& t, uint32_t workers, size_t available) {
+  SHARDPS_RETURN_IF_ERROR(CheckFlags(t, workers));
+  Plan p;
+  SHARDPS_ASSIGN_OR_RETURN(p.samples, TrainSize(t, workers, available));
+  p.workers = workers;
+  p.local_batch = t.batch / static_cast<int>(workers);
+  p.steps = static_cast<int>(p.samples / static_cast<size_t>(t.batch));
+  SHARDPS_ASSIGN_OR_RETURN(p.opt.kind, ParseOptimizer(t.optimizer));
+  p.opt.lr = static_cast<float>(t.lr);
+  SHARDPS_RETURN_IF_ERROR(p.opt.Validate());
+  return p;
+}
+
+struct EpochResult {
+  int epoch;
+  double train_loss, test_accuracy, seconds, samples_per_second;
+};
+
+struct RunResult {
+  std::vector<EpochResult> epochs;
+  double wall_seconds = 0;
+  double first_loss = 0, last_loss = 0;  // mean loss over the first / last 10% of steps
+};
+
+// Means of the first and last 10% (at least one) of `losses`.
+void FirstLast(const std::vector<float>& losses, RunResult* r) {
+  const size_t k = std::max<size_t>(1, losses.size() / 10);
+  r->first_loss = std::accumulate(losses.begin(), losses.begin() + k, 0.0) / k;
+  r->last_loss = std::accumulate(losses.end() - k, losses.end(), 0.0) / k;
+}
+
+void SayEpoch(const char* who, const EpochResult& e, int epochs) {
+  Say("{}epoch {}/{}: train loss {:.4f}, test accuracy {:.4f}, {:.0f} samples/s, {:.1f} s", who,
+      e.epoch, epochs, e.train_loss, e.test_accuracy, e.samples_per_second, e.seconds);
+}
+
+// The same model, data order and global batches in this one process, without the parameter
+// server: each step applies the optimizer to the mean gradient of the whole global batch.
+RunResult RunBaseline(const TrainFlags& t, const Plan& p, const Dataset& train,
+                      const Dataset& test) {
+  const size_t f = static_cast<size_t>(train.rows) * static_cast<size_t>(train.cols);
+  const size_t b = static_cast<size_t>(p.local_batch);
+  train::Mlp mlp(p.shape);
+  Tensors params = train::InitParams(p.shape, t.seed), grads;
+  std::vector<server::OptimizerState> state(params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    grads.emplace_back(params[k].size());
+    server::InitOptimizerState(p.opt, params[k].size(), &state[k]);
+  }
+  std::vector<float> x(static_cast<size_t>(t.batch) * f), losses;
+  std::vector<uint8_t> y(static_cast<size_t>(t.batch));
+  RunResult r;
+  const auto t0 = Clock::now();
+  for (int e = 0; e < t.epochs; ++e) {
+    const auto te = Clock::now();
+    std::vector<std::vector<uint32_t>> orders;
+    for (uint32_t w = 0; w < p.workers; ++w)
+      orders.push_back(EpochOrder(p.samples, p.workers, w, e, t.seed));
+    double sum = 0;
+    for (int s = 0; s < p.steps; ++s) {
+      for (uint32_t w = 0; w < p.workers; ++w)
+        Gather(train, orders[w].data() + s * b, b, x.data() + w * b * f, y.data() + w * b);
+      const float loss =
+          mlp.ForwardBackward(ConstPtrs(params), x.data(), y.data(), t.batch, Ptrs(grads));
+      for (size_t k = 0; k < params.size(); ++k)
+        server::ApplyOptimizer(p.opt, params[k].data(), params[k].data(), grads[k].data(), nullptr,
+                               1.0f, params[k].size(), &state[k]);
+      sum += loss;
+      losses.push_back(loss);
+    }
+    const double secs = Since(te);
+    r.epochs.push_back({e + 1, sum / p.steps, TestAccuracy(mlp, params, test), secs,
+                        static_cast<double>(p.steps) * t.batch / secs});
+    SayEpoch("baseline ", r.epochs.back(), t.epochs);
+  }
+  r.wall_seconds = Since(t0);
+  FirstLast(losses, &r);
+  return r;
+}
+
+nlohmann::json EpochsJson(const RunResult& r) {
+  auto a = nlohmann::json::array();
+  for (const auto& e : r.epochs)
+    a.push_back({{"epoch", e.epoch},
+                 {"train_loss", e.train_loss},
+                 {"test_accuracy", e.test_accuracy},
+                 {"seconds", e.seconds},
+                 {"samples_per_second", e.samples_per_second}});
+  return a;
+}
+
+std::vector<train::EpochPoint> Points(const RunResult& r) {
+  std::vector<train::EpochPoint> pts;
+  for (const auto& e : r.epochs) pts.push_back({e.epoch, e.train_loss, e.test_accuracy});
+  return pts;
+}
+
+// Rank 0's epilogue: the baseline, the report and the plot.
+int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t servers, Mode mode,
+             const Dataset& train, const Dataset& test) {
+  const EpochResult& last = run.epochs.back();
+  const double sps = static_cast<double>(p.steps) * t.batch * t.epochs / run.wall_seconds;
+  Say("train: done in {:.1f} s: test accuracy {:.4f}, train loss {:.4f} (rank 0's mean "
+      "mini-batch loss of the last epoch), {:.0f} samples/s; mean loss over the first 10% of "
+      "steps {:.4f}, over the last 10% {:.4f}",
+      run.wall_seconds, last.test_accuracy, last.train_loss, sps, run.first_loss, run.last_loss);
+  nlohmann::json report = {{"dataset", t.dataset},
+                           {"test_accuracy", last.test_accuracy},
+                           {"train_loss", last.train_loss},
+                           {"epochs", t.epochs},
+                           {"wall_seconds", run.wall_seconds},
+                           {"samples_per_second", sps},
+                           {"workers", p.workers},
+                           {"servers", servers},
+                           {"mode", ModeName(mode)},
+                           {"optimizer", t.optimizer},
+                           {"lr", t.lr},
+                           {"batch", t.batch},
+                           {"train_samples", p.samples},
+                           {"test_samples", test.size()},
+                           {"steps_per_epoch", p.steps},
+                           {"seed", t.seed},
+                           {"first_loss", run.first_loss},
+                           {"last_loss", run.last_loss},
+                           {"epochs_detail", EpochsJson(run)}};
+  RunResult base;
+  if (t.baseline) {
+    Say("baseline: the same model, data order and global batch of {} in one process", t.batch);
+    base = RunBaseline(t, p, train, test);
+    const double acc = base.epochs.back().test_accuracy;
+    Say("baseline: done in {:.1f} s: test accuracy {:.4f}; the parameter server's run is {:+.2f} "
+        "points from it",
+        base.wall_seconds, acc, (last.test_accuracy - acc) * 100);
+    report["baseline_test_accuracy"] = acc;
+    report["baseline_wall_seconds"] = base.wall_seconds;
+    report["baseline_train_loss"] = base.epochs.back().train_loss;
+    report["baseline_epochs_detail"] = EpochsJson(base);
+  }
+  int rc = 0;
+  if (!t.report.empty()) {
+    std::ofstream f(t.report);
+    f << report.dump(2) << "\n";
+    if (f.flush()) {
+      Say("train: report in {}", t.report);
+    } else {
+      rc = Fail(Status::IOError(fmt::format("cannot write the report {}", t.report)));
+    }
+  }
+  if (!t.plot.empty()) {
+    Status st = train::WritePlot(t.plot, Points(run), Points(base),
+                                 fmt::format("Fashion-MNIST MLP, {} workers, {} servers, {}",
+                                             p.workers, servers, ModeName(mode)));
+    if (st.ok()) {
+      Say("train: plot in {}", t.plot);
+    } else {
+      rc = Fail(st.WithContext("--plot"));
+    }
+  }
+  return rc;
+}
+
+// One worker of the job: trains on its share, exchanging gradients for parameters each step.
+int RunWorker(const TrainFlags& t) {
+  auto wo = WorkerOptions::FromEnvironment(environ);
+  if (!wo.ok()) return Fail(wo.status(), 2);
+  auto data = train::LoadFashionMnist(DataDir(t));
+  if (!data.ok()) return Fail(data.status());
+  const Dataset& train = data->first;
+  const Dataset& test = data->second;
+  auto worker = Worker::Connect(*wo);
+  if (!worker.ok()) return Fail(worker.status());
+  Worker& w = **worker;
+  auto plan = MakePlan(t, w.num_workers(), train.size());
+  if (!plan.ok()) return Fail(plan.status(), 2);
+  const Plan& p = *plan;
+  const bool rank0 = w.rank() == 0;
+  const char* tty_env = std::getenv("SHARDPS_TRAIN_TTY");
+  const bool tty = rank0 && (tty_env ? std::strcmp(tty_env, "1") == 0 : isatty(1) != 0);
+
+  Tensors params = train::InitParams(p.shape, t.seed), grads;
+  std::vector<TensorSpec> specs;
+  const auto pspecs = train::ParamSpecs(p.shape);
+  for (size_t k = 0; k < pspecs.size(); ++k) {
+    TensorSpec s;
+    s.name = pspecs[k].name;
+    s.shape = {static_cast<int64_t>(pspecs[k].rows)};
+    if (pspecs[k].cols > 1) s.shape.push_back(static_cast<int64_t>(pspecs[k].cols));
+    s.init = params[k].data();
+    s.optimizer = p.opt;
+    specs.push_back(s);
+    grads.emplace_back(params[k].size());
+  }
+  auto ids = w.Declare(specs);
+  if (!ids.ok()) return Fail(ids.status());
+  auto wait_all = [&](const std::vector<Handle>& hs) {
+    for (const auto& h : hs) {
+      Status st = h.Wait(kOpTimeout);
+      if (!st.ok()) return st.WithContext(fmt::format("worker {}", w.rank()));
+    }
+    return Status::OK();
+  };
+  if (rank0)
+    Say("train: {} on {} training / {} test samples: {} workers x {} samples per step (global "
+        "batch {}), {} steps per epoch, {} epochs, {} mode, {} servers, {} lr {}",
+        t.dataset, p.samples, test.size(), p.workers, p.local_batch, t.batch, p.steps, t.epochs,
+        ModeName(w.mode()), w.num_servers(), t.optimizer, t.lr);
+  if (Status st = w.Barrier("train.start", kBarrierTimeout); !st.ok()) return Fail(st);
+
+  const size_t f = static_cast<size_t>(train.rows) * static_cast<size_t>(train.cols);
+  const size_t b = static_cast<size_t>(p.local_batch);
+  train::Mlp mlp(p.shape);
+  std::vector<float> x(b * f), losses;
+  std::vector<uint8_t> y(b);
+  RunResult run;
+  const auto t0 = Clock::now();
+  for (int e = 0; e < t.epochs; ++e) {
+    const auto order = EpochOrder(p.samples, p.workers, w.rank(), e, t.seed);
+    train::Progress bar(stdout, tty, fmt::format("epoch {}/{}", e + 1, t.epochs),
+                        static_cast<size_t>(p.steps) * t.batch);
+    const auto te = Clock::now();
+    double sum = 0;
+    for (int s = 0; s < p.steps; ++s) {
+      Gather(train, order.data() + s * b, b, x.data(), y.data());
+      const float loss =
+          mlp.ForwardBackward(ConstPtrs(params), x.data(), y.data(), p.local_batch, Ptrs(grads));
+      std::vector<Handle> hs;
+      for (size_t k = 0; k < params.size(); ++k)
+        hs.push_back(w.PushPull((*ids)[k], grads[k].data(), params[k].data()));
+      if (Status st = wait_all(hs); !st.ok()) return Fail(st);
+      sum += loss;
+      if (rank0) {
+        losses.push_back(loss);
+        bar.Update(static_cast<size_t>(s + 1) * t.batch, sum / (s + 1));
+      }
+    }
+    const double secs = Since(te);
+    bar.Finish();
+    if (e + 1 == t.epochs) {
+      // The final parameters: in async mode, newer than what this worker pulled last.
+      if (Status st = w.Barrier("train.end", kBarrierTimeout); !st.ok()) return Fail(st);
+      if (rank0) {
+        std::vector<Handle> hs;
+        for (size_t k = 0; k < params.size(); ++k)
+          hs.push_back(w.Pull((*ids)[k], params[k].data()));
+        if (Status st = wait_all(hs); !st.ok()) return Fail(st);
+      }
+    }
+    if (rank0) {
+      run.epochs.push_back({e + 1, sum / p.steps, TestAccuracy(mlp, params, test), secs,
+                            static_cast<double>(p.steps) * t.batch / secs});
+      SayEpoch("", run.epochs.back(), t.epochs);
+    }
+  }
+  run.wall_seconds = Since(t0);
+  const uint32_t servers = w.num_servers();
+  const Mode mode = w.mode();
+  if (Status st = w.Finish(); !st.ok()) return Fail(st);
+  worker->reset();  // the servers can go; the baseline runs without them
+  if (!rank0) return 0;
+  FirstLast(losses, &run);
+  return Conclude(t, p, run, servers, mode, train, test);
+}
+
+}  // namespace
+
+void AddTrainFlags(CLI::App* app, TrainFlags* t) {
+  app->add_option("--dataset", t->dataset, "dataset (fashion-mnist)");
+  app->add_option(
+      "--data-dir", t->data_dir,
+      fmt::format("directory of the IDX files (default {})", train::kDefaultFashionMnistDir));
+  app->add_option("--optimizer", t->optimizer, "sgd, momentum, adam or adagrad")
+      ->check(CLI::IsMember({"sgd", "momentum", "adam", "adagrad"}));
+  app->add_option("--lr", t->lr, "learning rate");
+  app->add_option("--batch", t->batch, "global batch (each worker uses batch / workers)");
+  app->add_option("--epochs", t->epochs, "passes over the training set");
+  app->add_option("--limit", t->limit, "use only the first N training samples (0: all)");
+  app->add_option("--seed", t->seed, "seed of the initial parameters and the data order");
+  app->add_option("--report", t->report, "write a JSON report here");
+  app->add_option("--plot", t->plot, "write a PNG of loss and accuracy per epoch here");
+  app->add_flag("--baseline", t->baseline,
+                "also train the same model in one process without the parameter server");
+}
+
+int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::string>& args) {
+  if (std::getenv("SHARDPS_COORDINATOR")) return RunWorker(t);
+  // Standalone: check everything here, so that an error shows once and fast, then launch a
+  // local cluster whose workers are this same command.
+  if (Status st = CheckFlags(t, job.workers); !st.ok()) return Fail(st, 2);
+  {
+    auto data = train::LoadFashionMnist(DataDir(t));
+    if (!data.ok()) return Fail(data.status());
+    auto plan = MakePlan(t, job.workers, data->first.size());
+    if (!plan.ok()) return Fail(plan.status(), 2);
+  }
+  auto co = job.ToCoordinator();
+  if (!co.ok()) return Fail(co.status(), 2);
+  LaunchOptions lo;
+  lo.coordinator = *co;
+  lo.landing_buffers = job.landing_buffers;
+  lo.program = {SelfExe(), "train"};
+  lo.program.insert(lo.program.end(), args.begin(), args.end());
+  lo.env.push_back("SHARDPS_AGGREGATE=" + job.aggregate);
+  // The workers' stdout is the launcher's pipe: tell rank 0 whether a terminal is at the end.
+  lo.env.push_back(fmt::format("SHARDPS_TRAIN_TTY={}", isatty(1) ? 1 : 0));
+  return RunLaunch(lo);
+}
+
+}  // namespace shardps::tools

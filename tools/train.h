@@ -1,0 +1,40 @@
+// `shardps train`: data-parallel training of an MLP (784-256-128-10) on Fashion-MNIST through
+// ShardPS. Every worker trains on its own 1/W share of the training set and exchanges gradients
+// and parameters with the servers only. Standalone it launches a local cluster of itself (after
+// checking the flags and the dataset, so that errors show once); under `shardps launch` it
+// joins that job. Rank 0 reports: a progress bar (on a terminal) or log lines per epoch, the
+// summary, and optionally a JSON report, a PNG plot and a one-process baseline. The train loss
+// of an epoch is the mean of rank 0's own mini-batch losses (batch / W samples each); the test
+// accuracy is rank 0's, on the whole test set, with the parameters it pulled last (after the
+// last epoch: the final parameters, pulled after every worker finished).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cli.h"
+
+namespace shardps::tools {
+
+// The defaults are the demo's settings, chosen for test accuracy ~0.89 in under a minute on
+// two cores: Adam, lr 5e-4, global batch 256, 20 epochs.
+struct TrainFlags {
+  std::string dataset = "fashion-mnist";
+  std::string data_dir;  // empty: train::kDefaultFashionMnistDir
+  std::string optimizer = "adam";
+  double lr = 0.0005;
+  int batch = 256;  // global: each of W workers uses batch / W samples per step
+  int epochs = 20;
+  uint64_t limit = 0;  // use only the first `limit` training samples (0: all)
+  uint64_t seed = 1;
+  std::string report;  // JSON
+  std::string plot;    // PNG
+  bool baseline = false;
+};
+
+void AddTrainFlags(CLI::App* app, TrainFlags* t);
+// `args` are the train subcommand's own arguments, to re-run them under launch.
+int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::string>& args);
+
+}  // namespace shardps::tools
