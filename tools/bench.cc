@@ -254,12 +254,16 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                     {"ucp_put_lat_us", put_lat->latency_us},
                     {"ucp_get_lat_us", get_bw->latency_us}};
   } else if (rank0 && !b.report.empty()) {
-    auto g = MeasureTcpStreamGbps(std::max<uint64_t>(1ull << 30, *size * 8));
-    if (!g.ok()) {
-      std::fprintf(stderr, "shardps bench: baseline: %s\n", g.status().ToString().c_str());
-      return 1;
+    // The best of three runs: the raw transport's capability, not a run that happened to share
+    // the cores with servers still starting up (which only makes the ratio harder to reach).
+    for (int i = 0; i < 3; ++i) {
+      auto g = MeasureTcpStreamGbps(std::max<uint64_t>(1ull << 30, *size * 8));
+      if (!g.ok()) {
+        std::fprintf(stderr, "shardps bench: baseline: %s\n", g.status().ToString().c_str());
+        return 1;
+      }
+      baseline_gbps = std::max(baseline_gbps, *g);
     }
-    baseline_gbps = *g;
   }
   auto worker = Worker::Connect(*wo);
   if (!worker.ok()) {
@@ -426,7 +430,10 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       baseline_gbps = ref;
     } else {
       scenario["ratio_to_baseline"] = baseline_gbps > 0 ? gbps / baseline_gbps : 0;
-      baseline = {{"kind", "tcp_stream_two_processes"}, {"gbps", baseline_gbps}};
+      baseline = {{"kind", "tcp_stream_two_processes"},
+                  {"gbps", baseline_gbps},
+                  {"runs", 3},
+                  {"statistic", "best"}};
     }
     nlohmann::json report = {{"scenarios", nlohmann::json::array({scenario})},
                              {"baseline", baseline}};

@@ -425,7 +425,7 @@ class ServerImpl final : public Server {
     InitOptimizerState(ch->opt, it.numel, &ch->state);
     ch->last_seq.assign(view_.num_workers, 0);
     std::memcpy(ch->slots->data(), init, ch->layout.data_bytes);
-    Seal(*ch, 0);
+    Seal(*ch, 0, Checksum(ch->slots->data(), ch->layout.data_bytes));
     Chunk* raw = ch.get();
     std::unique_lock<std::shared_mutex> lock(chunks_mu_);
     chunks_.emplace(it.chunk_id, std::move(ch));
@@ -598,9 +598,17 @@ class ServerImpl final : public Server {
     uint8_t* next = NextSlot(ch);
     Trailer(ch, next)[0].store(0, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    ApplyOptimizer(ch.opt, in, reinterpret_cast<float*>(next), grad, extra, scale, ch.numel,
-                   &ch.state);
-    Seal(ch, v + 1);
+    // In cache-sized blocks, each checksummed right after it was written (one memory pass).
+    constexpr size_t kBlock = 16 << 10;  // floats
+    auto* out = reinterpret_cast<float*>(next);
+    StreamingChecksum sum;
+    BeginStep(&ch.state);
+    for (size_t b = 0; b < ch.numel; b += kBlock) {
+      size_t e = std::min<size_t>(b + kBlock, ch.numel);
+      ApplyOptimizerRange(ch.opt, in, out, grad, extra, scale, b, e, &ch.state);
+      sum.Update(out + b, (e - b) * 4);
+    }
+    Seal(ch, v + 1, sum.Digest());
     ch.version.store(v + 1);
   }
 
@@ -609,10 +617,10 @@ class ServerImpl final : public Server {
   }
 
   // Stamps slot v % 2 as holding version v: checksum, then the tag.
-  void Seal(Chunk& ch, uint64_t v) {
+  void Seal(Chunk& ch, uint64_t v, uint64_t checksum) {
     uint8_t* slot = static_cast<uint8_t*>(ch.slots->data()) + (v % 2) * ch.layout.stride;
     std::atomic<uint64_t>* t = Trailer(ch, slot);
-    t[1].store(Checksum(slot, ch.layout.data_bytes), std::memory_order_relaxed);
+    t[1].store(checksum, std::memory_order_relaxed);
     t[0].store(v + 1, std::memory_order_release);
     versions_++;
   }
