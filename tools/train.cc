@@ -31,8 +31,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
+using train::ConstPtrs;
 using train::Dataset;
-using Tensors = std::vector<std::vector<float>>;
+using train::Ptrs;
+using train::Tensors;
 
 constexpr auto kOpTimeout = 120s;
 // Workers may drift apart in async mode (rank 0 also evaluates), so barriers wait longer.
@@ -123,18 +125,6 @@ void Gather(const Dataset& d, const uint32_t* idx, size_t n, float* x, uint8_t* 
     std::memcpy(x + i * f, d.images.data() + idx[i] * f, f * sizeof(float));
     y[i] = d.labels[idx[i]];
   }
-}
-
-std::vector<const float*> ConstPtrs(const Tensors& ts) {
-  std::vector<const float*> p;
-  for (const auto& t : ts) p.push_back(t.data());
-  return p;
-}
-
-std::vector<float*> Ptrs(Tensors& ts) {
-  std::vector<float*> p;
-  for (auto& t : ts) p.push_back(t.data());
-  return p;
 }
 
 double TestAccuracy(train::Mlp& mlp, const Tensors& params, const Dataset& test) {

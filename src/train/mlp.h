@@ -39,6 +39,19 @@ size_t NumParams(const MlpShape& shape);
 // platform (std::mt19937_64 with a fixed transform, no std:: distributions).
 std::vector<std::vector<float>> InitParams(const MlpShape& shape, uint64_t seed);
 
+// A model's tensors, and the pointer lists that Mlp's methods take.
+using Tensors = std::vector<std::vector<float>>;
+inline std::vector<const float*> ConstPtrs(const Tensors& ts) {
+  std::vector<const float*> p;
+  for (const auto& t : ts) p.push_back(t.data());
+  return p;
+}
+inline std::vector<float*> Ptrs(Tensors& ts) {
+  std::vector<float*> p;
+  for (auto& t : ts) p.push_back(t.data());
+  return p;
+}
+
 // Evaluates the network. `params` (and `grads`) hold one pointer per ParamSpecs() entry.
 // Inputs `x` are row-major, one sample of layers[0] floats after another; labels must be
 // < layers.back(). The object keeps scratch buffers, so repeated calls with the same batch size

@@ -16,7 +16,9 @@ namespace shardps {
 namespace {
 
 using namespace std::chrono_literals;
-using Tensors = std::vector<std::vector<float>>;
+using train::ConstPtrs;
+using train::Ptrs;
+using train::Tensors;
 
 constexpr int kIn = 20, kClasses = 10, kGlobalBatch = 12, kSteps = 10;
 constexpr uint64_t kSeed = 7;
@@ -47,18 +49,6 @@ Data MakeData(int n) {
     }
   }
   return d;
-}
-
-std::vector<const float*> ConstPtrs(const Tensors& ts) {
-  std::vector<const float*> p;
-  for (const auto& t : ts) p.push_back(t.data());
-  return p;
-}
-
-std::vector<float*> Ptrs(Tensors& ts) {
-  std::vector<float*> p;
-  for (auto& t : ts) p.push_back(t.data());
-  return p;
 }
 
 Tensors ZerosLike(const Tensors& ts) {
