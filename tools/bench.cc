@@ -323,7 +323,6 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   };
   std::vector<double> lat_us;
   uint64_t step = 0;
-  auto t_start = Clock::now();
   for (uint32_t it = 0; it < b.warmup + b.iters && mismatches == 0; ++it) {
     if (it == b.warmup) {
       Status bs = w.Barrier("bench.start", 120s);
@@ -331,7 +330,6 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
         std::fprintf(stderr, "shardps bench: %s\n", bs.ToString().c_str());
         return 1;
       }
-      t_start = Clock::now();
     }
     if (push) {
       // Filled outside the timed region; periodic in i (i % 13), so filled from a table.
@@ -365,7 +363,6 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   // Throughput over the time spent in the operations themselves.
   double secs = 0;
   for (double us : lat_us) secs += us / 1e6;
-  (void)t_start;
   Status bs = w.Barrier("bench.end", 120s);
   if (!bs.ok()) {
     std::fprintf(stderr, "shardps bench: %s\n", bs.ToString().c_str());

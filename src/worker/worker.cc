@@ -117,6 +117,13 @@ using transport::Connection;
 
 constexpr int kMaxReadAttempts = 100000;
 
+// Raises `a` to `v` if `v` is larger (versions seen only move forward).
+void RaiseTo(std::atomic<uint64_t>& a, uint64_t v) {
+  uint64_t cur = a.load();
+  while (v > cur && !a.compare_exchange_weak(cur, v)) {
+  }
+}
+
 struct ChunkRef {
   uint64_t chunk_id = 0;
   uint32_t server = 0;
@@ -178,9 +185,7 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
               Checksum(dst, chunk->layout.data_bytes) == trailer[1];
     if (ok) {
       uint64_t v = tag - 1;
-      uint64_t cur = chunk->known_version.load();
-      while (v > cur && !chunk->known_version.compare_exchange_weak(cur, v)) {
-      }
+      RaiseTo(chunk->known_version, v);
       return op->ChunkDone(Status::OK(), v);
     }
     // The slot was being rewritten while we read it (or holds an older version): try again,
@@ -481,29 +486,28 @@ class WorkerImpl final : public Worker {
           if (st.ok() && (!r.Get(&buffer) || !r.Get(&offset) || !key.Decode(&r)))
             st = Status::ProtocolError("malformed grant");
           if (!st.ok()) return op->ChunkDone(st, 0);
-          rpc->connection().Write(
-              src, ref->numel * 4, key, offset,
-              [this, rpc, ref, seq, op, then_pull, me, buffer](Status st) {
-                if (!st.ok()) return op->ChunkDone(st, 0);
-                Bytes note;
-                Writer w(&note);
-                w.Put(ref->chunk_id);
-                w.Put(buffer);
-                w.Put(me);
-                w.Put(seq);
-                rpc->Call(
-                    kPushDone, note, {},
-                    [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {
-                      uint64_t v = 0;
-                      if (st.ok() && !r.Get(&v)) st = Status::ProtocolError("malformed push ack");
-                      if (!st.ok()) return op->ChunkDone(st, 0);
-                      uint64_t cur = ref->known_version.load();
-                      while (v > cur && !ref->known_version.compare_exchange_weak(cur, v)) {
-                      }
-                      if (then_pull) return PullChunk(rpc, ref, then_pull, op);
-                      op->ChunkDone(Status::OK(), v);
-                    });
-              });
+          rpc->connection().Write(src, ref->numel * 4, key, offset,
+                                  [this, rpc, ref, seq, op, then_pull, me, buffer](Status st) {
+                                    if (!st.ok()) return op->ChunkDone(st, 0);
+                                    Bytes note;
+                                    Writer w(&note);
+                                    w.Put(ref->chunk_id);
+                                    w.Put(buffer);
+                                    w.Put(me);
+                                    w.Put(seq);
+                                    rpc->Call(kPushDone, note, {},
+                                              [this, rpc, ref, op, then_pull](Status st, Reader& r,
+                                                                              transport::Message&) {
+                                                uint64_t v = 0;
+                                                if (st.ok() && !r.Get(&v))
+                                                  st = Status::ProtocolError("malformed push ack");
+                                                if (!st.ok()) return op->ChunkDone(st, 0);
+                                                RaiseTo(ref->known_version, v);
+                                                if (then_pull)
+                                                  return PullChunk(rpc, ref, then_pull, op);
+                                                op->ChunkDone(Status::OK(), v);
+                                              });
+                                  });
         });
   }
 

@@ -151,7 +151,6 @@ Result<std::unique_ptr<TcpContext>> TcpContext::Create(const ContextOptions& opt
 TcpContext::~TcpContext() {
   auto shared = shared_;
   RunOnLoop(shared_->loop, [shared] {
-    shared->shut_down = true;
     auto conns = shared->connections;
     for (auto& c : conns) c->Close();
     return Status::OK();

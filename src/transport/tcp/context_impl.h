@@ -31,7 +31,6 @@ struct RegionMemory {
 struct Shared {
   ContextOptions options;
   Loop loop;
-  bool shut_down = false;  // loop thread only
 
   std::mutex regions_mu;
   std::unordered_map<uint64_t, std::shared_ptr<RegionMemory>> regions;  // guarded by regions_mu

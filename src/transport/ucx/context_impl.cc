@@ -231,7 +231,6 @@ struct Shared {
   std::unique_ptr<Context> tcp;
 
   std::mutex mu;
-  std::map<uint64_t, RegionEntry> regions;          // guarded by mu
   uint64_t next_region = 1;                         // guarded by mu
   std::vector<std::weak_ptr<UcxConnection>> conns;  // guarded by mu
   uint64_t next_token = 1;                          // guarded by mu
@@ -279,10 +278,6 @@ class UcxRegion final : public MemoryRegion {
   ~UcxRegion() override {
     // Peers learn first that the key is dead (and stop using it), then the memory goes.
     shared_->Revoke(id_);
-    {
-      std::lock_guard<std::mutex> lock(shared_->mu);
-      shared_->regions.erase(id_);
-    }
     auto s = shared_;
     ucp_mem_h mh = entry_.mh;
     bool ran = s->progress.Call<bool>(
@@ -490,7 +485,6 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
       if (auto self = weak->lock()) {
         spdlog::warn("[{}] ucx endpoint to {} failed: {}", self->shared_->options.name, self->peer_,
                      ucs_status_string(st));
-        self->endpoint_failed_ = true;
         self->tcp_->Close();  // the connection as a whole is gone
       }
     };
@@ -567,7 +561,6 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   ucp_ep_h ep_ = nullptr;
   bool ready_ = false;
   bool closed_ = false;
-  bool endpoint_failed_ = false;
   std::unique_ptr<std::weak_ptr<UcxConnection>> err_arg_;
   std::vector<std::function<void()>> waiting_;        // ops queued until wire-up completed
   std::unordered_map<std::string, CachedKey> rkeys_;  // unpacked keys, by packed bytes
@@ -781,7 +774,6 @@ class UcxContext final : public Context {
           {
             std::lock_guard<std::mutex> lock(s->mu);
             id = s->next_region++;
-            s->regions[id] = RegionEntry{mh, ma.address, size};
           }
           RemoteKey key;
           key.base = reinterpret_cast<uint64_t>(ma.address);
