@@ -104,8 +104,9 @@ struct CreateChunkItem {
 };
 
 // Where the published parameters of a chunk live on its server: two slots, each numel floats
-// followed by a 16-byte trailer {u64 tag, u64 xxh3 of the floats}; tag = version + 1, 0 while
-// the slot is being rewritten. Version v lives in slot v % 2.
+// followed by a trailer u64 tag = version + 1, 0 while the slot is being rewritten (the server
+// zeroes it before changing any byte of the slot and sets it after the last). Version v lives
+// in slot v % 2.
 struct ChunkSlots {
   transport::RemoteKey key;
   uint64_t slot_stride = 0;  // bytes from slot 0 to slot 1
@@ -114,9 +115,7 @@ struct ChunkSlots {
   [[nodiscard]] bool Decode(Reader* r);
 };
 
-inline constexpr size_t kTrailerBytes = 16;
-
-// Byte layout of a chunk's two published slots: [floats][pad to 64][trailer][pad to 64].
+// Byte layout of a chunk's two published slots: [floats][pad to 64][u64 tag][pad to 64].
 struct SlotLayout {
   uint64_t data_bytes = 0;
   uint64_t trailer_offset = 0;

@@ -86,11 +86,9 @@ void Run(OptimizerKind kind, const Params& k, const float* in, float* out, G g, 
 
 }  // namespace
 
-void BeginStep(OptimizerState* state) { state->steps++; }
-
-void ApplyOptimizerRange(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
-                         const float* extra, float scale, size_t begin, size_t end,
-                         OptimizerState* state) {
+void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
+                    const float* extra, float scale, size_t n, OptimizerState* state) {
+  state->steps++;
   Params k{};
   k.scale = scale;
   k.lr = cfg.lr;
@@ -105,20 +103,13 @@ void ApplyOptimizerRange(const OptimizerConfig& cfg, const float* in, float* out
     k.c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta1), t)));
     k.c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta2), t)));
   }
-  float* m = state->m.empty() ? nullptr : state->m.data() + begin;
-  float* v = state->v.empty() ? nullptr : state->v.data() + begin;
-  size_t n = end - begin;
+  float* m = state->m.empty() ? nullptr : state->m.data();
+  float* v = state->v.empty() ? nullptr : state->v.data();
   if (extra) {
-    Run(cfg.kind, k, in + begin, out + begin, Two{grad + begin, extra + begin}, m, v, n);
+    Run(cfg.kind, k, in, out, Two{grad, extra}, m, v, n);
   } else {
-    Run(cfg.kind, k, in + begin, out + begin, One{grad + begin}, m, v, n);
+    Run(cfg.kind, k, in, out, One{grad}, m, v, n);
   }
-}
-
-void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
-                    const float* extra, float scale, size_t n, OptimizerState* state) {
-  BeginStep(state);
-  ApplyOptimizerRange(cfg, in, out, grad, extra, scale, 0, n, state);
 }
 
 void Accumulate(float* __restrict dst, const float* __restrict src, size_t n) {

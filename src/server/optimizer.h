@@ -30,13 +30,6 @@ void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* st
 void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
                     const float* extra, float scale, size_t n, OptimizerState* state);
 
-// The same rule applied to elements [begin, end) only, without counting a step: for updates
-// done in blocks (call BeginStep once first). Arrays are indexed from 0 as in ApplyOptimizer.
-void BeginStep(OptimizerState* state);
-void ApplyOptimizerRange(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
-                         const float* extra, float scale, size_t begin, size_t end,
-                         OptimizerState* state);
-
 // dst[i] += src[i]
 void Accumulate(float* dst, const float* src, size_t n);
 

@@ -1,7 +1,5 @@
 #include "shardps/server.h"
 
-#include "core/checksum.h"
-
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -425,7 +423,7 @@ class ServerImpl final : public Server {
     InitOptimizerState(ch->opt, it.numel, &ch->state);
     ch->last_seq.assign(view_.num_workers, 0);
     std::memcpy(ch->slots->data(), init, ch->layout.data_bytes);
-    Seal(*ch, 0, Checksum(ch->slots->data(), ch->layout.data_bytes));
+    Seal(*ch, 0);
     Chunk* raw = ch.get();
     std::unique_lock<std::shared_mutex> lock(chunks_mu_);
     chunks_.emplace(it.chunk_id, std::move(ch));
@@ -536,7 +534,7 @@ class ServerImpl final : public Server {
     if (step.count == 0) {
       if (next_in_line) {
         uint8_t* slot = NextSlot(ch);
-        Trailer(ch, slot)[0].store(0, std::memory_order_release);  // no longer a valid version
+        Trailer(ch, slot)->store(0, std::memory_order_release);  // no longer a valid version
         std::atomic_thread_fence(std::memory_order_seq_cst);
         step.sum = reinterpret_cast<float*>(slot);
       } else {
@@ -589,26 +587,20 @@ class ServerImpl final : public Server {
     }
   }
 
-  // Computes version v+1 from slot v % 2 into slot (v+1) % 2 and publishes it. Readers check
-  // the trailer's tag and checksum, so a read that overlaps this write is detected and retried.
+  // Computes version v+1 from slot v % 2 into slot (v+1) % 2 and publishes it, seqlock style:
+  // the slot's tag is zeroed before any of its bytes changes and set to the new version after
+  // the last, so a reader that finds the tag it expected both before and after reading the
+  // floats got one whole version (docs/protocol.md, "Published slots").
   void Update(Chunk& ch, const float* grad, const float* extra, float scale) {
     uint64_t v = ch.version.load();
     auto* base = static_cast<uint8_t*>(ch.slots->data());
     const auto* in = reinterpret_cast<const float*>(base + (v % 2) * ch.layout.stride);
     uint8_t* next = NextSlot(ch);
-    Trailer(ch, next)[0].store(0, std::memory_order_release);
+    Trailer(ch, next)->store(0, std::memory_order_release);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    // In cache-sized blocks, each checksummed right after it was written (one memory pass).
-    constexpr size_t kBlock = 16 << 10;  // floats
-    auto* out = reinterpret_cast<float*>(next);
-    StreamingChecksum sum;
-    BeginStep(&ch.state);
-    for (size_t b = 0; b < ch.numel; b += kBlock) {
-      size_t e = std::min<size_t>(b + kBlock, ch.numel);
-      ApplyOptimizerRange(ch.opt, in, out, grad, extra, scale, b, e, &ch.state);
-      sum.Update(out + b, (e - b) * 4);
-    }
-    Seal(ch, v + 1, sum.Digest());
+    ApplyOptimizer(ch.opt, in, reinterpret_cast<float*>(next), grad, extra, scale, ch.numel,
+                   &ch.state);
+    Seal(ch, v + 1);
     ch.version.store(v + 1);
   }
 
@@ -616,12 +608,10 @@ class ServerImpl final : public Server {
     return reinterpret_cast<std::atomic<uint64_t>*>(slot + ch.layout.trailer_offset);
   }
 
-  // Stamps slot v % 2 as holding version v: checksum, then the tag.
-  void Seal(Chunk& ch, uint64_t v, uint64_t checksum) {
+  // Stamps slot v % 2 as holding version v (release: every byte of it is written before).
+  void Seal(Chunk& ch, uint64_t v) {
     uint8_t* slot = static_cast<uint8_t*>(ch.slots->data()) + (v % 2) * ch.layout.stride;
-    std::atomic<uint64_t>* t = Trailer(ch, slot);
-    t[1].store(checksum, std::memory_order_relaxed);
-    t[0].store(v + 1, std::memory_order_release);
+    Trailer(ch, slot)->store(v + 1, std::memory_order_release);
     versions_++;
   }
 

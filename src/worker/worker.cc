@@ -1,7 +1,5 @@
 #include "shardps/worker.h"
 
-#include "core/checksum.h"
-
 #include <algorithm>
 #include <atomic>
 #include <charconv>
@@ -141,61 +139,107 @@ struct TensorInfo {
   std::vector<std::unique_ptr<ChunkRef>> chunks;
 };
 
-// Reads a chunk's latest slot into `dst` and validates it against the slot's trailer.
+// Reads the newest published version of a chunk into `dst`, seqlock style. An attempt reads
+// slot s whose tag T was observed before the attempt began: the floats (with the other slot's
+// tag, in parallel), then s's tag again. The server zeroes a slot's tag before it changes any
+// byte of the slot and sets the new tag after the last, so if the tag read afterwards is
+// still T, no byte read belongs to another version. A newer tag in the other slot, or a
+// changed tag, starts another attempt on the newest slot seen. No hash over the floats.
 struct PullJob : std::enable_shared_from_this<PullJob> {
   std::shared_ptr<RpcChannel> rpc;
   ChunkRef* chunk;
   float* dst;
   std::shared_ptr<OpState> op;
-  uint64_t trailer[2] = {0, 0};
-  uint64_t other_tag = 0;  // the other slot's tag: tells whether a newer version exists
+  uint64_t expect = 0;     // tag of the slot being read, as observed before this attempt
+  uint64_t other_tag = 0;  // the other slot's tag, read beside the floats
+  uint64_t tag_after = 0;  // the slot's tag, read after the floats
   int attempt = 0;
   std::atomic<int> pending{0};
   Status read_error;
   std::mutex mu;
 
   void Start() {
-    uint64_t v = chunk->known_version.load();
-    uint64_t slot = (v + static_cast<uint64_t>(attempt)) % 2;
-    if (other_tag > 0) slot = (other_tag - 1) % 2;  // the newest version seen last attempt
-    uint64_t base = slot * chunk->layout.stride;
-    pending = 3;
+    expect = chunk->known_version.load() + 1;  // published: its tag was seen, or acknowledged
+    ReadFloats();
+  }
+
+  uint64_t TagOffset(uint64_t slot) const {
+    return slot * chunk->layout.stride + chunk->layout.trailer_offset;
+  }
+
+  // Completion of one of `n` parallel reads; the last one runs `next`.
+  std::function<void(Status)> Joined(void (PullJob::*next)()) {
     auto self = shared_from_this();
-    auto done = [self](Status st) {
+    return [self, next](Status st) {
       if (!st.ok()) {
         std::lock_guard<std::mutex> lock(self->mu);
         if (self->read_error.ok()) self->read_error = st;
       }
-      if (--self->pending == 0) self->Check();
+      if (--self->pending == 0) {
+        if (!self->read_error.ok()) return self->op->ChunkDone(self->read_error, 0);
+        ((*self).*next)();
+      }
     };
+  }
+
+  void ReadFloats() {
+    uint64_t slot = (expect - 1) % 2;
+    pending = 2;
     Connection& c = rpc->connection();
-    c.Read(dst, chunk->layout.data_bytes, chunk->slots.key, base, done);
-    c.Read(trailer, sizeof(trailer), chunk->slots.key, base + chunk->layout.trailer_offset, done);
-    uint64_t other = (1 - slot) * chunk->layout.stride + chunk->layout.trailer_offset;
-    c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, other, done);
+    c.Read(dst, chunk->layout.data_bytes, chunk->slots.key, slot * chunk->layout.stride,
+           Joined(&PullJob::ReadTagAfter));
+    c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, TagOffset(1 - slot),
+           Joined(&PullJob::ReadTagAfter));
+  }
+
+  void ReadTagAfter() {
+    if (other_tag > expect) return Retry(other_tag);  // a newer version: a pull returns it
+    pending = 1;
+    rpc->connection().Read(&tag_after, sizeof(tag_after), chunk->slots.key,
+                           TagOffset((expect - 1) % 2), Joined(&PullJob::Check));
   }
 
   void Check() {
-    if (!read_error.ok()) return op->ChunkDone(read_error, 0);
-    uint64_t want = chunk->known_version.load();
-    uint64_t tag = trailer[0];
-    // A newer version in the other slot: read that one instead (a pull returns the latest).
-    bool newer_elsewhere = other_tag > tag;
-    bool ok = !newer_elsewhere && tag != 0 && tag - 1 >= want &&
-              Checksum(dst, chunk->layout.data_bytes) == trailer[1];
-    if (ok) {
-      uint64_t v = tag - 1;
+    if (tag_after == expect) {
+      uint64_t v = expect - 1;
       RaiseTo(chunk->known_version, v);
       return op->ChunkDone(Status::OK(), v);
     }
-    // The slot was being rewritten while we read it (or holds an older version): try again,
-    // alternating slots.
+    // The slot is being rewritten (tag 0: the newest version is then in the other slot) or
+    // holds a newer version already.
+    Retry(tag_after != 0 ? tag_after : other_tag);
+  }
+
+  // Another attempt, on the slot of `seen` when it is newer than what was expected (a tag seen
+  // now was published before the next attempt starts). A slot found rewritten with nothing
+  // newer seen yet is read again after re-reading both tags.
+  void Retry(uint64_t seen) {
     if (++attempt >= kMaxReadAttempts)
       return op->ChunkDone(Status::Internal(fmt::format(
                                "could not read a consistent version of chunk {} in {} attempts",
                                chunk->chunk_id, attempt)),
                            0);
-    Start();
+    if (seen > expect) {
+      expect = seen;
+      return ReadFloats();
+    }
+    pending = 2;
+    Connection& c = rpc->connection();
+    c.Read(&tag_after, sizeof(tag_after), chunk->slots.key, TagOffset(0),
+           Joined(&PullJob::PickNewest));
+    c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, TagOffset(1),
+           Joined(&PullJob::PickNewest));
+  }
+
+  // After re-reading both tags (slot 0's in tag_after, slot 1's in other_tag).
+  void PickNewest() {
+    uint64_t newest = std::max(tag_after, other_tag);
+    if (newest >= expect) {
+      expect = newest;
+      return ReadFloats();
+    }
+    // Both slots in flux or older than expected (cannot last): look again.
+    Retry(0);
   }
 };
 

@@ -151,14 +151,5 @@ TEST(Checksum, DetectsAnyChangedByte) {
   EXPECT_EQ(Checksum(a.data(), a.size()), h);
 }
 
-TEST(Checksum, StreamingInPiecesEqualsOneShot) {
-  std::vector<uint8_t> a(1 << 20);
-  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<uint8_t>(i * 31 + 7);
-  StreamingChecksum s;
-  for (size_t off = 0; off < a.size(); off += 65536 - 13)
-    s.Update(a.data() + off, std::min<size_t>(65536 - 13, a.size() - off));
-  EXPECT_EQ(s.Digest(), Checksum(a.data(), a.size()));
-}
-
 }  // namespace
 }  // namespace shardps

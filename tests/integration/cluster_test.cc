@@ -147,6 +147,43 @@ TEST_P(ClusterOver, AsyncEndsWithExactlyTheSumOfAllPushes) {
   lc->Finish();
 }
 
+// Pulls racing with updates never return a torn version: worker 1 pulls a 1 MiB chunk over and
+// over while worker 0 keeps pushing (async, sgd lr 1, gradient 1 everywhere), so version v is
+// exactly `-v` in every element; each pull must be one version throughout and match the
+// version it reports. Both rewrite the same slots for the whole run.
+TEST_P(ClusterOver, PullsRacingWithUpdatesAreNeverTorn) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kAsync, Aggregate::kSum), 4, GetParam());
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 1 << 18;
+  constexpr int kPushes = 300;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("racy", kN, 0.0f));
+    ASSERT_TRUE(id.ok());
+    ASSERT_TRUE(w.Barrier("declared", 30s).ok());
+    if (w.rank() == 0) {
+      std::vector<float> g(kN, 1.0f);
+      for (int s = 0; s < kPushes; ++s) ASSERT_TRUE(w.Push(*id, g.data()).Wait(30s).ok());
+    } else {
+      std::vector<float> out(kN);
+      uint64_t last = 0, distinct = 0;
+      while (last < kPushes) {
+        auto h = w.Pull(*id, out.data());
+        ASSERT_TRUE(h.Wait(30s).ok());
+        uint64_t v = h.version();
+        ASSERT_GE(v, last);  // never goes back
+        distinct += v != last;
+        last = v;
+        const float want = -static_cast<float>(v);
+        for (int64_t i = 0; i < kN; ++i)
+          ASSERT_EQ(out[i], want) << "pull of version " << v << " torn at element " << i;
+      }
+      EXPECT_GT(distinct, 10u);  // it did race with the updates
+    }
+    ASSERT_TRUE(w.Barrier("done", 30s).ok());
+  });
+  lc->Finish();
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, ClusterOver, ::testing::ValuesIn(Transports()),
                          [](const auto& info) { return info.param; });
 
