@@ -36,7 +36,9 @@ struct ServerStats {
   uint64_t pushes_applied = 0;    // pushes folded in (duplicates excluded)
   uint64_t duplicate_pushes = 0;  // resent pushes recognised and not applied again
   uint64_t versions_published = 0;
-  uint64_t grants_waited = 0;  // grant requests that had to wait for a free buffer
+  uint64_t grant_requests = 0;  // landing buffers asked for (kGrant)
+  uint64_t grants_waited = 0;   // grant requests that had to wait for a free buffer
+  uint64_t grants_ahead = 0;    // buffers granted ahead with an acknowledgement
   uint64_t landing_buffers = 0;
   uint64_t rss_bytes = 0;
   uint64_t peak_rss_bytes = 0;

@@ -32,12 +32,29 @@ bool LandingPool::Request(const transport::Connection* owner, GrantFn grant) {
   return false;
 }
 
+std::optional<uint32_t> LandingPool::GrantAhead(const transport::Connection* owner) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // closed() is checked under the lock: a connection is marked closed before DropOwner runs,
+  // so a buffer granted here to a closing connection is still taken back by DropOwner.
+  if (free_.empty() || !waiters_.empty() || ahead_ + 1 > state_.size() / 4 || owner->closed())
+    return std::nullopt;
+  for (const Slot& s : state_)
+    if (s.ahead && s.owner == owner) return std::nullopt;
+  uint32_t b = free_.back();
+  free_.pop_back();
+  state_[b] = Slot{State::kGranted, owner, true};
+  ahead_++;
+  return b;
+}
+
 bool LandingPool::Claim(uint32_t buffer, const transport::Connection* owner) {
   std::lock_guard<std::mutex> lock(mu_);
   if (buffer >= state_.size()) return false;
   Slot& s = state_[buffer];
   if (s.state != State::kGranted || s.owner != owner) return false;
   s.state = State::kApplying;
+  if (s.ahead) ahead_--;
+  s.ahead = false;
   return true;
 }
 
@@ -68,6 +85,8 @@ void LandingPool::DropOwner(const transport::Connection* owner) {
     for (uint32_t i = 0; i < state_.size(); ++i)
       if (state_[i].state == State::kGranted && state_[i].owner == owner) {
         state_[i].state = State::kApplying;  // released just below, through the waiters
+        if (state_[i].ahead) ahead_--;
+        state_[i].ahead = false;
         back.push_back(i);
       }
   }

@@ -44,7 +44,9 @@ std::string ServerStats::ToJson() const {
                       {"pushes_applied", pushes_applied},
                       {"duplicate_pushes", duplicate_pushes},
                       {"versions_published", versions_published},
+                      {"grant_requests", grant_requests},
                       {"grants_waited", grants_waited},
+                      {"grants_ahead", grants_ahead},
                       {"landing_buffers", landing_buffers},
                       {"rss_bytes", rss_bytes},
                       {"peak_rss_bytes", peak_rss_bytes}};
@@ -268,7 +270,9 @@ class ServerImpl final : public Server {
     s.pushes_applied = pushes_applied_.load();
     s.duplicate_pushes = duplicates_.load();
     s.versions_published = versions_.load();
+    s.grant_requests = grant_requests_.load();
     s.grants_waited = grants_waited_.load();
+    s.grants_ahead = grants_ahead_.load();
     s.landing_buffers = pool_.size();
     ReadRss(&s.rss_bytes, &s.peak_rss_bytes);
     return s;
@@ -440,19 +444,23 @@ class ServerImpl final : public Server {
                    Status::InvalidArgument(fmt::format("push of {} bytes into chunk {} of {} bytes",
                                                        bytes, chunk_id, ch->numel * 4)));
     std::weak_ptr<Connection> weak = c;
-    const transport::RemoteKey& key = pool_.key();
-    uint64_t stride = pool_.buffer_bytes();
-    bool waited = pool_.Request(c.get(), [weak, req, &key, stride](uint32_t buffer) {
+    grant_requests_++;
+    bool waited = pool_.Request(c.get(), [this, weak, req](uint32_t buffer) {
       auto conn = weak.lock();
       if (!conn) return;
       Bytes body;
       Writer w(&body);
-      w.Put(buffer);
-      w.Put<uint64_t>(static_cast<uint64_t>(buffer) * stride);
-      key.Encode(&w);
+      EncodeGrant(&w, buffer);
       Reply(*conn, req, Status::OK(), body);
     });
     if (waited) grants_waited_++;
+  }
+
+  // `u32 buffer, u64 offset, remote key` of a landing buffer.
+  void EncodeGrant(Writer* w, uint32_t buffer) const {
+    w->Put(buffer);
+    w->Put<uint64_t>(static_cast<uint64_t>(buffer) * pool_.buffer_bytes());
+    pool_.key().Encode(w);
   }
 
   void OnPushDone(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
@@ -471,10 +479,18 @@ class ServerImpl final : public Server {
     applier_.Post(t.chunk_id, [this, ch, t] { ApplyPush(*ch, t); });
   }
 
+  // The acknowledgement carries a landing buffer granted ahead for the worker's next push
+  // when the pool can spare one (u8 1, then the grant; u8 0 when not).
   void AckNow(const Ack& a, uint64_t version) {
     Bytes body;
     Writer w(&body);
     w.Put(version);
+    std::optional<uint32_t> ahead = pool_.GrantAhead(a.conn.get());
+    w.Put<uint8_t>(ahead ? 1 : 0);
+    if (ahead) {
+      EncodeGrant(&w, *ahead);
+      grants_ahead_++;
+    }
     Reply(*a.conn, a.request, Status::OK(), body);
   }
 
@@ -643,7 +659,9 @@ class ServerImpl final : public Server {
   std::atomic<uint64_t> pushes_applied_{0};
   std::atomic<uint64_t> duplicates_{0};
   std::atomic<uint64_t> versions_{0};
+  std::atomic<uint64_t> grant_requests_{0};
   std::atomic<uint64_t> grants_waited_{0};
+  std::atomic<uint64_t> grants_ahead_{0};
 };
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 
 #include <fmt/format.h>
@@ -309,6 +310,7 @@ class WorkerImpl final : public Worker {
       if (!conn.ok()) return conn.status().WithContext(fmt::format("connecting to server {}", s));
       *slot = std::make_shared<RpcChannel>(*conn);
       servers_.push_back(*slot);
+      credits_.push_back(std::make_unique<Credits>());
       std::lock_guard<std::mutex> lock(failed_servers_->mu);
       failed_servers_->rpcs.push_back(*slot);
     }
@@ -513,46 +515,87 @@ class WorkerImpl final : public Worker {
     job->Start();
   }
 
-  // grant -> one-sided write into the landing buffer -> notification -> ack (-> pull)
+  // A landing buffer on a server: `u32 buffer, u64 offset, remote key`.
+  struct Grant {
+    uint32_t buffer = 0;
+    uint64_t offset = 0;
+    transport::RemoteKey key;
+    [[nodiscard]] bool Decode(Reader* r) {
+      return r->Get(&buffer) && r->Get(&offset) && key.Decode(r);
+    }
+  };
+  // Landing buffers a server granted ahead, with an acknowledgement, for the next pushes.
+  struct Credits {
+    std::mutex mu;
+    std::vector<Grant> grants;  // guarded by mu
+  };
+
+  std::optional<Grant> TakeCredit(uint32_t server) {
+    Credits& c = *credits_[server];
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (c.grants.empty()) return std::nullopt;
+    Grant g = std::move(c.grants.back());
+    c.grants.pop_back();
+    return g;
+  }
+
+  // (grant ->) one-sided write into the landing buffer -> notification -> ack (-> pull). A
+  // buffer granted ahead spares the grant round trip.
   void PushChunk(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, const float* src,
                  uint64_t seq, const std::shared_ptr<OpState>& op, float* then_pull) {
+    if (std::optional<Grant> g = TakeCredit(ref->server))
+      return WriteAndNotify(rpc, ref, src, seq, op, then_pull, *g);
     Bytes body;
     Writer w(&body);
     w.Put(ref->chunk_id);
     w.Put<uint64_t>(ref->numel * 4);
-    uint32_t me = rank_;
-    rpc->Call(
-        kGrant, body, {},
-        [this, rpc, ref, src, seq, op, then_pull, me](Status st, Reader& r, transport::Message&) {
-          uint32_t buffer = 0;
-          uint64_t offset = 0;
-          transport::RemoteKey key;
-          if (st.ok() && (!r.Get(&buffer) || !r.Get(&offset) || !key.Decode(&r)))
-            st = Status::ProtocolError("malformed grant");
+    rpc->Call(kGrant, body, {},
+              [this, rpc, ref, src, seq, op, then_pull](Status st, Reader& r, transport::Message&) {
+                Grant g;
+                if (st.ok() && !g.Decode(&r)) st = Status::ProtocolError("malformed grant");
+                if (!st.ok()) return op->ChunkDone(st, 0);
+                WriteAndNotify(rpc, ref, src, seq, op, then_pull, g);
+              });
+  }
+
+  void WriteAndNotify(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, const float* src,
+                      uint64_t seq, const std::shared_ptr<OpState>& op, float* then_pull,
+                      const Grant& g) {
+    uint32_t me = rank_, buffer = g.buffer;
+    rpc->connection().Write(
+        src, ref->numel * 4, g.key, g.offset,
+        [this, rpc, ref, seq, op, then_pull, me, buffer](Status st) {
           if (!st.ok()) return op->ChunkDone(st, 0);
-          rpc->connection().Write(src, ref->numel * 4, key, offset,
-                                  [this, rpc, ref, seq, op, then_pull, me, buffer](Status st) {
-                                    if (!st.ok()) return op->ChunkDone(st, 0);
-                                    Bytes note;
-                                    Writer w(&note);
-                                    w.Put(ref->chunk_id);
-                                    w.Put(buffer);
-                                    w.Put(me);
-                                    w.Put(seq);
-                                    rpc->Call(kPushDone, note, {},
-                                              [this, rpc, ref, op, then_pull](Status st, Reader& r,
-                                                                              transport::Message&) {
-                                                uint64_t v = 0;
-                                                if (st.ok() && !r.Get(&v))
-                                                  st = Status::ProtocolError("malformed push ack");
-                                                if (!st.ok()) return op->ChunkDone(st, 0);
-                                                RaiseTo(ref->known_version, v);
-                                                if (then_pull)
-                                                  return PullChunk(rpc, ref, then_pull, op);
-                                                op->ChunkDone(Status::OK(), v);
-                                              });
-                                  });
+          Bytes note;
+          Writer w(&note);
+          w.Put(ref->chunk_id);
+          w.Put(buffer);
+          w.Put(me);
+          w.Put(seq);
+          rpc->Call(kPushDone, note, {},
+                    [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {
+                      OnPushAck(rpc, ref, op, then_pull, st, r);
+                    });
         });
+  }
+
+  // The ack: `u64 version, u8 granted ahead, [grant]`.
+  void OnPushAck(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref,
+                 const std::shared_ptr<OpState>& op, float* then_pull, Status st, Reader& r) {
+    uint64_t v = 0;
+    uint8_t ahead = 0;
+    Grant g;
+    if (st.ok() && (!r.Get(&v) || !r.Get(&ahead) || ahead > 1 || (ahead && !g.Decode(&r))))
+      st = Status::ProtocolError("malformed push ack");
+    if (!st.ok()) return op->ChunkDone(st, 0);
+    if (ahead) {
+      Credits& c = *credits_[ref->server];
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.grants.push_back(std::move(g));
+    }
+    RaiseTo(ref->known_version, v);
+    if (then_pull) return PullChunk(rpc, ref, then_pull, op);
+    op->ChunkDone(Status::OK(), v);
   }
 
   WorkerOptions opt_;
@@ -562,6 +605,7 @@ class WorkerImpl final : public Worker {
   ClusterView view_;
   uint32_t rank_ = 0;
   std::vector<std::shared_ptr<RpcChannel>> servers_;
+  std::vector<std::unique_ptr<Credits>> credits_;  // by server
   std::shared_ptr<FailedServers> failed_servers_ = std::make_shared<FailedServers>();
 
   std::atomic<bool> finished_{false};

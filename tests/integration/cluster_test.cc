@@ -253,6 +253,28 @@ TEST(ClusterSync, PipelinedPushesAheadOfTheStepStayExact) {
   lc->Finish();
 }
 
+// Pushes one after another need one grant round trip in all: every acknowledgement carries the
+// landing buffer for the next push (each worker holds at most one; at most a quarter of the
+// pool stands granted ahead), and the values stay exact.
+TEST(ClusterSync, AcknowledgementsGrantTheNextLandingBuffer) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum), 8);
+  ASSERT_TRUE(lc);
+  constexpr int kSteps = 20;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("credit", 1000, 0.0f));
+    ASSERT_TRUE(id.ok());
+    std::vector<float> g(1000, 1.0f), out(1000);
+    for (int s = 1; s <= kSteps; ++s)
+      ASSERT_TRUE(w.PushPull(*id, g.data(), out.data()).Wait(30s).ok());
+    for (float v : out) ASSERT_EQ(v, -2.0f * kSteps);
+  });
+  auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(0));
+  EXPECT_EQ(st["pushes_applied"].get<int>(), 2 * kSteps);
+  EXPECT_EQ(st["grant_requests"].get<int>(), 2);  // each worker's first push only
+  EXPECT_EQ(st["grants_ahead"].get<int>(), 2 * kSteps);
+  lc->Finish();
+}
+
 // A landing pool of one buffer: pushes queue for the credit and all still land exactly.
 TEST(ClusterSync, SingleLandingBufferBackpressure) {
   auto lc = LocalCluster::Start(Opts(1, 3, Mode::kSync, Aggregate::kSum, 1024), 1);
@@ -266,6 +288,7 @@ TEST(ClusterSync, SingleLandingBufferBackpressure) {
   });
   auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(0));
   EXPECT_GT(st["grants_waited"].get<int>(), 0);
+  EXPECT_EQ(st["grants_ahead"].get<int>(), 0);  // a pool this small grants nothing ahead
   EXPECT_EQ(st["landing_buffers"].get<int>(), 1);
   lc->Finish();
 }
