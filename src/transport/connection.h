@@ -30,6 +30,8 @@ class Buffer {
   uint8_t* data() { return data_.get(); }
   const uint8_t* data() const { return data_.get(); }
   size_t size() const { return size_; }
+  // Keeps only the first n bytes (n <= size()); no reallocation.
+  void Truncate(size_t n) { size_ = n < size_ ? n : size_; }
 
  private:
   std::unique_ptr<uint8_t[]> data_;

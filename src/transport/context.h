@@ -25,6 +25,10 @@ struct ContextOptions {
   int socket_buffer_bytes = 4 << 20;
   // Name for logs ("server 1", "worker 0").
   std::string name = "transport";
+  // ucx: how long the progress thread keeps polling after its last event before it sleeps on
+  // the worker's event fd (yielding the core meanwhile). A wake-up costs tens of microseconds;
+  // polling keeps a small request's round trip near the wire's latency. 0: never poll.
+  std::chrono::microseconds busy_poll{50};
   // Backend-specific settings, e.g. {"UCX_TLS", "shm"} for ucx.
   std::vector<std::pair<std::string, std::string>> backend_settings;
 };

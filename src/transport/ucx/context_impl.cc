@@ -5,7 +5,10 @@
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
+#include <sched.h>
+
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
@@ -31,6 +34,18 @@ constexpr uint32_t kRevoke = 0xFFFF0002;     // meta: u64 region id, u64 token
 constexpr uint32_t kRevokeAck = 0xFFFF0003;  // meta: u64 token
 constexpr uint32_t kReady = 0xFFFF0004;      // the sender's endpoint to us is wired up
 constexpr auto kRevokeWait = std::chrono::milliseconds(2000);
+
+// User messages travel as UCP active messages on the connection's endpoint (the tcp channel
+// only bootstraps: hello, ready, key revocation, and the connection's life). Header: the
+// receiving connection's id, a per-connection sequence number (delivery is in that order),
+// the tag and the metadata length; data: payload then metadata.
+constexpr unsigned kAmId = 1;
+struct AmHeader {
+  uint64_t conn = 0;
+  uint64_t seq = 0;
+  uint32_t tag = 0;
+  uint32_t meta_len = 0;
+};
 
 Status FromUcs(const std::string& what, ucs_status_t st) {
   std::string msg = fmt::format("{}: {}", what, ucs_status_string(st));
@@ -74,8 +89,8 @@ Result<ucp_context_h> MakeUcpContext(const ContextOptions& options) {
     ucp_config_modify(cfg, "MM_ERROR_HANDLING", "y");
   ucp_params_t p{};
   p.field_mask = UCP_PARAM_FIELD_FEATURES;
-  p.features =
-      UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;  // wakeup: the progress thread sleeps on its fd
+  // wakeup: the progress thread sleeps on its fd
+  p.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
   ucp_context_h ctx = nullptr;
   st = ucp_init(&p, cfg, &ctx);
   ucp_config_release(cfg);
@@ -87,7 +102,8 @@ Result<ucp_context_h> MakeUcpContext(const ContextOptions& options) {
 // this thread (UCS_THREAD_MODE_SINGLE); other threads hand work over with Post().
 class Progress {
  public:
-  Status Start(ucp_context_h ctx, const std::string& name) {
+  Status Start(ucp_context_h ctx, const std::string& name, std::chrono::microseconds busy_poll) {
+    busy_poll_ = busy_poll;
     ucp_worker_params_t wp{};
     wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
     wp.thread_mode = UCS_THREAD_MODE_SINGLE;
@@ -147,6 +163,16 @@ class Progress {
     Wake();
     return true;
   }
+  // From the progress thread: runs fn once the current progress call returned (no wake-up
+  // needed: the loop drains its tasks before it sleeps). From elsewhere: Post.
+  void Defer(std::function<void()> fn) {
+    if (!InThread()) {
+      Post(std::move(fn));
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks_.push_back(std::move(fn));
+  }
   // Runs fn on the progress thread and waits for its result.
   template <typename T>
   T Call(std::function<T()> fn, T if_stopped) {
@@ -181,10 +207,23 @@ class Progress {
     }
   }
   void Run() {
+    auto last = std::chrono::steady_clock::now();
     while (!stop_) {
-      while (ucp_worker_progress(worker_)) {
+      bool any = false;
+      while (ucp_worker_progress(worker_)) any = true;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        any = any || !tasks_.empty();
       }
       Drain();
+      auto now = std::chrono::steady_clock::now();
+      if (any) last = now;
+      if (now - last < busy_poll_) {
+        // Busy-poll a while after the last event (a sleep and wake-up costs tens of
+        // microseconds), yielding the core to anything else runnable.
+        sched_yield();
+        continue;
+      }
       bool idle;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -207,6 +246,7 @@ class Progress {
 
   ucp_worker_h worker_ = nullptr;
   Bytes address_;
+  std::chrono::microseconds busy_poll_{0};
   std::thread thread_;
   std::atomic<std::thread::id> tid_{};
   std::atomic<bool> stop_{false};
@@ -217,6 +257,14 @@ class Progress {
 };
 
 class UcxConnection;
+
+// A message being received: payload then metadata, split on delivery.
+struct Incoming {
+  uint32_t tag = 0;
+  uint32_t meta_len = 0;
+  Buffer bytes;
+  bool ready = false;
+};
 
 struct RegionEntry {
   ucp_mem_h mh = nullptr;
@@ -231,10 +279,12 @@ struct Shared {
   std::unique_ptr<Context> tcp;
 
   std::mutex mu;
-  uint64_t next_region = 1;                         // guarded by mu
-  std::vector<std::weak_ptr<UcxConnection>> conns;  // guarded by mu
-  uint64_t next_token = 1;                          // guarded by mu
-  std::map<uint64_t, int> revoke_waits;             // token -> acks missing; guarded by mu
+  uint64_t next_region = 1;                                          // guarded by mu
+  std::vector<std::weak_ptr<UcxConnection>> conns;                   // guarded by mu
+  uint64_t next_conn = 1;                                            // guarded by mu
+  std::unordered_map<uint64_t, std::weak_ptr<UcxConnection>> by_id;  // guarded by mu
+  uint64_t next_token = 1;                                           // guarded by mu
+  std::map<uint64_t, int> revoke_waits;  // token -> acks missing; guarded by mu
   std::condition_variable revoke_cv;
 
   ~Shared() {
@@ -317,6 +367,13 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     h.on_close = [self](const std::shared_ptr<Connection>&, Status st) { self->OnTcpClosed(st); };
     return h;
   }
+  // Gives the connection its id (named in the messages its peer sends it) and lists it.
+  void Register() {
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    id_ = shared_->next_conn++;
+    shared_->by_id[id_] = weak_from_this();
+    shared_->conns.push_back(weak_from_this());
+  }
   void Attach(std::shared_ptr<Connection> tcp, ConnectionHandlers user) {
     {
       std::lock_guard<std::mutex> lock(wire_mu_);
@@ -326,7 +383,11 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
       attached_ = true;
     }
     wire_cv_.notify_all();
-    Bytes meta = shared_->progress.address();
+    Bytes meta;
+    Writer w(&meta);
+    w.Put(id_);
+    const Bytes& addr = shared_->progress.address();
+    w.PutRaw(addr.data(), addr.size());
     tcp_->Send(kHello, std::move(meta), {}, nullptr);
   }
 
@@ -343,7 +404,13 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
            done);
       return;
     }
-    tcp_->Send(tag, std::move(meta), std::move(payload), std::move(done));
+    if (!done) done = [](Status) {};
+    auto self = shared_from_this();
+    Post(
+        [self, tag, meta = std::move(meta), payload = std::move(payload), done]() mutable {
+          self->IssueSend(tag, std::move(meta), std::move(payload), std::move(done));
+        },
+        done);
   }
   void Write(const void* local, size_t len, const RemoteKey& key, uint64_t offset,
              DoneCallback done) override {
@@ -372,6 +439,11 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   }
   void SendRaw(uint32_t tag, Bytes meta) { tcp_->Send(tag, std::move(meta), {}, nullptr); }
 
+  // Progress thread: an active message for this connection arrived.
+  void OnAm(const AmHeader& h, void* data, size_t len, const ucp_am_recv_param_t* param);
+  // Progress thread: the data of a rendezvous message landed (or failed to).
+  void Received(const std::shared_ptr<Incoming>& in, ucs_status_t st);
+
   // Waits until both endpoints (ours to the peer, the peer's to us) are wired up, so that no
   // wire-up traffic is left in flight when either side goes away. (UCX 1.13 can abort on a
   // wire-up reply pending to a vanished peer over uct-tcp; openucx/ucx PR #8175.)
@@ -394,6 +466,7 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
 
   struct Op {
     DoneCallback done;
+    std::shared_ptr<void> keep;  // what a send needs until it completes
   };
   struct CachedKey {
     uint64_t region;
@@ -424,15 +497,32 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   }
 
   // Progress thread.
+  void IssueSend(uint32_t tag, Bytes meta, Payload payload, DoneCallback done);
+  void ScheduleDelivery();
+  void Deliver();
+
+  // Progress thread.
   void Issue(bool is_write, void* local, size_t len, KeyParts parts, uint64_t remote,
              DoneCallback done);
 
   void OnTcpMessage(Message m) {
     if (!WaitAttached()) return;
     if (m.tag == kHello) {
+      Reader r(m.meta.data(), m.meta.size());
+      uint64_t peer_id = 0;
+      if (!r.Get(&peer_id) || r.remaining() == 0) {
+        spdlog::error("[{}] malformed ucx hello from {}; closing", shared_->options.name, peer_);
+        return tcp_->Close();
+      }
+      auto rest = r.rest();
+      Bytes addr(rest.begin(), rest.end());
       auto self = shared_from_this();
-      Post([self, addr = std::move(m.meta)]() mutable { self->CreateEndpoint(std::move(addr)); },
-           nullptr);
+      Post(
+          [self, peer_id, addr = std::move(addr)]() mutable {
+            self->peer_id_ = peer_id;
+            self->CreateEndpoint(std::move(addr));
+          },
+          nullptr);
       return;
     }
     if (m.tag == kRevoke) {
@@ -461,7 +551,9 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
       if (it != shared_->revoke_waits.end() && --it->second <= 0) shared_->revoke_cv.notify_all();
       return;
     }
-    if (user_.on_message) user_.on_message(shared_from_this(), std::move(m));
+    spdlog::error("[{}] unexpected message (tag {}) on the ucx control channel from {}; closing",
+                  shared_->options.name, m.tag, peer_);
+    tcp_->Close();
   }
 
   void OnTcpClosed(Status st) {
@@ -516,8 +608,14 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   // Progress thread: fails everything pending, closes the endpoint, then tells the user.
   void Shutdown(Status st) {
     if (closed_) return;
+    if (!st.ok()) Deliver();  // what arrived whole before the peer went away
     closed_ = true;
     closed_flag_ = true;
+    {
+      std::lock_guard<std::mutex> lock(shared_->mu);
+      shared_->by_id.erase(id_);
+    }
+    inbox_.clear();
     Status op_st = st.ok() ? Status::Aborted("connection to " + peer_ + " was closed") : st;
     auto waiting = std::move(waiting_);
     waiting_.clear();
@@ -557,7 +655,14 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   bool wire_failed_ = false;  // guarded by wire_mu_
   bool attached_ = false;     // guarded by wire_mu_
 
+  uint64_t id_ = 0;  // set by Register() before use
+
   // Progress thread state.
+  uint64_t peer_id_ = 0;  // the peer connection's id, from its hello
+  uint64_t next_out_ = 0;
+  uint64_t next_deliver_ = 0;
+  std::map<uint64_t, std::shared_ptr<Incoming>> inbox_;  // by sequence, until delivered in order
+  bool delivery_scheduled_ = false;
   ucp_ep_h ep_ = nullptr;
   bool ready_ = false;
   bool closed_ = false;
@@ -664,6 +769,154 @@ void UcxConnection::OpDone(uint64_t id, Status st, bool is_write, bool flushed) 
   done(st);
 }
 
+void UcxConnection::IssueSend(uint32_t tag, Bytes meta, Payload payload, DoneCallback done) {
+  if (closed_) return done(Status::Aborted("connection to " + peer_ + " is closed"));
+  if (!ready_) {
+    auto self = shared_from_this();
+    waiting_.push_back([self, tag, meta = std::move(meta), payload = std::move(payload),
+                        done = std::move(done)]() mutable {
+      self->IssueSend(tag, std::move(meta), std::move(payload), std::move(done));
+    });
+    return;
+  }
+  struct Outgoing {
+    AmHeader header;
+    Bytes meta;
+    Payload payload;
+    ucp_dt_iov_t iov[2];
+  };
+  auto out = std::make_shared<Outgoing>();
+  out->header = AmHeader{peer_id_, next_out_++, tag, static_cast<uint32_t>(meta.size())};
+  out->meta = std::move(meta);
+  out->payload = std::move(payload);
+  size_t n = 0;
+  if (out->payload.size > 0)
+    out->iov[n++] = ucp_dt_iov_t{const_cast<void*>(out->payload.data), out->payload.size};
+  if (!out->meta.empty()) out->iov[n++] = ucp_dt_iov_t{out->meta.data(), out->meta.size()};
+  uint64_t id = next_op_++;
+  ops_.emplace(id, Op{std::move(done), out});
+  auto* ctx = new OpCtx{weak_from_this(), id, false, false, nullptr};
+  ucp_request_param_t p = ParamFor(ctx);
+  const void* buffer = n == 1 ? out->iov[0].buffer : out->iov;
+  size_t count = n == 1 ? out->iov[0].length : n;
+  if (n == 2) {
+    p.op_attr_mask |= UCP_OP_ATTR_FIELD_DATATYPE;
+    p.datatype = ucp_dt_make_iov();
+  }
+  Launch(ucp_am_send_nbx(ep_, kAmId, &out->header, sizeof(AmHeader), n ? buffer : nullptr,
+                         n ? count : 0, &p),
+         ctx);
+}
+
+struct RecvCtx {
+  std::weak_ptr<UcxConnection> conn;
+  std::shared_ptr<Incoming> in;
+};
+
+void RecvDone(void* request, ucs_status_t status, size_t, void* user) {
+  auto* ctx = static_cast<RecvCtx*>(user);
+  if (request) ucp_request_free(request);
+  auto conn = ctx->conn.lock();
+  auto in = std::move(ctx->in);
+  delete ctx;
+  if (conn) conn->Received(in, status);
+}
+
+void UcxConnection::OnAm(const AmHeader& h, void* data, size_t len,
+                         const ucp_am_recv_param_t* param) {
+  if (closed_) return;
+  const ContextOptions& o = shared_->options;
+  if (h.meta_len > len || h.meta_len > o.max_meta_bytes || len - h.meta_len > o.max_payload_bytes ||
+      h.seq < next_deliver_ || inbox_.count(h.seq) || h.tag >= 0xFFFF0000u) {
+    spdlog::error(
+        "[{}] malformed message from {} (tag {}, {} bytes, {} of metadata, seq {}); closing",
+        o.name, peer_, h.tag, len, h.meta_len, h.seq);
+    return tcp_->Close();
+  }
+  auto in = std::make_shared<Incoming>();
+  in->tag = h.tag;
+  in->meta_len = h.meta_len;
+  in->bytes = Buffer(len);
+  inbox_[h.seq] = in;
+  if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+    auto* ctx = new RecvCtx{weak_from_this(), in};
+    ucp_request_param_t p{};
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    p.cb.recv_am = RecvDone;
+    p.user_data = ctx;
+    ucs_status_ptr_t r =
+        ucp_am_recv_data_nbx(shared_->progress.worker(), data, in->bytes.data(), len, &p);
+    if (!UCS_PTR_IS_PTR(r)) RecvDone(nullptr, UCS_PTR_STATUS(r), len, ctx);
+    return;
+  }
+  if (len > 0) std::memcpy(in->bytes.data(), data, len);
+  in->ready = true;
+  ScheduleDelivery();
+}
+
+void UcxConnection::Received(const std::shared_ptr<Incoming>& in, ucs_status_t st) {
+  if (closed_) return;
+  if (st != UCS_OK) {
+    spdlog::error("[{}] receiving a message from {} failed: {}; closing", shared_->options.name,
+                  peer_, ucs_status_string(st));
+    return tcp_->Close();
+  }
+  in->ready = true;
+  ScheduleDelivery();
+}
+
+// Deliveries run after the progress call that received them (user handlers never run inside
+// a UCP callback), in sequence order.
+void UcxConnection::ScheduleDelivery() {
+  if (delivery_scheduled_) return;
+  delivery_scheduled_ = true;
+  shared_->progress.Defer([self = shared_from_this()] {
+    self->delivery_scheduled_ = false;
+    self->Deliver();
+  });
+}
+
+void UcxConnection::Deliver() {
+  while (!closed_) {
+    auto it = inbox_.begin();
+    if (it == inbox_.end() || it->first != next_deliver_ || !it->second->ready) return;
+    std::shared_ptr<Incoming> in = std::move(it->second);
+    inbox_.erase(it);
+    next_deliver_++;
+    Message m;
+    m.tag = in->tag;
+    size_t payload = in->bytes.size() - in->meta_len;
+    m.meta.assign(in->bytes.data() + payload, in->bytes.data() + in->bytes.size());
+    in->bytes.Truncate(payload);
+    m.payload = std::move(in->bytes);
+    if (user_.on_message) user_.on_message(shared_from_this(), std::move(m));
+  }
+}
+
+ucs_status_t OnAmMessage(void* arg, const void* header, size_t header_length, void* data,
+                         size_t length, const ucp_am_recv_param_t* param) {
+  auto* s = static_cast<Shared*>(arg);
+  if (header_length != sizeof(AmHeader)) {
+    spdlog::error("[{}] ucx message with a {}-byte header (not ours); dropped", s->options.name,
+                  header_length);
+    return UCS_OK;
+  }
+  AmHeader h;
+  std::memcpy(&h, header, sizeof(h));
+  std::shared_ptr<UcxConnection> c;
+  {
+    std::lock_guard<std::mutex> lock(s->mu);
+    auto it = s->by_id.find(h.conn);
+    if (it != s->by_id.end()) c = it->second.lock();
+  }
+  if (!c) {
+    spdlog::warn("[{}] ucx message for unknown connection {}; dropped", s->options.name, h.conn);
+    return UCS_OK;
+  }
+  c->OnAm(h, data, length, param);
+  return UCS_OK;
+}
+
 void Shared::Revoke(uint64_t region) {
   std::vector<std::shared_ptr<UcxConnection>> live;
   uint64_t token;
@@ -716,10 +969,7 @@ class UcxContext final : public Context {
     return shared_->tcp->Listen(address,
                                 [shared, on_accept](const std::shared_ptr<Connection>& tcp_conn) {
                                   auto c = std::make_shared<UcxConnection>(shared);
-                                  {
-                                    std::lock_guard<std::mutex> lock(shared->mu);
-                                    shared->conns.push_back(c);
-                                  }
+                                  c->Register();
                                   ConnectionHandlers user = on_accept(c);
                                   c->Attach(tcp_conn, std::move(user));
                                   return c->TcpHandlers();
@@ -730,12 +980,9 @@ class UcxContext final : public Context {
                                               ConnectionHandlers handlers,
                                               std::chrono::milliseconds timeout) override {
     auto c = std::make_shared<UcxConnection>(shared_);
+    c->Register();
     auto tcp_conn = shared_->tcp->Connect(address, c->TcpHandlers(), timeout);
     if (!tcp_conn.ok()) return tcp_conn.status();
-    {
-      std::lock_guard<std::mutex> lock(shared_->mu);
-      shared_->conns.push_back(c);
-    }
     c->Attach(*tcp_conn, std::move(handlers));
     Status wired = c->WaitWiredUp(timeout);
     if (!wired.ok()) {
@@ -824,7 +1071,26 @@ Result<std::unique_ptr<Context>> CreateUcxContext(const ContextOptions& options)
   auto ctx = MakeUcpContext(options);
   if (!ctx.ok()) return ctx.status();
   s->ctx = *ctx;
-  SHARDPS_RETURN_IF_ERROR(s->progress.Start(s->ctx, options.name + "-ucx"));
+  SHARDPS_RETURN_IF_ERROR(s->progress.Start(s->ctx, options.name + "-ucx", options.busy_poll));
+  Shared* raw = s.get();
+  Status am = s->progress.Call<Status>(
+      [raw] {
+        ucp_am_handler_param_t hp{};
+        hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                        UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+        hp.id = kAmId;
+        hp.flags = UCP_AM_FLAG_WHOLE_MSG;
+        hp.cb = OnAmMessage;
+        hp.arg = raw;
+        ucs_status_t st = ucp_worker_set_am_recv_handler(raw->progress.worker(), &hp);
+        return st == UCS_OK ? Status::OK() : FromUcs("ucp_worker_set_am_recv_handler", st);
+      },
+      Status::Aborted("progress thread stopped"));
+  if (!am.ok()) {
+    s->progress.Stop();
+    s->progress.Destroy();
+    return am;
+  }
   ContextOptions tcp_opts = options;
   tcp_opts.name = options.name + "-ctl";
   auto tcp = CreateContext("tcp", tcp_opts);
