@@ -1,6 +1,9 @@
-// ucx-specific: the shared-memory path is truly one-sided. The target process is stopped
-// (SIGSTOP: none of its threads runs, so nothing there can serve a request) while this process
-// writes into and reads from its registered region; both complete with the right bytes.
+// ucx-specific tests.
+// - The shared-memory path is truly one-sided. The target process is stopped (SIGSTOP: none of
+//   its threads runs, so nothing there can serve a request) while this process writes into and
+//   reads from its registered region; both complete with the right bytes.
+// - Malformed active messages from a raw UCP peer are refused: the connection they name is
+//   closed with a clear error, and the context goes on serving others.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -10,6 +13,9 @@
 #include <mutex>
 
 #include <gtest/gtest.h>
+#include <ucp/api/ucp.h>
+
+#include <thread>
 
 #include "transport/context.h"
 
@@ -119,6 +125,249 @@ TEST(UcxOneSided, WritesAndReadsCompleteWhileTheTargetProcessIsStopped) {
   ASSERT_EQ(waitpid(child, &st, WUNTRACED | WNOHANG), 0) << "target not stopped any more?";
   kill(child, SIGKILL);
   waitpid(child, &st, 0);
+}
+
+// A UCP peer that speaks the backend's wire format by hand (docs/transports.md): the tcp hello
+// `[u64 connection id][UCP worker address]`, then active messages (id 1) whose 24-byte header
+// is `u64 receiving connection id, u64 sequence, u32 tag, u32 metadata length` and whose data
+// is payload then metadata.
+class RawUcxPeer {
+ public:
+  ~RawUcxPeer() {
+    if (ep_) {
+      ucp_request_param_t p{};
+      p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+      ucs_status_ptr_t r = ucp_ep_close_nbx(ep_, &p);
+      if (UCS_PTR_IS_PTR(r)) {
+        while (ucp_request_check_status(r) == UCS_INPROGRESS) ucp_worker_progress(worker_);
+        ucp_request_free(r);
+      }
+    }
+    if (worker_) ucp_worker_destroy(worker_);
+    if (ctx_) ucp_cleanup(ctx_);
+  }
+
+  // Connects the control channel to `address` and wires up an endpoint to the server's worker.
+  bool Connect(const std::string& address) {
+    ucp_config_t* cfg = nullptr;
+    if (ucp_config_read(nullptr, nullptr, &cfg) != UCS_OK) return false;
+    ucp_config_modify(cfg, "TLS", "shm,self");
+    ucp_config_modify(cfg, "MM_ERROR_HANDLING", "y");
+    ucp_params_t p{};
+    p.field_mask = UCP_PARAM_FIELD_FEATURES;
+    p.features = UCP_FEATURE_AM | UCP_FEATURE_RMA;
+    ucs_status_t st = ucp_init(&p, cfg, &ctx_);
+    ucp_config_release(cfg);
+    if (st != UCS_OK) return false;
+    ucp_worker_params_t wp{};
+    if (ucp_worker_create(ctx_, &wp, &worker_) != UCS_OK) return false;
+    // The server answers well-formed messages; this peer ignores the answers.
+    ucp_am_handler_param_t hp{};
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB;
+    hp.id = 1;
+    hp.cb = [](void*, const void*, size_t, void*, size_t, const ucp_am_recv_param_t*) {
+      return UCS_OK;
+    };
+    if (ucp_worker_set_am_recv_handler(worker_, &hp) != UCS_OK) return false;
+    ucp_address_t* addr = nullptr;
+    size_t len = 0;
+    if (ucp_worker_get_address(worker_, &addr, &len) != UCS_OK) return false;
+    Bytes hello;
+    Writer w(&hello);
+    w.Put<uint64_t>(77);  // our "connection id"
+    w.PutRaw(addr, len);
+    ucp_worker_release_address(worker_, addr);
+
+    auto tcp = CreateContext("tcp", ContextOptions{});
+    if (!tcp.ok()) return false;
+    tcp_ctx_ = std::move(tcp).value();
+    ConnectionHandlers h;
+    h.on_message = [this](const std::shared_ptr<Connection>&, Message m) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (m.tag == 0xFFFF0001u) server_hello_ = std::move(m.meta);
+    };
+    h.on_close = [this](const std::shared_ptr<Connection>&, Status) {
+      std::lock_guard<std::mutex> lock(mu_);
+      control_closed_ = true;
+    };
+    auto c = tcp_ctx_->Connect(address, h, 5s);
+    if (!c.ok()) return false;
+    control_ = *c;
+    control_->Send(0xFFFF0001u, hello, {}, nullptr);
+    Bytes server;
+    if (!ProgressUntil([&] {
+          std::lock_guard<std::mutex> lock(mu_);
+          server = server_hello_;
+          return !server.empty();
+        }))
+      return false;
+    Reader r(server.data(), server.size());
+    if (!r.Get(&server_conn_)) return false;
+    auto rest = r.rest();
+    Bytes server_addr(rest.begin(), rest.end());
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    ep.address = reinterpret_cast<const ucp_address_t*>(server_addr.data());
+    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    if (ucp_ep_create(worker_, &ep, &ep_) != UCS_OK) return false;
+    return Flush();
+  }
+
+  // Sends one active message with this header and data, and waits for it to leave.
+  bool SendAm(const void* header, size_t header_len, const Bytes& data, unsigned id = 1) {
+    ucp_request_param_t p{};
+    ucs_status_ptr_t r = ucp_am_send_nbx(ep_, id, header, header_len,
+                                         data.empty() ? nullptr : data.data(), data.size(), &p);
+    return Complete(r);
+  }
+  static Bytes Header(uint64_t conn, uint64_t seq, uint32_t tag, uint32_t meta_len) {
+    Bytes h;
+    Writer w(&h);
+    w.Put(conn);
+    w.Put(seq);
+    w.Put(tag);
+    w.Put(meta_len);
+    return h;
+  }
+  uint64_t server_conn() const { return server_conn_; }
+  bool control_closed() {
+    return ProgressUntil([&] {
+      std::lock_guard<std::mutex> lock(mu_);
+      return control_closed_;
+    });
+  }
+
+ private:
+  template <typename Pred>
+  bool ProgressUntil(Pred pred) {
+    auto end = std::chrono::steady_clock::now() + 10s;
+    while (std::chrono::steady_clock::now() < end) {
+      ucp_worker_progress(worker_);
+      if (pred()) return true;
+      std::this_thread::sleep_for(100us);
+    }
+    return false;
+  }
+  bool Complete(ucs_status_ptr_t r) {
+    if (!UCS_PTR_IS_PTR(r)) return UCS_PTR_STATUS(r) == UCS_OK;
+    bool ok = ProgressUntil([&] { return ucp_request_check_status(r) != UCS_INPROGRESS; });
+    ucp_request_free(r);
+    return ok;
+  }
+  bool Flush() {
+    ucp_request_param_t p{};
+    return Complete(ucp_ep_flush_nbx(ep_, &p));
+  }
+
+  ucp_context_h ctx_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  ucp_ep_h ep_ = nullptr;
+  std::unique_ptr<Context> tcp_ctx_;
+  std::shared_ptr<Connection> control_;
+  std::mutex mu_;
+  Bytes server_hello_;           // guarded by mu_
+  bool control_closed_ = false;  // guarded by mu_
+  uint64_t server_conn_ = 0;
+};
+
+TEST(UcxMessages, MalformedActiveMessagesCloseOnlyThatConnection) {
+  if (!CheckViability("ucx", ShmOptions("probe")).viable) GTEST_SKIP() << "ucx is not viable here";
+  auto server = CreateContext("ucx", ShmOptions("server"));
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  std::mutex mu;
+  std::vector<Message> got;
+  std::vector<Status> closes;
+  auto l = (*server)->Listen("127.0.0.1:0", [&](const std::shared_ptr<Connection>&) {
+    ConnectionHandlers h;
+    h.on_message = [&](const std::shared_ptr<Connection>& c, Message m) {
+      std::lock_guard<std::mutex> lock(mu);
+      got.push_back(std::move(m));
+      c->Send(9, {}, {}, nullptr);  // an answer, for well-formed peers
+    };
+    h.on_close = [&](const std::shared_ptr<Connection>&, Status st) {
+      std::lock_guard<std::mutex> lock(mu);
+      closes.push_back(st);
+    };
+    return h;
+  });
+  ASSERT_TRUE(l.ok());
+  const std::string addr = (*l)->address();
+
+  // Not attributable to a connection (a header of the wrong size, an unknown connection id):
+  // dropped; the raw peer's connection stays open and a well-formed message still arrives.
+  RawUcxPeer bad;
+  ASSERT_TRUE(bad.Connect(addr));
+  Bytes data = {1, 2, 3, 4, 5, 6, 7, 8};
+  uint8_t short_header[3] = {1, 2, 3};
+  ASSERT_TRUE(bad.SendAm(short_header, sizeof(short_header), data));
+  Bytes unknown = RawUcxPeer::Header(bad.server_conn() + 1000, 0, 5, 4);
+  ASSERT_TRUE(bad.SendAm(unknown.data(), unknown.size(), data));
+  ASSERT_TRUE(bad.SendAm(unknown.data(), unknown.size(), data, 7));  // an id nobody handles
+  Bytes good = RawUcxPeer::Header(bad.server_conn(), 0, 5, 4);       // 4 payload, 4 metadata bytes
+  ASSERT_TRUE(bad.SendAm(good.data(), good.size(), data));
+  for (int i = 0; i < 1000; ++i) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!got.empty()) break;
+    }
+    std::this_thread::sleep_for(5ms);
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(got.size(), 1u) << "the well-formed message did not arrive alone";
+    EXPECT_EQ(got[0].tag, 5u);
+    EXPECT_EQ(got[0].payload.size(), 4u);
+    EXPECT_EQ(got[0].meta, (Bytes{5, 6, 7, 8}));
+    EXPECT_TRUE(closes.empty());
+  }
+  // Attributable but malformed: metadata longer than the message, a reserved tag, a sequence
+  // number already delivered. Each closes that connection with an error and delivers nothing.
+  struct Case {
+    const char* what;
+    uint64_t seq;
+    uint32_t tag, meta_len;
+  };
+  for (const Case& k : {Case{"metadata longer than the message", 0, 5, 100},
+                        Case{"a reserved tag", 0, 0xFFFF0001u, 4},
+                        Case{"a sequence number already used", 5, 5, 4}}) {
+    SCOPED_TRACE(k.what);
+    size_t closes_before;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      closes_before = closes.size();
+      got.clear();
+    }
+    RawUcxPeer peer;
+    ASSERT_TRUE(peer.Connect(addr));
+    if (k.seq > 0) {  // deliver seq 0..k.seq-1 first, then repeat one of them
+      for (uint64_t q = 0; q < k.seq; ++q) {
+        Bytes h = RawUcxPeer::Header(peer.server_conn(), q, 5, 4);
+        ASSERT_TRUE(peer.SendAm(h.data(), h.size(), data));
+      }
+      Bytes again = RawUcxPeer::Header(peer.server_conn(), 1, 5, 4);
+      ASSERT_TRUE(peer.SendAm(again.data(), again.size(), data));
+    } else {
+      Bytes h = RawUcxPeer::Header(peer.server_conn(), 0, k.tag, k.meta_len);
+      ASSERT_TRUE(peer.SendAm(h.data(), h.size(), data));
+    }
+    EXPECT_TRUE(peer.control_closed()) << "the server did not close the connection";
+    std::lock_guard<std::mutex> lock(mu);
+    ASSERT_EQ(closes.size(), closes_before + 1);
+    EXPECT_EQ(got.size(), k.seq);  // only the well-formed ones before it
+  }
+  // The server still serves a proper client.
+  auto client = CreateContext("ucx", ShmOptions("client"));
+  ASSERT_TRUE(client.ok());
+  Waiter answered;
+  ConnectionHandlers h;
+  h.on_message = [&](const std::shared_ptr<Connection>&, Message m) {
+    if (m.tag == 9) answered.cb()(Status::OK());
+  };
+  auto c = (*client)->Connect(addr, h, 5s);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  (*c)->Send(5, {1}, {}, nullptr);
+  EXPECT_TRUE(answered.Wait(1, 10s));
 }
 
 }  // namespace
