@@ -28,7 +28,7 @@ struct ContextOptions {
   // ucx: how long the progress thread keeps polling after its last event before it sleeps on
   // the worker's event fd (yielding the core meanwhile). A wake-up costs tens of microseconds;
   // polling keeps a small request's round trip near the wire's latency. 0: never poll.
-  std::chrono::microseconds busy_poll{50};
+  std::chrono::microseconds busy_poll{200};
   // Backend-specific settings, e.g. {"UCX_TLS", "shm"} for ucx.
   std::vector<std::pair<std::string, std::string>> backend_settings;
 };

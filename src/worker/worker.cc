@@ -23,7 +23,7 @@ namespace shardps {
 
 namespace worker {
 
-constexpr auto kWaitSpin = std::chrono::microseconds(50);
+constexpr auto kWaitSpin = std::chrono::microseconds(200);
 
 // Completion state shared by a Handle and the callbacks of its chunk operations.
 struct OpState {

@@ -273,11 +273,12 @@ class RawUcxPeer {
 
 TEST(UcxMessages, MalformedActiveMessagesCloseOnlyThatConnection) {
   if (!CheckViability("ucx", ShmOptions("probe")).viable) GTEST_SKIP() << "ucx is not viable here";
-  auto server = CreateContext("ucx", ShmOptions("server"));
-  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  // Declared before the context, whose connections' handlers use them until it is destroyed.
   std::mutex mu;
   std::vector<Message> got;
   std::vector<Status> closes;
+  auto server = CreateContext("ucx", ShmOptions("server"));
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
   auto l = (*server)->Listen("127.0.0.1:0", [&](const std::shared_ptr<Connection>&) {
     ConnectionHandlers h;
     h.on_message = [&](const std::shared_ptr<Connection>& c, Message m) {
@@ -352,14 +353,22 @@ TEST(UcxMessages, MalformedActiveMessagesCloseOnlyThatConnection) {
       ASSERT_TRUE(peer.SendAm(h.data(), h.size(), data));
     }
     EXPECT_TRUE(peer.control_closed()) << "the server did not close the connection";
+    for (int i = 0; i < 1000; ++i) {  // on_close follows on the server's own thread
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (closes.size() > closes_before) break;
+      }
+      std::this_thread::sleep_for(5ms);
+    }
     std::lock_guard<std::mutex> lock(mu);
     ASSERT_EQ(closes.size(), closes_before + 1);
+    EXPECT_FALSE(closes.back().ok()) << "closed without an error";
     EXPECT_EQ(got.size(), k.seq);  // only the well-formed ones before it
   }
   // The server still serves a proper client.
+  Waiter answered;
   auto client = CreateContext("ucx", ShmOptions("client"));
   ASSERT_TRUE(client.ok());
-  Waiter answered;
   ConnectionHandlers h;
   h.on_message = [&](const std::shared_ptr<Connection>&, Message m) {
     if (m.tag == 9) answered.cb()(Status::OK());

@@ -510,10 +510,8 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     if (m.tag == kHello) {
       Reader r(m.meta.data(), m.meta.size());
       uint64_t peer_id = 0;
-      if (!r.Get(&peer_id) || r.remaining() == 0) {
-        spdlog::error("[{}] malformed ucx hello from {}; closing", shared_->options.name, peer_);
-        return tcp_->Close();
-      }
+      if (!r.Get(&peer_id) || r.remaining() == 0)
+        return Fail(Status::ProtocolError("malformed ucx hello from " + peer_));
       auto rest = r.rest();
       Bytes addr(rest.begin(), rest.end());
       auto self = shared_from_this();
@@ -528,7 +526,8 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     if (m.tag == kRevoke) {
       Reader r(m.meta.data(), m.meta.size());
       uint64_t region = 0, token = 0;
-      if (!r.Get(&region) || !r.Get(&token)) return tcp_->Close();
+      if (!r.Get(&region) || !r.Get(&token))
+        return Fail(Status::ProtocolError("malformed key revocation from " + peer_));
       auto self = shared_from_this();
       Post(
           [self, region, token] {
@@ -545,19 +544,33 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     if (m.tag == kRevokeAck) {
       Reader r(m.meta.data(), m.meta.size());
       uint64_t token = 0;
-      if (!r.Get(&token)) return tcp_->Close();
+      if (!r.Get(&token))
+        return Fail(Status::ProtocolError("malformed revocation ack from " + peer_));
       std::lock_guard<std::mutex> lock(shared_->mu);
       auto it = shared_->revoke_waits.find(token);
       if (it != shared_->revoke_waits.end() && --it->second <= 0) shared_->revoke_cv.notify_all();
       return;
     }
-    spdlog::error("[{}] unexpected message (tag {}) on the ucx control channel from {}; closing",
-                  shared_->options.name, m.tag, peer_);
+    Fail(Status::ProtocolError(fmt::format(
+        "unexpected message (tag {}) on the ucx control channel from {}", m.tag, peer_)));
+  }
+
+  // Closes the connection because of `why` (logged; on_close reports it).
+  void Fail(Status why) {
+    spdlog::error("[{}] {}; closing", shared_->options.name, why.ToString());
+    {
+      std::lock_guard<std::mutex> lock(wire_mu_);
+      if (close_reason_.ok()) close_reason_ = why;
+    }
     tcp_->Close();
   }
 
   void OnTcpClosed(Status st) {
     WaitAttached();
+    {
+      std::lock_guard<std::mutex> lock(wire_mu_);
+      if (st.ok() && !close_reason_.ok()) st = close_reason_;  // closed by Fail()
+    }
     closed_flag_ = true;
     SetWire(&wire_failed_);
     auto self = shared_from_this();
@@ -575,9 +588,8 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     ep.err_handler.cb = [](void* arg, ucp_ep_h, ucs_status_t st) {
       auto* weak = static_cast<std::weak_ptr<UcxConnection>*>(arg);
       if (auto self = weak->lock()) {
-        spdlog::warn("[{}] ucx endpoint to {} failed: {}", self->shared_->options.name, self->peer_,
-                     ucs_status_string(st));
-        self->tcp_->Close();  // the connection as a whole is gone
+        // The connection as a whole is gone.
+        self->Fail(FromUcs("ucx endpoint to " + self->peer_ + " failed", st));
       }
     };
     err_arg_ = std::make_unique<std::weak_ptr<UcxConnection>>(weak_from_this());
@@ -585,15 +597,12 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     ucs_status_t st = ucp_ep_create(shared_->progress.worker(), &ep, &ep_);
     if (st != UCS_OK) {
       ep_ = nullptr;
-      spdlog::error("[{}] ucp_ep_create to {}: {}", shared_->options.name, peer_,
-                    ucs_status_string(st));
-      tcp_->Close();
-      return;
+      return Fail(FromUcs("ucp_ep_create to " + peer_, st));
     }
     // Wire-up completes before any remote key is unpacked (unpacking earlier can pin the
     // endpoint to UCX's emulated RMA path).
     FlushThen([self = shared_from_this()](Status fst) {
-      if (!fst.ok()) return self->tcp_->Close();
+      if (!fst.ok()) return self->Fail(fst.WithContext("ucx wire-up with " + self->peer_));
       self->ready_ = true;
       self->SetWire(&self->local_ready_);
       self->SendRaw(kReady, {});
@@ -654,6 +663,7 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   bool peer_ready_ = false;   // guarded by wire_mu_
   bool wire_failed_ = false;  // guarded by wire_mu_
   bool attached_ = false;     // guarded by wire_mu_
+  Status close_reason_;       // why Fail() closed it; guarded by wire_mu_
 
   uint64_t id_ = 0;  // set by Register() before use
 
@@ -828,10 +838,9 @@ void UcxConnection::OnAm(const AmHeader& h, void* data, size_t len,
   const ContextOptions& o = shared_->options;
   if (h.meta_len > len || h.meta_len > o.max_meta_bytes || len - h.meta_len > o.max_payload_bytes ||
       h.seq < next_deliver_ || inbox_.count(h.seq) || h.tag >= 0xFFFF0000u) {
-    spdlog::error(
-        "[{}] malformed message from {} (tag {}, {} bytes, {} of metadata, seq {}); closing",
-        o.name, peer_, h.tag, len, h.meta_len, h.seq);
-    return tcp_->Close();
+    return Fail(Status::ProtocolError(
+        fmt::format("malformed message from {} (tag {}, {} bytes, {} of metadata, seq {})", peer_,
+                    h.tag, len, h.meta_len, h.seq)));
   }
   auto in = std::make_shared<Incoming>();
   in->tag = h.tag;
@@ -857,9 +866,7 @@ void UcxConnection::OnAm(const AmHeader& h, void* data, size_t len,
 void UcxConnection::Received(const std::shared_ptr<Incoming>& in, ucs_status_t st) {
   if (closed_) return;
   if (st != UCS_OK) {
-    spdlog::error("[{}] receiving a message from {} failed: {}; closing", shared_->options.name,
-                  peer_, ucs_status_string(st));
-    return tcp_->Close();
+    return Fail(FromUcs("receiving a message from " + peer_, st));
   }
   in->ready = true;
   ScheduleDelivery();
