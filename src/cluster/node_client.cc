@@ -71,7 +71,12 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
                                   RoleName(options.role), options.coordinator));
   if (!rep.ok()) return rep.status();
   Reader r(rep->data(), rep->size());
-  if (!nc->info_.Decode(&r)) return Status::ProtocolError("malformed register reply");
+  RegisterReply info;
+  if (!info.Decode(&r)) return Status::ProtocolError("malformed register reply");
+  {
+    std::lock_guard<std::mutex> lock(nc->mu_);  // the heartbeat thread reads it
+    nc->info_ = std::move(info);
+  }
   return nc;
 }
 
