@@ -221,6 +221,7 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
     LaunchOptions lo;
     lo.coordinator = *co;
     lo.landing_buffers = job.landing_buffers;
+    lo.busy_poll_us = job.busy_poll_us;
     lo.program = {SelfExe(), "bench"};
     lo.program.insert(lo.program.end(), args.begin(), args.end());
     lo.env.push_back("SHARDPS_AGGREGATE=" + job.aggregate);

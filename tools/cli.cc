@@ -28,6 +28,11 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   app->add_option("--landing-buffers", landing_buffers, "landing buffers per server")
       ->envname("SHARDPS_LANDING_BUFFERS")
       ->check(CLI::Range(1u, 4096u));
+  app->add_option("--busy-poll-us", busy_poll_us,
+                  "ucx: microseconds the servers' and workers' transport threads keep polling "
+                  "after an event before they sleep (0: never)")
+      ->envname("SHARDPS_BUSY_POLL_US")
+      ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   app->add_option("--register-timeout-ms", register_timeout_ms, "registration deadline")
       ->envname("SHARDPS_REGISTER_TIMEOUT_MS")
       ->check(CLI::PositiveNumber);

@@ -148,6 +148,7 @@ int RunLaunch(const LaunchOptions& opt) {
       fmt::format("SHARDPS_NUM_WORKERS={}", co.num_workers),
       std::string("SHARDPS_MODE=") + ModeName(co.mode),
   };
+  common.push_back(fmt::format("SHARDPS_BUSY_POLL_US={}", opt.busy_poll_us));
   for (const auto& e : opt.env) common.push_back(e);
   std::vector<Child> children;
   Status spawn_error;

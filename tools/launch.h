@@ -13,6 +13,7 @@ namespace shardps::tools {
 struct LaunchOptions {
   CoordinatorOptions coordinator;  // servers, workers, mode, transport, ...
   uint32_t landing_buffers = 16;
+  int64_t busy_poll_us = 200;        // servers and workers (SHARDPS_BUSY_POLL_US)
   std::vector<std::string> program;  // argv of each worker
   // Extra environment for every child ("K=V").
   std::vector<std::string> env;

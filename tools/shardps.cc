@@ -78,6 +78,7 @@ int Main(int argc, char** argv) {
   ServerOptions so;
   std::string srv_listen = "0.0.0.0:0";
   int32_t srv_rank = -1;
+  int64_t srv_busy_poll_us = 200;
   srv->add_option("--coordinator", so.coordinator, "coordinator host:port")
       ->envname("SHARDPS_COORDINATOR")
       ->required();
@@ -91,6 +92,10 @@ int Main(int argc, char** argv) {
       ->envname("SHARDPS_LANDING_BUFFERS");
   srv->add_option("--apply-threads", so.apply_threads, "optimizer threads")
       ->envname("SHARDPS_APPLY_THREADS");
+  srv->add_option("--busy-poll-us", srv_busy_poll_us,
+                  "ucx: microseconds the transport thread keeps polling after an event (0: never)")
+      ->envname("SHARDPS_BUSY_POLL_US")
+      ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
 
   // launch
   auto* launch = app.add_subcommand("launch", "run a local job: coordinator, servers, workers");
@@ -151,6 +156,7 @@ int Main(int argc, char** argv) {
     LogEffectiveConfig(*srv);
     so.listen = srv_listen;
     so.rank = srv_rank;
+    so.busy_poll = std::chrono::microseconds(srv_busy_poll_us);
     auto s = Server::Start(so);
     if (!s.ok()) {
       std::fprintf(stderr, "shardps server: %s\n", s.status().ToString().c_str());
@@ -168,6 +174,7 @@ int Main(int argc, char** argv) {
     LaunchOptions lo;
     lo.coordinator = *co;
     lo.landing_buffers = ljob.landing_buffers;
+    lo.busy_poll_us = ljob.busy_poll_us;
     lo.program = program;
     lo.env.push_back("SHARDPS_AGGREGATE=" + ljob.aggregate);
     return RunLaunch(lo);

@@ -24,6 +24,9 @@ struct ServerOptions {
   // number of workers. A push waits for a free buffer (credit) when all are taken.
   uint32_t landing_buffers = 16;
   uint32_t apply_threads = 1;  // threads folding pushes and running the optimizer
+  // How long the data transport's thread keeps polling after its last event before it sleeps
+  // (ucx; see transport::ContextOptions::busy_poll). 0: never poll.
+  std::chrono::microseconds busy_poll{200};
   std::chrono::milliseconds connect_timeout{30000};
   std::chrono::milliseconds register_timeout{120000};
 

@@ -33,9 +33,13 @@ struct WorkerOptions {
   std::chrono::milliseconds connect_timeout{30000};
   std::chrono::milliseconds register_timeout{120000};
   std::chrono::milliseconds rpc_timeout{60000};
+  // How long the data transport's thread (ucx) and Handle::Wait keep polling before they
+  // sleep: a wake-up costs tens of microseconds. 0: never poll.
+  std::chrono::microseconds busy_poll{200};
 
-  // Fills the options from SHARDPS_COORDINATOR, SHARDPS_TRANSPORT, SHARDPS_RANK and
-  // SHARDPS_TIMEOUT_MS in `environ` (as `shardps launch` sets them for its workers).
+  // Fills the options from SHARDPS_COORDINATOR, SHARDPS_TRANSPORT, SHARDPS_RANK,
+  // SHARDPS_TIMEOUT_MS and SHARDPS_BUSY_POLL_US in `environ` (as `shardps launch` sets them
+  // for its workers).
   static Result<WorkerOptions> FromEnvironment(char** environ);
   Status Validate() const;
 };

@@ -33,6 +33,9 @@ Status ServerOptions::Validate() const {
         fmt::format("landing buffers {} outside [1, 4096]", landing_buffers));
   if (apply_threads < 1 || apply_threads > 64)
     return Status::InvalidArgument(fmt::format("apply threads {} outside [1, 64]", apply_threads));
+  if (busy_poll.count() < 0 || busy_poll.count() > 1000000)
+    return Status::InvalidArgument(
+        fmt::format("busy poll of {} us outside [0, 1000000]", busy_poll.count()));
   auto v = transport::CheckViability(transport);
   if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
   return Status::OK();
@@ -178,6 +181,7 @@ class ServerImpl final : public Server {
   Status Init() {
     transport::ContextOptions co;
     co.name = "server-data";
+    co.busy_poll = opt_.busy_poll;
     auto dctx = transport::CreateContext(opt_.transport, co);
     if (!dctx.ok()) return dctx.status();
     data_ctx_ = std::move(dctx).value();

@@ -23,8 +23,6 @@ namespace shardps {
 
 namespace worker {
 
-constexpr auto kWaitSpin = std::chrono::microseconds(200);
-
 // Completion state shared by a Handle and the callbacks of its chunk operations.
 struct OpState {
   std::mutex mu;
@@ -34,6 +32,7 @@ struct OpState {
   uint64_t version = UINT64_MAX;
 
   std::atomic<bool> complete{false};  // remaining reached 0 (read without the lock)
+  std::chrono::microseconds poll{0};  // how long Wait polls before it sleeps
 
   void ChunkDone(const Status& st, uint64_t v) {
     std::lock_guard<std::mutex> lock(mu);
@@ -52,7 +51,7 @@ Status Handle::Wait(std::chrono::milliseconds timeout) const {
   if (!s_) return Status::InvalidArgument("waiting on an empty handle");
   // Operations on small tensors complete within microseconds: poll briefly (yielding the
   // core) before sleeping, which costs a wake-up of tens of microseconds on a busy machine.
-  auto spin_until = std::chrono::steady_clock::now() + worker::kWaitSpin;
+  auto spin_until = std::chrono::steady_clock::now() + s_->poll;
   while (!s_->complete.load(std::memory_order_acquire) &&
          std::chrono::steady_clock::now() < spin_until)
     std::this_thread::yield();
@@ -106,6 +105,10 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** env) {
       SHARDPS_RETURN_IF_ERROR(parse_int(&t));
       if (t <= 0) return Status::InvalidArgument("SHARDPS_TIMEOUT_MS must be positive");
       o.rpc_timeout = std::chrono::milliseconds(t);
+    } else if (k == "SHARDPS_BUSY_POLL_US") {
+      int64_t t = 0;
+      SHARDPS_RETURN_IF_ERROR(parse_int(&t));
+      o.busy_poll = std::chrono::microseconds(t);
     }
   }
   if (o.coordinator.empty())
@@ -117,6 +120,9 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** env) {
 
 Status WorkerOptions::Validate() const {
   if (coordinator.empty()) return Status::InvalidArgument("the worker needs a coordinator address");
+  if (busy_poll.count() < 0 || busy_poll.count() > 1000000)
+    return Status::InvalidArgument(
+        fmt::format("busy poll of {} us outside [0, 1000000]", busy_poll.count()));
   auto v = transport::CheckViability(transport);
   if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
   return Status::OK();
@@ -303,6 +309,7 @@ class WorkerImpl final : public Worker {
     rank_ = node_->info().rank;
 
     co.name = "worker-data";
+    co.busy_poll = opt_.busy_poll;
     auto dctx = transport::CreateContext(opt_.transport, co);
     if (!dctx.ok()) return dctx.status();
     data_ctx_ = std::move(dctx).value();
@@ -492,6 +499,7 @@ class WorkerImpl final : public Worker {
 
   Handle Start(TensorId id, const float* grad, float* out) {
     auto op = std::make_shared<OpState>();
+    op->poll = opt_.busy_poll;
     TensorInfo* t = nullptr;
     {
       std::lock_guard<std::mutex> lock(tensors_mu_);

@@ -59,12 +59,34 @@ TEST(LaunchUcx, SyncAndAsyncBenchVerifyOverUcx) {
       60s);
   if (probe.output.find("no ucx transport") != std::string::npos)
     GTEST_SKIP() << "this build has no ucx transport";
-  for (std::string mode : {"sync", "async"}) {
-    auto r = RunCommand(
-        {kShardps,    "bench", "--transport", "ucx", "--servers",    "2",    "--workers", "3",
-         "--mode",    mode,    "--aggregate", "sum", "--chunk-size", "4KiB", "--size",    "20004",
-         "--tensors", "2",     "--iters",     "30",  "--warmup",     "0",    "--verify"},
-        120s, {"UCX_TLS=shm,self"});
+  // Sync with the transport threads polling (the default), async with polling off.
+  for (auto [mode, poll] : {std::pair<std::string, std::string>{"sync", "200"}, {"async", "0"}}) {
+    auto r = RunCommand({kShardps,
+                         "bench",
+                         "--transport",
+                         "ucx",
+                         "--servers",
+                         "2",
+                         "--workers",
+                         "3",
+                         "--mode",
+                         mode,
+                         "--aggregate",
+                         "sum",
+                         "--chunk-size",
+                         "4KiB",
+                         "--size",
+                         "20004",
+                         "--tensors",
+                         "2",
+                         "--iters",
+                         "30",
+                         "--warmup",
+                         "0",
+                         "--verify",
+                         "--busy-poll-us",
+                         poll},
+                        120s, {"UCX_TLS=shm,self"});
     ASSERT_FALSE(r.timed_out) << r.output;
     EXPECT_EQ(r.exit_code, 0) << mode << "\n" << r.output;
     EXPECT_EQ(CountOccurrences(r.output, ", verified"), 3u) << r.output;
@@ -196,6 +218,9 @@ TEST(Launch, BadFlagsGetAClearErrorAndNonZeroExit) {
   r = RunCommand({kShardps, "launch", "--chunk-size", "3", "--", "true"}, 20s);
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("chunk size"), std::string::npos) << r.output;
+  r = RunCommand({kShardps, "launch", "--busy-poll-us", "-5", "--", "true"}, 20s);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--busy-poll-us"), std::string::npos) << r.output;
   r = RunCommand({kShardps, "nonsense"}, 20s);
   EXPECT_NE(r.exit_code, 0);
 }
