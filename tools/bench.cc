@@ -213,19 +213,14 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   }
   if (!IsUnder("SHARDPS_COORDINATOR")) {
     // Standalone: launch a local cluster whose workers are this same benchmark.
-    auto co = job.ToCoordinator();
-    if (!co.ok()) {
-      std::fprintf(stderr, "shardps bench: %s\n", co.status().ToString().c_str());
+    std::vector<std::string> program = {SelfExe(), "bench"};
+    program.insert(program.end(), args.begin(), args.end());
+    auto lo = LaunchFor(job, std::move(program));
+    if (!lo.ok()) {
+      std::fprintf(stderr, "shardps bench: %s\n", lo.status().ToString().c_str());
       return 2;
     }
-    LaunchOptions lo;
-    lo.coordinator = *co;
-    lo.landing_buffers = job.landing_buffers;
-    lo.busy_poll_us = job.busy_poll_us;
-    lo.program = {SelfExe(), "bench"};
-    lo.program.insert(lo.program.end(), args.begin(), args.end());
-    lo.env.push_back("SHARDPS_AGGREGATE=" + job.aggregate);
-    return RunLaunch(lo);
+    return RunLaunch(*lo);
   }
   auto wo = WorkerOptions::FromEnvironment(environ);
   if (!wo.ok()) {

@@ -107,6 +107,16 @@ void Forward(Child& c, bool flush_partial) {
 
 }  // namespace
 
+Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> program) {
+  LaunchOptions lo;
+  SHARDPS_ASSIGN_OR_RETURN(lo.coordinator, job.ToCoordinator());
+  lo.landing_buffers = job.landing_buffers;
+  lo.busy_poll_us = job.busy_poll_us;
+  lo.program = std::move(program);
+  lo.env.push_back("SHARDPS_AGGREGATE=" + job.aggregate);
+  return lo;
+}
+
 std::string SelfExe() {
   char buf[4096];
   ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cli.h"
 #include "shardps/coordinator.h"
 
 namespace shardps::tools {
@@ -19,6 +20,9 @@ struct LaunchOptions {
   std::vector<std::string> env;
   std::chrono::milliseconds grace{3000};  // SIGTERM -> SIGKILL
 };
+
+// The launch of the job `job` describes, each worker running `program`.
+Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> program);
 
 // Runs the job; returns the exit code for the launcher (0: every worker exited 0).
 int RunLaunch(const LaunchOptions& options);

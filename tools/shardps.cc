@@ -166,18 +166,12 @@ int Main(int argc, char** argv) {
   }
   if (*launch) {
     LogEffectiveConfig(*launch);
-    auto co = ljob.ToCoordinator();
-    if (!co.ok()) {
-      std::fprintf(stderr, "shardps launch: %s\n", co.status().ToString().c_str());
+    auto lo = LaunchFor(ljob, program);
+    if (!lo.ok()) {
+      std::fprintf(stderr, "shardps launch: %s\n", lo.status().ToString().c_str());
       return 2;
     }
-    LaunchOptions lo;
-    lo.coordinator = *co;
-    lo.landing_buffers = ljob.landing_buffers;
-    lo.busy_poll_us = ljob.busy_poll_us;
-    lo.program = program;
-    lo.env.push_back("SHARDPS_AGGREGATE=" + ljob.aggregate);
-    return RunLaunch(lo);
+    return RunLaunch(*lo);
   }
   if (*bench) {
     if (!std::getenv("SHARDPS_COORDINATOR")) LogEffectiveConfig(*bench);

@@ -438,18 +438,13 @@ int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::st
     auto plan = MakePlan(t, job.workers, data->first.size());
     if (!plan.ok()) return Fail(plan.status(), 2);
   }
-  auto co = job.ToCoordinator();
-  if (!co.ok()) return Fail(co.status(), 2);
-  LaunchOptions lo;
-  lo.coordinator = *co;
-  lo.landing_buffers = job.landing_buffers;
-  lo.busy_poll_us = job.busy_poll_us;
-  lo.program = {SelfExe(), "train"};
-  lo.program.insert(lo.program.end(), args.begin(), args.end());
-  lo.env.push_back("SHARDPS_AGGREGATE=" + job.aggregate);
+  std::vector<std::string> program = {SelfExe(), "train"};
+  program.insert(program.end(), args.begin(), args.end());
+  auto lo = LaunchFor(job, std::move(program));
+  if (!lo.ok()) return Fail(lo.status(), 2);
   // The workers' stdout is the launcher's pipe: tell rank 0 whether a terminal is at the end.
-  lo.env.push_back(fmt::format("SHARDPS_TRAIN_TTY={}", isatty(1) ? 1 : 0));
-  return RunLaunch(lo);
+  lo->env.push_back(fmt::format("SHARDPS_TRAIN_TTY={}", isatty(1) ? 1 : 0));
+  return RunLaunch(*lo);
 }
 
 }  // namespace shardps::tools

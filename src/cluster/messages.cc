@@ -108,6 +108,15 @@ bool ChunkSlots::Decode(Reader* r) {
   return key.Decode(r) && r->Get(&slot_stride) && r->Get(&version);
 }
 
+void LandingGrant::Encode(Writer* w, uint32_t buffer, uint64_t offset,
+                          const transport::RemoteKey& key) {
+  w->Put(buffer);
+  w->Put(offset);
+  key.Encode(w);
+}
+
+bool LandingGrant::Decode(Reader* r) { return r->Get(&buffer) && r->Get(&offset) && key.Decode(r); }
+
 Bytes ReplyMeta(uint64_t request_id, const Status& st, const Bytes& body) {
   Bytes b;
   Writer w(&b);

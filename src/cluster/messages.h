@@ -115,6 +115,17 @@ struct ChunkSlots {
   [[nodiscard]] bool Decode(Reader* r);
 };
 
+// A landing buffer granted for one push: `u32 buffer, u64 offset, remote key` (the reply to
+// kGrant, and what a push acknowledgement carries when it grants the next buffer ahead).
+struct LandingGrant {
+  uint32_t buffer = 0;
+  uint64_t offset = 0;
+  transport::RemoteKey key;
+  // Encodes without copying the pool's key.
+  static void Encode(Writer* w, uint32_t buffer, uint64_t offset, const transport::RemoteKey& key);
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
 // Byte layout of a chunk's two published slots: [floats][pad to 64][u64 tag][pad to 64].
 struct SlotLayout {
   uint64_t data_bytes = 0;

@@ -36,14 +36,16 @@ std::optional<uint32_t> LandingPool::GrantAhead(const transport::Connection* own
   std::lock_guard<std::mutex> lock(mu_);
   // closed() is checked under the lock: a connection is marked closed before DropOwner runs,
   // so a buffer granted here to a closing connection is still taken back by DropOwner.
-  if (free_.empty() || !waiters_.empty() || ahead_ + 1 > state_.size() / 4 || owner->closed())
-    return std::nullopt;
-  for (const Slot& s : state_)
+  if (free_.empty() || !waiters_.empty() || owner->closed()) return std::nullopt;
+  size_t ahead = 0;
+  for (const Slot& s : state_) {
     if (s.ahead && s.owner == owner) return std::nullopt;
+    ahead += s.ahead;
+  }
+  if (ahead + 1 > state_.size() / 4) return std::nullopt;
   uint32_t b = free_.back();
   free_.pop_back();
   state_[b] = Slot{State::kGranted, owner, true};
-  ahead_++;
   return b;
 }
 
@@ -53,7 +55,6 @@ bool LandingPool::Claim(uint32_t buffer, const transport::Connection* owner) {
   Slot& s = state_[buffer];
   if (s.state != State::kGranted || s.owner != owner) return false;
   s.state = State::kApplying;
-  if (s.ahead) ahead_--;
   s.ahead = false;
   return true;
 }
@@ -85,7 +86,6 @@ void LandingPool::DropOwner(const transport::Connection* owner) {
     for (uint32_t i = 0; i < state_.size(); ++i)
       if (state_[i].state == State::kGranted && state_[i].owner == owner) {
         state_[i].state = State::kApplying;  // released just below, through the waiters
-        if (state_[i].ahead) ahead_--;
         state_[i].ahead = false;
         back.push_back(i);
       }

@@ -61,7 +61,6 @@ class LandingPool {
   std::vector<Slot> state_;     // guarded by mu_
   std::vector<uint32_t> free_;  // guarded by mu_
   std::deque<Waiter> waiters_;  // guarded by mu_
-  uint32_t ahead_ = 0;          // slots granted ahead; guarded by mu_
 };
 
 }  // namespace shardps::server

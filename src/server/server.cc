@@ -464,11 +464,9 @@ class ServerImpl final : public Server {
     if (waited) grants_waited_++;
   }
 
-  // `u32 buffer, u64 offset, remote key` of a landing buffer.
   void EncodeGrant(Writer* w, uint32_t buffer) const {
-    w->Put(buffer);
-    w->Put<uint64_t>(static_cast<uint64_t>(buffer) * pool_.buffer_bytes());
-    pool_.key().Encode(w);
+    LandingGrant::Encode(w, buffer, static_cast<uint64_t>(buffer) * pool_.buffer_bytes(),
+                         pool_.key());
   }
 
   void OnPushDone(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {

@@ -27,21 +27,17 @@ namespace worker {
 struct OpState {
   std::mutex mu;
   std::condition_variable cv;
-  size_t remaining = 0;
+  std::atomic<size_t> remaining{0};  // written under mu; Wait polls it without the lock
   Status error;
   uint64_t version = UINT64_MAX;
 
-  std::atomic<bool> complete{false};  // remaining reached 0 (read without the lock)
   std::chrono::microseconds poll{0};  // how long Wait polls before it sleeps
 
   void ChunkDone(const Status& st, uint64_t v) {
     std::lock_guard<std::mutex> lock(mu);
     if (!st.ok() && error.ok()) error = st;
     version = std::min(version, v);
-    if (--remaining == 0) {
-      complete.store(true, std::memory_order_release);
-      cv.notify_all();
-    }
+    if (--remaining == 0) cv.notify_all();
   }
 };
 
@@ -52,8 +48,7 @@ Status Handle::Wait(std::chrono::milliseconds timeout) const {
   // Operations on small tensors complete within microseconds: poll briefly (yielding the
   // core) before sleeping, which costs a wake-up of tens of microseconds on a busy machine.
   auto spin_until = std::chrono::steady_clock::now() + s_->poll;
-  while (!s_->complete.load(std::memory_order_acquire) &&
-         std::chrono::steady_clock::now() < spin_until)
+  while (s_->remaining.load() != 0 && std::chrono::steady_clock::now() < spin_until)
     std::this_thread::yield();
   std::unique_lock<std::mutex> lock(s_->mu);
   if (!s_->cv.wait_for(lock, timeout, [&] { return s_->remaining == 0; }))
@@ -537,15 +532,7 @@ class WorkerImpl final : public Worker {
     job->Start();
   }
 
-  // A landing buffer on a server: `u32 buffer, u64 offset, remote key`.
-  struct Grant {
-    uint32_t buffer = 0;
-    uint64_t offset = 0;
-    transport::RemoteKey key;
-    [[nodiscard]] bool Decode(Reader* r) {
-      return r->Get(&buffer) && r->Get(&offset) && key.Decode(r);
-    }
-  };
+  using Grant = LandingGrant;
   // Landing buffers a server granted ahead, with an acknowledgement, for the next pushes.
   struct Credits {
     std::mutex mu;

@@ -191,14 +191,16 @@ class Progress {
     uint64_t one = 1;
     [[maybe_unused]] ssize_t n = write(wake_, &one, sizeof(one));
   }
-  void Drain() {
-    for (;;) {
+  // Runs the queued tasks; true if there were any.
+  bool Drain() {
+    bool ran = false;
+    for (;; ran = true) {
       std::deque<std::function<void()>> batch;
       {
         std::lock_guard<std::mutex> lock(mu_);
         batch.swap(tasks_);
       }
-      if (batch.empty()) return;
+      if (batch.empty()) return ran;
       for (auto& fn : batch) {
         fn();
         while (ucp_worker_progress(worker_)) {
@@ -211,11 +213,7 @@ class Progress {
     while (!stop_) {
       bool any = false;
       while (ucp_worker_progress(worker_)) any = true;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        any = any || !tasks_.empty();
-      }
-      Drain();
+      any = Drain() || any;
       auto now = std::chrono::steady_clock::now();
       if (any) last = now;
       if (now - last < busy_poll_) {
