@@ -28,6 +28,10 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   app->add_option("--landing-buffers", landing_buffers, "landing buffers per server")
       ->envname("SHARDPS_LANDING_BUFFERS")
       ->check(CLI::Range(1u, 4096u));
+  app->add_option("--apply-threads", apply_threads,
+                  "optimizer threads per server (an update of a large chunk is split over them)")
+      ->envname("SHARDPS_APPLY_THREADS")
+      ->check(CLI::Range(1u, 64u));
   app->add_option("--busy-poll-us", busy_poll_us,
                   "ucx: microseconds the servers' and workers' transport threads keep polling "
                   "after an event before they sleep (0: never)")

@@ -18,6 +18,7 @@ struct JobFlags {
   std::string transport = "tcp";
   std::string chunk_size = "4MiB";
   uint32_t landing_buffers = 16;
+  uint32_t apply_threads = 1;
   int64_t busy_poll_us = 200;
   int64_t register_timeout_ms = 60000;
   int64_t heartbeat_interval_ms = 500;

@@ -111,6 +111,7 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   LaunchOptions lo;
   SHARDPS_ASSIGN_OR_RETURN(lo.coordinator, job.ToCoordinator());
   lo.landing_buffers = job.landing_buffers;
+  lo.apply_threads = job.apply_threads;
   lo.busy_poll_us = job.busy_poll_us;
   lo.program = std::move(program);
   lo.env.push_back("SHARDPS_AGGREGATE=" + job.aggregate);
@@ -175,7 +176,9 @@ int RunLaunch(const LaunchOptions& opt) {
                                      "--transport",
                                      co.transport,
                                      "--landing-buffers",
-                                     std::to_string(opt.landing_buffers)};
+                                     std::to_string(opt.landing_buffers),
+                                     "--apply-threads",
+                                     std::to_string(opt.apply_threads)};
     auto c = Spawn(fmt::format("server {}", i), false, argv, env);
     if (c.ok())
       children.push_back(std::move(c).value());

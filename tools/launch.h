@@ -14,6 +14,7 @@ namespace shardps::tools {
 struct LaunchOptions {
   CoordinatorOptions coordinator;  // servers, workers, mode, transport, ...
   uint32_t landing_buffers = 16;
+  uint32_t apply_threads = 1;        // per server
   int64_t busy_poll_us = 200;        // servers and workers (SHARDPS_BUSY_POLL_US)
   std::vector<std::string> program;  // argv of each worker
   // Extra environment for every child ("K=V").

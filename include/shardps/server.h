@@ -23,7 +23,9 @@ struct ServerOptions {
   // Landing buffers (each one chunk large): the bound on in-flight pushes, whatever the
   // number of workers. A push waits for a free buffer (credit) when all are taken.
   uint32_t landing_buffers = 16;
-  uint32_t apply_threads = 1;  // threads folding pushes and running the optimizer
+  // Threads folding pushes and running the optimizer. Each chunk belongs to one of them, and an
+  // update of a large chunk is split over those idle at the time (256 KiB ranges).
+  uint32_t apply_threads = 1;
   // How long the data transport's thread keeps polling after its last event before it sleeps
   // (ucx; see transport::ContextOptions::busy_poll). 0: never poll.
   std::chrono::microseconds busy_poll{200};
@@ -43,6 +45,8 @@ struct ServerStats {
   uint64_t grants_waited = 0;   // grant requests that had to wait for a free buffer
   uint64_t grants_ahead = 0;    // buffers granted ahead with an acknowledgement
   uint64_t landing_buffers = 0;
+  uint64_t apply_threads = 0;
+  uint64_t ranges_helped = 0;  // ranges of a split update run by an apply thread that helped
   uint64_t rss_bytes = 0;
   uint64_t peak_rss_bytes = 0;
   std::string ToJson() const;

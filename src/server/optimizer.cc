@@ -1,6 +1,7 @@
 #include "server/optimizer.h"
 
 #include <cmath>
+#include <cstring>
 
 namespace shardps::server {
 
@@ -39,12 +40,7 @@ struct Two {
   float operator()(size_t i) const { return a[i] + b[i]; }
 };
 
-struct Params {
-  float scale, lr, wd, mu, b1, b2, eps, c1, c2;
-  bool nesterov;
-};
-
-template <typename G>
+template <typename Params, typename G>
 void Run(OptimizerKind kind, const Params& k, const float* in, float* out, G g, float* __restrict m,
          float* __restrict v, size_t n) {
   switch (kind) {
@@ -86,30 +82,45 @@ void Run(OptimizerKind kind, const Params& k, const float* in, float* out, G g, 
 
 }  // namespace
 
-void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
-                    const float* extra, float scale, size_t n, OptimizerState* state) {
+OptimizerStep::OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerState* state)
+    : kind_(cfg.kind) {
   state->steps++;
-  Params k{};
-  k.scale = scale;
-  k.lr = cfg.lr;
-  k.wd = cfg.weight_decay;
-  k.mu = cfg.momentum;
-  k.b1 = cfg.beta1;
-  k.b2 = cfg.beta2;
-  k.eps = cfg.eps;
-  k.nesterov = cfg.nesterov;
+  k_.scale = scale;
+  k_.lr = cfg.lr;
+  k_.wd = cfg.weight_decay;
+  k_.mu = cfg.momentum;
+  k_.b1 = cfg.beta1;
+  k_.b2 = cfg.beta2;
+  k_.eps = cfg.eps;
+  k_.nesterov = cfg.nesterov;
   if (cfg.kind == OptimizerKind::kAdam) {
     double t = static_cast<double>(state->steps);
-    k.c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta1), t)));
-    k.c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta2), t)));
+    k_.c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta1), t)));
+    k_.c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta2), t)));
   }
-  float* m = state->m.empty() ? nullptr : state->m.data();
-  float* v = state->v.empty() ? nullptr : state->v.data();
+  m_ = state->m.empty() ? nullptr : state->m.data();
+  v_ = state->v.empty() ? nullptr : state->v.data();
+}
+
+void OptimizerStep::Run(const float* in, float* out, const float* grad, const float* extra,
+                        size_t lo, size_t hi) const {
+  if (hi <= lo) return;
+  float* m = m_ ? m_ + lo : nullptr;
+  float* v = v_ ? v_ + lo : nullptr;
   if (extra) {
-    Run(cfg.kind, k, in, out, Two{grad, extra}, m, v, n);
+    server::Run(kind_, k_, in + lo, out + lo, Two{grad + lo, extra + lo}, m, v, hi - lo);
   } else {
-    Run(cfg.kind, k, in, out, One{grad}, m, v, n);
+    server::Run(kind_, k_, in + lo, out + lo, One{grad + lo}, m, v, hi - lo);
   }
+}
+
+void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
+                    const float* extra, float scale, size_t n, OptimizerState* state) {
+  OptimizerStep(cfg, scale, state).Run(in, out, grad, extra, 0, n);
+}
+
+void CopyFloats(float* dst, const float* src, size_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
 }
 
 void Accumulate(float* __restrict dst, const float* __restrict src, size_t n) {

@@ -30,7 +30,29 @@ void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* st
 void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
                     const float* extra, float scale, size_t n, OptimizerState* state);
 
+// The same update prepared once and run over ranges of the elements (the rule is element-wise,
+// so disjoint ranges may run on different threads at once): the constructor advances the step
+// count and fixes the step's constants (adam's bias correction); Run covers [lo, hi).
+class OptimizerStep {
+ public:
+  OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerState* state);
+  void Run(const float* in, float* out, const float* grad, const float* extra, size_t lo,
+           size_t hi) const;
+
+ private:
+  struct Params {
+    float scale, lr, wd, mu, b1, b2, eps, c1, c2;
+    bool nesterov;
+  };
+  OptimizerKind kind_;
+  Params k_{};
+  float* m_;
+  float* v_;
+};
+
 // dst[i] += src[i]
 void Accumulate(float* dst, const float* src, size_t n);
+// dst[i] = src[i]
+void CopyFloats(float* dst, const float* src, size_t n);
 
 }  // namespace shardps::server

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -10,6 +11,7 @@
 #include <shared_mutex>
 #include <thread>
 
+#include <sched.h>
 #include <unistd.h>
 #include <unordered_map>
 
@@ -20,6 +22,7 @@
 #include "cluster/messages.h"
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
+#include "server/applier.h"
 #include "server/landing_pool.h"
 #include "server/optimizer.h"
 #include "transport/context.h"
@@ -51,6 +54,8 @@ std::string ServerStats::ToJson() const {
                       {"grants_waited", grants_waited},
                       {"grants_ahead", grants_ahead},
                       {"landing_buffers", landing_buffers},
+                      {"apply_threads", apply_threads},
+                      {"ranges_helped", ranges_helped},
                       {"rss_bytes", rss_bytes},
                       {"peak_rss_bytes", peak_rss_bytes}};
   return j.dump();
@@ -67,6 +72,9 @@ constexpr uint64_t kMaxStepsAhead = 2;  // sync: pushes further ahead wait, hold
 // apply takes about a microsecond, less than handing it to an apply thread and back. A chunk's
 // size never changes, so each chunk still has exactly one owning thread.
 constexpr uint64_t kInlineApplyBytes = 64 << 10;
+// An update of a chunk is split into ranges of this many elements (256 KiB) that idle apply
+// threads run alongside the chunk's own (Applier::ParallelFor).
+constexpr size_t kRangeElements = 64 << 10;
 
 void ReadRss(uint64_t* rss, uint64_t* peak) {
   std::ifstream f("/proc/self/status");
@@ -117,53 +125,6 @@ struct Chunk {
   };
   std::map<uint64_t, Step> steps;
   std::deque<PushTask> deferred;
-};
-
-// Runs tasks on N threads; a chunk always goes to the same thread, so its state needs no lock.
-class Applier {
- public:
-  void Start(uint32_t n) {
-    queues_.resize(n);
-    for (uint32_t i = 0; i < n; ++i) threads_.emplace_back([this, i] { Run(queues_[i]); });
-  }
-  void Stop() {
-    for (auto& q : queues_) {
-      std::lock_guard<std::mutex> lock(q.mu);
-      q.stop = true;
-      q.cv.notify_all();
-    }
-    for (auto& t : threads_) t.join();
-    threads_.clear();
-  }
-  void Post(uint64_t key, std::function<void()> fn) {
-    Queue& q = queues_[key % queues_.size()];
-    std::lock_guard<std::mutex> lock(q.mu);
-    q.tasks.push_back(std::move(fn));
-    q.cv.notify_one();
-  }
-
- private:
-  struct Queue {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<std::function<void()>> tasks;
-    bool stop = false;
-  };
-  void Run(Queue& q) {
-    for (;;) {
-      std::function<void()> fn;
-      {
-        std::unique_lock<std::mutex> lock(q.mu);
-        q.cv.wait(lock, [&] { return q.stop || !q.tasks.empty(); });
-        if (q.stop) return;
-        fn = std::move(q.tasks.front());
-        q.tasks.pop_front();
-      }
-      fn();
-    }
-  }
-  std::deque<Queue> queues_;
-  std::vector<std::thread> threads_;
 };
 
 class ServerImpl final : public Server {
@@ -226,7 +187,9 @@ class ServerImpl final : public Server {
     view_ = node_->info().view;
     rank_ = node_->info().rank;
     SHARDPS_RETURN_IF_ERROR(pool_.Init(data_ctx_.get(), opt_.landing_buffers, view_.chunk_bytes));
-    applier_.Start(opt_.apply_threads);
+    // Apply threads poll for work as long as the transport polls for messages: where it
+    // does not (tcp), a sleeping apply thread costs no more than the wake-up of the loop.
+    applier_.Start(opt_.apply_threads, data_ctx_->busy_poll());
     {
       std::lock_guard<std::mutex> lock(ready_mu_);
       ready_ = true;
@@ -282,6 +245,8 @@ class ServerImpl final : public Server {
     s.grants_waited = grants_waited_.load();
     s.grants_ahead = grants_ahead_.load();
     s.landing_buffers = pool_.size();
+    s.apply_threads = opt_.apply_threads;
+    s.ranges_helped = applier_.ranges_helped();
     ReadRss(&s.rss_bytes, &s.peak_rss_bytes);
     return s;
   }
@@ -483,7 +448,9 @@ class ServerImpl final : public Server {
     if (!pool_.Claim(t.buffer, c.get()))
       return Drop(c, fmt::format("push names landing buffer {} that it does not hold", t.buffer));
     if (ch->numel * 4 <= kInlineApplyBytes) return ApplyPush(*ch, t);
-    applier_.Post(t.chunk_id, [this, ch, t] { ApplyPush(*ch, t); });
+    // The transport keeps polling until the apply thread hands it the acknowledgement.
+    applier_.Post(t.chunk_id,
+                  [this, ch, t, hold = data_ctx_->HoldPolling()] { ApplyPush(*ch, t); });
   }
 
   // The acknowledgement carries a landing buffer granted ahead for the worker's next push
@@ -557,7 +524,7 @@ class ServerImpl final : public Server {
     if (step.count == 0) {
       if (next_in_line) {
         uint8_t* slot = NextSlot(ch);
-        Trailer(ch, slot)->store(0, std::memory_order_release);  // no longer a valid version
+        StampSlot(ch, slot, 0);  // no longer a valid version
         std::atomic_thread_fence(std::memory_order_seq_cst);
         step.sum = reinterpret_cast<float*>(slot);
       } else {
@@ -568,9 +535,13 @@ class ServerImpl final : public Server {
         step.own.resize(ch.numel);
         step.sum = step.own.data();
       }
-      std::memcpy(step.sum, grad, ch.layout.data_bytes);
+      float* sum = step.sum;
+      applier_.ParallelFor(ch.numel, kRangeElements,
+                           [&](size_t lo, size_t hi) { CopyFloats(sum + lo, grad + lo, hi - lo); });
     } else {
-      Accumulate(step.sum, grad, ch.numel);
+      float* sum = step.sum;
+      applier_.ParallelFor(ch.numel, kRangeElements,
+                           [&](size_t lo, size_t hi) { Accumulate(sum + lo, grad + lo, hi - lo); });
     }
     step.count++;
     pool_.Release(t.buffer);
@@ -619,22 +590,26 @@ class ServerImpl final : public Server {
     auto* base = static_cast<uint8_t*>(ch.slots->data());
     const auto* in = reinterpret_cast<const float*>(base + (v % 2) * ch.layout.stride);
     uint8_t* next = NextSlot(ch);
-    Trailer(ch, next)->store(0, std::memory_order_release);
+    StampSlot(ch, next, 0);
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    ApplyOptimizer(ch.opt, in, reinterpret_cast<float*>(next), grad, extra, scale, ch.numel,
-                   &ch.state);
+    OptimizerStep step(ch.opt, scale, &ch.state);
+    float* out = reinterpret_cast<float*>(next);
+    applier_.ParallelFor(ch.numel, kRangeElements,
+                         [&](size_t lo, size_t hi) { step.Run(in, out, grad, extra, lo, hi); });
     Seal(ch, v + 1);
     ch.version.store(v + 1);
   }
 
-  static std::atomic<uint64_t>* Trailer(Chunk& ch, uint8_t* slot) {
-    return reinterpret_cast<std::atomic<uint64_t>*>(slot + ch.layout.trailer_offset);
+  // Writes a slot's tag (release): version + 1 when it holds that version, 0 while rewritten.
+  static void StampSlot(Chunk& ch, uint8_t* slot, uint64_t tag) {
+    reinterpret_cast<std::atomic<uint64_t>*>(slot + ch.layout.trailer_offset)
+        ->store(tag, std::memory_order_release);
   }
 
   // Stamps slot v % 2 as holding version v (release: every byte of it is written before).
   void Seal(Chunk& ch, uint64_t v) {
     uint8_t* slot = static_cast<uint8_t*>(ch.slots->data()) + (v % 2) * ch.layout.stride;
-    Trailer(ch, slot)->store(v + 1, std::memory_order_release);
+    StampSlot(ch, slot, v + 1);
     versions_++;
   }
 

@@ -71,6 +71,16 @@ class Context {
   // True when the calling thread is this context's loop thread.
   virtual bool InLoopThread() const = 0;
 
+  // How long the loop polls after its last event (ContextOptions::busy_poll where the backend
+  // polls at all, ucx; zero elsewhere).
+  virtual std::chrono::microseconds busy_poll() const { return std::chrono::microseconds(0); }
+
+  // Announces a message that the caller will send once a computation of bounded length ends
+  // (a server applying a push, then acknowledging it): while the returned token lives, the
+  // loop keeps polling as if it had just seen an event, so the send does not pay the loop's
+  // wake-up. Only where the loop polls at all (ucx with busy_poll > 0); null elsewhere.
+  virtual std::shared_ptr<void> HoldPolling() { return nullptr; }
+
   // Whether memory on a GPU can be registered directly (GPUDirect RDMA); when not, GPU
   // shards are staged through registered host memory.
   virtual bool CanRegisterGpuMemory() const { return false; }

@@ -184,6 +184,51 @@ TEST_P(ClusterOver, PullsRacingWithUpdatesAreNeverTorn) {
   lc->Finish();
 }
 
+// Updates of a large chunk split over idle apply threads (Applier::ParallelFor) stay exact: a
+// chunk of 700,001 floats (11 ranges) on a server with 3 apply threads, 3 workers; sync steps
+// with every pull checked, then async pushes whose end state is checked.
+TEST_P(ClusterOver, UpdatesSplitOverApplyThreadsStayExact) {
+  for (Mode mode : {Mode::kSync, Mode::kAsync}) {
+    SCOPED_TRACE(ModeName(mode));
+    auto lc = LocalCluster::Start(Opts(1, 3, mode, Aggregate::kSum), 16, GetParam(), 3);
+    ASSERT_TRUE(lc);
+    constexpr int64_t kN = 700001;
+    constexpr uint64_t kSteps = 8;
+    lc->ForEachWorker([&](Worker& w) {
+      auto id = w.Declare(Sgd1("split", kN, 50.0f));
+      ASSERT_TRUE(id.ok()) << id.status().ToString();
+      std::vector<float> g(kN), out(kN);
+      for (uint64_t s = 1; s <= kSteps; ++s) {
+        for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+        auto h = w.PushPull(*id, g.data(), out.data());
+        ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
+        if (mode != Mode::kSync) continue;
+        ASSERT_EQ(h.version(), s);
+        for (int64_t i = 0; i < kN; ++i) {
+          double expect = 50.0;
+          for (uint64_t t = 1; t <= s; ++t)
+            for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
+          ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i << " step " << s;
+        }
+      }
+      ASSERT_TRUE(w.Barrier("pushed", 60s).ok());
+      auto h = w.Pull(*id, out.data());
+      ASSERT_TRUE(h.Wait(60s).ok());
+      EXPECT_EQ(h.version(), mode == Mode::kSync ? kSteps : 3 * kSteps);
+      for (int64_t i = 0; i < kN; ++i) {
+        double expect = 50.0;
+        for (uint64_t t = 1; t <= kSteps; ++t)
+          for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
+        ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+      }
+    });
+    auto stats = nlohmann::json::parse(*lc->workers[0]->ServerStats(0));
+    EXPECT_EQ(stats["pushes_applied"].get<int>(), 3 * static_cast<int>(kSteps));
+    EXPECT_EQ(stats["apply_threads"].get<int>(), 3);
+    lc->Finish();
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, ClusterOver, ::testing::ValuesIn(Transports()),
                          [](const auto& info) { return info.param; });
 

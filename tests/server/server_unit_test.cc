@@ -1,17 +1,21 @@
 // Server pieces: the optimizers against a float64 reference; the push protocol spoken by hand
 // over a raw transport connection (a resent push is applied once; malformed messages close
 // only that connection).
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
+#include <future>
 #include <mutex>
 #include <random>
+#include <thread>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "cluster/messages.h"
 #include "cluster/rpc.h"
+#include "server/applier.h"
 #include "server/optimizer.h"
 #include "support/local_cluster.h"
 #include "transport/context.h"
@@ -105,6 +109,133 @@ INSTANTIATE_TEST_SUITE_P(All, OptimizerTest,
                                            std::make_tuple(OptimizerKind::kAdam, false, false),
                                            std::make_tuple(OptimizerKind::kAdam, false, true),
                                            std::make_tuple(OptimizerKind::kAdagrad, false, false)));
+
+// An update run as ranges, in any order (as Applier::ParallelFor runs it), is bit for bit the
+// update run whole: the rules are element-wise, and the optimizer state is offset with the range.
+TEST_P(OptimizerTest, RangesInAnyOrderMatchTheWholeUpdate) {
+  auto [kind, nesterov, two_sources] = GetParam();
+  OptimizerConfig c;
+  c.kind = kind;
+  c.lr = 0.01f;
+  c.weight_decay = 0.001f;
+  c.nesterov = nesterov;
+  c.initial_accumulator = 0.1f;
+  const size_t n = 10007, grain = 1000;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> N(0, 1);
+  std::vector<float> whole(n), ranged(n), next_whole(n), next_ranged(n), g1(n), g2(n);
+  for (auto& x : whole) x = N(rng);
+  ranged = whole;
+  server::OptimizerState sw, sr;
+  server::InitOptimizerState(c, n, &sw);
+  server::InitOptimizerState(c, n, &sr);
+  std::vector<size_t> starts;
+  for (size_t lo = 0; lo < n; lo += grain) starts.push_back(lo);
+  for (int step = 0; step < 5; ++step) {
+    for (size_t i = 0; i < n; ++i) {
+      g1[i] = N(rng);
+      g2[i] = N(rng);
+    }
+    const float* extra = two_sources ? g2.data() : nullptr;
+    server::ApplyOptimizer(c, whole.data(), next_whole.data(), g1.data(), extra, 0.5f, n, &sw);
+    server::OptimizerStep prepared(c, 0.5f, &sr);
+    std::shuffle(starts.begin(), starts.end(), rng);
+    for (size_t lo : starts)
+      prepared.Run(ranged.data(), next_ranged.data(), g1.data(), extra, lo,
+                   std::min(n, lo + grain));
+    whole.swap(next_whole);
+    ranged.swap(next_ranged);
+    ASSERT_EQ(sw.steps, sr.steps);
+    for (size_t i = 0; i < n; ++i)
+      ASSERT_EQ(whole[i], ranged[i]) << "step " << step << " element " << i;
+  }
+}
+
+// Runs fn as a task on the apply thread of `key` and waits (bounded) for it.
+void RunOn(server::Applier& a, uint64_t key, std::function<void()> fn) {
+  auto done = std::make_shared<std::promise<void>>();
+  auto f = done->get_future();
+  a.Post(key, [fn, done] {
+    fn();
+    done->set_value();
+  });
+  ASSERT_EQ(f.wait_for(30s), std::future_status::ready) << "apply task did not finish";
+}
+
+TEST(Applier, ParallelForRunsEveryRangeExactlyOnceWithIdleThreadsHelping) {
+  for (auto poll : {0us, 200us}) {
+    server::Applier a;
+    a.Start(3, poll);
+    const size_t n = 1000003, grain = 1000;  // 1001 ranges, the last one short
+    std::vector<uint8_t> seen(n, 0);
+    std::atomic<uint64_t> ranges{0};
+    RunOn(a, 0, [&] {
+      auto owner = std::this_thread::get_id();
+      a.ParallelFor(n, grain, [&](size_t lo, size_t hi) {
+        ASSERT_LT(lo, hi);
+        ASSERT_LE(hi, n);
+        ASSERT_LE(hi - lo, grain);
+        for (size_t i = lo; i < hi; ++i) seen[i]++;
+        ranges++;
+        // The owner is slow: the idle threads must have taken some of the ranges.
+        if (std::this_thread::get_id() == owner) std::this_thread::sleep_for(200us);
+      });
+    });
+    for (size_t i = 0; i < n; ++i) ASSERT_EQ(seen[i], 1) << "element " << i;
+    EXPECT_EQ(ranges.load(), 1001u);
+    EXPECT_GT(a.ranges_helped(), 0u) << "poll " << poll.count();
+    EXPECT_LE(a.ranges_helped(), 1001u);
+  }
+}
+
+TEST(Applier, ConcurrentParallelForsOnDifferentThreadsBothComplete) {
+  server::Applier a;
+  a.Start(2, 50us);
+  const size_t n = 300000;
+  std::vector<uint32_t> x(n, 0), y(n, 0);
+  for (int round = 0; round < 50; ++round) {
+    auto px = std::make_shared<std::promise<void>>(), py = std::make_shared<std::promise<void>>();
+    auto gx = px->get_future(), gy = py->get_future();
+    a.Post(0, [&, px] {
+      a.ParallelFor(n, 4096, [&](size_t lo, size_t hi) {
+        for (size_t i = lo; i < hi; ++i) x[i]++;
+      });
+      px->set_value();
+    });
+    a.Post(1, [&, py] {
+      a.ParallelFor(n, 4096, [&](size_t lo, size_t hi) {
+        for (size_t i = lo; i < hi; ++i) y[i] += 2;
+      });
+      py->set_value();
+    });
+    ASSERT_EQ(gx.wait_for(30s), std::future_status::ready);
+    ASSERT_EQ(gy.wait_for(30s), std::future_status::ready);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(x[i], 50u) << i;
+    ASSERT_EQ(y[i], 100u) << i;
+  }
+}
+
+TEST(Applier, OneThreadOrASmallRangeRunsInline) {
+  server::Applier a;
+  a.Start(1, 0us);
+  std::vector<std::pair<size_t, size_t>> calls;
+  RunOn(a, 7, [&] {
+    a.ParallelFor(1000000, 1000, [&](size_t lo, size_t hi) { calls.push_back({lo, hi}); });
+  });
+  ASSERT_EQ(calls.size(), 1u);
+  EXPECT_EQ(calls[0], std::make_pair(size_t{0}, size_t{1000000}));
+  server::Applier b;
+  b.Start(4, 0us);
+  calls.clear();
+  RunOn(b, 0, [&] {
+    b.ParallelFor(1999, 1000, [&](size_t lo, size_t hi) { calls.push_back({lo, hi}); });
+  });
+  ASSERT_EQ(calls.size(), 1u);
+  EXPECT_EQ(calls[0], std::make_pair(size_t{0}, size_t{1999}));
+  EXPECT_EQ(b.ranges_helped(), 0u);
+}
 
 // A hand-driven client of one server: speaks the push protocol message by message.
 class RawClient {

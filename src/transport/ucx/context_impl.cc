@@ -182,6 +182,18 @@ class Progress {
     if (!Post([pr, fn] { pr->set_value(fn()); })) return if_stopped;
     return fut.get();
   }
+  // A token that keeps the loop polling while it lives (see Context::HoldPolling).
+  std::shared_ptr<void> HoldPolling() {
+    if (busy_poll_.count() == 0) return nullptr;
+    struct Hold {
+      explicit Hold(std::shared_ptr<std::atomic<int>> n) : holds(std::move(n)) {
+        holds->fetch_add(1);
+      }
+      ~Hold() { holds->fetch_sub(1); }
+      std::shared_ptr<std::atomic<int>> holds;
+    };
+    return std::make_shared<Hold>(holds_);
+  }
   bool InThread() const { return std::this_thread::get_id() == tid_.load(); }
   ucp_worker_h worker() const { return worker_; }
   const Bytes& address() const { return address_; }
@@ -216,7 +228,7 @@ class Progress {
       any = Drain() || any;
       auto now = std::chrono::steady_clock::now();
       if (any) last = now;
-      if (now - last < busy_poll_) {
+      if (now - last < busy_poll_ || (busy_poll_.count() > 0 && holds_->load() > 0)) {
         // Busy-poll a while after the last event (a sleep and wake-up costs tens of
         // microseconds), yielding the core to anything else runnable.
         sched_yield();
@@ -245,6 +257,8 @@ class Progress {
   ucp_worker_h worker_ = nullptr;
   Bytes address_;
   std::chrono::microseconds busy_poll_{0};
+  // Live HoldPolling() tokens; shared with them, so a token may outlive this object.
+  std::shared_ptr<std::atomic<int>> holds_ = std::make_shared<std::atomic<int>>(0);
   std::thread thread_;
   std::atomic<std::thread::id> tid_{};
   std::atomic<bool> stop_{false};
@@ -1042,6 +1056,8 @@ class UcxContext final : public Context {
   }
 
   bool InLoopThread() const override { return shared_->progress.InThread(); }
+  std::shared_ptr<void> HoldPolling() override { return shared_->progress.HoldPolling(); }
+  std::chrono::microseconds busy_poll() const override { return shared_->options.busy_poll; }
 
   bool CanRegisterGpuMemory() const override {
     ucp_context_attr_t a{};
