@@ -67,7 +67,8 @@ namespace {
 using namespace cluster;
 using transport::Connection;
 
-constexpr uint64_t kMaxStepsAhead = 2;  // sync: pushes further ahead wait, holding their buffer
+constexpr size_t kMaxEarlyMessages = 4096;  // held before the server is ready
+constexpr uint64_t kMaxStepsAhead = 2;      // sync: pushes further ahead wait, holding their buffer
 // Chunks this small are applied on the transport thread that receives their pushes: such an
 // apply takes about a microsecond, less than handing it to an apply thread and back. A chunk's
 // size never changes, so each chunk still has exactly one owning thread.
@@ -190,11 +191,10 @@ class ServerImpl final : public Server {
     // Apply threads poll for work as long as the transport polls for messages: where it
     // does not (tcp), a sleeping apply thread costs no more than the wake-up of the loop.
     applier_.Start(opt_.apply_threads, data_ctx_->busy_poll());
-    {
-      std::lock_guard<std::mutex> lock(ready_mu_);
-      ready_ = true;
-    }
-    ready_cv_.notify_all();
+    // Ready, on the loop thread: the messages held until now are handled there, before any
+    // that arrives later, in the order they came.
+    if (!data_ctx_->RunInLoop([this] { BecomeReady(); }))
+      return Status::Aborted("server stopping before it was ready");
     spdlog::info("server {}: data transport {}; {}", rank_, data_ctx_->backend(),
                  data_ctx_->CanRegisterGpuMemory()
                      ? "GPU memory is registered directly (GPUDirect RDMA)"
@@ -268,11 +268,33 @@ class ServerImpl final : public Server {
   }
 
   // Workers may reach the data port a moment before this server processed its own
-  // registration reply; hold their first message until then (bounded).
-  bool WaitReady() {
+  // registration reply. Their messages wait in `early_` until it has (the loop thread must not
+  // block on it: allocating the landing pool needs that thread, over ucx); false when m was
+  // held. At most kMaxEarlyMessages wait; beyond that the connection is closed.
+  bool ReadyFor(const std::shared_ptr<Connection>& c, transport::Message& m) {
     if (ready_.load()) return true;
-    std::unique_lock<std::mutex> lock(ready_mu_);
-    return ready_cv_.wait_for(lock, opt_.register_timeout, [&] { return ready_.load(); });
+    std::lock_guard<std::mutex> lock(ready_mu_);
+    if (ready_.load()) return true;
+    if (early_.size() >= kMaxEarlyMessages) {
+      Drop(c, "too many messages before the server was ready");
+      return false;
+    }
+    early_.emplace_back(c, std::move(m));
+    return false;
+  }
+
+  // Loop thread, once.
+  void BecomeReady() {
+    std::vector<std::pair<std::shared_ptr<Connection>, transport::Message>> held;
+    {
+      std::lock_guard<std::mutex> lock(ready_mu_);
+      ready_ = true;
+      held.swap(early_);
+    }
+    // A connection that closed meanwhile was not dropped from the pool (it was not ready):
+    // its messages are skipped, so nothing is granted to it.
+    for (auto& [c, m] : held)
+      if (!c->closed()) OnMessage(c, m);
   }
 
   void Drop(const std::shared_ptr<Connection>& c, const std::string& why) {
@@ -287,7 +309,7 @@ class ServerImpl final : public Server {
   }
 
   void OnMessage(const std::shared_ptr<Connection>& c, transport::Message& m) {
-    if (!WaitReady()) return Drop(c, "server not ready");
+    if (!ReadyFor(c, m)) return;
     Reader r(m.meta.data(), m.meta.size());
     uint64_t req = 0;
     if (!r.Get(&req)) return Drop(c, "message without a request id");
@@ -625,8 +647,8 @@ class ServerImpl final : public Server {
   Applier applier_;
 
   std::mutex ready_mu_;
-  std::condition_variable ready_cv_;
-  std::atomic<bool> ready_{false};
+  std::atomic<bool> ready_{false};  // set on the loop thread
+  std::vector<std::pair<std::shared_ptr<Connection>, transport::Message>> early_;  // ready_mu_
 
   struct Attach {
     std::shared_ptr<Connection> conn;

@@ -71,6 +71,10 @@ class Context {
   // True when the calling thread is this context's loop thread.
   virtual bool InLoopThread() const = 0;
 
+  // Queues fn to run on the loop thread, after what is already queued there; false (fn
+  // dropped) when the context is shutting down.
+  virtual bool RunInLoop(std::function<void()> fn) = 0;
+
   // How long the loop polls after its last event (ContextOptions::busy_poll where the backend
   // polls at all, ucx; zero elsewhere).
   virtual std::chrono::microseconds busy_poll() const { return std::chrono::microseconds(0); }

@@ -10,6 +10,12 @@
 #include <random>
 #include <thread>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
@@ -240,8 +246,8 @@ TEST(Applier, OneThreadOrASmallRangeRunsInline) {
 // A hand-driven client of one server: speaks the push protocol message by message.
 class RawClient {
  public:
-  RawClient(const std::string& address) {
-    auto ctx = transport::CreateContext("tcp", transport::ContextOptions{});
+  explicit RawClient(const std::string& address, const std::string& transport = "tcp") {
+    auto ctx = transport::CreateContext(transport, transport::ContextOptions{});
     ctx_ = std::move(ctx).value();
     transport::ConnectionHandlers h;
     h.on_message = [this](const std::shared_ptr<transport::Connection>&, transport::Message m) {
@@ -254,7 +260,8 @@ class RawClient {
       cv_.notify_all();
     };
     auto c = ctx_->Connect(address, h, 5s);
-    EXPECT_TRUE(c.ok());
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    if (!c.ok()) return;
     conn_ = *c;
     rpc_ = std::make_shared<cluster::RpcChannel>(conn_);
   }
@@ -262,6 +269,7 @@ class RawClient {
     conn_.reset();
     ctx_.reset();  // fires on_close into this object: before its members go
   }
+  bool connected() const { return conn_ != nullptr; }
   Result<Bytes> Call(uint32_t tag, const Bytes& body) {
     return cluster::CallSync(*rpc_, tag, body, 10s, "raw call");
   }
@@ -425,6 +433,113 @@ TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
   ASSERT_TRUE(lc_->workers[0]->PushPull(id_, g.data(), out.data()).Wait(10s).ok());
   EXPECT_EQ(out[0], 9.0f);
 }
+
+}  // namespace
+}  // namespace shardps
+
+namespace shardps {
+namespace {
+
+// A port nothing listens on right now (the kernel's pick for an ephemeral bind).
+uint16_t FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  uint16_t port = 0;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
+    port = ntohs(a.sin_port);
+  close(fd);
+  return port;
+}
+
+// Whether something accepts TCP connections on 127.0.0.1:port (plain socket probe).
+bool Listening(uint16_t port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(port);
+  bool ok = connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+  close(fd);
+  return ok;
+}
+
+class ServerStartup : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    auto v = transport::CheckViability(GetParam());
+    if (!v.viable) GTEST_SKIP() << GetParam() << ": " << v.reason;
+  }
+};
+
+// A worker may reach a server's data port before that server has processed its registration
+// reply. Its messages are held, without blocking the server's loop thread (which the server
+// needs to allocate its landing pool), and answered once the server is ready. Here a raw client
+// asks for a grant while the job still lacks its worker: no reply while the server waits; when
+// the worker registers, the server starts well within its registration timeout and answers.
+TEST_P(ServerStartup, MessagesBeforeReadyAreHeldWithoutBlockingTheLoop) {
+  CoordinatorOptions co;
+  co.num_servers = 1;
+  co.num_workers = 1;
+  co.mode = Mode::kAsync;
+  co.transport = GetParam();
+  co.heartbeat_timeout = 10s;
+  auto coord = Coordinator::Start(co);
+  ASSERT_TRUE(coord.ok()) << coord.status().ToString();
+  const std::string addr = (*coord)->address();
+  const uint16_t data_port = FreePort();
+  const std::string data = fmt::format("127.0.0.1:{}", data_port);
+  ServerOptions so;
+  so.coordinator = addr;
+  so.listen = data;
+  so.transport = GetParam();
+  so.register_timeout = 30s;  // longer than everything below may take
+  auto server = std::async(std::launch::async, [so] { return Server::Start(so); });
+
+  // The server listens before it registers: wait until its port accepts.
+  for (auto deadline = std::chrono::steady_clock::now() + 10s;
+       !Listening(data_port) && std::chrono::steady_clock::now() < deadline;)
+    std::this_thread::sleep_for(20ms);
+  auto early = std::make_unique<RawClient>(data, GetParam());
+  ASSERT_TRUE(early->connected());
+  Bytes ask;
+  Writer w(&ask);
+  w.Put<uint64_t>(999);  // no such chunk: the answer, once ready, is NotFound
+  w.Put<uint64_t>(4);
+  auto reply = std::async(std::launch::async, [&] { return early->Call(cluster::kGrant, ask); });
+  EXPECT_EQ(reply.wait_for(300ms), std::future_status::timeout) << "answered before ready";
+
+  WorkerOptions wo;
+  wo.coordinator = addr;
+  wo.transport = GetParam();
+  wo.register_timeout = 20s;
+  auto t0 = std::chrono::steady_clock::now();
+  auto worker = Worker::Connect(wo);
+  ASSERT_TRUE(worker.ok()) << worker.status().ToString();
+  ASSERT_EQ(server.wait_for(10s), std::future_status::ready) << "server did not start";
+  auto s = server.get();
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  ASSERT_EQ(reply.wait_for(10s), std::future_status::ready);
+  auto r = reply.get();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s);
+  ASSERT_FALSE(r.ok());
+  EXPECT_FALSE(r.status().IsTimeout()) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("unknown chunk 999"), std::string::npos)
+      << r.status().ToString();
+
+  early.reset();
+  EXPECT_TRUE((*worker)->Finish().ok());
+  EXPECT_TRUE((*coord)->Wait(10s).ok());
+  EXPECT_TRUE((*s)->Wait(10s).ok());
+}
+
+std::vector<std::string> Backends() { return transport::BackendNames(); }
+
+INSTANTIATE_TEST_SUITE_P(Transports, ServerStartup, ::testing::ValuesIn(Backends()),
+                         [](const auto& info) { return info.param; });
 
 }  // namespace
 }  // namespace shardps

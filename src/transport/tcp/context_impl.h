@@ -58,6 +58,7 @@ class TcpContext final : public Context {
                                               std::chrono::milliseconds timeout) override;
   Result<std::unique_ptr<MemoryRegion>> AllocateRegion(size_t size) override;
   bool InLoopThread() const override { return shared_->loop.InLoop(); }
+  bool RunInLoop(std::function<void()> fn) override { return shared_->loop.Defer(std::move(fn)); }
 
  private:
   explicit TcpContext(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {}

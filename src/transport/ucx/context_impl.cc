@@ -1056,6 +1056,9 @@ class UcxContext final : public Context {
   }
 
   bool InLoopThread() const override { return shared_->progress.InThread(); }
+  bool RunInLoop(std::function<void()> fn) override {
+    return shared_->progress.Post(std::move(fn));
+  }
   std::shared_ptr<void> HoldPolling() override { return shared_->progress.HoldPolling(); }
   std::chrono::microseconds busy_poll() const override { return shared_->options.busy_poll; }
 
