@@ -81,8 +81,9 @@ class Context {
 
   // Announces a message that the caller will send once a computation of bounded length ends
   // (a server applying a push, then acknowledging it): while the returned token lives, the
-  // loop keeps polling as if it had just seen an event, so the send does not pay the loop's
-  // wake-up. Only where the loop polls at all (ucx with busy_poll > 0); null elsewhere.
+  // loop keeps polling for up to ten times busy_poll after its last event instead of
+  // busy_poll, so the send does not pay the loop's wake-up. Only where the loop polls at all
+  // (ucx with busy_poll > 0); null elsewhere.
   virtual std::shared_ptr<void> HoldPolling() { return nullptr; }
 
   // Whether memory on a GPU can be registered directly (GPUDirect RDMA); when not, GPU

@@ -98,6 +98,10 @@ Result<ucp_context_h> MakeUcpContext(const ContextOptions& options) {
   return ctx;
 }
 
+// How much longer than busy_poll the loop keeps polling after its last event while a
+// HoldPolling() token lives: long enough for an apply of a 4 MiB chunk, and still bounded.
+constexpr int kHeldPollFactor = 10;
+
 // The UCP worker and the one thread that progresses it. Every UCP call of a context runs on
 // this thread (UCS_THREAD_MODE_SINGLE); other threads hand work over with Post().
 class Progress {
@@ -228,7 +232,10 @@ class Progress {
       any = Drain() || any;
       auto now = std::chrono::steady_clock::now();
       if (any) last = now;
-      if (now - last < busy_poll_ || (busy_poll_.count() > 0 && holds_->load() > 0)) {
+      // While someone holds the polling (an apply owes an acknowledgement), the window is
+      // kHeldPollFactor times longer.
+      auto window = holds_->load() > 0 ? busy_poll_ * kHeldPollFactor : busy_poll_;
+      if (now - last < window) {
         // Busy-poll a while after the last event (a sleep and wake-up costs tens of
         // microseconds), yielding the core to anything else runnable.
         sched_yield();
