@@ -22,6 +22,7 @@
 
 #include "launch.h"
 #include "shardps/worker.h"
+#include "transport/context.h"
 
 extern char** environ;
 
@@ -157,22 +158,12 @@ Result<std::string> RunCapture(const std::vector<std::string>& argv, int timeout
   return out;
 }
 
-uint16_t FreePort() {
-  int s = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  bind(s, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  getsockname(s, reinterpret_cast<sockaddr*>(&a), &len);
-  close(s);
-  return ntohs(a.sin_port);
-}
-
 }  // namespace
 
 Result<PerftestResult> RunUcxPerftest(const std::string& test, uint64_t size, uint32_t iters) {
-  std::string port = std::to_string(FreePort());
+  uint16_t free_port = transport::FreeLoopbackPort();
+  if (free_port == 0) return Status::IOError("no free loopback port for ucx_perftest");
+  std::string port = std::to_string(free_port);
   pid_t server = fork();
   if (server < 0) return Status::FromErrno("fork", errno);
   if (server == 0) {

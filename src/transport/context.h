@@ -101,6 +101,11 @@ Viability CheckViability(const std::string& backend, const ContextOptions& optio
 Result<std::unique_ptr<Context>> CreateContext(const std::string& backend,
                                                const ContextOptions& options);
 
+// A 127.0.0.1 TCP port that nothing is bound to at this moment (the kernel's pick), for a
+// program started next that must be told its port up front (ucx_perftest, a test's server);
+// 0 when none could be had. Racy by nature: another process may take it first.
+uint16_t FreeLoopbackPort();
+
 // Splits "host:port". InvalidArgument when malformed.
 Status ParseHostPort(const std::string& address, std::string* host, uint16_t* port);
 

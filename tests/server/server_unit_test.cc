@@ -64,16 +64,22 @@ struct Reference {
   }
 };
 
-class OptimizerTest : public ::testing::TestWithParam<std::tuple<OptimizerKind, bool, bool>> {};
+class OptimizerTest : public ::testing::TestWithParam<std::tuple<OptimizerKind, bool, bool>> {
+ protected:
+  static OptimizerConfig Config(OptimizerKind kind, bool nesterov) {
+    OptimizerConfig c;
+    c.kind = kind;
+    c.lr = 0.01f;
+    c.weight_decay = 0.001f;
+    c.nesterov = nesterov;
+    c.initial_accumulator = 0.1f;
+    return c;
+  }
+};
 
 TEST_P(OptimizerTest, MatchesFloat64Reference) {
   auto [kind, nesterov, two_sources] = GetParam();
-  OptimizerConfig c;
-  c.kind = kind;
-  c.lr = 0.01f;
-  c.weight_decay = 0.001f;
-  c.nesterov = nesterov;
-  c.initial_accumulator = 0.1f;
+  const OptimizerConfig c = Config(kind, nesterov);
   const size_t n = 1027;  // not a multiple of any vector width
   std::mt19937 rng(7);
   std::normal_distribution<float> N(0, 1);
@@ -120,12 +126,7 @@ INSTANTIATE_TEST_SUITE_P(All, OptimizerTest,
 // update run whole: the rules are element-wise, and the optimizer state is offset with the range.
 TEST_P(OptimizerTest, RangesInAnyOrderMatchTheWholeUpdate) {
   auto [kind, nesterov, two_sources] = GetParam();
-  OptimizerConfig c;
-  c.kind = kind;
-  c.lr = 0.01f;
-  c.weight_decay = 0.001f;
-  c.nesterov = nesterov;
-  c.initial_accumulator = 0.1f;
+  const OptimizerConfig c = Config(kind, nesterov);
   const size_t n = 10007, grain = 1000;
   std::mt19937 rng(11);
   std::normal_distribution<float> N(0, 1);
@@ -440,21 +441,6 @@ TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
 namespace shardps {
 namespace {
 
-// A port nothing listens on right now (the kernel's pick for an ephemeral bind).
-uint16_t FreePort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  uint16_t port = 0;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
-    port = ntohs(a.sin_port);
-  close(fd);
-  return port;
-}
-
 // Whether something accepts TCP connections on 127.0.0.1:port (plain socket probe).
 bool Listening(uint16_t port) {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -490,7 +476,8 @@ TEST_P(ServerStartup, MessagesBeforeReadyAreHeldWithoutBlockingTheLoop) {
   auto coord = Coordinator::Start(co);
   ASSERT_TRUE(coord.ok()) << coord.status().ToString();
   const std::string addr = (*coord)->address();
-  const uint16_t data_port = FreePort();
+  const uint16_t data_port = transport::FreeLoopbackPort();
+  ASSERT_NE(data_port, 0);
   const std::string data = fmt::format("127.0.0.1:{}", data_port);
   ServerOptions so;
   so.coordinator = addr;
