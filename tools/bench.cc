@@ -313,7 +313,7 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       const float* o = out.data() + k * n;
       if (std::memcmp(o, want.data(), n * sizeof(float)) == 0) continue;
       uint64_t i = 0;
-      while (o[i] == want[i]) ++i;
+      while (i + 1 < n && o[i] == want[i]) ++i;  // memcmp sees -0 != +0; == does not
       std::fprintf(stderr,
                    "shardps bench: verify failed %s: tensor bench.%lu element %lu: expected "
                    "%.1f, found %.9g\n",

@@ -1,30 +1,33 @@
-// ThreadSanitizer and ShardPS's one intended data race: the published-slot seqlock
-// (docs/architecture.md, "Pull"). A one-sided read of a slot may overlap the server rewriting
-// it; the reader detects that by the slot's tag and reads again. The server's writes into slot
-// memory run inside a SlotWritesUnseenByTsan scope, which in ThreadSanitizer builds hides that
-// thread's memory accesses from the race detector (its synchronization is still tracked), and
-// does nothing in other builds. Function-name suppressions cannot do this: TSan often cannot
-// restore the stack of a write made many accesses earlier, and then no suppression matches.
+// ThreadSanitizer and the one data race ShardPS has by design: a one-sided read of registered
+// memory (a pull reading a published slot) may overlap the server rewriting it, and the reader
+// detects that by the slot's tag and reads again (the seqlock, docs/architecture.md "Pull"). An
+// RDMA NIC reads such memory without any synchronization; so does the tcp transport's loop
+// thread when it answers a one-sided read, and only that read is hidden from TSan, by an
+// UnsynchronizedReads scope around it. The server's writes, and everything else, stay checked.
+// In builds without TSan the scope does nothing.
 #pragma once
 
 #if defined(__SANITIZE_THREAD__)
-extern "C" void AnnotateIgnoreWritesBegin(const char* file, int line);
-extern "C" void AnnotateIgnoreWritesEnd(const char* file, int line);
+extern "C" void AnnotateIgnoreReadsBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreReadsEnd(const char* file, int line);
 #endif
 
 namespace shardps {
 
-class SlotWritesUnseenByTsan {
+// While it lives, this thread's memory accesses are invisible to ThreadSanitizer (TSan's
+// "ignore reads" covers writes too, so keep the scope to the read itself); its synchronization
+// is still tracked.
+class UnsynchronizedReads {
  public:
 #if defined(__SANITIZE_THREAD__)
-  SlotWritesUnseenByTsan() { AnnotateIgnoreWritesBegin(__FILE__, __LINE__); }
-  ~SlotWritesUnseenByTsan() { AnnotateIgnoreWritesEnd(__FILE__, __LINE__); }
+  UnsynchronizedReads() { AnnotateIgnoreReadsBegin(__FILE__, __LINE__); }
+  ~UnsynchronizedReads() { AnnotateIgnoreReadsEnd(__FILE__, __LINE__); }
 #else
-  SlotWritesUnseenByTsan() {}  // user-provided, so that an unused scope draws no warning
-  ~SlotWritesUnseenByTsan() {}
+  UnsynchronizedReads() {}  // user-provided, so that an unused scope draws no warning
+  ~UnsynchronizedReads() {}
 #endif
-  SlotWritesUnseenByTsan(const SlotWritesUnseenByTsan&) = delete;
-  SlotWritesUnseenByTsan& operator=(const SlotWritesUnseenByTsan&) = delete;
+  UnsynchronizedReads(const UnsynchronizedReads&) = delete;
+  UnsynchronizedReads& operator=(const UnsynchronizedReads&) = delete;
 };
 
 }  // namespace shardps

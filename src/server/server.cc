@@ -22,7 +22,6 @@
 #include "cluster/messages.h"
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
-#include "core/tsan.h"
 #include "server/applier.h"
 #include "server/landing_pool.h"
 #include "server/optimizer.h"
@@ -277,7 +276,14 @@ class ServerImpl final : public Server {
     std::lock_guard<std::mutex> lock(ready_mu_);
     if (ready_.load()) return true;
     if (early_.size() >= kMaxEarlyMessages) {
-      Drop(c, "too many messages before the server was ready");
+      // Messages of connections that closed meanwhile are skipped anyway: make room first.
+      std::erase_if(early_, [](const auto& e) { return e.first->closed(); });
+    }
+    if (early_.size() >= kMaxEarlyMessages) {
+      // Not Drop(): rank_ is not known yet on this thread.
+      spdlog::error("server: closing connection from {}: too many messages before it was ready",
+                    c->peer());
+      c->Close();
       return false;
     }
     early_.emplace_back(c, std::move(m));
@@ -559,16 +565,12 @@ class ServerImpl final : public Server {
         step.sum = step.own.data();
       }
       float* sum = step.sum;
-      applier_.ParallelFor(ch.numel, kRangeElements, [&](size_t lo, size_t hi) {
-        SlotWritesUnseenByTsan seqlock;
-        CopyFloats(sum + lo, grad + lo, hi - lo);
-      });
+      applier_.ParallelFor(ch.numel, kRangeElements,
+                           [&](size_t lo, size_t hi) { CopyFloats(sum + lo, grad + lo, hi - lo); });
     } else {
       float* sum = step.sum;
-      applier_.ParallelFor(ch.numel, kRangeElements, [&](size_t lo, size_t hi) {
-        SlotWritesUnseenByTsan seqlock;
-        Accumulate(sum + lo, grad + lo, hi - lo);
-      });
+      applier_.ParallelFor(ch.numel, kRangeElements,
+                           [&](size_t lo, size_t hi) { Accumulate(sum + lo, grad + lo, hi - lo); });
     }
     step.count++;
     pool_.Release(t.buffer);
@@ -621,17 +623,14 @@ class ServerImpl final : public Server {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     OptimizerStep step(ch.opt, scale, &ch.state);
     float* out = reinterpret_cast<float*>(next);
-    applier_.ParallelFor(ch.numel, kRangeElements, [&](size_t lo, size_t hi) {
-      SlotWritesUnseenByTsan seqlock;
-      step.Run(in, out, grad, extra, lo, hi);
-    });
+    applier_.ParallelFor(ch.numel, kRangeElements,
+                         [&](size_t lo, size_t hi) { step.Run(in, out, grad, extra, lo, hi); });
     Seal(ch, v + 1);
     ch.version.store(v + 1);
   }
 
   // Writes a slot's tag (release): version + 1 when it holds that version, 0 while rewritten.
   static void StampSlot(Chunk& ch, uint8_t* slot, uint64_t tag) {
-    SlotWritesUnseenByTsan seqlock;  // the store's ordering is still seen
     reinterpret_cast<std::atomic<uint64_t>*>(slot + ch.layout.trailer_offset)
         ->store(tag, std::memory_order_release);
   }

@@ -33,7 +33,8 @@ class TcpConnection final : public Connection, public std::enable_shared_from_th
     Bytes head;  // frame header followed by metadata
     Payload payload;
     size_t sent = 0;
-    DoneCallback done;  // fires when the frame left (messages only)
+    DoneCallback done;       // fires when the frame left (messages only)
+    bool one_sided = false;  // answers a one-sided read: its payload is registered memory
   };
   struct PendingOp {
     DoneCallback done;
@@ -45,8 +46,9 @@ class TcpConnection final : public Connection, public std::enable_shared_from_th
 
   // Defers `fn` to the loop thread; if the context is gone, fails `done` right away.
   void Post(std::function<void()> fn, const DoneCallback& done);
+  // one_sided: the payload is registered memory read for a one-sided read (src/core/tsan.h).
   void Enqueue(FrameType type, uint32_t aux, uint64_t request_id, Bytes meta, Payload payload,
-               DoneCallback done);
+               DoneCallback done, bool one_sided = false);
   void StartRequest(FrameType type, Bytes meta, Payload payload, PendingOp op);
   void StartOneSided(FrameType type, void* local, size_t len, const RemoteKey& key, uint64_t offset,
                      DoneCallback done);
