@@ -20,6 +20,7 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
+#include "core/subprocess.h"
 #include "launch.h"
 #include "shardps/worker.h"
 #include "transport/context.h"
@@ -126,40 +127,6 @@ Result<double> MeasureTcpStreamGbps(uint64_t bytes) {
   return static_cast<double>(bytes) * 8 / secs / 1e9;
 }
 
-namespace {
-
-// Runs argv with a deadline; returns its output, or an error.
-Result<std::string> RunCapture(const std::vector<std::string>& argv, int timeout_s) {
-  int fds[2];
-  if (pipe(fds) != 0) return Status::FromErrno("pipe", errno);
-  pid_t pid = fork();
-  if (pid < 0) return Status::FromErrno("fork", errno);
-  if (pid == 0) {
-    dup2(fds[1], 1);
-    dup2(fds[1], 2);
-    close(fds[0]);
-    alarm(static_cast<unsigned>(timeout_s));
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
-  close(fds[1]);
-  std::string out;
-  char buf[4096];
-  ssize_t n;
-  while ((n = read(fds[0], buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
-  close(fds[0]);
-  int st = 0;
-  waitpid(pid, &st, 0);
-  if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-    return Status::IOError(fmt::format("{} failed: {}", argv[0], out.substr(0, 2000)));
-  return out;
-}
-
-}  // namespace
-
 Result<PerftestResult> RunUcxPerftest(const std::string& test, uint64_t size, uint32_t iters) {
   uint16_t free_port = transport::FreeLoopbackPort();
   if (free_port == 0) return Status::IOError("no free loopback port for ucx_perftest");
@@ -178,9 +145,18 @@ Result<PerftestResult> RunUcxPerftest(const std::string& test, uint64_t size, ui
   // The server needs a moment to listen; retry the client a few times (bounded).
   for (int attempt = 0; attempt < 20; ++attempt) {
     usleep(100000);
-    out = RunCapture({"ucx_perftest", "127.0.0.1", "-p", port, "-t", test, "-s",
-                      std::to_string(size), "-n", std::to_string(iters), "-f"},
-                     120);
+    CommandResult run = RunCommand({"ucx_perftest", "127.0.0.1", "-p", port, "-t", test, "-s",
+                                    std::to_string(size), "-n", std::to_string(iters), "-f"},
+                                   std::chrono::seconds(120));
+    if (run.exit_code == 0)
+      out = run.output;
+    else
+      out = Status::IOError(fmt::format("ucx_perftest {}: {}",
+                                        run.timed_out ? "ran past 120 s"
+                                        : run.exit_code == 127
+                                            ? "not found"
+                                            : fmt::format("exited {}", run.exit_code),
+                                        run.output.substr(0, 2000)));
     if (out.ok() || out.status().message().find("not found") != std::string::npos) break;
     if (waitpid(server, nullptr, WNOHANG) == server) break;
   }
