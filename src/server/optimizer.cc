@@ -1,7 +1,6 @@
 #include "server/optimizer.h"
 
 #include <cmath>
-#include <cstring>
 
 namespace shardps::server {
 
@@ -117,10 +116,6 @@ void OptimizerStep::Run(const float* in, float* out, const float* grad, const fl
 void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
                     const float* extra, float scale, size_t n, OptimizerState* state) {
   OptimizerStep(cfg, scale, state).Run(in, out, grad, extra, 0, n);
-}
-
-void CopyFloats(float* dst, const float* src, size_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
 }
 
 void Accumulate(float* __restrict dst, const float* __restrict src, size_t n) {

@@ -52,7 +52,5 @@ class OptimizerStep {
 
 // dst[i] += src[i]
 void Accumulate(float* dst, const float* src, size_t n);
-// dst[i] = src[i]
-void CopyFloats(float* dst, const float* src, size_t n);
 
 }  // namespace shardps::server

@@ -565,8 +565,9 @@ class ServerImpl final : public Server {
         step.sum = step.own.data();
       }
       float* sum = step.sum;
-      applier_.ParallelFor(ch.numel, kRangeElements,
-                           [&](size_t lo, size_t hi) { CopyFloats(sum + lo, grad + lo, hi - lo); });
+      applier_.ParallelFor(ch.numel, kRangeElements, [&](size_t lo, size_t hi) {
+        std::memcpy(sum + lo, grad + lo, (hi - lo) * sizeof(float));
+      });
     } else {
       float* sum = step.sum;
       applier_.ParallelFor(ch.numel, kRangeElements,
