@@ -117,6 +117,44 @@ void LandingGrant::Encode(Writer* w, uint32_t buffer, uint64_t offset,
 
 bool LandingGrant::Decode(Reader* r) { return r->Get(&buffer) && r->Get(&offset) && key.Decode(r); }
 
+void GrantRequest::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(chunk_id);
+  w->Put(bytes);
+  w->Put(worker);
+  w->Put(seq);
+}
+
+bool GrantRequest::Decode(Reader* r) {
+  return r->Get(&epoch) && r->Get(&chunk_id) && r->Get(&bytes) && r->Get(&worker) && r->Get(&seq);
+}
+
+void PushDone::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(chunk_id);
+  w->Put(buffer);
+  w->Put(worker);
+  w->Put(seq);
+}
+
+bool PushDone::Decode(Reader* r) {
+  return r->Get(&epoch) && r->Get(&chunk_id) && r->Get(&buffer) && r->Get(&worker) && r->Get(&seq);
+}
+
+void PushAck::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(version);
+  w->Put<uint8_t>(has_ahead ? 1 : 0);
+  if (has_ahead) LandingGrant::Encode(w, ahead.buffer, ahead.offset, ahead.key);
+}
+
+bool PushAck::Decode(Reader* r) {
+  uint8_t a = 0;
+  if (!r->Get(&epoch) || !r->Get(&version) || !r->Get(&a) || a > 1) return false;
+  has_ahead = a == 1;
+  return !has_ahead || ahead.Decode(r);
+}
+
 Bytes ReplyMeta(uint64_t request_id, const Status& st, const Bytes& body) {
   Bytes b;
   Writer w(&b);

@@ -126,6 +126,45 @@ struct LandingGrant {
   [[nodiscard]] bool Decode(Reader* r);
 };
 
+// Data plane (worker -> server). Each carries the shard-map epoch the sender routes by (0 until
+// failover exists); the metadata of each request starts with the request id, then these fields.
+
+// kGrant: a landing buffer for the push of `seq` of `chunk_id` by `worker`, `bytes` long. The
+// server grants it once that push is admissible (sync: at most max_steps_ahead versions ahead
+// of the chunk's published version), so a worker that runs ahead waits for credits holding no
+// buffer; the reply is a LandingGrant.
+struct GrantRequest {
+  uint64_t epoch = 0;
+  uint64_t chunk_id = 0;
+  uint64_t bytes = 0;
+  uint32_t worker = 0;
+  uint64_t seq = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kPushDone: the push of `seq` of `chunk_id` by `worker` was written into landing `buffer`.
+struct PushDone {
+  uint64_t epoch = 0;
+  uint64_t chunk_id = 0;
+  uint32_t buffer = 0;
+  uint32_t worker = 0;
+  uint64_t seq = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// The reply to kPushDone: the version the push is part of (sync: the version that holds it is
+// published), and possibly a landing buffer granted ahead for the worker's next push.
+struct PushAck {
+  uint64_t epoch = 0;
+  uint64_t version = 0;
+  bool has_ahead = false;
+  LandingGrant ahead;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
 // Byte layout of a chunk's two published slots: [floats][pad to 64][u64 tag][pad to 64].
 struct SlotLayout {
   uint64_t data_bytes = 0;

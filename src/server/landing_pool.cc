@@ -16,17 +16,18 @@ Status LandingPool::Init(transport::Context* ctx, uint32_t buffers, uint64_t buf
   return Status::OK();
 }
 
-bool LandingPool::Request(const transport::Connection* owner, GrantFn grant) {
+bool LandingPool::Request(const transport::Connection* owner, uint64_t chunk, uint64_t seq,
+                          GrantFn grant) {
   uint32_t b;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (free_.empty()) {
-      waiters_.push_back(Waiter{owner, std::move(grant)});
+      waiters_.push_back(Waiter{owner, chunk, seq, std::move(grant)});
       return true;
     }
     b = free_.back();
     free_.pop_back();
-    state_[b] = Slot{State::kGranted, owner};
+    state_[b] = Slot{State::kGranted, owner, false, chunk, seq};
   }
   grant(b);
   return false;
@@ -42,18 +43,27 @@ std::optional<uint32_t> LandingPool::GrantAhead(const transport::Connection* own
     if (s.ahead && s.owner == owner) return std::nullopt;
     ahead += s.ahead;
   }
-  if (ahead + 1 > state_.size() / 4) return std::nullopt;
+  if (static_cast<int64_t>(ahead) + parked_ + 1 > static_cast<int64_t>(state_.size() / 4))
+    return std::nullopt;
   uint32_t b = free_.back();
   free_.pop_back();
   state_[b] = Slot{State::kGranted, owner, true};
   return b;
 }
 
-bool LandingPool::Claim(uint32_t buffer, const transport::Connection* owner) {
+void LandingPool::AddParked(int64_t delta) {
+  if (delta == 0) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  parked_ += delta;
+}
+
+bool LandingPool::Claim(uint32_t buffer, const transport::Connection* owner, uint64_t chunk,
+                        uint64_t seq) {
   std::lock_guard<std::mutex> lock(mu_);
   if (buffer >= state_.size()) return false;
   Slot& s = state_[buffer];
   if (s.state != State::kGranted || s.owner != owner) return false;
+  if (!s.ahead && (s.chunk != chunk || s.seq != seq)) return false;
   s.state = State::kApplying;
   s.ahead = false;
   return true;
@@ -71,7 +81,7 @@ void LandingPool::Release(uint32_t buffer) {
     }
     Waiter w = std::move(waiters_.front());
     waiters_.pop_front();
-    state_[buffer] = Slot{State::kGranted, w.owner};
+    state_[buffer] = Slot{State::kGranted, w.owner, false, w.chunk, w.seq};
     grant = std::move(w.grant);
   }
   grant(buffer);

@@ -27,13 +27,19 @@ class LandingPool {
 
   Status Init(transport::Context* ctx, uint32_t buffers, uint64_t buffer_bytes);
 
-  // Grants a buffer to `owner` now or when one frees up; returns true if it had to wait.
-  bool Request(const transport::Connection* owner, GrantFn grant);
-  // A buffer granted ahead to `owner`, if one is free with no one waiting, `owner` holds none
-  // already, is still connected, and fewer than size() / 4 stand granted ahead.
+  // Grants a buffer to `owner` for the push of `seq` of `chunk`, now or when one frees up;
+  // returns true if it had to wait.
+  bool Request(const transport::Connection* owner, uint64_t chunk, uint64_t seq, GrantFn grant);
+  // A buffer granted ahead to `owner` (for any chunk and step), if one is free with no one
+  // waiting, `owner` holds none already, is still connected, and fewer than size() / 4 stand
+  // granted ahead or are held by parked pushes (so that three quarters of the pool always
+  // circulate among admissible pushes: no step can starve).
   std::optional<uint32_t> GrantAhead(const transport::Connection* owner);
-  // Moves a granted buffer into use; false when `owner` does not hold it.
-  bool Claim(uint32_t buffer, const transport::Connection* owner);
+  // Moves a granted buffer into use; false when `owner` does not hold it, or holds it for
+  // another chunk or step.
+  bool Claim(uint32_t buffer, const transport::Connection* owner, uint64_t chunk, uint64_t seq);
+  // Buffers held by pushes the chunk engine parked (EngineActions::parked_buffers_delta).
+  void AddParked(int64_t delta);
   // Returns a buffer that was claimed; the oldest waiter gets it.
   void Release(uint32_t buffer);
   // Forgets a closed connection: its granted buffers come back, its waiters are dropped.
@@ -49,10 +55,14 @@ class LandingPool {
   struct Slot {
     State state = State::kFree;
     const transport::Connection* owner = nullptr;
-    bool ahead = false;  // granted ahead and not claimed yet
+    bool ahead = false;  // granted ahead and not claimed yet (for any chunk and step)
+    uint64_t chunk = 0;  // what it was granted for, unless ahead
+    uint64_t seq = 0;
   };
   struct Waiter {
     const transport::Connection* owner;
+    uint64_t chunk;
+    uint64_t seq;
     GrantFn grant;
   };
   std::unique_ptr<transport::MemoryRegion> region_;
@@ -61,6 +71,7 @@ class LandingPool {
   std::vector<Slot> state_;     // guarded by mu_
   std::vector<uint32_t> free_;  // guarded by mu_
   std::deque<Waiter> waiters_;  // guarded by mu_
+  int64_t parked_ = 0;          // guarded by mu_
 };
 
 }  // namespace shardps::server

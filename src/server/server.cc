@@ -23,8 +23,9 @@
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
 #include "server/applier.h"
+#include "server/chunk_engine.h"
 #include "server/landing_pool.h"
-#include "server/optimizer.h"
+#include "server/update_rule.h"
 #include "transport/context.h"
 
 namespace shardps {
@@ -53,6 +54,7 @@ std::string ServerStats::ToJson() const {
                       {"grant_requests", grant_requests},
                       {"grants_waited", grants_waited},
                       {"grants_ahead", grants_ahead},
+                      {"grants_parked", grants_parked},
                       {"landing_buffers", landing_buffers},
                       {"apply_threads", apply_threads},
                       {"ranges_helped", ranges_helped},
@@ -67,8 +69,9 @@ namespace {
 using namespace cluster;
 using transport::Connection;
 
-constexpr size_t kMaxEarlyMessages = 4096;  // held before the server is ready
-constexpr uint64_t kMaxStepsAhead = 2;      // sync: pushes further ahead wait, holding their buffer
+constexpr size_t kMaxEarlyMessages = 4096;        // held before the server is ready
+constexpr uint64_t kMaxEarlyBytes = 64ull << 20;  // and their bytes
+constexpr uint64_t kMaxStepsAhead = 2;            // sync: steps summed ahead of the version
 // Chunks this small are applied on the transport thread that receives their pushes: such an
 // apply takes about a microsecond, less than handing it to an apply thread and back. A chunk's
 // size never changes, so each chunk still has exactly one owning thread.
@@ -87,45 +90,15 @@ void ReadRss(uint64_t* rss, uint64_t* peak) {
   }
 }
 
-struct Ack {
-  std::shared_ptr<Connection> conn;
-  uint64_t request = 0;
-};
-
-struct PushTask {
-  std::shared_ptr<Connection> conn;
-  uint64_t request = 0;
-  uint64_t chunk_id = 0;
-  uint32_t buffer = 0;
-  uint32_t worker = 0;
-  uint64_t seq = 0;
-};
-
 struct Chunk {
   uint64_t id = 0;
   std::string tensor;
   uint64_t offset = 0;
   uint64_t numel = 0;
-  OptimizerConfig opt;
   SlotLayout layout;
   std::unique_ptr<transport::MemoryRegion> slots;
-  std::atomic<uint64_t> version{0};
-
-  // Owned by the chunk's apply thread. The current parameters are those in slot version % 2;
-  // an update writes the next version straight into the other slot.
-  OptimizerState state;
-  std::vector<std::vector<float>> spare;  // recycled accumulators (no page faults per step)
-  std::vector<uint64_t> last_seq;         // per worker rank
-  struct Step {
-    // The running sum: in the next slot (free while this step is next in line, so sync mode
-    // needs no model-sized accumulator), or in `own` for a step pushed ahead of that.
-    float* sum = nullptr;
-    std::vector<float> own;
-    uint32_t count = 0;
-    std::vector<Ack> acks;
-  };
-  std::map<uint64_t, Step> steps;
-  std::deque<PushTask> deferred;
+  bool inline_apply = false;  // owned by the data loop thread rather than an apply thread
+  std::unique_ptr<ChunkEngine> engine;
 };
 
 class ServerImpl final : public Server {
@@ -133,6 +106,9 @@ class ServerImpl final : public Server {
   explicit ServerImpl(ServerOptions o) : opt_(std::move(o)) {}
 
   ~ServerImpl() override {
+    // Connections closed by the teardown below are not dropped chunk by chunk: the chunks and
+    // the pool go with the server.
+    stopping_ = true;
     applier_.Stop();
     listener_.reset();
     node_.reset();
@@ -153,7 +129,7 @@ class ServerImpl final : public Server {
         OnMessage(c, m);
       };
       h.on_close = [this](const std::shared_ptr<Connection>& c, Status) {
-        if (ready_.load()) pool_.DropOwner(c.get());
+        if (ready_.load() && !stopping_.load()) OnConnectionClosed(c);
       };
       return h;
     });
@@ -237,6 +213,7 @@ class ServerImpl final : public Server {
       std::shared_lock<std::shared_mutex> lock(chunks_mu_);
       s.chunks = chunks_.size();
       for (auto& [id, c] : chunks_) s.parameter_bytes += c->numel * 4;
+      s.grants_parked = grants_parked_.load();
     }
     s.pushes_applied = pushes_applied_.load();
     s.duplicate_pushes = duplicates_.load();
@@ -277,15 +254,23 @@ class ServerImpl final : public Server {
     if (ready_.load()) return true;
     if (early_.size() >= kMaxEarlyMessages) {
       // Messages of connections that closed meanwhile are skipped anyway: make room first.
-      std::erase_if(early_, [](const auto& e) { return e.first->closed(); });
+      std::erase_if(early_, [this](const auto& e) {
+        if (!e.first->closed()) return false;
+        early_bytes_ -= e.second.meta.size() + e.second.payload.size();
+        return true;
+      });
     }
-    if (early_.size() >= kMaxEarlyMessages) {
+    uint64_t bytes = m.meta.size() + m.payload.size();
+    if (early_.size() >= kMaxEarlyMessages || early_bytes_ + bytes > kMaxEarlyBytes) {
       // Not Drop(): rank_ is not known yet on this thread.
-      spdlog::error("server: closing connection from {}: too many messages before it was ready",
-                    c->peer());
+      spdlog::error(
+          "server: closing connection from {}: more than {} messages or {} bytes before it was "
+          "ready",
+          c->peer(), kMaxEarlyMessages, kMaxEarlyBytes);
       c->Close();
       return false;
     }
+    early_bytes_ += bytes;
     early_.emplace_back(c, std::move(m));
     return false;
   }
@@ -297,6 +282,7 @@ class ServerImpl final : public Server {
       std::lock_guard<std::mutex> lock(ready_mu_);
       ready_ = true;
       held.swap(early_);
+      early_bytes_ = 0;
     }
     // A connection that closed meanwhile was not dropped from the pool (it was not ready):
     // its messages are skipped, so nothing is granted to it.
@@ -347,9 +333,12 @@ class ServerImpl final : public Server {
                 transport::Message& m) {
     uint32_t n = 0;
     if (!r.Get(&n) || n > (1u << 20)) return Drop(c, "malformed create request");
-    std::vector<CreateChunkItem> items(n);
+    // Items are decoded one at a time: the vector grows with what arrived, not with the count
+    // the peer claims.
+    std::vector<CreateChunkItem> items;
     uint64_t total = 0;
-    for (auto& it : items) {
+    for (uint32_t k = 0; k < n; ++k) {
+      CreateChunkItem& it = items.emplace_back();
       if (!it.Decode(&r)) return Drop(c, "malformed create request");
       if (it.numel == 0 || it.numel > view_.chunk_bytes / 4)
         return Reply(*c, req,
@@ -403,7 +392,7 @@ class ServerImpl final : public Server {
         ChunkSlots slots;
         slots.key = ch->slots->remote_key();
         slots.slot_stride = ch->layout.stride;
-        slots.version = ch->version.load();
+        slots.version = ch->engine->version();
         slots.Encode(&w);
       }
       if (!ready) {
@@ -421,33 +410,66 @@ class ServerImpl final : public Server {
     ch->tensor = it.tensor;
     ch->offset = it.offset;
     ch->numel = it.numel;
-    ch->opt = it.optimizer;
     ch->layout = LayoutFor(it.numel);
+    ch->inline_apply = it.numel * 4 <= kInlineApplyBytes;
     auto region = data_ctx_->AllocateRegion(ch->layout.stride * 2);
     if (!region.ok()) return region.status().WithContext("allocating chunk " + it.tensor);
     ch->slots = std::move(region).value();
-    InitOptimizerState(ch->opt, it.numel, &ch->state);
-    ch->last_seq.assign(view_.num_workers, 0);
     std::memcpy(ch->slots->data(), init, ch->layout.data_bytes);
-    Seal(*ch, 0);
+    EngineConfig ec;
+    ec.mode = view_.mode;
+    ec.num_workers = view_.num_workers;
+    ec.aggregate = view_.aggregate;
+    ec.max_steps_ahead = kMaxStepsAhead;
     Chunk* raw = ch.get();
+    ch->engine = std::make_unique<ChunkEngine>(
+        ec, MakeCpuUpdateRule(it.optimizer, it.numel, &applier_, kRangeElements),
+        SlotMemory{static_cast<uint8_t*>(ch->slots->data()), ch->layout},
+        [this, raw](std::function<void()> fn) { OnOwner(*raw, std::move(fn)); },
+        [this, raw](EngineActions a) { Execute(*raw, std::move(a)); });
+    versions_++;  // version 0
     std::unique_lock<std::shared_mutex> lock(chunks_mu_);
     chunks_.emplace(it.chunk_id, std::move(ch));
     return raw;
   }
 
+  // Runs fn on the thread that owns `ch`: the data loop for small chunks, else its apply
+  // thread. The transport keeps polling until the apply thread hands back its answer.
+  void OnOwner(Chunk& ch, std::function<void()> fn) {
+    if (ch.inline_apply) {
+      if (data_ctx_->InLoopThread()) return fn();
+      data_ctx_->RunInLoop(std::move(fn));
+      return;
+    }
+    applier_.Post(ch.id, [fn = std::move(fn), hold = data_ctx_->HoldPolling()] { fn(); });
+  }
+
   void OnGrant(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
-    uint64_t chunk_id = 0, bytes = 0;
-    if (!r.Get(&chunk_id) || !r.Get(&bytes) || !r.done()) return Drop(c, "malformed grant request");
-    Chunk* ch = FindChunk(chunk_id);
-    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", chunk_id)));
-    if (bytes != ch->numel * 4)
+    GrantRequest g;
+    if (!g.Decode(&r) || !r.done()) return Drop(c, "malformed grant request");
+    Chunk* ch = FindChunk(g.chunk_id);
+    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", g.chunk_id)));
+    if (g.bytes != ch->numel * 4)
       return Reply(*c, req,
                    Status::InvalidArgument(fmt::format("push of {} bytes into chunk {} of {} bytes",
-                                                       bytes, chunk_id, ch->numel * 4)));
-    std::weak_ptr<Connection> weak = c;
+                                                       g.bytes, g.chunk_id, ch->numel * 4)));
+    if (g.worker >= view_.num_workers)
+      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", g.worker)));
     grant_requests_++;
-    bool waited = pool_.Request(c.get(), [this, weak, req](uint32_t buffer) {
+    auto admitted = ch->engine->Admit(ParkedGrant{c, c.get(), req, g.worker, g.seq});
+    if (!admitted.ok())
+      return Reply(*c, req, admitted.status().WithContext(fmt::format("chunk {}", g.chunk_id)));
+    if (!*admitted) {
+      grants_parked_++;  // granted once the chunk caught up (EngineActions::admit)
+      return;
+    }
+    RequestBuffer(c, req, g.chunk_id, g.seq);
+  }
+
+  void RequestBuffer(const std::shared_ptr<Connection>& c, uint64_t req, uint64_t chunk_id,
+                     uint64_t seq) {
+    std::weak_ptr<Connection> weak = c;
+    bool waited = pool_.Request(c.get(), chunk_id, seq, [this, weak, req](uint32_t buffer) {
       auto conn = weak.lock();
       if (!conn) return;
       Bytes body;
@@ -464,183 +486,78 @@ class ServerImpl final : public Server {
   }
 
   void OnPushDone(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
-    PushTask t;
-    t.conn = c;
-    t.request = req;
-    if (!r.Get(&t.chunk_id) || !r.Get(&t.buffer) || !r.Get(&t.worker) || !r.Get(&t.seq) ||
-        !r.done())
-      return Drop(c, "malformed push notification");
-    Chunk* ch = FindChunk(t.chunk_id);
-    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", t.chunk_id)));
-    if (t.worker >= view_.num_workers)
-      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", t.worker)));
-    if (!pool_.Claim(t.buffer, c.get()))
-      return Drop(c, fmt::format("push names landing buffer {} that it does not hold", t.buffer));
-    if (ch->numel * 4 <= kInlineApplyBytes) return ApplyPush(*ch, t);
-    // The transport keeps polling until the apply thread hands it the acknowledgement.
-    applier_.Post(t.chunk_id,
-                  [this, ch, t, hold = data_ctx_->HoldPolling()] { ApplyPush(*ch, t); });
+    PushDone d;
+    if (!d.Decode(&r) || !r.done()) return Drop(c, "malformed push notification");
+    Chunk* ch = FindChunk(d.chunk_id);
+    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", d.chunk_id)));
+    if (d.worker >= view_.num_workers)
+      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", d.worker)));
+    if (!pool_.Claim(d.buffer, c.get(), d.chunk_id, d.seq))
+      return Drop(c, fmt::format("push of step {} of chunk {} names landing buffer {} that it "
+                                 "does not hold for it",
+                                 d.seq, d.chunk_id, d.buffer));
+    LandedPush p;
+    p.worker = d.worker;
+    p.seq = d.seq;
+    p.buffer = d.buffer;
+    p.grad.data = pool_.data(d.buffer);
+    p.grad.numel = ch->numel;
+    p.grad.bytes = ch->numel * 4;
+    p.reply = ReplyTo{c, req};
+    OnOwner(*ch, [this, ch, p = std::move(p)]() mutable {
+      Execute(*ch, ch->engine->OnPush(std::move(p)));
+    });
+  }
+
+  // Carries out what the engine decided: buffers back to the pool first (an admitted grant or
+  // a grant ahead may take them), then admitted grants, then acknowledgements.
+  void Execute(Chunk& ch, EngineActions a) {
+    pool_.AddParked(a.parked_buffers_delta);
+    for (uint32_t b : a.release) pool_.Release(b);
+    for (auto& g : a.admit) {
+      auto conn = g.conn.lock();
+      if (conn && !conn->closed()) RequestBuffer(conn, g.request, ch.id, g.seq);
+    }
+    for (auto& ack : a.acks) AckNow(ack);
+    pushes_applied_ += a.applied;
+    duplicates_ += a.duplicates;
+    versions_ += a.published;
   }
 
   // The acknowledgement carries a landing buffer granted ahead for the worker's next push
-  // when the pool can spare one (u8 1, then the grant; u8 0 when not).
-  void AckNow(const Ack& a, uint64_t version) {
-    Bytes body;
-    Writer w(&body);
-    w.Put(version);
-    std::optional<uint32_t> ahead = pool_.GrantAhead(a.conn.get());
-    w.Put<uint8_t>(ahead ? 1 : 0);
+  // when the pool can spare one.
+  void AckNow(const EngineActions::Ack& a) {
+    if (!a.to.conn) return;
+    if (!a.status.ok()) return Reply(*a.to.conn, a.to.request, a.status);
+    PushAck ack;
+    ack.version = a.version;
+    std::optional<uint32_t> ahead = pool_.GrantAhead(a.to.conn.get());
     if (ahead) {
-      EncodeGrant(&w, *ahead);
+      ack.has_ahead = true;
+      ack.ahead.buffer = *ahead;
+      ack.ahead.offset = static_cast<uint64_t>(*ahead) * pool_.buffer_bytes();
+      ack.ahead.key = pool_.key();
       grants_ahead_++;
     }
-    Reply(*a.conn, a.request, Status::OK(), body);
+    Bytes body;
+    Writer w(&body);
+    ack.Encode(&w);
+    Reply(*a.to.conn, a.to.request, Status::OK(), body);
   }
 
-  // Apply thread of `ch`.
-  void ApplyPush(Chunk& ch, const PushTask& t) {
-    const float* grad = pool_.data(t.buffer);
-    Ack ack{t.conn, t.request};
-    uint64_t& last = ch.last_seq[t.worker];
-    if (t.seq <= last) {
-      // A resent push: acknowledged, never applied twice.
-      duplicates_++;
-      pool_.Release(t.buffer);
-      auto pending = ch.steps.find(t.seq);
-      if (view_.mode == Mode::kSync && pending != ch.steps.end()) {
-        pending->second.acks.push_back(ack);
-      } else {
-        AckNow(ack, ch.version.load());
-      }
-      return;
+  // A closed connection's parked pushes and grant requests are forgotten on each chunk's
+  // owner thread; its granted buffers come back to the pool.
+  void OnConnectionClosed(const std::shared_ptr<Connection>& c) {
+    pool_.DropOwner(c.get());
+    std::vector<Chunk*> all;
+    {
+      std::shared_lock<std::shared_mutex> lock(chunks_mu_);
+      for (auto& [id, ch] : chunks_) all.push_back(ch.get());
     }
-    if (view_.mode == Mode::kAsync) {
-      Update(ch, grad, nullptr, 1.0f);
-      pool_.Release(t.buffer);
-      last = t.seq;
-      pushes_applied_++;
-      AckNow(ack, ch.version.load());
-      return;
-    }
-    // Too far ahead of the published version, or behind an earlier push of the same worker
-    // that is waiting: wait too, keeping the landing buffer (the sender is held back).
-    bool behind_own = std::any_of(ch.deferred.begin(), ch.deferred.end(),
-                                  [&](const PushTask& d) { return d.worker == t.worker; });
-    if (t.seq > ch.version.load() + kMaxStepsAhead || behind_own) {
-      ch.deferred.push_back(t);
-      return;
-    }
-    if (t.seq != last + 1) {
-      pool_.Release(t.buffer);
-      return Reply(
-          *t.conn, t.request,
-          Status::InvalidArgument(fmt::format("worker {} pushed step {} of chunk {} after step {}",
-                                              t.worker, t.seq, ch.id, last)));
-    }
-    auto& step = ch.steps[t.seq];
-    step.acks.push_back(ack);
-    last = t.seq;
-    pushes_applied_++;
-    bool next_in_line = t.seq == ch.version.load() + 1;
-    if (step.count + 1 == view_.num_workers && next_in_line) {
-      // The step's last push: fold it straight into the update (no accumulator pass).
-      Update(ch, step.count ? step.sum : grad, step.count ? grad : nullptr, Scale());
-      pool_.Release(t.buffer);
-      FinishStep(ch, ch.steps.find(t.seq));
-      PublishReadySteps(ch);
-      return;
-    }
-    if (step.count == 0) {
-      if (next_in_line) {
-        uint8_t* slot = NextSlot(ch);
-        StampSlot(ch, slot, 0);  // no longer a valid version
-        std::atomic_thread_fence(std::memory_order_seq_cst);
-        step.sum = reinterpret_cast<float*>(slot);
-      } else {
-        if (!ch.spare.empty()) {
-          step.own = std::move(ch.spare.back());
-          ch.spare.pop_back();
-        }
-        step.own.resize(ch.numel);
-        step.sum = step.own.data();
-      }
-      float* sum = step.sum;
-      applier_.ParallelFor(ch.numel, kRangeElements, [&](size_t lo, size_t hi) {
-        std::memcpy(sum + lo, grad + lo, (hi - lo) * sizeof(float));
-      });
-    } else {
-      float* sum = step.sum;
-      applier_.ParallelFor(ch.numel, kRangeElements,
-                           [&](size_t lo, size_t hi) { Accumulate(sum + lo, grad + lo, hi - lo); });
-    }
-    step.count++;
-    pool_.Release(t.buffer);
-    PublishReadySteps(ch);
-  }
-
-  uint8_t* NextSlot(Chunk& ch) {
-    return static_cast<uint8_t*>(ch.slots->data()) +
-           ((ch.version.load() + 1) % 2) * ch.layout.stride;
-  }
-
-  float Scale() const {
-    return view_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(view_.num_workers)
-                                               : 1.0f;
-  }
-
-  void FinishStep(Chunk& ch, std::map<uint64_t, Chunk::Step>::iterator it) {
-    uint64_t v = ch.version.load();
-    for (auto& a : it->second.acks) AckNow(a, v);
-    if (!it->second.own.empty()) ch.spare.push_back(std::move(it->second.own));
-    ch.steps.erase(it);
-  }
-
-  // Publishes every step that is complete and next in line, then retries pushes that were
-  // too far ahead (each either lands now or waits again).
-  void PublishReadySteps(Chunk& ch) {
-    for (;;) {
-      auto it = ch.steps.find(ch.version.load() + 1);
-      if (it == ch.steps.end() || it->second.count < view_.num_workers) break;
-      Update(ch, it->second.sum, nullptr, Scale());
-      FinishStep(ch, it);
-    }
-    if (!ch.deferred.empty()) {
-      std::deque<PushTask> again;
-      again.swap(ch.deferred);
-      for (auto& t : again) ApplyPush(ch, t);
-    }
-  }
-
-  // Computes version v+1 from slot v % 2 into slot (v+1) % 2 and publishes it, seqlock style:
-  // the slot's tag is zeroed before any of its bytes changes and set to the new version after
-  // the last, so a reader that finds the tag it expected both before and after reading the
-  // floats got one whole version (docs/protocol.md, "Published slots").
-  void Update(Chunk& ch, const float* grad, const float* extra, float scale) {
-    uint64_t v = ch.version.load();
-    auto* base = static_cast<uint8_t*>(ch.slots->data());
-    const auto* in = reinterpret_cast<const float*>(base + (v % 2) * ch.layout.stride);
-    uint8_t* next = NextSlot(ch);
-    StampSlot(ch, next, 0);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-    OptimizerStep step(ch.opt, scale, &ch.state);
-    float* out = reinterpret_cast<float*>(next);
-    applier_.ParallelFor(ch.numel, kRangeElements,
-                         [&](size_t lo, size_t hi) { step.Run(in, out, grad, extra, lo, hi); });
-    Seal(ch, v + 1);
-    ch.version.store(v + 1);
-  }
-
-  // Writes a slot's tag (release): version + 1 when it holds that version, 0 while rewritten.
-  static void StampSlot(Chunk& ch, uint8_t* slot, uint64_t tag) {
-    reinterpret_cast<std::atomic<uint64_t>*>(slot + ch.layout.trailer_offset)
-        ->store(tag, std::memory_order_release);
-  }
-
-  // Stamps slot v % 2 as holding version v (release: every byte of it is written before).
-  void Seal(Chunk& ch, uint64_t v) {
-    uint8_t* slot = static_cast<uint8_t*>(ch.slots->data()) + (v % 2) * ch.layout.stride;
-    StampSlot(ch, slot, v + 1);
-    versions_++;
+    const Connection* owner = c.get();
+    for (Chunk* ch : all)
+      OnOwner(*ch,
+              [this, ch, owner, keep = c] { Execute(*ch, ch->engine->OnConnectionClosed(owner)); });
   }
 
   ServerOptions opt_;
@@ -656,7 +573,9 @@ class ServerImpl final : public Server {
 
   std::mutex ready_mu_;
   std::atomic<bool> ready_{false};  // set on the loop thread
+  std::atomic<bool> stopping_{false};
   std::vector<std::pair<std::shared_ptr<Connection>, transport::Message>> early_;  // ready_mu_
+  uint64_t early_bytes_ = 0;                                                       // ready_mu_
 
   struct Attach {
     std::shared_ptr<Connection> conn;
@@ -674,6 +593,7 @@ class ServerImpl final : public Server {
   std::atomic<uint64_t> grant_requests_{0};
   std::atomic<uint64_t> grants_waited_{0};
   std::atomic<uint64_t> grants_ahead_{0};
+  std::atomic<uint64_t> grants_parked_{0};
 };
 
 }  // namespace

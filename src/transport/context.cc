@@ -29,6 +29,16 @@ uint16_t FreeLoopbackPort() {
   return port;
 }
 
+const char* MemoryKindName(MemoryKind k) {
+  switch (k) {
+    case MemoryKind::kHost:
+      return "host";
+    case MemoryKind::kCuda:
+      return "cuda";
+  }
+  return "unknown";
+}
+
 void RemoteKey::Encode(Writer* w) const {
   w->Put(base);
   w->Put(size);

@@ -11,6 +11,11 @@
 
 namespace shardps::transport {
 
+// Where registered memory lives. Every backend registers host memory; CUDA device memory only
+// where the backend can (Context::CanRegister).
+enum class MemoryKind : uint8_t { kHost = 0, kCuda = 1 };
+const char* MemoryKindName(MemoryKind k);
+
 // What a peer needs to write into or read from a registered region: the region's base address
 // (in the owner's address space; offsets are relative to it) and size, and a backend-specific
 // packed key (tcp: region id and a random secret; ucx: a packed rkey). Travels through the

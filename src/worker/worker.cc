@@ -556,8 +556,8 @@ class WorkerImpl final : public Worker {
       return WriteAndNotify(rpc, ref, src, seq, op, then_pull, *g);
     Bytes body;
     Writer w(&body);
-    w.Put(ref->chunk_id);
-    w.Put<uint64_t>(ref->numel * 4);
+    GrantRequest{.chunk_id = ref->chunk_id, .bytes = ref->numel * 4, .worker = rank_, .seq = seq}
+        .Encode(&w);
     rpc->Call(kGrant, body, {},
               [this, rpc, ref, src, seq, op, then_pull](Status st, Reader& r, transport::Message&) {
                 Grant g;
@@ -577,10 +577,8 @@ class WorkerImpl final : public Worker {
           if (!st.ok()) return op->ChunkDone(st, 0);
           Bytes note;
           Writer w(&note);
-          w.Put(ref->chunk_id);
-          w.Put(buffer);
-          w.Put(me);
-          w.Put(seq);
+          PushDone{.chunk_id = ref->chunk_id, .buffer = buffer, .worker = me, .seq = seq}.Encode(
+              &w);
           rpc->Call(kPushDone, note, {},
                     [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {
                       OnPushAck(rpc, ref, op, then_pull, st, r);
@@ -588,20 +586,17 @@ class WorkerImpl final : public Worker {
         });
   }
 
-  // The ack: `u64 version, u8 granted ahead, [grant]`.
   void OnPushAck(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref,
                  const std::shared_ptr<OpState>& op, float* then_pull, Status st, Reader& r) {
-    uint64_t v = 0;
-    uint8_t ahead = 0;
-    Grant g;
-    if (st.ok() && (!r.Get(&v) || !r.Get(&ahead) || ahead > 1 || (ahead && !g.Decode(&r))))
-      st = Status::ProtocolError("malformed push ack");
+    PushAck ack;
+    if (st.ok() && (!ack.Decode(&r) || !r.done())) st = Status::ProtocolError("malformed push ack");
     if (!st.ok()) return op->ChunkDone(st, 0);
-    if (ahead) {
+    if (ack.has_ahead) {
       Credits& c = *credits_[ref->server];
       std::lock_guard<std::mutex> lock(c.mu);
-      c.grants.push_back(std::move(g));
+      c.grants.push_back(std::move(ack.ahead));
     }
+    uint64_t v = ack.version;
     RaiseTo(ref->known_version, v);
     if (then_pull) return PullChunk(rpc, ref, then_pull, op);
     op->ChunkDone(Status::OK(), v);

@@ -310,6 +310,22 @@ Bytes U64s(std::initializer_list<uint64_t> v) {
   return b;
 }
 
+// A kGrant request body for the push of `seq` of `chunk` by worker 0.
+Bytes GrantAsk(uint64_t chunk, uint64_t bytes, uint64_t seq = 1) {
+  Bytes b;
+  Writer w(&b);
+  cluster::GrantRequest{.chunk_id = chunk, .bytes = bytes, .worker = 0, .seq = seq}.Encode(&w);
+  return b;
+}
+
+// A kPushDone body.
+Bytes PushNote(uint64_t chunk, uint32_t buffer, uint32_t worker, uint64_t seq) {
+  Bytes b;
+  Writer w(&b);
+  cluster::PushDone{.chunk_id = chunk, .buffer = buffer, .worker = worker, .seq = seq}.Encode(&w);
+  return b;
+}
+
 class ServerProtocol : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -339,7 +355,7 @@ class ServerProtocol : public ::testing::Test {
 TEST_F(ServerProtocol, ResentPushIsAppliedExactlyOnce) {
   RawClient raw(lc_->servers[0]->address());
   const uint64_t chunk = 1;  // the coordinator numbers chunks from 1
-  auto g = raw.Call(cluster::kGrant, U64s({chunk, 8 * 4}));
+  auto g = raw.Call(cluster::kGrant, GrantAsk(chunk, 8 * 4));
   ASSERT_TRUE(g.ok()) << g.status().ToString();
   Grant grant = DecodeGrant(*g);
   std::vector<float> grad(8, 2.0f);
@@ -358,26 +374,14 @@ TEST_F(ServerProtocol, ResentPushIsAppliedExactlyOnce) {
     ASSERT_TRUE(cv.wait_for(lock, 10s, [&] { return written; }));
     ASSERT_TRUE(wst.ok()) << wst.ToString();
   }
-  Bytes note;
-  Writer w(&note);
-  w.Put(chunk);
-  w.Put(grant.buffer);
-  w.Put<uint32_t>(0);  // worker rank 0
-  w.Put<uint64_t>(1);  // sequence number 1
-  auto a1 = raw.Call(cluster::kPushDone, note);
+  auto a1 = raw.Call(cluster::kPushDone, PushNote(chunk, grant.buffer, 0, 1));
   ASSERT_TRUE(a1.ok()) << a1.status().ToString();
   // The resend: the buffer was released after the first, so ask for it again and resend the
   // same (worker, seq).
-  auto g2 = raw.Call(cluster::kGrant, U64s({chunk, 8 * 4}));
+  auto g2 = raw.Call(cluster::kGrant, GrantAsk(chunk, 8 * 4));
   ASSERT_TRUE(g2.ok());
   Grant grant2 = DecodeGrant(*g2);
-  Bytes note2;
-  Writer w2(&note2);
-  w2.Put(chunk);
-  w2.Put(grant2.buffer);
-  w2.Put<uint32_t>(0);
-  w2.Put<uint64_t>(1);
-  auto a2 = raw.Call(cluster::kPushDone, note2);
+  auto a2 = raw.Call(cluster::kPushDone, PushNote(chunk, grant2.buffer, 0, 1));
   ASSERT_TRUE(a2.ok()) << a2.status().ToString();
   std::vector<float> out(8);
   ASSERT_TRUE(lc_->workers[0]->Pull(id_, out.data()).Wait(10s).ok());
@@ -385,6 +389,75 @@ TEST_F(ServerProtocol, ResentPushIsAppliedExactlyOnce) {
   auto stats = nlohmann::json::parse(lc_->servers[0]->stats().ToJson());
   EXPECT_EQ(stats["pushes_applied"].get<int>(), 1);
   EXPECT_EQ(stats["duplicate_pushes"].get<int>(), 1);
+}
+
+// Writes `len` bytes into a granted landing buffer and waits for the write to complete.
+Status WriteGranted(RawClient& raw, const void* data, size_t len, const Grant& g) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  Status result;
+  raw.conn().Write(data, len, g.key, g.offset, [&](Status st) {
+    std::lock_guard<std::mutex> lock(mu);
+    done = true;
+    result = st;
+    cv.notify_all();
+  });
+  std::unique_lock<std::mutex> lock(mu);
+  if (!cv.wait_for(lock, 10s, [&] { return done; })) return Status::Timeout("write");
+  return result;
+}
+
+// Regression (async pushes of one chunk applied out of order or dropped): landing credits are
+// per server, so a worker's later push of a chunk that finds a credit can be notified before
+// an earlier push of the same chunk that still waited for its grant; the server took the
+// earlier one (seq <= last) for a resend and dropped it. Here step 2 is notified before step
+// 1: both are applied, in order, once each.
+TEST_F(ServerProtocol, AsyncPushesOfOneChunkAppliedOutOfOrderOrDropped) {
+  RawClient raw(lc_->servers[0]->address());
+  const uint64_t chunk = 1;
+  auto g1 = raw.Call(cluster::kGrant, GrantAsk(chunk, 8 * 4, 1));
+  auto g2 = raw.Call(cluster::kGrant, GrantAsk(chunk, 8 * 4, 2));
+  ASSERT_TRUE(g1.ok() && g2.ok());
+  Grant grant1 = DecodeGrant(*g1), grant2 = DecodeGrant(*g2);
+  std::vector<float> one(8, 1.0f), two(8, 2.0f);
+  ASSERT_TRUE(WriteGranted(raw, one.data(), 32, grant1).ok());
+  ASSERT_TRUE(WriteGranted(raw, two.data(), 32, grant2).ok());
+  // Step 2 first: parked until step 1 arrives, then both are acknowledged.
+  auto a2 = std::async(std::launch::async, [&] {
+    return raw.Call(cluster::kPushDone, PushNote(chunk, grant2.buffer, 0, 2));
+  });
+  EXPECT_EQ(a2.wait_for(200ms), std::future_status::timeout) << "step 2 applied before step 1";
+  auto a1 = raw.Call(cluster::kPushDone, PushNote(chunk, grant1.buffer, 0, 1));
+  ASSERT_TRUE(a1.ok()) << a1.status().ToString();
+  ASSERT_EQ(a2.wait_for(10s), std::future_status::ready);
+  auto r2 = a2.get();
+  ASSERT_TRUE(r2.ok()) << r2.status().ToString();
+  cluster::PushAck ack1, ack2;
+  Reader ra(a1->data(), a1->size()), rb(r2->data(), r2->size());
+  ASSERT_TRUE(ack1.Decode(&ra) && ack2.Decode(&rb));
+  EXPECT_EQ(ack1.version, 1u);
+  EXPECT_EQ(ack2.version, 2u);
+  std::vector<float> out(8);
+  ASSERT_TRUE(lc_->workers[0]->Pull(id_, out.data()).Wait(10s).ok());
+  for (float v : out) EXPECT_EQ(v, 7.0f);  // 10 - 1 - 2
+  auto stats = nlohmann::json::parse(lc_->servers[0]->stats().ToJson());
+  EXPECT_EQ(stats["pushes_applied"].get<int>(), 2);
+  EXPECT_EQ(stats["duplicate_pushes"].get<int>(), 0);
+}
+
+// A landing buffer granted for one step of one chunk cannot carry another (a peer that claims a
+// grant for what it was not granted is closed).
+TEST_F(ServerProtocol, AGrantIsBoundToItsChunkAndStep) {
+  RawClient raw(lc_->servers[0]->address());
+  auto g = raw.Call(cluster::kGrant, GrantAsk(1, 8 * 4, 1));
+  ASSERT_TRUE(g.ok());
+  Grant grant = DecodeGrant(*g);
+  Bytes note = U64s({1});
+  Bytes body = PushNote(1, grant.buffer, 0, 5);  // granted for step 1, notified as step 5
+  note.insert(note.end(), body.begin(), body.end());
+  raw.SendRaw(cluster::kPushDone, note);
+  EXPECT_TRUE(raw.WaitClosed());
 }
 
 TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
@@ -407,27 +480,23 @@ TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
   // A push naming a landing buffer the connection does not hold is refused the same way.
   {
     RawClient raw(lc_->servers[0]->address());
-    Bytes note;
-    Writer w(&note);
-    w.Put<uint64_t>(1);  // request id
-    w.Put<uint64_t>(1);  // chunk
-    w.Put<uint32_t>(3);  // buffer never granted
-    w.Put<uint32_t>(0);
-    w.Put<uint64_t>(1);
+    Bytes note = U64s({1});             // request id
+    Bytes body = PushNote(1, 3, 0, 1);  // buffer 3 was never granted
+    note.insert(note.end(), body.begin(), body.end());
     raw.SendRaw(cluster::kPushDone, note);
     EXPECT_TRUE(raw.WaitClosed());
   }
   // Wrong sizes and unknown chunks get an error reply, the connection stays.
   {
     RawClient raw(lc_->servers[0]->address());
-    auto wrong = raw.Call(cluster::kGrant, U64s({1, 12345}));
+    auto wrong = raw.Call(cluster::kGrant, GrantAsk(1, 12345));
     EXPECT_FALSE(wrong.ok());
     EXPECT_NE(wrong.status().message().find("12345 bytes"), std::string::npos)
         << wrong.status().ToString();
-    auto unknown = raw.Call(cluster::kGrant, U64s({777, 32}));
+    auto unknown = raw.Call(cluster::kGrant, GrantAsk(777, 32));
     EXPECT_FALSE(unknown.ok());
     EXPECT_NE(unknown.status().message().find("unknown chunk 777"), std::string::npos);
-    EXPECT_TRUE(raw.Call(cluster::kGrant, U64s({1, 32})).ok());  // still served
+    EXPECT_TRUE(raw.Call(cluster::kGrant, GrantAsk(1, 32)).ok());  // still served
   }
   // The real worker is unaffected.
   std::vector<float> g(8, 1.0f), out(8);
@@ -492,10 +561,7 @@ TEST_P(ServerStartup, MessagesBeforeReadyAreHeldWithoutBlockingTheLoop) {
     std::this_thread::sleep_for(20ms);
   auto early = std::make_unique<RawClient>(data, GetParam());
   ASSERT_TRUE(early->connected());
-  Bytes ask;
-  Writer w(&ask);
-  w.Put<uint64_t>(999);  // no such chunk: the answer, once ready, is NotFound
-  w.Put<uint64_t>(4);
+  Bytes ask = GrantAsk(999, 4);  // no such chunk: the answer, once ready, is NotFound
   auto reply = std::async(std::launch::async, [&] { return early->Call(cluster::kGrant, ask); });
   EXPECT_EQ(reply.wait_for(300ms), std::future_status::timeout) << "answered before ready";
 

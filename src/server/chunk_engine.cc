@@ -1,0 +1,335 @@
+#include "server/chunk_engine.h"
+
+#include <thread>
+
+#include <fmt/format.h>
+
+namespace shardps::server {
+
+void EngineActions::Append(EngineActions&& o) {
+  for (auto& a : o.acks) acks.push_back(std::move(a));
+  release.insert(release.end(), o.release.begin(), o.release.end());
+  for (auto& g : o.admit) admit.push_back(std::move(g));
+  applied += o.applied;
+  duplicates += o.duplicates;
+  published += o.published;
+  parked_buffers_delta += o.parked_buffers_delta;
+}
+
+ChunkEngine::ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> rule,
+                         SlotMemory slots, std::function<void(std::function<void()>)> to_owner,
+                         std::function<void(EngineActions)> later)
+    : cfg_(cfg),
+      rule_(std::move(rule)),
+      slots_(slots),
+      to_owner_(std::move(to_owner)),
+      later_(std::move(later)),
+      last_seq_(cfg.num_workers, 0) {
+  Stamp(Slot(0), 1);
+}
+
+bool ChunkEngine::Admissible(uint64_t seq, uint64_t version) const {
+  if (cfg_.mode != Mode::kSync) return true;
+  return seq <= version + cfg_.max_steps_ahead;
+}
+
+Result<bool> ChunkEngine::Admit(const ParkedGrant& g) {
+  std::lock_guard<std::mutex> lock(grants_mu_);
+  // The version is read under the lock that AdmitGrants takes after publishing, so a grant is
+  // either admitted here or parked where the next publication finds it.
+  if (Admissible(g.seq, version())) return true;
+  if (grants_.size() >= cfg_.max_parked_grants)
+    return Status::ResourceExhausted(
+        fmt::format("{} grant requests already wait for this chunk", grants_.size()));
+  grants_.push_back(g);
+  return false;
+}
+
+size_t ChunkEngine::parked_grants() const {
+  std::lock_guard<std::mutex> lock(grants_mu_);
+  return grants_.size();
+}
+
+void ChunkEngine::AdmitGrants(EngineActions* out) {
+  std::lock_guard<std::mutex> lock(grants_mu_);
+  if (grants_.empty()) return;
+  uint64_t v = version();
+  std::deque<ParkedGrant> keep;
+  for (auto& g : grants_) {
+    if (Admissible(g.seq, v)) {
+      out->admit.push_back(std::move(g));
+    } else {
+      keep.push_back(std::move(g));
+    }
+  }
+  grants_.swap(keep);
+}
+
+EngineActions ChunkEngine::OnPush(LandedPush p) {
+  EngineActions out;
+  if (updating_) {
+    queued_.push_back(std::move(p));
+    return out;
+  }
+  if (!TryProcess(p, &out)) {
+    auto key = std::make_pair(p.worker, p.seq);
+    if (parked_.count(key)) {
+      out.acks.push_back({p.reply,
+                          Status::AlreadyExists(fmt::format(
+                              "push of step {} by worker {} is already waiting", p.seq, p.worker)),
+                          version()});
+      out.release.push_back(p.buffer);
+    } else {
+      parked_.emplace(key, std::move(p));
+      out.parked_buffers_delta++;
+    }
+  }
+  Drain(&out);
+  return out;
+}
+
+EngineActions ChunkEngine::OnConnectionClosed(const transport::Connection* owner) {
+  EngineActions out;
+  for (auto it = parked_.begin(); it != parked_.end();) {
+    if (it->second.reply.conn.get() == owner) {
+      out.release.push_back(it->second.buffer);
+      out.parked_buffers_delta--;
+      it = parked_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = queued_.begin(); it != queued_.end();) {
+    if (it->reply.conn.get() == owner) {
+      out.release.push_back(it->buffer);
+      it = queued_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  std::lock_guard<std::mutex> lock(grants_mu_);
+  std::erase_if(grants_, [&](const ParkedGrant& g) { return g.owner == owner; });
+  return out;
+}
+
+bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
+  auto refuse = [&](Status st) {
+    out->acks.push_back({p.reply, std::move(st), version()});
+    out->release.push_back(p.buffer);
+    return true;
+  };
+  if (!failure_.ok()) return refuse(failure_);
+  if (p.worker >= cfg_.num_workers)
+    return refuse(Status::InvalidArgument(fmt::format("unknown worker {}", p.worker)));
+  if (Status st = rule_->Check(p.grad); !st.ok()) return refuse(st);
+  uint64_t last = last_seq_[p.worker];
+  if (p.seq <= last) {
+    // A resent push: acknowledged, never applied twice. In sync mode a resend of a step that is
+    // not published yet is answered when it is.
+    out->duplicates++;
+    out->release.push_back(p.buffer);
+    auto pending = steps_.find(p.seq);
+    if (cfg_.mode == Mode::kSync && pending != steps_.end()) {
+      pending->second.acks.push_back(p.reply);
+    } else {
+      out->acks.push_back({p.reply, Status::OK(), version()});
+    }
+    return true;
+  }
+  if (p.seq != last + 1) return false;              // its predecessor is not applied yet
+  if (!Admissible(p.seq, version())) return false;  // too far ahead of the step
+  if (cfg_.mode == Mode::kSync) {
+    ProcessSync(p, out);
+  } else {
+    ProcessAsync(p, out);
+  }
+  return true;
+}
+
+void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {
+  last_seq_[p.worker] = p.seq;
+  out->applied++;
+  Update(
+      p.grad, nullptr, 1.0f,
+      [this, reply = std::move(p.reply), buffer = p.buffer](EngineActions* o) {
+        o->release.push_back(buffer);
+        o->acks.push_back({reply, failure_, version()});
+      },
+      out);
+}
+
+void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
+  last_seq_[p.worker] = p.seq;
+  out->applied++;
+  uint64_t seq = p.seq;
+  Step& step = steps_[seq];
+  step.acks.push_back(std::move(p.reply));
+  bool next_in_line = seq == version() + 1;
+  if (step.count + 1 == cfg_.num_workers && next_in_line) {
+    // The step's last push is folded straight into the update (no accumulator pass).
+    GradientView sum = SumView(step.sum);
+    bool has_sum = step.count > 0;
+    Update(
+        has_sum ? sum : p.grad, has_sum ? &p.grad : nullptr, Scale(),
+        [this, seq, buffer = p.buffer](EngineActions* o) {
+          o->release.push_back(buffer);
+          auto it = steps_.find(seq);
+          for (auto& a : it->second.acks) o->acks.push_back({a, failure_, version()});
+          if (it->second.own) spare_.push_back(std::move(it->second.own));
+          steps_.erase(it);
+        },
+        out);
+    return;
+  }
+  if (step.count == 0) {
+    if (next_in_line) {
+      // The next slot is free while this step is next in line: sum there (no model-sized
+      // accumulator in sync mode). It no longer holds a valid version.
+      uint8_t* slot = Slot(version() + 1);
+      Stamp(slot, 0);
+      std::atomic_thread_fence(std::memory_order_seq_cst);
+      step.sum = reinterpret_cast<float*>(slot);
+    } else {
+      if (!spare_.empty()) {
+        step.own = std::move(spare_.back());
+        spare_.pop_back();
+      } else {
+        step.own = rule_->NewAccumulator();
+      }
+      step.sum = step.own->data();
+    }
+    rule_->Fold(step.sum, p.grad, true);
+  } else {
+    rule_->Fold(step.sum, p.grad, false);
+  }
+  step.count++;
+  out->release.push_back(p.buffer);
+}
+
+void ChunkEngine::PublishReadySteps(EngineActions* out) {
+  auto it = steps_.find(version() + 1);
+  if (it == steps_.end() || it->second.count < cfg_.num_workers) return;
+  uint64_t seq = it->first;
+  Update(
+      SumView(it->second.sum), nullptr, Scale(),
+      [this, seq](EngineActions* o) {
+        auto s = steps_.find(seq);
+        for (auto& a : s->second.acks) o->acks.push_back({a, failure_, version()});
+        if (s->second.own) spare_.push_back(std::move(s->second.own));
+        steps_.erase(s);
+      },
+      out);
+}
+
+void ChunkEngine::Drain(EngineActions* out) {
+  for (;;) {
+    if (updating_) return;  // resumed when the update completes
+    uint64_t before = version();
+    size_t parked_before = parked_.size(), queued_before = queued_.size();
+    if (cfg_.mode == Mode::kSync) PublishReadySteps(out);
+    if (updating_ || version() != before) continue;
+    // The parked push that is next in line for its worker, if it may go now.
+    for (uint32_t w = 0; w < cfg_.num_workers && !updating_; ++w) {
+      auto it = parked_.find({w, last_seq_[w] + 1});
+      if (it == parked_.end() || !Admissible(it->first.second, version())) continue;
+      LandedPush p = std::move(it->second);
+      parked_.erase(it);
+      out->parked_buffers_delta--;
+      bool done = TryProcess(p, out);
+      (void)done;  // next in line and admissible: always taken
+    }
+    if (!updating_ && !queued_.empty()) {
+      LandedPush p = std::move(queued_.front());
+      queued_.pop_front();
+      if (!TryProcess(p, out)) {
+        auto key = std::make_pair(p.worker, p.seq);
+        if (!parked_.count(key)) {
+          parked_.emplace(key, std::move(p));
+          out->parked_buffers_delta++;
+        } else {
+          out->acks.push_back(
+              {p.reply, Status::AlreadyExists("push is already waiting"), version()});
+          out->release.push_back(p.buffer);
+        }
+      }
+    }
+    if (version() == before && parked_.size() == parked_before && queued_.size() == queued_before &&
+        !updating_)
+      break;
+  }
+  AdmitGrants(out);
+}
+
+void ChunkEngine::Update(const GradientView& grad, const GradientView* extra, float scale,
+                         std::function<void(EngineActions*)> then, EngineActions* out) {
+  uint64_t v = version();
+  uint8_t* next = Slot(v + 1);
+  // Seqlock: the slot's tag is zeroed before any of its bytes changes and set to the new
+  // version after the last, so a reader that finds its tag unchanged across its read got one
+  // whole version (docs/protocol.md, "Published slots").
+  Stamp(next, 0);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  updating_ = true;
+  after_update_ = std::move(then);
+  const auto* in = reinterpret_cast<const float*>(Slot(v));
+  auto* dst = reinterpret_cast<float*>(next);
+  auto caller = std::this_thread::get_id();
+  auto inline_done = std::make_shared<std::atomic<bool>>(false);
+  auto in_apply = std::make_shared<std::atomic<bool>>(true);
+  rule_->Apply(in, dst, grad, extra, scale, [this, out, caller, inline_done, in_apply](Status st) {
+    if (in_apply->load() && std::this_thread::get_id() == caller) {
+      inline_done->store(true);
+      OnUpdateDone(std::move(st), out);
+      return;
+    }
+    // Completed later (a device rule): finish on the owner thread and hand the actions over.
+    auto finish = [this, st = std::move(st)]() mutable {
+      EngineActions a;
+      OnUpdateDone(std::move(st), &a);
+      Drain(&a);
+      if (later_) later_(std::move(a));
+    };
+    if (to_owner_) {
+      to_owner_(std::move(finish));
+    } else {
+      finish();
+    }
+  });
+  in_apply->store(false);
+}
+
+void ChunkEngine::OnUpdateDone(Status st, EngineActions* out) {
+  updating_ = false;
+  if (st.ok()) {
+    uint64_t v = version() + 1;
+    Stamp(Slot(v), v + 1);
+    version_.store(v, std::memory_order_release);
+    out->published++;
+  } else if (failure_.ok()) {
+    // The new version was not computed: the chunk refuses everything from now on (the
+    // published version stays readable).
+    failure_ = st.WithContext("update failed");
+  }
+  auto then = std::move(after_update_);
+  after_update_ = nullptr;
+  if (then) then(out);
+}
+
+float ChunkEngine::Scale() const {
+  return cfg_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(cfg_.num_workers) : 1.0f;
+}
+
+void ChunkEngine::Stamp(uint8_t* slot, uint64_t tag) {
+  reinterpret_cast<std::atomic<uint64_t>*>(slot + slots_.layout.trailer_offset)
+      ->store(tag, std::memory_order_release);
+}
+
+GradientView ChunkEngine::SumView(const float* sum) const {
+  GradientView g;
+  g.data = sum;
+  g.numel = rule_->numel();
+  g.bytes = g.numel * sizeof(float);
+  return g;
+}
+
+}  // namespace shardps::server

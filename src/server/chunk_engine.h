@@ -1,0 +1,174 @@
+// The chunk engine: the one place where a chunk's consistency rules live (docs/architecture.md,
+// "Chunk engine"). It owns a chunk's published slots and version, the per-worker sequence
+// table, pushes parked until they may be applied, the running sums of steps and the grant
+// requests that wait for admission. It takes events (a grant asked for, a push landed, a
+// connection closed) and returns actions (acknowledge, release a landing buffer, grant), so its
+// rules are tested without sockets (tests/server/chunk_engine_test.cc).
+//
+// The rules:
+// - Per worker, a chunk's pushes are applied in sequence order, each exactly once: a push
+//   whose sequence number was applied already is a resend (acknowledged, not applied again); a
+//   push that arrives before its predecessor is parked, holding its landing buffer, until the
+//   predecessor was applied.
+// - sync: version t is published when every worker's push of step t arrived; those pushes are
+//   acknowledged then, with version t. Pushes of steps t+1..t+K (K = max_steps_ahead) are
+//   summed as they arrive; a grant for a push beyond t+K waits (holding no buffer) until the
+//   chunk has caught up, so a worker that runs ahead is slowed by credits, never the step
+//   everyone waits on. A push beyond t+K that arrives anyway (written into a buffer granted
+//   ahead) is parked with its buffer.
+// - async: each push is applied on arrival (in per-worker order) and acknowledged with the
+//   version it produced.
+//
+// Threading: every method but Admit is called on the chunk's owner thread; Admit may be called
+// on any thread (it takes the engine's grant lock and reads the published version atomically).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "cluster/messages.h"
+#include "server/update_rule.h"
+#include "shardps/status.h"
+#include "shardps/types.h"
+#include "transport/connection.h"
+
+namespace shardps::server {
+
+struct EngineConfig {
+  Mode mode = Mode::kSync;
+  uint32_t num_workers = 1;
+  Aggregate aggregate = Aggregate::kMean;
+  uint64_t max_steps_ahead = 2;  // sync: steps summed ahead of the published version
+  size_t max_parked_grants = 1 << 16;
+};
+
+// Whom to answer: a request on a connection (tests use a null connection and distinct ids).
+struct ReplyTo {
+  std::shared_ptr<transport::Connection> conn;
+  uint64_t request = 0;
+};
+
+// A push whose bytes are in landing buffer `buffer`.
+struct LandedPush {
+  uint32_t worker = 0;
+  uint64_t seq = 0;
+  uint32_t buffer = 0;
+  GradientView grad;
+  ReplyTo reply;
+};
+
+// A grant request that waits until its push is admissible.
+struct ParkedGrant {
+  std::weak_ptr<transport::Connection> conn;
+  const transport::Connection* owner = nullptr;
+  uint64_t request = 0;
+  uint32_t worker = 0;
+  uint64_t seq = 0;
+};
+
+struct EngineActions {
+  struct Ack {
+    ReplyTo to;
+    Status status;
+    uint64_t version = 0;
+  };
+  std::vector<Ack> acks;             // answer these pushes
+  std::vector<uint32_t> release;     // landing buffers the engine is done with
+  std::vector<ParkedGrant> admit;    // grant requests that are admissible now
+  uint64_t applied = 0;              // pushes folded into the parameters
+  uint64_t duplicates = 0;           // resent pushes acknowledged without applying
+  uint64_t published = 0;            // versions published
+  int64_t parked_buffers_delta = 0;  // change in landing buffers held by parked pushes
+
+  void Append(EngineActions&& o);
+  bool empty() const { return acks.empty() && release.empty() && admit.empty(); }
+};
+
+// Memory of the published slots (cluster::SlotLayout): slot v % 2 holds version v.
+struct SlotMemory {
+  uint8_t* base = nullptr;
+  cluster::SlotLayout layout;
+};
+
+class ChunkEngine {
+ public:
+  // `rule` does the arithmetic; `slots` is where versions are published; slot 0 must hold the
+  // initial values (version 0), sealed by the constructor. `later` routes actions of an update
+  // that completes after Apply returned (a device rule) back to the owner; unused by rules that
+  // complete inline.
+  ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> rule, SlotMemory slots,
+              std::function<void(std::function<void()>)> to_owner = nullptr,
+              std::function<void(EngineActions)> later = nullptr);
+
+  // Any thread. True when a push of `g.seq` may take a landing buffer now; otherwise `g` is
+  // kept and handed back in EngineActions::admit once it may. ResourceExhausted when too many
+  // grants wait already.
+  Result<bool> Admit(const ParkedGrant& g);
+
+  // Owner thread.
+  EngineActions OnPush(LandedPush p);
+  // Owner thread: forgets what `owner` left parked (its buffers come back in `release`).
+  EngineActions OnConnectionClosed(const transport::Connection* owner);
+
+  uint64_t version() const { return version_.load(std::memory_order_acquire); }
+  size_t parked_pushes() const { return parked_.size(); }
+  size_t parked_grants() const;
+  size_t steps_open() const { return steps_.size(); }
+  const UpdateRule& rule() const { return *rule_; }
+
+ private:
+  struct Step {
+    float* sum = nullptr;  // in the next slot while this step is next in line, else in `own`
+    std::unique_ptr<Accumulator> own;
+    uint32_t count = 0;
+    std::vector<ReplyTo> acks;
+  };
+
+  bool Admissible(uint64_t seq, uint64_t version) const;
+  // Processes p if it may be applied now; false when it must be parked.
+  bool TryProcess(LandedPush& p, EngineActions* out);
+  void ProcessSync(LandedPush& p, EngineActions* out);
+  void ProcessAsync(LandedPush& p, EngineActions* out);
+  // Applies the pending work until nothing more can move: queued pushes, complete steps,
+  // parked pushes, admissible grants.
+  void Drain(EngineActions* out);
+  void PublishReadySteps(EngineActions* out);
+  // Computes version+1 into the next slot, seqlock style.
+  void Update(const GradientView& grad, const GradientView* extra, float scale,
+              std::function<void(EngineActions*)> then, EngineActions* out);
+  void OnUpdateDone(Status st, EngineActions* out);
+  void AdmitGrants(EngineActions* out);
+  float Scale() const;
+  uint8_t* Slot(uint64_t v) const { return slots_.base + (v % 2) * slots_.layout.stride; }
+  void Stamp(uint8_t* slot, uint64_t tag);
+  GradientView SumView(const float* sum) const;
+
+  const EngineConfig cfg_;
+  std::unique_ptr<UpdateRule> rule_;
+  const SlotMemory slots_;
+  std::function<void(std::function<void()>)> to_owner_;
+  std::function<void(EngineActions)> later_;
+
+  std::atomic<uint64_t> version_{0};
+  // Owner thread.
+  std::vector<uint64_t> last_seq_;                              // per worker
+  std::map<uint64_t, Step> steps_;                              // sync: open steps
+  std::map<std::pair<uint32_t, uint64_t>, LandedPush> parked_;  // (worker, seq)
+  std::deque<LandedPush> queued_;  // arrived while an update was in flight
+  std::vector<std::unique_ptr<Accumulator>> spare_;
+  bool updating_ = false;
+  Status failure_;  // an update that failed: everything after it is refused
+  std::function<void(EngineActions*)> after_update_;
+  EngineActions* current_ = nullptr;  // the event being handled, where inline completions go
+
+  mutable std::mutex grants_mu_;
+  std::deque<ParkedGrant> grants_;  // guarded by grants_mu_
+};
+
+}  // namespace shardps::server

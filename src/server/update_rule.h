@@ -1,0 +1,75 @@
+// The update-rule seam: what the chunk engine asks of the memory a shard lives in. A rule owns
+// the optimizer state of one chunk where the shard lives (host memory here; device memory for
+// the CUDA rule), folds pushed gradients into accumulators and applies the optimizer, taking
+// each gradient as a typed view (dtype and encoding), so that codecs plug in without the engine
+// knowing them. Apply completes through a callback: the CPU rule calls it before it returns, a
+// device rule when its stream is done.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "server/optimizer.h"
+#include "shardps/status.h"
+#include "shardps/types.h"
+#include "transport/memory.h"
+
+namespace shardps::server {
+
+class Applier;
+
+enum class Dtype : uint8_t { kFloat32 = 0 };
+// How the bytes of a pushed gradient encode its `numel` elements. Only plain values exist yet;
+// compressed encodings are added beside it (docs/compression.md, once written).
+enum class Encoding : uint8_t { kNone = 0 };
+
+// A gradient as it landed: `bytes` bytes at `data` (in the rule's memory kind) encoding
+// `numel` elements of `dtype`.
+struct GradientView {
+  const void* data = nullptr;
+  uint64_t bytes = 0;
+  uint64_t numel = 0;
+  Dtype dtype = Dtype::kFloat32;
+  Encoding encoding = Encoding::kNone;
+};
+
+// Scratch memory for a step's running sum, in the rule's memory kind.
+class Accumulator {
+ public:
+  virtual ~Accumulator() = default;
+  virtual float* data() = 0;
+};
+
+class UpdateRule {
+ public:
+  using Done = std::function<void(Status)>;
+  virtual ~UpdateRule() = default;
+
+  virtual transport::MemoryKind memory() const = 0;
+  virtual uint64_t numel() const = 0;
+
+  // A new accumulator of numel() floats.
+  virtual std::unique_ptr<Accumulator> NewAccumulator() = 0;
+
+  // Checks that `g` is a well-formed gradient of numel() elements (right length for its
+  // encoding, values decodable). Nothing is changed when it is not.
+  virtual Status Check(const GradientView& g) const = 0;
+
+  // dst = g (first) or dst += g, element-wise, over numel() floats; `g` passed Check.
+  virtual void Fold(float* dst, const GradientView& g, bool first) = 0;
+
+  // out = rule(in, scale * (grad + extra)), with extra optional (nullptr), advancing the
+  // optimizer state by one step; `out` may alias `in` or grad's data. `done` is called exactly
+  // once: inline (CPU) or later on another thread (a device rule), which the caller must then
+  // route to the chunk's owner.
+  virtual void Apply(const float* in, float* out, const GradientView& grad,
+                     const GradientView* extra, float scale, Done done) = 0;
+};
+
+// The CPU rule: today's fused optimizer in cache-sized blocks, split over idle apply threads
+// (`parallel`, may be null) for large chunks in ranges of `range_elements`.
+std::unique_ptr<UpdateRule> MakeCpuUpdateRule(const OptimizerConfig& cfg, uint64_t numel,
+                                              Applier* parallel, size_t range_elements);
+
+}  // namespace shardps::server

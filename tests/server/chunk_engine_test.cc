@@ -1,0 +1,349 @@
+// The chunk engine's rules without sockets: events in, actions out (src/server/chunk_engine.h).
+// Gradients are integer-valued and the rule is sgd with lr 1, so every value is exact.
+#include "server/chunk_engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace shardps::server {
+namespace {
+
+constexpr uint64_t kN = 6;
+
+OptimizerConfig Sgd() {
+  OptimizerConfig o;
+  o.kind = OptimizerKind::kSgd;
+  o.lr = 1.0f;
+  return o;
+}
+
+// A chunk of kN floats with initial value `init`, its landing buffers and the engine.
+struct Fixture {
+  explicit Fixture(Mode mode, uint32_t workers, Aggregate agg = Aggregate::kSum,
+                   std::unique_ptr<UpdateRule> rule = nullptr, size_t max_grants = 1 << 16,
+                   std::function<void(EngineActions)> later = nullptr)
+      : layout(cluster::LayoutFor(kN)), slots(layout.stride * 2 / 8 + 1) {
+    auto* f = reinterpret_cast<float*>(slots.data());
+    for (uint64_t i = 0; i < kN; ++i) f[i] = 100.0f;
+    EngineConfig c;
+    c.mode = mode;
+    c.num_workers = workers;
+    c.aggregate = agg;
+    c.max_steps_ahead = 2;
+    c.max_parked_grants = max_grants;
+    if (!rule) rule = MakeCpuUpdateRule(Sgd(), kN, nullptr, 0);
+    engine = std::make_unique<ChunkEngine>(
+        c, std::move(rule), SlotMemory{reinterpret_cast<uint8_t*>(slots.data()), layout},
+        [](std::function<void()> fn) { fn(); }, std::move(later));
+  }
+
+  // The published parameters of the current version.
+  std::vector<float> Params() const {
+    uint64_t v = engine->version();
+    const auto* base = reinterpret_cast<const uint8_t*>(slots.data());
+    const auto* f = reinterpret_cast<const float*>(base + (v % 2) * layout.stride);
+    return std::vector<float>(f, f + kN);
+  }
+  uint64_t Tag(uint64_t slot) const {
+    const auto* base = reinterpret_cast<const uint8_t*>(slots.data());
+    uint64_t t;
+    std::memcpy(&t, base + slot * layout.stride + layout.trailer_offset, 8);
+    return t;
+  }
+
+  // A push of value `g` everywhere, by `worker`, step `seq`, in landing buffer `buffer`.
+  EngineActions Push(uint32_t worker, uint64_t seq, float g, uint32_t buffer = 0,
+                     uint64_t request = 0) {
+    auto& b = buffers[buffer];
+    b.assign(kN, g);
+    LandedPush p;
+    p.worker = worker;
+    p.seq = seq;
+    p.buffer = buffer;
+    p.grad.data = b.data();
+    p.grad.numel = kN;
+    p.grad.bytes = kN * 4;
+    p.reply.request = request ? request : seq * 100 + worker;
+    return engine->OnPush(p);
+  }
+
+  cluster::SlotLayout layout;
+  std::vector<uint64_t> slots;  // 8-aligned
+  std::map<uint32_t, std::vector<float>> buffers;
+  std::unique_ptr<ChunkEngine> engine;
+};
+
+std::vector<float> All(float v) { return std::vector<float>(kN, v); }
+
+TEST(ChunkEngine, SyncPublishesWhenEveryWorkerPushedAndAcksThenWithTheVersion) {
+  Fixture f(Mode::kSync, 3);
+  EXPECT_EQ(f.Tag(0), 1u);  // version 0 sealed
+  auto a = f.Push(0, 1, 1.0f);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(a.release, std::vector<uint32_t>{0});
+  EXPECT_EQ(f.Tag(1), 0u);  // the next slot holds the running sum: not a version
+  a = f.Push(1, 1, 2.0f, 1);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(f.engine->version(), 0u);
+  a = f.Push(2, 1, 3.0f, 2);
+  ASSERT_EQ(a.acks.size(), 3u);
+  for (auto& ack : a.acks) {
+    EXPECT_TRUE(ack.status.ok());
+    EXPECT_EQ(ack.version, 1u);
+  }
+  EXPECT_EQ(a.published, 1u);
+  EXPECT_EQ(a.applied, 1u);
+  EXPECT_EQ(f.engine->version(), 1u);
+  EXPECT_EQ(f.Tag(1), 2u);
+  EXPECT_EQ(f.Params(), All(94.0f));
+  EXPECT_EQ(f.engine->steps_open(), 0u);
+}
+
+TEST(ChunkEngine, MeanAggregationScalesByTheNumberOfWorkers) {
+  Fixture f(Mode::kSync, 2, Aggregate::kMean);
+  f.Push(0, 1, 4.0f);
+  f.Push(1, 1, 8.0f, 1);
+  EXPECT_EQ(f.Params(), All(94.0f));  // 100 - (4 + 8) / 2
+}
+
+TEST(ChunkEngine, PushesOfAWorkerArrivingOutOfOrderAreParkedAndAppliedInOrder) {
+  for (Mode mode : {Mode::kSync, Mode::kAsync}) {
+    SCOPED_TRACE(ModeName(mode));
+    Fixture f(mode, 1);
+    auto a = f.Push(0, 2, 5.0f, 7);  // step 2 before step 1
+    EXPECT_TRUE(a.acks.empty());
+    EXPECT_TRUE(a.release.empty());  // parked with its buffer
+    EXPECT_EQ(a.parked_buffers_delta, 1);
+    EXPECT_EQ(f.engine->parked_pushes(), 1u);
+    a = f.Push(0, 1, 1.0f, 3);
+    ASSERT_EQ(a.acks.size(), 2u);
+    EXPECT_EQ(a.acks[0].to.request, 100u);
+    EXPECT_EQ(a.acks[0].version, 1u);
+    EXPECT_EQ(a.acks[1].to.request, 200u);
+    EXPECT_EQ(a.acks[1].version, 2u);
+    EXPECT_EQ(a.parked_buffers_delta, -1);
+    EXPECT_EQ(a.applied, 2u);
+    EXPECT_EQ(f.engine->parked_pushes(), 0u);
+    EXPECT_EQ(f.Params(), All(94.0f));
+  }
+}
+
+TEST(ChunkEngine, AResentPushIsAcknowledgedAndNeverAppliedTwice) {
+  Fixture f(Mode::kSync, 2);
+  f.Push(0, 1, 1.0f);
+  // Resent before the step is published: answered when it is, with that version.
+  auto a = f.Push(0, 1, 1.0f, 1, 555);
+  EXPECT_EQ(a.duplicates, 1u);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(a.release, std::vector<uint32_t>{1});
+  a = f.Push(1, 1, 2.0f, 2);
+  ASSERT_EQ(a.acks.size(), 3u);
+  EXPECT_EQ(f.Params(), All(97.0f));
+  // Resent after: answered at once, nothing applied.
+  a = f.Push(1, 1, 2.0f, 3, 777);
+  ASSERT_EQ(a.acks.size(), 1u);
+  EXPECT_EQ(a.acks[0].to.request, 777u);
+  EXPECT_EQ(a.duplicates, 1u);
+  EXPECT_EQ(a.applied, 0u);
+  EXPECT_EQ(f.Params(), All(97.0f));
+
+  Fixture g(Mode::kAsync, 1);
+  g.Push(0, 1, 1.0f);
+  a = g.Push(0, 1, 1.0f);
+  EXPECT_EQ(a.duplicates, 1u);
+  ASSERT_EQ(a.acks.size(), 1u);
+  EXPECT_EQ(g.engine->version(), 1u);
+  EXPECT_EQ(g.Params(), All(99.0f));
+}
+
+// Sync: a worker may run max_steps_ahead (2) steps ahead of the published version. Its grant
+// for step 3 waits, holding no buffer, until step 1 is published; then it is admitted.
+TEST(ChunkEngine, GrantsBeyondTheStepsAheadWaitUntilTheChunkCatchesUp) {
+  Fixture f(Mode::kSync, 2);
+  for (uint64_t s = 1; s <= 2; ++s) {
+    auto ok = f.engine->Admit(ParkedGrant{{}, nullptr, s, 0, s});
+    ASSERT_TRUE(ok.ok());
+    EXPECT_TRUE(*ok) << "step " << s;
+  }
+  auto r3 = f.engine->Admit(ParkedGrant{{}, nullptr, 3, 0, 3});
+  ASSERT_TRUE(r3.ok());
+  EXPECT_FALSE(*r3);
+  auto r4 = f.engine->Admit(ParkedGrant{{}, nullptr, 4, 0, 4});
+  EXPECT_FALSE(*r4);
+  EXPECT_EQ(f.engine->parked_grants(), 2u);
+  f.Push(0, 1, 1.0f);
+  f.Push(0, 2, 1.0f, 1);
+  EXPECT_EQ(f.engine->steps_open(), 2u);  // step 2 sums in its own accumulator
+  auto a = f.Push(1, 1, 1.0f, 2);
+  ASSERT_EQ(a.admit.size(), 1u);  // step 3 now, step 4 still waits
+  EXPECT_EQ(a.admit[0].seq, 3u);
+  EXPECT_EQ(f.engine->parked_grants(), 1u);
+  a = f.Push(1, 2, 1.0f, 3);
+  ASSERT_EQ(a.admit.size(), 1u);
+  EXPECT_EQ(a.admit[0].seq, 4u);
+  EXPECT_EQ(f.engine->version(), 2u);
+  EXPECT_EQ(f.Params(), All(96.0f));
+}
+
+TEST(ChunkEngine, TooManyWaitingGrantsAreRefused) {
+  Fixture f(Mode::kSync, 1, Aggregate::kSum, nullptr, /*max_grants=*/2);
+  EXPECT_FALSE(*f.engine->Admit(ParkedGrant{{}, nullptr, 1, 0, 10}));
+  EXPECT_FALSE(*f.engine->Admit(ParkedGrant{{}, nullptr, 2, 0, 11}));
+  auto r = f.engine->Admit(ParkedGrant{{}, nullptr, 3, 0, 12});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Status::Code::kResourceExhausted);
+}
+
+// A push beyond the steps ahead that arrives anyway (written into a buffer granted ahead) is
+// parked with its buffer, and applied once the chunk caught up.
+TEST(ChunkEngine, APushTooFarAheadIsParkedWithItsBuffer) {
+  Fixture f(Mode::kSync, 2);
+  f.Push(0, 1, 1.0f, 0);
+  f.Push(0, 2, 1.0f, 1);
+  auto a = f.Push(0, 3, 1.0f, 2);
+  EXPECT_EQ(a.parked_buffers_delta, 1);
+  EXPECT_TRUE(a.release.empty());
+  a = f.Push(1, 1, 1.0f, 3);  // publishes 1; step 3 is now within reach and is summed
+  EXPECT_EQ(a.parked_buffers_delta, -1);
+  EXPECT_EQ(a.release.size(), 2u);  // buffers 3 and 2
+  EXPECT_EQ(f.engine->version(), 1u);
+  f.Push(1, 2, 1.0f, 4);
+  f.Push(1, 3, 1.0f, 5);
+  EXPECT_EQ(f.engine->version(), 3u);
+  EXPECT_EQ(f.Params(), All(94.0f));
+}
+
+TEST(ChunkEngine, AMalformedGradientIsRefusedAndNothingIsApplied) {
+  Fixture f(Mode::kSync, 1);
+  std::vector<float> shorter(kN - 1, 1.0f);
+  LandedPush p;
+  p.worker = 0;
+  p.seq = 1;
+  p.buffer = 4;
+  p.grad.data = shorter.data();
+  p.grad.numel = kN - 1;
+  p.grad.bytes = (kN - 1) * 4;
+  auto a = f.engine->OnPush(p);
+  ASSERT_EQ(a.acks.size(), 1u);
+  EXPECT_FALSE(a.acks[0].status.ok());
+  EXPECT_EQ(a.release, std::vector<uint32_t>{4});
+  EXPECT_EQ(a.applied, 0u);
+  EXPECT_EQ(f.engine->version(), 0u);
+  // The same step sent again, well formed, is applied (the bad one did not count).
+  a = f.Push(0, 1, 2.0f);
+  EXPECT_EQ(a.applied, 1u);
+  EXPECT_EQ(f.Params(), All(98.0f));
+  // A worker outside the job is refused.
+  a = f.Push(5, 1, 1.0f);
+  ASSERT_EQ(a.acks.size(), 1u);
+  EXPECT_FALSE(a.acks[0].status.ok());
+}
+
+TEST(ChunkEngine, AClosedConnectionsParkedPushesAndGrantsAreForgotten) {
+  Fixture f(Mode::kSync, 2);
+  // A stand-in connection object: the engine only compares its address.
+  auto fake = std::shared_ptr<transport::Connection>(
+      reinterpret_cast<transport::Connection*>(new char[1]),
+      [](transport::Connection* c) { delete[] reinterpret_cast<char*>(c); });
+  auto& b = f.buffers[9];
+  b.assign(kN, 1.0f);
+  LandedPush p;
+  p.worker = 0;
+  p.seq = 2;  // out of order: parked
+  p.buffer = 9;
+  p.grad.data = b.data();
+  p.grad.numel = kN;
+  p.grad.bytes = kN * 4;
+  p.reply.conn = fake;
+  f.engine->OnPush(p);
+  EXPECT_FALSE(*f.engine->Admit(ParkedGrant{fake, fake.get(), 1, 0, 5}));
+  EXPECT_EQ(f.engine->parked_pushes(), 1u);
+  EXPECT_EQ(f.engine->parked_grants(), 1u);
+  auto a = f.engine->OnConnectionClosed(fake.get());
+  EXPECT_EQ(a.release, std::vector<uint32_t>{9});
+  EXPECT_EQ(a.parked_buffers_delta, -1);
+  EXPECT_EQ(f.engine->parked_pushes(), 0u);
+  EXPECT_EQ(f.engine->parked_grants(), 0u);
+}
+
+// An update rule that completes later, as a device rule does: pushes that arrive meanwhile wait;
+// the completion's actions go to the `later` sink, and the state stays exact.
+class LaterRule final : public UpdateRule {
+ public:
+  explicit LaterRule(std::function<void(Done)>* pending)
+      : cpu_(MakeCpuUpdateRule(Sgd(), kN, nullptr, 0)), pending_(pending) {}
+  transport::MemoryKind memory() const override { return transport::MemoryKind::kHost; }
+  uint64_t numel() const override { return kN; }
+  std::unique_ptr<Accumulator> NewAccumulator() override { return cpu_->NewAccumulator(); }
+  Status Check(const GradientView& g) const override { return cpu_->Check(g); }
+  void Fold(float* dst, const GradientView& g, bool first) override { cpu_->Fold(dst, g, first); }
+  void Apply(const float* in, float* out, const GradientView& grad, const GradientView* extra,
+             float scale, Done done) override {
+    cpu_->Apply(in, out, grad, extra, scale, [](Status) {});
+    *pending_ = [done](Done) { done(Status::OK()); };
+  }
+
+ private:
+  std::unique_ptr<UpdateRule> cpu_;
+  std::function<void(Done)>* pending_;
+};
+
+TEST(ChunkEngine, AnUpdateThatCompletesLaterHoldsBackWhatArrivesMeanwhile) {
+  std::function<void(UpdateRule::Done)> pending;
+  std::vector<EngineActions> later;
+  Fixture f(Mode::kAsync, 2, Aggregate::kSum, std::make_unique<LaterRule>(&pending), 1 << 16,
+            [&](EngineActions a) { later.push_back(std::move(a)); });
+  auto a = f.Push(0, 1, 1.0f, 0);
+  EXPECT_TRUE(a.acks.empty());  // not complete yet
+  EXPECT_EQ(f.engine->version(), 0u);
+  a = f.Push(1, 1, 2.0f, 1);  // arrives while the update is in flight
+  EXPECT_TRUE(a.acks.empty());
+  ASSERT_TRUE(pending);
+  auto first = std::move(pending);
+  pending = nullptr;
+  first(nullptr);  // completes the first update: the second one starts
+  ASSERT_EQ(later.size(), 1u);
+  ASSERT_EQ(later[0].acks.size(), 1u);
+  EXPECT_EQ(later[0].acks[0].version, 1u);
+  ASSERT_TRUE(pending);
+  auto second = std::move(pending);
+  pending = nullptr;
+  second(nullptr);
+  ASSERT_EQ(later.size(), 2u);
+  ASSERT_EQ(later[1].acks.size(), 1u);
+  EXPECT_EQ(later[1].acks[0].version, 2u);
+  EXPECT_EQ(f.engine->version(), 2u);
+  EXPECT_EQ(f.Params(), All(97.0f));
+}
+
+// Deep pipelining, checked exactly: 4 workers push 30 async steps each, every worker's pushes
+// delivered in a scrambled order; the end state is the sum of all of them, each applied once.
+TEST(ChunkEngine, AsyncScrambledPushesOfManyWorkersEndExact) {
+  Fixture f(Mode::kAsync, 4);
+  std::vector<std::pair<uint32_t, uint64_t>> order;
+  for (uint64_t s = 1; s <= 30; ++s)
+    for (uint32_t w = 0; w < 4; ++w) order.emplace_back(w, s);
+  // A fixed permutation: reversed blocks of 7.
+  for (size_t i = 0; i < order.size(); i += 7)
+    std::reverse(order.begin() + i, order.begin() + std::min(order.size(), i + 7));
+  uint64_t applied = 0, acks = 0;
+  uint32_t buf = 0;
+  for (auto [w, s] : order) {
+    auto a = f.Push(w, s, static_cast<float>(w + 1), buf++);
+    applied += a.applied;
+    acks += a.acks.size();
+  }
+  EXPECT_EQ(applied, 120u);
+  EXPECT_EQ(acks, 120u);
+  EXPECT_EQ(f.engine->version(), 120u);
+  EXPECT_EQ(f.engine->parked_pushes(), 0u);
+  EXPECT_EQ(f.Params(), All(100.0f - 30.0f * (1 + 2 + 3 + 4)));
+}
+
+}  // namespace
+}  // namespace shardps::server
