@@ -21,9 +21,11 @@ Status CoordinatorOptions::Validate() const {
   if (num_workers < 1) return Status::InvalidArgument("a job needs at least one worker");
   if (num_servers > 4096 || num_workers > 65536)
     return Status::InvalidArgument("too many servers or workers");
-  if (chunk_bytes < 64 || chunk_bytes % 4 != 0 || chunk_bytes > (1ull << 30))
+  if (chunk_bytes < 64 || chunk_bytes % 4 != 0 || chunk_bytes > (128ull << 20))
     return Status::InvalidArgument(
-        fmt::format("chunk size {} must be a multiple of 4 between 64 B and 1 GiB", chunk_bytes));
+        fmt::format("chunk size {} must be a multiple of 4 between 64 B and 128 MiB (a chunk "
+                    "travels in one message, within the inbound budget of 256 MiB per connection)",
+                    chunk_bytes));
   if (heartbeat_interval.count() <= 0 || heartbeat_timeout <= heartbeat_interval)
     return Status::InvalidArgument("heartbeat timeout must exceed the heartbeat interval");
   auto v = transport::CheckViability(transport);
@@ -142,7 +144,8 @@ class CoordinatorImpl final : public Coordinator {
       }
       case kDeclare: {
         uint32_t n = 0;
-        if (!r.Get(&n) || n > (1u << 20)) return Drop(c, "malformed declare request");
+        if (!r.Get(&n) || n > (1u << 20) || !r.Fits(n, 12))
+          return Drop(c, "malformed declare request");
         std::vector<DeclareItem> items(n);
         for (auto& it : items)
           if (!r.GetString(&it.name, 4096) || !r.Get(&it.numel))

@@ -22,7 +22,8 @@ void ClusterView::Encode(Writer* w) const {
 
 bool ClusterView::Decode(Reader* r) {
   uint32_t n = 0;
-  if (!r->Get(&num_servers) || !r->Get(&num_workers) || !r->Get(&n) || n > 65536) return false;
+  if (!r->Get(&num_servers) || !r->Get(&num_workers) || !r->Get(&n) || n > 65536 || !r->Fits(n, 8))
+    return false;
   servers.resize(n);
   for (auto& s : servers)
     if (!r->Get(&s.node_id) || !r->GetString(&s.address, 1024)) return false;

@@ -148,11 +148,13 @@ Result<std::vector<TensorPlacement>> NodeClient::Declare(const std::vector<Decla
   if (!rep.ok()) return rep.status();
   Reader r(rep->data(), rep->size());
   uint32_t n = 0;
-  if (!r.Get(&n) || n != items.size()) return Status::ProtocolError("malformed declare reply");
+  if (!r.Get(&n) || n != items.size() || !r.Fits(n, 4))
+    return Status::ProtocolError("malformed declare reply");
   std::vector<TensorPlacement> out(n);
   for (auto& t : out) {
     uint32_t k = 0;
-    if (!r.Get(&k) || k > (1u << 24)) return Status::ProtocolError("malformed declare reply");
+    if (!r.Get(&k) || k > (1u << 24) || !r.Fits(k, 28))
+      return Status::ProtocolError("malformed declare reply");
     t.chunks.resize(k);
     for (auto& c : t.chunks)
       if (!r.Get(&c.chunk_id) || !r.Get(&c.server) || !r.Get(&c.offset) || !r.Get(&c.numel) ||

@@ -92,6 +92,12 @@ class Reader {
     return true;
   }
   size_t remaining() const { return static_cast<size_t>(end_ - p_); }
+  // Whether `count` items of at least `min_bytes` each can still follow: checked before a
+  // vector is sized from a count read off the wire, so it grows with what arrived.
+  [[nodiscard]] bool Fits(uint64_t count, size_t min_bytes) {
+    if (min_bytes == 0 || count <= remaining() / min_bytes) return true;
+    return Fail();
+  }
   // The bytes not read yet.
   std::span<const uint8_t> rest() const { return {p_, remaining()}; }
   bool failed() const { return failed_; }

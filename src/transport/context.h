@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "shardps/status.h"
+#include "transport/budget.h"
 #include "transport/connection.h"
 #include "transport/memory.h"
 
@@ -21,6 +22,16 @@ struct ContextOptions {
   uint64_t max_payload_bytes = 1ull << 31;
   // Largest metadata section of a frame.
   uint32_t max_meta_bytes = 64u << 20;
+  // Inbound buffers (frames being received, messages waiting for delivery) grow with the bytes
+  // that arrived, within these budgets: per connection, and for all connections of the
+  // context (or of every context given the same `inbound_budget`). Past either, the connection
+  // is closed with a logged error.
+  uint64_t connection_inbound_bytes = 256ull << 20;
+  uint64_t process_inbound_bytes = 1ull << 30;
+  std::shared_ptr<InboundBudget> inbound_budget;  // null: the context makes its own
+  // Bytes of frame headers and metadata queued to a peer that does not read them (answers to
+  // its one-sided requests, messages); past it the connection is closed.
+  uint64_t max_send_queue_bytes = 64ull << 20;
   // Socket buffer sizes for tcp (0 = kernel default).
   int socket_buffer_bytes = 4 << 20;
   // Name for logs ("server 1", "worker 0").

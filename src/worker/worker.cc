@@ -130,6 +130,8 @@ using namespace cluster;
 using transport::Connection;
 
 constexpr int kMaxReadAttempts = 100000;
+constexpr uint64_t kCreateBatchBytes = 32ull << 20;
+constexpr uint32_t kCreateBatchItems = 4096;
 
 // Raises `a` to `v` if `v` is larger (versions seen only move forward).
 void RaiseTo(std::atomic<uint64_t>& a, uint64_t v) {
@@ -365,13 +367,16 @@ class WorkerImpl final : public Worker {
 
     // Create the chunks on their servers (idempotent: the first creation wins).
     std::vector<std::unique_ptr<TensorInfo>> infos;
-    struct PerServer {
+    // One create message per server and batch: a batch carries at most kCreateBatchBytes of
+    // initial values (or one chunk) and kCreateBatchItems chunks, so that it stays well within
+    // the server's inbound budget however large the model.
+    struct Batch {
       Bytes body;
       uint32_t count = 0;
       Bytes init;
       std::vector<ChunkRef*> refs;
     };
-    std::vector<PerServer> per(view_.num_servers);
+    std::vector<std::vector<Batch>> per(view_.num_servers);
     for (size_t i = 0; i < specs.size(); ++i) {
       auto info = std::make_unique<TensorInfo>();
       info->name = specs[i].name;
@@ -383,7 +388,12 @@ class WorkerImpl final : public Worker {
         ref->offset = p.offset;
         ref->numel = p.numel;
         ref->layout = LayoutFor(p.numel);
-        PerServer& ps = per[p.server];
+        auto& batches = per[p.server];
+        if (batches.empty() || batches.back().count >= kCreateBatchItems ||
+            (batches.back().count > 0 &&
+             batches.back().init.size() + p.numel * 4 > kCreateBatchBytes))
+          batches.emplace_back();
+        Batch& ps = batches.back();
         CreateChunkItem ci{p.chunk_id, specs[i].name, p.offset, p.numel, specs[i].optimizer};
         Writer w(&ps.body);
         ci.Encode(&w);
@@ -404,22 +414,23 @@ class WorkerImpl final : public Worker {
       infos.push_back(std::move(info));
     }
     for (uint32_t s = 0; s < view_.num_servers; ++s) {
-      if (per[s].count == 0) continue;
-      Bytes body;
-      Writer w(&body);
-      w.Put(per[s].count);
-      w.PutRaw(per[s].body.data(), per[s].body.size());
-      // Sent as a message whose payload is the initial values.
-      auto rep = CallCreate(*servers_[s], body, std::move(per[s].init));
-      if (!rep.ok())
-        return rep.status().WithContext(fmt::format("creating chunks on server {}", s));
-      Reader r(rep->data(), rep->size());
-      uint32_t n = 0;
-      if (!r.Get(&n) || n != per[s].count) return Status::ProtocolError("malformed create reply");
-      for (ChunkRef* ref : per[s].refs) {
-        if (!ref->slots.Decode(&r) || ref->slots.slot_stride != ref->layout.stride)
-          return Status::ProtocolError("malformed create reply");
-        ref->known_version = ref->slots.version;
+      for (Batch& b : per[s]) {
+        Bytes body;
+        Writer w(&body);
+        w.Put(b.count);
+        w.PutRaw(b.body.data(), b.body.size());
+        // Sent as a message whose payload is the initial values.
+        auto rep = CallCreate(*servers_[s], body, std::move(b.init));
+        if (!rep.ok())
+          return rep.status().WithContext(fmt::format("creating chunks on server {}", s));
+        Reader r(rep->data(), rep->size());
+        uint32_t n = 0;
+        if (!r.Get(&n) || n != b.count) return Status::ProtocolError("malformed create reply");
+        for (ChunkRef* ref : b.refs) {
+          if (!ref->slots.Decode(&r) || ref->slots.slot_stride != ref->layout.stride)
+            return Status::ProtocolError("malformed create reply");
+          ref->known_version = ref->slots.version;
+        }
       }
     }
     std::vector<TensorId> ids;

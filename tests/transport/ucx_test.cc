@@ -379,5 +379,65 @@ TEST(UcxMessages, MalformedActiveMessagesCloseOnlyThatConnection) {
   EXPECT_TRUE(answered.Wait(1, 10s));
 }
 
+// Messages that wait for an earlier one (delivered in sequence order) are held within the
+// connection's inbound budget, and a sequence number far ahead is refused: a peer cannot make
+// the server hold what it likes.
+TEST(UcxMessages, HeldMessagesAreBoundedByTheInboundBudget) {
+  if (!CheckViability("ucx", ShmOptions("probe")).viable) GTEST_SKIP() << "ucx is not viable here";
+  std::mutex mu;
+  std::vector<Status> closes;
+  auto budget = std::make_shared<InboundBudget>(1 << 20);
+  ContextOptions o = ShmOptions("server");
+  o.connection_inbound_bytes = 64 << 10;
+  o.inbound_budget = budget;
+  auto server = CreateContext("ucx", o);
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  auto l = (*server)->Listen("127.0.0.1:0", [&](const std::shared_ptr<Connection>&) {
+    ConnectionHandlers h;
+    h.on_close = [&](const std::shared_ptr<Connection>&, Status st) {
+      std::lock_guard<std::mutex> lock(mu);
+      closes.push_back(st);
+    };
+    return h;
+  });
+  ASSERT_TRUE(l.ok());
+  auto wait_close = [&](size_t n) {
+    for (int i = 0; i < 1000; ++i) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (closes.size() >= n) return true;
+      }
+      std::this_thread::sleep_for(5ms);
+    }
+    return false;
+  };
+  {
+    RawUcxPeer peer;
+    ASSERT_TRUE(peer.Connect((*l)->address()));
+    Bytes data(30 << 10, 7);
+    // Sequence 0 never comes: 1 and 2 wait (60 KiB), 3 would pass the 64 KiB budget.
+    for (uint64_t seq = 1; seq <= 3; ++seq) {
+      Bytes h = RawUcxPeer::Header(peer.server_conn(), seq, 5, 4);
+      ASSERT_TRUE(peer.SendAm(h.data(), h.size(), data));
+    }
+    EXPECT_TRUE(peer.control_closed());
+    ASSERT_TRUE(wait_close(1));
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_NE(closes[0].message().find("inbound budget"), std::string::npos)
+        << closes[0].ToString();
+  }
+  {
+    RawUcxPeer peer;
+    ASSERT_TRUE(peer.Connect((*l)->address()));
+    Bytes h = RawUcxPeer::Header(peer.server_conn(), 1ull << 40, 5, 4);
+    ASSERT_TRUE(peer.SendAm(h.data(), h.size(), Bytes(8, 1)));
+    EXPECT_TRUE(peer.control_closed());
+    ASSERT_TRUE(wait_close(2));
+  }
+  for (int i = 0; i < 1000 && budget->used() != 0; ++i) std::this_thread::sleep_for(5ms);
+  EXPECT_EQ(budget->used(), 0u);  // closed connections gave their share back
+  EXPECT_LE(budget->peak(), 64u << 10);
+}
+
 }  // namespace
 }  // namespace shardps::transport

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <climits>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 namespace shardps::transport::tcp {
@@ -49,7 +50,10 @@ Status DecodeKey(const RemoteKey& key, uint64_t* id, uint64_t* secret) {
 }  // namespace
 
 TcpConnection::TcpConnection(std::shared_ptr<Shared> shared, int fd, std::string peer)
-    : shared_(std::move(shared)), fd_(fd), peer_(std::move(peer)) {
+    : shared_(std::move(shared)),
+      fd_(fd),
+      peer_(std::move(peer)),
+      charge_(shared_->options.inbound_budget.get(), shared_->options.connection_inbound_bytes) {
   in_buf_.resize(kStagingBytes);
 }
 
@@ -148,7 +152,14 @@ void TcpConnection::Enqueue(FrameType type, uint32_t aux, uint64_t request_id, B
   f.payload = std::move(payload);
   f.done = std::move(done);
   f.one_sided = one_sided;
+  out_head_bytes_ += f.head.size();
   out_.push_back(std::move(f));
+  if (out_head_bytes_ > shared_->options.max_send_queue_bytes) {
+    // A peer that asks and does not read the answers cannot make the queue grow without bound.
+    return Fail(Status::ProtocolError(
+        fmt::format("{} bytes of frames queued to {}, which does not read them (limit {})",
+                    out_head_bytes_, peer_, shared_->options.max_send_queue_bytes)));
+  }
   if (started_ && !want_out_) FlushOut();
 }
 
@@ -203,6 +214,7 @@ void TcpConnection::FlushOut() {
       left -= take;
       if (f.sent < total) break;
       DoneCallback done = std::move(f.done);
+      out_head_bytes_ -= f.head.size();
       out_.pop_front();
       if (done) done(Status::OK());
     }
@@ -228,6 +240,12 @@ bool TcpConnection::ReadSome() {
     uint64_t want = in_hdr_.payload_len - in_got_;
     if (in_state_ == InState::kPayload && in_start_ == in_end_ && in_dst_ != nullptr &&
         want >= kDirectRecvThreshold) {
+      if (in_growable_) {
+        // A message's buffer grows with what arrives: at most doubling what came so far.
+        uint64_t step = std::min<uint64_t>(want, std::max<uint64_t>(in_got_, kStagingBytes));
+        if (!GrowPayload(in_got_ + step)) return false;
+        want = std::min<uint64_t>(want, in_msg_.payload.size() - in_got_);
+      }
       n = ::recv(fd_, in_dst_ + in_got_, static_cast<size_t>(want), 0);
       if (n > 0) {
         in_got_ += static_cast<uint64_t>(n);
@@ -277,35 +295,24 @@ bool TcpConnection::ParseStaged() {
         }
         in_got_ = 0;
         in_state_ = InState::kMeta;
-        if (in_hdr_.meta_len > in_buf_.size()) {
-          // Grow the staging buffer so that the metadata fits in one piece.
-          Bytes bigger(in_hdr_.meta_len);
-          std::copy(in_buf_.begin() + static_cast<ptrdiff_t>(in_start_),
-                    in_buf_.begin() + static_cast<ptrdiff_t>(in_end_), bigger.begin());
-          in_end_ -= in_start_;
-          in_start_ = 0;
-          in_buf_.swap(bigger);
-        }
+        in_meta_ = Bytes();
         break;
       }
       case InState::kMeta: {
-        if (avail < in_hdr_.meta_len) {
-          if (in_buf_.size() - in_start_ < in_hdr_.meta_len) {
-            std::copy(in_buf_.begin() + static_cast<ptrdiff_t>(in_start_),
-                      in_buf_.begin() + static_cast<ptrdiff_t>(in_end_), in_buf_.begin());
-            in_end_ -= in_start_;
-            in_start_ = 0;
-          }
-          return true;
+        // The metadata is gathered as it arrives: its buffer grows with the bytes received
+        // (within the inbound budget), not with the length the header claims.
+        size_t take = std::min<size_t>(avail, in_hdr_.meta_len - in_meta_.size());
+        size_t need = in_meta_.size() + take;
+        if (need > in_meta_.capacity()) {
+          size_t cap = std::min<size_t>(in_hdr_.meta_len,
+                                        std::max<size_t>({need, 2 * in_meta_.capacity(), 256}));
+          if (!Charge(cap - in_meta_.capacity(), "frame metadata")) return false;
+          in_meta_.reserve(cap);
         }
-        in_meta_.assign(in_buf_.begin() + static_cast<ptrdiff_t>(in_start_),
-                        in_buf_.begin() + static_cast<ptrdiff_t>(in_start_ + in_hdr_.meta_len));
-        in_start_ += in_hdr_.meta_len;
-        if (in_buf_.size() > kStagingBytes && in_start_ == in_end_) {
-          in_buf_.resize(kStagingBytes);
-          in_buf_.shrink_to_fit();
-          in_start_ = in_end_ = 0;
-        }
+        in_meta_.insert(in_meta_.end(), in_buf_.begin() + static_cast<ptrdiff_t>(in_start_),
+                        in_buf_.begin() + static_cast<ptrdiff_t>(in_start_ + take));
+        in_start_ += take;
+        if (in_meta_.size() < in_hdr_.meta_len) return true;
         if (!OnMetaComplete()) return false;
         in_state_ = InState::kPayload;
         if (in_hdr_.payload_len == 0 && !OnPayloadComplete()) return false;
@@ -315,6 +322,7 @@ bool TcpConnection::ParseStaged() {
         uint64_t want = in_hdr_.payload_len - in_got_;
         size_t take = static_cast<size_t>(std::min<uint64_t>(avail, want));
         if (take == 0) return true;
+        if (in_growable_ && !GrowPayload(in_got_ + take)) return false;
         if (in_dst_ != nullptr) std::memcpy(in_dst_ + in_got_, in_buf_.data() + in_start_, take);
         in_start_ += take;
         in_got_ += take;
@@ -337,8 +345,12 @@ bool TcpConnection::OnMetaComplete() {
       in_msg_.tag = in_hdr_.aux;
       in_msg_.meta = std::move(in_meta_);
       in_meta_ = Bytes();
-      in_msg_.payload = Buffer(static_cast<size_t>(in_hdr_.payload_len));
-      in_dst_ = in_msg_.payload.data();
+      // Allocated as the bytes arrive (GrowPayload), not as the header claims.
+      in_msg_.payload = Buffer();
+      in_growable_ = true;
+      in_dst_ = nullptr;
+      if (in_hdr_.payload_len > 0 && !GrowPayload(std::min<uint64_t>(in_hdr_.payload_len, 4096)))
+        return false;
       return true;
     }
     case FrameType::kWriteReq: {
@@ -405,8 +417,35 @@ bool TcpConnection::OnMetaComplete() {
   return true;
 }
 
+bool TcpConnection::Charge(uint64_t n, const char* what) {
+  if (charge_.TryCharge(n)) return true;
+  const auto& o = shared_->options;
+  Fail(Status::ProtocolError(fmt::format(
+      "{} from {} would exceed the inbound budget ({} bytes held by this connection, limit {}; "
+      "{} by all, limit {})",
+      what, peer_, charge_.held(), charge_.limit(), o.inbound_budget->used(),
+      o.inbound_budget->limit())));
+  return false;
+}
+
+bool TcpConnection::GrowPayload(uint64_t need) {
+  Buffer& b = in_msg_.payload;
+  if (need <= b.size()) return true;
+  uint64_t cap = std::min<uint64_t>(in_hdr_.payload_len,
+                                    std::max<uint64_t>(need, 2 * static_cast<uint64_t>(b.size())));
+  if (!Charge(cap - b.size(), "message payload")) return false;
+  Buffer bigger(static_cast<size_t>(cap));
+  if (in_got_ > 0) std::memcpy(bigger.data(), b.data(), static_cast<size_t>(in_got_));
+  b = std::move(bigger);
+  in_dst_ = b.data();
+  return true;
+}
+
 bool TcpConnection::OnPayloadComplete() {
   in_state_ = InState::kHeader;
+  in_growable_ = false;
+  // The frame is handed on: what it held is no longer this connection's.
+  charge_.ReleaseAll();
   switch (in_hdr_.type) {
     case FrameType::kMessage: {
       Message m = std::move(in_msg_);

@@ -58,6 +58,11 @@ class TcpConnection final : public Connection, public std::enable_shared_from_th
   bool ParseStaged();
   bool OnMetaComplete();
   bool OnPayloadComplete();
+  // Charges n inbound bytes to this connection and the process; on refusal closes the
+  // connection (logged) and returns false.
+  bool Charge(uint64_t n, const char* what);
+  // Grows the message payload being received to hold `need` bytes (at most doubling).
+  bool GrowPayload(uint64_t need);
   void Fail(Status why);
   void Shutdown(Status why, bool local);
 
@@ -86,6 +91,9 @@ class TcpConnection final : public Connection, public std::enable_shared_from_th
   Message in_msg_;
   std::shared_ptr<RegionMemory> in_region_;  // region a write lands in
   Status in_refusal_;                        // why an incoming write is refused
+  bool in_growable_ = false;                 // in_dst_ is a message payload that grows
+  InboundCharge charge_;                     // what the frame being received holds
+  uint64_t out_head_bytes_ = 0;              // headers and metadata queued in out_
 };
 
 }  // namespace shardps::transport::tcp

@@ -144,6 +144,8 @@ void TuneSocket(int fd, const ContextOptions& options) {
 Result<std::unique_ptr<TcpContext>> TcpContext::Create(const ContextOptions& options) {
   auto shared = std::make_shared<Shared>();
   shared->options = options;
+  if (!shared->options.inbound_budget)
+    shared->options.inbound_budget = std::make_shared<InboundBudget>(options.process_inbound_bytes);
   SHARDPS_RETURN_IF_ERROR(shared->loop.Start(options.name));
   return std::unique_ptr<TcpContext>(new TcpContext(std::move(shared)));
 }

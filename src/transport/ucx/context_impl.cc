@@ -40,6 +40,8 @@ constexpr auto kRevokeWait = std::chrono::milliseconds(2000);
 // receiving connection's id, a per-connection sequence number (delivery is in that order),
 // the tag and the metadata length; data: payload then metadata.
 constexpr unsigned kAmId = 1;
+// A message may arrive at most this many sequence numbers ahead of the next one delivered.
+constexpr uint64_t kMaxReorderWindow = 1 << 16;
 struct AmHeader {
   uint64_t conn = 0;
   uint64_t seq = 0;
@@ -372,7 +374,9 @@ struct OpCtx;
 
 class UcxConnection final : public Connection, public std::enable_shared_from_this<UcxConnection> {
  public:
-  UcxConnection(std::shared_ptr<Shared> s) : shared_(std::move(s)) {}
+  UcxConnection(std::shared_ptr<Shared> s)
+      : shared_(std::move(s)),
+        charge_(shared_->options.inbound_budget.get(), shared_->options.connection_inbound_bytes) {}
 
   // The tcp side's handlers: user messages pass through, the backend's own are handled here.
   // They hold this connection alive while the tcp connection is open (the tcp side drops its
@@ -644,6 +648,7 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
       shared_->by_id.erase(id_);
     }
     inbox_.clear();
+    charge_.ReleaseAll();
     Status op_st = st.ok() ? Status::Aborted("connection to " + peer_ + " was closed") : st;
     auto waiting = std::move(waiting_);
     waiting_.clear();
@@ -691,6 +696,7 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
   uint64_t next_out_ = 0;
   uint64_t next_deliver_ = 0;
   std::map<uint64_t, std::shared_ptr<Incoming>> inbox_;  // by sequence, until delivered in order
+  InboundCharge charge_;                                 // the bytes of the messages in inbox_
   bool delivery_scheduled_ = false;
   ucp_ep_h ep_ = nullptr;
   bool ready_ = false;
@@ -856,10 +862,20 @@ void UcxConnection::OnAm(const AmHeader& h, void* data, size_t len,
   if (closed_) return;
   const ContextOptions& o = shared_->options;
   if (h.meta_len > len || h.meta_len > o.max_meta_bytes || len - h.meta_len > o.max_payload_bytes ||
-      h.seq < next_deliver_ || inbox_.count(h.seq) || h.tag >= 0xFFFF0000u) {
+      h.seq < next_deliver_ || h.seq - next_deliver_ >= kMaxReorderWindow || inbox_.count(h.seq) ||
+      h.tag >= 0xFFFF0000u) {
     return Fail(Status::ProtocolError(
         fmt::format("malformed message from {} (tag {}, {} bytes, {} of metadata, seq {})", peer_,
                     h.tag, len, h.meta_len, h.seq)));
+  }
+  // A rendezvous message's buffer must hold all it claims before its bytes are fetched: the
+  // budget bounds what peers can make this process hold (messages waiting to be delivered).
+  if (!charge_.TryCharge(len)) {
+    return Fail(Status::ProtocolError(fmt::format(
+        "message of {} bytes from {} would exceed the inbound budget ({} bytes held by this "
+        "connection, limit {}; {} by all, limit {})",
+        len, peer_, charge_.held(), charge_.limit(), o.inbound_budget->used(),
+        o.inbound_budget->limit())));
   }
   auto in = std::make_shared<Incoming>();
   in->tag = h.tag;
@@ -909,6 +925,7 @@ void UcxConnection::Deliver() {
     std::shared_ptr<Incoming> in = std::move(it->second);
     inbox_.erase(it);
     next_deliver_++;
+    charge_.Release(in->bytes.size());
     Message m;
     m.tag = in->tag;
     size_t payload = in->bytes.size() - in->meta_len;
@@ -1099,6 +1116,8 @@ Viability Check(const ContextOptions& options) {
 Result<std::unique_ptr<Context>> CreateUcxContext(const ContextOptions& options) {
   auto s = std::make_shared<Shared>();
   s->options = options;
+  if (!s->options.inbound_budget)
+    s->options.inbound_budget = std::make_shared<InboundBudget>(options.process_inbound_bytes);
   auto ctx = MakeUcpContext(options);
   if (!ctx.ok()) return ctx.status();
   s->ctx = *ctx;
