@@ -138,6 +138,10 @@ class TransportConformance : public ::testing::TestWithParam<BackendParam> {
     ContextOptions o;
     o.name = name;
     o.backend_settings = GetParam().settings;
+    // Message256MiB sends 256 MiB and metadata in one message: more than the default budget of
+    // a connection (256 MiB), so the suite's contexts allow 512 MiB (tcp_test and ucx_test check
+    // the budgets themselves).
+    o.connection_inbound_bytes = 512ull << 20;
     return o;
   }
   std::unique_ptr<Context> MakeContext(const std::string& name) {
