@@ -9,6 +9,15 @@ source scripts/setup.sh
 shardps_install_deps
 shardps_build build
 
+echo "== configuration: the environment is read in one place =="
+# Every tunable is declared once (include/shardps/tunables.h); below the configuration code
+# nothing reads the environment (src/core/environment.h is the snapshot it hands down).
+if grep -rn --include='*.cc' --include='*.h' -E '\b(std::)?(getenv|secure_getenv)\(' src include \
+    | grep -v '^src/core/environment'; then
+  echo "getenv outside the configuration code (use the Environment snapshot)" >&2
+  exit 1
+fi
+
 echo "== tests =="
 ctest --test-dir build --output-on-failure --timeout 600 -j 2
 

@@ -25,8 +25,6 @@
 #include "shardps/worker.h"
 #include "transport/context.h"
 
-extern char** environ;
-
 namespace shardps::tools {
 namespace {
 
@@ -58,8 +56,6 @@ void FillPeriodic13(float* out, uint64_t n, const float (&p)[13]) {
     filled += len;
   }
 }
-
-bool IsUnder(const char* var) { return std::getenv(var) != nullptr; }
 
 }  // namespace
 
@@ -185,25 +181,27 @@ Result<PerftestResult> RunUcxPerftest(const std::string& test, uint64_t size, ui
   return r;
 }
 
-int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::string>& args) {
+int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::string>& args,
+             const Environment& env) {
   auto size = ParseBytes(b.size);
   if (!size.ok() || *size < 4 || *size % 4 != 0) {
     std::fprintf(stderr, "shardps bench: --size %s: must be a positive multiple of 4 bytes\n",
                  b.size.c_str());
     return 2;
   }
-  if (!IsUnder("SHARDPS_COORDINATOR")) {
+  if (!env.Has(tunables::kCoordinator.env)) {
     // Standalone: launch a local cluster whose workers are this same benchmark.
     std::vector<std::string> program = {SelfExe(), "bench"};
     program.insert(program.end(), args.begin(), args.end());
-    auto lo = LaunchFor(job, std::move(program));
+    auto lo = LaunchFor(job, std::move(program), env);
     if (!lo.ok()) {
       std::fprintf(stderr, "shardps bench: %s\n", lo.status().ToString().c_str());
       return 2;
     }
     return RunLaunch(*lo);
   }
-  auto wo = WorkerOptions::FromEnvironment(environ);
+  auto envp = env.Envp();
+  auto wo = WorkerOptions::FromEnvironment(envp.data());
   if (!wo.ok()) {
     std::fprintf(stderr, "shardps bench: %s\n", wo.status().ToString().c_str());
     return 2;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cli.h"
+#include "core/environment.h"
 
 namespace shardps::tools {
 
@@ -22,7 +23,8 @@ struct BenchFlags {
 
 void AddBenchFlags(CLI::App* app, BenchFlags* b);
 // `args` are the bench subcommand's own arguments, to re-run them under launch.
-int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::string>& args);
+int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::string>& args,
+             const Environment& env);
 
 // Raw TCP stream throughput between two processes on loopback, in Gbit/s.
 Result<double> MeasureTcpStreamGbps(uint64_t bytes);

@@ -8,45 +8,33 @@
 namespace shardps::tools {
 
 void JobFlags::Add(CLI::App* app, bool with_sizes) {
+  using namespace tunables;
   if (with_sizes) {
-    app->add_option("--servers", servers, "number of servers")
-        ->envname("SHARDPS_NUM_SERVERS")
-        ->check(CLI::Range(1u, 4096u));
-    app->add_option("--workers", workers, "number of workers")
-        ->envname("SHARDPS_NUM_WORKERS")
-        ->check(CLI::Range(1u, 65536u));
+    AddTunable(app, kServers, &servers)->check(CLI::Range(1u, 4096u));
+    AddTunable(app, kWorkers, &workers)->check(CLI::Range(1u, 65536u));
   }
-  app->add_option("--mode", mode, "consistency: sync or async")
-      ->envname("SHARDPS_MODE")
-      ->check(CLI::IsMember({"sync", "async"}));
-  app->add_option("--aggregate", aggregate, "sync aggregation: mean or sum")
-      ->envname("SHARDPS_AGGREGATE")
-      ->check(CLI::IsMember({"mean", "sum"}));
-  app->add_option("--transport", transport, "data transport (tcp)")->envname("SHARDPS_TRANSPORT");
-  app->add_option("--chunk-size", chunk_size, "upper bound of a chunk (e.g. 4MiB)")
-      ->envname("SHARDPS_CHUNK_SIZE");
-  app->add_option("--landing-buffers", landing_buffers, "landing buffers per server")
-      ->envname("SHARDPS_LANDING_BUFFERS")
-      ->check(CLI::Range(1u, 4096u));
-  app->add_option("--apply-threads", apply_threads,
-                  "optimizer threads per server (an update of a large chunk is split over them)")
-      ->envname("SHARDPS_APPLY_THREADS")
-      ->check(CLI::Range(1u, 64u));
-  app->add_option("--busy-poll-us", busy_poll_us,
-                  "ucx: microseconds the servers' and workers' transport threads keep polling "
-                  "after an event before they sleep (0: never)")
-      ->envname("SHARDPS_BUSY_POLL_US")
-      ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
-  app->add_option("--register-timeout-ms", register_timeout_ms, "registration deadline")
-      ->envname("SHARDPS_REGISTER_TIMEOUT_MS")
-      ->check(CLI::PositiveNumber);
-  app->add_option("--heartbeat-interval-ms", heartbeat_interval_ms, "heartbeat period")
-      ->envname("SHARDPS_HEARTBEAT_INTERVAL_MS")
-      ->check(CLI::PositiveNumber);
-  app->add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms,
-                  "a node silent this long fails the job")
-      ->envname("SHARDPS_HEARTBEAT_TIMEOUT_MS")
-      ->check(CLI::PositiveNumber);
+  AddTunable(app, kMode, &mode)->check(CLI::IsMember({"sync", "async"}));
+  AddTunable(app, kAggregate, &aggregate)->check(CLI::IsMember({"mean", "sum"}));
+  AddTunable(app, kTransport, &transport);
+  AddTunable(app, kChunkSize, &chunk_size);
+  AddTunable(app, kLandingBuffers, &landing_buffers)->check(CLI::Range(1u, 4096u));
+  AddTunable(app, kApplyThreads, &apply_threads)->check(CLI::Range(1u, 64u));
+  AddTunable(app, kBusyPollUs, &busy_poll_us)->check(CLI::Range(int64_t{0}, int64_t{1000000}));
+  AddTunable(app, kRegisterTimeoutMs, &register_timeout_ms)->check(CLI::PositiveNumber);
+  AddTunable(app, kHeartbeatIntervalMs, &heartbeat_interval_ms)->check(CLI::PositiveNumber);
+  AddTunable(app, kHeartbeatTimeoutMs, &heartbeat_timeout_ms)->check(CLI::PositiveNumber);
+  AddTunable(app, kConnectionInbound, &connection_inbound);
+  AddTunable(app, kProcessInbound, &process_inbound);
+}
+
+Status JobFlags::InboundBytes(uint64_t* per_connection, uint64_t* per_process) const {
+  auto c = ParseBytes(connection_inbound);
+  if (!c.ok()) return c.status().WithContext("--connection-inbound-bytes");
+  auto p = ParseBytes(process_inbound);
+  if (!p.ok()) return p.status().WithContext("--process-inbound-bytes");
+  *per_connection = *c;
+  *per_process = *p;
+  return Status::OK();
 }
 
 Result<CoordinatorOptions> JobFlags::ToCoordinator() const {

@@ -5,27 +5,40 @@
 #include <string>
 
 #include "shardps/coordinator.h"
+#include "shardps/tunables.h"
 
 namespace shardps::tools {
 
-// Flags that describe a job (used by coordinator, launch, bench, train). Strings are parsed
-// after CLI11 is done, so that errors name the flag.
+// Adds the flag of tunable `t` (include/shardps/tunables.h) to `app`: --NAME, its variable
+// and its help from the table; `var` keeps the value it has (its default).
+template <typename T>
+CLI::Option* AddTunable(CLI::App* app, const Tunable& t, T* var) {
+  return app->add_option("--" + std::string(t.name), *var, std::string(t.help))
+      ->envname(std::string(t.env));
+}
+
+// Flags that describe a job (used by coordinator, launch, bench, train), with the defaults of
+// the tunables table. Strings are parsed after CLI11 is done, so that errors name the flag.
 struct JobFlags {
-  uint32_t servers = 1;
-  uint32_t workers = 1;
-  std::string mode = "sync";
-  std::string aggregate = "mean";
-  std::string transport = "tcp";
-  std::string chunk_size = "4MiB";
-  uint32_t landing_buffers = 16;
-  uint32_t apply_threads = 1;
-  int64_t busy_poll_us = 200;
-  int64_t register_timeout_ms = 60000;
-  int64_t heartbeat_interval_ms = 500;
-  int64_t heartbeat_timeout_ms = 5000;
+  uint32_t servers = static_cast<uint32_t>(tunables::kServers.number);
+  uint32_t workers = static_cast<uint32_t>(tunables::kWorkers.number);
+  std::string mode{tunables::kMode.default_value};
+  std::string aggregate{tunables::kAggregate.default_value};
+  std::string transport{tunables::kTransport.default_value};
+  std::string chunk_size{tunables::kChunkSize.default_value};
+  uint32_t landing_buffers = static_cast<uint32_t>(tunables::kLandingBuffers.number);
+  uint32_t apply_threads = static_cast<uint32_t>(tunables::kApplyThreads.number);
+  int64_t busy_poll_us = tunables::kBusyPollUs.number;
+  int64_t register_timeout_ms = tunables::kRegisterTimeoutMs.number;
+  int64_t heartbeat_interval_ms = tunables::kHeartbeatIntervalMs.number;
+  int64_t heartbeat_timeout_ms = tunables::kHeartbeatTimeoutMs.number;
+  std::string connection_inbound{tunables::kConnectionInbound.default_value};
+  std::string process_inbound{tunables::kProcessInbound.default_value};
 
   void Add(CLI::App* app, bool with_sizes = true);
   Result<CoordinatorOptions> ToCoordinator() const;
+  // The inbound budgets in bytes (errors name the flag).
+  Status InboundBytes(uint64_t* per_connection, uint64_t* per_process) const;
 };
 
 // "4MiB", "64KiB", "1GiB", "4096" -> bytes.

@@ -16,8 +16,6 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
-extern char** environ;
-
 namespace shardps::tools {
 namespace {
 
@@ -43,11 +41,11 @@ std::string Describe(int status) {
 
 // Forks and execs argv with extra environment; stdout and stderr go to a pipe.
 Result<Child> Spawn(const std::string& name, bool is_worker, const std::vector<std::string>& argv,
+                    const std::vector<std::string>& parent_env,
                     const std::vector<std::string>& extra_env) {
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) return Status::FromErrno("pipe", errno);
-  std::vector<std::string> env_store;
-  for (char** e = environ; *e; ++e) env_store.emplace_back(*e);
+  std::vector<std::string> env_store = parent_env;
   for (const auto& kv : extra_env) env_store.push_back(kv);
   std::vector<char*> envp, args;
   for (auto& s : env_store) envp.push_back(s.data());
@@ -107,14 +105,18 @@ void Forward(Child& c, bool flush_partial) {
 
 }  // namespace
 
-Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> program) {
+Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> program,
+                                const Environment& parent) {
   LaunchOptions lo;
   SHARDPS_ASSIGN_OR_RETURN(lo.coordinator, job.ToCoordinator());
   lo.landing_buffers = job.landing_buffers;
   lo.apply_threads = job.apply_threads;
   lo.busy_poll_us = job.busy_poll_us;
+  SHARDPS_RETURN_IF_ERROR(
+      job.InboundBytes(&lo.connection_inbound_bytes, &lo.process_inbound_bytes));
   lo.program = std::move(program);
-  lo.env.push_back("SHARDPS_AGGREGATE=" + job.aggregate);
+  lo.parent_env = parent.entries();
+  lo.env.push_back(fmt::format("{}={}", tunables::kAggregate.env, job.aggregate));
   return lo;
 }
 
@@ -152,21 +154,24 @@ int RunLaunch(const LaunchOptions& opt) {
   }
   std::string addr = (*coord)->address();
   const auto& co = opt.coordinator;
+  using namespace tunables;
   std::vector<std::string> common = {
-      "SHARDPS_COORDINATOR=" + addr,
-      "SHARDPS_TRANSPORT=" + co.transport,
-      fmt::format("SHARDPS_NUM_SERVERS={}", co.num_servers),
-      fmt::format("SHARDPS_NUM_WORKERS={}", co.num_workers),
-      std::string("SHARDPS_MODE=") + ModeName(co.mode),
+      fmt::format("{}={}", kCoordinator.env, addr),
+      fmt::format("{}={}", kTransport.env, co.transport),
+      fmt::format("{}={}", kServers.env, co.num_servers),
+      fmt::format("{}={}", kWorkers.env, co.num_workers),
+      fmt::format("{}={}", kMode.env, ModeName(co.mode)),
+      fmt::format("{}={}", kBusyPollUs.env, opt.busy_poll_us),
+      fmt::format("{}={}", kConnectionInbound.env, opt.connection_inbound_bytes),
+      fmt::format("{}={}", kProcessInbound.env, opt.process_inbound_bytes),
   };
-  common.push_back(fmt::format("SHARDPS_BUSY_POLL_US={}", opt.busy_poll_us));
   for (const auto& e : opt.env) common.push_back(e);
   std::vector<Child> children;
   Status spawn_error;
   for (uint32_t i = 0; i < co.num_servers && spawn_error.ok(); ++i) {
     auto env = common;
     env.push_back("SHARDPS_ROLE=server");
-    env.push_back(fmt::format("SHARDPS_RANK={}", i));
+    env.push_back(fmt::format("{}={}", kRank.env, i));
     std::vector<std::string> argv = {SelfExe(),
                                      "server",
                                      "--coordinator",
@@ -179,7 +184,7 @@ int RunLaunch(const LaunchOptions& opt) {
                                      std::to_string(opt.landing_buffers),
                                      "--apply-threads",
                                      std::to_string(opt.apply_threads)};
-    auto c = Spawn(fmt::format("server {}", i), false, argv, env);
+    auto c = Spawn(fmt::format("server {}", i), false, argv, opt.parent_env, env);
     if (c.ok())
       children.push_back(std::move(c).value());
     else
@@ -188,8 +193,8 @@ int RunLaunch(const LaunchOptions& opt) {
   for (uint32_t i = 0; i < co.num_workers && spawn_error.ok(); ++i) {
     auto env = common;
     env.push_back("SHARDPS_ROLE=worker");
-    env.push_back(fmt::format("SHARDPS_RANK={}", i));
-    auto c = Spawn(fmt::format("worker {}", i), true, opt.program, env);
+    env.push_back(fmt::format("{}={}", kRank.env, i));
+    auto c = Spawn(fmt::format("worker {}", i), true, opt.program, opt.parent_env, env);
     if (c.ok())
       children.push_back(std::move(c).value());
     else

@@ -7,23 +7,29 @@
 #include <vector>
 
 #include "cli.h"
+#include "core/environment.h"
 #include "shardps/coordinator.h"
 
 namespace shardps::tools {
 
 struct LaunchOptions {
   CoordinatorOptions coordinator;  // servers, workers, mode, transport, ...
-  uint32_t landing_buffers = 16;
-  uint32_t apply_threads = 1;        // per server
-  int64_t busy_poll_us = 200;        // servers and workers (SHARDPS_BUSY_POLL_US)
+  uint32_t landing_buffers = static_cast<uint32_t>(tunables::kLandingBuffers.number);
+  uint32_t apply_threads = static_cast<uint32_t>(tunables::kApplyThreads.number);  // per server
+  int64_t busy_poll_us = tunables::kBusyPollUs.number;  // servers and workers
+  uint64_t connection_inbound_bytes = static_cast<uint64_t>(tunables::kConnectionInbound.number);
+  uint64_t process_inbound_bytes = static_cast<uint64_t>(tunables::kProcessInbound.number);
   std::vector<std::string> program;  // argv of each worker
-  // Extra environment for every child ("K=V").
+  // The environment every child inherits ("K=V"), then extra entries for every child.
+  std::vector<std::string> parent_env;
   std::vector<std::string> env;
   std::chrono::milliseconds grace{3000};  // SIGTERM -> SIGKILL
 };
 
 // The launch of the job `job` describes, each worker running `program`.
-Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> program);
+// `parent` is the launcher's environment, which the children inherit.
+Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> program,
+                                const Environment& parent);
 
 // Runs the job; returns the exit code for the launcher (0: every worker exited 0).
 int RunLaunch(const LaunchOptions& options);

@@ -2,6 +2,7 @@
 #include <csignal>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <spdlog/spdlog.h>
@@ -9,10 +10,12 @@
 
 #include "bench.h"
 #include "cli.h"
+#include "core/environment.h"
 #include "doctor/doctor.h"
 #include "launch.h"
 #include "shardps/coordinator.h"
 #include "shardps/server.h"
+#include "shardps/tunables.h"
 #include "train.h"
 #include "transport/context.h"
 
@@ -53,49 +56,45 @@ std::vector<std::string> ArgsAfter(int argc, char** argv, const std::string& sub
 
 }  // namespace
 
-int Main(int argc, char** argv) {
+int Main(int argc, char** argv, char** envp) {
+  // The one snapshot of the environment everything below reads (CLI11 reads the SHARDPS_*
+  // variables of the flags itself).
+  const Environment env(envp);
   CLI::App app{"ShardPS: a parameter server for distributed training", "shardps"};
   app.require_subcommand(1);
   app.option_defaults()->always_capture_default();
+  using namespace tunables;
   std::string config_file;
-  app.add_option("--config", config_file,
-                 "TOML/INI file of flags ([subcommand] sections); flags > SHARDPS_* > file")
-      ->envname("SHARDPS_CONFIG");
-  std::string log_level = "info";
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
-      ->envname("SHARDPS_LOG_LEVEL")
+  AddTunable(&app, kConfig, &config_file);
+  std::string log_level{kLogLevel.default_value};
+  AddTunable(&app, kLogLevel, &log_level)
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
 
   // coordinator
   auto* coord = app.add_subcommand("coordinator", "run the job's coordinator");
   JobFlags cjob;
-  std::string listen = "0.0.0.0:7070";
-  coord->add_option("--listen", listen, "host:port to listen on")->envname("SHARDPS_LISTEN");
+  std::string listen{kCoordinatorListen.default_value};
+  AddTunable(coord, kCoordinatorListen, &listen);
   cjob.Add(coord);
 
   // server
   auto* srv = app.add_subcommand("server", "run a server");
   ServerOptions so;
-  std::string srv_listen = "0.0.0.0:0";
-  int32_t srv_rank = -1;
-  int64_t srv_busy_poll_us = 200;
-  srv->add_option("--coordinator", so.coordinator, "coordinator host:port")
-      ->envname("SHARDPS_COORDINATOR")
-      ->required();
-  srv->add_option("--listen", srv_listen, "data address host:port")
-      ->envname("SHARDPS_SERVER_LISTEN");
-  srv->add_option("--advertise", so.advertise, "host workers reach this server at")
-      ->envname("SHARDPS_ADVERTISE");
-  srv->add_option("--rank", srv_rank, "server rank (-1: any)")->envname("SHARDPS_RANK");
-  srv->add_option("--transport", so.transport, "data transport")->envname("SHARDPS_TRANSPORT");
-  srv->add_option("--landing-buffers", so.landing_buffers, "landing buffers (credits)")
-      ->envname("SHARDPS_LANDING_BUFFERS");
-  srv->add_option("--apply-threads", so.apply_threads, "optimizer threads")
-      ->envname("SHARDPS_APPLY_THREADS");
-  srv->add_option("--busy-poll-us", srv_busy_poll_us,
-                  "ucx: microseconds the transport thread keeps polling after an event (0: never)")
-      ->envname("SHARDPS_BUSY_POLL_US")
-      ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
+  std::string srv_listen{kServerListen.default_value};
+  int32_t srv_rank = static_cast<int32_t>(kRank.number);
+  int64_t srv_busy_poll_us = kBusyPollUs.number;
+  std::string srv_conn_inbound{kConnectionInbound.default_value};
+  std::string srv_proc_inbound{kProcessInbound.default_value};
+  AddTunable(srv, kCoordinator, &so.coordinator)->required();
+  AddTunable(srv, kServerListen, &srv_listen);
+  AddTunable(srv, kAdvertise, &so.advertise);
+  AddTunable(srv, kRank, &srv_rank);
+  AddTunable(srv, kTransport, &so.transport);
+  AddTunable(srv, kLandingBuffers, &so.landing_buffers)->check(CLI::Range(1u, 4096u));
+  AddTunable(srv, kApplyThreads, &so.apply_threads)->check(CLI::Range(1u, 64u));
+  AddTunable(srv, kBusyPollUs, &srv_busy_poll_us)->check(CLI::Range(int64_t{0}, int64_t{1000000}));
+  AddTunable(srv, kConnectionInbound, &srv_conn_inbound);
+  AddTunable(srv, kProcessInbound, &srv_proc_inbound);
 
   // launch
   auto* launch = app.add_subcommand("launch", "run a local job: coordinator, servers, workers");
@@ -124,10 +123,14 @@ int Main(int argc, char** argv) {
   // doctor
   auto* doctor = app.add_subcommand("doctor", "check this machine's RDMA, UCX and GPU set-up");
   bool doctor_json = false;
-  std::string doctor_shard = "64MiB";
+  std::string doctor_shard{kShardSize.default_value};
   doctor->add_flag("--json", doctor_json, "print the findings as JSON");
-  doctor->add_option("--shard-size", doctor_shard, "bytes one server registers (memlock check)")
-      ->envname("SHARDPS_SHARD_SIZE");
+  AddTunable(doctor, kShardSize, &doctor_shard);
+
+  // tunables
+  auto* tun = app.add_subcommand("tunables", "list every tunable: flag, variable, default");
+  bool tun_markdown = false;
+  tun->add_flag("--markdown", tun_markdown, "print docs/configuration.md");
 
   try {
     ParseLayered(app, argc, argv);
@@ -157,6 +160,17 @@ int Main(int argc, char** argv) {
     so.listen = srv_listen;
     so.rank = srv_rank;
     so.busy_poll = std::chrono::microseconds(srv_busy_poll_us);
+    so.transport_settings = env.WithPrefix("UCX_");
+    for (auto [flag, text, out] :
+         {std::tuple{"--connection-inbound-bytes", &srv_conn_inbound, &so.connection_inbound_bytes},
+          std::tuple{"--process-inbound-bytes", &srv_proc_inbound, &so.process_inbound_bytes}}) {
+      auto b = ParseBytes(*text);
+      if (!b.ok()) {
+        std::fprintf(stderr, "shardps server: %s: %s\n", flag, b.status().ToString().c_str());
+        return 2;
+      }
+      *out = *b;
+    }
     auto s = Server::Start(so);
     if (!s.ok()) {
       std::fprintf(stderr, "shardps server: %s\n", s.status().ToString().c_str());
@@ -166,7 +180,7 @@ int Main(int argc, char** argv) {
   }
   if (*launch) {
     LogEffectiveConfig(*launch);
-    auto lo = LaunchFor(ljob, program);
+    auto lo = LaunchFor(ljob, program, env);
     if (!lo.ok()) {
       std::fprintf(stderr, "shardps launch: %s\n", lo.status().ToString().c_str());
       return 2;
@@ -174,8 +188,8 @@ int Main(int argc, char** argv) {
     return RunLaunch(*lo);
   }
   if (*bench) {
-    if (!std::getenv("SHARDPS_COORDINATOR")) LogEffectiveConfig(*bench);
-    return RunBench(bflags, bjob, ArgsAfter(argc, argv, "bench"));
+    if (!env.Has(kCoordinator.env)) LogEffectiveConfig(*bench);
+    return RunBench(bflags, bjob, ArgsAfter(argc, argv, "bench"), env);
   }
   if (*doctor) {
     auto bytes = ParseBytes(doctor_shard);
@@ -185,7 +199,7 @@ int Main(int argc, char** argv) {
     }
     doctor::Options o;
     o.shard_bytes = *bytes;
-    if (const char* tls = std::getenv("UCX_TLS")) o.ucx_tls = tls;
+    if (auto tls = env.Get("UCX_TLS")) o.ucx_tls = *tls;
     doctor::Facts facts = doctor::Gather(o);
     auto findings = doctor::Advise(facts);
     if (doctor_json) {
@@ -196,15 +210,27 @@ int Main(int argc, char** argv) {
     return 0;  // it reports; problems are findings, not failures
   }
   if (*train) {
-    if (!std::getenv("SHARDPS_COORDINATOR")) LogEffectiveConfig(*train);
-    return RunTrain(tflags, tjob, ArgsAfter(argc, argv, "train"));
+    if (!env.Has(kCoordinator.env)) LogEffectiveConfig(*train);
+    return RunTrain(tflags, tjob, ArgsAfter(argc, argv, "train"), env);
+  }
+  if (*tun) {
+    if (tun_markdown) {
+      std::printf("%s", TunablesMarkdown().c_str());
+      return 0;
+    }
+    for (const Tunable* t : kAll)
+      std::printf("--%-26s %-34s %-14s %s\n", std::string(t->name).c_str(),
+                  std::string(t->env).c_str(),
+                  t->default_value.empty() ? "-" : std::string(t->default_value).c_str(),
+                  std::string(t->help).c_str());
+    return 0;
   }
   return 2;
 }
 
 }  // namespace shardps::tools
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv, char** envp) {
   // SIGINT/SIGTERM are taken synchronously (sigtimedwait / signalfd), never by handlers.
   sigset_t set;
   sigemptyset(&set);
@@ -212,5 +238,5 @@ int main(int argc, char** argv) {
   sigaddset(&set, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   signal(SIGPIPE, SIG_IGN);
-  return shardps::tools::Main(argc, argv);
+  return shardps::tools::Main(argc, argv, envp);
 }

@@ -24,8 +24,6 @@
 #include "train/plot.h"
 #include "train/progress.h"
 
-extern char** environ;
-
 namespace shardps::tools {
 namespace {
 
@@ -306,8 +304,9 @@ int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t 
 }
 
 // One worker of the job: trains on its share, exchanging gradients for parameters each step.
-int RunWorker(const TrainFlags& t) {
-  auto wo = WorkerOptions::FromEnvironment(environ);
+int RunWorker(const TrainFlags& t, const Environment& env) {
+  auto envp = env.Envp();
+  auto wo = WorkerOptions::FromEnvironment(envp.data());
   if (!wo.ok()) return Fail(wo.status(), 2);
   auto data = train::LoadFashionMnist(DataDir(t));
   if (!data.ok()) return Fail(data.status());
@@ -320,8 +319,8 @@ int RunWorker(const TrainFlags& t) {
   if (!plan.ok()) return Fail(plan.status(), 2);
   const Plan& p = *plan;
   const bool rank0 = w.rank() == 0;
-  const char* tty_env = std::getenv("SHARDPS_TRAIN_TTY");
-  const bool tty = rank0 && (tty_env ? std::strcmp(tty_env, "1") == 0 : isatty(1) != 0);
+  const auto tty_env = env.Get(tunables::kTrainTty.env);
+  const bool tty = rank0 && (tty_env ? *tty_env == "1" : isatty(1) != 0);
 
   Tensors params = train::InitParams(p.shape, t.seed), grads;
   std::vector<TensorSpec> specs;
@@ -427,8 +426,9 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
                 "also train the same model in one process without the parameter server");
 }
 
-int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::string>& args) {
-  if (std::getenv("SHARDPS_COORDINATOR")) return RunWorker(t);
+int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::string>& args,
+             const Environment& env) {
+  if (env.Has(tunables::kCoordinator.env)) return RunWorker(t, env);
   // Standalone: check everything here, so that an error shows once and fast, then launch a
   // local cluster whose workers are this same command.
   if (Status st = CheckFlags(t, job.workers); !st.ok()) return Fail(st, 2);
@@ -440,10 +440,10 @@ int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::st
   }
   std::vector<std::string> program = {SelfExe(), "train"};
   program.insert(program.end(), args.begin(), args.end());
-  auto lo = LaunchFor(job, std::move(program));
+  auto lo = LaunchFor(job, std::move(program), env);
   if (!lo.ok()) return Fail(lo.status(), 2);
   // The workers' stdout is the launcher's pipe: tell rank 0 whether a terminal is at the end.
-  lo->env.push_back(fmt::format("SHARDPS_TRAIN_TTY={}", isatty(1) ? 1 : 0));
+  lo->env.push_back(fmt::format("{}={}", tunables::kTrainTty.env, isatty(1) ? 1 : 0));
   return RunLaunch(*lo);
 }
 

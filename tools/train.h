@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cli.h"
+#include "core/environment.h"
 
 namespace shardps::tools {
 
@@ -35,6 +36,7 @@ struct TrainFlags {
 
 void AddTrainFlags(CLI::App* app, TrainFlags* t);
 // `args` are the train subcommand's own arguments, to re-run them under launch.
-int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::string>& args);
+int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::string>& args,
+             const Environment& env);
 
 }  // namespace shardps::tools

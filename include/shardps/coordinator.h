@@ -9,23 +9,25 @@
 #include <string>
 
 #include "shardps/status.h"
+#include "shardps/tunables.h"
 #include "shardps/types.h"
 
 namespace shardps {
 
 struct CoordinatorOptions {
   std::string listen = "127.0.0.1:0";  // control-plane address (always tcp)
-  uint32_t num_servers = 1;
-  uint32_t num_workers = 1;
+  uint32_t num_servers = static_cast<uint32_t>(tunables::kServers.number);
+  uint32_t num_workers = static_cast<uint32_t>(tunables::kWorkers.number);
   Mode mode = Mode::kSync;
   Aggregate aggregate = Aggregate::kMean;
-  std::string transport = "tcp";      // data-plane transport the nodes use between them
-  uint64_t chunk_bytes = 4ull << 20;  // upper bound of one chunk
+  // data-plane transport the nodes use between them
+  std::string transport = std::string(tunables::kTransport.default_value);
+  uint64_t chunk_bytes = static_cast<uint64_t>(tunables::kChunkSize.number);  // bound of a chunk
   // A node that has not registered by then fails the job with an error naming what is missing.
-  std::chrono::milliseconds register_timeout{60000};
-  std::chrono::milliseconds heartbeat_interval{500};
+  std::chrono::milliseconds register_timeout{tunables::kRegisterTimeoutMs.number};
+  std::chrono::milliseconds heartbeat_interval{tunables::kHeartbeatIntervalMs.number};
   // A node silent for this long is declared dead and the job fails, naming it.
-  std::chrono::milliseconds heartbeat_timeout{5000};
+  std::chrono::milliseconds heartbeat_timeout{tunables::kHeartbeatTimeoutMs.number};
 
   Status Validate() const;
 };

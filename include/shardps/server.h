@@ -7,8 +7,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "shardps/status.h"
+#include "shardps/tunables.h"
 
 namespace shardps {
 
@@ -18,17 +21,23 @@ struct ServerOptions {
   // Host that workers should connect to; empty: the listen host, or this machine's host name
   // when listening on 0.0.0.0.
   std::string advertise;
-  std::string transport = "tcp";  // must match the job's
-  int32_t rank = -1;              // -1: the coordinator picks
+  std::string transport = std::string(tunables::kTransport.default_value);  // must match the job's
+  int32_t rank = -1;  // -1: the coordinator picks
   // Landing buffers (each one chunk large): the bound on in-flight pushes, whatever the
   // number of workers. A push waits for a free buffer (credit) when all are taken.
-  uint32_t landing_buffers = 16;
+  uint32_t landing_buffers = static_cast<uint32_t>(tunables::kLandingBuffers.number);
   // Threads folding pushes and running the optimizer. Each chunk belongs to one of them, and an
   // update of a large chunk is split over those idle at the time (256 KiB ranges).
-  uint32_t apply_threads = 1;
+  uint32_t apply_threads = static_cast<uint32_t>(tunables::kApplyThreads.number);
   // How long the data transport's thread keeps polling after its last event before it sleeps
   // (ucx; see transport::ContextOptions::busy_poll). 0: never poll.
-  std::chrono::microseconds busy_poll{200};
+  std::chrono::microseconds busy_poll{tunables::kBusyPollUs.number};
+  // Bytes peers may make this server hold for what they sent and it has not handed on yet:
+  // per connection and for all together; past either the connection is closed.
+  uint64_t connection_inbound_bytes = static_cast<uint64_t>(tunables::kConnectionInbound.number);
+  uint64_t process_inbound_bytes = static_cast<uint64_t>(tunables::kProcessInbound.number);
+  // Settings of the transport backend, e.g. {"UCX_TLS", "rc,self"} for ucx.
+  std::vector<std::pair<std::string, std::string>> transport_settings;
   std::chrono::milliseconds connect_timeout{30000};
   std::chrono::milliseconds register_timeout{120000};
 

@@ -19,27 +19,35 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "shardps/status.h"
+#include "shardps/tunables.h"
 #include "shardps/types.h"
 
 namespace shardps {
 
 struct WorkerOptions {
   std::string coordinator;  // host:port
-  std::string transport = "tcp";
-  int32_t rank = -1;  // -1: the coordinator picks
+  std::string transport = std::string(tunables::kTransport.default_value);
+  int32_t rank = static_cast<int32_t>(tunables::kRank.number);  // -1: the coordinator picks
   std::chrono::milliseconds connect_timeout{30000};
   std::chrono::milliseconds register_timeout{120000};
-  std::chrono::milliseconds rpc_timeout{60000};
+  std::chrono::milliseconds rpc_timeout{tunables::kRpcTimeoutMs.number};
   // How long the data transport's thread (ucx) and Handle::Wait keep polling before they
   // sleep: a wake-up costs tens of microseconds. 0: never poll.
-  std::chrono::microseconds busy_poll{200};
+  std::chrono::microseconds busy_poll{tunables::kBusyPollUs.number};
+  // Bytes servers may make this worker hold for what they sent and it has not handed on yet.
+  uint64_t connection_inbound_bytes = static_cast<uint64_t>(tunables::kConnectionInbound.number);
+  uint64_t process_inbound_bytes = static_cast<uint64_t>(tunables::kProcessInbound.number);
+  // Settings of the transport backend, e.g. {"UCX_TLS", "rc,self"} for ucx.
+  std::vector<std::pair<std::string, std::string>> transport_settings;
 
-  // Fills the options from SHARDPS_COORDINATOR, SHARDPS_TRANSPORT, SHARDPS_RANK,
-  // SHARDPS_TIMEOUT_MS and SHARDPS_BUSY_POLL_US in `environ` (as `shardps launch` sets them
-  // for its workers).
+  // Fills the options from the variables of the tunables this worker reads (coordinator,
+  // transport, rank, timeout-ms, busy-poll-us, the inbound budgets; include/shardps/tunables.h)
+  // and the UCX_* transport settings in `environ`, as `shardps launch` sets them for its
+  // workers. A malformed value is an error naming the variable.
   static Result<WorkerOptions> FromEnvironment(char** environ);
   Status Validate() const;
 };

@@ -40,6 +40,11 @@ Status ServerOptions::Validate() const {
   if (busy_poll.count() < 0 || busy_poll.count() > 1000000)
     return Status::InvalidArgument(
         fmt::format("busy poll of {} us outside [0, 1000000]", busy_poll.count()));
+  if (connection_inbound_bytes < (1u << 20) || process_inbound_bytes < connection_inbound_bytes)
+    return Status::InvalidArgument(fmt::format(
+        "inbound budgets of {} bytes per connection and {} per process: each must be at least "
+        "1 MiB, and the process's at least a connection's",
+        connection_inbound_bytes, process_inbound_bytes));
   auto v = transport::CheckViability(transport);
   if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
   return Status::OK();
@@ -120,6 +125,10 @@ class ServerImpl final : public Server {
     transport::ContextOptions co;
     co.name = "server-data";
     co.busy_poll = opt_.busy_poll;
+    co.backend_settings = opt_.transport_settings;
+    // One inbound budget for the data and control planes of this server.
+    co.connection_inbound_bytes = opt_.connection_inbound_bytes;
+    co.inbound_budget = std::make_shared<transport::InboundBudget>(opt_.process_inbound_bytes);
     auto dctx = transport::CreateContext(opt_.transport, co);
     if (!dctx.ok()) return dctx.status();
     data_ctx_ = std::move(dctx).value();
@@ -137,6 +146,7 @@ class ServerImpl final : public Server {
     listener_ = std::move(l).value();
 
     co.name = "server-ctl";
+    co.backend_settings.clear();
     auto cctx = transport::CreateContext("tcp", co);
     if (!cctx.ok()) return cctx.status();
     control_ctx_ = std::move(cctx).value();

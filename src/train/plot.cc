@@ -77,22 +77,6 @@ std::string Printable(const std::string& output) {
   return s;
 }
 
-// The path of `prog` on $PATH, or "" if it is not there.
-std::string FindOnPath(const std::string& prog) {
-  const char* path = std::getenv("PATH");
-  std::string dirs = path != nullptr ? path : "/usr/local/bin:/usr/bin:/bin";
-  size_t start = 0;
-  while (start <= dirs.size()) {
-    size_t end = dirs.find(':', start);
-    if (end == std::string::npos) end = dirs.size();
-    const std::string dir = start == end ? "." : dirs.substr(start, end - start);
-    const std::string candidate = dir + "/" + prog;
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-    start = end + 1;
-  }
-  return "";
-}
-
 // Runs `gnuplot` on `script` (fed through stdin); stdout and stderr are collected in `output`.
 Status RunGnuplot(const std::string& gnuplot, const std::string& script, std::string* output) {
   // stdin is a socket so that a gnuplot that exits early gives EPIPE (send with MSG_NOSIGNAL)
@@ -115,13 +99,15 @@ Status RunGnuplot(const std::string& gnuplot, const std::string& script, std::st
   char arg0[] = "gnuplot";
   char* argv[] = {arg0, nullptr};
   pid_t pid = -1;
-  const int rc = posix_spawn(&pid, gnuplot.c_str(), &actions, nullptr, argv, environ);
+  // posix_spawnp looks gnuplot up on PATH itself.
+  const int rc = posix_spawnp(&pid, gnuplot.c_str(), &actions, nullptr, argv, environ);
   posix_spawn_file_actions_destroy(&actions);
   ::close(in[0]);
   ::close(out[1]);
   if (rc != 0) {
     ::close(in[1]);
     ::close(out[0]);
+    if (rc == ENOENT) return Status::NotFound("gnuplot not found: apt-get install gnuplot-nox");
     return Status::FromErrno(fmt::format("spawn {}", gnuplot), rc);
   }
   // gnuplot reads the script as it goes and prints little, so writing all of it before reading
@@ -162,8 +148,7 @@ Status RunGnuplot(const std::string& gnuplot, const std::string& script, std::st
 Status WritePlot(const std::string& png_path, const std::vector<EpochPoint>& run,
                  const std::vector<EpochPoint>& baseline, const std::string& title) {
   if (run.empty()) return Status::InvalidArgument("WritePlot: the run has no epochs to plot");
-  const std::string gnuplot = FindOnPath("gnuplot");
-  if (gnuplot.empty()) return Status::NotFound("gnuplot not found: apt-get install gnuplot-nox");
+  const std::string gnuplot = "gnuplot";
   std::error_code ec;
   const std::filesystem::path parent = std::filesystem::path(png_path).parent_path();
   if (!parent.empty() && !std::filesystem::is_directory(parent, ec)) {

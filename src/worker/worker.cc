@@ -17,6 +17,7 @@
 #include "cluster/messages.h"
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
+#include "core/environment.h"
 #include "transport/context.h"
 
 namespace shardps {
@@ -74,38 +75,39 @@ Result<TensorId> Worker::Declare(const TensorSpec& spec) {
   return ids->front();
 }
 
-Result<WorkerOptions> WorkerOptions::FromEnvironment(char** env) {
+Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
+  const Environment env(envp);
   WorkerOptions o;
-  for (char** e = env; e && *e; ++e) {
-    std::string kv = *e;
-    auto eq = kv.find('=');
-    if (eq == std::string::npos) continue;
-    std::string k = kv.substr(0, eq), v = kv.substr(eq + 1);
-    auto parse_int = [&](int64_t* out) {
-      auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), *out);
-      if (ec != std::errc() || p != v.data() + v.size())
-        return Status::InvalidArgument(fmt::format("{}='{}' is not an integer", k, v));
-      return Status::OK();
-    };
-    if (k == "SHARDPS_COORDINATOR") {
-      o.coordinator = v;
-    } else if (k == "SHARDPS_TRANSPORT") {
-      o.transport = v;
-    } else if (k == "SHARDPS_RANK") {
-      int64_t r = 0;
-      SHARDPS_RETURN_IF_ERROR(parse_int(&r));
-      o.rank = static_cast<int32_t>(r);
-    } else if (k == "SHARDPS_TIMEOUT_MS") {
-      int64_t t = 0;
-      SHARDPS_RETURN_IF_ERROR(parse_int(&t));
-      if (t <= 0) return Status::InvalidArgument("SHARDPS_TIMEOUT_MS must be positive");
-      o.rpc_timeout = std::chrono::milliseconds(t);
-    } else if (k == "SHARDPS_BUSY_POLL_US") {
-      int64_t t = 0;
-      SHARDPS_RETURN_IF_ERROR(parse_int(&t));
-      o.busy_poll = std::chrono::microseconds(t);
-    }
+  auto integer = [&](const Tunable& t, int64_t* out) -> Result<bool> {
+    auto v = env.Get(t.env);
+    if (!v) return false;
+    auto [p, ec] = std::from_chars(v->data(), v->data() + v->size(), *out);
+    if (ec != std::errc() || p != v->data() + v->size())
+      return Status::InvalidArgument(fmt::format("{}='{}' is not an integer", t.env, *v));
+    return true;
+  };
+  int64_t n = 0;
+  if (auto v = env.Get(tunables::kCoordinator.env)) o.coordinator = *v;
+  if (auto v = env.Get(tunables::kTransport.env)) o.transport = *v;
+  SHARDPS_ASSIGN_OR_RETURN(bool has_rank, integer(tunables::kRank, &n));
+  if (has_rank) o.rank = static_cast<int32_t>(n);
+  SHARDPS_ASSIGN_OR_RETURN(bool has_timeout, integer(tunables::kRpcTimeoutMs, &n));
+  if (has_timeout) {
+    if (n <= 0)
+      return Status::InvalidArgument(
+          fmt::format("{} must be positive", tunables::kRpcTimeoutMs.env));
+    o.rpc_timeout = std::chrono::milliseconds(n);
   }
+  SHARDPS_ASSIGN_OR_RETURN(bool has_poll, integer(tunables::kBusyPollUs, &n));
+  if (has_poll) o.busy_poll = std::chrono::microseconds(n);
+  for (const Tunable* t : {&tunables::kConnectionInbound, &tunables::kProcessInbound}) {
+    SHARDPS_ASSIGN_OR_RETURN(bool has, integer(*t, &n));
+    if (!has) continue;
+    if (n <= 0) return Status::InvalidArgument(fmt::format("{} must be positive", t->env));
+    (t == &tunables::kConnectionInbound ? o.connection_inbound_bytes : o.process_inbound_bytes) =
+        static_cast<uint64_t>(n);
+  }
+  o.transport_settings = env.WithPrefix("UCX_");
   if (o.coordinator.empty())
     return Status::InvalidArgument(
         "SHARDPS_COORDINATOR is not set: run this program under `shardps launch`, or set it to "
@@ -281,6 +283,8 @@ class WorkerImpl final : public Worker {
   Status Init() {
     transport::ContextOptions co;
     co.name = "worker-ctl";
+    co.connection_inbound_bytes = opt_.connection_inbound_bytes;
+    co.inbound_budget = std::make_shared<transport::InboundBudget>(opt_.process_inbound_bytes);
     auto cctx = transport::CreateContext("tcp", co);
     if (!cctx.ok()) return cctx.status();
     control_ctx_ = std::move(cctx).value();
@@ -307,6 +311,7 @@ class WorkerImpl final : public Worker {
 
     co.name = "worker-data";
     co.busy_poll = opt_.busy_poll;
+    co.backend_settings = opt_.transport_settings;
     auto dctx = transport::CreateContext(opt_.transport, co);
     if (!dctx.ok()) return dctx.status();
     data_ctx_ = std::move(dctx).value();

@@ -1,12 +1,20 @@
+#include <fstream>
 #include <random>
+#include <set>
+#include <sstream>
 
 #include <gtest/gtest.h>
 
 #include "cluster/messages.h"
 #include "core/checksum.h"
 #include "core/codec.h"
+#include "core/environment.h"
+#include "shardps/coordinator.h"
+#include "shardps/server.h"
 #include "shardps/status.h"
+#include "shardps/tunables.h"
 #include "shardps/types.h"
+#include "shardps/worker.h"
 #include "transport/frame.h"
 
 namespace shardps {
@@ -149,6 +157,64 @@ TEST(Checksum, DetectsAnyChangedByte) {
     a[i] ^= 1;
   }
   EXPECT_EQ(Checksum(a.data(), a.size()), h);
+}
+
+// docs/configuration.md is the tunables table, exactly (regenerate it with
+// `shardps tunables --markdown > docs/configuration.md`).
+TEST(Tunables, TheConfigurationPageIsTheTable) {
+  std::ifstream f(std::string(SHARDPS_SOURCE_DIR) + "/docs/configuration.md");
+  ASSERT_TRUE(f) << "docs/configuration.md is missing";
+  std::stringstream page;
+  page << f.rdbuf();
+  EXPECT_EQ(page.str(), TunablesMarkdown())
+      << "docs/configuration.md is stale: shardps tunables --markdown > docs/configuration.md";
+}
+
+TEST(Tunables, EachVariableIsDeclaredOnceAndNamedShardps) {
+  std::set<std::string_view> envs;
+  for (const Tunable* t : tunables::kAll) {
+    EXPECT_TRUE(envs.insert(t->env).second) << t->env << " declared twice";
+    EXPECT_EQ(t->env.substr(0, 8), "SHARDPS_") << t->env;
+    EXPECT_FALSE(t->help.empty()) << t->name;
+  }
+}
+
+// The Options structs take their defaults from the table.
+TEST(Tunables, OptionsDefaultsAreTheTables) {
+  ServerOptions so;
+  EXPECT_EQ(so.landing_buffers, tunables::kLandingBuffers.number);
+  EXPECT_EQ(so.busy_poll.count(), tunables::kBusyPollUs.number);
+  EXPECT_EQ(static_cast<int64_t>(so.connection_inbound_bytes), tunables::kConnectionInbound.number);
+  WorkerOptions wo;
+  EXPECT_EQ(wo.rpc_timeout.count(), tunables::kRpcTimeoutMs.number);
+  CoordinatorOptions co;
+  EXPECT_EQ(static_cast<int64_t>(co.chunk_bytes), tunables::kChunkSize.number);
+  EXPECT_EQ(co.heartbeat_timeout.count(), tunables::kHeartbeatTimeoutMs.number);
+}
+
+TEST(Environment, ReadsTheSnapshotNotTheProcess) {
+  std::string a = "SHARDPS_RANK=3", b = "UCX_TLS=shm,self", c = "SHARDPS_RANKX=9", d = "NOEQ";
+  char* envp[] = {a.data(), b.data(), c.data(), d.data(), nullptr};
+  Environment env(envp);
+  EXPECT_EQ(env.Get("SHARDPS_RANK"), "3");
+  EXPECT_FALSE(env.Has("SHARDPS_RAN"));
+  EXPECT_FALSE(env.Has("NOEQ"));
+  auto ucx = env.WithPrefix("UCX_");
+  ASSERT_EQ(ucx.size(), 1u);
+  EXPECT_EQ(ucx[0].first, "UCX_TLS");
+  EXPECT_EQ(ucx[0].second, "shm,self");
+  auto wo = WorkerOptions::FromEnvironment(envp);
+  EXPECT_FALSE(wo.ok());  // no coordinator
+  std::string e = "SHARDPS_COORDINATOR=127.0.0.1:1", f = "SHARDPS_TIMEOUT_MS=12x";
+  char* bad[] = {e.data(), f.data(), nullptr};
+  wo = WorkerOptions::FromEnvironment(bad);
+  ASSERT_FALSE(wo.ok());
+  EXPECT_NE(wo.status().message().find("SHARDPS_TIMEOUT_MS"), std::string::npos);
+  char* good[] = {e.data(), a.data(), b.data(), nullptr};
+  wo = WorkerOptions::FromEnvironment(good);
+  ASSERT_TRUE(wo.ok()) << wo.status().ToString();
+  EXPECT_EQ(wo->rank, 3);
+  EXPECT_EQ(wo->transport_settings.size(), 1u);
 }
 
 }  // namespace

@@ -83,12 +83,10 @@ Result<ucp_context_h> MakeUcpContext(const ContextOptions& options) {
           fmt::format("UCX setting {}={}: {}", k, v, ucs_status_string(st)));
     }
   }
-  if (tls.empty()) {
-    if (const char* env = std::getenv("UCX_TLS")) tls = env;
-  }
-  // Peer failure detection over shared memory needs this in UCX 1.13.
-  if (!mm_set && !std::getenv("UCX_MM_ERROR_HANDLING") && UsesSharedMemory(tls))
-    ucp_config_modify(cfg, "MM_ERROR_HANDLING", "y");
+  // UCX reads its own UCX_* variables in ucp_config_read; this backend reads none: what it must
+  // know of them comes in the settings (the configuration layer passes the process's UCX_*
+  // variables there). Peer failure detection over shared memory needs this in UCX 1.13.
+  if (!mm_set && UsesSharedMemory(tls)) ucp_config_modify(cfg, "MM_ERROR_HANDLING", "y");
   ucp_params_t p{};
   p.field_mask = UCP_PARAM_FIELD_FEATURES;
   // wakeup: the progress thread sleeps on its fd

@@ -1,0 +1,194 @@
+// Every tunable of ShardPS, declared once: its name (the flag `--name` and the config-file key
+// `name`), its environment variable, its default and its help. The Options structs take their
+// defaults from here, the `shardps` flags their names, variables and help, `shardps launch`
+// the variables it passes to its children, and docs/configuration.md is this table
+// (`shardps tunables --markdown` prints it; a test keeps the page equal to it).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+namespace shardps {
+
+struct Tunable {
+  std::string_view name;           // flag --name, config key name
+  std::string_view env;            // SHARDPS_* variable
+  std::string_view default_value;  // as a user writes it
+  int64_t number = 0;              // the default of numeric tunables
+  std::string_view help;
+  std::string_view used_by;  // the subcommands (and Options structs) that read it
+};
+
+namespace tunables {
+
+inline constexpr Tunable kServers{
+    "servers", "SHARDPS_NUM_SERVERS",          "1",
+    1,         "number of servers in the job", "coordinator, launch, bench, train"};
+inline constexpr Tunable kWorkers{
+    "workers", "SHARDPS_NUM_WORKERS",          "1",
+    1,         "number of workers in the job", "coordinator, launch, bench, train"};
+inline constexpr Tunable kMode{"mode",
+                               "SHARDPS_MODE",
+                               "sync",
+                               0,
+                               "consistency: sync (bulk synchronous) or async",
+                               "coordinator, launch, bench, train"};
+inline constexpr Tunable kAggregate{"aggregate",
+                                    "SHARDPS_AGGREGATE",
+                                    "mean",
+                                    0,
+                                    "sync aggregation of the workers' gradients: mean or sum",
+                                    "coordinator, launch, bench, train"};
+inline constexpr Tunable kTransport{"transport",
+                                    "SHARDPS_TRANSPORT",
+                                    "tcp",
+                                    0,
+                                    "data transport: tcp, or ucx where built",
+                                    "coordinator, server, launch, bench, train; worker"};
+inline constexpr Tunable kChunkSize{"chunk-size",
+                                    "SHARDPS_CHUNK_SIZE",
+                                    "4MiB",
+                                    4 << 20,
+                                    "upper bound of a chunk (64 B to 128 MiB)",
+                                    "coordinator, launch, bench, train"};
+inline constexpr Tunable kLandingBuffers{
+    "landing-buffers",
+    "SHARDPS_LANDING_BUFFERS",
+    "16",
+    16,
+    "landing buffers (credits) per server, each one chunk large: the bound on pushes in flight",
+    "server, launch, bench, train"};
+inline constexpr Tunable kApplyThreads{
+    "apply-threads",
+    "SHARDPS_APPLY_THREADS",
+    "1",
+    1,
+    "optimizer threads per server; an update of a large chunk is split over the idle ones",
+    "server, launch, bench, train"};
+inline constexpr Tunable kBusyPollUs{
+    "busy-poll-us",
+    "SHARDPS_BUSY_POLL_US",
+    "200",
+    200,
+    "ucx: microseconds transport threads and waits keep polling after an event before they "
+    "sleep (0: never)",
+    "server, launch, bench, train; worker"};
+inline constexpr Tunable kRegisterTimeoutMs{
+    "register-timeout-ms",
+    "SHARDPS_REGISTER_TIMEOUT_MS",
+    "60000",
+    60000,
+    "a node not registered by then fails the job, naming what is missing",
+    "coordinator, launch, bench, train"};
+inline constexpr Tunable kHeartbeatIntervalMs{
+    "heartbeat-interval-ms", "SHARDPS_HEARTBEAT_INTERVAL_MS",    "500", 500,
+    "heartbeat period",      "coordinator, launch, bench, train"};
+inline constexpr Tunable kHeartbeatTimeoutMs{"heartbeat-timeout-ms",
+                                             "SHARDPS_HEARTBEAT_TIMEOUT_MS",
+                                             "5000",
+                                             5000,
+                                             "a node silent this long fails the job",
+                                             "coordinator, launch, bench, train"};
+inline constexpr Tunable kConnectionInbound{
+    "connection-inbound-bytes",
+    "SHARDPS_CONNECTION_INBOUND_BYTES",
+    "256MiB",
+    256ll << 20,
+    "most bytes one peer's connection may make a process hold for what it sent and the process "
+    "has not handed on yet; past it the connection is closed",
+    "server, launch, bench, train; worker"};
+inline constexpr Tunable kProcessInbound{
+    "process-inbound-bytes",
+    "SHARDPS_PROCESS_INBOUND_BYTES",
+    "1GiB",
+    1ll << 30,
+    "the same bound for all connections of a server or worker together",
+    "server, launch, bench, train; worker"};
+inline constexpr Tunable kRpcTimeoutMs{"timeout-ms",
+                                       "SHARDPS_TIMEOUT_MS",
+                                       "60000",
+                                       60000,
+                                       "worker: deadline of a request to a server or the "
+                                       "coordinator",
+                                       "worker"};
+inline constexpr Tunable kCoordinator{"coordinator",
+                                      "SHARDPS_COORDINATOR",
+                                      "",
+                                      0,
+                                      "host:port of the coordinator (set by shardps launch)",
+                                      "server; worker"};
+inline constexpr Tunable kRank{
+    "rank",          "SHARDPS_RANK", "-1", -1, "this node's rank (-1: the coordinator picks)",
+    "server; worker"};
+inline constexpr Tunable kCoordinatorListen{
+    "listen",     "SHARDPS_LISTEN", "0.0.0.0:7070", 0, "host:port the coordinator listens on",
+    "coordinator"};
+inline constexpr Tunable kServerListen{
+    "listen", "SHARDPS_SERVER_LISTEN", "0.0.0.0:0", 0, "host:port a server's data plane listens on",
+    "server"};
+inline constexpr Tunable kAdvertise{"advertise",
+                                    "SHARDPS_ADVERTISE",
+                                    "",
+                                    0,
+                                    "host workers reach this server at (empty: the listen host, "
+                                    "or the host name on 0.0.0.0)",
+                                    "server"};
+inline constexpr Tunable kConfig{"config",
+                                 "SHARDPS_CONFIG",
+                                 "",
+                                 0,
+                                 "TOML/INI file of flags ([subcommand] sections); flags > "
+                                 "SHARDPS_* > file",
+                                 "every subcommand"};
+inline constexpr Tunable kLogLevel{
+    "log-level",       "SHARDPS_LOG_LEVEL", "info", 0, "trace, debug, info, warn, error",
+    "every subcommand"};
+inline constexpr Tunable kShardSize{"shard-size",
+                                    "SHARDPS_SHARD_SIZE",
+                                    "64MiB",
+                                    64ll << 20,
+                                    "bytes one server registers (doctor's memlock check)",
+                                    "doctor"};
+inline constexpr Tunable kTrainTty{"train-tty",
+                                   "SHARDPS_TRAIN_TTY",
+                                   "",
+                                   0,
+                                   "1: worker 0 of shardps train draws a progress bar (set by "
+                                   "shardps train from its own terminal)",
+                                   "train"};
+
+inline constexpr const Tunable* kAll[] = {
+    &kServers,
+    &kWorkers,
+    &kMode,
+    &kAggregate,
+    &kTransport,
+    &kChunkSize,
+    &kLandingBuffers,
+    &kApplyThreads,
+    &kBusyPollUs,
+    &kRegisterTimeoutMs,
+    &kHeartbeatIntervalMs,
+    &kHeartbeatTimeoutMs,
+    &kConnectionInbound,
+    &kProcessInbound,
+    &kRpcTimeoutMs,
+    &kCoordinator,
+    &kRank,
+    &kCoordinatorListen,
+    &kServerListen,
+    &kAdvertise,
+    &kConfig,
+    &kLogLevel,
+    &kShardSize,
+    &kTrainTty,
+};
+
+}  // namespace tunables
+
+// The table as a Markdown page (docs/configuration.md).
+std::string TunablesMarkdown();
+
+}  // namespace shardps
