@@ -48,4 +48,32 @@ export TSAN_OPTIONS="halt_on_error=1 history_size=7 suppressions=$PWD/tests/sani
 # tests/sanitizers/tsan.supp) with 300 updates of 1 MiB, tens of times slower under TSan; it
 # runs in both builds above.
 ctest --test-dir build-tsan --output-on-failure --timeout 900 -j 2 -E '_NOT_BUILT|Torn'
+
+echo "== fuzzing (libFuzzer, ASan+UBSan): frame, messages, config; ${SHARDPS_FUZZ_SECONDS:-60} s each =="
+# Regression inputs (what fuzzing found, tests/fuzz/regressions/<target>/) run first, then each
+# target fuzzes for a bounded time from its committed corpus (copied: the run adds to the copy).
+CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHARDPS_FUZZ=ON \
+  -DSHARDPS_TESTS=OFF -DSHARDPS_UCX=OFF >/dev/null
+cmake --build build-fuzz -j "$(nproc)" --target fuzz_frame fuzz_messages fuzz_config
+unset TSAN_OPTIONS
+for t in frame messages config; do
+  work="build-fuzz/run/$t"
+  rm -rf "$work" && mkdir -p "$work/corpus" "$work/artifacts"
+  cp tests/fuzz/corpus/$t/* "$work/corpus/"
+  if [ -d "tests/fuzz/regressions/$t" ]; then
+    "build-fuzz/bin/fuzz_$t" -artifact_prefix="$work/artifacts/" tests/fuzz/regressions/$t/* \
+      > "$work/regressions.log" 2>&1 || { tail -40 "$work/regressions.log"; exit 1; }
+    cp tests/fuzz/regressions/$t/* "$work/corpus/"
+  fi
+  if ! timeout $(( ${SHARDPS_FUZZ_SECONDS:-60} + 120 )) "build-fuzz/bin/fuzz_$t" \
+      -max_total_time="${SHARDPS_FUZZ_SECONDS:-60}" -timeout=20 -rss_limit_mb=2048 \
+      -print_final_stats=1 -artifact_prefix="$work/artifacts/" "$work/corpus" \
+      > "$work/fuzz.log" 2>&1; then
+    tail -60 "$work/fuzz.log"
+    echo "fuzz_$t found a failure: the input is in $work/artifacts/ (add it to tests/fuzz/regressions/$t/ with the fix)" >&2
+    exit 1
+  fi
+  grep -E "^Done|stat::number_of_executed_units" "$work/fuzz.log" | head -1 | sed "s/^/fuzz_$t: /"
+done
+
 echo "== all tests passed =="

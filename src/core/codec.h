@@ -87,7 +87,7 @@ class Reader {
     uint64_t n = 0;
     if (!Get(&n) || n > max_count || n > remaining() / sizeof(T)) return Fail();
     v->resize(n);
-    std::memcpy(v->data(), p_, n * sizeof(T));
+    if (n > 0) std::memcpy(v->data(), p_, n * sizeof(T));  // an empty vector's data() may be null
     p_ += n * sizeof(T);
     return true;
   }

@@ -159,6 +159,19 @@ TEST(Checksum, DetectsAnyChangedByte) {
   EXPECT_EQ(Checksum(a.data(), a.size()), h);
 }
 
+// Regression (found by fuzz_messages): a vector of zero elements was memcpy'd from a null
+// pointer (undefined behaviour, caught by UBSan).
+TEST(Codec, GetVectorOfZeroElementsReadsNothing) {
+  Bytes b;
+  Writer w(&b);
+  w.Put<uint64_t>(0);
+  Reader r(b.data(), b.size());
+  std::vector<float> v;
+  ASSERT_TRUE(r.GetVector(&v, 16));
+  EXPECT_TRUE(v.empty());
+  EXPECT_TRUE(r.done());
+}
+
 // docs/configuration.md is the tunables table, exactly (regenerate it with
 // `shardps tunables --markdown > docs/configuration.md`).
 TEST(Tunables, TheConfigurationPageIsTheTable) {

@@ -1,0 +1,114 @@
+// Frames from the network: every input goes through the frame header decoder, then is sent as
+// a peer's whole byte stream to a real tcp context (a listener that answers messages, with a
+// registered region for one-sided requests), which must survive it: no crash, no read out of
+// bounds, memory within the inbound budget. The 16 bytes "@@SHARDPS-KEY@@@" in an input are
+// replaced by the region's packed key (its id and random secret), so that inputs can reach the
+// one-sided write and read paths, not only their refusals.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "transport/context.h"
+#include "transport/frame.h"
+
+namespace {
+
+using namespace shardps;
+using namespace shardps::transport;
+
+constexpr char kKeyMarker[] = "@@SHARDPS-KEY@@@";
+
+class Harness {
+ public:
+  Harness() {
+    ContextOptions o;
+    o.name = "fuzz";
+    o.max_meta_bytes = 1 << 20;
+    o.max_payload_bytes = 16 << 20;
+    o.connection_inbound_bytes = 4 << 20;
+    o.inbound_budget = budget_;
+    o.max_send_queue_bytes = 1 << 20;
+    auto ctx = CreateContext("tcp", o);
+    if (!ctx.ok()) std::abort();
+    ctx_ = std::move(ctx).value();
+    auto region = ctx_->AllocateRegion(4096);
+    if (!region.ok()) std::abort();
+    region_ = std::move(region).value();
+    ConnectionHandlers h;
+    h.on_message = [](const std::shared_ptr<Connection>& c, Message m) {
+      c->Send(m.tag, std::move(m.meta), Payload{}, nullptr);
+    };
+    auto l = ctx_->Listen("127.0.0.1:0", [h](const std::shared_ptr<Connection>&) { return h; });
+    if (!l.ok()) std::abort();
+    listener_ = std::move(l).value();
+    std::string host;
+    if (!ParseHostPort(listener_->address(), &host, &port_).ok()) std::abort();
+  }
+
+  // Sends `data` as one connection's byte stream, then reads the answers until the context
+  // closes the connection or 2 s passed.
+  void Feed(const uint8_t* data, size_t size) {
+    std::vector<uint8_t> in(data, data + size);
+    const Bytes& key = region_->remote_key().packed;
+    for (size_t i = 0; i + 16 <= in.size(); ++i)
+      if (std::memcmp(in.data() + i, kKeyMarker, 16) == 0 && key.size() == 16)
+        std::memcpy(in.data() + i, key.data(), 16);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port_);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) std::abort();
+    size_t sent = 0;
+    char sink[65536];
+    while (sent < in.size()) {
+      pollfd p{fd, POLLOUT | POLLIN, 0};
+      if (poll(&p, 1, 2000) <= 0) break;
+      if (p.revents & POLLIN) {
+        if (recv(fd, sink, sizeof(sink), 0) <= 0) break;
+      }
+      if (p.revents & POLLOUT) {
+        ssize_t n = send(fd, in.data() + sent, in.size() - sent, MSG_NOSIGNAL);
+        if (n <= 0) break;
+        sent += static_cast<size_t>(n);
+      }
+      if (p.revents & (POLLERR | POLLHUP)) break;
+    }
+    shutdown(fd, SHUT_WR);
+    for (;;) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 2000) <= 0) break;
+      if (recv(fd, sink, sizeof(sink), 0) <= 0) break;
+    }
+    close(fd);
+    if (budget_->peak() > budget_->limit()) std::abort();
+  }
+
+ private:
+  std::shared_ptr<InboundBudget> budget_ = std::make_shared<InboundBudget>(8 << 20);
+  std::unique_ptr<Context> ctx_;
+  std::unique_ptr<MemoryRegion> region_;
+  std::unique_ptr<Listener> listener_;
+  uint16_t port_ = 0;
+};
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size >= kFrameHeaderSize) {
+    FrameHeader h;
+    (void)h.DecodeFrom(data, 1 << 20, 16 << 20);
+  }
+  // One context for the whole run, leaked on purpose: the fuzzer exits without destructors.
+  static Harness* harness = new Harness();
+  harness->Feed(data, size);
+  return 0;
+}

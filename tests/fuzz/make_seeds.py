@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of the fuzz targets (tests/fuzz/corpus/<target>/): well-formed
+inputs in the wire formats of docs/protocol.md, so that fuzzing starts from what the decoders
+accept. Run from the repository root; the files are committed."""
+import os
+import struct
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+
+def u8(v): return struct.pack("<B", v)
+def u16(v): return struct.pack("<H", v)
+def u32(v): return struct.pack("<I", v)
+def i32(v): return struct.pack("<i", v)
+def u64(v): return struct.pack("<Q", v)
+def f32(v): return struct.pack("<f", v)
+def string(s): return u32(len(s)) + s
+
+
+def optimizer(kind=2):
+    return u8(kind) + f32(0.01) + f32(0.0) + f32(0.9) + u8(0) + f32(0.9) + f32(0.999) + f32(1e-8) + f32(0.0)
+
+
+def remote_key(packed=b"\x01" * 16):
+    return u64(0x7f0000001000) + u64(4096) + u64(len(packed)) + packed
+
+
+def view():
+    return (u32(2) + u32(3) + u32(2) + u32(1) + string(b"127.0.0.1:4000") + u32(2) +
+            string(b"127.0.0.1:4001") + u8(0) + u8(1) + u64(4 << 20) + u32(500) + u32(5000) +
+            string(b"tcp"))
+
+
+def grant():
+    return u32(3) + u64(3 * 4096) + remote_key()
+
+
+MESSAGES = {
+    "cluster_view": (0, view()),
+    "register_request": (1, u8(2) + i32(-1) + string(b"") + string(b"host") + u32(123) + string(b"tcp")),
+    "register_reply": (2, u32(7) + u32(1) + view()),
+    "create_chunk_item": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer()),
+    "chunk_slots": (4, remote_key() + u64(4160) + u64(0)),
+    "landing_grant": (5, grant()),
+    "grant_request": (6, u64(0) + u64(1) + u64(4096) + u32(0) + u64(1)),
+    "push_done": (7, u64(0) + u64(1) + u32(3) + u32(0) + u64(1)),
+    "push_ack": (8, u64(0) + u64(5) + u8(1) + grant()),
+    "push_ack_plain": (8, u64(0) + u64(5) + u8(0)),
+    "remote_key": (9, remote_key()),
+    "optimizer": (10, optimizer(1)),
+    "reply_head": (11, u64(9) + i32(0) + string(b"") + b"body"),
+    "reply_error": (11, u64(9) + i32(3) + string(b"unknown chunk 7")),
+    "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
+}
+
+KEY = b"@@SHARDPS-KEY@@@"  # fuzz_frame puts the region's real key here
+
+
+def frame(ftype, meta=b"", payload=b"", aux=0, request=0, magic=0x31535053, version=1):
+    return (u32(magic) + u8(version) + u8(ftype) + u16(0) + u32(len(meta)) + u32(aux) +
+            u64(len(payload)) + u64(request)) + meta + payload
+
+
+FRAMES = {
+    "message": frame(1, b"meta", b"payload", aux=5),
+    "message_empty": frame(1, aux=9),
+    "two_messages": frame(1, b"a", b"b", aux=1) + frame(1, b"c", b"", aux=2),
+    "write": frame(2, KEY + u64(0), b"\x07" * 64, request=1),
+    "write_outside": frame(2, KEY + u64(4090), b"\x07" * 64, request=2),
+    "read": frame(4, KEY + u64(0) + u64(128), request=3),
+    "read_bad_key": frame(4, b"\x00" * 16 + u64(0) + u64(128), request=4),
+    "write_resp_unsolicited": frame(3, i32(0) + string(b""), request=77),
+    "claims_big": frame(1, b"", b"", aux=1)[:16] + u64(1 << 30) + u64(0) + b"x" * 100,
+    "bad_magic": frame(1, b"m", magic=0x12345678),
+    "truncated": frame(1, b"meta", b"payload")[:20],
+}
+
+CONFIGS = {
+    "global": b"log-level = \"debug\"\n",
+    "bench": b"[bench]\nservers = 2\nworkers = 3\nmode = \"async\"\nchunk-size = \"64KiB\"\n",
+    "both": b"log-level = \"warn\"\n[bench]\nlanding-buffers = 8\n[launch]\nbusy-poll-us = 0\n",
+    "inbound": b"[bench]\nconnection-inbound-bytes = \"8MiB\"\nprocess-inbound-bytes = \"1GiB\"\n",
+    "unknown_key": b"[bench]\nserverz = 2\n",
+    "unknown_section": b"[nope]\nservers = 2\n",
+    "ini": b"; comment\n[bench]\naggregate=sum\n",
+    "size": b"4MiB",
+}
+
+
+def write(target, name, data):
+    d = os.path.join(ROOT, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def main():
+    for name, (sel, body) in MESSAGES.items():
+        write("messages", name, bytes([sel]) + body)
+    for name, data in FRAMES.items():
+        write("frame", name, data)
+    for name, data in CONFIGS.items():
+        write("config", name, data)
+
+
+if __name__ == "__main__":
+    main()
