@@ -50,10 +50,13 @@ struct ServerStats {
   uint64_t pushes_applied = 0;    // pushes folded in (duplicates excluded)
   uint64_t duplicate_pushes = 0;  // resent pushes recognised and not applied again
   uint64_t versions_published = 0;
-  uint64_t grant_requests = 0;  // landing buffers asked for (kGrant)
-  uint64_t grants_waited = 0;   // grant requests that had to wait for a free buffer
-  uint64_t grants_ahead = 0;    // buffers granted ahead with an acknowledgement
-  uint64_t grants_parked = 0;   // grant requests that waited for their chunk to catch up
+  uint64_t grant_requests = 0;       // landing buffers asked for (kGrant)
+  uint64_t grants_waited = 0;        // grant requests that had to wait for a free buffer
+  uint64_t grants_ahead = 0;         // buffers granted ahead with an acknowledgement
+  uint64_t grants_parked = 0;        // grant requests that waited for their chunk to catch up
+  uint64_t inbound_bytes = 0;        // held now for what peers sent (the inbound budget)
+  uint64_t inbound_peak_bytes = 0;   // the most held at once
+  uint64_t inbound_limit_bytes = 0;  // the process's inbound budget
   uint64_t landing_buffers = 0;
   uint64_t apply_threads = 0;
   uint64_t ranges_helped = 0;  // ranges of a split update run by an apply thread that helped

@@ -60,6 +60,9 @@ std::string ServerStats::ToJson() const {
                       {"grants_waited", grants_waited},
                       {"grants_ahead", grants_ahead},
                       {"grants_parked", grants_parked},
+                      {"inbound_bytes", inbound_bytes},
+                      {"inbound_peak_bytes", inbound_peak_bytes},
+                      {"inbound_limit_bytes", inbound_limit_bytes},
                       {"landing_buffers", landing_buffers},
                       {"apply_threads", apply_threads},
                       {"ranges_helped", ranges_helped},
@@ -128,7 +131,8 @@ class ServerImpl final : public Server {
     co.backend_settings = opt_.transport_settings;
     // One inbound budget for the data and control planes of this server.
     co.connection_inbound_bytes = opt_.connection_inbound_bytes;
-    co.inbound_budget = std::make_shared<transport::InboundBudget>(opt_.process_inbound_bytes);
+    inbound_ = std::make_shared<transport::InboundBudget>(opt_.process_inbound_bytes);
+    co.inbound_budget = inbound_;
     auto dctx = transport::CreateContext(opt_.transport, co);
     if (!dctx.ok()) return dctx.status();
     data_ctx_ = std::move(dctx).value();
@@ -229,6 +233,11 @@ class ServerImpl final : public Server {
     s.duplicate_pushes = duplicates_.load();
     s.versions_published = versions_.load();
     s.grant_requests = grant_requests_.load();
+    if (inbound_) {
+      s.inbound_bytes = inbound_->used();
+      s.inbound_peak_bytes = inbound_->peak();
+      s.inbound_limit_bytes = inbound_->limit();
+    }
     s.grants_waited = grants_waited_.load();
     s.grants_ahead = grants_ahead_.load();
     s.landing_buffers = pool_.size();
@@ -571,6 +580,7 @@ class ServerImpl final : public Server {
   }
 
   ServerOptions opt_;
+  std::shared_ptr<transport::InboundBudget> inbound_;  // shared by both contexts
   std::unique_ptr<transport::Context> data_ctx_;
   std::unique_ptr<transport::Context> control_ctx_;
   std::unique_ptr<transport::Listener> listener_;

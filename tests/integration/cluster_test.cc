@@ -1,12 +1,22 @@
 // Whole jobs in one process: exact-value sync and async runs, chunking, many small tensors,
 // resent pushes, backpressure, failures.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <cmath>
 #include <deque>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <thread>
 
+#include "cluster/messages.h"
 #include "support/local_cluster.h"
 #include "transport/context.h"
+#include "transport/frame.h"
 
 namespace shardps {
 namespace {
@@ -335,6 +345,122 @@ TEST_P(ClusterOver, AsyncDeepPipeliningManyChunksWorkersServersStaysExact) {
   }
   EXPECT_EQ(applied, 3 * kSteps * 10);
   EXPECT_EQ(duplicates, 0);
+  lc->Finish();
+}
+
+// Hostile peers while a real job runs: connections to every listening port (the coordinator,
+// each server's data port) send random bytes, truncated frames, frames that claim huge sizes
+// and well-framed messages with junk in them, again and again, while 3 workers train 30 sync
+// steps. The job finishes with exact values, each attacked connection is closed or refused
+// without harm, and the servers' inbound memory stayed within their budgets.
+TEST_P(ClusterOver, HostilePeersOnEveryPortWhileAJobRuns) {
+  constexpr uint64_t kConnBudget = 4 << 20, kProcBudget = 16 << 20;
+  auto lc = LocalCluster::Start(Opts(2, 3, Mode::kSync, Aggregate::kSum, 64 << 10), 16, GetParam(),
+                                1, [&](ServerOptions& so) {
+                                  so.connection_inbound_bytes = kConnBudget;
+                                  so.process_inbound_bytes = kProcBudget;
+                                });
+  ASSERT_TRUE(lc);
+  std::vector<std::string> ports = {lc->coordinator->address()};
+  for (auto& s : lc->servers) ports.push_back(s->address());
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> attacks{0};
+  auto attacker = [&](uint32_t seed) {
+    std::mt19937 rng(seed);
+    while (!stop.load()) {
+      const std::string& target = ports[rng() % ports.size()];
+      std::string host;
+      uint16_t port = 0;
+      if (!transport::ParseHostPort(target, &host, &port).ok()) return;
+      int fd = socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_port = htons(port);
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+        close(fd);
+        continue;
+      }
+      std::vector<uint8_t> out;
+      transport::FrameHeader h;
+      uint8_t hdr[transport::kFrameHeaderSize];
+      switch (rng() % 5) {
+        case 0:  // random bytes
+          out.resize(1 + rng() % 65536);
+          for (auto& b : out) b = static_cast<uint8_t>(rng());
+          break;
+        case 1:  // a truncated frame
+          h.meta_len = 100;
+          h.payload_len = 1000;
+          h.aux = cluster::kGrant;
+          h.EncodeTo(hdr);
+          out.assign(hdr, hdr + 1 + rng() % (sizeof(hdr) + 50));
+          break;
+        case 2:  // a frame claiming huge sizes, then a little of it
+          h.meta_len = 60u << 20;
+          h.payload_len = 2ull << 30;
+          h.aux = cluster::kCreateChunks;
+          h.EncodeTo(hdr);
+          out.assign(hdr, hdr + sizeof(hdr));
+          out.resize(out.size() + 4096, 0x11);
+          break;
+        default: {  // well framed, junk inside, known tags
+          const uint32_t tags[] = {cluster::kGrant,    cluster::kPushDone, cluster::kCreateChunks,
+                                   cluster::kRegister, cluster::kDeclare,  cluster::kBarrier};
+          std::vector<uint8_t> meta(rng() % 200);
+          for (auto& b : meta) b = static_cast<uint8_t>(rng());
+          h.meta_len = static_cast<uint32_t>(meta.size());
+          h.aux = tags[rng() % 6];
+          h.EncodeTo(hdr);
+          out.assign(hdr, hdr + sizeof(hdr));
+          out.insert(out.end(), meta.begin(), meta.end());
+        }
+      }
+      (void)send(fd, out.data(), out.size(), MSG_NOSIGNAL);
+      shutdown(fd, SHUT_WR);
+      char sink[4096];
+      for (;;) {  // until the peer closes or a short while passed
+        pollfd p{fd, POLLIN, 0};
+        if (poll(&p, 1, 300) <= 0 || recv(fd, sink, sizeof(sink), 0) <= 0) break;
+      }
+      close(fd);
+      attacks++;
+    }
+  };
+  std::vector<std::thread> attackers;
+  for (uint32_t i = 0; i < 4; ++i) attackers.emplace_back(attacker, 1234 + i);
+  constexpr int64_t kN = 50000;  // 4 chunks of 64 KiB on 2 servers
+  constexpr uint64_t kSteps = 30;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("hostile", kN, 7.0f));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    std::vector<float> g(kN), out(kN);
+    for (uint64_t s = 1; s <= kSteps; ++s) {
+      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
+      ASSERT_EQ(h.version(), s);
+    }
+    for (int64_t i = 0; i < kN; ++i) {
+      double expect = 7.0;
+      for (uint64_t t = 1; t <= kSteps; ++t)
+        for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
+      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+    }
+  });
+  // A last round of attacks after the steps, so that the job also outlives some at rest.
+  for (auto deadline = std::chrono::steady_clock::now() + 2s;
+       attacks.load() < 40 && std::chrono::steady_clock::now() < deadline;)
+    std::this_thread::sleep_for(20ms);
+  stop = true;
+  for (auto& t : attackers) t.join();
+  EXPECT_GT(attacks.load(), 0u);
+  for (uint32_t s = 0; s < 2; ++s) {
+    auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(s));
+    EXPECT_LE(st["inbound_peak_bytes"].get<uint64_t>(), kProcBudget) << "server " << s;
+    EXPECT_EQ(st["inbound_limit_bytes"].get<uint64_t>(), kProcBudget);
+    EXPECT_EQ(st["pushes_applied"].get<uint64_t>(), 3 * kSteps * 2);  // 2 chunks per server
+  }
   lc->Finish();
 }
 

@@ -2,6 +2,7 @@
 // their own contexts and threads (ShardPS keeps no global state, so they coexist).
 #pragma once
 
+#include <functional>
 #include <future>
 #include <memory>
 #include <thread>
@@ -20,9 +21,9 @@ struct LocalCluster {
   std::vector<std::unique_ptr<Server>> servers;
   std::vector<std::unique_ptr<Worker>> workers;  // indexed by rank
 
-  static std::unique_ptr<LocalCluster> Start(CoordinatorOptions co, uint32_t landing_buffers = 16,
-                                             std::string transport = "tcp",
-                                             uint32_t apply_threads = 1) {
+  static std::unique_ptr<LocalCluster> Start(
+      CoordinatorOptions co, uint32_t landing_buffers = 16, std::string transport = "tcp",
+      uint32_t apply_threads = 1, std::function<void(ServerOptions&)> server_tweak = nullptr) {
     auto lc = std::make_unique<LocalCluster>();
     co.transport = transport;
     auto c = Coordinator::Start(co);
@@ -32,17 +33,18 @@ struct LocalCluster {
     std::string addr = lc->coordinator->address();
     std::vector<std::future<Result<std::unique_ptr<Server>>>> sf;
     for (uint32_t i = 0; i < co.num_servers; ++i)
-      sf.push_back(
-          std::async(std::launch::async, [addr, i, landing_buffers, transport, apply_threads] {
-            ServerOptions so;
-            so.coordinator = addr;
-            so.rank = static_cast<int32_t>(i);
-            so.landing_buffers = landing_buffers;
-            so.apply_threads = apply_threads;
-            so.transport = transport;
-            so.register_timeout = std::chrono::milliseconds(20000);
-            return Server::Start(so);
-          }));
+      sf.push_back(std::async(std::launch::async,
+                              [addr, i, landing_buffers, transport, apply_threads, server_tweak] {
+                                ServerOptions so;
+                                so.coordinator = addr;
+                                so.rank = static_cast<int32_t>(i);
+                                so.landing_buffers = landing_buffers;
+                                so.apply_threads = apply_threads;
+                                so.transport = transport;
+                                so.register_timeout = std::chrono::milliseconds(20000);
+                                if (server_tweak) server_tweak(so);
+                                return Server::Start(so);
+                              }));
     std::vector<std::future<Result<std::unique_ptr<Worker>>>> wf;
     for (uint32_t i = 0; i < co.num_workers; ++i)
       wf.push_back(std::async(std::launch::async, [addr, i, transport] {
