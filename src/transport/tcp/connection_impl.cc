@@ -495,9 +495,7 @@ void TcpConnection::Shutdown(Status why, bool local) {
   out.swap(out_);
   for (auto& f : out)
     if (f.done) f.done(op_status);
-  auto pending = std::move(pending_);
-  pending_.clear();
-  for (auto& [id, op] : pending) op.done(op_status);
+  FailPending(pending_, op_status);
   in_region_.reset();
   auto on_close = std::move(handlers_.on_close);
   handlers_ = ConnectionHandlers{};

@@ -23,7 +23,7 @@ Status Loop::Start(const std::string& name) {
   if (epoll_ctl(epfd_, EPOLL_CTL_ADD, wakefd_, &ev) != 0)
     return Status::FromErrno("epoll_ctl", errno);
   thread_ = std::thread([this, name] {
-    thread_id_ = std::this_thread::get_id();
+    thread_id_.MarkCurrent();
     pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
     Run();
   });
@@ -31,11 +31,7 @@ Status Loop::Start(const std::string& name) {
 }
 
 void Loop::Stop() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!accepting_) return;
-    accepting_ = false;
-  }
+  if (!tasks_.Close()) return;
   stopping_ = true;
   if (wakefd_ >= 0) {
     uint64_t one = 1;
@@ -49,27 +45,12 @@ void Loop::Stop() {
 }
 
 bool Loop::Defer(std::function<void()> fn) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!accepting_) return false;
-    tasks_.push_back(std::move(fn));
-    if (tasks_.size() > 1) return true;  // a wake-up is already pending
-  }
+  bool first = false;
+  if (!tasks_.Push(std::move(fn), &first)) return false;
+  if (!first) return true;  // a wake-up is already pending
   uint64_t one = 1;
   [[maybe_unused]] ssize_t n = write(wakefd_, &one, sizeof(one));
   return true;
-}
-
-void Loop::Drain() {
-  for (;;) {
-    std::vector<std::function<void()>> batch;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      batch.swap(tasks_);
-    }
-    if (batch.empty()) return;
-    for (auto& fn : batch) fn();
-  }
 }
 
 Status Loop::Add(int fd, uint32_t events, FdHandler handler) {
@@ -116,10 +97,10 @@ void Loop::Run() {
       auto h = it->second;  // keep alive: the handler may Remove() itself
       (*h)(events[i].events);
     }
-    Drain();
+    tasks_.Drain();
   }
   // Final drain: tasks queued before Stop() still run (their callbacks fire exactly once).
-  Drain();
+  tasks_.Drain();
 }
 
 }  // namespace shardps::transport::tcp

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "shardps/status.h"
+#include "transport/task_queue.h"
 
 namespace shardps::transport::tcp {
 
@@ -27,7 +28,7 @@ class Loop {
 
   // Queues `fn` to run on the loop thread (never inline). Returns false after Stop().
   bool Defer(std::function<void()> fn);
-  bool InLoop() const { return std::this_thread::get_id() == thread_id_.load(); }
+  bool InLoop() const { return thread_id_.IsCurrent(); }
 
   // Loop thread only.
   Status Add(int fd, uint32_t events, FdHandler handler);
@@ -36,15 +37,12 @@ class Loop {
 
  private:
   void Run();
-  void Drain();
   int epfd_ = -1;
   int wakefd_ = -1;
   std::thread thread_;
-  std::atomic<std::thread::id> thread_id_{};
+  LoopThread thread_id_;
   std::atomic<bool> stopping_{false};
-  std::mutex mu_;
-  std::vector<std::function<void()>> tasks_;                      // guarded by mu_
-  bool accepting_ = true;                                         // guarded by mu_
+  TaskQueue tasks_;
   std::unordered_map<int, std::shared_ptr<FdHandler>> handlers_;  // loop thread only
 };
 
