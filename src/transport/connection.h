@@ -84,12 +84,24 @@ class Connection {
   virtual void Read(void* local, size_t len, const RemoteKey& key, uint64_t offset,
                     DoneCallback done) = 0;
 
+  // The same from and into local registered memory (a LocalSpan of a region of this
+  // connection's context). A span outside its region fails with InvalidArgument. The default
+  // passes the span's address to the pointer versions; a backend that needs local
+  // registration (verbs) uses the region's handle.
+  virtual void Write(const LocalSpan& local, const RemoteKey& key, uint64_t offset,
+                     DoneCallback done);
+  virtual void Read(const LocalSpan& local, const RemoteKey& key, uint64_t offset,
+                    DoneCallback done);
+
   // Closes the connection; pending operations fail with Aborted. Idempotent, non-blocking.
   virtual void Close() = 0;
 
   virtual bool closed() const = 0;
   // "127.0.0.1:40312" style description of the peer, for messages.
   virtual std::string peer() const = 0;
+
+  // Fails `done` with `why` from the backend's loop thread (never inline in the caller).
+  virtual void FailLater(DoneCallback done, Status why) = 0;
 
   // Opaque slot for the layer above (e.g. the node id this connection belongs to).
   std::shared_ptr<void> user_data;

@@ -7,6 +7,8 @@
 
 #include <charconv>
 
+#include <fmt/format.h>
+
 #include "transport/tcp/context_impl.h"
 #ifdef SHARDPS_HAVE_UCX
 #include "transport/ucx/context_impl.h"
@@ -27,6 +29,37 @@ uint16_t FreeLoopbackPort() {
     port = ntohs(a.sin_port);
   close(fd);
   return port;
+}
+
+namespace {
+// Checks a local span and resolves it to its address; false (and `done` failed) when it is not
+// within its region.
+bool SpanAddress(Connection& c, const LocalSpan& s, DoneCallback& done, uint8_t** out) {
+  if (s.region == nullptr || s.offset > s.region->size() ||
+      s.length > s.region->size() - s.offset) {
+    c.FailLater(std::move(done),
+                Status::InvalidArgument(fmt::format(
+                    "local span of {} bytes at offset {} is outside its region of {} bytes",
+                    s.length, s.offset, s.region ? s.region->size() : 0)));
+    return false;
+  }
+  *out = static_cast<uint8_t*>(s.region->data()) + s.offset;
+  return true;
+}
+}  // namespace
+
+void Connection::Write(const LocalSpan& local, const RemoteKey& key, uint64_t offset,
+                       DoneCallback done) {
+  uint8_t* p = nullptr;
+  if (!SpanAddress(*this, local, done, &p)) return;
+  Write(p, local.length, key, offset, std::move(done));
+}
+
+void Connection::Read(const LocalSpan& local, const RemoteKey& key, uint64_t offset,
+                      DoneCallback done) {
+  uint8_t* p = nullptr;
+  if (!SpanAddress(*this, local, done, &p)) return;
+  Read(p, local.length, key, offset, std::move(done));
 }
 
 const char* MemoryKindName(MemoryKind k) {

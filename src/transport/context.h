@@ -76,8 +76,22 @@ class Context {
                                                       ConnectionHandlers handlers,
                                                       std::chrono::milliseconds timeout) = 0;
 
-  // Allocates and registers `size` bytes for remote access (zero-filled).
+  // Allocates and registers `size` bytes of host memory for remote access (zero-filled). Over
+  // ucx this is memory UCX allocates, which shared memory reaches truly one-sidedly.
   virtual Result<std::unique_ptr<MemoryRegion>> AllocateRegion(size_t size) = 0;
+
+  // Registers `size` bytes at `ptr`, owned by the caller, of memory kind `kind`, for remote
+  // access. The memory must stay allocated until the region is destroyed (which deregisters
+  // it; the memory is the caller's to free then). InvalidArgument naming the kind when this
+  // backend cannot register it (CanRegister).
+  virtual Result<std::unique_ptr<MemoryRegion>> RegisterRegion(void* ptr, size_t size,
+                                                               MemoryKind kind) = 0;
+
+  // Whether RegisterRegion takes memory of `kind` here (host: every backend; CUDA device
+  // memory: where the backend can register it directly, CanRegisterGpuMemory).
+  virtual bool CanRegister(MemoryKind kind) const {
+    return kind == MemoryKind::kHost || (kind == MemoryKind::kCuda && CanRegisterGpuMemory());
+  }
 
   // True when the calling thread is this context's loop thread.
   virtual bool InLoopThread() const = 0;

@@ -40,6 +40,16 @@ class MemoryRegion {
   virtual void* data() const = 0;
   virtual size_t size() const = 0;
   virtual const RemoteKey& remote_key() const = 0;
+  virtual MemoryKind kind() const { return MemoryKind::kHost; }
+};
+
+// A range of a local registered region: where a one-sided operation takes its bytes from or
+// puts them (backends that need local registration, verbs, use the region's handle; the others
+// its address).
+struct LocalSpan {
+  const MemoryRegion* region = nullptr;
+  uint64_t offset = 0;
+  uint64_t length = 0;
 };
 
 }  // namespace shardps::transport

@@ -291,6 +291,55 @@ TEST_P(TransportConformance, OneSidedWriteThenReadReturnsTheBytes) {
   EXPECT_FALSE(rprobe.fired_inline());
 }
 
+// Typed registration: memory the caller owns, registered as host memory, is written and read
+// one-sidedly like allocated memory; local spans of registered regions are the source and the
+// destination; the kind is reported.
+TEST_P(TransportConformance, RegisteredCallerMemoryAndLocalSpans) {
+  Connect();
+  std::vector<uint8_t> owned(64 << 10, 0);
+  auto region = server_->RegisterRegion(owned.data(), owned.size(), MemoryKind::kHost);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  EXPECT_EQ((*region)->kind(), MemoryKind::kHost);
+  EXPECT_EQ((*region)->data(), owned.data());
+  auto local = client_->AllocateRegion(8192);
+  ASSERT_TRUE(local.ok());
+  auto* l = static_cast<uint8_t*>((*local)->data());
+  for (size_t i = 0; i < 4096; ++i) l[i] = static_cast<uint8_t>(i * 13 + 5);
+  Probe probe;
+  probe.EnterCall();
+  conn_->Write(LocalSpan{local->get(), 0, 4096}, (*region)->remote_key(), 1000, probe.Callback());
+  probe.LeaveCall();
+  ASSERT_TRUE(probe.WaitFor(1));
+  ASSERT_TRUE(probe.statuses()[0].ok()) << probe.statuses()[0].ToString();
+  EXPECT_EQ(0, std::memcmp(owned.data() + 1000, l, 4096));
+  conn_->Read(LocalSpan{local->get(), 4096, 4096}, (*region)->remote_key(), 1000, probe.Callback());
+  ASSERT_TRUE(probe.WaitFor(2));
+  ASSERT_TRUE(probe.statuses()[1].ok()) << probe.statuses()[1].ToString();
+  EXPECT_EQ(0, std::memcmp(l + 4096, l, 4096));
+  // A span outside its region fails, not inline, and touches nothing.
+  Probe bad;
+  bad.EnterCall();
+  conn_->Write(LocalSpan{local->get(), 8000, 400}, (*region)->remote_key(), 0, bad.Callback());
+  bad.LeaveCall();
+  ASSERT_TRUE(bad.WaitFor(1));
+  EXPECT_TRUE(bad.statuses()[0].IsInvalidArgument()) << bad.statuses()[0].ToString();
+  EXPECT_FALSE(bad.fired_inline());
+  EXPECT_EQ(owned[0], 0);
+}
+
+// Each backend says which memory kinds it registers, and refuses the others clearly.
+TEST_P(TransportConformance, MemoryKindsABackendCannotRegisterAreRefused) {
+  server_ = MakeContext("srv");
+  ASSERT_TRUE(server_);
+  EXPECT_TRUE(server_->CanRegister(MemoryKind::kHost));
+  if (server_->CanRegister(MemoryKind::kCuda)) GTEST_SKIP() << "this backend registers CUDA memory";
+  std::vector<uint8_t> mem(4096);
+  auto r = server_->RegisterRegion(mem.data(), mem.size(), MemoryKind::kCuda);
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(r.status().IsInvalidArgument()) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("cuda"), std::string::npos) << r.status().ToString();
+}
+
 TEST_P(TransportConformance, ZeroLengthWriteAndRead) {
   Connect();
   auto region = server_->AllocateRegion(64);

@@ -121,6 +121,10 @@ void TcpConnection::StartOneSided(FrameType type, void* local, size_t len, const
       done);
 }
 
+void TcpConnection::FailLater(DoneCallback done, Status why) {
+  Post([done, why] { done(why); }, done);
+}
+
 void TcpConnection::Close() {
   auto self = shared_from_this();
   Post([self] { self->Shutdown(Status::OK(), true); }, nullptr);

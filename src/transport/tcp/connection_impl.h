@@ -21,6 +21,7 @@ class TcpConnection final : public Connection, public std::enable_shared_from_th
              DoneCallback done) override;
   void Read(void* local, size_t len, const RemoteKey& key, uint64_t offset,
             DoneCallback done) override;
+  void FailLater(DoneCallback done, Status why) override;
   void Close() override;
   bool closed() const override { return closed_flag_.load(); }
   std::string peer() const override { return peer_; }

@@ -106,7 +106,12 @@ RegionMemory::RegionMemory(size_t n) : size(n) {
   if (data) std::memset(data, 0, rounded);
 }
 
-RegionMemory::~RegionMemory() { std::free(data); }
+RegionMemory::RegionMemory(uint8_t* caller_owned, size_t n)
+    : data(caller_owned), size(n), owned(false) {}
+
+RegionMemory::~RegionMemory() {
+  if (owned) std::free(data);
+}
 
 Result<std::shared_ptr<RegionMemory>> Shared::Lookup(uint64_t id, uint64_t secret) {
   std::lock_guard<std::mutex> lock(regions_mu);
@@ -253,6 +258,21 @@ Result<std::unique_ptr<MemoryRegion>> TcpContext::AllocateRegion(size_t size) {
   auto mem = std::make_shared<RegionMemory>(size);
   if (mem->data == nullptr)
     return Status::ResourceExhausted(fmt::format("cannot allocate a region of {} bytes", size));
+  return Register(std::move(mem));
+}
+
+Result<std::unique_ptr<MemoryRegion>> TcpContext::RegisterRegion(void* ptr, size_t size,
+                                                                 MemoryKind kind) {
+  if (kind != MemoryKind::kHost)
+    return Status::InvalidArgument(fmt::format(
+        "the tcp transport registers host memory only, not {} memory (stage it through host "
+        "memory)",
+        MemoryKindName(kind)));
+  if (ptr == nullptr && size > 0) return Status::InvalidArgument("registering a null pointer");
+  return Register(std::make_shared<RegionMemory>(static_cast<uint8_t*>(ptr), size));
+}
+
+Result<std::unique_ptr<MemoryRegion>> TcpContext::Register(std::shared_ptr<RegionMemory> mem) {
   {
     std::lock_guard<std::mutex> lock(shared_->regions_mu);
     mem->id = shared_->next_region_id++;

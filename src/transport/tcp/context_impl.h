@@ -18,10 +18,12 @@ class TcpConnection;
 // Memory of one registered region. Freed when the region is deregistered and no operation
 // that was already in flight still refers to it.
 struct RegionMemory {
-  explicit RegionMemory(size_t n);
+  explicit RegionMemory(size_t n);                // allocated (and freed) here
+  RegionMemory(uint8_t* caller_owned, size_t n);  // registered: the caller frees it
   ~RegionMemory();
   uint8_t* data = nullptr;
   size_t size = 0;
+  bool owned = true;
   uint64_t id = 0;
   uint64_t secret = 0;
 };
@@ -57,11 +59,16 @@ class TcpContext final : public Context {
                                               ConnectionHandlers handlers,
                                               std::chrono::milliseconds timeout) override;
   Result<std::unique_ptr<MemoryRegion>> AllocateRegion(size_t size) override;
+  // Host memory only: the loop thread copies the bytes of one-sided requests itself.
+  Result<std::unique_ptr<MemoryRegion>> RegisterRegion(void* ptr, size_t size,
+                                                       MemoryKind kind) override;
+  bool CanRegister(MemoryKind kind) const override { return kind == MemoryKind::kHost; }
   bool InLoopThread() const override { return shared_->loop.InLoop(); }
   bool RunInLoop(std::function<void()> fn) override { return shared_->loop.Defer(std::move(fn)); }
 
  private:
   explicit TcpContext(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {}
+  Result<std::unique_ptr<MemoryRegion>> Register(std::shared_ptr<RegionMemory> mem);
   std::shared_ptr<Shared> shared_;
 };
 

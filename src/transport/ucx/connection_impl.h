@@ -126,6 +126,9 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
             DoneCallback done) override {
     StartOp(false, local, len, key, offset, std::move(done));
   }
+  void FailLater(DoneCallback done, Status why) override {
+    Post([done, why] { done(why); }, done);
+  }
   void Close() override { tcp_->Close(); }
   bool closed() const override { return closed_flag_.load(); }
   std::string peer() const override { return peer_; }

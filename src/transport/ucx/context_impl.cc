@@ -103,41 +103,20 @@ class UcxContext final : public Context {
   }
 
   Result<std::unique_ptr<MemoryRegion>> AllocateRegion(size_t size) override {
-    auto s = shared_;
-    using R = Result<std::unique_ptr<MemoryRegion>>;
-    return s->progress.Call<R>(
-        [s, size]() -> R {
-          ucp_mem_map_params_t mp{};
-          mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
-                          UCP_MEM_MAP_PARAM_FIELD_FLAGS;
-          mp.address = nullptr;
-          mp.length = size == 0 ? 1 : size;
-          mp.flags = UCP_MEM_MAP_ALLOCATE;  // UCX allocates: truly one-sided over shm
-          ucp_mem_h mh = nullptr;
-          ucs_status_t st = ucp_mem_map(s->ctx, &mp, &mh);
-          if (st != UCS_OK) return FromUcs(fmt::format("ucp_mem_map of {} bytes", size), st);
-          ucp_mem_attr_t ma{};
-          ma.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
-          ucp_mem_query(mh, &ma);
-          void* rk = nullptr;
-          size_t rkl = 0;
-          st = ucp_rkey_pack(s->ctx, mh, &rk, &rkl);
-          if (st != UCS_OK) {
-            ucp_mem_unmap(s->ctx, mh);
-            return FromUcs("ucp_rkey_pack", st);
-          }
-          std::memset(ma.address, 0, size);
-          uint64_t id;
-          {
-            std::lock_guard<std::mutex> lock(s->mu);
-            id = s->next_region++;
-          }
-          RemoteKey key = PackKey(id, reinterpret_cast<uint64_t>(ma.address), size, rk, rkl);
-          ucp_rkey_buffer_release(rk);
-          return std::unique_ptr<MemoryRegion>(
-              new UcxRegion(s, id, RegionEntry{mh, ma.address, size}, std::move(key)));
-        },
-        R(Status::Aborted("transport context is shutting down")));
+    return Map(nullptr, size, MemoryKind::kHost);
+  }
+
+  // Over shared memory, memory UCX did not allocate is reached through its slower paths (cma,
+  // or emulation that needs the owner's progress); AllocateRegion is the truly one-sided kind.
+  Result<std::unique_ptr<MemoryRegion>> RegisterRegion(void* ptr, size_t size,
+                                                       MemoryKind kind) override {
+    if (!CanRegister(kind))
+      return Status::InvalidArgument(fmt::format(
+          "this UCX cannot register {} memory (built without its support); stage it through "
+          "host memory",
+          MemoryKindName(kind)));
+    if (ptr == nullptr) return Status::InvalidArgument("registering a null pointer");
+    return Map(ptr, size, kind);
   }
 
   bool InLoopThread() const override { return shared_->progress.InThread(); }
@@ -155,6 +134,49 @@ class UcxContext final : public Context {
   }
 
  private:
+  // Maps `size` bytes: allocated by UCX (ptr null, zero-filled) or the caller's at `ptr`.
+  Result<std::unique_ptr<MemoryRegion>> Map(void* ptr, size_t size, MemoryKind kind) {
+    auto s = shared_;
+    using R = Result<std::unique_ptr<MemoryRegion>>;
+    return s->progress.Call<R>(
+        [s, ptr, size, kind]() -> R {
+          ucp_mem_map_params_t mp{};
+          mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                          UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+          mp.address = ptr;
+          mp.length = size == 0 ? 1 : size;
+          mp.flags = ptr == nullptr ? UCP_MEM_MAP_ALLOCATE : 0;  // UCX allocates: one-sided
+          if (kind == MemoryKind::kCuda) {
+            mp.field_mask |= UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+            mp.memory_type = UCS_MEMORY_TYPE_CUDA;
+          }
+          ucp_mem_h mh = nullptr;
+          ucs_status_t st = ucp_mem_map(s->ctx, &mp, &mh);
+          if (st != UCS_OK) return FromUcs(fmt::format("ucp_mem_map of {} bytes", size), st);
+          ucp_mem_attr_t ma{};
+          ma.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+          ucp_mem_query(mh, &ma);
+          void* rk = nullptr;
+          size_t rkl = 0;
+          st = ucp_rkey_pack(s->ctx, mh, &rk, &rkl);
+          if (st != UCS_OK) {
+            ucp_mem_unmap(s->ctx, mh);
+            return FromUcs("ucp_rkey_pack", st);
+          }
+          if (ptr == nullptr) std::memset(ma.address, 0, size);
+          uint64_t id;
+          {
+            std::lock_guard<std::mutex> lock(s->mu);
+            id = s->next_region++;
+          }
+          RemoteKey key = PackKey(id, reinterpret_cast<uint64_t>(ma.address), size, rk, rkl);
+          ucp_rkey_buffer_release(rk);
+          return std::unique_ptr<MemoryRegion>(
+              new UcxRegion(s, id, RegionEntry{mh, ma.address, size, kind}, std::move(key)));
+        },
+        R(Status::Aborted("transport context is shutting down")));
+  }
+
   std::shared_ptr<Shared> shared_;
 };
 

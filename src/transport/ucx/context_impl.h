@@ -38,6 +38,7 @@ struct RegionEntry {
   ucp_mem_h mh = nullptr;
   void* address = nullptr;
   size_t size = 0;
+  MemoryKind kind = MemoryKind::kHost;
 };
 
 struct Shared {
@@ -69,6 +70,7 @@ class UcxRegion final : public MemoryRegion {
   void* data() const override { return entry_.address; }
   size_t size() const override { return entry_.size; }
   const RemoteKey& remote_key() const override { return key_; }
+  MemoryKind kind() const override { return entry_.kind; }
 
  private:
   std::shared_ptr<Shared> shared_;
