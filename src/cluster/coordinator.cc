@@ -134,25 +134,17 @@ class CoordinatorImpl final : public Coordinator {
         if (!node) return Drop(c, "heartbeat from an unregistered connection");
         return;
       case kBarrier: {
-        std::string name;
-        uint64_t timeout_ms = 0;
-        if (!r.GetString(&name, 256) || !r.Get(&timeout_ms) || !r.done())
-          return Drop(c, "malformed barrier request");
+        BarrierRequest b;
+        if (!b.Decode(&r) || !r.done()) return Drop(c, "malformed barrier request");
         if (!node || node->role != Role::kWorker)
           return Reply(*c, req, Status::InvalidArgument("only registered workers take barriers"));
-        return HandleBarrier(c, req, *node, name, timeout_ms);
+        return HandleBarrier(c, req, *node, b.name, b.timeout_ms);
       }
       case kDeclare: {
-        uint32_t n = 0;
-        if (!r.Get(&n) || n > (1u << 20) || !r.Fits(n, 12))
-          return Drop(c, "malformed declare request");
-        std::vector<DeclareItem> items(n);
-        for (auto& it : items)
-          if (!r.GetString(&it.name, 4096) || !r.Get(&it.numel))
-            return Drop(c, "malformed declare");
-        if (!r.done()) return Drop(c, "malformed declare request");
+        DeclareRequest d;
+        if (!d.Decode(&r) || !r.done()) return Drop(c, "malformed declare request");
         if (!node) return Reply(*c, req, Status::InvalidArgument("declare before register"));
-        return HandleDeclare(c, req, items);
+        return HandleDeclare(c, req, d.items);
       }
       case kGoodbye: {
         if (!node) return Drop(c, "goodbye from an unregistered connection");
@@ -271,9 +263,7 @@ class CoordinatorImpl final : public Coordinator {
 
   void HandleDeclare(const std::shared_ptr<transport::Connection>& c, uint64_t req,
                      const std::vector<DeclareItem>& items) {
-    Bytes body;
-    Writer w(&body);
-    w.Put<uint32_t>(static_cast<uint32_t>(items.size()));
+    DeclareReply reply;
     uint64_t elems_per_chunk = opt_.chunk_bytes / 4;
     for (const auto& it : items) {
       if (it.name.empty() || it.numel == 0 || it.numel > (1ull << 40))
@@ -302,15 +292,11 @@ class CoordinatorImpl final : public Coordinator {
         }
         found = tensors_.emplace(it.name, std::move(rec)).first;
       }
-      const auto& chunks = found->second.placement.chunks;
-      w.Put<uint32_t>(static_cast<uint32_t>(chunks.size()));
-      for (const auto& p : chunks) {
-        w.Put(p.chunk_id);
-        w.Put(p.server);
-        w.Put(p.offset);
-        w.Put(p.numel);
-      }
+      reply.tensors.push_back(found->second.placement);
     }
+    Bytes body;
+    Writer w(&body);
+    reply.Encode(&w);
     Reply(*c, req, Status::OK(), body);
   }
 

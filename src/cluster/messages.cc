@@ -118,6 +118,88 @@ void LandingGrant::Encode(Writer* w, uint32_t buffer, uint64_t offset,
 
 bool LandingGrant::Decode(Reader* r) { return r->Get(&buffer) && r->Get(&offset) && key.Decode(r); }
 
+void BarrierRequest::Encode(Writer* w) const {
+  w->PutString(name);
+  w->Put(timeout_ms);
+}
+
+bool BarrierRequest::Decode(Reader* r) { return r->GetString(&name, 256) && r->Get(&timeout_ms); }
+
+void DeclareRequest::Encode(Writer* w) const {
+  w->Put<uint32_t>(static_cast<uint32_t>(items.size()));
+  for (const auto& it : items) {
+    w->PutString(it.name);
+    w->Put(it.numel);
+  }
+}
+
+bool DeclareRequest::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->Get(&n) || n > (1u << 20) || !r->Fits(n, 12)) return false;
+  items.resize(n);
+  for (auto& it : items)
+    if (!r->GetString(&it.name, 4096) || !r->Get(&it.numel)) return false;
+  return true;
+}
+
+void DeclareReply::Encode(Writer* w) const {
+  w->Put<uint32_t>(static_cast<uint32_t>(tensors.size()));
+  for (const auto& t : tensors) {
+    w->Put<uint32_t>(static_cast<uint32_t>(t.chunks.size()));
+    for (const auto& p : t.chunks) {
+      w->Put(p.chunk_id);
+      w->Put(p.server);
+      w->Put(p.offset);
+      w->Put(p.numel);
+    }
+  }
+}
+
+bool DeclareReply::Decode(Reader* r, uint32_t servers) {
+  uint32_t n = 0;
+  if (!r->Get(&n) || !r->Fits(n, 4)) return false;
+  tensors.resize(n);
+  for (auto& t : tensors) {
+    uint32_t k = 0;
+    if (!r->Get(&k) || k > (1u << 24) || !r->Fits(k, 28)) return false;
+    t.chunks.resize(k);
+    for (auto& c : t.chunks)
+      if (!r->Get(&c.chunk_id) || !r->Get(&c.server) || !r->Get(&c.offset) || !r->Get(&c.numel) ||
+          c.server >= servers)
+        return false;
+  }
+  return true;
+}
+
+void CreateChunksRequest::Encode(Writer* w) const {
+  w->Put<uint32_t>(static_cast<uint32_t>(items.size()));
+  for (const auto& it : items) it.Encode(w);
+}
+
+bool CreateChunksRequest::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->Get(&n) || n > (1u << 20)) return false;
+  // One at a time: the vector grows with what arrived, not with the count the peer claims.
+  items.clear();
+  for (uint32_t k = 0; k < n; ++k)
+    if (!items.emplace_back().Decode(r)) return false;
+  return true;
+}
+
+void CreateChunksReply::Encode(Writer* w) const {
+  w->Put<uint32_t>(static_cast<uint32_t>(chunks.size()));
+  for (const auto& c : chunks) c.Encode(w);
+}
+
+bool CreateChunksReply::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->Get(&n) || n > (1u << 20)) return false;
+  chunks.clear();
+  for (uint32_t k = 0; k < n; ++k)
+    if (!chunks.emplace_back().Decode(r)) return false;
+  return true;
+}
+
 void GrantRequest::Encode(Writer* w) const {
   w->Put(epoch);
   w->Put(chunk_id);

@@ -103,6 +103,35 @@ struct CreateChunkItem {
   [[nodiscard]] bool Decode(Reader* r);
 };
 
+// kBarrier: wait until every worker reached `name`, at most `timeout_ms`.
+struct BarrierRequest {
+  std::string name;
+  uint64_t timeout_ms = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kDeclare: tensors by name and size; the reply places each in chunks.
+struct DeclareRequest {
+  std::vector<DeclareItem> items;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+struct DeclareReply {
+  std::vector<TensorPlacement> tensors;
+  void Encode(Writer* w) const;
+  // `servers`: chunks placed on a server rank at or past it are refused.
+  [[nodiscard]] bool Decode(Reader* r, uint32_t servers = UINT32_MAX);
+};
+
+// kCreateChunks: the chunks to create (payload: their initial floats, concatenated) or, with
+// an empty payload, to attach to.
+struct CreateChunksRequest {
+  std::vector<CreateChunkItem> items;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
 // Where the published parameters of a chunk live on its server: two slots, each numel floats
 // followed by a trailer u64 tag = version + 1, 0 while the slot is being rewritten (the server
 // zeroes it before changing any byte of the slot and sets it after the last). Version v lives
@@ -111,6 +140,13 @@ struct ChunkSlots {
   transport::RemoteKey key;
   uint64_t slot_stride = 0;  // bytes from slot 0 to slot 1
   uint64_t version = 0;      // latest published version when created
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// The reply to kCreateChunks: where each chunk's slots are, in the request's order.
+struct CreateChunksReply {
+  std::vector<ChunkSlots> chunks;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };

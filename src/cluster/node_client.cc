@@ -129,8 +129,7 @@ Status NodeClient::failure() const {
 Status NodeClient::Barrier(const std::string& name, std::chrono::milliseconds timeout) {
   Bytes body;
   Writer w(&body);
-  w.PutString(name);
-  w.Put<uint64_t>(static_cast<uint64_t>(timeout.count()));
+  BarrierRequest{name, static_cast<uint64_t>(timeout.count())}.Encode(&w);
   auto rep = CallSync(*rpc_, kBarrier, body, timeout + std::chrono::milliseconds(2000),
                       "barrier '" + name + "'");
   return rep.status();
@@ -139,29 +138,15 @@ Status NodeClient::Barrier(const std::string& name, std::chrono::milliseconds ti
 Result<std::vector<TensorPlacement>> NodeClient::Declare(const std::vector<DeclareItem>& items) {
   Bytes body;
   Writer w(&body);
-  w.Put<uint32_t>(static_cast<uint32_t>(items.size()));
-  for (const auto& it : items) {
-    w.PutString(it.name);
-    w.Put(it.numel);
-  }
+  DeclareRequest{items}.Encode(&w);
   auto rep = CallSync(*rpc_, kDeclare, body, opt_.rpc_timeout, "declaring tensors");
   if (!rep.ok()) return rep.status();
   Reader r(rep->data(), rep->size());
-  uint32_t n = 0;
-  if (!r.Get(&n) || n != items.size() || !r.Fits(n, 4))
+  DeclareReply reply;
+  if (!reply.Decode(&r, info_.view.num_servers) || !r.done() ||
+      reply.tensors.size() != items.size())
     return Status::ProtocolError("malformed declare reply");
-  std::vector<TensorPlacement> out(n);
-  for (auto& t : out) {
-    uint32_t k = 0;
-    if (!r.Get(&k) || k > (1u << 24) || !r.Fits(k, 28))
-      return Status::ProtocolError("malformed declare reply");
-    t.chunks.resize(k);
-    for (auto& c : t.chunks)
-      if (!r.Get(&c.chunk_id) || !r.Get(&c.server) || !r.Get(&c.offset) || !r.Get(&c.numel) ||
-          c.server >= info_.view.num_servers)
-        return Status::ProtocolError("malformed declare reply");
-  }
-  return out;
+  return std::move(reply.tensors);
 }
 
 Status NodeClient::Goodbye() {

@@ -350,15 +350,11 @@ class ServerImpl final : public Server {
   // answered once they do. Only one copy of the initial values ever reaches the server.
   void OnCreate(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r,
                 transport::Message& m) {
-    uint32_t n = 0;
-    if (!r.Get(&n) || n > (1u << 20)) return Drop(c, "malformed create request");
-    // Items are decoded one at a time: the vector grows with what arrived, not with the count
-    // the peer claims.
-    std::vector<CreateChunkItem> items;
+    CreateChunksRequest rq;
+    if (!rq.Decode(&r) || !r.done()) return Drop(c, "malformed create request");
+    std::vector<CreateChunkItem>& items = rq.items;
     uint64_t total = 0;
-    for (uint32_t k = 0; k < n; ++k) {
-      CreateChunkItem& it = items.emplace_back();
-      if (!it.Decode(&r)) return Drop(c, "malformed create request");
+    for (const auto& it : items) {
       if (it.numel == 0 || it.numel > view_.chunk_bytes / 4)
         return Reply(*c, req,
                      Status::InvalidArgument(
@@ -369,7 +365,7 @@ class ServerImpl final : public Server {
       total += it.numel * 4;
     }
     bool attach = m.payload.size() == 0;
-    if (!r.done() || (!attach && total != m.payload.size()))
+    if (!attach && total != m.payload.size())
       return Drop(c, "create request whose payload does not match its chunks");
     if (!attach) {
       const uint8_t* init = m.payload.data();
@@ -392,9 +388,7 @@ class ServerImpl final : public Server {
         it = attaches_.erase(it);
         continue;
       }
-      Bytes body;
-      Writer w(&body);
-      w.Put<uint32_t>(static_cast<uint32_t>(it->items.size()));
+      CreateChunksReply reply;
       Status st;
       bool ready = true;
       for (auto& item : it->items) {
@@ -408,12 +402,14 @@ class ServerImpl final : public Server {
                                                    item.chunk_id, ch->numel, ch->tensor));
           break;
         }
-        ChunkSlots slots;
+        ChunkSlots& slots = reply.chunks.emplace_back();
         slots.key = ch->slots->remote_key();
         slots.slot_stride = ch->layout.stride;
         slots.version = ch->engine->version();
-        slots.Encode(&w);
       }
+      Bytes body;
+      Writer w(&body);
+      reply.Encode(&w);
       if (!ready) {
         ++it;
         continue;

@@ -429,10 +429,13 @@ class WorkerImpl final : public Worker {
         if (!rep.ok())
           return rep.status().WithContext(fmt::format("creating chunks on server {}", s));
         Reader r(rep->data(), rep->size());
-        uint32_t n = 0;
-        if (!r.Get(&n) || n != b.count) return Status::ProtocolError("malformed create reply");
-        for (ChunkRef* ref : b.refs) {
-          if (!ref->slots.Decode(&r) || ref->slots.slot_stride != ref->layout.stride)
+        CreateChunksReply reply;
+        if (!reply.Decode(&r) || !r.done() || reply.chunks.size() != b.count)
+          return Status::ProtocolError("malformed create reply");
+        for (size_t k = 0; k < b.refs.size(); ++k) {
+          ChunkRef* ref = b.refs[k];
+          ref->slots = std::move(reply.chunks[k]);
+          if (ref->slots.slot_stride != ref->layout.stride)
             return Status::ProtocolError("malformed create reply");
           ref->known_version = ref->slots.version;
         }

@@ -1,7 +1,8 @@
-// Every control-plane and data-plane message decoder (src/cluster/messages.h, the remote key,
-// the reply head): the first byte picks the decoder, the rest is what came off the wire. A
-// decoder must never read out of bounds or crash; what it accepts must survive a round trip
-// (encode it, decode that, encode again: the same bytes).
+// Every control-plane and data-plane message decoder (src/cluster/messages.h: register, view,
+// barrier, declare and its reply, create chunks and its reply, grants, push notifications and
+// acknowledgements; the remote key, the optimizer, the reply head): the first byte picks the
+// decoder, the rest is what came off the wire. A decoder must never read out of bounds or crash;
+// what it accepts must survive a round trip (encode it, decode that, encode again: the same bytes).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -63,7 +64,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t which = data[0];
   data++;
   size--;
-  switch (which % 13) {
+  switch (which % 18) {
     case 0:
       RoundTrip<ClusterView>(data, size);
       break;
@@ -99,6 +100,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 11:
       ReplyHead(data, size);
+      break;
+    case 13:
+      RoundTrip<BarrierRequest>(data, size);
+      break;
+    case 14:
+      RoundTrip<DeclareRequest>(data, size);
+      break;
+    case 15:
+      RoundTrip<DeclareReply>(data, size);
+      break;
+    case 16:
+      RoundTrip<CreateChunksRequest>(data, size);
+      break;
+    case 17:
+      RoundTrip<CreateChunksReply>(data, size);
       break;
     case 12: {
       // Counts read off the wire before vectors are sized.

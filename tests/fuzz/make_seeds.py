@@ -50,6 +50,11 @@ MESSAGES = {
     "optimizer": (10, optimizer(1)),
     "reply_head": (11, u64(9) + i32(0) + string(b"") + b"body"),
     "reply_error": (11, u64(9) + i32(3) + string(b"unknown chunk 7")),
+    "barrier": (13, string(b"step-7") + u64(30000)),
+    "declare": (14, u32(2) + string(b"fc1.weight") + u64(200704) + string(b"fc1.bias") + u64(256)),
+    "declare_reply": (15, u32(1) + u32(2) + u64(1) + u32(0) + u64(0) + u64(1024) + u64(2) + u32(1) + u64(1024) + u64(10)),
+    "create_chunks": (16, u32(1) + u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer()),
+    "create_chunks_reply": (17, u32(1) + remote_key() + u64(4160) + u64(0)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
 
