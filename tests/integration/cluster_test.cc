@@ -394,7 +394,9 @@ TEST_P(ClusterOver, HostilePeersOnEveryPortWhileAJobRuns) {
           h.payload_len = 1000;
           h.aux = cluster::kGrant;
           h.EncodeTo(hdr);
-          out.assign(hdr, hdr + 1 + rng() % (sizeof(hdr) + 50));
+          out.assign(hdr, hdr + sizeof(hdr));
+          out.resize(sizeof(hdr) + 1100, 0x22);        // the whole frame,
+          out.resize(1 + rng() % (sizeof(hdr) + 50));  // cut short
           break;
         case 2:  // a frame claiming huge sizes, then a little of it
           h.meta_len = 60u << 20;
