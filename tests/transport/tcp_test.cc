@@ -183,13 +183,18 @@ struct BudgetedListener {
     EXPECT_TRUE(l.ok());
     listener = std::move(l).value();
   }
+  // The context goes first: its connections' handlers use the members below until then.
+  ~BudgetedListener() {
+    listener.reset();
+    ctx.reset();
+  }
   std::shared_ptr<InboundBudget> budget;
-  std::unique_ptr<Context> ctx;
-  std::unique_ptr<Listener> listener;
   std::mutex mu;
   std::condition_variable cv;
   std::vector<size_t> delivered;
   std::vector<std::string> closed_for;
+  std::unique_ptr<Context> ctx;
+  std::unique_ptr<Listener> listener;
 };
 
 // Sends a message frame header claiming meta_len and payload_len, then `body` bytes of it.
