@@ -10,6 +10,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -62,11 +64,20 @@ class Harness {
       if (std::memcmp(in.data() + i, kKeyMarker, 16) == 0 && key.size() == 16)
         std::memcpy(in.data() + i, key.data(), 16);
     int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (fd < 0) Die("socket");
+    // Each input connects from the next of 1024 loopback source addresses (127.2.x.y): this
+    // side closes first and keeps a TIME_WAIT socket for a minute, and at thousands of inputs a
+    // second one address's ephemeral ports would run out.
+    sockaddr_in src{};
+    src.sin_family = AF_INET;
+    uint32_t n = next_source_++ % 1024;
+    src.sin_addr.s_addr = htonl((127u << 24) | (2u << 16) | ((n / 250) << 8) | (n % 250 + 1));
+    if (bind(fd, reinterpret_cast<sockaddr*>(&src), sizeof(src)) != 0) Die("bind");
     sockaddr_in a{};
     a.sin_family = AF_INET;
     a.sin_port = htons(port_);
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) std::abort();
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) Die("connect");
     size_t sent = 0;
     char sink[65536];
     while (sent < in.size()) {
@@ -89,15 +100,27 @@ class Harness {
       if (recv(fd, sink, sizeof(sink), 0) <= 0) break;
     }
     close(fd);
-    if (budget_->peak() > budget_->limit()) std::abort();
+    if (budget_->peak() > budget_->limit()) {
+      std::fprintf(stderr, "fuzz_frame: inbound budget exceeded: peak %llu > limit %llu\n",
+                   static_cast<unsigned long long>(budget_->peak()),
+                   static_cast<unsigned long long>(budget_->limit()));
+      std::abort();
+    }
   }
 
  private:
+  // A failure of the harness itself (not of the code under test), said as such.
+  [[noreturn]] static void Die(const char* what) {
+    std::fprintf(stderr, "fuzz_frame harness: %s failed: %s\n", what, std::strerror(errno));
+    std::abort();
+  }
+
   std::shared_ptr<InboundBudget> budget_ = std::make_shared<InboundBudget>(8 << 20);
   std::unique_ptr<Context> ctx_;
   std::unique_ptr<MemoryRegion> region_;
   std::unique_ptr<Listener> listener_;
   uint16_t port_ = 0;
+  uint32_t next_source_ = 0;
 };
 
 }  // namespace
