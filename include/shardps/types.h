@@ -40,6 +40,28 @@ struct OptimizerConfig {
   Status Validate() const;
 };
 
+// How gradients (and, for fp16/bf16, parameters) of a tensor travel on the wire; the formats
+// are in docs/compression.md.
+enum class Codec : uint8_t { kNone = 0, kFp16 = 1, kBf16 = 2, kInt8 = 3, kOneBit = 4, kTopK = 5 };
+const char* CodecName(Codec c);
+
+// A tensor's gradient compression. Written as `none`, `fp16`, `bf16`, `int8[:block=N]`,
+// `onebit[:block=N]` or `topk[:R]` where R is a fraction (`0.01`), a percentage (`1%`), a count
+// (`k=1000`, or a bare integer); options are separated by commas, and `ef=on|off` sets error
+// feedback (on by default for onebit and topk, off for the others).
+struct Compression {
+  Codec codec = Codec::kNone;
+  uint32_t block = 256;         // int8, onebit: elements per fp32 scale
+  double ratio = 0.01;          // topk: fraction of the elements sent (when count is 0)
+  uint64_t count = 0;           // topk: elements sent per tensor (split over its chunks)
+  bool error_feedback = false;  // keep what the codec lost on the worker, add it next time
+
+  static Result<Compression> Parse(const std::string& s);
+  std::string ToString() const;
+  Status Validate() const;
+  bool operator==(const Compression& o) const = default;
+};
+
 // A dense float32 tensor to be held by the servers.
 struct TensorSpec {
   std::string name;
@@ -49,6 +71,10 @@ struct TensorSpec {
   const float* init = nullptr;
   float init_value = 0.0f;
   OptimizerConfig optimizer;
+  // How pushed gradients are encoded (the server decodes them into the update).
+  Compression compression;
+  // How parameters are pulled: kNone (fp32), kFp16 or kBf16 (expanded to fp32 on the worker).
+  Codec pull_codec = Codec::kNone;
 
   // Product of the shape; 0 for an invalid shape.
   uint64_t numel() const;

@@ -54,6 +54,13 @@ struct WorkerOptions {
 
 using TensorId = uint32_t;
 
+// What this worker moved on the data plane since it connected, as the wire carries it
+// (compressed bytes for compressed tensors).
+struct WorkerStats {
+  uint64_t bytes_pushed = 0;  // gradient bytes written into the servers' landing buffers
+  uint64_t bytes_pulled = 0;  // parameter bytes read from the published slots (every attempt)
+};
+
 namespace worker {
 struct OpState;
 }
@@ -104,6 +111,7 @@ class Worker {
   virtual Status Finish() = 0;
   // Why the job failed (a node died, the coordinator is gone); OK while healthy.
   virtual Status failure() const = 0;
+  virtual WorkerStats stats() const = 0;
 };
 
 }  // namespace shardps

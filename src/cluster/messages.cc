@@ -86,17 +86,32 @@ bool DecodeOptimizer(Reader* r, OptimizerConfig* o) {
   return true;
 }
 
+namespace {
+bool DecodeCodecs(Reader* r, CreateChunkItem* it) {
+  uint8_t push = 0, pull = 0;
+  if (!r->Get(&push) || !r->Get(&it->push_block) || !r->Get(&pull)) return false;
+  if (push > static_cast<uint8_t>(Codec::kTopK) || pull > static_cast<uint8_t>(Codec::kBf16))
+    return false;
+  it->push_codec = static_cast<Codec>(push);
+  it->pull_codec = static_cast<Codec>(pull);
+  return it->push_block > 0;
+}
+}  // namespace
+
 void CreateChunkItem::Encode(Writer* w) const {
   w->Put(chunk_id);
   w->PutString(tensor);
   w->Put(offset);
   w->Put(numel);
   EncodeOptimizer(optimizer, w);
+  w->Put(static_cast<uint8_t>(push_codec));
+  w->Put(push_block);
+  w->Put(static_cast<uint8_t>(pull_codec));
 }
 
 bool CreateChunkItem::Decode(Reader* r) {
   return r->Get(&chunk_id) && r->GetString(&tensor, 4096) && r->Get(&offset) && r->Get(&numel) &&
-         DecodeOptimizer(r, &optimizer);
+         DecodeOptimizer(r, &optimizer) && DecodeCodecs(r, this);
 }
 
 void ChunkSlots::Encode(Writer* w) const {
@@ -218,10 +233,12 @@ void PushDone::Encode(Writer* w) const {
   w->Put(buffer);
   w->Put(worker);
   w->Put(seq);
+  w->Put(bytes);
 }
 
 bool PushDone::Decode(Reader* r) {
-  return r->Get(&epoch) && r->Get(&chunk_id) && r->Get(&buffer) && r->Get(&worker) && r->Get(&seq);
+  return r->Get(&epoch) && r->Get(&chunk_id) && r->Get(&buffer) && r->Get(&worker) &&
+         r->Get(&seq) && r->Get(&bytes);
 }
 
 void PushAck::Encode(Writer* w) const {

@@ -99,6 +99,11 @@ struct CreateChunkItem {
   uint64_t offset = 0;
   uint64_t numel = 0;
   OptimizerConfig optimizer;
+  // How pushes to the chunk are encoded (codec and block; docs/compression.md) and how its
+  // parameters are published for pulls (kNone, kFp16, kBf16).
+  Codec push_codec = Codec::kNone;
+  uint32_t push_block = 256;
+  Codec pull_codec = Codec::kNone;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };
@@ -179,13 +184,15 @@ struct GrantRequest {
   [[nodiscard]] bool Decode(Reader* r);
 };
 
-// kPushDone: the push of `seq` of `chunk_id` by `worker` was written into landing `buffer`.
+// kPushDone: the push of `seq` of `chunk_id` by `worker` was written into landing `buffer`:
+// `bytes` bytes, the chunk's gradient in its push codec.
 struct PushDone {
   uint64_t epoch = 0;
   uint64_t chunk_id = 0;
   uint32_t buffer = 0;
   uint32_t worker = 0;
   uint64_t seq = 0;
+  uint64_t bytes = 0;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };
@@ -201,15 +208,16 @@ struct PushAck {
   [[nodiscard]] bool Decode(Reader* r);
 };
 
-// Byte layout of a chunk's two published slots: [floats][pad to 64][u64 tag][pad to 64].
+// Byte layout of a chunk's two published slots: [parameters][pad to 64][u64 tag][pad to 64],
+// the parameters as fp32, or encoded with the chunk's pull codec (fp16, bf16: 2 bytes each).
 struct SlotLayout {
   uint64_t data_bytes = 0;
   uint64_t trailer_offset = 0;
   uint64_t stride = 0;
 };
-inline SlotLayout LayoutFor(uint64_t numel) {
+inline SlotLayout LayoutFor(uint64_t numel, Codec pull = Codec::kNone) {
   SlotLayout l;
-  l.data_bytes = numel * 4;
+  l.data_bytes = pull == Codec::kNone ? numel * 4 : numel * 2;
   l.trailer_offset = (l.data_bytes + 63) / 64 * 64;
   l.stride = l.trailer_offset + 64;
   return l;

@@ -1,5 +1,9 @@
 #include "shardps/types.h"
 
+#include <charconv>
+#include <cstdlib>
+#include <string_view>
+
 #include <fmt/format.h>
 
 namespace shardps {
@@ -55,6 +59,124 @@ Status OptimizerConfig::Validate() const {
   if (!(eps > 0.0f)) return Status::InvalidArgument(fmt::format("eps {} <= 0", eps));
   if (!(initial_accumulator >= 0.0f))
     return Status::InvalidArgument("adagrad initial accumulator < 0");
+  return Status::OK();
+}
+
+const char* CodecName(Codec c) {
+  switch (c) {
+    case Codec::kNone:
+      return "none";
+    case Codec::kFp16:
+      return "fp16";
+    case Codec::kBf16:
+      return "bf16";
+    case Codec::kInt8:
+      return "int8";
+    case Codec::kOneBit:
+      return "onebit";
+    case Codec::kTopK:
+      return "topk";
+  }
+  return "?";
+}
+
+namespace {
+
+bool ParseUint(std::string_view v, uint64_t* out) {
+  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), *out);
+  return ec == std::errc() && p == v.data() + v.size() && !v.empty();
+}
+
+bool ParseRatio(std::string_view v, double* out) {
+  bool percent = !v.empty() && v.back() == '%';
+  if (percent) v.remove_suffix(1);
+  if (v.empty()) return false;
+  std::string t(v);
+  char* end = nullptr;
+  double d = std::strtod(t.c_str(), &end);
+  if (end != t.c_str() + t.size()) return false;
+  *out = percent ? d / 100.0 : d;
+  return true;
+}
+
+}  // namespace
+
+Result<Compression> Compression::Parse(const std::string& text) {
+  Compression c;
+  std::string_view s(text);
+  std::string_view name = s.substr(0, s.find(':'));
+  std::string_view opts = name.size() < s.size() ? s.substr(name.size() + 1) : std::string_view();
+  bool found = false;
+  for (Codec k :
+       {Codec::kNone, Codec::kFp16, Codec::kBf16, Codec::kInt8, Codec::kOneBit, Codec::kTopK}) {
+    if (name == CodecName(k)) {
+      c.codec = k;
+      found = true;
+    }
+  }
+  if (!found)
+    return Status::InvalidArgument(fmt::format(
+        "unknown compression '{}' (expected none, fp16, bf16, int8, onebit or topk)", name));
+  c.error_feedback = c.codec == Codec::kOneBit || c.codec == Codec::kTopK;
+  auto bad = [&](std::string_view o, const char* why) {
+    return Status::InvalidArgument(fmt::format("compression '{}': option '{}' {}", text, o, why));
+  };
+  while (!opts.empty()) {
+    std::string_view o = opts.substr(0, opts.find(','));
+    opts = o.size() < opts.size() ? opts.substr(o.size() + 1) : std::string_view();
+    auto eq = o.find('=');
+    std::string_view key = eq == std::string_view::npos ? std::string_view() : o.substr(0, eq);
+    std::string_view val = eq == std::string_view::npos ? o : o.substr(eq + 1);
+    uint64_t n = 0;
+    if (key == "ef") {
+      if (val != "on" && val != "off") return bad(o, "must be ef=on or ef=off");
+      c.error_feedback = val == "on";
+    } else if (c.codec == Codec::kInt8 || c.codec == Codec::kOneBit) {
+      if ((!key.empty() && key != "block") || !ParseUint(val, &n) || n == 0 || n > (1u << 20))
+        return bad(o, "is not block=N with N in [1, 1048576]");
+      c.block = static_cast<uint32_t>(n);
+    } else if (c.codec == Codec::kTopK) {
+      if (key == "k" || (key.empty() && val.find_first_of(".%") == std::string_view::npos)) {
+        if (!ParseUint(val, &n) || n == 0) return bad(o, "is not a positive count");
+        c.count = n;
+      } else if (key.empty() || key == "ratio") {
+        double r = 0;
+        if (!ParseRatio(val, &r) || !(r > 0.0 && r <= 0.5))
+          return bad(o, "is not a fraction in (0, 0.5] (e.g. 0.01 or 1%)");
+        c.ratio = r;
+        c.count = 0;
+      } else {
+        return bad(o, "is unknown (expected k=N, ratio=R or ef=on|off)");
+      }
+    } else {
+      return bad(o, "is unknown for this codec (only ef=on|off)");
+    }
+  }
+  SHARDPS_RETURN_IF_ERROR(c.Validate());
+  return c;
+}
+
+std::string Compression::ToString() const {
+  std::string s = CodecName(codec);
+  bool ef_default = codec == Codec::kOneBit || codec == Codec::kTopK;
+  std::string opts;
+  if (codec == Codec::kInt8 || codec == Codec::kOneBit) opts = fmt::format("block={}", block);
+  if (codec == Codec::kTopK)
+    opts = count ? fmt::format("k={}", count) : fmt::format("ratio={}", ratio);
+  if (error_feedback != ef_default) {
+    if (!opts.empty()) opts += ",";
+    opts += error_feedback ? "ef=on" : "ef=off";
+  }
+  return opts.empty() ? s : s + ":" + opts;
+}
+
+Status Compression::Validate() const {
+  if (static_cast<uint8_t>(codec) > static_cast<uint8_t>(Codec::kTopK))
+    return Status::InvalidArgument(fmt::format("unknown codec {}", static_cast<int>(codec)));
+  if ((codec == Codec::kInt8 || codec == Codec::kOneBit) && (block == 0 || block > (1u << 20)))
+    return Status::InvalidArgument(fmt::format("compression block {} outside [1, 1048576]", block));
+  if (codec == Codec::kTopK && count == 0 && !(ratio > 0.0 && ratio <= 0.5))
+    return Status::InvalidArgument(fmt::format("topk ratio {} outside (0, 0.5]", ratio));
   return Status::OK();
 }
 

@@ -166,11 +166,12 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
   step.acks.push_back(std::move(p.reply));
   bool next_in_line = seq == version() + 1;
   if (step.count + 1 == cfg_.num_workers && next_in_line) {
-    // The step's last push is folded straight into the update (no accumulator pass).
+    // The step's last push is folded straight into the update (no accumulator pass): it is
+    // the gradient (decoded as the update goes, when compressed) and the others' sum the extra.
     GradientView sum = SumView(step.sum);
     bool has_sum = step.count > 0;
     Update(
-        has_sum ? sum : p.grad, has_sum ? &p.grad : nullptr, Scale(),
+        p.grad, has_sum ? &sum : nullptr, Scale(),
         [this, seq, buffer = p.buffer](EngineActions* o) {
           o->release.push_back(buffer);
           auto it = steps_.find(seq);
@@ -182,7 +183,7 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
     return;
   }
   if (step.count == 0) {
-    if (next_in_line) {
+    if (next_in_line && !slots_.master) {
       // The next slot is free while this step is next in line: sum there (no model-sized
       // accumulator in sync mode). It no longer holds a valid version.
       uint8_t* slot = Slot(version() + 1);
@@ -271,30 +272,35 @@ void ChunkEngine::Update(const GradientView& grad, const GradientView* extra, fl
   std::atomic_thread_fence(std::memory_order_seq_cst);
   updating_ = true;
   after_update_ = std::move(then);
-  const auto* in = reinterpret_cast<const float*>(Slot(v));
-  auto* dst = reinterpret_cast<float*>(next);
+  // Plain slots: version v+1 is computed from slot v into slot v+1. Encoded slots: the fp32
+  // master is updated in place and published encoded into slot v+1.
+  const auto* in = slots_.master ? slots_.master : reinterpret_cast<const float*>(Slot(v));
+  auto* dst = slots_.master ? slots_.master : reinterpret_cast<float*>(next);
+  Publish publish{next, slots_.publish};
   auto caller = std::this_thread::get_id();
   auto inline_done = std::make_shared<std::atomic<bool>>(false);
   auto in_apply = std::make_shared<std::atomic<bool>>(true);
-  rule_->Apply(in, dst, grad, extra, scale, [this, out, caller, inline_done, in_apply](Status st) {
-    if (in_apply->load() && std::this_thread::get_id() == caller) {
-      inline_done->store(true);
-      OnUpdateDone(std::move(st), out);
-      return;
-    }
-    // Completed later (a device rule): finish on the owner thread and hand the actions over.
-    auto finish = [this, st = std::move(st)]() mutable {
-      EngineActions a;
-      OnUpdateDone(std::move(st), &a);
-      Drain(&a);
-      if (later_) later_(std::move(a));
-    };
-    if (to_owner_) {
-      to_owner_(std::move(finish));
-    } else {
-      finish();
-    }
-  });
+  rule_->Apply(in, dst, grad, extra, scale, slots_.master ? &publish : nullptr,
+               [this, out, caller, inline_done, in_apply](Status st) {
+                 if (in_apply->load() && std::this_thread::get_id() == caller) {
+                   inline_done->store(true);
+                   OnUpdateDone(std::move(st), out);
+                   return;
+                 }
+                 // Completed later (a device rule): finish on the owner thread and hand the actions
+                 // over.
+                 auto finish = [this, st = std::move(st)]() mutable {
+                   EngineActions a;
+                   OnUpdateDone(std::move(st), &a);
+                   Drain(&a);
+                   if (later_) later_(std::move(a));
+                 };
+                 if (to_owner_) {
+                   to_owner_(std::move(finish));
+                 } else {
+                   finish();
+                 }
+               });
   in_apply->store(false);
 }
 

@@ -90,10 +90,14 @@ struct EngineActions {
   bool empty() const { return acks.empty() && release.empty() && admit.empty(); }
 };
 
-// Memory of the published slots (cluster::SlotLayout): slot v % 2 holds version v.
+// Memory of the published slots (cluster::SlotLayout): slot v % 2 holds version v. With a
+// pull codec (fp16, bf16) the slots hold the parameters encoded and `master` (numel floats,
+// the initial values) the fp32 parameters that the updates work on in place.
 struct SlotMemory {
   uint8_t* base = nullptr;
   cluster::SlotLayout layout;
+  Codec publish = Codec::kNone;
+  float* master = nullptr;
 };
 
 class ChunkEngine {

@@ -1,8 +1,10 @@
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include <fmt/format.h>
 
+#include "compress/codec.h"
 #include "server/applier.h"
 #include "server/update_rule.h"
 
@@ -20,8 +22,9 @@ class HostAccumulator final : public Accumulator {
 
 class CpuUpdateRule final : public UpdateRule {
  public:
-  CpuUpdateRule(const OptimizerConfig& cfg, uint64_t numel, Applier* parallel, size_t range)
-      : cfg_(cfg), numel_(numel), parallel_(parallel), range_(range) {
+  CpuUpdateRule(const OptimizerConfig& cfg, uint64_t numel, Applier* parallel, size_t range,
+                std::string name)
+      : cfg_(cfg), numel_(numel), parallel_(parallel), range_(range), name_(std::move(name)) {
     InitOptimizerState(cfg_, numel_, &state_);
   }
 
@@ -33,33 +36,48 @@ class CpuUpdateRule final : public UpdateRule {
   }
 
   Status Check(const GradientView& g) const override {
-    if (g.dtype != Dtype::kFloat32 || g.encoding != Encoding::kNone)
-      return Status::InvalidArgument("the cpu update rule takes plain float32 gradients");
-    if (g.numel != numel_ || g.bytes != numel_ * sizeof(float))
+    if (g.dtype != Dtype::kFloat32)
+      return Status::InvalidArgument(name_ + ": the cpu update rule takes float32 gradients");
+    if (g.numel != numel_)
       return Status::InvalidArgument(
-          fmt::format("gradient of {} elements in {} bytes for a chunk of {} elements", g.numel,
-                      g.bytes, numel_));
-    if (g.data == nullptr) return Status::InvalidArgument("gradient without data");
+          fmt::format("{}: gradient of {} elements for {} elements", name_, g.numel, numel_));
+    if (g.data == nullptr) return Status::InvalidArgument(name_ + ": gradient without data");
+    Status st = compress::Check(g.encoding, g.block, g.data, g.bytes, numel_);
+    if (!st.ok()) return Status::InvalidArgument(name_ + ": " + st.message());
     return Status::OK();
   }
 
   void Fold(float* dst, const GradientView& g, bool first) override {
-    const auto* src = static_cast<const float*>(g.data);
     For([&](size_t lo, size_t hi) {
-      if (first) {
-        std::memcpy(dst + lo, src + lo, (hi - lo) * sizeof(float));
-      } else {
-        Accumulate(dst + lo, src + lo, hi - lo);
-      }
+      compress::DecodeRange(g.encoding, g.block, g.data, numel_, lo, hi, dst + lo, !first);
     });
   }
 
   void Apply(const float* in, float* out, const GradientView& grad, const GradientView* extra,
-             float scale, Done done) override {
+             float scale, const Publish* publish, Done done) override {
     OptimizerStep step(cfg_, scale, &state_);
-    const auto* g = static_cast<const float*>(grad.data);
     const auto* e = extra ? static_cast<const float*>(extra->data) : nullptr;
-    For([&](size_t lo, size_t hi) { step.Run(in, out, g, e, lo, hi); });
+    if (grad.encoding == Codec::kNone && !publish) {
+      const auto* g = static_cast<const float*>(grad.data);
+      For([&](size_t lo, size_t hi) { step.Run(in, out, g, e, lo, hi); });
+    } else {
+      // Decoded a cache-sized block at a time straight into the update (and published from
+      // there): the push is read once and no decoded copy of it exists.
+      For([&](size_t lo, size_t hi) {
+        float block[kDecodeBlock];
+        for (size_t b = lo; b < hi; b += kDecodeBlock) {
+          const size_t end = std::min(hi, b + kDecodeBlock);
+          if (grad.encoding == Codec::kNone) {
+            step.Run(in, out, static_cast<const float*>(grad.data), e, b, end);
+          } else {
+            compress::DecodeRange(grad.encoding, grad.block, grad.data, numel_, b, end, block,
+                                  false);
+            step.RunBlock(in, out, block, e, b, end);
+          }
+          if (publish) compress::EncodeParams(publish->codec, out, b, end, publish->data);
+        }
+      });
+    }
     done(Status::OK());
   }
 
@@ -75,16 +93,20 @@ class CpuUpdateRule final : public UpdateRule {
 
   OptimizerConfig cfg_;
   uint64_t numel_;
+  static constexpr size_t kDecodeBlock = 2048;  // 8 KiB of decoded floats, in L1
+
   Applier* parallel_;
   size_t range_;
+  std::string name_;
   OptimizerState state_;
 };
 
 }  // namespace
 
 std::unique_ptr<UpdateRule> MakeCpuUpdateRule(const OptimizerConfig& cfg, uint64_t numel,
-                                              Applier* parallel, size_t range_elements) {
-  return std::make_unique<CpuUpdateRule>(cfg, numel, parallel, range_elements);
+                                              Applier* parallel, size_t range_elements,
+                                              std::string name) {
+  return std::make_unique<CpuUpdateRule>(cfg, numel, parallel, range_elements, std::move(name));
 }
 
 }  // namespace shardps::server

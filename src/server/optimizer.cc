@@ -113,6 +113,18 @@ void OptimizerStep::Run(const float* in, float* out, const float* grad, const fl
   }
 }
 
+void OptimizerStep::RunBlock(const float* in, float* out, const float* grad_block,
+                             const float* extra, size_t lo, size_t hi) const {
+  if (hi <= lo) return;
+  float* m = m_ ? m_ + lo : nullptr;
+  float* v = v_ ? v_ + lo : nullptr;
+  if (extra) {
+    server::Run(kind_, k_, in + lo, out + lo, Two{grad_block, extra + lo}, m, v, hi - lo);
+  } else {
+    server::Run(kind_, k_, in + lo, out + lo, One{grad_block}, m, v, hi - lo);
+  }
+}
+
 void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
                     const float* extra, float scale, size_t n, OptimizerState* state) {
   OptimizerStep(cfg, scale, state).Run(in, out, grad, extra, 0, n);

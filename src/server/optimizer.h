@@ -38,6 +38,10 @@ class OptimizerStep {
   OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerState* state);
   void Run(const float* in, float* out, const float* grad, const float* extra, size_t lo,
            size_t hi) const;
+  // The same over [lo, hi) with the gradient of element lo at grad_block[0] (a decoded block);
+  // in, out and extra are indexed as in Run.
+  void RunBlock(const float* in, float* out, const float* grad_block, const float* extra, size_t lo,
+                size_t hi) const;
 
  private:
   struct Params {

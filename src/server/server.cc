@@ -22,6 +22,7 @@
 #include "cluster/messages.h"
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
+#include "compress/codec.h"
 #include "server/applier.h"
 #include "server/chunk_engine.h"
 #include "server/landing_pool.h"
@@ -105,6 +106,10 @@ struct Chunk {
   uint64_t numel = 0;
   SlotLayout layout;
   std::unique_ptr<transport::MemoryRegion> slots;
+  Codec push_codec = Codec::kNone;
+  uint32_t push_block = 256;
+  Codec pull_codec = Codec::kNone;
+  std::vector<float> master;  // fp32 parameters when the slots hold them encoded (pull codec)
   bool inline_apply = false;  // owned by the data loop thread rather than an apply thread
   std::unique_ptr<ChunkEngine> engine;
 };
@@ -361,6 +366,9 @@ class ServerImpl final : public Server {
                          fmt::format("chunk {} of '{}' has {} elements; the bound is {}",
                                      it.chunk_id, it.tensor, it.numel, view_.chunk_bytes / 4)));
       Status v = it.optimizer.Validate();
+      if (v.ok() && (it.push_block == 0 || it.push_block > (1u << 20)))
+        v = Status::InvalidArgument(
+            fmt::format("compression block {} outside [1, 1048576]", it.push_block));
       if (!v.ok()) return Reply(*c, req, v.WithContext("tensor '" + it.tensor + "'"));
       total += it.numel * 4;
     }
@@ -402,6 +410,13 @@ class ServerImpl final : public Server {
                                                    item.chunk_id, ch->numel, ch->tensor));
           break;
         }
+        if (ch->push_codec != item.push_codec || ch->push_block != item.push_block ||
+            ch->pull_codec != item.pull_codec) {
+          st = Status::InvalidArgument(fmt::format(
+              "tensor '{}' exists with push codec {} (block {}) and pull codec {}", ch->tensor,
+              CodecName(ch->push_codec), ch->push_block, CodecName(ch->pull_codec)));
+          break;
+        }
         ChunkSlots& slots = reply.chunks.emplace_back();
         slots.key = ch->slots->remote_key();
         slots.slot_stride = ch->layout.stride;
@@ -425,12 +440,20 @@ class ServerImpl final : public Server {
     ch->tensor = it.tensor;
     ch->offset = it.offset;
     ch->numel = it.numel;
-    ch->layout = LayoutFor(it.numel);
+    ch->push_codec = it.push_codec;
+    ch->push_block = it.push_block;
+    ch->pull_codec = it.pull_codec;
+    ch->layout = LayoutFor(it.numel, it.pull_codec);
     ch->inline_apply = it.numel * 4 <= kInlineApplyBytes;
     auto region = data_ctx_->AllocateRegion(ch->layout.stride * 2);
     if (!region.ok()) return region.status().WithContext("allocating chunk " + it.tensor);
     ch->slots = std::move(region).value();
-    std::memcpy(ch->slots->data(), init, ch->layout.data_bytes);
+    if (it.pull_codec == Codec::kNone) {
+      std::memcpy(ch->slots->data(), init, ch->layout.data_bytes);
+    } else {
+      ch->master.assign(init, init + it.numel);
+      compress::EncodeParams(it.pull_codec, ch->master.data(), 0, it.numel, ch->slots->data());
+    }
     EngineConfig ec;
     ec.mode = view_.mode;
     ec.num_workers = view_.num_workers;
@@ -438,8 +461,12 @@ class ServerImpl final : public Server {
     ec.max_steps_ahead = kMaxStepsAhead;
     Chunk* raw = ch.get();
     ch->engine = std::make_unique<ChunkEngine>(
-        ec, MakeCpuUpdateRule(it.optimizer, it.numel, &applier_, kRangeElements),
-        SlotMemory{static_cast<uint8_t*>(ch->slots->data()), ch->layout},
+        ec,
+        MakeCpuUpdateRule(it.optimizer, it.numel, &applier_, kRangeElements,
+                          fmt::format("tensor '{}' chunk {} (elements {}..{})", it.tensor,
+                                      it.chunk_id, it.offset, it.offset + it.numel)),
+        SlotMemory{static_cast<uint8_t*>(ch->slots->data()), ch->layout, ch->pull_codec,
+                   ch->master.empty() ? nullptr : ch->master.data()},
         [this, raw](std::function<void()> fn) { OnOwner(*raw, std::move(fn)); },
         [this, raw](EngineActions a) { Execute(*raw, std::move(a)); });
     versions_++;  // version 0
@@ -464,10 +491,7 @@ class ServerImpl final : public Server {
     if (!g.Decode(&r) || !r.done()) return Drop(c, "malformed grant request");
     Chunk* ch = FindChunk(g.chunk_id);
     if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", g.chunk_id)));
-    if (g.bytes != ch->numel * 4)
-      return Reply(*c, req,
-                   Status::InvalidArgument(fmt::format("push of {} bytes into chunk {} of {} bytes",
-                                                       g.bytes, g.chunk_id, ch->numel * 4)));
+    if (Status st = CheckPushBytes(*ch, g.bytes); !st.ok()) return Reply(*c, req, st);
     if (g.worker >= view_.num_workers)
       return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", g.worker)));
     grant_requests_++;
@@ -479,6 +503,20 @@ class ServerImpl final : public Server {
       return;
     }
     RequestBuffer(c, req, g.chunk_id, g.seq);
+  }
+
+  // The bytes a push to `ch` may have: its codec's length for the chunk (topk: its count of
+  // elements, at most the chunk's), within a landing buffer.
+  Status CheckPushBytes(const Chunk& ch, uint64_t bytes) const {
+    uint64_t want = compress::EncodedBytes({ch.push_codec, ch.push_block, 0}, ch.numel);
+    bool ok = bytes == want;
+    if (ch.push_codec == Codec::kTopK)
+      ok = bytes >= 4 && (bytes - 4) % 8 == 0 && (bytes - 4) / 8 <= ch.numel;
+    if (ok && bytes <= pool_.buffer_bytes()) return Status::OK();
+    return Status::InvalidArgument(
+        fmt::format("push of {} bytes into chunk {} of tensor '{}' ({} elements, {}{})", bytes,
+                    ch.id, ch.tensor, ch.numel, CodecName(ch.push_codec),
+                    ch.push_codec == Codec::kTopK ? "" : fmt::format(": {} bytes", want)));
   }
 
   void RequestBuffer(const std::shared_ptr<Connection>& c, uint64_t req, uint64_t chunk_id,
@@ -511,13 +549,19 @@ class ServerImpl final : public Server {
       return Drop(c, fmt::format("push of step {} of chunk {} names landing buffer {} that it "
                                  "does not hold for it",
                                  d.seq, d.chunk_id, d.buffer));
+    if (Status st = CheckPushBytes(*ch, d.bytes); !st.ok()) {
+      pool_.Release(d.buffer);
+      return Reply(*c, req, st);
+    }
     LandedPush p;
     p.worker = d.worker;
     p.seq = d.seq;
     p.buffer = d.buffer;
     p.grad.data = pool_.data(d.buffer);
     p.grad.numel = ch->numel;
-    p.grad.bytes = ch->numel * 4;
+    p.grad.bytes = d.bytes;
+    p.grad.encoding = ch->push_codec;
+    p.grad.block = ch->push_block;
     p.reply = ReplyTo{c, req};
     OnOwner(*ch, [this, ch, p = std::move(p)]() mutable {
       Execute(*ch, ch->engine->OnPush(std::move(p)));

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 
 #include "server/optimizer.h"
 #include "shardps/status.h"
@@ -20,18 +21,24 @@ namespace shardps::server {
 class Applier;
 
 enum class Dtype : uint8_t { kFloat32 = 0 };
-// How the bytes of a pushed gradient encode its `numel` elements. Only plain values exist yet;
-// compressed encodings are added beside it (docs/compression.md, once written).
-enum class Encoding : uint8_t { kNone = 0 };
 
 // A gradient as it landed: `bytes` bytes at `data` (in the rule's memory kind) encoding
-// `numel` elements of `dtype`.
+// `numel` elements of `dtype` with `encoding` (a codec of docs/compression.md; `block` for
+// int8 and onebit).
 struct GradientView {
   const void* data = nullptr;
   uint64_t bytes = 0;
   uint64_t numel = 0;
   Dtype dtype = Dtype::kFloat32;
-  Encoding encoding = Encoding::kNone;
+  Codec encoding = Codec::kNone;
+  uint32_t block = 256;
+};
+
+// Where an update also publishes the new parameters encoded for compressed pulls (fp16, bf16),
+// element i at element i of `data`; written range by range as the update computes them.
+struct Publish {
+  void* data = nullptr;
+  Codec codec = Codec::kNone;
 };
 
 // Scratch memory for a step's running sum, in the rule's memory kind.
@@ -53,23 +60,29 @@ class UpdateRule {
   virtual std::unique_ptr<Accumulator> NewAccumulator() = 0;
 
   // Checks that `g` is a well-formed gradient of numel() elements (right length for its
-  // encoding, values decodable). Nothing is changed when it is not.
+  // encoding, scales finite, indices in range and ascending: compress::Check); the error names
+  // the rule's chunk. Nothing is changed when it is not.
   virtual Status Check(const GradientView& g) const = 0;
 
-  // dst = g (first) or dst += g, element-wise, over numel() floats; `g` passed Check.
+  // dst = g (first) or dst += g, element-wise, over numel() floats, decoding `g` as it goes (no
+  // decoded copy); `g` passed Check.
   virtual void Fold(float* dst, const GradientView& g, bool first) = 0;
 
   // out = rule(in, scale * (grad + extra)), with extra optional (nullptr), advancing the
-  // optimizer state by one step; `out` may alias `in` or grad's data. `done` is called exactly
-  // once: inline (CPU) or later on another thread (a device rule), which the caller must then
-  // route to the chunk's owner.
+  // optimizer state by one step; `grad` is decoded range by range into the update, and `extra`
+  // is plain fp32 (a running sum). `out` may alias `in` or grad's data. With `publish`, the new
+  // parameters are also written encoded there. `done` is called exactly once: inline (CPU) or
+  // later on another thread (a device rule), which the caller must then route to the chunk's
+  // owner.
   virtual void Apply(const float* in, float* out, const GradientView& grad,
-                     const GradientView* extra, float scale, Done done) = 0;
+                     const GradientView* extra, float scale, const Publish* publish, Done done) = 0;
 };
 
 // The CPU rule: today's fused optimizer in cache-sized blocks, split over idle apply threads
 // (`parallel`, may be null) for large chunks in ranges of `range_elements`.
+// `name` (e.g. "tensor 'w1' chunk 3") prefixes the errors of Check.
 std::unique_ptr<UpdateRule> MakeCpuUpdateRule(const OptimizerConfig& cfg, uint64_t numel,
-                                              Applier* parallel, size_t range_elements);
+                                              Applier* parallel, size_t range_elements,
+                                              std::string name = "chunk");
 
 }  // namespace shardps::server

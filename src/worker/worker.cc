@@ -17,6 +17,7 @@
 #include "cluster/messages.h"
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
+#include "compress/codec.h"
 #include "core/environment.h"
 #include "transport/context.h"
 
@@ -147,16 +148,66 @@ struct ChunkRef {
   uint32_t server = 0;
   uint64_t offset = 0;
   uint64_t numel = 0;
+  compress::ChunkCodec codec;   // how its pushes are encoded
+  uint64_t encoded_offset = 0;  // where its encoding starts in the tensor's staging buffer
+  uint64_t encoded_bytes = 0;
+  Codec pull_codec = Codec::kNone;
   ChunkSlots slots;
   SlotLayout layout;
   std::atomic<uint64_t> known_version{0};
   std::atomic<uint64_t> next_seq{1};
 };
 
+// Registered buffers that a tensor's pushes are encoded into, one per push in flight: taken
+// when a push starts, given back when its last chunk was written. Thread-safe.
+class StagingPool : public std::enable_shared_from_this<StagingPool> {
+ public:
+  StagingPool(transport::Context* ctx, uint64_t bytes) : ctx_(ctx), bytes_(bytes) {}
+
+  // A buffer for one push; it comes back to the pool when the last reference goes.
+  Result<std::shared_ptr<transport::MemoryRegion>> Take() {
+    std::unique_ptr<transport::MemoryRegion> r;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        r = std::move(free_.back());
+        free_.pop_back();
+      }
+    }
+    if (!r) {
+      auto made = ctx_->AllocateRegion(bytes_);
+      if (!made.ok()) return made.status().WithContext("allocating a compression buffer");
+      r = std::move(made).value();
+    }
+    std::weak_ptr<StagingPool> pool = weak_from_this();
+    return std::shared_ptr<transport::MemoryRegion>(
+        r.release(), [pool](transport::MemoryRegion* m) {
+          std::unique_ptr<transport::MemoryRegion> own(m);
+          if (auto p = pool.lock()) {
+            std::lock_guard<std::mutex> lock(p->mu_);
+            p->free_.push_back(std::move(own));
+          }
+        });
+  }
+
+ private:
+  transport::Context* ctx_;
+  const uint64_t bytes_;
+  std::mutex mu_;
+  std::vector<std::unique_ptr<transport::MemoryRegion>> free_;  // guarded by mu_
+};
+
 struct TensorInfo {
   std::string name;
   uint64_t numel = 0;
+  Compression compression;
+  Codec pull_codec = Codec::kNone;
   std::vector<std::unique_ptr<ChunkRef>> chunks;
+  // Compressed pushes: the staging buffers and, with error feedback, what the codec lost so
+  // far (numel floats; touched only by the thread that issues the tensor's operations).
+  std::shared_ptr<StagingPool> staging;
+  uint64_t encoded_bytes = 0;
+  std::vector<float> residual;
 };
 
 // Reads the newest published version of a chunk into `dst`, seqlock style. An attempt reads
@@ -169,6 +220,8 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
   std::shared_ptr<RpcChannel> rpc;
   ChunkRef* chunk;
   float* dst;
+  std::atomic<uint64_t>* bytes_pulled = nullptr;
+  std::vector<uint8_t> encoded;  // a pull codec's bytes, expanded into dst once consistent
   std::shared_ptr<OpState> op;
   uint64_t expect = 0;     // tag of the slot being read, as observed before this attempt
   uint64_t other_tag = 0;  // the other slot's tag, read beside the floats
@@ -206,7 +259,13 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
     uint64_t slot = (expect - 1) % 2;
     pending = 2;
     Connection& c = rpc->connection();
-    c.Read(dst, chunk->layout.data_bytes, chunk->slots.key, slot * chunk->layout.stride,
+    void* into = dst;
+    if (chunk->pull_codec != Codec::kNone) {
+      encoded.resize(chunk->layout.data_bytes);
+      into = encoded.data();
+    }
+    if (bytes_pulled) *bytes_pulled += chunk->layout.data_bytes;
+    c.Read(into, chunk->layout.data_bytes, chunk->slots.key, slot * chunk->layout.stride,
            Joined(&PullJob::ReadTagAfter));
     c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, TagOffset(1 - slot),
            Joined(&PullJob::ReadTagAfter));
@@ -222,6 +281,8 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
   void Check() {
     if (tag_after == expect) {
       uint64_t v = expect - 1;
+      if (chunk->pull_codec != Codec::kNone)
+        compress::DecodeParams(chunk->pull_codec, encoded.data(), chunk->numel, dst);
       RaiseTo(chunk->known_version, v);
       return op->ChunkDone(Status::OK(), v);
     }
@@ -358,6 +419,11 @@ class WorkerImpl final : public Worker {
       if (s.numel() == 0)
         return Status::InvalidArgument(fmt::format("tensor '{}' has an invalid shape", s.name));
       SHARDPS_RETURN_IF_ERROR(s.optimizer.Validate().WithContext("tensor '" + s.name + "'"));
+      SHARDPS_RETURN_IF_ERROR(s.compression.Validate().WithContext("tensor '" + s.name + "'"));
+      if (!compress::IsPullCodec(s.pull_codec))
+        return Status::InvalidArgument(
+            fmt::format("tensor '{}': parameters are pulled as none, fp16 or bf16, not {}", s.name,
+                        CodecName(s.pull_codec)));
       if (!names.insert(s.name).second)
         return Status::InvalidArgument(fmt::format("tensor '{}' is declared twice", s.name));
       {
@@ -386,20 +452,34 @@ class WorkerImpl final : public Worker {
       auto info = std::make_unique<TensorInfo>();
       info->name = specs[i].name;
       info->numel = items[i].numel;
+      info->compression = specs[i].compression;
+      info->pull_codec = specs[i].pull_codec;
       for (const auto& p : (*placements)[i].chunks) {
         auto ref = std::make_unique<ChunkRef>();
         ref->chunk_id = p.chunk_id;
         ref->server = p.server;
         ref->offset = p.offset;
         ref->numel = p.numel;
-        ref->layout = LayoutFor(p.numel);
+        ref->codec = compress::ForChunk(specs[i].compression, info->numel, p.offset, p.numel);
+        ref->encoded_offset = info->encoded_bytes;
+        ref->encoded_bytes = compress::EncodedBytes(ref->codec, p.numel);
+        info->encoded_bytes += (ref->encoded_bytes + 63) / 64 * 64;  // each chunk 64-aligned
+        ref->pull_codec = specs[i].pull_codec;
+        ref->layout = LayoutFor(p.numel, ref->pull_codec);
         auto& batches = per[p.server];
         if (batches.empty() || batches.back().count >= kCreateBatchItems ||
             (batches.back().count > 0 &&
              batches.back().init.size() + p.numel * 4 > kCreateBatchBytes))
           batches.emplace_back();
         Batch& ps = batches.back();
-        CreateChunkItem ci{p.chunk_id, specs[i].name, p.offset, p.numel, specs[i].optimizer};
+        CreateChunkItem ci{p.chunk_id,
+                           specs[i].name,
+                           p.offset,
+                           p.numel,
+                           specs[i].optimizer,
+                           specs[i].compression.codec,
+                           specs[i].compression.block,
+                           specs[i].pull_codec};
         Writer w(&ps.body);
         ci.Encode(&w);
         ps.count++;
@@ -415,6 +495,10 @@ class WorkerImpl final : public Worker {
         }
         ps.refs.push_back(ref.get());
         info->chunks.push_back(std::move(ref));
+      }
+      if (info->compression.codec != Codec::kNone) {
+        info->staging = std::make_shared<StagingPool>(data_ctx_.get(), info->encoded_bytes);
+        if (info->compression.error_feedback) info->residual.assign(info->numel, 0.0f);
       }
       infos.push_back(std::move(info));
     }
@@ -479,6 +563,13 @@ class WorkerImpl final : public Worker {
   }
   Status failure() const override { return node_->failure(); }
 
+  WorkerStats stats() const override {
+    WorkerStats st;
+    st.bytes_pushed = bytes_pushed_.load();
+    st.bytes_pulled = bytes_pulled_.load();
+    return st;
+  }
+
  private:
   struct FailedServers {
     std::mutex mu;
@@ -527,13 +618,37 @@ class WorkerImpl final : public Worker {
       op->error = f;
       return Handle(op);
     }
+    // A compressed push is encoded here, before the call returns, into a registered buffer
+    // that the chunks are written from (the gradient may be reused once it is encoded).
+    std::shared_ptr<transport::MemoryRegion> staged;
+    if (grad && t->staging) {
+      auto r = t->staging->Take();
+      if (!r.ok()) {
+        op->error = r.status();
+        return Handle(op);
+      }
+      staged = std::move(r).value();
+      auto* base = static_cast<uint8_t*>(staged->data());
+      for (auto& c : t->chunks)
+        compress::Encode(c->codec, grad + c->offset, c->numel, base + c->encoded_offset,
+                         t->residual.empty() ? nullptr : t->residual.data() + c->offset);
+    }
     op->remaining = t->chunks.size();
     for (auto& c : t->chunks) {
       ChunkRef* ref = c.get();
       auto rpc = servers_[ref->server];
       if (grad) {
         uint64_t seq = ref->next_seq.fetch_add(1);
-        PushChunk(rpc, ref, grad + ref->offset, seq, op, out ? out + ref->offset : nullptr);
+        PushSource src;
+        if (staged) {
+          src.region = staged;
+          src.offset = ref->encoded_offset;
+          src.bytes = ref->encoded_bytes;
+        } else {
+          src.ptr = grad + ref->offset;
+          src.bytes = ref->numel * 4;
+        }
+        PushChunk(rpc, ref, std::move(src), seq, op, out ? out + ref->offset : nullptr);
       } else {
         PullChunk(rpc, ref, out + ref->offset, op);
       }
@@ -548,6 +663,7 @@ class WorkerImpl final : public Worker {
     job->chunk = ref;
     job->dst = dst;
     job->op = op;
+    job->bytes_pulled = &bytes_pulled_;
     job->Start();
   }
 
@@ -567,42 +683,60 @@ class WorkerImpl final : public Worker {
     return g;
   }
 
+  // What a chunk's push writes: the caller's fp32 gradient, or its encoding in a staging
+  // buffer (kept alive until the write completed).
+  struct PushSource {
+    const void* ptr = nullptr;
+    std::shared_ptr<transport::MemoryRegion> region;
+    uint64_t offset = 0;
+    uint64_t bytes = 0;
+  };
+
   // (grant ->) one-sided write into the landing buffer -> notification -> ack (-> pull). A
   // buffer granted ahead spares the grant round trip.
-  void PushChunk(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, const float* src,
+  void PushChunk(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, PushSource src,
                  uint64_t seq, const std::shared_ptr<OpState>& op, float* then_pull) {
     if (std::optional<Grant> g = TakeCredit(ref->server))
-      return WriteAndNotify(rpc, ref, src, seq, op, then_pull, *g);
+      return WriteAndNotify(rpc, ref, std::move(src), seq, op, then_pull, *g);
     Bytes body;
     Writer w(&body);
-    GrantRequest{.chunk_id = ref->chunk_id, .bytes = ref->numel * 4, .worker = rank_, .seq = seq}
-        .Encode(&w);
+    GrantRequest{.chunk_id = ref->chunk_id, .bytes = src.bytes, .worker = rank_, .seq = seq}.Encode(
+        &w);
     rpc->Call(kGrant, body, {},
-              [this, rpc, ref, src, seq, op, then_pull](Status st, Reader& r, transport::Message&) {
+              [this, rpc, ref, src = std::move(src), seq, op, then_pull](
+                  Status st, Reader& r, transport::Message&) mutable {
                 Grant g;
                 if (st.ok() && !g.Decode(&r)) st = Status::ProtocolError("malformed grant");
                 if (!st.ok()) return op->ChunkDone(st, 0);
-                WriteAndNotify(rpc, ref, src, seq, op, then_pull, g);
+                WriteAndNotify(rpc, ref, std::move(src), seq, op, then_pull, g);
               });
   }
 
-  void WriteAndNotify(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, const float* src,
+  void WriteAndNotify(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, PushSource src,
                       uint64_t seq, const std::shared_ptr<OpState>& op, float* then_pull,
                       const Grant& g) {
     uint32_t me = rank_, buffer = g.buffer;
-    rpc->connection().Write(
-        src, ref->numel * 4, g.key, g.offset,
-        [this, rpc, ref, seq, op, then_pull, me, buffer](Status st) {
-          if (!st.ok()) return op->ChunkDone(st, 0);
-          Bytes note;
-          Writer w(&note);
-          PushDone{.chunk_id = ref->chunk_id, .buffer = buffer, .worker = me, .seq = seq}.Encode(
-              &w);
-          rpc->Call(kPushDone, note, {},
-                    [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {
-                      OnPushAck(rpc, ref, op, then_pull, st, r);
-                    });
-        });
+    const uint64_t bytes = src.bytes;
+    bytes_pushed_ += bytes;
+    auto written = [this, rpc, ref, seq, op, then_pull, me, buffer, bytes,
+                    hold = src.region](Status st) {
+      if (!st.ok()) return op->ChunkDone(st, 0);
+      Bytes note;
+      Writer w(&note);
+      PushDone{
+          .chunk_id = ref->chunk_id, .buffer = buffer, .worker = me, .seq = seq, .bytes = bytes}
+          .Encode(&w);
+      rpc->Call(kPushDone, note, {},
+                [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {
+                  OnPushAck(rpc, ref, op, then_pull, st, r);
+                });
+    };
+    if (src.region) {
+      rpc->connection().Write(transport::LocalSpan{src.region.get(), src.offset, bytes}, g.key,
+                              g.offset, std::move(written));
+    } else {
+      rpc->connection().Write(src.ptr, bytes, g.key, g.offset, std::move(written));
+    }
   }
 
   void OnPushAck(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref,
@@ -632,6 +766,8 @@ class WorkerImpl final : public Worker {
   std::shared_ptr<FailedServers> failed_servers_ = std::make_shared<FailedServers>();
 
   std::atomic<bool> finished_{false};
+  std::atomic<uint64_t> bytes_pushed_{0};  // written into landing buffers (encoded)
+  std::atomic<uint64_t> bytes_pulled_{0};  // read from published slots (encoded)
   mutable std::mutex tensors_mu_;
   std::vector<std::unique_ptr<TensorInfo>> tensors_;
   std::map<std::string, TensorId> by_name_;

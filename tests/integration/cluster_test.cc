@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "cluster/messages.h"
+#include "compress/codec.h"
 #include "support/local_cluster.h"
 #include "transport/context.h"
 #include "transport/frame.h"
@@ -464,6 +465,93 @@ TEST_P(ClusterOver, HostilePeersOnEveryPortWhileAJobRuns) {
     EXPECT_EQ(st["pushes_applied"].get<uint64_t>(), 3 * kSteps * 2);  // 2 chunks per server
   }
   lc->Finish();
+}
+
+// A gradient that each codec carries exactly (integers; int8: each 64-block's first element is
+// 127, so its scale is 1; onebit: +-(w + 1) everywhere, so its scale is w + 1).
+float CodecGrad(Codec c, uint32_t w, uint64_t s, uint64_t i) {
+  float g = Grad(w, s, i);
+  if (c == Codec::kInt8 && i % 64 == 0) return 127.0f;
+  if (c == Codec::kOneBit) return g >= 0 ? static_cast<float>(w + 1) : -static_cast<float>(w + 1);
+  return g;
+}
+
+// Compressed pushes from 3 workers to 2 servers, sync and async: the parameters equal the
+// initial values minus the sum of every push's decoded values, exactly (decoded here with the
+// same codec, chunk by chunk), pulled as fp32, fp16 or bf16; the bytes pushed are exactly the
+// encodings' bytes.
+TEST_P(ClusterOver, CompressedPushesAggregateAsTheirDecodedValues) {
+  const std::vector<std::pair<std::string, Codec>> cases = {
+      {"fp16", Codec::kFp16},
+      {"bf16", Codec::kBf16},
+      {"int8:block=64", Codec::kNone},
+      {"onebit:block=64,ef=off", Codec::kNone},
+      {"topk:k=150,ef=off", Codec::kNone}};
+  for (Mode mode : {Mode::kSync, Mode::kAsync}) {
+    auto lc = LocalCluster::Start(Opts(2, 3, mode, Aggregate::kSum, 4096), 16, GetParam());
+    ASSERT_TRUE(lc);
+    const std::vector<int64_t> sizes = {1000, 3333};  // chunk = 1024 floats
+    const uint64_t steps = 4;
+    lc->ForEachWorker([&](Worker& w) {
+      std::vector<TensorSpec> specs;
+      std::vector<Compression> comps;
+      for (size_t c = 0; c < cases.size(); ++c)
+        for (size_t k = 0; k < sizes.size(); ++k) {
+          TensorSpec t = Sgd1(std::to_string(c) + "-" + std::to_string(k), sizes[k], 100.0f);
+          t.compression = Compression::Parse(cases[c].first).value();
+          t.pull_codec = cases[c].second;
+          comps.push_back(t.compression);
+          specs.push_back(t);
+        }
+      auto ids = w.Declare(specs);
+      ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+      uint64_t pushed_expect = 0;
+      for (uint64_t s = 1; s <= steps; ++s) {
+        std::vector<Handle> hs;
+        std::vector<std::vector<float>> grads(specs.size());
+        for (size_t t = 0; t < specs.size(); ++t) {
+          const int64_t n = specs[t].shape[0];
+          grads[t].resize(n);
+          for (int64_t i = 0; i < n; ++i)
+            grads[t][i] = CodecGrad(comps[t].codec, w.rank(), s, static_cast<uint64_t>(i % 1024));
+          hs.push_back(w.Push((*ids)[t], grads[t].data()));
+          for (int64_t off = 0; off < n; off += 1024) {
+            uint64_t len = std::min<int64_t>(1024, n - off);
+            pushed_expect += compress::EncodedBytes(compress::ForChunk(comps[t], n, off, len), len);
+          }
+        }
+        for (auto& h : hs) ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
+      }
+      EXPECT_EQ(w.stats().bytes_pushed, pushed_expect);
+      ASSERT_TRUE(w.Barrier("pushed", 30s).ok());
+      for (size_t t = 0; t < specs.size(); ++t) {
+        const int64_t n = specs[t].shape[0];
+        std::vector<double> expect(n, 100.0);
+        for (uint64_t s = 1; s <= steps; ++s)
+          for (uint32_t ww = 0; ww < 3; ++ww)
+            for (int64_t off = 0; off < n; off += 1024) {
+              uint64_t len = std::min<int64_t>(1024, n - off);
+              auto cc = compress::ForChunk(comps[t], n, off, len);
+              std::vector<float> x(len), y(len);
+              for (uint64_t i = 0; i < len; ++i)
+                x[i] = CodecGrad(comps[t].codec, ww, s, (off + i) % 1024);
+              std::vector<uint8_t> enc(compress::EncodedBytes(cc, len));
+              compress::Encode(cc, x.data(), len, enc.data(), nullptr);
+              compress::DecodeRange(cc.codec, cc.block, enc.data(), len, 0, len, y.data(), false);
+              for (uint64_t i = 0; i < len; ++i) expect[off + i] -= y[i];
+            }
+        std::vector<float> out(n);
+        auto h = w.Pull((*ids)[t], out.data());
+        ASSERT_TRUE(h.Wait(30s).ok());
+        EXPECT_EQ(h.version(), steps * (mode == Mode::kSync ? 1 : 3));
+        for (int64_t i = 0; i < n; ++i)
+          ASSERT_EQ(out[i], static_cast<float>(expect[i]))
+              << specs[t].name << " (" << comps[t].ToString() << ", " << ModeName(mode)
+              << ") element " << i;
+      }
+    });
+    lc->Finish();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, ClusterOver, ::testing::ValuesIn(Transports()),

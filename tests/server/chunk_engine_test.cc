@@ -283,8 +283,8 @@ class LaterRule final : public UpdateRule {
   Status Check(const GradientView& g) const override { return cpu_->Check(g); }
   void Fold(float* dst, const GradientView& g, bool first) override { cpu_->Fold(dst, g, first); }
   void Apply(const float* in, float* out, const GradientView& grad, const GradientView* extra,
-             float scale, Done done) override {
-    cpu_->Apply(in, out, grad, extra, scale, [](Status) {});
+             float scale, const Publish* publish, Done done) override {
+    cpu_->Apply(in, out, grad, extra, scale, publish, [](Status) {});
     *pending_ = [done](Done) { done(Status::OK()); };
   }
 

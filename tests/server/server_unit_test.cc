@@ -319,10 +319,13 @@ Bytes GrantAsk(uint64_t chunk, uint64_t bytes, uint64_t seq = 1) {
 }
 
 // A kPushDone body.
-Bytes PushNote(uint64_t chunk, uint32_t buffer, uint32_t worker, uint64_t seq) {
+Bytes PushNote(uint64_t chunk, uint32_t buffer, uint32_t worker, uint64_t seq,
+               uint64_t bytes = 8 * 4) {
   Bytes b;
   Writer w(&b);
-  cluster::PushDone{.chunk_id = chunk, .buffer = buffer, .worker = worker, .seq = seq}.Encode(&w);
+  cluster::PushDone{
+      .chunk_id = chunk, .buffer = buffer, .worker = worker, .seq = seq, .bytes = bytes}
+      .Encode(&w);
   return b;
 }
 
