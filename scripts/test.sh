@@ -21,9 +21,9 @@ fi
 echo "== tests =="
 ctest --test-dir build --output-on-failure --timeout 600 -j 2
 
-echo "== sanitizer build (address, undefined): transport, cluster and server tests =="
+echo "== sanitizer build (address, undefined): transport, cluster, server and codec tests =="
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHARDPS_SANITIZE=address,undefined >/dev/null
-targets="conformance_test cluster_test server_unit_test chunk_engine_test core_test"
+targets="conformance_test cluster_test server_unit_test chunk_engine_test core_test compress_test"
 # The ucx tests exist when UCX was found (setup.sh installs it).
 if grep -q '^build ucx_test' build-asan/build.ninja 2>/dev/null || \
    ninja -C build-asan -t targets all 2>/dev/null | grep -q '^ucx_test:'; then
@@ -49,14 +49,14 @@ export TSAN_OPTIONS="halt_on_error=1 history_size=7 suppressions=$PWD/tests/sani
 # runs in both builds above.
 ctest --test-dir build-tsan --output-on-failure --timeout 900 -j 2 -E '_NOT_BUILT|Torn'
 
-echo "== fuzzing (libFuzzer, ASan+UBSan): frame, messages, config; ${SHARDPS_FUZZ_SECONDS:-60} s each =="
+echo "== fuzzing (libFuzzer, ASan+UBSan): frame, messages, config, codec; ${SHARDPS_FUZZ_SECONDS:-60} s each =="
 # Regression inputs (what fuzzing found, tests/fuzz/regressions/<target>/) run first, then each
 # target fuzzes for a bounded time from its committed corpus (copied: the run adds to the copy).
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHARDPS_FUZZ=ON \
   -DSHARDPS_TESTS=OFF -DSHARDPS_UCX=OFF >/dev/null
-cmake --build build-fuzz -j "$(nproc)" --target fuzz_frame fuzz_messages fuzz_config
+cmake --build build-fuzz -j "$(nproc)" --target fuzz_frame fuzz_messages fuzz_config fuzz_codec
 unset TSAN_OPTIONS
-for t in frame messages config; do
+for t in frame messages config codec; do
   work="build-fuzz/run/$t"
   rm -rf "$work" && mkdir -p "$work/corpus" "$work/artifacts"
   cp tests/fuzz/corpus/$t/* "$work/corpus/"

@@ -67,6 +67,10 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
   app->add_option("--iters", b->iters, "timed iterations")->check(CLI::Range(1u, 1000000u));
   app->add_option("--warmup", b->warmup, "untimed iterations first")->check(CLI::Range(0u, 1000u));
   app->add_flag("--verify", b->verify, "check every pulled value exactly");
+  app->add_option("--compression", b->compression,
+                  "gradient compression (none, fp16, bf16, int8, onebit, topk; see "
+                  "docs/compression.md)");
+  app->add_option("--pull-compression", b->pull_compression, "parameters: none, fp16 or bf16");
   app->add_option("--report", b->report, "write a JSON report here");
 }
 
@@ -189,6 +193,27 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                  b.size.c_str());
     return 2;
   }
+  auto comp = Compression::Parse(b.compression);
+  if (!comp.ok()) {
+    std::fprintf(stderr, "shardps bench: --compression: %s\n", comp.status().ToString().c_str());
+    return 2;
+  }
+  Codec pull_codec = b.pull_compression == "fp16"   ? Codec::kFp16
+                     : b.pull_compression == "bf16" ? Codec::kBf16
+                                                    : Codec::kNone;
+  if (pull_codec == Codec::kNone && b.pull_compression != "none") {
+    std::fprintf(stderr, "shardps bench: --pull-compression %s: expected none, fp16 or bf16\n",
+                 b.pull_compression.c_str());
+    return 2;
+  }
+  if (b.verify && comp->codec != Codec::kNone && comp->codec != Codec::kFp16 &&
+      comp->codec != Codec::kBf16) {
+    std::fprintf(stderr,
+                 "shardps bench: --verify checks exact values, which --compression %s does not "
+                 "keep (it is exact with none, fp16 and bf16)\n",
+                 b.compression.c_str());
+    return 2;
+  }
   if (!env.Has(tunables::kCoordinator.env)) {
     // Standalone: launch a local cluster whose workers are this same benchmark.
     std::vector<std::string> program = {SelfExe(), "bench"};
@@ -259,6 +284,8 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
     t.init_value = init;
     t.optimizer.kind = OptimizerKind::kSgd;
     t.optimizer.lr = 1.0f;
+    t.compression = *comp;
+    t.pull_codec = pull_codec;
     specs.push_back(t);
   }
   auto ids = w.Declare(specs);
@@ -299,8 +326,10 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   };
   std::vector<double> lat_us;
   uint64_t step = 0;
+  WorkerStats before{};
   for (uint32_t it = 0; it < b.warmup + b.iters && mismatches == 0; ++it) {
     if (it == b.warmup) {
+      before = w.stats();
       Status bs = w.Barrier("bench.start", 120s);
       if (!bs.ok()) {
         std::fprintf(stderr, "shardps bench: %s\n", bs.ToString().c_str());
@@ -339,6 +368,11 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   // Throughput over the time spent in the operations themselves.
   double secs = 0;
   for (double us : lat_us) secs += us / 1e6;
+  const WorkerStats after = w.stats();
+  const double pushed_per_iter =
+      static_cast<double>(after.bytes_pushed - before.bytes_pushed) / b.iters;
+  const double pulled_per_iter =
+      static_cast<double>(after.bytes_pulled - before.bytes_pulled) / b.iters;
   Status bs = w.Barrier("bench.end", 120s);
   if (!bs.ok()) {
     std::fprintf(stderr, "shardps bench: %s\n", bs.ToString().c_str());
@@ -363,6 +397,13 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       "p99 %.0f us%s\n",
       w.rank(), b.op.c_str(), b.size.c_str(), b.tensors, b.iters, gbps, p50, p99,
       b.verify ? (mismatches ? ", VERIFY FAILED" : ", verified") : "");
+  if (comp->codec != Codec::kNone || pull_codec != Codec::kNone)
+    std::printf(
+        "bench: worker %u compression %s (pulls %s): %.0f bytes pushed and %.0f pulled per "
+        "iteration for %.0f bytes of gradients; gradients at %.2f Gbit/s decoded\n",
+        w.rank(), comp->ToString().c_str(), b.pull_compression.c_str(), pushed_per_iter,
+        pulled_per_iter, static_cast<double>(*size) * b.tensors,
+        push ? static_cast<double>(*size) * b.tensors * b.iters * 8 / secs / 1e9 : 0.0);
   if (rank0 && !b.report.empty()) {
     uint64_t peak_rss = 0;
     for (uint32_t s = 0; s < w.num_servers(); ++s) {
@@ -373,21 +414,28 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
           peak_rss = std::max(peak_rss, j.value("peak_rss_bytes", uint64_t{0}));
       }
     }
-    nlohmann::json scenario = {{"op", b.op},
-                               {"size_bytes", *size},
-                               {"tensors", b.tensors},
-                               {"iters", b.iters},
-                               {"workers", W},
-                               {"servers", w.num_servers()},
-                               {"transport", wo->transport},
-                               {"mode", ModeName(w.mode())},
-                               {"gbps", gbps},
-                               {"p50_us", p50},
-                               {"p99_us", p99},
-                               {"latencies_us", lat_us},
-                               {"server_peak_rss_bytes", peak_rss},
-                               {"ratio_to_baseline", 0.0},
-                               {"verified", b.verify && mismatches == 0}};
+    nlohmann::json scenario = {
+        {"op", b.op},
+        {"size_bytes", *size},
+        {"tensors", b.tensors},
+        {"iters", b.iters},
+        {"workers", W},
+        {"servers", w.num_servers()},
+        {"transport", wo->transport},
+        {"mode", ModeName(w.mode())},
+        {"gbps", gbps},
+        {"p50_us", p50},
+        {"p99_us", p99},
+        {"latencies_us", lat_us},
+        {"server_peak_rss_bytes", peak_rss},
+        {"ratio_to_baseline", 0.0},
+        {"verified", b.verify && mismatches == 0},
+        {"compression", comp->ToString()},
+        {"pull_compression", b.pull_compression},
+        {"encoded_bytes_pushed_per_iter", pushed_per_iter},
+        {"encoded_bytes_pulled_per_iter", pulled_per_iter},
+        {"gradient_gbps",
+         push ? static_cast<double>(*size) * b.tensors * b.iters * 8 / secs / 1e9 : 0.0}};
     nlohmann::json baseline;
     if (!ucx_baseline.is_null()) {
       // push vs put bandwidth, pull vs get bandwidth, push_pull (bytes both ways) vs the rate

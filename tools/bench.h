@@ -19,6 +19,8 @@ struct BenchFlags {
   uint32_t warmup = 2;
   bool verify = false;
   std::string report;
+  std::string compression = "none";       // Compression::Parse
+  std::string pull_compression = "none";  // none, fp16, bf16
 };
 
 void AddBenchFlags(CLI::App* app, BenchFlags* b);

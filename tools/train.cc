@@ -74,7 +74,16 @@ Status CheckFlags(const TrainFlags& t, uint32_t workers) {
         t.batch, workers));
   auto k = ParseOptimizer(t.optimizer);
   if (!k.ok()) return k.status().WithContext("--optimizer");
+  auto c = Compression::Parse(t.compression);
+  if (!c.ok()) return c.status().WithContext("--compression");
+  if (t.pull_compression != "none" && t.pull_compression != "fp16" && t.pull_compression != "bf16")
+    return Impossible(
+        fmt::format("--pull-compression {}: expected none, fp16 or bf16", t.pull_compression));
   return Status::OK();
+}
+
+Codec PullCodec(const std::string& s) {
+  return s == "fp16" ? Codec::kFp16 : s == "bf16" ? Codec::kBf16 : Codec::kNone;
 }
 
 // The number of training samples used; checks that every worker gets at least one step.
@@ -164,6 +173,8 @@ struct RunResult {
   std::vector<EpochResult> epochs;
   double wall_seconds = 0;
   double first_loss = 0, last_loss = 0;  // mean loss over the first / last 10% of steps
+  // Rank 0's data-plane bytes over the training steps (WorkerStats), and the model's bytes.
+  uint64_t bytes_pushed = 0, bytes_pulled = 0, steps = 0, model_bytes = 0;
 };
 
 // Means of the first and last 10% (at least one) of `losses`.
@@ -248,6 +259,11 @@ int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t 
       "mini-batch loss of the last epoch), {:.0f} samples/s; mean loss over the first 10% of "
       "steps {:.4f}, over the last 10% {:.4f}",
       run.wall_seconds, last.test_accuracy, last.train_loss, sps, run.first_loss, run.last_loss);
+  const uint64_t per = std::max<uint64_t>(run.steps, 1);
+  Say("train: compression {} (pulls {}): rank 0 pushed {} and pulled {} bytes per step; the "
+      "model is {} bytes in fp32",
+      t.compression, t.pull_compression, run.bytes_pushed / per, run.bytes_pulled / per,
+      run.model_bytes);
   nlohmann::json report = {{"dataset", t.dataset},
                            {"test_accuracy", last.test_accuracy},
                            {"train_loss", last.train_loss},
@@ -265,6 +281,11 @@ int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t 
                            {"steps_per_epoch", p.steps},
                            {"seed", t.seed},
                            {"first_loss", run.first_loss},
+                           {"compression", t.compression},
+                           {"pull_compression", t.pull_compression},
+                           {"bytes_pushed", run.bytes_pushed / std::max<uint64_t>(run.steps, 1)},
+                           {"bytes_pulled", run.bytes_pulled / std::max<uint64_t>(run.steps, 1)},
+                           {"bytes_fp32", run.model_bytes},
                            {"last_loss", run.last_loss},
                            {"epochs_detail", EpochsJson(run)}};
   RunResult base;
@@ -312,6 +333,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
   if (!data.ok()) return Fail(data.status());
   const Dataset& train = data->first;
   const Dataset& test = data->second;
+  if (Status st = CheckFlags(t, 1); !st.ok()) return Fail(st, 2);
   auto worker = Worker::Connect(*wo);
   if (!worker.ok()) return Fail(worker.status());
   Worker& w = **worker;
@@ -332,6 +354,8 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
     if (pspecs[k].cols > 1) s.shape.push_back(static_cast<int64_t>(pspecs[k].cols));
     s.init = params[k].data();
     s.optimizer = p.opt;
+    s.compression = Compression::Parse(t.compression).value();  // checked by CheckFlags
+    s.pull_codec = PullCodec(t.pull_compression);
     specs.push_back(s);
     grads.emplace_back(params[k].size());
   }
@@ -381,6 +405,10 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
     const double secs = Since(te);
     bar.Finish();
     if (e + 1 == t.epochs) {
+      const WorkerStats ws = w.stats();
+      run.bytes_pushed = ws.bytes_pushed;
+      run.bytes_pulled = ws.bytes_pulled;
+      run.steps = static_cast<uint64_t>(p.steps) * static_cast<uint64_t>(t.epochs);
       // The final parameters: in async mode, newer than what this worker pulled last.
       if (Status st = w.Barrier("train.end", kBarrierTimeout); !st.ok()) return Fail(st);
       if (rank0) {
@@ -397,6 +425,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
     }
   }
   run.wall_seconds = Since(t0);
+  for (const auto& v : params) run.model_bytes += v.size() * sizeof(float);
   const uint32_t servers = w.num_servers();
   const Mode mode = w.mode();
   if (Status st = w.Finish(); !st.ok()) return Fail(st);
@@ -422,6 +451,11 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
   app->add_option("--seed", t->seed, "seed of the initial parameters and the data order");
   app->add_option("--report", t->report, "write a JSON report here");
   app->add_option("--plot", t->plot, "write a PNG of loss and accuracy per epoch here");
+  app->add_option("--compression", t->compression,
+                  "gradient compression: none, fp16, bf16, int8[:block=N], onebit[:block=N] or "
+                  "topk[:1%|:0.01|:k=N] (error feedback: ef=on|off; docs/compression.md)");
+  app->add_option("--pull-compression", t->pull_compression,
+                  "parameters on the wire: none, fp16 or bf16");
   app->add_flag("--baseline", t->baseline,
                 "also train the same model in one process without the parameter server");
 }

@@ -32,6 +32,8 @@ struct TrainFlags {
   std::string report;  // JSON
   std::string plot;    // PNG
   bool baseline = false;
+  std::string compression = "none";       // Compression::Parse
+  std::string pull_compression = "none";  // none, fp16, bf16
 };
 
 void AddTrainFlags(CLI::App* app, TrainFlags* t);

@@ -48,13 +48,18 @@ const char* CodecName(Codec c);
 // A tensor's gradient compression. Written as `none`, `fp16`, `bf16`, `int8[:block=N]`,
 // `onebit[:block=N]` or `topk[:R]` where R is a fraction (`0.01`), a percentage (`1%`), a count
 // (`k=1000`, or a bare integer); options are separated by commas, and `ef=on|off` sets error
-// feedback (on by default for onebit and topk, off for the others).
+// feedback (on by default for onebit and topk, off for the others) and `min=N` the smallest
+// tensor (in elements) that is compressed (by default 16384 for onebit and topk, 0 for the
+// others). Parse sets those defaults; a Compression built in code has min_numel 0.
 struct Compression {
   Codec codec = Codec::kNone;
   uint32_t block = 256;         // int8, onebit: elements per fp32 scale
   double ratio = 0.01;          // topk: fraction of the elements sent (when count is 0)
   uint64_t count = 0;           // topk: elements sent per tensor (split over its chunks)
   bool error_feedback = false;  // keep what the codec lost on the worker, add it next time
+  // Tensors of fewer elements are pushed uncompressed (`min=N`): biases and small layers cost
+  // little on the wire and suffer most from a lossy codec.
+  uint64_t min_numel = 0;
 
   static Result<Compression> Parse(const std::string& s);
   std::string ToString() const;

@@ -49,16 +49,18 @@ SHARDPS_HD inline uint16_t FloatToHalf(float f) {
   return static_cast<uint16_t>(out | sign);
 }
 
+// Branch-free (selects), so that decode loops vectorize.
 SHARDPS_HD inline float HalfToFloat(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu;
-  const uint32_t m = h & 0x3ffu;
-  if (e == 0) {
-    // Zero or subnormal: m * 2^-24, exact in float.
-    return BitsFloat(FloatBits(static_cast<float>(m) * 5.9604644775390625e-8f) | sign);
-  }
-  if (e == 31) return BitsFloat(sign | 0x7f800000u | (m << 13));
-  return BitsFloat(sign | ((e + 112u) << 23) | (m << 13));
+  const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent, mantissa in place
+  const uint32_t e = em & 0x0f800000u;
+  const uint32_t normal = em + 0x38000000u;   // exponent + 112
+  const uint32_t special = em + 0x70000000u;  // exponent 31 -> 255: inf, NaN
+  // Zero or subnormal: 2^-14 * (1 + m / 1024) - 2^-14 = m * 2^-24, exact.
+  const uint32_t sub = FloatBits(BitsFloat(em + 0x38800000u) - BitsFloat(0x38800000u));
+  uint32_t r = e == 0x0f800000u ? special : normal;
+  r = e == 0 ? sub : r;
+  return BitsFloat(r | sign);
 }
 
 // bfloat16: the upper half of a float, rounded to nearest even; NaN stays a (quiet) NaN.

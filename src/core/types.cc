@@ -101,6 +101,8 @@ bool ParseRatio(std::string_view v, double* out) {
 
 }  // namespace
 
+constexpr uint64_t kDefaultMinNumel = 16384;  // onebit, topk: 64 KiB of fp32
+
 Result<Compression> Compression::Parse(const std::string& text) {
   Compression c;
   std::string_view s(text);
@@ -118,6 +120,7 @@ Result<Compression> Compression::Parse(const std::string& text) {
     return Status::InvalidArgument(fmt::format(
         "unknown compression '{}' (expected none, fp16, bf16, int8, onebit or topk)", name));
   c.error_feedback = c.codec == Codec::kOneBit || c.codec == Codec::kTopK;
+  c.min_numel = c.error_feedback ? kDefaultMinNumel : 0;
   auto bad = [&](std::string_view o, const char* why) {
     return Status::InvalidArgument(fmt::format("compression '{}': option '{}' {}", text, o, why));
   };
@@ -128,7 +131,10 @@ Result<Compression> Compression::Parse(const std::string& text) {
     std::string_view key = eq == std::string_view::npos ? std::string_view() : o.substr(0, eq);
     std::string_view val = eq == std::string_view::npos ? o : o.substr(eq + 1);
     uint64_t n = 0;
-    if (key == "ef") {
+    if (key == "min") {
+      if (!ParseUint(val, &n)) return bad(o, "is not min=N with N a number of elements");
+      c.min_numel = n;
+    } else if (key == "ef") {
       if (val != "on" && val != "off") return bad(o, "must be ef=on or ef=off");
       c.error_feedback = val == "on";
     } else if (c.codec == Codec::kInt8 || c.codec == Codec::kOneBit) {
@@ -166,6 +172,10 @@ std::string Compression::ToString() const {
   if (error_feedback != ef_default) {
     if (!opts.empty()) opts += ",";
     opts += error_feedback ? "ef=on" : "ef=off";
+  }
+  if (min_numel != (ef_default ? kDefaultMinNumel : 0)) {
+    if (!opts.empty()) opts += ",";
+    opts += fmt::format("min={}", min_numel);
   }
   return opts.empty() ? s : s + ":" + opts;
 }

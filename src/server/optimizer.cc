@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "core/simd.h"
+
 namespace shardps::server {
 
 void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* state) {
@@ -101,6 +103,7 @@ OptimizerStep::OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerS
   v_ = state->v.empty() ? nullptr : state->v.data();
 }
 
+SHARDPS_VECTOR_CLONES
 void OptimizerStep::Run(const float* in, float* out, const float* grad, const float* extra,
                         size_t lo, size_t hi) const {
   if (hi <= lo) return;
@@ -113,6 +116,7 @@ void OptimizerStep::Run(const float* in, float* out, const float* grad, const fl
   }
 }
 
+SHARDPS_VECTOR_CLONES
 void OptimizerStep::RunBlock(const float* in, float* out, const float* grad_block,
                              const float* extra, size_t lo, size_t hi) const {
   if (hi <= lo) return;
@@ -130,6 +134,7 @@ void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, con
   OptimizerStep(cfg, scale, state).Run(in, out, grad, extra, 0, n);
 }
 
+SHARDPS_VECTOR_CLONES
 void Accumulate(float* __restrict dst, const float* __restrict src, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] += src[i];
 }

@@ -453,6 +453,7 @@ class WorkerImpl final : public Worker {
       info->name = specs[i].name;
       info->numel = items[i].numel;
       info->compression = specs[i].compression;
+      if (info->numel < info->compression.min_numel) info->compression = Compression{};
       info->pull_codec = specs[i].pull_codec;
       for (const auto& p : (*placements)[i].chunks) {
         auto ref = std::make_unique<ChunkRef>();
@@ -460,7 +461,7 @@ class WorkerImpl final : public Worker {
         ref->server = p.server;
         ref->offset = p.offset;
         ref->numel = p.numel;
-        ref->codec = compress::ForChunk(specs[i].compression, info->numel, p.offset, p.numel);
+        ref->codec = compress::ForChunk(info->compression, info->numel, p.offset, p.numel);
         ref->encoded_offset = info->encoded_bytes;
         ref->encoded_bytes = compress::EncodedBytes(ref->codec, p.numel);
         info->encoded_bytes += (ref->encoded_bytes + 63) / 64 * 64;  // each chunk 64-aligned
@@ -477,8 +478,8 @@ class WorkerImpl final : public Worker {
                            p.offset,
                            p.numel,
                            specs[i].optimizer,
-                           specs[i].compression.codec,
-                           specs[i].compression.block,
+                           info->compression.codec,
+                           info->compression.block,
                            specs[i].pull_codec};
         Writer w(&ps.body);
         ci.Encode(&w);

@@ -57,6 +57,15 @@ TEST(CompressionSpec, ParsesEveryCodecAndItsOptions) {
   EXPECT_FALSE(c->error_feedback);
   EXPECT_EQ(c->ToString(), "topk:k=1000,ef=off");
   EXPECT_EQ(Compression::Parse(c->ToString()).value(), *c);
+  c = Compression::Parse("topk");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->min_numel, 16384u);  // small tensors go uncompressed by default
+  EXPECT_EQ(c->ToString(), "topk:ratio=0.01");
+  c = Compression::Parse("topk:1%,min=0");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->min_numel, 0u);
+  EXPECT_EQ(Compression::Parse(c->ToString()).value(), *c);
+  EXPECT_EQ(Compression::Parse("int8").value().min_numel, 0u);
   c = Compression::Parse("fp16:ef=on");
   ASSERT_TRUE(c.ok());
   EXPECT_TRUE(c->error_feedback);

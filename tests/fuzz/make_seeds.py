@@ -31,6 +31,10 @@ def view():
             string(b"tcp"))
 
 
+def codecs(push=0, block=256, pull=0):  # CreateChunkItem's push codec, block, pull codec
+    return u8(push) + u32(block) + u8(pull)
+
+
 def grant():
     return u32(3) + u64(3 * 4096) + remote_key()
 
@@ -39,11 +43,12 @@ MESSAGES = {
     "cluster_view": (0, view()),
     "register_request": (1, u8(2) + i32(-1) + string(b"") + string(b"host") + u32(123) + string(b"tcp")),
     "register_reply": (2, u32(7) + u32(1) + view()),
-    "create_chunk_item": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer()),
+    "create_chunk_item": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs()),
+    "create_chunk_item_topk": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(5, 256, 2)),
     "chunk_slots": (4, remote_key() + u64(4160) + u64(0)),
     "landing_grant": (5, grant()),
     "grant_request": (6, u64(0) + u64(1) + u64(4096) + u32(0) + u64(1)),
-    "push_done": (7, u64(0) + u64(1) + u32(3) + u32(0) + u64(1)),
+    "push_done": (7, u64(0) + u64(1) + u32(3) + u32(0) + u64(1) + u64(4096)),
     "push_ack": (8, u64(0) + u64(5) + u8(1) + grant()),
     "push_ack_plain": (8, u64(0) + u64(5) + u8(0)),
     "remote_key": (9, remote_key()),
@@ -53,7 +58,7 @@ MESSAGES = {
     "barrier": (13, string(b"step-7") + u64(30000)),
     "declare": (14, u32(2) + string(b"fc1.weight") + u64(200704) + string(b"fc1.bias") + u64(256)),
     "declare_reply": (15, u32(1) + u32(2) + u64(1) + u32(0) + u64(0) + u64(1024) + u64(2) + u32(1) + u64(1024) + u64(10)),
-    "create_chunks": (16, u32(1) + u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer()),
+    "create_chunks": (16, u32(1) + u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(3, 256, 1)),
     "create_chunks_reply": (17, u32(1) + remote_key() + u64(4160) + u64(0)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
@@ -99,6 +104,22 @@ def write(target, name, data):
         f.write(data)
 
 
+def codec_seed(codec, block, numel, lo, hi, body):
+    return u8(codec) + u16(block) + u16(numel) + u16(lo) + u16(hi) + body
+
+
+CODECS = {
+    "none": codec_seed(0, 256, 4, 1, 3, f32(1) + f32(-2) + f32(3) + f32(0.5)),
+    "fp16": codec_seed(1, 256, 4, 0, 4, u16(0x3c00) + u16(0xc000) + u16(0x7c00) + u16(0x0001)),
+    "bf16": codec_seed(2, 256, 2, 1, 2, u16(0x3f80) + u16(0x7fc0)),
+    "int8": codec_seed(3, 2, 5, 1, 4, f32(0.5) + f32(1) + f32(2) + bytes([1, 255, 127, 129, 0])),
+    "onebit": codec_seed(4, 4, 10, 3, 9, f32(0.25) + f32(1) + f32(2) + bytes([0x5a, 0x01])),
+    "topk": codec_seed(5, 256, 100, 10, 90, u32(3) + u32(4) + u32(50) + u32(99) + f32(1) + f32(-1) + f32(7)),
+    "spec": b"topk:k=10,ef=off",
+    "spec_int8": b"int8:block=128",
+}
+
+
 def main():
     for name, (sel, body) in MESSAGES.items():
         write("messages", name, bytes([sel]) + body)
@@ -106,6 +127,8 @@ def main():
         write("frame", name, data)
     for name, data in CONFIGS.items():
         write("config", name, data)
+    for name, data in CODECS.items():
+        write("codec", name, data)
 
 
 if __name__ == "__main__":

@@ -485,8 +485,8 @@ TEST_P(ClusterOver, CompressedPushesAggregateAsTheirDecodedValues) {
       {"fp16", Codec::kFp16},
       {"bf16", Codec::kBf16},
       {"int8:block=64", Codec::kNone},
-      {"onebit:block=64,ef=off", Codec::kNone},
-      {"topk:k=150,ef=off", Codec::kNone}};
+      {"onebit:block=64,ef=off,min=0", Codec::kNone},
+      {"topk:k=150,ef=off,min=0", Codec::kNone}};
   for (Mode mode : {Mode::kSync, Mode::kAsync}) {
     auto lc = LocalCluster::Start(Opts(2, 3, mode, Aggregate::kSum, 4096), 16, GetParam());
     ASSERT_TRUE(lc);

@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <deque>
 #include <future>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -596,6 +597,86 @@ std::vector<std::string> Backends() { return transport::BackendNames(); }
 
 INSTANTIATE_TEST_SUITE_P(Transports, ServerStartup, ::testing::ValuesIn(Backends()),
                          [](const auto& info) { return info.param; });
+
+}  // namespace
+}  // namespace shardps
+
+namespace shardps {
+namespace {
+
+// Compressed pushes from a peer that writes malformed encodings: each is refused with an error
+// naming the tensor, nothing of it is applied, and the server goes on serving.
+TEST(ServerCompressed, MalformedCompressedPushesAreRefusedNamingTheTensor) {
+  CoordinatorOptions co;
+  co.num_servers = 1;
+  co.num_workers = 1;
+  co.mode = Mode::kAsync;
+  auto lc = testing::LocalCluster::Start(co);
+  ASSERT_TRUE(lc);
+  TensorSpec topk;
+  topk.name = "sparse";
+  topk.shape = {8};
+  topk.init_value = 10;
+  topk.optimizer.lr = 1.0f;
+  topk.compression = Compression::Parse("topk:k=2,ef=off,min=0").value();
+  TensorSpec int8 = topk;
+  int8.name = "quantized";
+  int8.compression = Compression::Parse("int8:block=4").value();
+  auto ids = lc->workers[0]->Declare({topk, int8});
+  ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+  RawClient raw(lc->servers[0]->address());
+  // chunk 1: "sparse" (topk), chunk 2: "quantized" (int8, 2 blocks: 8 + 8 bytes).
+  auto push = [&](uint64_t chunk, uint64_t seq, const Bytes& enc) -> Status {
+    auto g = raw.Call(cluster::kGrant, GrantAsk(chunk, enc.size(), seq));
+    if (!g.ok()) return g.status();
+    Grant grant = DecodeGrant(*g);
+    SHARDPS_RETURN_IF_ERROR(WriteGranted(raw, enc.data(), enc.size(), grant));
+    return raw.Call(cluster::kPushDone, PushNote(chunk, grant.buffer, 0, seq, enc.size())).status();
+  };
+  auto topk_bytes = [](std::vector<uint32_t> idx, std::vector<float> val) {
+    Bytes b;
+    Writer w(&b);
+    w.Put(static_cast<uint32_t>(idx.size()));
+    for (uint32_t i : idx) w.Put(i);
+    for (float v : val) w.Put(v);
+    return b;
+  };
+  for (const auto& [enc, says] :
+       std::vector<std::pair<Bytes, std::string>>{{topk_bytes({3, 3}, {1, 1}), "repeated"},
+                                                  {topk_bytes({5, 2}, {1, 1}), "out of order"},
+                                                  {topk_bytes({1, 8}, {1, 1}), "out of range"}}) {
+    Status st = push(1, 1, enc);
+    EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+    EXPECT_NE(st.message().find("tensor 'sparse'"), std::string::npos) << st.message();
+    EXPECT_NE(st.message().find(says), std::string::npos) << st.message();
+  }
+  // A length the codec cannot have is refused at the grant.
+  Status st = push(1, 1, Bytes(13, 0));
+  EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+  EXPECT_NE(st.message().find("tensor 'sparse'"), std::string::npos) << st.message();
+  // int8 with a NaN scale.
+  Bytes q;
+  {
+    Writer w(&q);
+    w.Put(1.0f);
+    w.Put(std::numeric_limits<float>::quiet_NaN());
+    for (int i = 0; i < 8; ++i) w.Put(static_cast<int8_t>(1));
+  }
+  st = push(2, 1, q);
+  EXPECT_TRUE(st.IsInvalidArgument()) << st.ToString();
+  EXPECT_NE(st.message().find("tensor 'quantized'"), std::string::npos) << st.message();
+  EXPECT_NE(st.message().find("scale"), std::string::npos) << st.message();
+  // Nothing was applied; a well-formed push still is, exactly.
+  std::vector<float> out(8);
+  ASSERT_TRUE(lc->workers[0]->Pull((*ids)[0], out.data()).Wait(10s).ok());
+  for (float v : out) EXPECT_EQ(v, 10.0f);
+  ASSERT_TRUE(push(1, 1, topk_bytes({2, 6}, {3, -4})).ok());
+  ASSERT_TRUE(lc->workers[0]->Pull((*ids)[0], out.data()).Wait(10s).ok());
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(out[i], i == 2 ? 7.0f : i == 6 ? 14.0f : 10.0f) << i;
+  auto stats = nlohmann::json::parse(lc->servers[0]->stats().ToJson());
+  EXPECT_EQ(stats["pushes_applied"].get<int>(), 1);
+  lc->Finish();
+}
 
 }  // namespace
 }  // namespace shardps
