@@ -160,6 +160,42 @@ TEST_F(TrainCli, TruncatedOrWrongMagicDatasetIsAClearError) {
   EXPECT_NE(r.output.find("dataset-fashion-mnist"), std::string::npos) << r.output;
 }
 
+// Compressed gradients and parameters end to end: int8 pushes and bf16 pulls learn the easy
+// problem, and the report's bytes per step are exactly the encodings' (the MLP 784-256-128-10:
+// int8 is n bytes plus one 4-byte scale per 256 elements of each tensor; bf16 is 2 bytes each).
+TEST_F(TrainCli, CompressedRunReportsExactlyTheEncodedBytesPerStep) {
+  WriteSyntheticDataset(dir_.string(), 240, 60);
+  const std::string report = Path("compressed.json");
+  auto r = RunCommand(
+      {kShardps,    "train", "--data-dir",    dir_.string(), "--servers",          "2",
+       "--workers", "3",     "--batch",       "30",          "--epochs",           "3",
+       "--lr",      "0.01",  "--compression", "int8",        "--pull-compression", "bf16",
+       "--report",  report},
+      120s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto j = ReadJson(report);
+  ASSERT_FALSE(j.is_discarded()) << r.output;
+  EXPECT_EQ(j["compression"], "int8");
+  EXPECT_EQ(j["pull_compression"], "bf16");
+  const uint64_t sizes[] = {784 * 256, 256, 256 * 128, 128, 128 * 10, 10};
+  uint64_t fp32 = 0, int8 = 0;
+  for (uint64_t n : sizes) {
+    fp32 += 4 * n;
+    int8 += n + 4 * ((n + 255) / 256);
+  }
+  EXPECT_EQ(j["bytes_fp32"].get<uint64_t>(), fp32);
+  EXPECT_EQ(j["bytes_pushed"].get<uint64_t>(), int8);
+  EXPECT_EQ(j["bytes_pulled"].get<uint64_t>(), fp32 / 2);
+  EXPECT_GT(j["test_accuracy"].get<double>(), 0.9) << r.output;
+  // A codec typo is refused before anything is launched, naming the flag.
+  r = RunCommand({kShardps, "train", "--data-dir", dir_.string(), "--compression", "int9"}, 30s);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--compression"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("unknown compression 'int9'"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("[worker"), std::string::npos) << r.output;
+}
+
 TEST_F(TrainCli, ImpossibleFlagCombinationsAreRefusedBeforeLaunching) {
   WriteSyntheticDataset(dir_.string(), 100, 20);
   const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
