@@ -7,6 +7,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -65,7 +66,20 @@ const float* WithResidual(const float* x, const float* residual, uint64_t n,
 #if defined(__x86_64__) && defined(__GNUC__)
 // fp16 <-> fp32 with the F16C instructions where the CPU has them (what the scalar functions
 // compute, NaN payloads aside): 8 elements per instruction.
-bool HasF16c() { return __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx"); }
+bool DetectF16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const unsigned osxsave = 1u << 27, avx = 1u << 28, f16c = 1u << 29;
+  if ((c & (osxsave | avx | f16c)) != (osxsave | avx | f16c)) return false;
+  unsigned lo = 0, hi = 0;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));  // the OS saves the YMM registers
+  return (lo & 6u) == 6u;
+}
+// A fact of the machine, detected once (cpuid can cost a hypervisor exit).
+bool HasF16c() {
+  static const bool has = DetectF16c();
+  return has;
+}
 
 __attribute__((target("avx,f16c"))) void HalvesToFloats(const uint16_t* h, uint64_t n, float* out,
                                                         bool add) {
@@ -283,6 +297,7 @@ SHARDPS_VECTOR_CLONES
 void DecodeRange(Codec codec, uint32_t block, const void* data, uint64_t n, uint64_t lo,
                  uint64_t hi, float* out, bool add) {
   const auto* p = static_cast<const uint8_t*>(data);
+  if (hi <= lo) return;  // nothing to decode (and out may be null)
   const uint64_t len = hi - lo;
   switch (codec) {
     case Codec::kNone: {
@@ -379,6 +394,7 @@ void DecodeRange(Codec codec, uint32_t block, const void* data, uint64_t n, uint
 
 SHARDPS_VECTOR_CLONES
 void EncodeParams(Codec codec, const float* x, uint64_t lo, uint64_t hi, void* out) {
+  if (hi <= lo) return;
   if (codec == Codec::kNone) {
     std::memcpy(static_cast<float*>(out) + lo, x + lo, 4 * (hi - lo));
     return;

@@ -211,6 +211,21 @@ TEST(Decode, AnyRangeAssignedOrAddedEqualsTheWholeDecode) {
   }
 }
 
+// Regression (fuzz_codec: decode-of-zero-elements-memcpy-into-null): an empty range decodes to
+// nothing, into a null destination.
+TEST(Decode, AnEmptyRangeTouchesNothing) {
+  for (Codec k : {Codec::kNone, Codec::kFp16, Codec::kBf16, Codec::kInt8, Codec::kOneBit,
+                  Codec::kTopK}) {
+    ChunkCodec c{k, 4, 0};
+    std::vector<uint8_t> enc(EncodedBytes(c, 0));
+    if (k == Codec::kTopK) enc.assign(4, 0);
+    EXPECT_TRUE(Check(k, 4, enc.data(), enc.size(), 0).ok()) << CodecName(k);
+    DecodeRange(k, 4, enc.data(), 0, 0, 0, nullptr, false);
+    DecodeRange(k, 4, enc.data(), 0, 0, 0, nullptr, true);
+  }
+  EncodeParams(Codec::kFp16, nullptr, 3, 3, nullptr);
+}
+
 TEST(Check, RefusesMalformedEncodings) {
   const uint64_t n = 20;
   auto x = Random(n, 5);

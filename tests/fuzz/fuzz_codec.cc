@@ -21,7 +21,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::memcpy(&hi, data + 7, 2);
   // The encoding in its own exactly sized (and aligned) buffer, so a read past it is caught.
   std::vector<uint32_t> aligned((size - 9 + 3) / 4);
-  std::memcpy(aligned.data(), data + 9, size - 9);
+  if (size > 9) std::memcpy(aligned.data(), data + 9, size - 9);
   std::vector<uint8_t> enc(reinterpret_cast<uint8_t*>(aligned.data()),
                            reinterpret_cast<uint8_t*>(aligned.data()) + (size - 9));
   const uint64_t n = numel;
