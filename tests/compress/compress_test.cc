@@ -214,8 +214,8 @@ TEST(Decode, AnyRangeAssignedOrAddedEqualsTheWholeDecode) {
 // Regression (fuzz_codec: decode-of-zero-elements-memcpy-into-null): an empty range decodes to
 // nothing, into a null destination.
 TEST(Decode, AnEmptyRangeTouchesNothing) {
-  for (Codec k : {Codec::kNone, Codec::kFp16, Codec::kBf16, Codec::kInt8, Codec::kOneBit,
-                  Codec::kTopK}) {
+  for (Codec k :
+       {Codec::kNone, Codec::kFp16, Codec::kBf16, Codec::kInt8, Codec::kOneBit, Codec::kTopK}) {
     ChunkCodec c{k, 4, 0};
     std::vector<uint8_t> enc(EncodedBytes(c, 0));
     if (k == Codec::kTopK) enc.assign(4, 0);
