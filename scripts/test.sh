@@ -18,6 +18,10 @@ if grep -rn --include='*.cc' --include='*.h' -E '\b(std::)?(getenv|secure_getenv
   exit 1
 fi
 
+echo "== format: every C++ source as clang-format (.clang-format) writes it =="
+find src include tools tests perf \( -name '*.cc' -o -name '*.h' \) -print0 |
+  xargs -0 clang-format --dry-run -Werror
+
 echo "== tests =="
 ctest --test-dir build --output-on-failure --timeout 600 -j 2
 
