@@ -125,7 +125,9 @@ ChunkCodec ForChunk(const Compression& c, uint64_t tensor_numel, uint64_t offset
     auto share = [&](uint64_t at) {
       return static_cast<uint64_t>((static_cast<Uint128>(k) * at) / tensor_numel);
     };
-    cc.k = share(offset + numel) - share(offset);
+    // At most (numel - 1) / 2 per chunk, so that an encoding never exceeds the chunk's fp32
+    // bytes: it must fit the landing buffer it is written into before the server can check it.
+    cc.k = std::min(share(offset + numel) - share(offset), (numel - 1) / 2);
   }
   return cc;
 }

@@ -21,7 +21,8 @@ struct ChunkCodec {
 
 // The encoding of the chunk of `numel` elements at `offset` in a tensor of `tensor_numel`:
 // topk's k over the tensor (count, or ratio * numel rounded, at least 1) is split over its
-// chunks so that their shares add up to exactly k.
+// chunks so that their shares add up to exactly k, each share at most (numel - 1) / 2 (so
+// that no encoding is larger than the chunk in fp32).
 ChunkCodec ForChunk(const Compression& c, uint64_t tensor_numel, uint64_t offset, uint64_t numel);
 
 // Bytes that `numel` elements take encoded.

@@ -420,6 +420,19 @@ class WorkerImpl final : public Worker {
         return Status::InvalidArgument(fmt::format("tensor '{}' has an invalid shape", s.name));
       SHARDPS_RETURN_IF_ERROR(s.optimizer.Validate().WithContext("tensor '" + s.name + "'"));
       SHARDPS_RETURN_IF_ERROR(s.compression.Validate().WithContext("tensor '" + s.name + "'"));
+      {
+        // A push is written into a landing buffer (chunk_bytes) before the server can check
+        // it; encodings grow with the chunk, so the largest chunk decides.
+        const uint64_t largest = std::min<uint64_t>(s.numel(), view_.chunk_bytes / 4);
+        const Compression& c = s.compression;
+        const uint64_t bytes =
+            compress::EncodedBytes(compress::ForChunk(c, largest, 0, largest), largest);
+        if (c.codec != Codec::kNone && largest >= c.min_numel && bytes > view_.chunk_bytes)
+          return Status::InvalidArgument(fmt::format(
+              "tensor '{}': compression {} encodes a chunk of {} elements in {} bytes, more "
+              "than the {} bytes of a landing buffer (use a larger block)",
+              s.name, c.ToString(), largest, bytes, view_.chunk_bytes));
+      }
       if (!compress::IsPullCodec(s.pull_codec))
         return Status::InvalidArgument(
             fmt::format("tensor '{}': parameters are pulled as none, fp16 or bf16, not {}", s.name,

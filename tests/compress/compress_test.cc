@@ -190,6 +190,17 @@ TEST(TopK, ATensorsChunksShareExactlyItsK) {
   }
 }
 
+// topk's share of a chunk is capped so that its encoding is never larger than the chunk in
+// fp32 (sending more than half the elements as index and value costs more than dense).
+TEST(TopK, AnEncodingNeverExceedsTheChunksFp32Bytes) {
+  Compression all{Codec::kTopK, 256, 0.01, 1 << 30, true};  // more than every element
+  for (uint64_t n : {1ull, 2ull, 3ull, 8ull, 1000ull}) {
+    ChunkCodec c = ForChunk(all, n, 0, n);
+    EXPECT_EQ(c.k, (n - 1) / 2) << n;
+    EXPECT_LE(EncodedBytes(c, n), 4 * n) << n;
+  }
+}
+
 TEST(Decode, AnyRangeAssignedOrAddedEqualsTheWholeDecode) {
   const uint64_t n = 5000;
   auto x = Random(n, 21);

@@ -675,6 +675,20 @@ TEST(ClusterErrors, BadDeclarationsAreRefusedClearly) {
   bad = Sgd1("y", 10, 0);
   bad.optimizer.lr = -1;
   EXPECT_TRUE(w.Declare(bad).status().IsInvalidArgument());
+  // Compression: a pull codec that is not fp16/bf16, and a block so small that a full chunk's
+  // encoding would not fit a landing buffer (4 MiB chunks: 5 bytes per element with block 1).
+  bad = Sgd1("c1", 10, 0);
+  bad.pull_codec = Codec::kInt8;
+  auto st = w.Declare(bad).status();
+  EXPECT_TRUE(st.IsInvalidArgument());
+  EXPECT_NE(st.message().find("tensor 'c1'"), std::string::npos) << st.ToString();
+  bad = Sgd1("c2", 2 << 20, 0);
+  bad.compression = Compression::Parse("int8:block=1").value();
+  st = w.Declare(bad).status();
+  EXPECT_TRUE(st.IsInvalidArgument());
+  EXPECT_NE(st.message().find("landing buffer"), std::string::npos) << st.ToString();
+  bad.compression = Compression::Parse("int8:block=2").value();  // 3 bytes per element: fits
+  EXPECT_TRUE(w.Declare(bad).ok());
   ASSERT_TRUE(w.Declare(Sgd1("z", 10, 0)).ok());
   EXPECT_FALSE(w.Declare(Sgd1("z", 10, 0)).ok());
   EXPECT_TRUE(w.Push(12345, nullptr).Wait(1s).IsNotFound());
