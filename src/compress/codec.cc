@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -48,21 +50,6 @@ uint32_t LoadU(const uint8_t* p) {
   return u;
 }
 
-uint16_t LoadH(const uint8_t* p, uint64_t i) {
-  uint16_t h;
-  std::memcpy(&h, p + 2 * i, 2);
-  return h;
-}
-
-// x + residual, block by block, into a scratch array (error feedback), or x itself.
-const float* WithResidual(const float* x, const float* residual, uint64_t n,
-                          std::vector<float>* scratch) {
-  if (!residual) return x;
-  scratch->resize(n);
-  for (uint64_t i = 0; i < n; ++i) (*scratch)[i] = x[i] + residual[i];
-  return scratch->data();
-}
-
 #if defined(__x86_64__) && defined(__GNUC__)
 // fp16 <-> fp32 with the F16C instructions where the CPU has them (what the scalar functions
 // compute, NaN payloads aside): 8 elements per instruction.
@@ -104,11 +91,6 @@ bool HasF16c() { return false; }
 void HalvesToFloats(const uint16_t*, uint64_t, float*, bool) {}
 void FloatsToHalves(const float*, uint64_t, uint16_t*) {}
 #endif
-
-template <typename Decoded>
-void UpdateResidual(const float* y, uint64_t n, float* residual, Decoded decoded) {
-  for (uint64_t i = 0; i < n; ++i) residual[i] = y[i] - decoded(i);
-}
 
 }  // namespace
 
@@ -212,10 +194,16 @@ Status Check(Codec codec, uint32_t block, const void* data, uint64_t bytes, uint
   return Status::InvalidArgument(fmt::format("unknown codec {}", static_cast<int>(codec)));
 }
 
+SHARDPS_VECTOR_CLONES
 void Encode(const ChunkCodec& c, const float* x, uint64_t n, void* out, float* residual) {
   auto* o = static_cast<uint8_t*>(out);
-  std::vector<float> scratch;
-  const float* y = WithResidual(x, residual, n, &scratch);
+  // With error feedback the input is x + residual, formed in the residual itself, which each
+  // codec then overwrites (element by element, after reading it) with what it lost.
+  const float* y = x;
+  if (residual) {
+    for (uint64_t i = 0; i < n; ++i) residual[i] += x[i];
+    y = residual;
+  }
   switch (c.codec) {
     case Codec::kNone:
       std::memcpy(o, y, 4 * n);
@@ -223,16 +211,20 @@ void Encode(const ChunkCodec& c, const float* x, uint64_t n, void* out, float* r
       return;
     case Codec::kFp16:
     case Codec::kBf16: {
+      auto* h = reinterpret_cast<uint16_t*>(o);
       const bool half = c.codec == Codec::kFp16;
-      for (uint64_t i = 0; i < n; ++i) {
-        uint16_t h = half ? FloatToHalf(y[i]) : FloatToBf16(y[i]);
-        std::memcpy(o + 2 * i, &h, 2);
+      if (half && HasF16c()) {
+        FloatsToHalves(y, n, h);
+      } else {
+        for (uint64_t i = 0; i < n; ++i) h[i] = half ? FloatToHalf(y[i]) : FloatToBf16(y[i]);
       }
-      if (residual)
-        UpdateResidual(y, n, residual, [&](uint64_t i) {
-          uint16_t h = LoadH(o, i);
-          return half ? HalfToFloat(h) : Bf16ToFloat(h);
-        });
+      if (residual) {
+        if (half) {
+          for (uint64_t i = 0; i < n; ++i) residual[i] = y[i] - HalfToFloat(h[i]);
+        } else {
+          for (uint64_t i = 0; i < n; ++i) residual[i] = y[i] - Bf16ToFloat(h[i]);
+        }
+      }
       return;
     }
     case Codec::kInt8: {
@@ -240,15 +232,20 @@ void Encode(const ChunkCodec& c, const float* x, uint64_t n, void* out, float* r
       auto* q = reinterpret_cast<int8_t*>(o + 4 * nb);
       for (uint64_t b = 0; b < nb; ++b) {
         const uint64_t lo = b * c.block, hi = std::min<uint64_t>(n, lo + c.block);
+        float part[8] = {};  // partial maxima, so that the loop vectorizes
+        uint64_t i = lo;
+        for (; i + 8 <= hi; i += 8)
+          for (uint32_t t = 0; t < 8; ++t) part[t] = std::max(part[t], std::fabs(y[i + t]));
         float m = 0.0f;
-        for (uint64_t i = lo; i < hi; ++i) m = std::max(m, std::fabs(y[i]));
+        for (; i < hi; ++i) m = std::max(m, std::fabs(y[i]));
+        for (float v : part) m = std::max(m, v);
         if (!std::isfinite(m)) m = 0.0f;  // a non-finite gradient block is sent as zeros
         const float scale = Int8Scale(m);
         const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
         std::memcpy(o + 4 * b, &scale, 4);
-        for (uint64_t i = lo; i < hi; ++i) q[i] = QuantizeInt8(y[i], inv);
+        for (i = lo; i < hi; ++i) q[i] = QuantizeInt8(y[i], inv);
         if (residual)
-          for (uint64_t i = lo; i < hi; ++i) residual[i] = y[i] - DequantizeInt8(q[i], scale);
+          for (i = lo; i < hi; ++i) residual[i] = y[i] - DequantizeInt8(q[i], scale);
       }
       return;
     }
@@ -258,37 +255,69 @@ void Encode(const ChunkCodec& c, const float* x, uint64_t n, void* out, float* r
       std::memset(bits, 0, (n + 7) / 8);
       for (uint64_t b = 0; b < nb; ++b) {
         const uint64_t lo = b * c.block, hi = std::min<uint64_t>(n, lo + c.block);
-        double sum = 0;
-        for (uint64_t i = lo; i < hi; ++i) sum += std::fabs(y[i]);
-        float scale = static_cast<float>(sum / static_cast<double>(hi - lo));
+        float part[8] = {};  // partial sums, so that the loop vectorizes
+        uint64_t i = lo;
+        for (; i + 8 <= hi; i += 8)
+          for (uint32_t t = 0; t < 8; ++t) part[t] += std::fabs(y[i + t]);
+        float sum = 0.0f;
+        for (; i < hi; ++i) sum += std::fabs(y[i]);
+        for (float v : part) sum += v;
+        float scale = sum / static_cast<float>(hi - lo);
         if (!std::isfinite(scale)) scale = 0.0f;
         std::memcpy(o + 4 * b, &scale, 4);
-        for (uint64_t i = lo; i < hi; ++i)
-          if (std::signbit(y[i])) bits[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
-        if (residual)
-          for (uint64_t i = lo; i < hi; ++i) residual[i] = y[i] - OneBitValue(bits, i, scale);
+        for (i = lo; i < hi; ++i)
+          bits[i >> 3] |= static_cast<uint8_t>((FloatBits(y[i]) >> 31) << (i & 7));
+        if (residual) {
+          // The decoded value is the scale with the element's sign: y - copysign(scale, y).
+          const uint32_t sb = FloatBits(scale);
+          for (i = lo; i < hi; ++i)
+            residual[i] = y[i] - BitsFloat(sb | (FloatBits(y[i]) & 0x80000000u));
+        }
       }
       return;
     }
     case Codec::kTopK: {
       const uint64_t k = std::min(c.k, n);
-      std::vector<uint32_t> idx(n);
-      std::iota(idx.begin(), idx.end(), 0u);
-      auto larger = [&](uint32_t a, uint32_t b) {
-        float fa = std::fabs(y[a]), fb = std::fabs(y[b]);
-        return fa > fb || (fa == fb && a < b);  // ties: the lower index, so it is repeatable
-      };
-      if (k < n)
-        std::nth_element(idx.begin(), idx.begin() + static_cast<ptrdiff_t>(k), idx.end(), larger);
-      idx.resize(k);
-      std::sort(idx.begin(), idx.end());
       const uint32_t k32 = static_cast<uint32_t>(k);
       std::memcpy(o, &k32, 4);
-      std::memcpy(o + 4, idx.data(), 4 * k);
-      for (uint64_t j = 0; j < k; ++j) std::memcpy(o + 4 + 4 * k + 4 * j, &y[idx[j]], 4);
-      if (residual) {
-        if (y != residual) std::memcpy(residual, y, 4 * n);
-        for (uint32_t i : idx) residual[i] = 0.0f;
+      if (k == 0) return;  // nothing sent: the residual keeps everything
+      // The k-th largest magnitude t (NaN counts as infinite, so that it is sent and shows),
+      // then, in ascending index order, every element above t and the first ones equal to it
+      // until there are k: the ties go to the lower indices, so the choice is repeatable.
+      // t is found by radix selection on the magnitudes' bits (for floats >= 0 their order):
+      // a histogram of the top 11 bits finds the bucket that holds it, then a selection
+      // among that bucket's elements only.
+      std::vector<uint32_t> key(n);
+      for (uint64_t i = 0; i < n; ++i)
+        key[i] = std::isnan(y[i]) ? 0x7f800000u : (FloatBits(y[i]) & 0x7fffffffu);
+      std::vector<uint64_t> hist(2048, 0);
+      for (uint64_t i = 0; i < n; ++i) hist[key[i] >> 20]++;
+      uint64_t bucket = 2048, higher = 0;  // elements in buckets above `bucket`
+      while (bucket > 0 && higher + hist[bucket - 1] < k) higher += hist[--bucket];
+      --bucket;  // holds the k-th largest: (k - higher)-th largest of it
+      std::vector<uint32_t> in;
+      in.reserve(hist[bucket]);
+      for (uint64_t i = 0; i < n; ++i)
+        if ((key[i] >> 20) == bucket) in.push_back(key[i]);
+      const uint64_t r = k - higher;
+      std::nth_element(in.begin(), in.begin() + static_cast<ptrdiff_t>(r - 1), in.end(),
+                       std::greater<uint32_t>());
+      const uint32_t t = in[r - 1];
+      const std::vector<uint32_t>& mag = key;  // compared as bits, like the selection
+      uint64_t above = 0;
+      for (uint64_t i = 0; i < n; ++i) above += mag[i] > t;
+      uint64_t ties = k - above;
+      auto* idx = reinterpret_cast<uint32_t*>(o + 4);
+      uint8_t* vals = o + 4 + 4 * k;
+      uint64_t j = 0;
+      for (uint64_t i = 0; i < n && j < k; ++i) {
+        if (mag[i] > t || (mag[i] == t && ties > 0)) {
+          if (!(mag[i] > t)) --ties;
+          idx[j] = static_cast<uint32_t>(i);
+          std::memcpy(vals + 4 * j, &y[i], 4);
+          ++j;
+          if (residual) residual[i] = 0.0f;
+        }
       }
       return;
     }

@@ -178,6 +178,24 @@ TEST(TopK, SendsExactlyKOfTheLargestMagnitudes) {
     }
 }
 
+// Ties in magnitude go to the lower indices (the choice is repeatable); a NaN counts as the
+// largest, so that it is sent rather than kept forever in the residual.
+TEST(TopK, TiesGoToTheLowerIndicesAndNaNIsSent) {
+  std::vector<float> x(100, 1.0f);
+  for (size_t i = 0; i < x.size(); i += 2) x[i] = -1.0f;
+  x[97] = std::numeric_limits<float>::quiet_NaN();
+  x[50] = 3.0f;
+  ChunkCodec c{Codec::kTopK, 0, 5};
+  std::vector<float> residual(x.size(), 0.0f);
+  auto enc = EncodeAll(c, x, residual.data());
+  std::vector<uint32_t> idx(5);
+  std::memcpy(idx.data(), enc.data() + 4, 20);
+  EXPECT_EQ(idx, (std::vector<uint32_t>{0, 1, 2, 50, 97}));
+  EXPECT_TRUE(std::isnan(DecodeAll(c, enc, x.size())[97]));
+  EXPECT_EQ(residual[97], 0.0f);
+  EXPECT_EQ(residual[3], 1.0f);  // not sent: kept for the next push
+}
+
 TEST(TopK, ATensorsChunksShareExactlyItsK) {
   Compression count{Codec::kTopK, 256, 0.01, 777, true};
   Compression ratio{Codec::kTopK, 256, 0.01, 0, true};
