@@ -13,8 +13,11 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
     AddTunable(app, kServers, &servers)->check(CLI::Range(1u, 4096u));
     AddTunable(app, kWorkers, &workers)->check(CLI::Range(1u, 65536u));
   }
-  AddTunable(app, kMode, &mode)->check(CLI::IsMember({"sync", "async"}));
+  AddTunable(app, kMode, &mode);  // sync, async, ssp:K: checked by ToCoordinator
   AddTunable(app, kAggregate, &aggregate)->check(CLI::IsMember({"mean", "sum"}));
+  AddTunable(app, kSyncQuorum, &sync_quorum);
+  AddTunable(app, kWorkerWeights, &worker_weights);
+  AddTunable(app, kWeightRule, &weight_rule)->check(CLI::IsMember({"fixed", "staleness"}));
   AddTunable(app, kTransport, &transport);
   AddTunable(app, kChunkSize, &chunk_size);
   AddTunable(app, kLandingBuffers, &landing_buffers)->check(CLI::Range(1u, 4096u));
@@ -41,7 +44,16 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   CoordinatorOptions co;
   co.num_servers = servers;
   co.num_workers = workers;
-  SHARDPS_ASSIGN_OR_RETURN(co.mode, ParseMode(mode));
+  auto m = ParseMode(mode, &co.staleness);
+  if (!m.ok()) return m.status().WithContext("--mode");
+  co.mode = *m;
+  co.sync_quorum = sync_quorum;
+  auto weights = ParseWeights(worker_weights);
+  if (!weights.ok()) return weights.status().WithContext("--worker-weights");
+  co.worker_weights = *weights;
+  auto rule = ParseWeightRule(weight_rule);
+  if (!rule.ok()) return rule.status().WithContext("--weight-rule");
+  co.weight_rule = *rule;
   SHARDPS_ASSIGN_OR_RETURN(co.aggregate, ParseAggregate(aggregate));
   co.transport = transport;
   auto cb = ParseBytes(chunk_size);
@@ -50,7 +62,7 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   co.register_timeout = std::chrono::milliseconds(register_timeout_ms);
   co.heartbeat_interval = std::chrono::milliseconds(heartbeat_interval_ms);
   co.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
-  SHARDPS_RETURN_IF_ERROR(co.Validate());
+  if (Status v = co.Validate(); !v.ok()) return v.WithContext("job flags");
   return co;
 }
 

@@ -24,6 +24,9 @@ struct JobFlags {
   uint32_t workers = static_cast<uint32_t>(tunables::kWorkers.number);
   std::string mode{tunables::kMode.default_value};
   std::string aggregate{tunables::kAggregate.default_value};
+  uint32_t sync_quorum = static_cast<uint32_t>(tunables::kSyncQuorum.number);
+  std::string worker_weights{tunables::kWorkerWeights.default_value};
+  std::string weight_rule{tunables::kWeightRule.default_value};
   std::string transport{tunables::kTransport.default_value};
   std::string chunk_size{tunables::kChunkSize.default_value};
   uint32_t landing_buffers = static_cast<uint32_t>(tunables::kLandingBuffers.number);

@@ -160,7 +160,7 @@ int RunLaunch(const LaunchOptions& opt) {
       fmt::format("{}={}", kTransport.env, co.transport),
       fmt::format("{}={}", kServers.env, co.num_servers),
       fmt::format("{}={}", kWorkers.env, co.num_workers),
-      fmt::format("{}={}", kMode.env, ModeName(co.mode)),
+      fmt::format("{}={}", kMode.env, ModeString(co.mode, co.staleness)),
       fmt::format("{}={}", kBusyPollUs.env, opt.busy_poll_us),
       fmt::format("{}={}", kConnectionInbound.env, opt.connection_inbound_bytes),
       fmt::format("{}={}", kProcessInbound.env, opt.process_inbound_bytes),

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "shardps/status.h"
 #include "shardps/tunables.h"
@@ -19,7 +20,15 @@ struct CoordinatorOptions {
   uint32_t num_servers = static_cast<uint32_t>(tunables::kServers.number);
   uint32_t num_workers = static_cast<uint32_t>(tunables::kWorkers.number);
   Mode mode = Mode::kSync;
+  uint32_t staleness = 0;  // ssp: K, how many steps a worker may run ahead of the slowest
   Aggregate aggregate = Aggregate::kMean;
+  // sync: a step is published once this many workers' pushes arrived (backup workers); later
+  // pushes of a published step are acknowledged and dropped. 0: every worker.
+  uint32_t sync_quorum = 0;
+  // The weight eta_i of each worker's push (theta += sum_i eta_i * delta_i): one per worker, or
+  // empty for 1 each. `weight_rule` kStaleness lowers it by the push's staleness.
+  std::vector<float> worker_weights;
+  WeightRule weight_rule = WeightRule::kFixed;
   // data-plane transport the nodes use between them
   std::string transport = std::string(tunables::kTransport.default_value);
   uint64_t chunk_bytes = static_cast<uint64_t>(tunables::kChunkSize.number);  // bound of a chunk

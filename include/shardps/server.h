@@ -44,11 +44,25 @@ struct ServerOptions {
   Status Validate() const;
 };
 
+// One worker's pushes to a server's chunks (summed over its chunks).
+struct WorkerPushStats {
+  uint32_t rank = 0;
+  uint64_t pushes = 0;       // applied (sync: folded into its step)
+  uint64_t late_pushes = 0;  // sync with a quorum: dropped, their step was published without them
+  uint64_t waits = 0;  // grants or pushes held back by the consistency bound (sync, ssp:K)
+  uint64_t max_staleness = 0;  // versions published between a push's base and its apply
+  double mean_staleness = 0;
+  // The most steps a push of this worker trailed the leading worker (async, ssp) or the
+  // published step (sync).
+  uint64_t max_steps_behind = 0;
+};
+
 struct ServerStats {
   uint64_t chunks = 0;
   uint64_t parameter_bytes = 0;
   uint64_t pushes_applied = 0;    // pushes folded in (duplicates excluded)
   uint64_t duplicate_pushes = 0;  // resent pushes recognised and not applied again
+  uint64_t late_pushes = 0;       // sync with a quorum: dropped as late
   uint64_t versions_published = 0;
   uint64_t grant_requests = 0;       // landing buffers asked for (kGrant)
   uint64_t grants_waited = 0;        // grant requests that had to wait for a free buffer
@@ -62,6 +76,7 @@ struct ServerStats {
   uint64_t ranges_helped = 0;  // ranges of a split update run by an apply thread that helped
   uint64_t rss_bytes = 0;
   uint64_t peak_rss_bytes = 0;
+  std::vector<WorkerPushStats> workers;  // by rank
   std::string ToJson() const;
 };
 

@@ -33,7 +33,8 @@ inline constexpr Tunable kMode{"mode",
                                "SHARDPS_MODE",
                                "sync",
                                0,
-                               "consistency: sync (bulk synchronous) or async",
+                               "consistency: sync (bulk synchronous), async, or ssp:K (a worker "
+                               "runs at most K steps ahead of the slowest)",
                                "coordinator, launch, bench, train"};
 inline constexpr Tunable kAggregate{"aggregate",
                                     "SHARDPS_AGGREGATE",
@@ -41,6 +42,29 @@ inline constexpr Tunable kAggregate{"aggregate",
                                     0,
                                     "sync aggregation of the workers' gradients: mean or sum",
                                     "coordinator, launch, bench, train"};
+inline constexpr Tunable kSyncQuorum{
+    "sync-quorum",
+    "SHARDPS_SYNC_QUORUM",
+    "0",
+    0,
+    "sync: publish a step once this many workers pushed it (backup workers; late pushes are "
+    "dropped); 0: all",
+    "coordinator, launch, bench, train"};
+inline constexpr Tunable kWorkerWeights{
+    "worker-weights",
+    "SHARDPS_WORKER_WEIGHTS",
+    "",
+    0,
+    "weight of each worker's pushes, one per worker (e.g. 1,1,0.5); empty: 1 each",
+    "coordinator, launch, bench, train"};
+inline constexpr Tunable kWeightRule{
+    "weight-rule",
+    "SHARDPS_WEIGHT_RULE",
+    "fixed",
+    0,
+    "fixed (the worker weights), or staleness (each push's weight divided by 1 + the versions "
+    "published since the one it read)",
+    "coordinator, launch, bench, train"};
 inline constexpr Tunable kTransport{"transport",
                                     "SHARDPS_TRANSPORT",
                                     "tcp",
@@ -164,6 +188,9 @@ inline constexpr const Tunable* kAll[] = {
     &kWorkers,
     &kMode,
     &kAggregate,
+    &kSyncQuorum,
+    &kWorkerWeights,
+    &kWeightRule,
     &kTransport,
     &kChunkSize,
     &kLandingBuffers,

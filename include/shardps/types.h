@@ -13,9 +13,26 @@ namespace shardps {
 enum class Mode : uint8_t {
   kSync = 0,   // version t is published when every worker's push for step t arrived
   kAsync = 1,  // every push is applied on arrival and publishes a new version
+  // Bounded staleness (ssp:K): every push is applied on arrival, and a worker's push of step s
+  // starts only once every live worker's push of step s - K - 1 was applied (K = staleness).
+  kSsp = 2,
 };
 const char* ModeName(Mode m);
-Result<Mode> ParseMode(const std::string& s);
+// "sync", "async" or "ssp:K" (K in [0, 1000000], the staleness bound; "ssp" alone is an error).
+// `staleness` receives K (0 for the other modes).
+Result<Mode> ParseMode(const std::string& s, uint32_t* staleness = nullptr);
+// The mode as ParseMode reads it ("ssp:3").
+std::string ModeString(Mode m, uint32_t staleness);
+
+// How the servers weigh each worker's push (docs/consistency.md, "Weights").
+enum class WeightRule : uint8_t {
+  kFixed = 0,      // eta_i = w_i
+  kStaleness = 1,  // eta_i = w_i / (1 + s), s: versions published since the one the push read
+};
+const char* WeightRuleName(WeightRule r);
+Result<WeightRule> ParseWeightRule(const std::string& s);
+// "1,0.5,2" -> {1, 0.5, 2}; every weight finite and in [0, 1000]. Empty -> {}.
+Result<std::vector<float>> ParseWeights(const std::string& s);
 
 // How a sync step's pushes are combined before the optimizer sees them.
 enum class Aggregate : uint8_t { kMean = 0, kSum = 1 };

@@ -11,6 +11,10 @@
 //   Push(step t) completed returns exactly the parameters after step t (PushPull does both).
 // - async: each push is applied on arrival; a Pull returns the version that the last completed
 //   push of this worker produced, or a newer one, and never a half-applied update.
+// - ssp:K: as async, and the s-th push of a chunk completes only once every live worker's
+//   (s-K-1)-th push of it was applied, so a pull after it includes all of those.
+// - sync with a quorum N (backup workers): version t is published once N pushes of step t
+//   arrived; a push that came later completes with late() and is not applied.
 // Operations on one tensor must be issued from one thread at a time, in order; different
 // tensors may be used from different threads. All methods are thread-safe otherwise.
 #pragma once
@@ -59,6 +63,7 @@ using TensorId = uint32_t;
 struct WorkerStats {
   uint64_t bytes_pushed = 0;  // gradient bytes written into the servers' landing buffers
   uint64_t bytes_pulled = 0;  // parameter bytes read from the published slots (every attempt)
+  uint64_t late_pushes = 0;   // pushes (of a chunk) dropped as late: sync with a quorum
 };
 
 namespace worker {
@@ -75,6 +80,10 @@ class Handle {
   bool done() const;
   // After completion: the lowest version over the tensor's chunks that this operation saw.
   uint64_t version() const;
+  // After completion of a push (sync with a quorum, --sync-quorum): true when the push of a
+  // chunk was dropped because its step was published without it. The worker's next push of
+  // that chunk is then for the step after the published version (Handle::version()).
+  bool late() const;
 
  private:
   std::shared_ptr<worker::OpState> s_;

@@ -1,5 +1,6 @@
 #include "shardps/coordinator.h"
 
+#include <cmath>
 #include <algorithm>
 #include <condition_variable>
 #include <map>
@@ -28,6 +29,20 @@ Status CoordinatorOptions::Validate() const {
                     chunk_bytes));
   if (heartbeat_interval.count() <= 0 || heartbeat_timeout <= heartbeat_interval)
     return Status::InvalidArgument("heartbeat timeout must exceed the heartbeat interval");
+  if (mode != Mode::kSsp && staleness != 0)
+    return Status::InvalidArgument("a staleness bound is for ssp:K mode only");
+  if (sync_quorum != 0 && mode != Mode::kSync)
+    return Status::InvalidArgument(fmt::format(
+        "a sync quorum is for sync mode only (the mode is {})", ModeString(mode, staleness)));
+  if (sync_quorum > num_workers)
+    return Status::InvalidArgument(
+        fmt::format("sync quorum {} exceeds the {} workers", sync_quorum, num_workers));
+  if (!worker_weights.empty() && worker_weights.size() != num_workers)
+    return Status::InvalidArgument(fmt::format("{} worker weights for {} workers: give one each",
+                                               worker_weights.size(), num_workers));
+  for (float w : worker_weights)
+    if (!std::isfinite(w) || w < 0 || w > 1000)
+      return Status::InvalidArgument(fmt::format("worker weight {} outside [0, 1000]", w));
   auto v = transport::CheckViability(transport);
   if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
   return Status::OK();
@@ -102,7 +117,8 @@ class CoordinatorImpl final : public Coordinator {
     started_ = Clock::now();
     ticker_ = std::thread([this] { Tick(); });
     spdlog::info("coordinator listening on {}: {} servers, {} workers, mode {}, transport {}",
-                 listener_->address(), opt_.num_servers, opt_.num_workers, ModeName(opt_.mode),
+                 listener_->address(), opt_.num_servers, opt_.num_workers,
+                 ModeString(opt_.mode, opt_.staleness),
                  opt_.transport);
     return Status::OK();
   }
@@ -228,6 +244,10 @@ class CoordinatorImpl final : public Coordinator {
     for (auto& n : nodes_)
       if (n.role == Role::kServer) view.servers[n.rank] = ServerInfo{n.id, n.data_address};
     view.mode = opt_.mode;
+    view.staleness = opt_.staleness;
+    view.sync_quorum = opt_.sync_quorum;
+    view.worker_weights = opt_.worker_weights;
+    view.weight_rule = opt_.weight_rule;
     view.aggregate = opt_.aggregate;
     view.chunk_bytes = opt_.chunk_bytes;
     view.heartbeat_ms = static_cast<uint32_t>(opt_.heartbeat_interval.count());

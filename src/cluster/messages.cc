@@ -1,5 +1,7 @@
 #include "cluster/messages.h"
 
+#include <cmath>
+
 namespace shardps::cluster {
 
 const char* RoleName(Role r) { return r == Role::kServer ? "server" : "worker"; }
@@ -13,7 +15,12 @@ void ClusterView::Encode(Writer* w) const {
     w->PutString(s.address);
   }
   w->Put<uint8_t>(static_cast<uint8_t>(mode));
+  w->Put(staleness);
   w->Put<uint8_t>(static_cast<uint8_t>(aggregate));
+  w->Put(sync_quorum);
+  w->Put<uint32_t>(static_cast<uint32_t>(worker_weights.size()));
+  for (float x : worker_weights) w->Put(x);
+  w->Put<uint8_t>(static_cast<uint8_t>(weight_rule));
   w->Put(chunk_bytes);
   w->Put(heartbeat_ms);
   w->Put(heartbeat_timeout_ms);
@@ -27,10 +34,18 @@ bool ClusterView::Decode(Reader* r) {
   servers.resize(n);
   for (auto& s : servers)
     if (!r->Get(&s.node_id) || !r->GetString(&s.address, 1024)) return false;
-  uint8_t m = 0, a = 0;
-  if (!r->Get(&m) || !r->Get(&a) || m > 1 || a > 1) return false;
+  uint8_t m = 0, a = 0, wr = 0;
+  uint32_t nw = 0;
+  if (!r->Get(&m) || !r->Get(&staleness) || !r->Get(&a) || !r->Get(&sync_quorum) ||
+      !r->Get(&nw) || m > 2 || a > 1 || nw > 65536 || !r->Fits(nw, 4))
+    return false;
+  worker_weights.resize(nw);
+  for (auto& x : worker_weights)
+    if (!r->Get(&x) || !std::isfinite(x) || x < 0) return false;
+  if (!r->Get(&wr) || wr > 1) return false;
   mode = static_cast<Mode>(m);
   aggregate = static_cast<Aggregate>(a);
+  weight_rule = static_cast<WeightRule>(wr);
   return r->Get(&chunk_bytes) && r->Get(&heartbeat_ms) && r->Get(&heartbeat_timeout_ms) &&
          r->GetString(&transport, 64);
 }
@@ -234,24 +249,26 @@ void PushDone::Encode(Writer* w) const {
   w->Put(worker);
   w->Put(seq);
   w->Put(bytes);
+  w->Put(base_version);
 }
 
 bool PushDone::Decode(Reader* r) {
   return r->Get(&epoch) && r->Get(&chunk_id) && r->Get(&buffer) && r->Get(&worker) &&
-         r->Get(&seq) && r->Get(&bytes);
+         r->Get(&seq) && r->Get(&bytes) && r->Get(&base_version);
 }
 
 void PushAck::Encode(Writer* w) const {
   w->Put(epoch);
   w->Put(version);
-  w->Put<uint8_t>(has_ahead ? 1 : 0);
+  w->Put<uint8_t>(static_cast<uint8_t>((has_ahead ? 1 : 0) | (late ? 2 : 0)));
   if (has_ahead) LandingGrant::Encode(w, ahead.buffer, ahead.offset, ahead.key);
 }
 
 bool PushAck::Decode(Reader* r) {
   uint8_t a = 0;
-  if (!r->Get(&epoch) || !r->Get(&version) || !r->Get(&a) || a > 1) return false;
-  has_ahead = a == 1;
+  if (!r->Get(&epoch) || !r->Get(&version) || !r->Get(&a) || a > 3) return false;
+  has_ahead = (a & 1) != 0;
+  late = (a & 2) != 0;
   return !has_ahead || ahead.Decode(r);
 }
 

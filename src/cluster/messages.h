@@ -47,7 +47,11 @@ struct ClusterView {
   uint32_t num_workers = 0;
   std::vector<ServerInfo> servers;  // indexed by server rank
   Mode mode = Mode::kSync;
+  uint32_t staleness = 0;  // ssp:K
   Aggregate aggregate = Aggregate::kMean;
+  uint32_t sync_quorum = 0;           // sync: pushes that publish a step (0: every worker)
+  std::vector<float> worker_weights;  // empty, or one per worker
+  WeightRule weight_rule = WeightRule::kFixed;
   uint64_t chunk_bytes = 4 << 20;
   uint32_t heartbeat_ms = 500;
   uint32_t heartbeat_timeout_ms = 5000;
@@ -193,15 +197,21 @@ struct PushDone {
   uint32_t worker = 0;
   uint64_t seq = 0;
   uint64_t bytes = 0;
+  // The newest version of the chunk this worker had pulled when it pushed: the gradient's
+  // base, from which the server counts its staleness (WeightRule::kStaleness, statistics).
+  uint64_t base_version = 0;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };
 
 // The reply to kPushDone: the version the push is part of (sync: the version that holds it is
-// published), and possibly a landing buffer granted ahead for the worker's next push.
+// published), and possibly a landing buffer granted ahead for the worker's next push. `late`
+// (sync with a quorum): the push's step was published without it and it was dropped; `version`
+// is then the published version, and the worker's next push is for the step after it.
 struct PushAck {
   uint64_t epoch = 0;
   uint64_t version = 0;
+  bool late = false;
   bool has_ahead = false;
   LandingGrant ahead;
   void Encode(Writer* w) const;

@@ -1,6 +1,7 @@
 #include "shardps/types.h"
 
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <string_view>
 
@@ -8,12 +9,73 @@
 
 namespace shardps {
 
-const char* ModeName(Mode m) { return m == Mode::kSync ? "sync" : "async"; }
+const char* ModeName(Mode m) {
+  switch (m) {
+    case Mode::kSync:
+      return "sync";
+    case Mode::kAsync:
+      return "async";
+    case Mode::kSsp:
+      return "ssp";
+  }
+  return "?";
+}
 
-Result<Mode> ParseMode(const std::string& s) {
+Result<Mode> ParseMode(const std::string& s, uint32_t* staleness) {
+  if (staleness) *staleness = 0;
   if (s == "sync") return Mode::kSync;
   if (s == "async") return Mode::kAsync;
-  return Status::InvalidArgument(fmt::format("unknown mode '{}' (expected sync or async)", s));
+  if (s.rfind("ssp:", 0) == 0) {
+    const char* b = s.data() + 4;
+    const char* e = s.data() + s.size();
+    uint32_t k = 0;
+    auto [p, ec] = std::from_chars(b, e, k);
+    if (ec != std::errc() || p != e || b == e || k > 1000000)
+      return Status::InvalidArgument(fmt::format(
+          "mode '{}': the staleness bound K of ssp:K must be an integer in [0, 1000000]", s));
+    if (staleness) *staleness = k;
+    return Mode::kSsp;
+  }
+  return Status::InvalidArgument(
+      fmt::format("unknown mode '{}' (expected sync, async or ssp:K, e.g. ssp:2)", s));
+}
+
+std::string ModeString(Mode m, uint32_t staleness) {
+  if (m == Mode::kSsp) return fmt::format("ssp:{}", staleness);
+  return ModeName(m);
+}
+
+const char* WeightRuleName(WeightRule r) {
+  return r == WeightRule::kFixed ? "fixed" : "staleness";
+}
+
+Result<WeightRule> ParseWeightRule(const std::string& s) {
+  if (s == "fixed") return WeightRule::kFixed;
+  if (s == "staleness") return WeightRule::kStaleness;
+  return Status::InvalidArgument(
+      fmt::format("unknown weight rule '{}' (expected fixed or staleness)", s));
+}
+
+Result<std::vector<float>> ParseWeights(const std::string& s) {
+  std::vector<float> out;
+  if (s.empty()) return out;
+  size_t pos = 0;
+  while (pos <= s.size()) {
+    size_t end = s.find(',', pos);
+    if (end == std::string::npos) end = s.size();
+    std::string item = s.substr(pos, end - pos);
+    float v = 0;
+    auto [p, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    if (item.empty() || ec != std::errc() || p != item.data() + item.size() || !std::isfinite(v) ||
+        v < 0 || v > 1000)
+      return Status::InvalidArgument(fmt::format(
+          "worker weights '{}': '{}' is not a number in [0, 1000] (expected e.g. 1,0.5,1)", s,
+          item));
+    out.push_back(v);
+    if (end == s.size()) break;
+    pos = end + 1;
+  }
+  return out;
 }
 
 const char* AggregateName(Aggregate a) { return a == Aggregate::kMean ? "mean" : "sum"; }

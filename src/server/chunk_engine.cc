@@ -1,5 +1,6 @@
 #include "server/chunk_engine.h"
 
+#include <algorithm>
 #include <thread>
 
 #include <fmt/format.h>
@@ -12,6 +13,7 @@ void EngineActions::Append(EngineActions&& o) {
   for (auto& g : o.admit) admit.push_back(std::move(g));
   applied += o.applied;
   duplicates += o.duplicates;
+  late += o.late;
   published += o.published;
   parked_buffers_delta += o.parked_buffers_delta;
 }
@@ -24,23 +26,86 @@ ChunkEngine::ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> ru
       slots_(slots),
       to_owner_(std::move(to_owner)),
       later_(std::move(later)),
-      last_seq_(cfg.num_workers, 0) {
+      quorum_(cfg.quorum == 0 ? cfg.num_workers : std::min(cfg.quorum, cfg.num_workers)),
+      last_seq_(cfg.num_workers, 0),
+      conn_of_(cfg.num_workers, nullptr),
+      departed_(cfg.num_workers, false) {
   Stamp(Slot(0), 1);
 }
 
-bool ChunkEngine::Admissible(uint64_t seq, uint64_t version) const {
-  if (cfg_.mode != Mode::kSync) return true;
-  return seq <= version + cfg_.max_steps_ahead;
+bool ChunkEngine::Admissible(uint32_t worker, uint64_t seq) const {
+  (void)worker;
+  switch (cfg_.mode) {
+    case Mode::kSync:
+      return seq <= version() + cfg_.max_steps_ahead;
+    case Mode::kAsync:
+      return true;
+    case Mode::kSsp:
+      // Step s starts once every live worker applied step s - K - 1.
+      return seq <= slowest_.load(std::memory_order_acquire) + cfg_.staleness + 1;
+  }
+  return true;
+}
+
+void ChunkEngine::UpdateSlowest() {
+  uint64_t slowest = uint64_t{1} << 62;  // nobody left: nothing holds a worker back
+  for (uint32_t w = 0; w < cfg_.num_workers; ++w)
+    if (!departed_[w]) slowest = std::min(slowest, last_seq_[w]);
+  slowest_.store(slowest, std::memory_order_release);
+}
+
+float ChunkEngine::WeightOf(const LandedPush& p, uint64_t* staleness) const {
+  const uint64_t v = version();
+  *staleness = v > p.base_version ? v - p.base_version : 0;
+  float w = cfg_.weights.empty() ? 1.0f : cfg_.weights[p.worker];
+  if (cfg_.weight_rule == WeightRule::kStaleness)
+    w = w / (1.0f + static_cast<float>(*staleness));
+  return w;
+}
+
+namespace {
+void RaiseMax(std::atomic<uint64_t>& a, uint64_t v) {
+  uint64_t cur = a.load(std::memory_order_relaxed);
+  while (v > cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
+}
+}  // namespace
+
+void ChunkEngine::CountApplied(const LandedPush& p, uint64_t staleness, uint64_t behind) {
+  WorkerCounters* c = Counters(p.worker);
+  if (!c) return;
+  c->pushes.fetch_add(1, std::memory_order_relaxed);
+  c->staleness_sum.fetch_add(staleness, std::memory_order_relaxed);
+  RaiseMax(c->staleness_max, staleness);
+  RaiseMax(c->behind_max, behind);
+}
+
+void ChunkEngine::DropLate(LandedPush& p, EngineActions* out) {
+  last_seq_[p.worker] = p.seq;
+  out->late++;
+  out->release.push_back(p.buffer);
+  if (WorkerCounters* c = Counters(p.worker)) {
+    c->late.fetch_add(1, std::memory_order_relaxed);
+    RaiseMax(c->behind_max, version() + 1 > p.seq ? version() + 1 - p.seq : 0);
+  }
+  auto open = steps_.find(p.seq);
+  if (open != steps_.end()) {
+    // The step has its quorum but is not published yet: answered when it is.
+    open->second.acks.push_back({std::move(p.reply), true});
+  } else {
+    out->acks.push_back({std::move(p.reply), Status::OK(), version(), true});
+  }
 }
 
 Result<bool> ChunkEngine::Admit(const ParkedGrant& g) {
   std::lock_guard<std::mutex> lock(grants_mu_);
   // The version is read under the lock that AdmitGrants takes after publishing, so a grant is
   // either admitted here or parked where the next publication finds it.
-  if (Admissible(g.seq, version())) return true;
+  if (Admissible(g.worker, g.seq)) return true;
   if (grants_.size() >= cfg_.max_parked_grants)
     return Status::ResourceExhausted(
         fmt::format("{} grant requests already wait for this chunk", grants_.size()));
+  if (WorkerCounters* c = Counters(g.worker)) c->waits.fetch_add(1, std::memory_order_relaxed);
   grants_.push_back(g);
   return false;
 }
@@ -53,10 +118,9 @@ size_t ChunkEngine::parked_grants() const {
 void ChunkEngine::AdmitGrants(EngineActions* out) {
   std::lock_guard<std::mutex> lock(grants_mu_);
   if (grants_.empty()) return;
-  uint64_t v = version();
   std::deque<ParkedGrant> keep;
   for (auto& g : grants_) {
-    if (Admissible(g.seq, v)) {
+    if (Admissible(g.worker, g.seq)) {
       out->admit.push_back(std::move(g));
     } else {
       keep.push_back(std::move(g));
@@ -107,8 +171,24 @@ EngineActions ChunkEngine::OnConnectionClosed(const transport::Connection* owner
       ++it;
     }
   }
-  std::lock_guard<std::mutex> lock(grants_mu_);
-  std::erase_if(grants_, [&](const ParkedGrant& g) { return g.owner == owner; });
+  {
+    std::lock_guard<std::mutex> lock(grants_mu_);
+    std::erase_if(grants_, [&](const ParkedGrant& g) { return g.owner == owner; });
+  }
+  if (cfg_.mode == Mode::kSsp && owner != nullptr) {
+    // Its worker left: the others no longer wait for its clock.
+    bool changed = false;
+    for (uint32_t w = 0; w < cfg_.num_workers; ++w) {
+      if (conn_of_[w] == owner && !departed_[w]) {
+        departed_[w] = true;
+        changed = true;
+      }
+    }
+    if (changed) {
+      UpdateSlowest();
+      Drain(&out);
+    }
+  }
   return out;
 }
 
@@ -123,6 +203,7 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
     return refuse(Status::InvalidArgument(fmt::format("unknown worker {}", p.worker)));
   if (Status st = rule_->Check(p.grad); !st.ok()) return refuse(st);
   uint64_t last = last_seq_[p.worker];
+  if (p.reply.conn) conn_of_[p.worker] = p.reply.conn.get();
   if (p.seq <= last) {
     // A resent push: acknowledged, never applied twice. In sync mode a resend of a step that is
     // not published yet is answered when it is.
@@ -130,14 +211,24 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
     out->release.push_back(p.buffer);
     auto pending = steps_.find(p.seq);
     if (cfg_.mode == Mode::kSync && pending != steps_.end()) {
-      pending->second.acks.push_back(p.reply);
+      pending->second.acks.push_back({p.reply, false});
     } else {
       out->acks.push_back({p.reply, Status::OK(), version()});
     }
     return true;
   }
-  if (p.seq != last + 1) return false;              // its predecessor is not applied yet
-  if (!Admissible(p.seq, version())) return false;  // too far ahead of the step
+  const bool backups = cfg_.mode == Mode::kSync && quorum_ < cfg_.num_workers;
+  // Its predecessor is not applied yet; with backup workers, a worker that was late skips the
+  // steps that were published without it.
+  if (p.seq != last + 1 && !(backups && p.seq - 1 <= version())) return false;
+  if (backups && p.seq <= version()) {
+    DropLate(p, out);
+    return true;
+  }
+  if (!Admissible(p.worker, p.seq)) {  // too far ahead of the step, or of the slowest (ssp)
+    if (WorkerCounters* c = Counters(p.worker)) c->waits.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
   if (cfg_.mode == Mode::kSync) {
     ProcessSync(p, out);
   } else {
@@ -147,7 +238,15 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
 }
 
 void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {
+  uint64_t lead = 0;
+  for (uint32_t w = 0; w < cfg_.num_workers; ++w)
+    if (!departed_[w]) lead = std::max(lead, last_seq_[w]);
+  const uint64_t behind = lead > last_seq_[p.worker] ? lead - last_seq_[p.worker] : 0;
+  uint64_t staleness = 0;
+  p.grad.weight = WeightOf(p, &staleness);
+  CountApplied(p, staleness, behind);
   last_seq_[p.worker] = p.seq;
+  if (cfg_.mode == Mode::kSsp) UpdateSlowest();
   out->applied++;
   Update(
       p.grad, nullptr, 1.0f,
@@ -159,13 +258,18 @@ void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {
 }
 
 void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
+  uint64_t seq = p.seq;
+  auto open = steps_.find(seq);
+  if (open != steps_.end() && open->second.count >= quorum_) return DropLate(p, out);
   last_seq_[p.worker] = p.seq;
   out->applied++;
-  uint64_t seq = p.seq;
+  uint64_t staleness = 0;
+  p.grad.weight = WeightOf(p, &staleness);
+  CountApplied(p, staleness, 0);
   Step& step = steps_[seq];
-  step.acks.push_back(std::move(p.reply));
+  step.acks.push_back({std::move(p.reply), false});
   bool next_in_line = seq == version() + 1;
-  if (step.count + 1 == cfg_.num_workers && next_in_line) {
+  if (step.count + 1 == quorum_ && next_in_line) {
     // The step's last push is folded straight into the update (no accumulator pass): it is
     // the gradient (decoded as the update goes, when compressed) and the others' sum the extra.
     GradientView sum = SumView(step.sum);
@@ -175,7 +279,7 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
         [this, seq, buffer = p.buffer](EngineActions* o) {
           o->release.push_back(buffer);
           auto it = steps_.find(seq);
-          for (auto& a : it->second.acks) o->acks.push_back({a, failure_, version()});
+          for (auto& a : it->second.acks) o->acks.push_back({a.to, failure_, version(), a.late});
           if (it->second.own) spare_.push_back(std::move(it->second.own));
           steps_.erase(it);
         },
@@ -209,13 +313,13 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
 
 void ChunkEngine::PublishReadySteps(EngineActions* out) {
   auto it = steps_.find(version() + 1);
-  if (it == steps_.end() || it->second.count < cfg_.num_workers) return;
+  if (it == steps_.end() || it->second.count < quorum_) return;
   uint64_t seq = it->first;
   Update(
       SumView(it->second.sum), nullptr, Scale(),
       [this, seq](EngineActions* o) {
         auto s = steps_.find(seq);
-        for (auto& a : s->second.acks) o->acks.push_back({a, failure_, version()});
+        for (auto& a : s->second.acks) o->acks.push_back({a.to, failure_, version(), a.late});
         if (s->second.own) spare_.push_back(std::move(s->second.own));
         steps_.erase(s);
       },
@@ -231,13 +335,21 @@ void ChunkEngine::Drain(EngineActions* out) {
     if (updating_ || version() != before) continue;
     // The parked push that is next in line for its worker, if it may go now.
     for (uint32_t w = 0; w < cfg_.num_workers && !updating_; ++w) {
-      auto it = parked_.find({w, last_seq_[w] + 1});
-      if (it == parked_.end() || !Admissible(it->first.second, version())) continue;
+      auto it = parked_.lower_bound({w, last_seq_[w] + 1});
+      if (it == parked_.end() || it->first.first != w) continue;
+      const uint64_t seq = it->first.second;
+      const bool skips = cfg_.mode == Mode::kSync && quorum_ < cfg_.num_workers &&
+                         seq - 1 <= version();  // a late worker's steps published without it
+      if (seq != last_seq_[w] + 1 && !skips) continue;
+      if (!skips && !Admissible(w, seq)) continue;
       LandedPush p = std::move(it->second);
       parked_.erase(it);
       out->parked_buffers_delta--;
-      bool done = TryProcess(p, out);
-      (void)done;  // next in line and admissible: always taken
+      if (!TryProcess(p, out)) {  // not expected (next in line and admissible): parked again
+        parked_.emplace(std::make_pair(p.worker, p.seq), std::move(p));
+        out->parked_buffers_delta++;
+        break;
+      }
     }
     if (!updating_ && !queued_.empty()) {
       LandedPush p = std::move(queued_.front());
@@ -322,7 +434,8 @@ void ChunkEngine::OnUpdateDone(Status st, EngineActions* out) {
 }
 
 float ChunkEngine::Scale() const {
-  return cfg_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(cfg_.num_workers) : 1.0f;
+  // The mean is over the contributors of the step: the quorum's pushes.
+  return cfg_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(quorum_) : 1.0f;
 }
 
 void ChunkEngine::Stamp(uint8_t* slot, uint64_t tag) {

@@ -16,8 +16,18 @@
 //   chunk has caught up, so a worker that runs ahead is slowed by credits, never the step
 //   everyone waits on. A push beyond t+K that arrives anyway (written into a buffer granted
 //   ahead) is parked with its buffer.
+// - sync with a quorum of N < W (backup workers): a step is published once N pushes of it
+//   arrived, and scaled by 1/N for the mean; a later push of a published step (or of a step
+//   that has its N already) is dropped and acknowledged `late`, and the worker's next push is
+//   for the step after the published version (the steps it skipped are not waited for).
 // - async: each push is applied on arrival (in per-worker order) and acknowledged with the
 //   version it produced.
+// - ssp:K: as async, but a worker's push of step s (its s-th push to the chunk) is admitted
+//   only once every live worker's step s - K - 1 was applied (clock = pushes applied): its
+//   grant waits, holding no buffer, or the push is parked with the buffer it landed in. A
+//   worker whose connection closed no longer holds the others back.
+// - weights: each push is folded as eta * g, eta = the worker's weight, divided by 1 + s with
+//   WeightRule::kStaleness (s: versions published since the version the push was based on).
 //
 // Threading: every method but Admit is called on the chunk's owner thread; Admit may be called
 // on any thread (it takes the engine's grant lock and reads the published version atomically).
@@ -40,12 +50,30 @@
 
 namespace shardps::server {
 
+// What each worker's pushes did, summed over the chunks of a server (its statistics). Written
+// by the engines with relaxed atomics, read by anyone.
+struct WorkerCounters {
+  std::atomic<uint64_t> pushes{0};         // applied (sync: folded into a step)
+  std::atomic<uint64_t> late{0};           // dropped: the step was published without them
+  std::atomic<uint64_t> waits{0};          // held back by the consistency bound (grant or push)
+  std::atomic<uint64_t> staleness_sum{0};  // versions between each applied push's base and
+  std::atomic<uint64_t> staleness_max{0};  // the version it was applied to
+  // The most steps a push of this worker trailed: the leading worker's clock (async, ssp) or
+  // the published step (sync) at the time.
+  std::atomic<uint64_t> behind_max{0};
+};
+
 struct EngineConfig {
   Mode mode = Mode::kSync;
   uint32_t num_workers = 1;
   Aggregate aggregate = Aggregate::kMean;
   uint64_t max_steps_ahead = 2;  // sync: steps summed ahead of the published version
   size_t max_parked_grants = 1 << 16;
+  uint32_t staleness = 0;  // ssp: K
+  uint32_t quorum = 0;     // sync: pushes that publish a step (0: num_workers)
+  std::vector<float> weights;  // per worker; empty: 1 each
+  WeightRule weight_rule = WeightRule::kFixed;
+  WorkerCounters* counters = nullptr;  // num_workers of them, or null
 };
 
 // Whom to answer: a request on a connection (tests use a null connection and distinct ids).
@@ -58,6 +86,7 @@ struct ReplyTo {
 struct LandedPush {
   uint32_t worker = 0;
   uint64_t seq = 0;
+  uint64_t base_version = 0;  // the version the gradient was computed from (PushDone)
   uint32_t buffer = 0;
   GradientView grad;
   ReplyTo reply;
@@ -77,12 +106,14 @@ struct EngineActions {
     ReplyTo to;
     Status status;
     uint64_t version = 0;
+    bool late = false;  // dropped: its step was published without it
   };
   std::vector<Ack> acks;             // answer these pushes
   std::vector<uint32_t> release;     // landing buffers the engine is done with
   std::vector<ParkedGrant> admit;    // grant requests that are admissible now
   uint64_t applied = 0;              // pushes folded into the parameters
   uint64_t duplicates = 0;           // resent pushes acknowledged without applying
+  uint64_t late = 0;                 // pushes dropped because their step was published
   uint64_t published = 0;            // versions published
   int64_t parked_buffers_delta = 0;  // change in landing buffers held by parked pushes
 
@@ -124,17 +155,33 @@ class ChunkEngine {
   size_t parked_pushes() const { return parked_.size(); }
   size_t parked_grants() const;
   size_t steps_open() const { return steps_.size(); }
+  // ssp: the clock (pushes applied) of the slowest live worker.
+  uint64_t slowest_clock() const { return slowest_.load(std::memory_order_acquire); }
   const UpdateRule& rule() const { return *rule_; }
 
  private:
+  struct PendingAck {
+    ReplyTo to;
+    bool late = false;
+  };
   struct Step {
     float* sum = nullptr;  // in the next slot while this step is next in line, else in `own`
     std::unique_ptr<Accumulator> own;
     uint32_t count = 0;
-    std::vector<ReplyTo> acks;
+    std::vector<PendingAck> acks;
   };
 
-  bool Admissible(uint64_t seq, uint64_t version) const;
+  bool Admissible(uint32_t worker, uint64_t seq) const;
+  // The push's weight eta and its staleness (versions since its base).
+  float WeightOf(const LandedPush& p, uint64_t* staleness) const;
+  void CountApplied(const LandedPush& p, uint64_t staleness, uint64_t behind);
+  // sync with a quorum: `p` arrived after its step was published (or had its quorum).
+  void DropLate(LandedPush& p, EngineActions* out);
+  // ssp: recomputes the slowest live worker's clock.
+  void UpdateSlowest();
+  WorkerCounters* Counters(uint32_t worker) const {
+    return cfg_.counters && worker < cfg_.num_workers ? &cfg_.counters[worker] : nullptr;
+  }
   // Processes p if it may be applied now; false when it must be parked.
   bool TryProcess(LandedPush& p, EngineActions* out);
   void ProcessSync(LandedPush& p, EngineActions* out);
@@ -161,7 +208,11 @@ class ChunkEngine {
 
   std::atomic<uint64_t> version_{0};
   // Owner thread.
+  const uint32_t quorum_;  // sync: pushes that publish a step
   std::vector<uint64_t> last_seq_;                              // per worker
+  std::vector<const transport::Connection*> conn_of_;           // per worker: its last push's
+  std::vector<bool> departed_;                                  // per worker: connection closed
+  std::atomic<uint64_t> slowest_{0};                            // ssp: min clock, live workers
   std::map<uint64_t, Step> steps_;                              // sync: open steps
   std::map<std::pair<uint32_t, uint64_t>, LandedPush> parked_;  // (worker, seq)
   std::deque<LandedPush> queued_;  // arrived while an update was in flight

@@ -48,8 +48,26 @@ class CpuUpdateRule final : public UpdateRule {
   }
 
   void Fold(float* dst, const GradientView& g, bool first) override {
+    if (g.weight == 1.0f) {
+      For([&](size_t lo, size_t hi) {
+        compress::DecodeRange(g.encoding, g.block, g.data, numel_, lo, hi, dst + lo, !first);
+      });
+      return;
+    }
+    // Weighted: decoded a cache-sized block at a time, then folded as w * g.
+    const float w = g.weight;
     For([&](size_t lo, size_t hi) {
-      compress::DecodeRange(g.encoding, g.block, g.data, numel_, lo, hi, dst + lo, !first);
+      float block[kDecodeBlock];
+      for (size_t b = lo; b < hi; b += kDecodeBlock) {
+        const size_t end = std::min(hi, b + kDecodeBlock);
+        DecodeWeighted(g, b, end, block);
+        float* d = dst + b;
+        if (first) {
+          for (size_t i = 0; i < end - b; ++i) d[i] = w * block[i];
+        } else {
+          for (size_t i = 0; i < end - b; ++i) d[i] += w * block[i];
+        }
+      }
     });
   }
 
@@ -57,7 +75,8 @@ class CpuUpdateRule final : public UpdateRule {
              float scale, const Publish* publish, Done done) override {
     OptimizerStep step(cfg_, scale, &state_);
     const auto* e = extra ? static_cast<const float*>(extra->data) : nullptr;
-    if (grad.encoding == Codec::kNone && !publish) {
+    const bool weighted = grad.weight != 1.0f;
+    if (grad.encoding == Codec::kNone && !publish && !weighted) {
       const auto* g = static_cast<const float*>(grad.data);
       For([&](size_t lo, size_t hi) { step.Run(in, out, g, e, lo, hi); });
     } else {
@@ -67,11 +86,16 @@ class CpuUpdateRule final : public UpdateRule {
         float block[kDecodeBlock];
         for (size_t b = lo; b < hi; b += kDecodeBlock) {
           const size_t end = std::min(hi, b + kDecodeBlock);
-          if (grad.encoding == Codec::kNone) {
+          if (grad.encoding == Codec::kNone && !weighted) {
             step.Run(in, out, static_cast<const float*>(grad.data), e, b, end);
-          } else {
+          } else if (!weighted) {
             compress::DecodeRange(grad.encoding, grad.block, grad.data, numel_, b, end, block,
                                   false);
+            step.RunBlock(in, out, block, e, b, end);
+          } else {
+            DecodeWeighted(grad, b, end, block);
+            const float w = grad.weight;
+            for (size_t i = 0; i < end - b; ++i) block[i] *= w;
             step.RunBlock(in, out, block, e, b, end);
           }
           if (publish) compress::EncodeParams(publish->codec, out, b, end, publish->data);
@@ -88,6 +112,15 @@ class CpuUpdateRule final : public UpdateRule {
       parallel_->ParallelFor(numel_, range_, body);
     } else {
       body(0, numel_);
+    }
+  }
+
+  // block[0, end - lo) = the gradient's elements [lo, end), decoded (unweighted).
+  void DecodeWeighted(const GradientView& g, size_t lo, size_t end, float* block) const {
+    if (g.encoding == Codec::kNone) {
+      std::memcpy(block, static_cast<const float*>(g.data) + lo, (end - lo) * sizeof(float));
+    } else {
+      compress::DecodeRange(g.encoding, g.block, g.data, numel_, lo, end, block, false);
     }
   }
 

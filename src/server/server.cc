@@ -56,6 +56,7 @@ std::string ServerStats::ToJson() const {
                       {"parameter_bytes", parameter_bytes},
                       {"pushes_applied", pushes_applied},
                       {"duplicate_pushes", duplicate_pushes},
+                      {"late_pushes", late_pushes},
                       {"versions_published", versions_published},
                       {"grant_requests", grant_requests},
                       {"grants_waited", grants_waited},
@@ -69,6 +70,16 @@ std::string ServerStats::ToJson() const {
                       {"ranges_helped", ranges_helped},
                       {"rss_bytes", rss_bytes},
                       {"peak_rss_bytes", peak_rss_bytes}};
+  nlohmann::json ws = nlohmann::json::array();
+  for (const auto& w : workers)
+    ws.push_back({{"rank", w.rank},
+                  {"pushes", w.pushes},
+                  {"late_pushes", w.late_pushes},
+                  {"waits", w.waits},
+                  {"max_staleness", w.max_staleness},
+                  {"mean_staleness", w.mean_staleness},
+                  {"max_steps_behind", w.max_steps_behind}});
+  j["workers"] = ws;
   return j.dump();
 }
 
@@ -182,6 +193,11 @@ class ServerImpl final : public Server {
     node_ = std::move(node).value();
     view_ = node_->info().view;
     rank_ = node_->info().rank;
+    if (!view_.worker_weights.empty() && view_.worker_weights.size() != view_.num_workers)
+      return Status::InvalidArgument(fmt::format("the job has {} worker weights for {} workers",
+                                                 view_.worker_weights.size(), view_.num_workers));
+    counters_ = std::make_unique<WorkerCounters[]>(view_.num_workers);
+    num_counters_.store(view_.num_workers);
     SHARDPS_RETURN_IF_ERROR(pool_.Init(data_ctx_.get(), opt_.landing_buffers, view_.chunk_bytes));
     // Apply threads poll for work as long as the transport polls for messages: where it
     // does not (tcp), a sleeping apply thread costs no more than the wake-up of the loop.
@@ -196,7 +212,8 @@ class ServerImpl final : public Server {
                      : "GPU memory cannot be registered: GPU shards are staged through "
                        "registered host memory");
     spdlog::info("server {} serving on {} ({} mode, {} workers, {} landing buffers of {} bytes)",
-                 rank_, listener_->address(), ModeName(view_.mode), view_.num_workers,
+                 rank_, listener_->address(), ModeString(view_.mode, view_.staleness),
+                 view_.num_workers,
                  opt_.landing_buffers, view_.chunk_bytes);
     return Status::OK();
   }
@@ -236,6 +253,22 @@ class ServerImpl final : public Server {
     }
     s.pushes_applied = pushes_applied_.load();
     s.duplicate_pushes = duplicates_.load();
+    s.late_pushes = late_.load();
+    const uint32_t nw = num_counters_.load();
+    for (uint32_t w = 0; w < nw; ++w) {
+      const WorkerCounters& c = counters_[w];
+      WorkerPushStats& o = s.workers.emplace_back();
+      o.rank = w;
+      o.pushes = c.pushes.load(std::memory_order_relaxed);
+      o.late_pushes = c.late.load(std::memory_order_relaxed);
+      o.waits = c.waits.load(std::memory_order_relaxed);
+      o.max_staleness = c.staleness_max.load(std::memory_order_relaxed);
+      o.mean_staleness =
+          o.pushes ? static_cast<double>(c.staleness_sum.load(std::memory_order_relaxed)) /
+                         static_cast<double>(o.pushes)
+                   : 0.0;
+      o.max_steps_behind = c.behind_max.load(std::memory_order_relaxed);
+    }
     s.versions_published = versions_.load();
     s.grant_requests = grant_requests_.load();
     if (inbound_) {
@@ -459,6 +492,11 @@ class ServerImpl final : public Server {
     ec.num_workers = view_.num_workers;
     ec.aggregate = view_.aggregate;
     ec.max_steps_ahead = kMaxStepsAhead;
+    ec.staleness = view_.staleness;
+    ec.quorum = view_.sync_quorum;
+    ec.weights = view_.worker_weights;
+    ec.weight_rule = view_.weight_rule;
+    ec.counters = counters_.get();
     Chunk* raw = ch.get();
     ch->engine = std::make_unique<ChunkEngine>(
         ec,
@@ -556,6 +594,7 @@ class ServerImpl final : public Server {
     LandedPush p;
     p.worker = d.worker;
     p.seq = d.seq;
+    p.base_version = d.base_version;
     p.buffer = d.buffer;
     p.grad.data = pool_.data(d.buffer);
     p.grad.numel = ch->numel;
@@ -580,6 +619,7 @@ class ServerImpl final : public Server {
     for (auto& ack : a.acks) AckNow(ack);
     pushes_applied_ += a.applied;
     duplicates_ += a.duplicates;
+    late_ += a.late;
     versions_ += a.published;
   }
 
@@ -590,6 +630,7 @@ class ServerImpl final : public Server {
     if (!a.status.ok()) return Reply(*a.to.conn, a.to.request, a.status);
     PushAck ack;
     ack.version = a.version;
+    ack.late = a.late;
     std::optional<uint32_t> ahead = pool_.GrantAhead(a.to.conn.get());
     if (ahead) {
       ack.has_ahead = true;
@@ -649,6 +690,10 @@ class ServerImpl final : public Server {
 
   std::atomic<uint64_t> pushes_applied_{0};
   std::atomic<uint64_t> duplicates_{0};
+  std::atomic<uint64_t> late_{0};
+  // Per worker (view_.num_workers), set once before the server is ready; 0 until then.
+  std::unique_ptr<WorkerCounters[]> counters_;
+  std::atomic<uint32_t> num_counters_{0};
   std::atomic<uint64_t> versions_{0};
   std::atomic<uint64_t> grant_requests_{0};
   std::atomic<uint64_t> grants_waited_{0};

@@ -32,6 +32,9 @@ struct GradientView {
   Dtype dtype = Dtype::kFloat32;
   Codec encoding = Codec::kNone;
   uint32_t block = 256;
+  // The push's weight (per-worker weights, docs/consistency.md): Fold and Apply take
+  // weight * g. A weight of 1 costs nothing extra.
+  float weight = 1.0f;
 };
 
 // Where an update also publishes the new parameters encoded for compressed pulls (fp16, bf16),
@@ -64,11 +67,11 @@ class UpdateRule {
   // the rule's chunk. Nothing is changed when it is not.
   virtual Status Check(const GradientView& g) const = 0;
 
-  // dst = g (first) or dst += g, element-wise, over numel() floats, decoding `g` as it goes (no
+  // dst = w * g (first) or dst += w * g (w: g.weight), element-wise, over numel() floats, decoding `g` as it goes (no
   // decoded copy); `g` passed Check.
   virtual void Fold(float* dst, const GradientView& g, bool first) = 0;
 
-  // out = rule(in, scale * (grad + extra)), with extra optional (nullptr), advancing the
+  // out = rule(in, scale * (w * grad + extra)) (w: grad.weight), with extra optional, advancing the
   // optimizer state by one step; `grad` is decoded range by range into the update, and `extra`
   // is plain fp32 (a running sum). `out` may alias `in` or grad's data. With `publish`, the new
   // parameters are also written encoded there. `done` is called exactly once: inline (CPU) or

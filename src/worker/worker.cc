@@ -32,6 +32,7 @@ struct OpState {
   std::atomic<size_t> remaining{0};  // written under mu; Wait polls it without the lock
   Status error;
   uint64_t version = UINT64_MAX;
+  bool late = false;  // a chunk's push was dropped as late (backup workers)
 
   std::chrono::microseconds poll{0};  // how long Wait polls before it sleeps
 
@@ -62,6 +63,12 @@ bool Handle::done() const {
   if (!s_) return true;
   std::lock_guard<std::mutex> lock(s_->mu);
   return s_->remaining == 0;
+}
+
+bool Handle::late() const {
+  if (!s_) return false;
+  std::lock_guard<std::mutex> lock(s_->mu);
+  return s_->late;
 }
 
 uint64_t Handle::version() const {
@@ -155,6 +162,7 @@ struct ChunkRef {
   ChunkSlots slots;
   SlotLayout layout;
   std::atomic<uint64_t> known_version{0};
+  std::atomic<uint64_t> pulled_version{0};  // the newest version pulled: a push's base
   std::atomic<uint64_t> next_seq{1};
 };
 
@@ -284,6 +292,7 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
       if (chunk->pull_codec != Codec::kNone)
         compress::DecodeParams(chunk->pull_codec, encoded.data(), chunk->numel, dst);
       RaiseTo(chunk->known_version, v);
+      RaiseTo(chunk->pulled_version, v);
       return op->ChunkDone(Status::OK(), v);
     }
     // The slot is being rewritten (tag 0: the newest version is then in the other slot) or
@@ -581,6 +590,7 @@ class WorkerImpl final : public Worker {
     WorkerStats st;
     st.bytes_pushed = bytes_pushed_.load();
     st.bytes_pulled = bytes_pulled_.load();
+    st.late_pushes = late_pushes_.load();
     return st;
   }
 
@@ -737,8 +747,12 @@ class WorkerImpl final : public Worker {
       if (!st.ok()) return op->ChunkDone(st, 0);
       Bytes note;
       Writer w(&note);
-      PushDone{
-          .chunk_id = ref->chunk_id, .buffer = buffer, .worker = me, .seq = seq, .bytes = bytes}
+      PushDone{.chunk_id = ref->chunk_id,
+               .buffer = buffer,
+               .worker = me,
+               .seq = seq,
+               .bytes = bytes,
+               .base_version = ref->pulled_version.load()}
           .Encode(&w);
       rpc->Call(kPushDone, note, {},
                 [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {
@@ -765,6 +779,14 @@ class WorkerImpl final : public Worker {
     }
     uint64_t v = ack.version;
     RaiseTo(ref->known_version, v);
+    if (ack.late) {
+      // Dropped: its step was published without it (backup workers). The next push of this
+      // chunk is for the step after the published version.
+      late_pushes_++;
+      RaiseTo(ref->next_seq, v + 1);
+      std::lock_guard<std::mutex> lock(op->mu);
+      op->late = true;
+    }
     if (then_pull) return PullChunk(rpc, ref, then_pull, op);
     op->ChunkDone(Status::OK(), v);
   }
@@ -782,6 +804,7 @@ class WorkerImpl final : public Worker {
   std::atomic<bool> finished_{false};
   std::atomic<uint64_t> bytes_pushed_{0};  // written into landing buffers (encoded)
   std::atomic<uint64_t> bytes_pulled_{0};  // read from published slots (encoded)
+  std::atomic<uint64_t> late_pushes_{0};   // acknowledged late, dropped by the server
   mutable std::mutex tensors_mu_;
   std::vector<std::unique_ptr<TensorInfo>> tensors_;
   std::map<std::string, TensorId> by_name_;

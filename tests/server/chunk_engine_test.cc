@@ -27,15 +27,24 @@ struct Fixture {
   explicit Fixture(Mode mode, uint32_t workers, Aggregate agg = Aggregate::kSum,
                    std::unique_ptr<UpdateRule> rule = nullptr, size_t max_grants = 1 << 16,
                    std::function<void(EngineActions)> later = nullptr)
-      : layout(cluster::LayoutFor(kN)), slots(layout.stride * 2 / 8 + 1) {
-    auto* f = reinterpret_cast<float*>(slots.data());
-    for (uint64_t i = 0; i < kN; ++i) f[i] = 100.0f;
+      : Fixture(Config(mode, workers, agg, max_grants), std::move(rule), std::move(later)) {}
+
+  static EngineConfig Config(Mode mode, uint32_t workers, Aggregate agg = Aggregate::kSum,
+                             size_t max_grants = 1 << 16) {
     EngineConfig c;
     c.mode = mode;
     c.num_workers = workers;
     c.aggregate = agg;
     c.max_steps_ahead = 2;
     c.max_parked_grants = max_grants;
+    return c;
+  }
+
+  explicit Fixture(EngineConfig c, std::unique_ptr<UpdateRule> rule = nullptr,
+                   std::function<void(EngineActions)> later = nullptr)
+      : layout(cluster::LayoutFor(kN)), slots(layout.stride * 2 / 8 + 1) {
+    auto* f = reinterpret_cast<float*>(slots.data());
+    for (uint64_t i = 0; i < kN; ++i) f[i] = 100.0f;
     if (!rule) rule = MakeCpuUpdateRule(Sgd(), kN, nullptr, 0);
     engine = std::make_unique<ChunkEngine>(
         c, std::move(rule), SlotMemory{reinterpret_cast<uint8_t*>(slots.data()), layout},
@@ -58,12 +67,15 @@ struct Fixture {
 
   // A push of value `g` everywhere, by `worker`, step `seq`, in landing buffer `buffer`.
   EngineActions Push(uint32_t worker, uint64_t seq, float g, uint32_t buffer = 0,
-                     uint64_t request = 0) {
+                     uint64_t request = 0, uint64_t base_version = 0,
+                     std::shared_ptr<transport::Connection> conn = nullptr) {
     auto& b = buffers[buffer];
     b.assign(kN, g);
     LandedPush p;
     p.worker = worker;
     p.seq = seq;
+    p.base_version = base_version;
+    p.reply.conn = std::move(conn);
     p.buffer = buffer;
     p.grad.data = b.data();
     p.grad.numel = kN;
@@ -343,6 +355,196 @@ TEST(ChunkEngine, AsyncScrambledPushesOfManyWorkersEndExact) {
   EXPECT_EQ(f.engine->version(), 120u);
   EXPECT_EQ(f.engine->parked_pushes(), 0u);
   EXPECT_EQ(f.Params(), All(100.0f - 30.0f * (1 + 2 + 3 + 4)));
+}
+
+// ---- Bounded staleness (ssp:K), backup workers (sync quorum), per-worker weights ----
+
+// A connection that does nothing: it only names a worker's peer for OnConnectionClosed.
+class NullConnection final : public transport::Connection {
+ public:
+  void Send(uint32_t, Bytes, transport::Payload, transport::DoneCallback) override {}
+  void Write(const void*, size_t, const transport::RemoteKey&, uint64_t,
+             transport::DoneCallback) override {}
+  void Read(void*, size_t, const transport::RemoteKey&, uint64_t,
+            transport::DoneCallback) override {}
+  void Write(const transport::LocalSpan&, const transport::RemoteKey&, uint64_t,
+             transport::DoneCallback) override {}
+  void Read(const transport::LocalSpan&, const transport::RemoteKey&, uint64_t,
+            transport::DoneCallback) override {}
+  void Close() override {}
+  bool closed() const override { return false; }
+  std::string peer() const override { return "null"; }
+  void FailLater(transport::DoneCallback, Status) override {}
+};
+
+std::vector<uint64_t> Requests(const EngineActions& a) {
+  std::vector<uint64_t> r;
+  for (const auto& ack : a.acks) r.push_back(ack.to.request);
+  return r;
+}
+
+TEST(ChunkEngine, SspAppliesAPushOnlyWithinKStepsOfTheSlowestWorker) {
+  EngineConfig c = Fixture::Config(Mode::kSsp, 2);
+  c.staleness = 1;
+  std::vector<WorkerCounters> counters(2);
+  c.counters = counters.data();
+  Fixture f(c);
+  // Worker 0 may push steps 1 and 2 while worker 1 has applied none (2 <= 0 + K + 1).
+  EXPECT_EQ(Requests(f.Push(0, 1, 1.0f, 0)), std::vector<uint64_t>{100});
+  EXPECT_EQ(Requests(f.Push(0, 2, 1.0f, 1)), std::vector<uint64_t>{200});
+  EXPECT_EQ(f.engine->version(), 2u);
+  // Step 3 must wait for worker 1's step 1: its grant waits, and a push that landed anyway (in
+  // a buffer granted ahead) is parked with its buffer.
+  auto g = f.engine->Admit(ParkedGrant{{}, nullptr, 77, 0, 3});
+  ASSERT_TRUE(g.ok());
+  EXPECT_FALSE(*g);
+  auto a = f.Push(0, 3, 1.0f, 2);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(a.parked_buffers_delta, 1);
+  EXPECT_EQ(f.engine->version(), 2u);
+  EXPECT_EQ(f.Params(), All(98.0f));
+  EXPECT_EQ(counters[0].waits.load(), 2u);
+  // Worker 1's step 1 lets step 3 go: applied in the same event, and the grant admitted.
+  a = f.Push(1, 1, 10.0f, 3);
+  EXPECT_EQ(Requests(a), (std::vector<uint64_t>{101, 300}));
+  ASSERT_EQ(a.admit.size(), 1u);
+  EXPECT_EQ(a.admit[0].request, 77u);
+  EXPECT_EQ(a.parked_buffers_delta, -1);
+  EXPECT_EQ(f.engine->version(), 4u);
+  EXPECT_EQ(f.engine->slowest_clock(), 1u);
+  EXPECT_EQ(f.Params(), All(87.0f));
+  // Worker 1 ran 2 steps behind worker 0 when its first push was applied.
+  EXPECT_EQ(counters[1].behind_max.load(), 2u);
+  EXPECT_EQ(counters[0].pushes.load(), 3u);
+}
+
+TEST(ChunkEngine, SspZeroIsLockStepWithEachPushAppliedOnArrival) {
+  EngineConfig c = Fixture::Config(Mode::kSsp, 3);
+  c.staleness = 0;
+  Fixture f(c);
+  EXPECT_EQ(f.Push(0, 1, 1.0f, 0).acks.size(), 1u);  // applied at once (unlike sync)
+  EXPECT_EQ(f.engine->version(), 1u);
+  EXPECT_TRUE(f.Push(0, 2, 1.0f, 1).acks.empty());  // waits for everyone's step 1
+  EXPECT_EQ(f.Push(1, 1, 2.0f, 2).acks.size(), 1u);
+  auto a = f.Push(2, 1, 3.0f, 3);
+  EXPECT_EQ(Requests(a), (std::vector<uint64_t>{102, 200}));
+  EXPECT_EQ(f.engine->version(), 4u);
+  EXPECT_EQ(f.Params(), All(93.0f));
+}
+
+TEST(ChunkEngine, SspWorkerWhoseConnectionClosedNoLongerHoldsTheOthersBack) {
+  EngineConfig c = Fixture::Config(Mode::kSsp, 2);
+  c.staleness = 0;
+  Fixture f(c);
+  auto gone = std::make_shared<NullConnection>();
+  auto stays = std::make_shared<NullConnection>();
+  f.Push(1, 1, 1.0f, 0, 0, 0, gone);
+  f.Push(0, 1, 1.0f, 1, 0, 0, stays);
+  f.Push(0, 2, 1.0f, 2, 0, 0, stays);
+  EXPECT_TRUE(f.Push(0, 3, 1.0f, 3, 0, 0, stays).acks.empty());  // waits for worker 1's step 2
+  auto a = f.engine->OnConnectionClosed(gone.get());
+  EXPECT_EQ(Requests(a), std::vector<uint64_t>{300});
+  EXPECT_EQ(a.parked_buffers_delta, -1);
+  EXPECT_EQ(f.engine->version(), 4u);
+  EXPECT_EQ(Requests(f.Push(0, 4, 1.0f, 4, 0, 0, stays)), std::vector<uint64_t>{400});
+}
+
+TEST(ChunkEngine, QuorumPublishesWithTheFirstNPushesAndDropsTheLateOne) {
+  EngineConfig c = Fixture::Config(Mode::kSync, 3, Aggregate::kMean);
+  c.quorum = 2;
+  std::vector<WorkerCounters> counters(3);
+  c.counters = counters.data();
+  Fixture f(c);
+  f.Push(0, 1, 4.0f, 0);
+  auto a = f.Push(1, 1, 8.0f, 1);
+  ASSERT_EQ(a.acks.size(), 2u);
+  for (auto& ack : a.acks) EXPECT_FALSE(ack.late);
+  EXPECT_EQ(f.engine->version(), 1u);
+  EXPECT_EQ(f.Params(), All(94.0f));  // the mean over the 2 contributors
+  a = f.Push(2, 1, 1000.0f, 2);       // late: acknowledged, dropped
+  ASSERT_EQ(a.acks.size(), 1u);
+  EXPECT_TRUE(a.acks[0].late);
+  EXPECT_EQ(a.acks[0].version, 1u);
+  EXPECT_EQ(a.release, std::vector<uint32_t>{2});
+  EXPECT_EQ(a.late, 1u);
+  EXPECT_EQ(a.applied, 0u);
+  EXPECT_EQ(f.Params(), All(94.0f));
+  EXPECT_EQ(counters[2].late.load(), 1u);
+  EXPECT_EQ(counters[2].behind_max.load(), 1u);
+  // The late worker contributes to the next step.
+  f.Push(2, 2, 2.0f, 3);
+  f.Push(0, 2, 4.0f, 4);
+  EXPECT_EQ(f.engine->version(), 2u);
+  EXPECT_EQ(f.Params(), All(91.0f));
+  EXPECT_EQ(counters[0].pushes.load(), 2u);
+  EXPECT_EQ(counters[1].pushes.load(), 1u);
+  EXPECT_EQ(counters[2].pushes.load(), 1u);
+}
+
+TEST(ChunkEngine, QuorumLateWorkerSkipsTheStepsPublishedWithoutIt) {
+  EngineConfig c = Fixture::Config(Mode::kSync, 3);
+  c.quorum = 2;
+  Fixture f(c);
+  uint32_t b = 0;
+  for (uint64_t s = 1; s <= 3; ++s) {
+    f.Push(0, s, 1.0f, b++);
+    f.Push(1, s, 1.0f, b++);
+  }
+  EXPECT_EQ(f.engine->version(), 3u);
+  // Worker 2 was told version 3 (a late ack) and pushes step 4 next: no wait for 1..3.
+  auto a = f.Push(2, 4, 5.0f, b++);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(a.applied, 1u);
+  a = f.Push(0, 4, 1.0f, b++);
+  EXPECT_EQ(Requests(a), (std::vector<uint64_t>{402, 400}));
+  EXPECT_EQ(f.engine->version(), 4u);
+  EXPECT_EQ(f.Params(), All(100.0f - 6.0f - 6.0f));
+  // An older push of worker 2 still in flight: acknowledged, never applied.
+  a = f.Push(2, 2, 1000.0f, b++);
+  ASSERT_EQ(a.acks.size(), 1u);
+  EXPECT_EQ(a.applied, 0u);
+  EXPECT_EQ(f.Params(), All(88.0f));
+}
+
+TEST(ChunkEngine, FixedWorkerWeightsGiveTheWeightedSum) {
+  for (Mode mode : {Mode::kSync, Mode::kAsync}) {
+    SCOPED_TRACE(ModeName(mode));
+    EngineConfig c = Fixture::Config(mode, 3);
+    c.weights = {1.0f, 0.5f, 2.0f};
+    Fixture f(c);
+    f.Push(0, 1, 4.0f, 0);
+    f.Push(1, 1, 4.0f, 1);
+    f.Push(2, 1, 4.0f, 2);  // sync: the last push is fused into the update, weighted too
+    EXPECT_EQ(f.Params(), All(100.0f - 4.0f - 2.0f - 8.0f));
+    // Every push of step 2 through the accumulator (the weighted fold), last one of weight 1.
+    f.Push(2, 2, 1.0f, 3);
+    f.Push(1, 2, 2.0f, 4);
+    f.Push(0, 2, 8.0f, 5);
+    EXPECT_EQ(f.Params(), All(86.0f - 2.0f - 1.0f - 8.0f));
+  }
+}
+
+TEST(ChunkEngine, StalenessRuleDividesTheWeightByOnePlusTheVersionsSinceTheBase) {
+  EngineConfig c = Fixture::Config(Mode::kAsync, 2);
+  c.weight_rule = WeightRule::kStaleness;
+  c.weights = {1.0f, 2.0f};
+  std::vector<WorkerCounters> counters(2);
+  c.counters = counters.data();
+  Fixture f(c);
+  // eta = w / (1 + s), s = version before the apply - the push's base version.
+  f.Push(0, 1, 4.0f, 0, 0, /*base=*/0);  // s 0: eta 1 -> 96
+  EXPECT_EQ(f.Params(), All(96.0f));
+  f.Push(1, 1, 4.0f, 1, 0, /*base=*/0);  // s 1: eta 2/2 -> 92
+  EXPECT_EQ(f.Params(), All(92.0f));
+  f.Push(0, 2, 6.0f, 2, 0, /*base=*/1);  // s 1: eta 1/2 -> 89
+  EXPECT_EQ(f.Params(), All(89.0f));
+  f.Push(1, 2, 8.0f, 3, 0, /*base=*/0);  // s 3: eta 2/4 -> 85
+  EXPECT_EQ(f.Params(), All(85.0f));
+  f.Push(0, 3, 8.0f, 4, 0, /*base=*/9);  // a base ahead of the version counts as 0
+  EXPECT_EQ(f.Params(), All(77.0f));
+  EXPECT_EQ(counters[1].staleness_max.load(), 3u);
+  EXPECT_EQ(counters[1].staleness_sum.load(), 4u);
+  EXPECT_EQ(counters[0].staleness_sum.load(), 1u);
 }
 
 }  // namespace
