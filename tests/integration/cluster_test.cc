@@ -8,6 +8,8 @@
 
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
+#include <mutex>
 #include <deque>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -552,6 +554,258 @@ TEST_P(ClusterOver, CompressedPushesAggregateAsTheirDecodedValues) {
     });
     lc->Finish();
   }
+}
+
+// ---- Consistency beyond sync and async (docs/consistency.md) ----
+
+// A one-shot event between worker threads, waited on with a deadline.
+class Event {
+ public:
+  void Set() {
+    std::lock_guard<std::mutex> lock(mu_);
+    set_ = true;
+    cv_.notify_all();
+  }
+  bool Wait(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return set_; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool set_ = false;
+};
+
+// sync with a quorum of 2 of 3 workers: workers 0 and 1 run 20 steps while worker 2 has not
+// pushed at all (the step rate follows the fast workers, whatever the slow one does). Worker 2's
+// first push is then late: acknowledged, dropped, told version 20; its next push is step 21,
+// which it completes with worker 0; worker 1's push of step 21 is late in turn. Every value is
+// exact, and the servers count each late push.
+TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
+  CoordinatorOptions co = Opts(2, 3, Mode::kSync, Aggregate::kSum, 4096);
+  co.sync_quorum = 2;
+  auto lc = LocalCluster::Start(co, 16, GetParam());
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 3333;  // 4 chunks over 2 servers
+  constexpr uint64_t kSteps = 20;
+  auto expect_after = [](uint64_t steps, int64_t i) {
+    double e = 100.0;
+    for (uint64_t t = 1; t <= steps; ++t) e -= Grad(0, t, i) + Grad(1, t, i);
+    return e;
+  };
+  Event fast_done, slow_waits, step21_done;
+  std::atomic<int> fast_left{2};
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("q", kN, 100.0f));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    std::vector<float> g(kN), out(kN);
+    auto fill = [&](uint32_t rank, uint64_t step) {
+      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(rank, step, i);
+    };
+    if (w.rank() < 2) {
+      for (uint64_t s = 1; s <= kSteps; ++s) {
+        fill(w.rank(), s);
+        auto h = w.PushPull(*id, g.data(), out.data());
+        ASSERT_TRUE(h.Wait(30s).ok());
+        ASSERT_FALSE(h.late());
+        for (int64_t i = 0; i < kN; ++i)
+          ASSERT_EQ(out[i], static_cast<float>(expect_after(s, i))) << "step " << s;
+      }
+      if (--fast_left == 0) fast_done.Set();
+    }
+    if (w.rank() == 2) {
+      ASSERT_TRUE(fast_done.Wait(60s));
+      fill(2, 1);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(30s).ok());
+      EXPECT_TRUE(h.late());
+      EXPECT_EQ(h.version(), kSteps);
+      for (int64_t i = 0; i < kN; ++i) ASSERT_EQ(out[i], static_cast<float>(expect_after(20, i)));
+      fill(2, 21);
+      h = w.PushPull(*id, g.data(), out.data());  // step 21: completes once worker 0 pushed it
+      slow_waits.Set();
+      ASSERT_TRUE(h.Wait(30s).ok());
+      EXPECT_FALSE(h.late());
+      EXPECT_EQ(h.version(), kSteps + 1);
+      for (int64_t i = 0; i < kN; ++i)
+        ASSERT_EQ(out[i], static_cast<float>(expect_after(20, i) - Grad(2, 21, i) - Grad(0, 21, i)));
+      EXPECT_EQ(w.stats().late_pushes, 4u);  // one per chunk
+    }
+    if (w.rank() == 0) {
+      ASSERT_TRUE(slow_waits.Wait(60s));
+      fill(0, 21);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(30s).ok());
+      EXPECT_FALSE(h.late());
+      step21_done.Set();
+    }
+    if (w.rank() == 1) {
+      ASSERT_TRUE(step21_done.Wait(60s));
+      fill(1, 21);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(30s).ok());
+      EXPECT_TRUE(h.late());
+      EXPECT_EQ(h.version(), kSteps + 1);
+      for (int64_t i = 0; i < kN; ++i)
+        ASSERT_EQ(out[i], static_cast<float>(expect_after(20, i) - Grad(2, 21, i) - Grad(0, 21, i)));
+    }
+  });
+  uint64_t late = 0, late2 = 0, late1 = 0, applied = 0;
+  for (uint32_t srv = 0; srv < 2; ++srv) {
+    auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(srv));
+    late += st["late_pushes"].get<uint64_t>();
+    applied += st["pushes_applied"].get<uint64_t>();
+    late1 += st["workers"][1]["late_pushes"].get<uint64_t>();
+    late2 += st["workers"][2]["late_pushes"].get<uint64_t>();
+  }
+  EXPECT_EQ(late, 8u);  // 4 chunks: worker 2's step 1 and worker 1's step 21
+  EXPECT_EQ(late1, 4u);
+  EXPECT_EQ(late2, 4u);
+  EXPECT_EQ(applied, 4u * 2 * 21);  // two contributions per chunk and step
+  lc->Finish();
+}
+
+// sync with a quorum of 2 of 3, mean, worker 2 slowed by 50 ms per step: every published step
+// has exactly 2 contributors, each push is either folded or acknowledged late, and the end
+// state is exactly the mean over the contributors of each step (single-chunk tensor).
+TEST_P(ClusterOver, SyncQuorumWithASlowWorkerIsExactOverTheContributors) {
+  CoordinatorOptions co = Opts(1, 3, Mode::kSync, Aggregate::kMean);
+  co.sync_quorum = 2;
+  auto lc = LocalCluster::Start(co, 16, GetParam());
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 500;
+  constexpr uint64_t kSteps = 12;
+  std::mutex mu;
+  std::vector<std::pair<uint32_t, uint64_t>> contributed;  // (rank, step)
+  uint64_t late_total = 0;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("m", kN, 100.0f));
+    ASSERT_TRUE(id.ok());
+    std::vector<float> g(kN), out(kN);
+    for (uint64_t s = 1; s <= kSteps;) {
+      if (w.rank() == 2) std::this_thread::sleep_for(50ms);
+      for (int64_t i = 0; i < kN; ++i) g[i] = 2.0f * Grad(w.rank(), s, i);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(30s).ok());
+      std::lock_guard<std::mutex> lock(mu);
+      if (h.late()) {
+        late_total++;
+        EXPECT_GE(h.version(), s);
+        s = h.version() + 1;  // carries on from the published version
+      } else {
+        contributed.emplace_back(w.rank(), s);
+        s++;
+      }
+    }
+    ASSERT_TRUE(w.Barrier("done", 30s).ok());
+  });
+  ASSERT_EQ(contributed.size(), 2 * kSteps);
+  std::vector<float> out(kN);
+  auto h = lc->workers[0]->Pull(0, out.data());
+  ASSERT_TRUE(h.Wait(30s).ok());
+  EXPECT_EQ(h.version(), kSteps);
+  for (int64_t i = 0; i < kN; ++i) {
+    double e = 100.0;
+    for (auto [r, s] : contributed) e -= Grad(r, s, i);  // (2g + 2g') / 2
+    ASSERT_EQ(out[i], static_cast<float>(e)) << "element " << i;
+  }
+  auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(0));
+  EXPECT_EQ(st["late_pushes"].get<uint64_t>(), late_total);
+  EXPECT_EQ(st["pushes_applied"].get<uint64_t>(), 2 * kSteps);
+  lc->Finish();
+}
+
+// Fixed per-worker weights (1, 0.5, 2) in sync and async, on fp32, fp16 and int8 pushes: the
+// parameters are exactly the initial values minus the weighted sum of the decoded pushes.
+TEST_P(ClusterOver, WorkerWeightsGiveTheExactWeightedSum) {
+  const std::vector<float> eta = {1.0f, 0.5f, 2.0f};
+  const std::vector<std::string> codecs = {"none", "fp16", "int8:block=64"};
+  for (Mode mode : {Mode::kSync, Mode::kAsync}) {
+    SCOPED_TRACE(ModeName(mode));
+    CoordinatorOptions co = Opts(2, 3, mode, Aggregate::kSum, 4096);
+    co.worker_weights = eta;
+    auto lc = LocalCluster::Start(co, 16, GetParam());
+    ASSERT_TRUE(lc);
+    constexpr int64_t kN = 3333;
+    constexpr uint64_t kSteps = 5;
+    lc->ForEachWorker([&](Worker& w) {
+      std::vector<TensorSpec> specs;
+      std::vector<Codec> kinds;
+      for (const auto& c : codecs) {
+        TensorSpec t = Sgd1("w-" + c, kN, 100.0f);
+        t.compression = Compression::Parse(c).value();
+        kinds.push_back(t.compression.codec);
+        specs.push_back(t);
+      }
+      auto ids = w.Declare(specs);
+      ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+      std::vector<std::vector<float>> g(specs.size(), std::vector<float>(kN));
+      for (uint64_t s = 1; s <= kSteps; ++s) {
+        std::vector<Handle> hs;
+        for (size_t t = 0; t < specs.size(); ++t) {
+          for (int64_t i = 0; i < kN; ++i) g[t][i] = CodecGrad(kinds[t], w.rank(), s, i % 1024);
+          hs.push_back(w.Push((*ids)[t], g[t].data()));
+        }
+        for (auto& h : hs) ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
+      }
+      ASSERT_TRUE(w.Barrier("pushed", 30s).ok());
+      for (size_t t = 0; t < specs.size(); ++t) {
+        std::vector<float> out(kN);
+        ASSERT_TRUE(w.Pull((*ids)[t], out.data()).Wait(30s).ok());
+        for (int64_t i = 0; i < kN; ++i) {
+          double e = 100.0;
+          for (uint64_t s = 1; s <= kSteps; ++s)
+            for (uint32_t r = 0; r < 3; ++r) e -= eta[r] * CodecGrad(kinds[t], r, s, i % 1024);
+          ASSERT_EQ(out[i], static_cast<float>(e)) << codecs[t] << " element " << i;
+        }
+      }
+    });
+    lc->Finish();
+  }
+}
+
+// ssp:1 with 3 workers, worker 2 slowed by 5 ms per step: a one-hot tensor reveals every
+// worker's clock in each pull, and no pull ever misses an update older than the worker's clock
+// minus K; a second tensor over 2 servers ends at exactly the sum of every push.
+TEST_P(ClusterOver, SspStaysWithinItsBoundAndEndsExact) {
+  CoordinatorOptions co = Opts(2, 3, Mode::kSsp, Aggregate::kSum, 4096);
+  co.staleness = 1;
+  auto lc = LocalCluster::Start(co, 16, GetParam());
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 3333;
+  constexpr int64_t kSteps = 30, kK = 1;
+  lc->ForEachWorker([&](Worker& w) {
+    auto ids = w.Declare({Sgd1("clocks", 3, 0.0f), Sgd1("big", kN, 100.0f)});
+    ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+    std::vector<float> one_hot(3, 0.0f), clocks(3), g(kN), out(kN);
+    one_hot[w.rank()] = 1.0f;
+    for (int64_t s = 1; s <= kSteps; ++s) {
+      if (w.rank() == 2) std::this_thread::sleep_for(5ms);
+      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+      auto hb = w.Push((*ids)[1], g.data());
+      auto h = w.PushPull((*ids)[0], one_hot.data(), clocks.data());
+      ASSERT_TRUE(h.Wait(30s).ok());
+      ASSERT_TRUE(hb.Wait(30s).ok());
+      int64_t sum = 0;
+      for (int j = 0; j < 3; ++j) {
+        const auto c = static_cast<int64_t>(-clocks[j]);
+        ASSERT_GE(c, s - kK - 1) << "worker " << w.rank() << " step " << s << " sees worker " << j;
+        sum += c;
+      }
+      ASSERT_EQ(-clocks[w.rank()], static_cast<float>(s));
+      ASSERT_EQ(h.version(), static_cast<uint64_t>(sum));
+    }
+    ASSERT_TRUE(w.Barrier("done", 30s).ok());
+    ASSERT_TRUE(w.Pull((*ids)[1], out.data()).Wait(30s).ok());
+    for (int64_t i = 0; i < kN; ++i) {
+      double e = 100.0;
+      for (int64_t s = 1; s <= kSteps; ++s)
+        for (uint32_t r = 0; r < 3; ++r) e -= Grad(r, s, i);
+      ASSERT_EQ(out[i], static_cast<float>(e)) << "element " << i;
+    }
+  });
+  lc->Finish();
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, ClusterOver, ::testing::ValuesIn(Transports()),

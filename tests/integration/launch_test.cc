@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -20,6 +21,7 @@ using testing::RunCommand;
 
 const std::string kShardps = SHARDPS_BIN;
 const std::string kTestWorker = TEST_WORKER_BIN;
+const std::string kSspWorker = SSP_WORKER_BIN;
 
 std::string TempDir(const std::string& name) {
   auto d = std::filesystem::temp_directory_path() /
@@ -158,6 +160,64 @@ TEST(Launch, SilentWorkerIsDetectedByHeartbeatTimeout) {
   EXPECT_NE(r.output.find("worker 0"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("sent no heartbeat"), std::string::npos) << r.output;
   EXPECT_LT(r.seconds, 30) << r.output;
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// ssp:2 with 3 workers: worker 2 stops itself (SIGSTOP) after step 5. The others run ahead
+// and must stop at exactly clock 5 + 2 + 1 = 8 (their step 9 waits for worker 2's step 6);
+// every worker checks on every step, exactly, that no clock it sees is below its own - K - 1
+// and that the version is the sum of the clocks (tests/integration/ssp_worker.cc). Resumed,
+// worker 2 lets the others go on and the job completes.
+TEST(Launch, SspBoundHoldsWhileAWorkerIsPaused) {
+  std::string dir = TempDir("ssp");
+  CommandResult r;
+  std::thread job([&] {
+    r = RunCommand({kShardps, "launch", "--servers", "1", "--workers", "3", "--mode", "ssp:2",
+                    "--heartbeat-timeout-ms", "60000", "--", kSspWorker, "--k", "2", "--steps",
+                    "30", "--pause-rank", "2", "--pause-step", "5", "--dir", dir},
+                   120s);
+  });
+  // Paused, and both others waiting with the same clock for 1.5 s: they are held by the bound.
+  auto deadline = std::chrono::steady_clock::now() + 90s;
+  std::string paused, w0, w1;
+  auto stable_since = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(100ms);
+    std::string p = ReadFile(dir + "/paused"), a = ReadFile(dir + "/waiting-0"),
+                b = ReadFile(dir + "/waiting-1");
+    if (p.empty() || a.empty() || b.empty() || a != w0 || b != w1) {
+      paused = p;
+      w0 = a;
+      w1 = b;
+      stable_since = std::chrono::steady_clock::now();
+      continue;
+    }
+    if (std::chrono::steady_clock::now() - stable_since > 1500ms) break;
+  }
+  pid_t pid = 0;
+  int clock = 0;
+  std::istringstream(paused) >> pid >> clock;
+  std::ofstream(dir + "/resumed") << "1\n";
+  if (pid > 0) kill(pid, SIGCONT);
+  job.join();
+  ASSERT_GT(pid, 0) << "worker 2 never paused: " << r.output;
+  EXPECT_EQ(clock, 5);
+  EXPECT_EQ(w0, "8\n") << r.output;
+  EXPECT_EQ(w1, "8\n") << r.output;
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("worker 2: paused at clock 5"), std::string::npos) << r.output;
+  // The fast workers led by exactly K when they were held; nobody ever by more.
+  EXPECT_NE(r.output.find("worker 0: done, max lead 2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("worker 1: done, max lead 2"), std::string::npos) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ": done, max lead"), 3u) << r.output;
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Launch, InterruptLeavesNoProcessBehind) {
