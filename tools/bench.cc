@@ -214,6 +214,13 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                  b.compression.c_str());
     return 2;
   }
+  if (b.verify &&
+      (job.sync_quorum != 0 || !job.worker_weights.empty() || job.weight_rule != "fixed")) {
+    std::fprintf(stderr,
+                 "shardps bench: --verify expects every push applied with weight 1, which "
+                 "--sync-quorum, --worker-weights and --weight-rule change\n");
+    return 2;
+  }
   if (!env.Has(tunables::kCoordinator.env)) {
     // Standalone: launch a local cluster whose workers are this same benchmark.
     std::vector<std::string> program = {SelfExe(), "bench"};
@@ -274,7 +281,7 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   const uint32_t W = w.num_workers();
   const uint64_t n = *size / 4;
   const bool sum = job.aggregate == "sum";
-  const bool async = w.mode() == Mode::kAsync;
+  const bool async = w.mode() != Mode::kSync;  // ssp:K applies each push on arrival too
   const float init = 1000.0f;
   std::vector<TensorSpec> specs;
   for (uint32_t k = 0; k < b.tensors; ++k) {

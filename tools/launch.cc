@@ -161,6 +161,7 @@ int RunLaunch(const LaunchOptions& opt) {
       fmt::format("{}={}", kServers.env, co.num_servers),
       fmt::format("{}={}", kWorkers.env, co.num_workers),
       fmt::format("{}={}", kMode.env, ModeString(co.mode, co.staleness)),
+      fmt::format("{}={}", kSyncQuorum.env, co.sync_quorum),
       fmt::format("{}={}", kBusyPollUs.env, opt.busy_poll_us),
       fmt::format("{}={}", kConnectionInbound.env, opt.connection_inbound_bytes),
       fmt::format("{}={}", kProcessInbound.env, opt.process_inbound_bytes),

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <numeric>
 #include <random>
+#include <thread>
 #include <utility>
 
 #include <fmt/format.h>
@@ -59,6 +60,18 @@ Status Impossible(const std::string& why) {
   return Status::InvalidArgument("impossible flag combination: " + why);
 }
 
+// "RANK:MS" -> (rank, ms); "" -> (-1, 0).
+Result<std::pair<int, int>> ParseSlowWorker(const std::string& s) {
+  if (s.empty()) return std::make_pair(-1, 0);
+  int rank = -1, ms = -1;
+  char extra = 0;
+  if (std::sscanf(s.c_str(), "%d:%d%c", &rank, &ms, &extra) != 2 || rank < 0 || ms < 0 ||
+      ms > 60000)
+    return Status::InvalidArgument(
+        fmt::format("'{}': expected RANK:MS, e.g. 3:50 (MS at most 60000)", s));
+  return std::make_pair(rank, ms);
+}
+
 // The checks that need neither the data nor the cluster.
 Status CheckFlags(const TrainFlags& t, uint32_t workers) {
   if (t.dataset != "fashion-mnist")
@@ -79,6 +92,10 @@ Status CheckFlags(const TrainFlags& t, uint32_t workers) {
   if (t.pull_compression != "none" && t.pull_compression != "fp16" && t.pull_compression != "bf16")
     return Impossible(
         fmt::format("--pull-compression {}: expected none, fp16 or bf16", t.pull_compression));
+  auto slow = ParseSlowWorker(t.slow_worker);
+  if (!slow.ok()) return slow.status().WithContext("--slow-worker");
+  if (!(t.target_accuracy > 0 && t.target_accuracy <= 1))
+    return Impossible(fmt::format("--target-accuracy {} must be in (0, 1]", t.target_accuracy));
   return Status::OK();
 }
 
@@ -156,6 +173,10 @@ Result<Plan> MakePlan(const TrainFlags& t, uint32_t workers, size_t available) {
   Plan p;
   SHARDPS_ASSIGN_OR_RETURN(p.samples, TrainSize(t, workers, available));
   p.workers = workers;
+  if (auto slow = ParseSlowWorker(t.slow_worker);
+      slow.ok() && slow->first >= 0 && static_cast<uint32_t>(slow->first) >= workers)
+    return Impossible(
+        fmt::format("--slow-worker {}: there are {} workers", t.slow_worker, workers));
   p.local_batch = t.batch / static_cast<int>(workers);
   p.steps = static_cast<int>(p.samples / static_cast<size_t>(t.batch));
   SHARDPS_ASSIGN_OR_RETURN(p.opt.kind, ParseOptimizer(t.optimizer));
@@ -167,6 +188,7 @@ Result<Plan> MakePlan(const TrainFlags& t, uint32_t workers, size_t available) {
 struct EpochResult {
   int epoch;
   double train_loss, test_accuracy, seconds, samples_per_second;
+  double elapsed = 0;  // training seconds from the start to the end of this epoch
 };
 
 struct RunResult {
@@ -175,7 +197,58 @@ struct RunResult {
   double first_loss = 0, last_loss = 0;  // mean loss over the first / last 10% of steps
   // Rank 0's data-plane bytes over the training steps (WorkerStats), and the model's bytes.
   uint64_t bytes_pushed = 0, bytes_pulled = 0, steps = 0, model_bytes = 0;
+  uint32_t sync_quorum = 0;
+  uint64_t late_steps = 0;  // rank 0's steps whose push was dropped as late (sync quorum)
+  // Per worker, over every server: what the servers counted of its pushes (ServerStats).
+  nlohmann::json worker_stats = nlohmann::json::array();
 };
+
+// The servers' per-worker statistics, summed (maxima: the largest) over the servers.
+Result<nlohmann::json> WorkerPushStats(Worker& w) {
+  nlohmann::json all = nlohmann::json::array();
+  for (uint32_t srv = 0; srv < w.num_servers(); ++srv) {
+    auto js = w.ServerStats(srv);
+    if (!js.ok()) return js.status().WithContext(fmt::format("stats of server {}", srv));
+    auto j = nlohmann::json::parse(*js, nullptr, false);
+    if (j.is_discarded() || !j.contains("workers"))
+      return Status::Internal(fmt::format("malformed stats from server {}", srv));
+    for (const auto& x : j["workers"]) {
+      const size_t r = x.value("rank", 0u);
+      while (all.size() <= r)
+        all.push_back({{"rank", all.size()},
+                       {"pushes", 0},
+                       {"late_pushes", 0},
+                       {"waits", 0},
+                       {"max_staleness", 0},
+                       {"staleness_sum", 0.0},
+                       {"max_steps_behind", 0}});
+      auto& o = all[r];
+      const uint64_t pushes = x.value("pushes", uint64_t{0});
+      o["pushes"] = o["pushes"].get<uint64_t>() + pushes;
+      o["late_pushes"] = o["late_pushes"].get<uint64_t>() + x.value("late_pushes", uint64_t{0});
+      o["waits"] = o["waits"].get<uint64_t>() + x.value("waits", uint64_t{0});
+      o["max_staleness"] =
+          std::max(o["max_staleness"].get<uint64_t>(), x.value("max_staleness", uint64_t{0}));
+      o["staleness_sum"] =
+          o["staleness_sum"].get<double>() + x.value("mean_staleness", 0.0) * pushes;
+      o["max_steps_behind"] =
+          std::max(o["max_steps_behind"].get<uint64_t>(), x.value("max_steps_behind", uint64_t{0}));
+    }
+  }
+  for (auto& o : all) {
+    const double pushes = o["pushes"].get<double>();
+    o["mean_staleness"] = pushes > 0 ? o["staleness_sum"].get<double>() / pushes : 0.0;
+    o.erase("staleness_sum");
+  }
+  return all;
+}
+
+// The training time when rank 0's test accuracy first reached `target`; null when it never did.
+nlohmann::json TimeToTarget(const RunResult& r, double target) {
+  for (const auto& e : r.epochs)
+    if (e.test_accuracy >= target) return e.elapsed;
+  return nullptr;
+}
 
 // Means of the first and last 10% (at least one) of `losses`.
 void FirstLast(const std::vector<float>& losses, RunResult* r) {
@@ -225,7 +298,7 @@ RunResult RunBaseline(const TrainFlags& t, const Plan& p, const Dataset& train,
     }
     const double secs = Since(te);
     r.epochs.push_back({e + 1, sum / p.steps, TestAccuracy(mlp, params, test), secs,
-                        static_cast<double>(p.steps) * t.batch / secs});
+                        static_cast<double>(p.steps) * t.batch / secs, Since(t0)});
     SayEpoch("baseline ", r.epochs.back(), t.epochs);
   }
   r.wall_seconds = Since(t0);
@@ -240,6 +313,7 @@ nlohmann::json EpochsJson(const RunResult& r) {
                  {"train_loss", e.train_loss},
                  {"test_accuracy", e.test_accuracy},
                  {"seconds", e.seconds},
+                 {"elapsed_seconds", e.elapsed},
                  {"samples_per_second", e.samples_per_second}});
   return a;
 }
@@ -251,14 +325,17 @@ std::vector<train::EpochPoint> Points(const RunResult& r) {
 }
 
 // Rank 0's epilogue: the baseline, the report and the plot.
-int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t servers, Mode mode,
-             const Dataset& train, const Dataset& test) {
+int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t servers,
+             const std::string& mode, const Dataset& train, const Dataset& test) {
   const EpochResult& last = run.epochs.back();
   const double sps = static_cast<double>(p.steps) * t.batch * t.epochs / run.wall_seconds;
   Say("train: done in {:.1f} s: test accuracy {:.4f}, train loss {:.4f} (rank 0's mean "
       "mini-batch loss of the last epoch), {:.0f} samples/s; mean loss over the first 10% of "
       "steps {:.4f}, over the last 10% {:.4f}",
       run.wall_seconds, last.test_accuracy, last.train_loss, sps, run.first_loss, run.last_loss);
+  if (auto tt = TimeToTarget(run, t.target_accuracy); !tt.is_null())
+    Say("train: test accuracy {:.2f} reached after {:.1f} s of training", t.target_accuracy,
+        tt.get<double>());
   const uint64_t per = std::max<uint64_t>(run.steps, 1);
   Say("train: compression {} (pulls {}): rank 0 pushed {} and pulled {} bytes per step; the "
       "model is {} bytes in fp32",
@@ -272,7 +349,13 @@ int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t 
                            {"samples_per_second", sps},
                            {"workers", p.workers},
                            {"servers", servers},
-                           {"mode", ModeName(mode)},
+                           {"mode", mode},
+                           {"sync_quorum", run.sync_quorum},
+                           {"slow_worker", t.slow_worker},
+                           {"late_steps", run.late_steps},
+                           {"worker_push_stats", run.worker_stats},
+                           {"target_accuracy", t.target_accuracy},
+                           {"time_to_target_seconds", TimeToTarget(run, t.target_accuracy)},
                            {"optimizer", t.optimizer},
                            {"lr", t.lr},
                            {"batch", t.batch},
@@ -312,9 +395,9 @@ int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t 
     }
   }
   if (!t.plot.empty()) {
-    Status st = train::WritePlot(t.plot, Points(run), Points(base),
-                                 fmt::format("Fashion-MNIST MLP, {} workers, {} servers, {}",
-                                             p.workers, servers, ModeName(mode)));
+    Status st = train::WritePlot(
+        t.plot, Points(run), Points(base),
+        fmt::format("Fashion-MNIST MLP, {} workers, {} servers, {}", p.workers, servers, mode));
     if (st.ok()) {
       Say("train: plot in {}", t.plot);
     } else {
@@ -341,6 +424,15 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
   if (!plan.ok()) return Fail(plan.status(), 2);
   const Plan& p = *plan;
   const bool rank0 = w.rank() == 0;
+  // The job's consistency, as the launcher passed it (the worker knows the mode; the bound K
+  // and the quorum are the servers' business).
+  const std::string mode_name =
+      env.Get(tunables::kMode.env).value_or(std::string(ModeName(w.mode())));
+  uint32_t quorum = 0;
+  if (auto q = env.Get(tunables::kSyncQuorum.env))
+    quorum = static_cast<uint32_t>(std::atoi(q->c_str()));
+  const auto slow = ParseSlowWorker(t.slow_worker).value();  // checked by CheckFlags
+  const int slow_ms = slow.first == static_cast<int>(w.rank()) ? slow.second : 0;
   const auto tty_env = env.Get(tunables::kTrainTty.env);
   const bool tty = rank0 && (tty_env ? *tty_env == "1" : isatty(1) != 0);
 
@@ -372,7 +464,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
     Say("train: {} on {} training / {} test samples: {} workers x {} samples per step (global "
         "batch {}), {} steps per epoch, {} epochs, {} mode, {} servers, {} lr {}",
         t.dataset, p.samples, test.size(), p.workers, p.local_batch, t.batch, p.steps, t.epochs,
-        ModeName(w.mode()), w.num_servers(), t.optimizer, t.lr);
+        mode_name, w.num_servers(), t.optimizer, t.lr);
   if (Status st = w.Barrier("train.start", kBarrierTimeout); !st.ok()) return Fail(st);
 
   const size_t f = static_cast<size_t>(train.rows) * static_cast<size_t>(train.cols);
@@ -381,6 +473,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
   std::vector<float> x(b * f), losses;
   std::vector<uint8_t> y(b);
   RunResult run;
+  run.sync_quorum = quorum;
   const auto t0 = Clock::now();
   for (int e = 0; e < t.epochs; ++e) {
     const auto order = EpochOrder(p.samples, p.workers, w.rank(), e, t.seed);
@@ -388,15 +481,29 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
                         static_cast<size_t>(p.steps) * t.batch);
     const auto te = Clock::now();
     double sum = 0;
+    int computed = 0;
     for (int s = 0; s < p.steps; ++s) {
+      // Sync with a quorum (backup workers): a push that came after its step was published was
+      // dropped, and the tensor moved on to the published version (Worker::steps); this worker
+      // skips the steps that every tensor is past.
+      const uint64_t global = static_cast<uint64_t>(e) * p.steps + s + 1;
+      bool behind = false;
+      for (size_t k = 0; k < params.size(); ++k) behind = behind || w.steps((*ids)[k]) < global;
+      if (!behind) continue;
+      if (slow_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
       Gather(train, order.data() + s * b, b, x.data(), y.data());
       const float loss =
           mlp.ForwardBackward(ConstPtrs(params), x.data(), y.data(), p.local_batch, Ptrs(grads));
       std::vector<Handle> hs;
       for (size_t k = 0; k < params.size(); ++k)
-        hs.push_back(w.PushPull((*ids)[k], grads[k].data(), params[k].data()));
+        hs.push_back(w.steps((*ids)[k]) < global
+                         ? w.PushPull((*ids)[k], grads[k].data(), params[k].data())
+                         : w.Pull((*ids)[k], params[k].data()));  // already past this step
       if (Status st = wait_all(hs); !st.ok()) return Fail(st);
+      if (std::any_of(hs.begin(), hs.end(), [](const Handle& h) { return h.late(); }))
+        run.late_steps++;
       sum += loss;
+      computed++;
       if (rank0) {
         losses.push_back(loss);
         bar.Update(static_cast<size_t>(s + 1) * t.batch, sum / (s + 1));
@@ -416,23 +523,25 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
         for (size_t k = 0; k < params.size(); ++k)
           hs.push_back(w.Pull((*ids)[k], params[k].data()));
         if (Status st = wait_all(hs); !st.ok()) return Fail(st);
+        auto ws = WorkerPushStats(w);
+        if (!ws.ok()) return Fail(ws.status());
+        run.worker_stats = std::move(ws).value();
       }
     }
     if (rank0) {
-      run.epochs.push_back({e + 1, sum / p.steps, TestAccuracy(mlp, params, test), secs,
-                            static_cast<double>(p.steps) * t.batch / secs});
+      run.epochs.push_back({e + 1, sum / std::max(computed, 1), TestAccuracy(mlp, params, test),
+                            secs, static_cast<double>(p.steps) * t.batch / secs, Since(t0)});
       SayEpoch("", run.epochs.back(), t.epochs);
     }
   }
   run.wall_seconds = Since(t0);
   for (const auto& v : params) run.model_bytes += v.size() * sizeof(float);
   const uint32_t servers = w.num_servers();
-  const Mode mode = w.mode();
   if (Status st = w.Finish(); !st.ok()) return Fail(st);
   worker->reset();  // the servers can go; the baseline runs without them
   if (!rank0) return 0;
   FirstLast(losses, &run);
-  return Conclude(t, p, run, servers, mode, train, test);
+  return Conclude(t, p, run, servers, mode_name, train, test);
 }
 
 }  // namespace
@@ -456,6 +565,10 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
                   "topk[:1%|:0.01|:k=N] (error feedback: ef=on|off; docs/compression.md)");
   app->add_option("--pull-compression", t->pull_compression,
                   "parameters on the wire: none, fp16 or bf16");
+  app->add_option("--slow-worker", t->slow_worker,
+                  "RANK:MS: worker RANK sleeps MS milliseconds every step (a straggler)");
+  app->add_option("--target-accuracy", t->target_accuracy,
+                  "the report's time_to_target_seconds is when the test accuracy reached this");
   app->add_flag("--baseline", t->baseline,
                 "also train the same model in one process without the parameter server");
 }

@@ -34,6 +34,12 @@ struct TrainFlags {
   bool baseline = false;
   std::string compression = "none";       // Compression::Parse
   std::string pull_compression = "none";  // none, fp16, bf16
+  // "RANK:MS": worker RANK sleeps MS milliseconds every step (a straggler, for the consistency
+  // benchmarks); empty: none.
+  std::string slow_worker;
+  // The report's time_to_target_seconds: the training time when rank 0's test accuracy first
+  // reached this (measured after each epoch).
+  double target_accuracy = 0.87;
 };
 
 void AddTrainFlags(CLI::App* app, TrainFlags* t);

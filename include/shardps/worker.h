@@ -81,8 +81,8 @@ class Handle {
   // After completion: the lowest version over the tensor's chunks that this operation saw.
   uint64_t version() const;
   // After completion of a push (sync with a quorum, --sync-quorum): true when the push of a
-  // chunk was dropped because its step was published without it. The worker's next push of
-  // that chunk is then for the step after the published version (Handle::version()).
+  // chunk was dropped because its step was published without it. The tensor's next push is
+  // then for the step after the version published on all its chunks (Worker::steps).
   bool late() const;
 
  private:
@@ -107,6 +107,10 @@ class Worker {
   virtual Result<std::vector<TensorId>> Declare(const std::vector<TensorSpec>& specs) = 0;
   Result<TensorId> Declare(const TensorSpec& spec);
   virtual uint64_t numel(TensorId id) const = 0;
+  // The steps of tensor `id` this worker has pushed, or skipped: with a sync quorum a push found
+  // late moves it to the version published on every chunk of the tensor (a training loop that
+  // runs T steps pushes while steps(id) < T, and skips its own steps up to steps(id)).
+  virtual uint64_t steps(TensorId id) const = 0;
 
   virtual Handle Push(TensorId id, const float* grad) = 0;
   virtual Handle Pull(TensorId id, float* out) = 0;

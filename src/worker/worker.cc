@@ -32,7 +32,9 @@ struct OpState {
   std::atomic<size_t> remaining{0};  // written under mu; Wait polls it without the lock
   Status error;
   uint64_t version = UINT64_MAX;
-  bool late = false;  // a chunk's push was dropped as late (backup workers)
+  bool late = false;              // a chunk's push was dropped as late (backup workers)
+  size_t acks_left = 0;           // chunk pushes not acknowledged yet
+  uint64_t ack_min = UINT64_MAX;  // the lowest version over the chunks' acknowledgements
 
   std::chrono::microseconds poll{0};  // how long Wait polls before it sleeps
 
@@ -163,7 +165,8 @@ struct ChunkRef {
   SlotLayout layout;
   std::atomic<uint64_t> known_version{0};
   std::atomic<uint64_t> pulled_version{0};  // the newest version pulled: a push's base
-  std::atomic<uint64_t> next_seq{1};
+  // The tensor's next push step (TensorInfo::next_step), shared by its chunks.
+  std::atomic<uint64_t>* tensor_step = nullptr;
 };
 
 // Registered buffers that a tensor's pushes are encoded into, one per push in flight: taken
@@ -206,6 +209,9 @@ class StagingPool : public std::enable_shared_from_this<StagingPool> {
 };
 
 struct TensorInfo {
+  // The step of the tensor's next push: every chunk's push carries it as its sequence number.
+  // A push found late (sync with a quorum) moves it past the version published on every chunk.
+  std::atomic<uint64_t> next_step{1};
   std::string name;
   uint64_t numel = 0;
   Compression compression;
@@ -420,6 +426,11 @@ class WorkerImpl final : public Worker {
     return id < tensors_.size() ? tensors_[id]->numel : 0;
   }
 
+  uint64_t steps(TensorId id) const override {
+    std::lock_guard<std::mutex> lock(tensors_mu_);
+    return id < tensors_.size() ? tensors_[id]->next_step.load() - 1 : 0;
+  }
+
   Result<std::vector<TensorId>> Declare(const std::vector<TensorSpec>& specs) override {
     std::vector<DeclareItem> items;
     std::set<std::string> names;
@@ -479,6 +490,7 @@ class WorkerImpl final : public Worker {
       info->pull_codec = specs[i].pull_codec;
       for (const auto& p : (*placements)[i].chunks) {
         auto ref = std::make_unique<ChunkRef>();
+        ref->tensor_step = &info->next_step;
         ref->chunk_id = p.chunk_id;
         ref->server = p.server;
         ref->offset = p.offset;
@@ -658,11 +670,13 @@ class WorkerImpl final : public Worker {
                          t->residual.empty() ? nullptr : t->residual.data() + c->offset);
     }
     op->remaining = t->chunks.size();
+    const uint64_t step = grad ? t->next_step.fetch_add(1) : 0;
+    if (grad) op->acks_left = t->chunks.size();
     for (auto& c : t->chunks) {
       ChunkRef* ref = c.get();
       auto rpc = servers_[ref->server];
       if (grad) {
-        uint64_t seq = ref->next_seq.fetch_add(1);
+        const uint64_t seq = step;
         PushSource src;
         if (staged) {
           src.region = staged;
@@ -779,13 +793,15 @@ class WorkerImpl final : public Worker {
     }
     uint64_t v = ack.version;
     RaiseTo(ref->known_version, v);
-    if (ack.late) {
-      // Dropped: its step was published without it (backup workers). The next push of this
-      // chunk is for the step after the published version.
-      late_pushes_++;
-      RaiseTo(ref->next_seq, v + 1);
+    if (ack.late) late_pushes_++;
+    {
+      // Dropped (late: its step was published without it, backup workers): once every chunk
+      // answered, the tensor's next push is for the step after the version published on all of
+      // them, so no chunk is ever pushed a step that the others will not push too.
       std::lock_guard<std::mutex> lock(op->mu);
-      op->late = true;
+      op->late = op->late || ack.late;
+      op->ack_min = std::min(op->ack_min, v);
+      if (--op->acks_left == 0 && op->late) RaiseTo(*ref->tensor_step, op->ack_min + 1);
     }
     if (then_pull) return PullChunk(rpc, ref, then_pull, op);
     op->ChunkDone(Status::OK(), v);

@@ -9,8 +9,8 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
-#include <mutex>
 #include <deque>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -621,6 +621,7 @@ TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
       ASSERT_TRUE(h.Wait(30s).ok());
       EXPECT_TRUE(h.late());
       EXPECT_EQ(h.version(), kSteps);
+      EXPECT_EQ(w.steps(*id), kSteps);  // its next push is step 21
       for (int64_t i = 0; i < kN; ++i) ASSERT_EQ(out[i], static_cast<float>(expect_after(20, i)));
       fill(2, 21);
       h = w.PushPull(*id, g.data(), out.data());  // step 21: completes once worker 0 pushed it
@@ -629,7 +630,8 @@ TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
       EXPECT_FALSE(h.late());
       EXPECT_EQ(h.version(), kSteps + 1);
       for (int64_t i = 0; i < kN; ++i)
-        ASSERT_EQ(out[i], static_cast<float>(expect_after(20, i) - Grad(2, 21, i) - Grad(0, 21, i)));
+        ASSERT_EQ(out[i],
+                  static_cast<float>(expect_after(20, i) - Grad(2, 21, i) - Grad(0, 21, i)));
       EXPECT_EQ(w.stats().late_pushes, 4u);  // one per chunk
     }
     if (w.rank() == 0) {
@@ -648,7 +650,8 @@ TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
       EXPECT_TRUE(h.late());
       EXPECT_EQ(h.version(), kSteps + 1);
       for (int64_t i = 0; i < kN; ++i)
-        ASSERT_EQ(out[i], static_cast<float>(expect_after(20, i) - Grad(2, 21, i) - Grad(0, 21, i)));
+        ASSERT_EQ(out[i],
+                  static_cast<float>(expect_after(20, i) - Grad(2, 21, i) - Grad(0, 21, i)));
     }
   });
   uint64_t late = 0, late2 = 0, late1 = 0, applied = 0;
@@ -692,7 +695,8 @@ TEST_P(ClusterOver, SyncQuorumWithASlowWorkerIsExactOverTheContributors) {
       if (h.late()) {
         late_total++;
         EXPECT_GE(h.version(), s);
-        s = h.version() + 1;  // carries on from the published version
+        EXPECT_GE(w.steps(0), s);
+        s = w.steps(0) + 1;  // carries on from the published version
       } else {
         contributed.emplace_back(w.rank(), s);
         s++;
@@ -713,6 +717,49 @@ TEST_P(ClusterOver, SyncQuorumWithASlowWorkerIsExactOverTheContributors) {
   auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(0));
   EXPECT_EQ(st["late_pushes"].get<uint64_t>(), late_total);
   EXPECT_EQ(st["pushes_applied"].get<uint64_t>(), 2 * kSteps);
+  lc->Finish();
+}
+
+// Regression (a hang found by perf/staleness.sh): with a quorum, a late push may be late on
+// one chunk of a tensor and counted on another. When each chunk skipped ahead on its own, a
+// slow worker ended up pushing, on a chunk already at the last step, a step nobody else would
+// push, and waited for its quorum forever. The tensor now moves as one (Worker::steps): 4
+// workers, quorum 3, worker 3 slowed, tensors of 4 chunks over 2 servers; every step of every
+// chunk is published with exactly 3 pushes and nobody waits.
+TEST_P(ClusterOver, SyncQuorumMultiChunkTensorsNeverWaitForAStepNobodyPushes) {
+  CoordinatorOptions co = Opts(2, 4, Mode::kSync, Aggregate::kMean, 4096);
+  co.sync_quorum = 3;
+  auto lc = LocalCluster::Start(co, 16, GetParam());
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 3333;  // 4 chunks
+  constexpr uint64_t kSteps = 30;
+  lc->ForEachWorker([&](Worker& w) {
+    auto ids = w.Declare({Sgd1("a", kN, 1.0f), Sgd1("b", kN, 1.0f)});
+    ASSERT_TRUE(ids.ok());
+    std::vector<float> g(kN, 1.0f), out(kN);
+    for (uint64_t s = 1; s <= kSteps; ++s) {
+      if (w.rank() == 3) std::this_thread::sleep_for(std::chrono::milliseconds(2 + s % 3));
+      std::vector<Handle> hs;
+      for (TensorId id : *ids)
+        if (w.steps(id) < s) hs.push_back(w.PushPull(id, g.data(), out.data()));
+      for (auto& h : hs) ASSERT_TRUE(h.Wait(30s).ok()) << "worker " << w.rank() << " step " << s;
+      for (TensorId id : *ids) ASSERT_LE(w.steps(id), kSteps);
+    }
+    ASSERT_TRUE(w.Barrier("done", 30s).ok());
+  });
+  uint64_t applied = 0, late = 0;
+  for (uint32_t srv = 0; srv < 2; ++srv) {
+    auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(srv));
+    applied += st["pushes_applied"].get<uint64_t>();
+    late += st["late_pushes"].get<uint64_t>();
+  }
+  EXPECT_EQ(applied, 2u * 4 * kSteps * 3);
+  EXPECT_LE(late, 2u * 4 * kSteps);
+  std::vector<float> out(kN);
+  auto h = lc->workers[0]->Pull(0, out.data());
+  ASSERT_TRUE(h.Wait(30s).ok());
+  EXPECT_EQ(h.version(), kSteps);
+  for (float v : out) ASSERT_EQ(v, 1.0f - kSteps);  // the mean of 1s, each step
   lc->Finish();
 }
 

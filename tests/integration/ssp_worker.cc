@@ -1,7 +1,7 @@
-// A worker program for the bounded-staleness proof (launch_test, SspBoundHoldsWhileAWorkerIsPaused).
-// The job runs in ssp:K mode; the tensor has one element per worker, worker r pushes 1 at
-// element r (sgd, lr 1, initial 0), so the parameters a PushPull returns are minus every
-// worker's clock (pushes applied). After each step s it checks, exactly:
+// A worker program for the bounded-staleness proof (launch_test,
+// SspBoundHoldsWhileAWorkerIsPaused). The job runs in ssp:K mode; the tensor has one element per
+// worker, worker r pushes 1 at element r (sgd, lr 1, initial 0), so the parameters a PushPull
+// returns are minus every worker's clock (pushes applied). After each step s it checks, exactly:
 //   its own clock is s; every worker's clock is at least s - K - 1 (the pull includes every
 //   update older than its clock minus K: it started step s at most K steps ahead of the
 //   slowest); the version returned equals the sum of the clocks.
@@ -79,8 +79,8 @@ int main(int argc, char** argv) {
       }
     }
     if (static_cast<int64_t>(-out[rank]) != s || static_cast<int64_t>(h.version()) != sum) {
-      std::fprintf(stderr, "worker %u step %d: own clock %g, version %llu, clocks sum %lld\n",
-                   rank, s, -out[rank], static_cast<unsigned long long>(h.version()),
+      std::fprintf(stderr, "worker %u step %d: own clock %g, version %llu, clocks sum %lld\n", rank,
+                   s, -out[rank], static_cast<unsigned long long>(h.version()),
                    static_cast<long long>(sum));
       return 1;
     }
