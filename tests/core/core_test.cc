@@ -132,6 +132,38 @@ TEST(Frame, HeaderValidation) {
   EXPECT_TRUE(d.DecodeFrom(buf, 1024, 1024).IsProtocolError());  // magic
 }
 
+TEST(Types, ConsistencySettingsParseAndRefuseTypos) {
+  uint32_t k = 99;
+  EXPECT_EQ(ParseMode("ssp:3", &k).value(), Mode::kSsp);
+  EXPECT_EQ(k, 3u);
+  EXPECT_EQ(ModeString(Mode::kSsp, 3), "ssp:3");
+  EXPECT_EQ(ParseMode("ssp:0", &k).value(), Mode::kSsp);
+  EXPECT_EQ(k, 0u);
+  EXPECT_EQ(ParseMode("async", &k).value(), Mode::kAsync);
+  EXPECT_EQ(k, 0u);
+  for (const char* bad : {"ssp", "ssp:", "ssp:-1", "ssp:2x", "ssp:1000001", "SSP:2"})
+    EXPECT_NE(ParseMode(bad).status().message().find(bad), std::string::npos) << bad;
+  EXPECT_EQ(ParseWeights("1,0.5,2").value(), (std::vector<float>{1.0f, 0.5f, 2.0f}));
+  EXPECT_TRUE(ParseWeights("").value().empty());
+  for (const char* bad : {"1,,2", "1,x", "-1", "nan", "inf", "1001", "1,"})
+    EXPECT_FALSE(ParseWeights(bad).ok()) << bad;
+  EXPECT_EQ(ParseWeightRule("staleness").value(), WeightRule::kStaleness);
+  EXPECT_FALSE(ParseWeightRule("stale").ok());
+  CoordinatorOptions co;
+  co.num_workers = 3;
+  co.sync_quorum = 4;
+  EXPECT_NE(co.Validate().message().find("quorum 4"), std::string::npos);
+  co.sync_quorum = 2;
+  co.mode = Mode::kAsync;
+  EXPECT_NE(co.Validate().message().find("sync mode only"), std::string::npos);
+  co.mode = Mode::kSync;
+  EXPECT_TRUE(co.Validate().ok());
+  co.worker_weights = {1.0f, 1.0f};
+  EXPECT_NE(co.Validate().message().find("2 worker weights for 3 workers"), std::string::npos);
+  co.worker_weights = {1.0f, 1.0f, -1.0f};
+  EXPECT_FALSE(co.Validate().ok());
+}
+
 TEST(Types, ParsersNameTheBadValue) {
   EXPECT_TRUE(ParseMode("sync").ok());
   EXPECT_NE(ParseMode("synk").status().message().find("synk"), std::string::npos);

@@ -432,6 +432,16 @@ TEST(ChunkEngine, SspZeroIsLockStepWithEachPushAppliedOnArrival) {
   EXPECT_EQ(f.Params(), All(93.0f));
 }
 
+TEST(ChunkEngine, SspWithALargeBoundBehavesAsAsync) {
+  EngineConfig c = Fixture::Config(Mode::kSsp, 2);
+  c.staleness = 1000000;
+  Fixture f(c);
+  for (uint64_t s = 1; s <= 50; ++s)  // worker 1 never pushes; worker 0 is never held
+    ASSERT_EQ(f.Push(0, s, 1.0f, static_cast<uint32_t>(s)).acks.size(), 1u) << s;
+  EXPECT_EQ(f.engine->version(), 50u);
+  EXPECT_EQ(f.Params(), All(50.0f));
+}
+
 TEST(ChunkEngine, SspWorkerWhoseConnectionClosedNoLongerHoldsTheOthersBack) {
   EngineConfig c = Fixture::Config(Mode::kSsp, 2);
   c.staleness = 0;
