@@ -47,9 +47,9 @@ struct ServerOptions {
 // One worker's pushes to a server's chunks (summed over its chunks).
 struct WorkerPushStats {
   uint32_t rank = 0;
-  uint64_t pushes = 0;       // applied (sync: folded into its step)
-  uint64_t late_pushes = 0;  // sync with a quorum: dropped, their step was published without them
-  uint64_t waits = 0;  // grants or pushes held back by the consistency bound (sync, ssp:K)
+  uint64_t pushes = 0;         // applied (sync: folded into its step)
+  uint64_t late_pushes = 0;    // sync with a quorum: dropped, their step was published without them
+  uint64_t waits = 0;          // grants or pushes held back by the consistency bound (sync, ssp:K)
   uint64_t max_staleness = 0;  // versions published between a push's base and its apply
   double mean_staleness = 0;
   // The most steps a push of this worker trailed the leading worker (async, ssp) or the

@@ -1,7 +1,7 @@
 #include "shardps/coordinator.h"
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -118,8 +118,7 @@ class CoordinatorImpl final : public Coordinator {
     ticker_ = std::thread([this] { Tick(); });
     spdlog::info("coordinator listening on {}: {} servers, {} workers, mode {}, transport {}",
                  listener_->address(), opt_.num_servers, opt_.num_workers,
-                 ModeString(opt_.mode, opt_.staleness),
-                 opt_.transport);
+                 ModeString(opt_.mode, opt_.staleness), opt_.transport);
     return Status::OK();
   }
 

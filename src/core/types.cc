@@ -45,9 +45,7 @@ std::string ModeString(Mode m, uint32_t staleness) {
   return ModeName(m);
 }
 
-const char* WeightRuleName(WeightRule r) {
-  return r == WeightRule::kFixed ? "fixed" : "staleness";
-}
+const char* WeightRuleName(WeightRule r) { return r == WeightRule::kFixed ? "fixed" : "staleness"; }
 
 Result<WeightRule> ParseWeightRule(const std::string& s) {
   if (s == "fixed") return WeightRule::kFixed;

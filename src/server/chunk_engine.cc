@@ -58,8 +58,7 @@ float ChunkEngine::WeightOf(const LandedPush& p, uint64_t* staleness) const {
   const uint64_t v = version();
   *staleness = v > p.base_version ? v - p.base_version : 0;
   float w = cfg_.weights.empty() ? 1.0f : cfg_.weights[p.worker];
-  if (cfg_.weight_rule == WeightRule::kStaleness)
-    w = w / (1.0f + static_cast<float>(*staleness));
+  if (cfg_.weight_rule == WeightRule::kStaleness) w = w / (1.0f + static_cast<float>(*staleness));
   return w;
 }
 

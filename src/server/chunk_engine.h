@@ -69,8 +69,8 @@ struct EngineConfig {
   Aggregate aggregate = Aggregate::kMean;
   uint64_t max_steps_ahead = 2;  // sync: steps summed ahead of the published version
   size_t max_parked_grants = 1 << 16;
-  uint32_t staleness = 0;  // ssp: K
-  uint32_t quorum = 0;     // sync: pushes that publish a step (0: num_workers)
+  uint32_t staleness = 0;      // ssp: K
+  uint32_t quorum = 0;         // sync: pushes that publish a step (0: num_workers)
   std::vector<float> weights;  // per worker; empty: 1 each
   WeightRule weight_rule = WeightRule::kFixed;
   WorkerCounters* counters = nullptr;  // num_workers of them, or null
@@ -208,7 +208,7 @@ class ChunkEngine {
 
   std::atomic<uint64_t> version_{0};
   // Owner thread.
-  const uint32_t quorum_;  // sync: pushes that publish a step
+  const uint32_t quorum_;                                       // sync: pushes that publish a step
   std::vector<uint64_t> last_seq_;                              // per worker
   std::vector<const transport::Connection*> conn_of_;           // per worker: its last push's
   std::vector<bool> departed_;                                  // per worker: connection closed

@@ -213,8 +213,7 @@ class ServerImpl final : public Server {
                        "registered host memory");
     spdlog::info("server {} serving on {} ({} mode, {} workers, {} landing buffers of {} bytes)",
                  rank_, listener_->address(), ModeString(view_.mode, view_.staleness),
-                 view_.num_workers,
-                 opt_.landing_buffers, view_.chunk_bytes);
+                 view_.num_workers, opt_.landing_buffers, view_.chunk_bytes);
     return Status::OK();
   }
 

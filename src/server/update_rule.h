@@ -67,8 +67,8 @@ class UpdateRule {
   // the rule's chunk. Nothing is changed when it is not.
   virtual Status Check(const GradientView& g) const = 0;
 
-  // dst = w * g (first) or dst += w * g (w: g.weight), element-wise, over numel() floats, decoding `g` as it goes (no
-  // decoded copy); `g` passed Check.
+  // dst = w * g (first) or dst += w * g (w: g.weight), element-wise, over numel() floats, decoding
+  // `g` as it goes (no decoded copy); `g` passed Check.
   virtual void Fold(float* dst, const GradientView& g, bool first) = 0;
 
   // out = rule(in, scale * (w * grad + extra)) (w: grad.weight), with extra optional, advancing the

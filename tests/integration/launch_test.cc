@@ -178,9 +178,28 @@ TEST(Launch, SspBoundHoldsWhileAWorkerIsPaused) {
   std::string dir = TempDir("ssp");
   CommandResult r;
   std::thread job([&] {
-    r = RunCommand({kShardps, "launch", "--servers", "1", "--workers", "3", "--mode", "ssp:2",
-                    "--heartbeat-timeout-ms", "60000", "--", kSspWorker, "--k", "2", "--steps",
-                    "30", "--pause-rank", "2", "--pause-step", "5", "--dir", dir},
+    r = RunCommand({kShardps,
+                    "launch",
+                    "--servers",
+                    "1",
+                    "--workers",
+                    "3",
+                    "--mode",
+                    "ssp:2",
+                    "--heartbeat-timeout-ms",
+                    "60000",
+                    "--",
+                    kSspWorker,
+                    "--k",
+                    "2",
+                    "--steps",
+                    "30",
+                    "--pause-rank",
+                    "2",
+                    "--pause-step",
+                    "5",
+                    "--dir",
+                    dir},
                    120s);
   });
   // Paused, and both others waiting with the same clock for 1.5 s: they are held by the bound.
