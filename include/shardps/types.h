@@ -65,7 +65,8 @@ const char* CodecName(Codec c);
 // A tensor's gradient compression. Written as `none`, `fp16`, `bf16`, `int8[:block=N]`,
 // `onebit[:block=N]` or `topk[:R]` where R is a fraction (`0.01`), a percentage (`1%`), a count
 // (`k=1000`, or a bare integer); options are separated by commas, and `ef=on|off` sets error
-// feedback (on by default for onebit and topk, off for the others) and `min=N` the smallest
+// feedback (on by default for onebit and topk, off for the others), `warmup=N` a topk warm-up
+// over the first N pushes (see below), and `min=N` the smallest
 // tensor (in elements) that is compressed (by default 16384 for onebit and topk, 0 for the
 // others). Parse sets those defaults; a Compression built in code has min_numel 0.
 struct Compression {
@@ -77,6 +78,15 @@ struct Compression {
   // Tensors of fewer elements are pushed uncompressed (`min=N`): biases and small layers cost
   // little on the wire and suffer most from a lossy codec.
   uint64_t min_numel = 0;
+  // topk (`warmup=N`): over a tensor's first N pushes the share sent falls geometrically from
+  // kWarmupStartRatio of the elements to its own (a deep-gradient-compression warm-up: early
+  // gradients change fast, and what a sparse push leaves behind grows stale); 0: none.
+  uint64_t warmup = 0;
+  static constexpr double kWarmupStartRatio = 0.25;
+
+  // The compression of push number `push` (0 for the first) of a tensor of `tensor_numel`
+  // elements: itself, or during a topk warm-up the same with the count of that push.
+  Compression AtPush(uint64_t tensor_numel, uint64_t push) const;
 
   static Result<Compression> Parse(const std::string& s);
   std::string ToString() const;

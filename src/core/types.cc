@@ -1,5 +1,6 @@
 #include "shardps/types.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
@@ -205,6 +206,10 @@ Result<Compression> Compression::Parse(const std::string& text) {
       if (key == "k" || (key.empty() && val.find_first_of(".%") == std::string_view::npos)) {
         if (!ParseUint(val, &n) || n == 0) return bad(o, "is not a positive count");
         c.count = n;
+      } else if (key == "warmup") {
+        if (!ParseUint(val, &n) || n > (1ull << 32))
+          return bad(o, "is not warmup=N with N a number of pushes");
+        c.warmup = n;
       } else if (key.empty() || key == "ratio") {
         double r = 0;
         if (!ParseRatio(val, &r) || !(r > 0.0 && r <= 0.5))
@@ -212,7 +217,7 @@ Result<Compression> Compression::Parse(const std::string& text) {
         c.ratio = r;
         c.count = 0;
       } else {
-        return bad(o, "is unknown (expected k=N, ratio=R or ef=on|off)");
+        return bad(o, "is unknown (expected k=N, ratio=R, warmup=N, min=N or ef=on|off)");
       }
     } else {
       return bad(o, "is unknown for this codec (only ef=on|off)");
@@ -229,6 +234,7 @@ std::string Compression::ToString() const {
   if (codec == Codec::kInt8 || codec == Codec::kOneBit) opts = fmt::format("block={}", block);
   if (codec == Codec::kTopK)
     opts = count ? fmt::format("k={}", count) : fmt::format("ratio={}", ratio);
+  if (codec == Codec::kTopK && warmup) opts += fmt::format(",warmup={}", warmup);
   if (error_feedback != ef_default) {
     if (!opts.empty()) opts += ",";
     opts += error_feedback ? "ef=on" : "ef=off";
@@ -248,6 +254,21 @@ Status Compression::Validate() const {
   if (codec == Codec::kTopK && count == 0 && !(ratio > 0.0 && ratio <= 0.5))
     return Status::InvalidArgument(fmt::format("topk ratio {} outside (0, 0.5]", ratio));
   return Status::OK();
+}
+
+Compression Compression::AtPush(uint64_t tensor_numel, uint64_t push) const {
+  if (codec != Codec::kTopK || warmup == 0 || push >= warmup || tensor_numel == 0) return *this;
+  const double n = static_cast<double>(tensor_numel);
+  const double target = count ? static_cast<double>(count) / n : ratio;
+  if (target >= kWarmupStartRatio) return *this;
+  // Geometric from the start ratio to the target over `warmup` pushes.
+  const double f = static_cast<double>(push) / static_cast<double>(warmup);
+  const double r = kWarmupStartRatio * std::pow(target / kWarmupStartRatio, f);
+  Compression c = *this;
+  c.count = std::max<uint64_t>(count ? count : static_cast<uint64_t>(std::llround(ratio * n)),
+                               static_cast<uint64_t>(std::llround(r * n)));
+  c.count = std::max<uint64_t>(c.count, 1);
+  return c;
 }
 
 uint64_t TensorSpec::numel() const {

@@ -222,6 +222,7 @@ struct TensorInfo {
   std::shared_ptr<StagingPool> staging;
   uint64_t encoded_bytes = 0;
   std::vector<float> residual;
+  uint64_t pushes = 0;  // pushes issued (a topk warm-up's clock); the issuing thread only
 };
 
 // Reads the newest published version of a chunk into `dst`, seqlock style. An attempt reads
@@ -445,8 +446,8 @@ class WorkerImpl final : public Worker {
         // it; encodings grow with the chunk, so the largest chunk decides.
         const uint64_t largest = std::min<uint64_t>(s.numel(), view_.chunk_bytes / 4);
         const Compression& c = s.compression;
-        const uint64_t bytes =
-            compress::EncodedBytes(compress::ForChunk(c, largest, 0, largest), largest);
+        const uint64_t bytes = compress::EncodedBytes(
+            compress::ForChunk(c.AtPush(s.numel(), 0), largest, 0, largest), largest);
         if (c.codec != Codec::kNone && largest >= c.min_numel && bytes > view_.chunk_bytes)
           return Status::InvalidArgument(fmt::format(
               "tensor '{}': compression {} encodes a chunk of {} elements in {} bytes, more "
@@ -497,7 +498,13 @@ class WorkerImpl final : public Worker {
         ref->numel = p.numel;
         ref->codec = compress::ForChunk(info->compression, info->numel, p.offset, p.numel);
         ref->encoded_offset = info->encoded_bytes;
-        ref->encoded_bytes = compress::EncodedBytes(ref->codec, p.numel);
+        // The staging space of a chunk is its largest encoding: the first push's, when a
+        // topk warm-up sends more at first.
+        ref->encoded_bytes = std::max(
+            compress::EncodedBytes(ref->codec, p.numel),
+            compress::EncodedBytes(compress::ForChunk(info->compression.AtPush(info->numel, 0),
+                                                      info->numel, p.offset, p.numel),
+                                   p.numel));
         info->encoded_bytes += (ref->encoded_bytes + 63) / 64 * 64;  // each chunk 64-aligned
         ref->pull_codec = specs[i].pull_codec;
         ref->layout = LayoutFor(p.numel, ref->pull_codec);
@@ -657,6 +664,7 @@ class WorkerImpl final : public Worker {
     // A compressed push is encoded here, before the call returns, into a registered buffer
     // that the chunks are written from (the gradient may be reused once it is encoded).
     std::shared_ptr<transport::MemoryRegion> staged;
+    std::vector<uint64_t> encoded;  // each chunk's encoded bytes
     if (grad && t->staging) {
       auto r = t->staging->Take();
       if (!r.ok()) {
@@ -665,15 +673,24 @@ class WorkerImpl final : public Worker {
       }
       staged = std::move(r).value();
       auto* base = static_cast<uint8_t*>(staged->data());
-      for (auto& c : t->chunks)
-        compress::Encode(c->codec, grad + c->offset, c->numel, base + c->encoded_offset,
-                         t->residual.empty() ? nullptr : t->residual.data() + c->offset);
+      // During a topk warm-up each push sends its own share (at most the first push's).
+      const Compression now = t->compression.AtPush(t->numel, t->pushes++);
+      const bool warming = !(now == t->compression);
+      encoded.resize(t->chunks.size());
+      for (size_t i = 0; i < t->chunks.size(); ++i) {
+        const ChunkRef& c = *t->chunks[i];
+        const compress::ChunkCodec cc =
+            warming ? compress::ForChunk(now, t->numel, c.offset, c.numel) : c.codec;
+        encoded[i] = compress::EncodedBytes(cc, c.numel);
+        compress::Encode(cc, grad + c.offset, c.numel, base + c.encoded_offset,
+                         t->residual.empty() ? nullptr : t->residual.data() + c.offset);
+      }
     }
     op->remaining = t->chunks.size();
     const uint64_t step = grad ? t->next_step.fetch_add(1) : 0;
     if (grad) op->acks_left = t->chunks.size();
-    for (auto& c : t->chunks) {
-      ChunkRef* ref = c.get();
+    for (size_t i = 0; i < t->chunks.size(); ++i) {
+      ChunkRef* ref = t->chunks[i].get();
       auto rpc = servers_[ref->server];
       if (grad) {
         const uint64_t seq = step;
@@ -681,7 +698,7 @@ class WorkerImpl final : public Worker {
         if (staged) {
           src.region = staged;
           src.offset = ref->encoded_offset;
-          src.bytes = ref->encoded_bytes;
+          src.bytes = encoded[i];
         } else {
           src.ptr = grad + ref->offset;
           src.bytes = ref->numel * 4;

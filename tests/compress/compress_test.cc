@@ -38,6 +38,37 @@ std::vector<float> DecodeAll(const ChunkCodec& c, const std::vector<uint8_t>& en
   return out;
 }
 
+// A topk warm-up: the share sent falls geometrically from 25% to the target over the first N
+// pushes, never below the target, and every chunk's share still adds up to the tensor's k.
+TEST(CompressionSpec, TopkWarmupSendsMoreAtFirstThenExactlyTheTarget) {
+  auto c = Compression::Parse("topk:1%,warmup=100");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->warmup, 100u);
+  EXPECT_EQ(Compression::Parse(c->ToString()).value(), *c);
+  const uint64_t n = 200000;
+  EXPECT_EQ(c->AtPush(n, 0).count, 50000u);   // 25%
+  EXPECT_EQ(c->AtPush(n, 50).count, 10000u);  // the geometric mean of 25% and 1%: 5%
+  uint64_t prev = n;
+  for (uint64_t p = 0; p < 100; ++p) {
+    const uint64_t k = c->AtPush(n, p).count;
+    EXPECT_LE(k, prev);
+    EXPECT_GE(k, 2000u);
+    prev = k;
+  }
+  EXPECT_EQ(c->AtPush(n, 100), *c);  // after the warm-up: itself
+  EXPECT_EQ(c->AtPush(n, 5000), *c);
+  EXPECT_EQ(Compression::Parse("topk:1%").value().AtPush(n, 0),
+            Compression::Parse("topk:1%").value());
+  // Chunks share the push's k exactly.
+  const Compression w = c->AtPush(n, 7);
+  uint64_t sum = 0;
+  for (uint64_t off = 0; off < n; off += 65536)
+    sum += compress::ForChunk(w, n, off, std::min<uint64_t>(65536, n - off)).k;
+  EXPECT_EQ(sum, w.count);
+  EXPECT_FALSE(Compression::Parse("topk:1%,warmup=x").ok());
+  EXPECT_FALSE(Compression::Parse("int8:warmup=10").ok());
+}
+
 TEST(CompressionSpec, ParsesEveryCodecAndItsOptions) {
   auto c = Compression::Parse("int8:block=128");
   ASSERT_TRUE(c.ok());

@@ -488,7 +488,8 @@ TEST_P(ClusterOver, CompressedPushesAggregateAsTheirDecodedValues) {
       {"bf16", Codec::kBf16},
       {"int8:block=64", Codec::kNone},
       {"onebit:block=64,ef=off,min=0", Codec::kNone},
-      {"topk:k=150,ef=off,min=0", Codec::kNone}};
+      {"topk:k=150,ef=off,min=0", Codec::kNone},
+      {"topk:k=150,ef=off,min=0,warmup=3", Codec::kNone}};  // 25%, 8.7%, 3%, then k=150
   for (Mode mode : {Mode::kSync, Mode::kAsync}) {
     auto lc = LocalCluster::Start(Opts(2, 3, mode, Aggregate::kSum, 4096), 16, GetParam());
     ASSERT_TRUE(lc);
@@ -519,7 +520,8 @@ TEST_P(ClusterOver, CompressedPushesAggregateAsTheirDecodedValues) {
           hs.push_back(w.Push((*ids)[t], grads[t].data()));
           for (int64_t off = 0; off < n; off += 1024) {
             uint64_t len = std::min<int64_t>(1024, n - off);
-            pushed_expect += compress::EncodedBytes(compress::ForChunk(comps[t], n, off, len), len);
+            pushed_expect += compress::EncodedBytes(
+                compress::ForChunk(comps[t].AtPush(n, s - 1), n, off, len), len);
           }
         }
         for (auto& h : hs) ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
@@ -533,7 +535,7 @@ TEST_P(ClusterOver, CompressedPushesAggregateAsTheirDecodedValues) {
           for (uint32_t ww = 0; ww < 3; ++ww)
             for (int64_t off = 0; off < n; off += 1024) {
               uint64_t len = std::min<int64_t>(1024, n - off);
-              auto cc = compress::ForChunk(comps[t], n, off, len);
+              auto cc = compress::ForChunk(comps[t].AtPush(n, s - 1), n, off, len);
               std::vector<float> x(len), y(len);
               for (uint64_t i = 0; i < len; ++i)
                 x[i] = CodecGrad(comps[t].codec, ww, s, (off + i) % 1024);

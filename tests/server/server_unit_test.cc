@@ -345,7 +345,7 @@ class ServerProtocol : public ::testing::Test {
     t.init_value = 10;
     t.optimizer.lr = 1.0f;
     auto id = lc_->workers[0]->Declare(t);
-    ASSERT_TRUE(id.ok());
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
     id_ = *id;
   }
   void TearDown() override {
