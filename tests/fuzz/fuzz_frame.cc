@@ -77,7 +77,21 @@ class Harness {
     a.sin_family = AF_INET;
     a.sin_port = htons(port_);
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) Die("connect");
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+      // libFuzzer's timer signal may interrupt connect(); the connection then completes in the
+      // background (a CI run died here with EINTR): wait for it and read its result.
+      if (errno != EINTR) Die("connect");
+      pollfd p{fd, POLLOUT, 0};
+      int r = 0;
+      for (int i = 0; i < 100 && (r = poll(&p, 1, 100)) <= 0; ++i)
+        if (r < 0 && errno != EINTR) Die("poll after an interrupted connect");
+      int err = 0;
+      socklen_t len = sizeof(err);
+      if (r <= 0 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
+        if (err != 0) errno = err;
+        Die("connect (after EINTR)");
+      }
+    }
     size_t sent = 0;
     char sink[65536];
     while (sent < in.size()) {
