@@ -1,8 +1,13 @@
 // Shared pieces of the `shardps` subcommands: common flags and their SHARDPS_* variables.
 #pragma once
 
-#include <CLI/CLI.hpp>
+#include <signal.h>
+
+#include <chrono>
 #include <string>
+
+#include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include "shardps/coordinator.h"
 #include "shardps/tunables.h"
@@ -43,6 +48,30 @@ struct JobFlags {
   // The inbound budgets in bytes (errors name the flag).
   Status InboundBytes(uint64_t* per_connection, uint64_t* per_process) const;
 };
+
+// Waits for a long-running role (coordinator, server) to end: `wait(timeout)` returns OK when
+// it ended, Timeout while it goes on, another error when it failed (logged, exit code 1). Also
+// ends on SIGINT/SIGTERM (blocked by main, read with sigtimedwait): exit code 130.
+template <typename WaitFn>
+int ServeUntilDone(WaitFn wait) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  for (;;) {
+    Status st = wait(std::chrono::milliseconds(200));
+    if (st.ok()) return 0;
+    if (!st.IsTimeout()) {
+      spdlog::error("{}", st.ToString());
+      return 1;
+    }
+    timespec zero{0, 0};
+    if (sigtimedwait(&set, nullptr, &zero) > 0) {
+      spdlog::warn("interrupted; stopping");
+      return 130;
+    }
+  }
+}
 
 // "4MiB", "64KiB", "1GiB", "4096" -> bytes.
 Result<uint64_t> ParseBytes(const std::string& s);

@@ -120,6 +120,25 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   return lo;
 }
 
+std::vector<std::string> ChildEnvironment(const LaunchOptions& opt,
+                                          const std::string& coordinator) {
+  using namespace tunables;
+  const auto& co = opt.coordinator;
+  std::vector<std::string> env = {
+      fmt::format("{}={}", kCoordinator.env, coordinator),
+      fmt::format("{}={}", kTransport.env, co.transport),
+      fmt::format("{}={}", kServers.env, co.num_servers),
+      fmt::format("{}={}", kWorkers.env, co.num_workers),
+      fmt::format("{}={}", kMode.env, ModeString(co.mode, co.staleness)),
+      fmt::format("{}={}", kSyncQuorum.env, co.sync_quorum),
+      fmt::format("{}={}", kBusyPollUs.env, opt.busy_poll_us),
+      fmt::format("{}={}", kConnectionInbound.env, opt.connection_inbound_bytes),
+      fmt::format("{}={}", kProcessInbound.env, opt.process_inbound_bytes),
+  };
+  for (const auto& e : opt.env) env.push_back(e);
+  return env;
+}
+
 std::string SelfExe() {
   char buf[4096];
   ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
@@ -155,18 +174,7 @@ int RunLaunch(const LaunchOptions& opt) {
   std::string addr = (*coord)->address();
   const auto& co = opt.coordinator;
   using namespace tunables;
-  std::vector<std::string> common = {
-      fmt::format("{}={}", kCoordinator.env, addr),
-      fmt::format("{}={}", kTransport.env, co.transport),
-      fmt::format("{}={}", kServers.env, co.num_servers),
-      fmt::format("{}={}", kWorkers.env, co.num_workers),
-      fmt::format("{}={}", kMode.env, ModeString(co.mode, co.staleness)),
-      fmt::format("{}={}", kSyncQuorum.env, co.sync_quorum),
-      fmt::format("{}={}", kBusyPollUs.env, opt.busy_poll_us),
-      fmt::format("{}={}", kConnectionInbound.env, opt.connection_inbound_bytes),
-      fmt::format("{}={}", kProcessInbound.env, opt.process_inbound_bytes),
-  };
-  for (const auto& e : opt.env) common.push_back(e);
+  const std::vector<std::string> common = ChildEnvironment(opt, addr);
   std::vector<Child> children;
   Status spawn_error;
   for (uint32_t i = 0; i < co.num_servers && spawn_error.ok(); ++i) {

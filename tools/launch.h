@@ -31,6 +31,11 @@ struct LaunchOptions {
 Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> program,
                                 const Environment& parent);
 
+// The variables every server and worker of the job gets ("K=V"): the coordinator's address,
+// the job's transport, sizes and mode, and the tunables they read, then `options.env`.
+std::vector<std::string> ChildEnvironment(const LaunchOptions& options,
+                                          const std::string& coordinator);
+
 // Runs the job; returns the exit code for the launcher (0: every worker exited 0).
 int RunLaunch(const LaunchOptions& options);
 

@@ -1,4 +1,4 @@
-// The `shardps` command: coordinator, server, launch, bench, train, doctor.
+// The `shardps` command: coordinator, server, launch, run, bench, train, doctor.
 #include <csignal>
 #include <cstdio>
 #include <string>
@@ -13,6 +13,7 @@
 #include "core/environment.h"
 #include "doctor/doctor.h"
 #include "launch.h"
+#include "run.h"
 #include "shardps/coordinator.h"
 #include "shardps/server.h"
 #include "shardps/tunables.h"
@@ -21,28 +22,6 @@
 
 namespace shardps::tools {
 namespace {
-
-// Waits for a long-running role to end, also on SIGINT/SIGTERM (checked through sigwait).
-template <typename WaitFn>
-int ServeUntilDone(WaitFn wait) {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  for (;;) {
-    Status st = wait(std::chrono::milliseconds(200));
-    if (st.ok()) return 0;
-    if (!st.IsTimeout()) {
-      spdlog::error("{}", st.ToString());
-      return 1;
-    }
-    timespec zero{0, 0};
-    if (sigtimedwait(&set, nullptr, &zero) > 0) {
-      spdlog::warn("interrupted; stopping");
-      return 130;
-    }
-  }
-}
 
 std::vector<std::string> ArgsAfter(int argc, char** argv, const std::string& sub) {
   std::vector<std::string> out;
@@ -103,6 +82,17 @@ int Main(int argc, char** argv, char** envp) {
   std::vector<std::string> program;
   launch->add_option("program", program, "-- PROGRAM ARGS...")->required();
   launch->prefix_command();
+
+  // run: one task of a job started by srun, mpirun, torchrun or a DMLC script
+  auto* run = app.add_subcommand(
+      "run", "one task of a cluster launch (srun, mpirun, torchrun, DMLC_*): its role by rank");
+  JobFlags rjob;
+  rjob.Add(run);
+  RunFlags rflags;
+  AddRunFlags(run, &rflags);
+  std::vector<std::string> run_program;
+  run->add_option("program", run_program, "-- PROGRAM ARGS... (what each worker runs)")->required();
+  run->prefix_command();
 
   // bench
   auto* bench = app.add_subcommand("bench", "measure push/pull throughput and latency");
@@ -186,6 +176,10 @@ int Main(int argc, char** argv, char** envp) {
       return 2;
     }
     return RunLaunch(*lo);
+  }
+  if (*run) {
+    LogEffectiveConfig(*run);
+    return RunRun(rflags, rjob, run_program, env);
   }
   if (*bench) {
     if (!env.Has(kCoordinator.env)) LogEffectiveConfig(*bench);

@@ -9,6 +9,7 @@
 #include "core/checksum.h"
 #include "core/codec.h"
 #include "core/environment.h"
+#include "core/job_environment.h"
 #include "shardps/coordinator.h"
 #include "shardps/server.h"
 #include "shardps/status.h"
@@ -260,6 +261,72 @@ TEST(Environment, ReadsTheSnapshotNotTheProcess) {
   ASSERT_TRUE(wo.ok()) << wo.status().ToString();
   EXPECT_EQ(wo->rank, 3);
   EXPECT_EQ(wo->transport_settings.size(), 1u);
+}
+
+Environment Env(std::vector<std::string> entries) {
+  std::vector<char*> p;
+  for (auto& e : entries) p.push_back(e.data());
+  p.push_back(nullptr);
+  return Environment(p.data());
+}
+
+TEST(JobEnvironment, SlurmHostListsExpand) {
+  EXPECT_EQ(ExpandSlurmHostList("node[01-03,07],login1").value(),
+            (std::vector<std::string>{"node01", "node02", "node03", "node07", "login1"}));
+  EXPECT_EQ(ExpandSlurmHostList("gpu-[9-11]-ib").value(),
+            (std::vector<std::string>{"gpu-9-ib", "gpu-10-ib", "gpu-11-ib"}));
+  EXPECT_EQ(ExpandSlurmHostList("127.0.0.1").value(), std::vector<std::string>{"127.0.0.1"});
+  EXPECT_EQ(ExpandSlurmHostList("n[1-100000000]", 2).value(),
+            (std::vector<std::string>{"n1", "n2"}));
+  for (const char* bad : {"", "n[1-", "n[3-1]", "n[a]", "a,,b", "n[1-2"})
+    EXPECT_FALSE(ExpandSlurmHostList(bad).ok()) << bad;
+}
+
+TEST(JobEnvironment, EachLauncherIsReadFromItsVariables) {
+  auto t = DetectJobPlacement(Env(
+      {"RANK=2", "WORLD_SIZE=4", "LOCAL_RANK=0", "LOCAL_WORLD_SIZE=2", "MASTER_ADDR=10.0.0.1"}));
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  EXPECT_EQ(t->launcher, "torchrun");
+  EXPECT_EQ(t->rank, 2);
+  EXPECT_EQ(t->size, 4);
+  EXPECT_EQ(t->local_size, 2);
+  EXPECT_EQ(t->coordinator_host, "10.0.0.1");
+  auto m = DetectJobPlacement(Env({"OMPI_COMM_WORLD_RANK=3", "OMPI_COMM_WORLD_SIZE=8",
+                                   "OMPI_COMM_WORLD_LOCAL_RANK=1", "SLURM_PROCID=7"}));
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->launcher, "openmpi");  // the task's own ranks, even under srun
+  EXPECT_EQ(m->rank, 3);
+  EXPECT_EQ(m->local_rank, 1);
+  EXPECT_TRUE(m->coordinator_host.empty());
+  auto s = DetectJobPlacement(Env(
+      {"SLURM_PROCID=5", "SLURM_NTASKS=8", "SLURM_LOCALID=1", "SLURM_JOB_NODELIST=gpu[03-04]"}));
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->launcher, "slurm");
+  EXPECT_EQ(s->rank, 5);
+  EXPECT_EQ(s->coordinator_host, "gpu03");
+  auto d = DetectJobPlacement(
+      Env({"DMLC_ROLE=server", "DMLC_NUM_SERVER=2", "DMLC_NUM_WORKER=3",
+           "DMLC_PS_ROOT_URI=10.0.0.2", "DMLC_PS_ROOT_PORT=9000", "RANK=1", "WORLD_SIZE=2"}));
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->launcher, "dmlc");  // explicit roles first
+  EXPECT_EQ(d->dmlc_role, "server");
+  EXPECT_EQ(d->dmlc_servers, 2);
+  EXPECT_EQ(d->coordinator_port, 9000);
+  EXPECT_NE(d->Describe().find("role server"), std::string::npos);
+}
+
+TEST(JobEnvironment, MalformedOrMissingVariablesAreNamed) {
+  EXPECT_TRUE(DetectJobPlacement(Env({"PATH=/bin"})).status().IsNotFound());
+  auto e = DetectJobPlacement(Env({"RANK=x", "WORLD_SIZE=4"}));
+  EXPECT_NE(e.status().message().find("RANK='x'"), std::string::npos) << e.status().ToString();
+  e = DetectJobPlacement(Env({"RANK=4", "WORLD_SIZE=4"}));
+  EXPECT_NE(e.status().message().find("not below"), std::string::npos);
+  e = DetectJobPlacement(Env({"DMLC_ROLE=boss", "DMLC_NUM_SERVER=1", "DMLC_NUM_WORKER=1"}));
+  EXPECT_NE(e.status().message().find("DMLC_ROLE='boss'"), std::string::npos);
+  e = DetectJobPlacement(Env({"DMLC_ROLE=worker", "DMLC_NUM_SERVER=1", "DMLC_NUM_WORKER=1"}));
+  EXPECT_NE(e.status().message().find("DMLC_PS_ROOT_URI"), std::string::npos);
+  e = DetectJobPlacement(Env({"SLURM_PROCID=0", "SLURM_NTASKS=2", "SLURM_JOB_NODELIST=n[1-"}));
+  EXPECT_NE(e.status().message().find("n[1-"), std::string::npos);
 }
 
 }  // namespace

@@ -1,9 +1,14 @@
 // Real processes on 127.0.0.1 through `shardps launch` and `shardps bench`, bounded in time.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <thread>
 
@@ -324,6 +329,111 @@ TEST(Launch, ConfigFileTypoIsAnErrorAndFlagsOverrideEnvOverrideFile) {
       {"SHARDPS_NUM_WORKERS=2"});
   EXPECT_NE(r.output.find("workers=1"), std::string::npos) << r.output;
   std::filesystem::remove_all(dir);
+}
+
+// A free TCP port on 127.0.0.1 (bound and released: another process may take it meanwhile,
+// which the job would then report as a failure to listen, not hang on).
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// Runs `tasks` copies of `shardps run ARGS -- test_worker --steps 20` at once, task i with the
+// launcher variables env(i) (as srun, mpirun, torchrun or a DMLC script would set them), and
+// returns their results in task order.
+std::vector<CommandResult> RunTasks(int tasks, const std::vector<std::string>& args,
+                                    const std::function<std::vector<std::string>(int)>& env) {
+  std::vector<CommandResult> out(tasks);
+  std::vector<std::thread> ts;
+  for (int i = 0; i < tasks; ++i) {
+    ts.emplace_back([&, i] {
+      std::vector<std::string> argv = {kShardps, "run"};
+      argv.insert(argv.end(), args.begin(), args.end());
+      for (const char* a : {"--", "", "--steps", "20"}) argv.emplace_back(a);
+      argv[argv.size() - 3] = kTestWorker;
+      std::vector<std::string> e = env(i);
+      e.push_back("SHARDPS_SERVER_LISTEN=127.0.0.1:0");
+      out[i] = RunCommand(argv, 90s, e);
+    });
+  }
+  for (auto& t : ts) t.join();
+  return out;
+}
+
+void ExpectJobDone(const std::vector<CommandResult>& r, int workers) {
+  std::string all;
+  for (const auto& x : r) {
+    EXPECT_FALSE(x.timed_out) << x.output;
+    EXPECT_EQ(x.exit_code, 0) << x.output;
+    all += x.output;
+  }
+  EXPECT_EQ(CountOccurrences(all, ": done"), static_cast<size_t>(workers)) << all;
+}
+
+// torchrun's variables: 4 tasks, 1 server (task 0 also runs the coordinator), 3 workers with
+// exact values (test_worker checks every pulled value).
+TEST(Run, TorchrunTasksTakeTheirRolesFromTheirRanks) {
+  const int port = FreePort();
+  auto r = RunTasks(4, {"--servers", "1", "--port", std::to_string(port)}, [](int i) {
+    return std::vector<std::string>{"RANK=" + std::to_string(i), "WORLD_SIZE=4",
+                                    "LOCAL_RANK=" + std::to_string(i), "MASTER_ADDR=127.0.0.1"};
+  });
+  ExpectJobDone(r, 3);
+  EXPECT_NE(r[0].output.find("torchrun: rank 0 of 4"), std::string::npos) << r[0].output;
+  EXPECT_NE(r[0].output.find("the coordinator and server 0"), std::string::npos) << r[0].output;
+}
+
+// Slurm's variables (the coordinator on the first host of the node list) with 2 servers, and
+// Open MPI's, which do not name a host: --coordinator does.
+TEST(Run, SlurmAndOpenMpiTasksFormAJob) {
+  int port = FreePort();
+  auto s = RunTasks(5, {"--servers", "2", "--port", std::to_string(port)}, [](int i) {
+    return std::vector<std::string>{"SLURM_PROCID=" + std::to_string(i), "SLURM_NTASKS=5",
+                                    "SLURM_LOCALID=" + std::to_string(i),
+                                    "SLURM_JOB_NODELIST=127.0.0.1"};
+  });
+  ExpectJobDone(s, 3);
+  port = FreePort();
+  auto m = RunTasks(3, {"--servers", "1", "--coordinator", "127.0.0.1:" + std::to_string(port)},
+                    [](int i) {
+                      return std::vector<std::string>{"OMPI_COMM_WORLD_RANK=" + std::to_string(i),
+                                                      "OMPI_COMM_WORLD_SIZE=3"};
+                    });
+  ExpectJobDone(m, 2);
+}
+
+// A ps-lite/BytePS launch: DMLC_ROLE names each task's role (scheduler, server, worker) and
+// the coordinator picks the ranks.
+TEST(Run, DmlcVariablesOfABytepsLaunchStartAJob) {
+  const int port = FreePort();
+  const char* roles[] = {"scheduler", "server", "worker", "worker"};
+  auto r = RunTasks(4, {}, [&](int i) {
+    return std::vector<std::string>{std::string("DMLC_ROLE=") + roles[i], "DMLC_NUM_SERVER=1",
+                                    "DMLC_NUM_WORKER=2", "DMLC_PS_ROOT_URI=127.0.0.1",
+                                    "DMLC_PS_ROOT_PORT=" + std::to_string(port)};
+  });
+  ExpectJobDone(r, 2);
+}
+
+TEST(Run, WithoutALauncherOrWithTooFewTasksItSaysWhy) {
+  auto r = RunCommand({kShardps, "run", "--", kTestWorker}, 20s);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("no cluster launcher"), std::string::npos) << r.output;
+  r = RunCommand({kShardps, "run", "--servers", "2", "--", kTestWorker}, 20s,
+                 {"RANK=0", "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1"});
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("2 tasks cannot hold 2 servers"), std::string::npos) << r.output;
+  r = RunCommand({kShardps, "run", "--", kTestWorker}, 20s,
+                 {"OMPI_COMM_WORLD_RANK=0", "OMPI_COMM_WORLD_SIZE=2"});
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--coordinator"), std::string::npos) << r.output;
 }
 
 }  // namespace
