@@ -422,6 +422,48 @@ TEST(Run, DmlcVariablesOfABytepsLaunchStartAJob) {
   ExpectJobDone(r, 2);
 }
 
+// The real Open MPI launcher (Debian's openmpi-bin, installed by scripts/setup.sh): mpirun
+// starts 4 tasks of `shardps run` on this machine, which form a job of 1 server and 3 workers
+// with exact values.
+TEST(Run, RealMpirunStartsAJob) {
+  if (RunCommand({"sh", "-c", "command -v mpirun"}, 10s).exit_code != 0)
+    GTEST_SKIP() << "mpirun is not installed (apt-get install openmpi-bin)";
+  const int port = FreePort();
+  auto r = RunCommand({"mpirun",
+                       "--oversubscribe",
+                       "-n",
+                       "4",
+                       "--mca",
+                       "oob_tcp_if_include",
+                       "lo",
+                       "--mca",
+                       "btl",
+                       "self,tcp",
+                       "--mca",
+                       "btl_tcp_if_include",
+                       "lo",
+                       "-x",
+                       "SHARDPS_SERVER_LISTEN",
+                       kShardps,
+                       "--log-level",
+                       "warn",
+                       "run",
+                       "--servers",
+                       "1",
+                       "--coordinator",
+                       "127.0.0.1:" + std::to_string(port),
+                       "--",
+                       kTestWorker,
+                       "--steps",
+                       "20"},
+                      120s,
+                      {"OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
+                       "SHARDPS_SERVER_LISTEN=127.0.0.1:0"});
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
+}
+
 TEST(Run, WithoutALauncherOrWithTooFewTasksItSaysWhy) {
   auto r = RunCommand({kShardps, "run", "--", kTestWorker}, 20s);
   EXPECT_EQ(r.exit_code, 2) << r.output;
