@@ -464,6 +464,112 @@ TEST(Run, RealMpirunStartsAJob) {
   EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
 }
 
+// A single-node Slurm cluster of this machine's own (Debian's slurmctld, slurmd and munge,
+// installed by scripts/setup.sh), started for this test on free loopback ports with its state
+// in a temporary folder, and stopped at the end whatever happens.
+class SlurmCluster {
+ public:
+  static std::string Missing() {
+    for (const char* tool : {"munged", "slurmctld", "slurmd", "srun", "sbatch", "sinfo"})
+      if (RunCommand({"sh", "-c", std::string("command -v ") + tool}, 10s).exit_code != 0)
+        return tool;
+    return "";
+  }
+
+  SlurmCluster() : dir_(TempDir("slurm")) {
+    for (const char* d : {"/state", "/spool", "/munge"})
+      std::filesystem::create_directories(dir_ + d);
+    conf_ = dir_ + "/slurm.conf";
+    std::ofstream(conf_) << "ClusterName=shardps\nSlurmctldHost=localhost(127.0.0.1)\n"
+                         << "SlurmctldPort=" << FreePort() << "\nSlurmdPort=" << FreePort()
+                         << "\nAuthType=auth/munge\nCredType=cred/munge\n"
+                         << "AuthInfo=socket=" << dir_ << "/munge/socket\n"
+                         << "SlurmUser=root\nSlurmdUser=root\nProctrackType=proctrack/linuxproc\n"
+                         << "TaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\n"
+                         << "MpiDefault=none\nSchedulerType=sched/builtin\n"
+                         << "SelectType=select/linear\nSlurmdParameters=config_overrides\n"
+                         << "ReturnToService=2\nStateSaveLocation=" << dir_ << "/state\n"
+                         << "SlurmdSpoolDir=" << dir_ << "/spool\n"
+                         << "SlurmctldPidFile=" << dir_ << "/slurmctld.pid\n"
+                         << "SlurmdPidFile=" << dir_ << "/slurmd.pid\n"
+                         << "SlurmctldLogFile=" << dir_ << "/slurmctld.log\n"
+                         << "SlurmdLogFile=" << dir_ << "/slurmd.log\n"
+                         << "NodeName=localhost NodeAddr=127.0.0.1 CPUs=16 State=UNKNOWN\n"
+                         << "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE "
+                            "State=UP OverSubscribe=YES\n";
+    env_ = {"SLURM_CONF=" + conf_};
+    Start({"munged", "--force", "--socket=" + dir_ + "/munge/socket",
+           "--pid-file=" + dir_ + "/munged.pid", "--log-file=" + dir_ + "/munged.log",
+           "--seed-file=" + dir_ + "/munge/seed"});
+    Start({"slurmctld", "-f", conf_});
+    Start({"slurmd", "-f", conf_});
+    auto deadline = std::chrono::steady_clock::now() + 60s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto r = RunCommand({"sinfo", "-h", "-o", "%t"}, 10s, env_);
+      if (r.exit_code == 0 && r.output.find("idle") != std::string::npos) {
+        ready_ = true;
+        break;
+      }
+      std::this_thread::sleep_for(200ms);
+    }
+  }
+  ~SlurmCluster() {
+    for (const char* d : {"slurmd", "slurmctld", "munged"}) {
+      pid_t pid = 0;
+      std::ifstream(dir_ + "/" + d + ".pid") >> pid;
+      if (pid > 0) kill(pid, SIGTERM);
+    }
+    std::this_thread::sleep_for(500ms);
+    std::filesystem::remove_all(dir_);
+  }
+  bool ready() const { return ready_; }
+  std::string Logs() const {
+    return ReadFile(dir_ + "/slurmctld.log") + ReadFile(dir_ + "/slurmd.log") +
+           ReadFile(dir_ + "/munged.log");
+  }
+  CommandResult Run(std::vector<std::string> argv) const {
+    auto env = env_;
+    env.push_back("SHARDPS_SERVER_LISTEN=127.0.0.1:0");
+    return RunCommand(argv, 120s, env);
+  }
+  const std::string& dir() const { return dir_; }
+
+ private:
+  // Each daemonizes; its output goes to its log file, not to the pipe RunCommand reads to
+  // its end.
+  void Start(const std::vector<std::string>& daemon) {
+    std::vector<std::string> argv = {"sh", "-c", "exec \"$0\" \"$@\" </dev/null >/dev/null 2>&1"};
+    argv.insert(argv.end(), daemon.begin(), daemon.end());
+    auto r = RunCommand(argv, 30s, env_);
+    EXPECT_EQ(r.exit_code, 0) << daemon[0] << ": " << r.output;
+  }
+  std::string dir_, conf_;
+  std::vector<std::string> env_;
+  bool ready_ = false;
+};
+
+// srun and an sbatch script (examples/slurm/shardps.sbatch) on a real Slurm cluster: 4 tasks
+// of `shardps run`, 1 server and 3 workers with exact values, each way.
+TEST(Run, RealSlurmRunsAJobWithSrunAndSbatch) {
+  if (std::string m = SlurmCluster::Missing(); !m.empty())
+    GTEST_SKIP() << m << " is not installed (apt-get install slurmctld slurmd slurm-client munge)";
+  SlurmCluster slurm;
+  ASSERT_TRUE(slurm.ready()) << "the Slurm cluster did not come up: " << slurm.Logs();
+  const std::string port = std::to_string(FreePort());
+  auto r = slurm.Run({"srun", "-n", "4", "--overcommit", kShardps, "--log-level", "warn", "run",
+                      "--servers", "1", "--port", port, "--", kTestWorker, "--steps", "20"});
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output << slurm.Logs();
+  EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
+  const std::string out = slurm.dir() + "/sbatch.out";
+  r = slurm.Run({"sbatch", "--wait", "--ntasks", "4", "-o", out, "--export=ALL,SHARDPS=" + kShardps,
+                 std::string(SHARDPS_SOURCE_DIR) + "/examples/slurm/shardps.sbatch", kTestWorker,
+                 "--steps", "20"});
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output << ReadFile(out) << slurm.Logs();
+  EXPECT_EQ(CountOccurrences(ReadFile(out), ": done"), 3u) << ReadFile(out);
+}
+
 TEST(Run, WithoutALauncherOrWithTooFewTasksItSaysWhy) {
   auto r = RunCommand({kShardps, "run", "--", kTestWorker}, 20s);
   EXPECT_EQ(r.exit_code, 2) << r.output;
