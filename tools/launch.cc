@@ -11,7 +11,9 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <set>
 #include <string>
+#include <string_view>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -45,8 +47,7 @@ Result<Child> Spawn(const std::string& name, bool is_worker, const std::vector<s
                     const std::vector<std::string>& extra_env) {
   int fds[2];
   if (pipe2(fds, O_CLOEXEC) != 0) return Status::FromErrno("pipe", errno);
-  std::vector<std::string> env_store = parent_env;
-  for (const auto& kv : extra_env) env_store.push_back(kv);
+  std::vector<std::string> env_store = MergeEnvironment(parent_env, extra_env);
   std::vector<char*> envp, args;
   for (auto& s : env_store) envp.push_back(s.data());
   envp.push_back(nullptr);
@@ -130,13 +131,24 @@ std::vector<std::string> ChildEnvironment(const LaunchOptions& opt,
       fmt::format("{}={}", kServers.env, co.num_servers),
       fmt::format("{}={}", kWorkers.env, co.num_workers),
       fmt::format("{}={}", kMode.env, ModeString(co.mode, co.staleness)),
-      fmt::format("{}={}", kSyncQuorum.env, co.sync_quorum),
       fmt::format("{}={}", kBusyPollUs.env, opt.busy_poll_us),
       fmt::format("{}={}", kConnectionInbound.env, opt.connection_inbound_bytes),
       fmt::format("{}={}", kProcessInbound.env, opt.process_inbound_bytes),
   };
   for (const auto& e : opt.env) env.push_back(e);
   return env;
+}
+
+std::vector<std::string> MergeEnvironment(const std::vector<std::string>& parent,
+                                          const std::vector<std::string>& extra) {
+  auto name = [](const std::string& kv) { return std::string_view(kv).substr(0, kv.find('=')); };
+  std::set<std::string_view> replaced;
+  for (const auto& kv : extra) replaced.insert(name(kv));
+  std::vector<std::string> out;
+  for (const auto& kv : parent)
+    if (!replaced.count(name(kv))) out.push_back(kv);
+  out.insert(out.end(), extra.begin(), extra.end());
+  return out;
 }
 
 std::string SelfExe() {

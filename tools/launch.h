@@ -36,6 +36,11 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
 std::vector<std::string> ChildEnvironment(const LaunchOptions& options,
                                           const std::string& coordinator);
 
+// `parent` ("K=V") with `extra` on top: an entry of `extra` replaces the parent's of the same
+// name (a lookup takes the first match, so appending would let the parent's win).
+std::vector<std::string> MergeEnvironment(const std::vector<std::string>& parent,
+                                          const std::vector<std::string>& extra);
+
 // Runs the job; returns the exit code for the launcher (0: every worker exited 0).
 int RunLaunch(const LaunchOptions& options);
 

@@ -137,11 +137,10 @@ int RunRun(const RunFlags& r, const JobFlags& job, const std::vector<std::string
 
   if (role == "worker") {
     // This task becomes the program, with what a worker reads (WorkerOptions::FromEnvironment).
-    std::vector<std::string> entries = env.entries();
-    for (auto& e : ChildEnvironment(*lo, *coord_addr)) entries.push_back(e);
-    entries.push_back("SHARDPS_ROLE=worker");
-    entries.push_back(fmt::format("{}={}", tunables::kRank.env, role_rank));
-    if (p.local_rank >= 0) entries.push_back(fmt::format("SHARDPS_LOCAL_RANK={}", p.local_rank));
+    std::vector<std::string> extra = ChildEnvironment(*lo, *coord_addr);
+    extra.push_back("SHARDPS_ROLE=worker");
+    extra.push_back(fmt::format("{}={}", tunables::kRank.env, role_rank));
+    std::vector<std::string> entries = MergeEnvironment(env.entries(), extra);
     std::vector<char*> envp, argv;
     for (auto& e : entries) envp.push_back(e.data());
     envp.push_back(nullptr);

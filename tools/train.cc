@@ -424,13 +424,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
   if (!plan.ok()) return Fail(plan.status(), 2);
   const Plan& p = *plan;
   const bool rank0 = w.rank() == 0;
-  // The job's consistency, as the launcher passed it (the worker knows the mode; the bound K
-  // and the quorum are the servers' business).
-  const std::string mode_name =
-      env.Get(tunables::kMode.env).value_or(std::string(ModeName(w.mode())));
-  uint32_t quorum = 0;
-  if (auto q = env.Get(tunables::kSyncQuorum.env))
-    quorum = static_cast<uint32_t>(std::atoi(q->c_str()));
+  const std::string mode_name = ModeString(w.mode(), w.staleness());
   const auto slow = ParseSlowWorker(t.slow_worker).value();  // checked by CheckFlags
   const int slow_ms = slow.first == static_cast<int>(w.rank()) ? slow.second : 0;
   const auto tty_env = env.Get(tunables::kTrainTty.env);
@@ -473,7 +467,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
   std::vector<float> x(b * f), losses;
   std::vector<uint8_t> y(b);
   RunResult run;
-  run.sync_quorum = quorum;
+  run.sync_quorum = w.sync_quorum();
   const auto t0 = Clock::now();
   for (int e = 0; e < t.epochs; ++e) {
     const auto order = EpochOrder(p.samples, p.workers, w.rank(), e, t.seed);

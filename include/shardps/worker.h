@@ -100,6 +100,9 @@ class Worker {
   virtual uint32_t num_workers() const = 0;
   virtual uint32_t num_servers() const = 0;
   virtual Mode mode() const = 0;
+  // The job's consistency settings (CoordinatorOptions): ssp's K, and the sync quorum (0: all).
+  virtual uint32_t staleness() const = 0;
+  virtual uint32_t sync_quorum() const = 0;
 
   // Declares tensors: every worker declares the same ones, with the same shapes. Worker 0's
   // initial values and optimizer settings are the ones used; the other workers' Declare waits

@@ -37,7 +37,7 @@ bool ClusterView::Decode(Reader* r) {
   uint8_t m = 0, a = 0, wr = 0;
   uint32_t nw = 0;
   if (!r->Get(&m) || !r->Get(&staleness) || !r->Get(&a) || !r->Get(&sync_quorum) || !r->Get(&nw) ||
-      m > 2 || a > 1 || nw > 65536 || !r->Fits(nw, 4))
+      m > 2 || a > 1 || (nw != 0 && nw != num_workers) || !r->Fits(nw, 4))
     return false;
   worker_weights.resize(nw);
   for (auto& x : worker_weights)

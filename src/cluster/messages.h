@@ -50,7 +50,7 @@ struct ClusterView {
   uint32_t staleness = 0;  // ssp:K
   Aggregate aggregate = Aggregate::kMean;
   uint32_t sync_quorum = 0;           // sync: pushes that publish a step (0: every worker)
-  std::vector<float> worker_weights;  // empty, or one per worker
+  std::vector<float> worker_weights;  // empty, or one per worker (Decode refuses other counts)
   WeightRule weight_rule = WeightRule::kFixed;
   uint64_t chunk_bytes = 4 << 20;
   uint32_t heartbeat_ms = 500;

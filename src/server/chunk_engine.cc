@@ -27,14 +27,14 @@ ChunkEngine::ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> ru
       to_owner_(std::move(to_owner)),
       later_(std::move(later)),
       quorum_(cfg.quorum == 0 ? cfg.num_workers : std::min(cfg.quorum, cfg.num_workers)),
+      backups_(cfg.mode == Mode::kSync && quorum_ < cfg.num_workers),
       last_seq_(cfg.num_workers, 0),
       conn_of_(cfg.num_workers, nullptr),
       departed_(cfg.num_workers, false) {
   Stamp(Slot(0), 1);
 }
 
-bool ChunkEngine::Admissible(uint32_t worker, uint64_t seq) const {
-  (void)worker;
+bool ChunkEngine::Admissible(uint64_t seq) const {
   switch (cfg_.mode) {
     case Mode::kSync:
       return seq <= version() + cfg_.max_steps_ahead;
@@ -100,7 +100,7 @@ Result<bool> ChunkEngine::Admit(const ParkedGrant& g) {
   std::lock_guard<std::mutex> lock(grants_mu_);
   // The version is read under the lock that AdmitGrants takes after publishing, so a grant is
   // either admitted here or parked where the next publication finds it.
-  if (Admissible(g.worker, g.seq)) return true;
+  if (Admissible(g.seq)) return true;
   if (grants_.size() >= cfg_.max_parked_grants)
     return Status::ResourceExhausted(
         fmt::format("{} grant requests already wait for this chunk", grants_.size()));
@@ -119,7 +119,7 @@ void ChunkEngine::AdmitGrants(EngineActions* out) {
   if (grants_.empty()) return;
   std::deque<ParkedGrant> keep;
   for (auto& g : grants_) {
-    if (Admissible(g.worker, g.seq)) {
+    if (Admissible(g.seq)) {
       out->admit.push_back(std::move(g));
     } else {
       keep.push_back(std::move(g));
@@ -216,15 +216,14 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
     }
     return true;
   }
-  const bool backups = cfg_.mode == Mode::kSync && quorum_ < cfg_.num_workers;
   // Its predecessor is not applied yet; with backup workers, a worker that was late skips the
   // steps that were published without it.
-  if (p.seq != last + 1 && !(backups && p.seq - 1 <= version())) return false;
-  if (backups && p.seq <= version()) {
+  if (p.seq != last + 1 && !SkipsPublished(p.seq)) return false;
+  if (backups_ && p.seq <= version()) {
     DropLate(p, out);
     return true;
   }
-  if (!Admissible(p.worker, p.seq)) {  // too far ahead of the step, or of the slowest (ssp)
+  if (!Admissible(p.seq)) {  // too far ahead of the step, or of the slowest (ssp)
     if (WorkerCounters* c = Counters(p.worker)) c->waits.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
@@ -337,10 +336,9 @@ void ChunkEngine::Drain(EngineActions* out) {
       auto it = parked_.lower_bound({w, last_seq_[w] + 1});
       if (it == parked_.end() || it->first.first != w) continue;
       const uint64_t seq = it->first.second;
-      const bool skips = cfg_.mode == Mode::kSync && quorum_ < cfg_.num_workers &&
-                         seq - 1 <= version();  // a late worker's steps published without it
+      const bool skips = SkipsPublished(seq);
       if (seq != last_seq_[w] + 1 && !skips) continue;
-      if (!skips && !Admissible(w, seq)) continue;
+      if (!skips && !Admissible(seq)) continue;
       LandedPush p = std::move(it->second);
       parked_.erase(it);
       out->parked_buffers_delta--;

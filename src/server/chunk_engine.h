@@ -171,7 +171,10 @@ class ChunkEngine {
     std::vector<PendingAck> acks;
   };
 
-  bool Admissible(uint32_t worker, uint64_t seq) const;
+  bool Admissible(uint64_t seq) const;
+  // Backup workers: every step before `seq` is published, so a push of `seq` need not wait for
+  // the worker's pushes of them (they were, or would be, late).
+  bool SkipsPublished(uint64_t seq) const { return backups_ && seq - 1 <= version(); }
   // The push's weight eta and its staleness (versions since its base).
   float WeightOf(const LandedPush& p, uint64_t* staleness) const;
   void CountApplied(const LandedPush& p, uint64_t staleness, uint64_t behind);
@@ -208,8 +211,9 @@ class ChunkEngine {
 
   std::atomic<uint64_t> version_{0};
   // Owner thread.
-  const uint32_t quorum_;                                       // sync: pushes that publish a step
-  std::vector<uint64_t> last_seq_;                              // per worker
+  const uint32_t quorum_;           // sync: pushes that publish a step
+  const bool backups_;              // sync with a quorum below the number of workers
+  std::vector<uint64_t> last_seq_;  // per worker
   std::vector<const transport::Connection*> conn_of_;           // per worker: its last push's
   std::vector<bool> departed_;                                  // per worker: connection closed
   std::atomic<uint64_t> slowest_{0};                            // ssp: min clock, live workers

@@ -193,9 +193,6 @@ class ServerImpl final : public Server {
     node_ = std::move(node).value();
     view_ = node_->info().view;
     rank_ = node_->info().rank;
-    if (!view_.worker_weights.empty() && view_.worker_weights.size() != view_.num_workers)
-      return Status::InvalidArgument(fmt::format("the job has {} worker weights for {} workers",
-                                                 view_.worker_weights.size(), view_.num_workers));
     counters_ = std::make_unique<WorkerCounters[]>(view_.num_workers);
     num_counters_.store(view_.num_workers);
     SHARDPS_RETURN_IF_ERROR(pool_.Init(data_ctx_.get(), opt_.landing_buffers, view_.chunk_bytes));

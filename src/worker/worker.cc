@@ -421,6 +421,8 @@ class WorkerImpl final : public Worker {
   uint32_t num_workers() const override { return view_.num_workers; }
   uint32_t num_servers() const override { return view_.num_servers; }
   Mode mode() const override { return view_.mode; }
+  uint32_t staleness() const override { return view_.staleness; }
+  uint32_t sync_quorum() const override { return view_.sync_quorum; }
 
   uint64_t numel(TensorId id) const override {
     std::lock_guard<std::mutex> lock(tensors_mu_);

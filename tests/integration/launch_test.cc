@@ -570,6 +570,18 @@ TEST(Run, RealSlurmRunsAJobWithSrunAndSbatch) {
   EXPECT_EQ(CountOccurrences(ReadFile(out), ": done"), 3u) << ReadFile(out);
 }
 
+// Regression: the children's variables were appended to the parent's environment, and a
+// lookup takes the first match, so a SHARDPS_RANK or SHARDPS_COORDINATOR exported in the user's
+// shell won over what the launcher gave each child. What the launcher sets now replaces it.
+TEST(Launch, VariablesInTheParentEnvironmentDoNotOverrideWhatTheLauncherSets) {
+  auto r = RunCommand(
+      {kShardps, "launch", "--servers", "1", "--workers", "2", "--", kTestWorker, "--steps", "5"},
+      60s, {"SHARDPS_RANK=5", "SHARDPS_COORDINATOR=127.0.0.1:1"});
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ": done"), 2u) << r.output;
+}
+
 TEST(Run, WithoutALauncherOrWithTooFewTasksItSaysWhy) {
   auto r = RunCommand({kShardps, "run", "--", kTestWorker}, 20s);
   EXPECT_EQ(r.exit_code, 2) << r.output;
