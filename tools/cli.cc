@@ -28,6 +28,7 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kHeartbeatTimeoutMs, &heartbeat_timeout_ms)->check(CLI::PositiveNumber);
   AddTunable(app, kConnectionInbound, &connection_inbound);
   AddTunable(app, kProcessInbound, &process_inbound);
+  AddTunable(app, kSecretFile, &secret_file);
 }
 
 Status JobFlags::InboundBytes(uint64_t* per_connection, uint64_t* per_process) const {
@@ -62,6 +63,7 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   co.register_timeout = std::chrono::milliseconds(register_timeout_ms);
   co.heartbeat_interval = std::chrono::milliseconds(heartbeat_interval_ms);
   co.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
+  co.secret_file = secret_file;
   if (Status v = co.Validate(); !v.ok()) return v.WithContext("job flags");
   return co;
 }

@@ -42,6 +42,7 @@ struct JobFlags {
   int64_t heartbeat_timeout_ms = tunables::kHeartbeatTimeoutMs.number;
   std::string connection_inbound{tunables::kConnectionInbound.default_value};
   std::string process_inbound{tunables::kProcessInbound.default_value};
+  std::string secret_file{tunables::kSecretFile.default_value};
 
   void Add(CLI::App* app, bool with_sizes = true);
   Result<CoordinatorOptions> ToCoordinator() const;

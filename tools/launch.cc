@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <set>
 #include <string>
@@ -135,6 +136,12 @@ std::vector<std::string> ChildEnvironment(const LaunchOptions& opt,
       fmt::format("{}={}", kConnectionInbound.env, opt.connection_inbound_bytes),
       fmt::format("{}={}", kProcessInbound.env, opt.process_inbound_bytes),
   };
+  if (!co.secret_file.empty()) {
+    // Absolute, so that a child started in another directory reads the same file.
+    std::error_code ec;
+    auto abs = std::filesystem::absolute(co.secret_file, ec);
+    env.push_back(fmt::format("{}={}", kSecretFile.env, ec ? co.secret_file : abs.string()));
+  }
   for (const auto& e : opt.env) env.push_back(e);
   return env;
 }

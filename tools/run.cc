@@ -61,6 +61,7 @@ Result<ServerOptions> ServerFor(const RunFlags& r, const JobFlags& job, const st
   so.apply_threads = job.apply_threads;
   so.busy_poll = std::chrono::microseconds(job.busy_poll_us);
   so.transport_settings = env.WithPrefix("UCX_");
+  so.secret_file = job.secret_file;
   SHARDPS_RETURN_IF_ERROR(
       job.InboundBytes(&so.connection_inbound_bytes, &so.process_inbound_bytes));
   return so;

@@ -74,6 +74,7 @@ int Main(int argc, char** argv, char** envp) {
   AddTunable(srv, kBusyPollUs, &srv_busy_poll_us)->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   AddTunable(srv, kConnectionInbound, &srv_conn_inbound);
   AddTunable(srv, kProcessInbound, &srv_proc_inbound);
+  AddTunable(srv, kSecretFile, &so.secret_file);
 
   // launch
   auto* launch = app.add_subcommand("launch", "run a local job: coordinator, servers, workers");

@@ -37,6 +37,9 @@ struct CoordinatorOptions {
   std::chrono::milliseconds heartbeat_interval{tunables::kHeartbeatIntervalMs.number};
   // A node silent for this long is declared dead and the job fails, naming it.
   std::chrono::milliseconds heartbeat_timeout{tunables::kHeartbeatTimeoutMs.number};
+  // The cluster secret's file (docs/security.md): every node proves it before the coordinator
+  // reads a message of theirs. Empty: none (a warning at start-up).
+  std::string secret_file;
 
   Status Validate() const;
 };

@@ -40,6 +40,9 @@ struct ServerOptions {
   std::vector<std::pair<std::string, std::string>> transport_settings;
   std::chrono::milliseconds connect_timeout{30000};
   std::chrono::milliseconds register_timeout{120000};
+  // The cluster secret's file (docs/security.md): proved on the connection to the coordinator
+  // and by every worker that connects. Empty: none (a warning at start-up).
+  std::string secret_file;
 
   Status Validate() const;
 };
@@ -71,6 +74,7 @@ struct ServerStats {
   uint64_t inbound_bytes = 0;        // held now for what peers sent (the inbound budget)
   uint64_t inbound_peak_bytes = 0;   // the most held at once
   uint64_t inbound_limit_bytes = 0;  // the process's inbound budget
+  uint64_t refused_peers = 0;        // connections that did not prove the cluster secret (--secret)
   uint64_t landing_buffers = 0;
   uint64_t apply_threads = 0;
   uint64_t ranges_helped = 0;  // ranges of a split update run by an apply thread that helped

@@ -31,6 +31,7 @@ class Status {
     kAborted = 9,          // the operation was cancelled (shutdown, close with pending ops)
     kInternal = 10,        // a bug in ShardPS
     kResourceExhausted = 11,
+    kUnauthenticated = 12,  // a peer did not prove the cluster secret (--secret)
   };
 
   Status() noexcept = default;  // OK
@@ -46,6 +47,7 @@ class Status {
   static Status IOError(std::string_view m) { return Status(Code::kIOError, m); }
   static Status Aborted(std::string_view m) { return Status(Code::kAborted, m); }
   static Status Internal(std::string_view m) { return Status(Code::kInternal, m); }
+  static Status Unauthenticated(std::string_view m) { return Status(Code::kUnauthenticated, m); }
   static Status ResourceExhausted(std::string_view m) {
     return Status(Code::kResourceExhausted, m);
   }

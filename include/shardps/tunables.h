@@ -159,6 +159,14 @@ inline constexpr Tunable kAdvertise{"advertise",
                                     "host workers reach this server at (empty: the listen host, "
                                     "or the host name on 0.0.0.0)",
                                     "server"};
+inline constexpr Tunable kSecretFile{
+    "secret",
+    "SHARDPS_SECRET_FILE",
+    "",
+    0,
+    "file holding the cluster secret (16 to 4096 bytes, e.g. `openssl rand -hex 32`): every "
+    "connection proves it before any message (docs/security.md); empty: none, with a warning",
+    "coordinator, server, launch, run, bench, train; worker"};
 inline constexpr Tunable kConfig{"config",
                                  "SHARDPS_CONFIG",
                                  "",
@@ -207,6 +215,7 @@ inline constexpr const Tunable* kAll[] = {
     &kCoordinatorListen,
     &kServerListen,
     &kAdvertise,
+    &kSecretFile,
     &kConfig,
     &kLogLevel,
     &kShardSize,

@@ -47,9 +47,13 @@ struct WorkerOptions {
   uint64_t process_inbound_bytes = static_cast<uint64_t>(tunables::kProcessInbound.number);
   // Settings of the transport backend, e.g. {"UCX_TLS", "rc,self"} for ucx.
   std::vector<std::pair<std::string, std::string>> transport_settings;
+  // The cluster secret's file (docs/security.md), proved to the coordinator and every server.
+  // Empty: none (a warning at start-up).
+  std::string secret_file;
 
   // Fills the options from the variables of the tunables this worker reads (coordinator,
-  // transport, rank, timeout-ms, busy-poll-us, the inbound budgets; include/shardps/tunables.h)
+  // transport, rank, timeout-ms, busy-poll-us, the inbound budgets, the secret file;
+  // include/shardps/tunables.h)
   // and the UCX_* transport settings in `environ`, as `shardps launch` sets them for its
   // workers. A malformed value is an error naming the variable.
   static Result<WorkerOptions> FromEnvironment(char** environ);

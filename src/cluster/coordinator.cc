@@ -13,6 +13,7 @@
 
 #include "cluster/messages.h"
 #include "cluster/rpc.h"
+#include "core/secret.h"
 #include "transport/context.h"
 
 namespace shardps {
@@ -96,6 +97,9 @@ class CoordinatorImpl final : public Coordinator {
 
   Status Init() {
     transport::ContextOptions co;
+    auto secret = SecretForRole(opt_.secret_file, "coordinator");
+    if (!secret.ok()) return secret.status();
+    co.secret = std::move(secret).value();
     co.name = "coordinator";
     co.max_payload_bytes = 64 << 20;
     auto ctx = transport::CreateContext("tcp", co);

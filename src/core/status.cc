@@ -46,6 +46,8 @@ const char* Status::CodeName(Code code) {
       return "Internal";
     case Code::kResourceExhausted:
       return "ResourceExhausted";
+    case Code::kUnauthenticated:
+      return "Unauthenticated";
   }
   return "Unknown";
 }

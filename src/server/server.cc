@@ -23,6 +23,7 @@
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
 #include "compress/codec.h"
+#include "core/secret.h"
 #include "server/applier.h"
 #include "server/chunk_engine.h"
 #include "server/landing_pool.h"
@@ -65,6 +66,7 @@ std::string ServerStats::ToJson() const {
                       {"inbound_bytes", inbound_bytes},
                       {"inbound_peak_bytes", inbound_peak_bytes},
                       {"inbound_limit_bytes", inbound_limit_bytes},
+                      {"refused_peers", refused_peers},
                       {"landing_buffers", landing_buffers},
                       {"apply_threads", apply_threads},
                       {"ranges_helped", ranges_helped},
@@ -142,6 +144,9 @@ class ServerImpl final : public Server {
 
   Status Init() {
     transport::ContextOptions co;
+    auto secret = SecretForRole(opt_.secret_file, "server");
+    if (!secret.ok()) return secret.status();
+    co.secret = std::move(secret).value();
     co.name = "server-data";
     co.busy_poll = opt_.busy_poll;
     co.backend_settings = opt_.transport_settings;
@@ -272,6 +277,8 @@ class ServerImpl final : public Server {
       s.inbound_peak_bytes = inbound_->peak();
       s.inbound_limit_bytes = inbound_->limit();
     }
+    if (data_ctx_) s.refused_peers += data_ctx_->refused_peers();
+    if (control_ctx_) s.refused_peers += control_ctx_->refused_peers();
     s.grants_waited = grants_waited_.load();
     s.grants_ahead = grants_ahead_.load();
     s.landing_buffers = pool_.size();

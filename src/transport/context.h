@@ -42,6 +42,12 @@ struct ContextOptions {
   std::chrono::microseconds busy_poll{200};
   // Backend-specific settings, e.g. {"UCX_TLS", "shm"} for ucx.
   std::vector<std::pair<std::string, std::string>> backend_settings;
+  // The cluster secret (the bytes of the --secret file). When set, every connection, accepted
+  // or made, proves it both ways before any frame is read (transport/auth.h); a peer that
+  // does not is closed with a logged reason. Empty: no authentication.
+  std::string secret;
+  // How long an accepted connection has to complete the handshake.
+  std::chrono::milliseconds auth_timeout{10000};
 };
 
 // Whether a backend can run on this machine, and if not, why.
@@ -114,6 +120,10 @@ class Context {
   // Whether memory on a GPU can be registered directly (GPUDirect RDMA); when not, GPU
   // shards are staged through registered host memory.
   virtual bool CanRegisterGpuMemory() const { return false; }
+
+  // Connections this context refused because the peer did not prove the cluster secret
+  // (ContextOptions::secret): no hello, a wrong proof, too slow, or too many at once.
+  virtual uint64_t refused_peers() const { return 0; }
 };
 
 // Names of the backends built into this binary ("tcp", and "ucx" where built).

@@ -19,6 +19,7 @@
 #include "cluster/rpc.h"
 #include "compress/codec.h"
 #include "core/environment.h"
+#include "core/secret.h"
 #include "transport/context.h"
 
 namespace shardps {
@@ -99,6 +100,7 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
   int64_t n = 0;
   if (auto v = env.Get(tunables::kCoordinator.env)) o.coordinator = *v;
   if (auto v = env.Get(tunables::kTransport.env)) o.transport = *v;
+  if (auto v = env.Get(tunables::kSecretFile.env)) o.secret_file = *v;
   SHARDPS_ASSIGN_OR_RETURN(bool has_rank, integer(tunables::kRank, &n));
   if (has_rank) o.rank = static_cast<int32_t>(n);
   SHARDPS_ASSIGN_OR_RETURN(bool has_timeout, integer(tunables::kRpcTimeoutMs, &n));
@@ -359,6 +361,9 @@ class WorkerImpl final : public Worker {
 
   Status Init() {
     transport::ContextOptions co;
+    auto secret = SecretForRole(opt_.secret_file, "worker");
+    if (!secret.ok()) return secret.status();
+    co.secret = std::move(secret).value();
     co.name = "worker-ctl";
     co.connection_inbound_bytes = opt_.connection_inbound_bytes;
     co.inbound_budget = std::make_shared<transport::InboundBudget>(opt_.process_inbound_bytes);

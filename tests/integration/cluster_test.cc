@@ -17,6 +17,7 @@
 
 #include "cluster/messages.h"
 #include "compress/codec.h"
+#include "support/auth_peers.h"
 #include "support/local_cluster.h"
 #include "transport/context.h"
 #include "transport/frame.h"
@@ -467,6 +468,112 @@ TEST_P(ClusterOver, HostilePeersOnEveryPortWhileAJobRuns) {
     EXPECT_EQ(st["pushes_applied"].get<uint64_t>(), 3 * kSteps * 2);  // 2 chunks per server
   }
   lc->Finish();
+}
+
+// A job with a cluster secret (docs/security.md) while peers that do not belong knock on every
+// port: raw frames without a hello, a context holding another secret, and a handshake recorded
+// through a relay and replayed. Each is refused before a message of theirs is read; the job
+// ends with exact values, and the servers count the refusals.
+TEST_P(ClusterOver, PeersWithoutTheSecretAreRefusedWhileAJobRuns) {
+  char path[] = "/tmp/shardps-secret-XXXXXX";
+  int sfd = mkstemp(path);
+  ASSERT_GE(sfd, 0);
+  const std::string secret = "a cluster secret of 32 bytes....";
+  ASSERT_EQ(write(sfd, secret.data(), secret.size()), static_cast<ssize_t>(secret.size()));
+  close(sfd);
+  auto co = Opts(2, 2, Mode::kSync, Aggregate::kSum, 64 << 10);
+  co.secret_file = path;
+  auto lc = LocalCluster::Start(co, 16, GetParam());
+  ASSERT_TRUE(lc);
+  std::vector<std::string> ports = {lc->coordinator->address()};
+  for (auto& s : lc->servers) ports.push_back(s->address());
+  // One genuine handshake per port, relayed and recorded (the servers count it as accepted).
+  std::vector<std::vector<uint8_t>> recorded;
+  for (auto& p : ports) {
+    recorded.push_back(shardps::testing::RecordHandshake(p, secret));
+    ASSERT_EQ(recorded.back().size(), transport::auth::kHelloBytes + transport::auth::kProofBytes);
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> refused{0}, let_in{0};
+  auto attacker = [&](uint32_t seed) {
+    std::mt19937 rng(seed);
+    transport::ContextOptions o;
+    o.name = "intruder";
+    o.secret = "another secret, 32 bytes long...";
+    auto wrong = transport::CreateContext("tcp", o);
+    ASSERT_TRUE(wrong.ok());
+    while (!stop.load()) {
+      size_t target = rng() % ports.size();
+      switch (rng() % 3) {
+        case 0: {  // a well-formed frame, no hello
+          int fd = shardps::testing::RawConnect(ports[target]);
+          if (fd < 0) continue;
+          transport::FrameHeader h;
+          uint8_t hdr[transport::kFrameHeaderSize];
+          h.aux = cluster::kRegister;
+          h.EncodeTo(hdr);
+          (void)shardps::testing::SendAll(fd, hdr, sizeof(hdr));
+          // Only the server's hello comes back before the close.
+          if (shardps::testing::BytesUntilClosed(fd) == transport::auth::kHelloBytes)
+            refused++;
+          else
+            let_in++;
+          close(fd);
+          break;
+        }
+        case 1: {  // another secret
+          auto c = (*wrong)->Connect(ports[target], {}, 5s);
+          if (!c.ok() && c.status().code() == Status::Code::kUnauthenticated)
+            refused++;
+          else
+            let_in++;
+          break;
+        }
+        default:  // a replayed handshake
+          if (shardps::testing::ReplayIsRefused(ports[target], recorded[target]))
+            refused++;
+          else
+            let_in++;
+      }
+    }
+  };
+  std::vector<std::thread> attackers;
+  for (uint32_t i = 0; i < 2; ++i) attackers.emplace_back(attacker, 99 + i);
+  constexpr int64_t kN = 50000;
+  constexpr uint64_t kSteps = 20;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("secret", kN, 3.0f));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    std::vector<float> g(kN), out(kN);
+    for (uint64_t s = 1; s <= kSteps; ++s) {
+      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
+      ASSERT_EQ(h.version(), s);
+    }
+    for (int64_t i = 0; i < kN; ++i) {
+      double expect = 3.0;
+      for (uint64_t t = 1; t <= kSteps; ++t)
+        for (uint32_t ww = 0; ww < 2; ++ww) expect -= Grad(ww, t, i);
+      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+    }
+  });
+  for (auto deadline = std::chrono::steady_clock::now() + 5s;
+       refused.load() < 12 && std::chrono::steady_clock::now() < deadline;)
+    std::this_thread::sleep_for(20ms);
+  stop = true;
+  for (auto& t : attackers) t.join();
+  EXPECT_GE(refused.load(), 3u);
+  EXPECT_EQ(let_in.load(), 0u);
+  uint64_t refused_by_servers = 0;
+  for (uint32_t s = 0; s < 2; ++s) {
+    auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(s));
+    refused_by_servers += st["refused_peers"].get<uint64_t>();
+    EXPECT_EQ(st["pushes_applied"].get<uint64_t>(), 2 * kSteps * 2);
+  }
+  EXPECT_GT(refused_by_servers, 0u);
+  lc->Finish();
+  unlink(path);
 }
 
 // A gradient that each codec carries exactly (integers; int8: each 64-block's first element is

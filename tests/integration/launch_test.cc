@@ -292,6 +292,59 @@ TEST(Doctor, ReportsThisMachineInTextAndJson) {
   EXPECT_TRUE(parsed["findings"].is_array());
 }
 
+// A job whose processes share a cluster secret (--secret, or SHARDPS_SECRET_FILE): every
+// role says it uses it, none warns that it has none, and the values are exact. A secret file
+// that is too short or missing stops the job before it starts, naming the file.
+TEST(Launch, ASecretFileGuardsEveryConnectionOfTheJob) {
+  auto dir = TempDir("secret");
+  const std::string file = dir + "/job.secret";
+  {
+    std::ofstream f(file);
+    f << "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n";
+  }
+  std::filesystem::permissions(
+      file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  for (bool by_variable : {false, true}) {
+    std::vector<std::string> argv = {kShardps,   "bench",  "--servers", "2",       "--workers",
+                                     "2",        "--size", "20000",     "--iters", "10",
+                                     "--warmup", "0",      "--verify"};
+    std::vector<std::string> env;
+    if (by_variable)
+      env.push_back("SHARDPS_SECRET_FILE=" + file);
+    else
+      argv.insert(argv.end(), {"--secret", file});
+    auto r = RunCommand(argv, 120s, env);
+    ASSERT_FALSE(r.timed_out) << r.output;
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "coordinator: connections prove the cluster secret"), 1u)
+        << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "server: connections prove the cluster secret"), 2u)
+        << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "worker: connections prove the cluster secret"), 2u)
+        << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "no cluster secret"), 0u) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "refused the connection"), 0u) << r.output;
+  }
+  {
+    std::ofstream f(dir + "/short.secret");
+    f << "hunter2";
+  }
+  auto r = RunCommand({kShardps, "launch", "--secret", dir + "/short.secret", "--", "true"}, 30s);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("short.secret' holds 7 bytes"), std::string::npos) << r.output;
+  r = RunCommand({kShardps, "launch", "--secret", dir + "/missing", "--", "true"}, 30s);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("cannot read the secret file"), std::string::npos) << r.output;
+  // Without a secret, each role warns once at start-up.
+  r = RunCommand({kShardps, "bench", "--servers", "1", "--workers", "1", "--size", "1000",
+                  "--iters", "2", "--warmup", "0", "--verify"},
+                 60s);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, "no cluster secret (--secret FILE)"), 3u) << r.output;
+  std::filesystem::remove_all(dir);
+}
+
 TEST(Launch, BadFlagsGetAClearErrorAndNonZeroExit) {
   auto r = RunCommand({kShardps, "launch", "--mode", "bogus", "--", "true"}, 20s);
   EXPECT_NE(r.exit_code, 0);

@@ -6,6 +6,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -15,11 +16,32 @@
 #include <thread>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
+#include "transport/auth.h"
 #include "transport/tcp/connection_impl.h"
 
 namespace shardps::transport::tcp {
+
+// An accepted connection proving the cluster secret (the acceptor's side of transport/auth.h):
+// its socket and a timer on the loop, until the peer proved the secret (it then becomes a
+// TcpConnection handed to the accept handler) or is refused.
+struct Handshake {
+  int fd = -1;
+  int timer = -1;
+  int listen_fd = -1;
+  std::string peer;
+  auth::Nonce nonce{};
+  uint8_t got[auth::kHelloBytes + auth::kProofBytes] = {};
+  size_t n = 0;
+  std::shared_ptr<AcceptHandler> on_accept;
+};
+
 namespace {
+
+// Accepted connections that may be proving the secret at once; more are refused at once, so
+// that a flood of silent sockets costs bounded memory and descriptors.
+constexpr size_t kMaxHandshakes = 256;
 
 std::string SockName(int fd, bool peer) {
   sockaddr_in a{};
@@ -56,6 +78,179 @@ Status Resolve(const std::string& address, sockaddr_in* out) {
   return Status::OK();
 }
 
+// Waits until fd is ready for `events` or the deadline passed.
+Status WaitFd(int fd, short events, std::chrono::steady_clock::time_point deadline,
+              const std::string& what) {
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return Status::Timeout(what);
+    pollfd p{fd, events, 0};
+    int r = poll(&p, 1, static_cast<int>(left.count()));
+    if (r > 0) return Status::OK();
+    if (r < 0 && errno != EINTR) return Status::FromErrno("poll", errno);
+  }
+}
+
+Status SendAll(int fd, const uint8_t* data, size_t n,
+               std::chrono::steady_clock::time_point deadline, const std::string& address) {
+  size_t off = 0;
+  while (off < n) {
+    ssize_t w = ::send(fd, data + off, n - off, MSG_NOSIGNAL);
+    if (w > 0) {
+      off += static_cast<size_t>(w);
+    } else if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      SHARDPS_RETURN_IF_ERROR(
+          WaitFd(fd, POLLOUT, deadline, "authenticating to " + address + ": send timed out"));
+    } else if (w < 0 && errno != EINTR) {
+      return Status::FromErrno("authenticating to " + address + ": send", errno);
+    }
+  }
+  return Status::OK();
+}
+
+// Receives exactly n bytes (never more: what follows belongs to the frames).
+Status RecvExactly(int fd, uint8_t* data, size_t n, std::chrono::steady_clock::time_point deadline,
+                   const std::string& address) {
+  size_t off = 0;
+  while (off < n) {
+    ssize_t r = ::recv(fd, data + off, n - off, 0);
+    if (r > 0) {
+      off += static_cast<size_t>(r);
+    } else if (r == 0) {
+      return Status::Unauthenticated(fmt::format(
+          "{} closed the connection during authentication: it does not hold this cluster "
+          "secret, or runs without --secret",
+          address));
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      SHARDPS_RETURN_IF_ERROR(WaitFd(
+          fd, POLLIN, deadline,
+          fmt::format("{} did not authenticate in time (does it run with the same --secret?)",
+                      address)));
+    } else if (errno != EINTR) {
+      return Status::FromErrno("authenticating to " + address + ": receive", errno);
+    }
+  }
+  return Status::OK();
+}
+
+// The connector's side of transport/auth.h, blocking until the deadline.
+Status ProveToAcceptor(int fd, const std::string& secret, const std::string& address,
+                       std::chrono::steady_clock::time_point deadline) {
+  auth::Nonce mine{}, theirs{};
+  SHARDPS_RETURN_IF_ERROR(auth::NewNonce(&mine));
+  auth::Hello hello = auth::MakeHello(mine);
+  SHARDPS_RETURN_IF_ERROR(SendAll(fd, hello.data(), hello.size(), deadline, address));
+  auth::Hello got{};
+  SHARDPS_RETURN_IF_ERROR(RecvExactly(fd, got.data(), got.size(), deadline, address));
+  Status st = auth::ParseHello(got.data(), &theirs);
+  if (!st.ok()) return Status::Unauthenticated(fmt::format("{}: {}", address, st.message()));
+  auth::Proof proof = auth::MakeProof(secret, auth::Side::kConnector, theirs, mine);
+  SHARDPS_RETURN_IF_ERROR(SendAll(fd, proof.data(), proof.size(), deadline, address));
+  auth::Proof answer{};
+  SHARDPS_RETURN_IF_ERROR(RecvExactly(fd, answer.data(), answer.size(), deadline, address));
+  if (!auth::ProofMatches(auth::MakeProof(secret, auth::Side::kAcceptor, theirs, mine),
+                          answer.data()))
+    return Status::Unauthenticated(fmt::format(
+        "{} did not prove the cluster secret: it holds another one (or is not this job's)",
+        address));
+  return Status::OK();
+}
+
+// Loop thread: takes the handshake off the loop (its socket stays open).
+void EndHandshake(Shared& shared, Handshake& h) {
+  shared.loop.Remove(h.fd);
+  if (h.timer >= 0) {
+    shared.loop.Remove(h.timer);
+    ::close(h.timer);
+    h.timer = -1;
+  }
+  shared.handshakes.erase(h.fd);
+}
+
+void Refuse(Shared& shared, const std::shared_ptr<Handshake>& h, std::string_view why) {
+  spdlog::warn("[{}] refused the connection from {}: {}", shared.options.name, h->peer, why);
+  shared.refused_peers++;
+  EndHandshake(shared, *h);
+  ::close(h->fd);
+}
+
+void OnHandshakeReadable(const std::shared_ptr<Shared>& shared,
+                         const std::shared_ptr<Handshake>& h) {
+  constexpr size_t kWant = sizeof(h->got);
+  while (h->n < kWant) {
+    ssize_t r = ::recv(h->fd, h->got + h->n, kWant - h->n, 0);
+    if (r == 0)
+      return Refuse(*shared, h, "it closed the connection before proving the cluster secret");
+    if (r < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+      if (errno == EINTR) continue;
+      return Refuse(*shared, h, fmt::format("receive failed: {}", std::strerror(errno)));
+    }
+    h->n += static_cast<size_t>(r);
+    if (!auth::CouldBeHello(h->got, std::min(h->n, auth::kHelloBytes)))
+      return Refuse(*shared, h,
+                    "it sent no authentication hello (a peer without --secret, or not ShardPS)");
+  }
+  auth::Nonce theirs{};
+  (void)auth::ParseHello(h->got, &theirs);  // CouldBeHello checked the magic
+  const std::string& secret = shared->options.secret;
+  if (!auth::ProofMatches(auth::MakeProof(secret, auth::Side::kConnector, h->nonce, theirs),
+                          h->got + auth::kHelloBytes))
+    return Refuse(*shared, h,
+                  "wrong proof of the cluster secret (another secret, or a replayed handshake)");
+  auth::Proof answer = auth::MakeProof(secret, auth::Side::kAcceptor, h->nonce, theirs);
+  // The socket's send buffer is empty but for the 40-byte hello, so 32 more bytes fit.
+  if (::send(h->fd, answer.data(), answer.size(), MSG_NOSIGNAL) !=
+      static_cast<ssize_t>(answer.size()))
+    return Refuse(*shared, h, "could not send the proof of the cluster secret");
+  EndHandshake(*shared, *h);
+  auto conn = std::make_shared<TcpConnection>(shared, h->fd, h->peer);
+  ConnectionHandlers handlers = (*h->on_accept)(conn);
+  conn->Start(std::move(handlers));
+}
+
+// Loop thread: an accepted socket starts proving the secret.
+void StartHandshake(const std::shared_ptr<Shared>& shared, int fd, int listen_fd,
+                    const std::shared_ptr<AcceptHandler>& on_accept) {
+  auto h = std::make_shared<Handshake>();
+  h->fd = fd;
+  h->listen_fd = listen_fd;
+  h->peer = SockName(fd, true);
+  h->on_accept = on_accept;
+  if (shared->handshakes.size() >= kMaxHandshakes) {
+    spdlog::warn(
+        "[{}] refused the connection from {}: {} connections are already proving the "
+        "cluster secret",
+        shared->options.name, h->peer, kMaxHandshakes);
+    shared->refused_peers++;
+    ::close(fd);
+    return;
+  }
+  shared->handshakes[fd] = h;
+  Status st = auth::NewNonce(&h->nonce);
+  auth::Hello hello = auth::MakeHello(h->nonce);
+  if (!st.ok()) return Refuse(*shared, h, st.message());
+  // A new socket's send buffer is empty: the hello leaves whole or the socket is broken.
+  if (::send(fd, hello.data(), hello.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(hello.size()))
+    return Refuse(*shared, h, "could not send the authentication hello");
+  h->timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (h->timer < 0) return Refuse(*shared, h, "no timer for the handshake");
+  auto ms = std::max<int64_t>(shared->options.auth_timeout.count(), 1);
+  itimerspec its{};
+  its.it_value.tv_sec = ms / 1000;
+  its.it_value.tv_nsec = (ms % 1000) * 1000000;
+  timerfd_settime(h->timer, 0, &its, nullptr);
+  st = shared->loop.Add(h->timer, EPOLLIN, [shared, h](uint32_t) {
+    Refuse(*shared, h,
+           fmt::format("it did not prove the cluster secret within {} ms",
+                       shared->options.auth_timeout.count()));
+  });
+  if (st.ok())
+    st = shared->loop.Add(fd, EPOLLIN, [shared, h](uint32_t) { OnHandshakeReadable(shared, h); });
+  if (!st.ok()) Refuse(*shared, h, st.message());
+}
+
 class TcpRegion final : public MemoryRegion {
  public:
   TcpRegion(std::shared_ptr<Shared> shared, std::shared_ptr<RegionMemory> mem)
@@ -86,6 +281,14 @@ class TcpListener final : public Listener {
     auto shared = shared_;
     RunOnLoop(shared_->loop, [shared, fd] {
       shared->loop.Remove(fd);
+      // Connections it accepted that are still proving the secret go with it.
+      std::vector<std::shared_ptr<Handshake>> mine;
+      for (auto& [sock, h] : shared->handshakes)
+        if (h->listen_fd == fd) mine.push_back(h);
+      for (auto& h : mine) {
+        EndHandshake(*shared, *h);
+        ::close(h->fd);
+      }
       return Status::OK();
     });
     ::close(fd_);
@@ -160,6 +363,11 @@ TcpContext::~TcpContext() {
   RunOnLoop(shared_->loop, [shared] {
     auto conns = shared->connections;
     for (auto& c : conns) c->Close();
+    auto handshakes = shared->handshakes;
+    for (auto& [fd, h] : handshakes) {
+      EndHandshake(*shared, *h);
+      ::close(h->fd);
+    }
     return Status::OK();
   });
   shared_->loop.Stop();  // runs the queued closes, then joins
@@ -193,6 +401,10 @@ Result<std::unique_ptr<Listener>> TcpContext::Listen(const std::string& address,
         int c = accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (c < 0) return;  // EAGAIN, or a transient error: level-triggered epoll retries
         TuneSocket(c, shared->options);
+        if (!shared->options.secret.empty()) {
+          StartHandshake(shared, c, fd, handler);
+          continue;
+        }
         auto conn = std::make_shared<TcpConnection>(shared, c, SockName(c, true));
         ConnectionHandlers handlers = (*handler)(conn);
         conn->Start(std::move(handlers));
@@ -229,6 +441,15 @@ Result<std::shared_ptr<Connection>> TcpContext::Connect(const std::string& addre
       } else {
         socklen_t len = sizeof(err);
         getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      }
+    }
+    if (err == 0 && !shared_->options.secret.empty()) {
+      auto auth_deadline =
+          std::min(deadline, std::chrono::steady_clock::now() + shared_->options.auth_timeout);
+      Status st = ProveToAcceptor(fd, shared_->options.secret, address, auth_deadline);
+      if (!st.ok()) {
+        ::close(fd);
+        return st;
       }
     }
     if (err == 0) {

@@ -2,6 +2,7 @@
 // the target's loop thread serves against its registered regions (docs/transports.md).
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <mutex>
 #include <random>
@@ -14,6 +15,7 @@
 namespace shardps::transport::tcp {
 
 class TcpConnection;
+struct Handshake;
 
 // Memory of one registered region. Freed when the region is deregistered and no operation
 // that was already in flight still refers to it.
@@ -41,6 +43,9 @@ struct Shared {
 
   // Loop thread only: open connections (kept alive until closed) and listening sockets.
   std::set<std::shared_ptr<TcpConnection>> connections;
+  // Loop thread only: accepted connections still proving the secret, by socket.
+  std::unordered_map<int, std::shared_ptr<Handshake>> handshakes;
+  std::atomic<uint64_t> refused_peers{0};
 
   // Finds the region for a packed key; Unavailable/InvalidArgument with a reason otherwise.
   Result<std::shared_ptr<RegionMemory>> Lookup(uint64_t id, uint64_t secret);
@@ -65,6 +70,7 @@ class TcpContext final : public Context {
   bool CanRegister(MemoryKind kind) const override { return kind == MemoryKind::kHost; }
   bool InLoopThread() const override { return shared_->loop.InLoop(); }
   bool RunInLoop(std::function<void()> fn) override { return shared_->loop.Defer(std::move(fn)); }
+  uint64_t refused_peers() const override { return shared_->refused_peers.load(); }
 
  private:
   explicit TcpContext(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {}

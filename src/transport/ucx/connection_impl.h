@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "transport/auth.h"
 #include "transport/budget.h"
 #include "transport/connection.h"
 #include "transport/ucx/context_impl.h"
@@ -73,10 +74,15 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
     h.on_close = [self](const std::shared_ptr<Connection>&, Status st) { self->OnTcpClosed(st); };
     return h;
   }
-  // Gives the connection its id (named in the messages its peer sends it) and lists it.
+  // Gives the connection its id (named in the messages its peer sends it) and lists it. The id
+  // is random (OpenSSL's generator), so a UCX message can only name a connection whose id was
+  // handed over the authenticated control connection (transport/auth.h).
   void Register() {
     std::lock_guard<std::mutex> lock(shared_->mu);
-    id_ = shared_->next_conn++;
+    do {
+      id_ = auth::RandomId();
+      if (id_ == 0) id_ = shared_->next_conn++;  // no randomness: still unique
+    } while (shared_->by_id.count(id_) != 0);
     shared_->by_id[id_] = weak_from_this();
     shared_->conns.push_back(weak_from_this());
   }

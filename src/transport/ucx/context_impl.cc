@@ -125,6 +125,10 @@ class UcxContext final : public Context {
   }
   std::shared_ptr<void> HoldPolling() override { return shared_->progress.HoldPolling(); }
   std::chrono::microseconds busy_poll() const override { return shared_->options.busy_poll; }
+  // The control connections are tcp and carry the handshake (transport/auth.h).
+  uint64_t refused_peers() const override {
+    return shared_->tcp ? shared_->tcp->refused_peers() : 0;
+  }
 
   bool CanRegisterGpuMemory() const override {
     ucp_context_attr_t a{};
