@@ -6,7 +6,7 @@ set -euo pipefail
 SHARDPS_PACKAGES=(
   cmake ninja-build g++ pkg-config git clang clang-format libclang-rt-14-dev python3
   libgtest-dev libgmock-dev
-  libfmt-dev libspdlog-dev libcli11-dev nlohmann-json3-dev libxxhash-dev libssl-dev
+  libfmt-dev libspdlog-dev libcli11-dev nlohmann-json3-dev libxxhash-dev libssl-dev prometheus-cpp-dev prometheus
   libeigen3-dev zlib1g-dev gnuplot-nox dataset-fashion-mnist
   libucx-dev ucx-utils libibverbs-dev ibverbs-utils
   dpkg-dev file openmpi-bin slurmctld slurmd slurm-client munge

@@ -5,6 +5,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "transport/context.h"
+
 namespace shardps::tools {
 
 void JobFlags::Add(CLI::App* app, bool with_sizes) {
@@ -29,6 +31,8 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kConnectionInbound, &connection_inbound);
   AddTunable(app, kProcessInbound, &process_inbound);
   AddTunable(app, kSecretFile, &secret_file);
+  AddTunable(app, kMetricsListen, &metrics_listen);
+  AddTunable(app, kTimeline, &timeline);
 }
 
 Status JobFlags::InboundBytes(uint64_t* per_connection, uint64_t* per_process) const {
@@ -64,6 +68,13 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   co.heartbeat_interval = std::chrono::milliseconds(heartbeat_interval_ms);
   co.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
   co.secret_file = secret_file;
+  co.metrics_listen = metrics_listen;
+  if (!metrics_listen.empty()) {
+    std::string host;
+    uint16_t port = 0;
+    if (Status st = transport::ParseHostPort(metrics_listen, &host, &port); !st.ok())
+      return st.WithContext("--metrics-listen");
+  }
   if (Status v = co.Validate(); !v.ok()) return v.WithContext("job flags");
   return co;
 }

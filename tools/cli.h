@@ -43,6 +43,8 @@ struct JobFlags {
   std::string connection_inbound{tunables::kConnectionInbound.default_value};
   std::string process_inbound{tunables::kProcessInbound.default_value};
   std::string secret_file{tunables::kSecretFile.default_value};
+  std::string metrics_listen{tunables::kMetricsListen.default_value};
+  std::string timeline{tunables::kTimeline.default_value};
 
   void Add(CLI::App* app, bool with_sizes = true);
   Result<CoordinatorOptions> ToCoordinator() const;

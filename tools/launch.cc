@@ -19,6 +19,9 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "metrics/timeline.h"
+#include "transport/context.h"
+
 namespace shardps::tools {
 namespace {
 
@@ -117,6 +120,7 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   SHARDPS_RETURN_IF_ERROR(
       job.InboundBytes(&lo.connection_inbound_bytes, &lo.process_inbound_bytes));
   lo.program = std::move(program);
+  lo.timeline = job.timeline;
   lo.parent_env = parent.entries();
   lo.env.push_back(fmt::format("{}={}", tunables::kAggregate.env, job.aggregate));
   return lo;
@@ -146,6 +150,15 @@ std::vector<std::string> ChildEnvironment(const LaunchOptions& opt,
   return env;
 }
 
+std::string MetricsListenFor(const std::string& listen, int64_t task) {
+  std::string host;
+  uint16_t port = 0;
+  if (listen.empty() || task < 0 || !transport::ParseHostPort(listen, &host, &port).ok() ||
+      port == 0)
+    return listen;
+  return fmt::format("{}:{}", host, port + 1 + task);
+}
+
 std::vector<std::string> MergeEnvironment(const std::vector<std::string>& parent,
                                           const std::vector<std::string>& extra) {
   auto name = [](const std::string& kv) { return std::string_view(kv).substr(0, kv.find('=')); };
@@ -156,6 +169,28 @@ std::vector<std::string> MergeEnvironment(const std::vector<std::string>& parent
     if (!replaced.count(name(kv))) out.push_back(kv);
   out.insert(out.end(), extra.begin(), extra.end());
   return out;
+}
+
+// --timeline: the children's files merged into one (those that exist: a process that died
+// wrote none), the parts removed.
+void MergeTimelineParts(const LaunchOptions& opt) {
+  std::vector<std::string> parts;
+  for (uint32_t i = 0; i < opt.coordinator.num_servers; ++i)
+    parts.push_back(fmt::format("{}.server{}.json", opt.timeline, i));
+  for (uint32_t i = 0; i < opt.coordinator.num_workers; ++i)
+    parts.push_back(fmt::format("{}.worker{}.json", opt.timeline, i));
+  std::vector<std::string> found;
+  for (auto& p : parts)
+    if (access(p.c_str(), R_OK) == 0) found.push_back(p);
+  Status st = metrics::MergeTimelines(found, opt.timeline);
+  if (!st.ok()) {
+    std::fprintf(stderr, "[launch] timeline: %s\n", st.ToString().c_str());
+    return;
+  }
+  for (auto& p : found) std::remove(p.c_str());
+  std::fprintf(stderr,
+               "[launch] timeline of %zu of %zu processes in %s (open it in ui.perfetto.dev)\n",
+               found.size(), parts.size(), opt.timeline.c_str());
 }
 
 std::string SelfExe() {
@@ -200,6 +235,11 @@ int RunLaunch(const LaunchOptions& opt) {
     auto env = common;
     env.push_back("SHARDPS_ROLE=server");
     env.push_back(fmt::format("{}={}", kRank.env, i));
+    if (!co.metrics_listen.empty())
+      env.push_back(
+          fmt::format("{}={}", kMetricsListen.env, MetricsListenFor(co.metrics_listen, i)));
+    if (!opt.timeline.empty())
+      env.push_back(fmt::format("{}={}.server{}.json", kTimeline.env, opt.timeline, i));
     std::vector<std::string> argv = {SelfExe(),
                                      "server",
                                      "--coordinator",
@@ -222,6 +262,11 @@ int RunLaunch(const LaunchOptions& opt) {
     auto env = common;
     env.push_back("SHARDPS_ROLE=worker");
     env.push_back(fmt::format("{}={}", kRank.env, i));
+    if (!co.metrics_listen.empty())
+      env.push_back(fmt::format("{}={}", kMetricsListen.env,
+                                MetricsListenFor(co.metrics_listen, co.num_servers + i)));
+    if (!opt.timeline.empty())
+      env.push_back(fmt::format("{}={}.worker{}.json", kTimeline.env, opt.timeline, i));
     auto c = Spawn(fmt::format("worker {}", i), true, opt.program, opt.parent_env, env);
     if (c.ok())
       children.push_back(std::move(c).value());
@@ -351,6 +396,7 @@ int RunLaunch(const LaunchOptions& opt) {
   coord->reset();
   sigprocmask(SIG_SETMASK, &old_mask, nullptr);
   close(sfd);
+  if (!opt.timeline.empty()) MergeTimelineParts(opt);
   return exit_code;
 }
 

@@ -24,6 +24,9 @@ struct LaunchOptions {
   std::vector<std::string> parent_env;
   std::vector<std::string> env;
   std::chrono::milliseconds grace{3000};  // SIGTERM -> SIGKILL
+  // --timeline: each server and worker writes FILE.server<i>.json / FILE.worker<r>.json, merged
+  // into FILE when the job ends.
+  std::string timeline;
 };
 
 // The launch of the job `job` describes, each worker running `program`.
@@ -35,6 +38,10 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
 // the job's transport, sizes and mode, and the tunables they read, then `options.env`.
 std::vector<std::string> ChildEnvironment(const LaunchOptions& options,
                                           const std::string& coordinator);
+
+// The metrics address of task `task` of a job whose --metrics-listen is `listen` (the
+// coordinator's): host:(P + 1 + task); unchanged when empty or its port is 0 (each picks one).
+std::string MetricsListenFor(const std::string& listen, int64_t task);
 
 // `parent` ("K=V") with `extra` on top: an entry of `extra` replaces the parent's of the same
 // name (a lookup takes the first match, so appending would let the parent's win).

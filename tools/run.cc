@@ -141,6 +141,10 @@ int RunRun(const RunFlags& r, const JobFlags& job, const std::vector<std::string
     std::vector<std::string> extra = ChildEnvironment(*lo, *coord_addr);
     extra.push_back("SHARDPS_ROLE=worker");
     extra.push_back(fmt::format("{}={}", tunables::kRank.env, role_rank));
+    if (!jf.metrics_listen.empty())
+      extra.push_back(fmt::format(
+          "{}={}", tunables::kMetricsListen.env,
+          MetricsListenFor(jf.metrics_listen, role_rank < 0 ? -1 : jf.servers + role_rank)));
     std::vector<std::string> entries = MergeEnvironment(env.entries(), extra);
     std::vector<char*> envp, argv;
     for (auto& e : entries) envp.push_back(e.data());
@@ -170,6 +174,7 @@ int RunRun(const RunFlags& r, const JobFlags& job, const std::vector<std::string
   if (role == "server") {
     auto so = ServerFor(r, jf, *coord_addr, role_rank, env);
     if (!so.ok()) return Fail(so.status(), 2);
+    so->metrics_listen = MetricsListenFor(jf.metrics_listen, role_rank);
     auto s = Server::Start(*so);
     if (!s.ok()) return Fail(s.status(), 1);
     server = std::move(s).value();

@@ -75,6 +75,8 @@ int Main(int argc, char** argv, char** envp) {
   AddTunable(srv, kConnectionInbound, &srv_conn_inbound);
   AddTunable(srv, kProcessInbound, &srv_proc_inbound);
   AddTunable(srv, kSecretFile, &so.secret_file);
+  AddTunable(srv, kMetricsListen, &so.metrics_listen);
+  AddTunable(srv, kTimeline, &so.timeline);
 
   // launch
   auto* launch = app.add_subcommand("launch", "run a local job: coordinator, servers, workers");

@@ -40,6 +40,9 @@ struct CoordinatorOptions {
   // The cluster secret's file (docs/security.md): every node proves it before the coordinator
   // reads a message of theirs. Empty: none (a warning at start-up).
   std::string secret_file;
+  // Serve Prometheus metrics (/metrics) and readiness (/healthz) on this host:port (port 0: a
+  // free one); empty: off (docs/metrics.md).
+  std::string metrics_listen;
 
   Status Validate() const;
 };
@@ -57,6 +60,8 @@ class Coordinator {
   // shut down); an error naming the node when one failed, went silent or never showed up.
   // Timeout when `timeout` passed first (the job goes on). Thread-safe.
   virtual Status Wait(std::chrono::milliseconds timeout) = 0;
+  // Where its Prometheus metrics are served ("127.0.0.1:9400"); empty when not asked for.
+  virtual std::string metrics_address() const = 0;
 };
 
 }  // namespace shardps

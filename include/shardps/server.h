@@ -43,6 +43,11 @@ struct ServerOptions {
   // The cluster secret's file (docs/security.md): proved on the connection to the coordinator
   // and by every worker that connects. Empty: none (a warning at start-up).
   std::string secret_file;
+  // Serve Prometheus metrics (/metrics) and readiness (/healthz, once serving) on this
+  // host:port (port 0: a free one); empty: off (docs/metrics.md).
+  std::string metrics_listen;
+  // Write a Chrome trace of the pushes it folds in to this file when it ends; empty: off.
+  std::string timeline;
 
   Status Validate() const;
 };
@@ -96,6 +101,8 @@ class Server {
   // Blocks until the job ended (OK) or failed (the reason), at most `timeout` (Timeout).
   virtual Status Wait(std::chrono::milliseconds timeout) = 0;
   virtual ServerStats stats() const = 0;
+  // Where its Prometheus metrics are served ("127.0.0.1:9401"); empty when not asked for.
+  virtual std::string metrics_address() const = 0;
 };
 
 }  // namespace shardps

@@ -167,6 +167,22 @@ inline constexpr Tunable kSecretFile{
     "file holding the cluster secret (16 to 4096 bytes, e.g. `openssl rand -hex 32`): every "
     "connection proves it before any message (docs/security.md); empty: none, with a warning",
     "coordinator, server, launch, run, bench, train; worker"};
+inline constexpr Tunable kMetricsListen{
+    "metrics-listen",
+    "SHARDPS_METRICS_LISTEN",
+    "",
+    0,
+    "serve Prometheus metrics (/metrics) and readiness (/healthz) on host:port (port 0: a free "
+    "one); launch and run: the coordinator on port P, task t on P+1+t; empty: off",
+    "coordinator, server, launch, run, bench, train; worker"};
+inline constexpr Tunable kTimeline{
+    "timeline",
+    "SHARDPS_TIMELINE",
+    "",
+    0,
+    "write a Chrome trace (Perfetto) of the workers' push, pull and wait spans and the servers' "
+    "apply spans to FILE (launch merges its processes' into FILE); empty: off",
+    "server, launch, bench, train; worker"};
 inline constexpr Tunable kConfig{"config",
                                  "SHARDPS_CONFIG",
                                  "",
@@ -216,6 +232,8 @@ inline constexpr const Tunable* kAll[] = {
     &kServerListen,
     &kAdvertise,
     &kSecretFile,
+    &kMetricsListen,
+    &kTimeline,
     &kConfig,
     &kLogLevel,
     &kShardSize,

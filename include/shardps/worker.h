@@ -50,9 +50,16 @@ struct WorkerOptions {
   // The cluster secret's file (docs/security.md), proved to the coordinator and every server.
   // Empty: none (a warning at start-up).
   std::string secret_file;
+  // Serve Prometheus metrics (/metrics) and readiness (/healthz, once connected) on this
+  // host:port (port 0: a free one); empty: off (docs/metrics.md).
+  std::string metrics_listen;
+  // Write a Chrome trace of its push, pull, push_pull and wait spans to this file when it ends
+  // (docs/metrics.md); empty: off.
+  std::string timeline;
 
   // Fills the options from the variables of the tunables this worker reads (coordinator,
-  // transport, rank, timeout-ms, busy-poll-us, the inbound budgets, the secret file;
+  // transport, rank, timeout-ms, busy-poll-us, the inbound budgets, the secret file, the metrics
+  // address, the timeline;
   // include/shardps/tunables.h)
   // and the UCX_* transport settings in `environ`, as `shardps launch` sets them for its
   // workers. A malformed value is an error naming the variable.
@@ -132,6 +139,8 @@ class Worker {
   // Why the job failed (a node died, the coordinator is gone); OK while healthy.
   virtual Status failure() const = 0;
   virtual WorkerStats stats() const = 0;
+  // Where its Prometheus metrics are served ("127.0.0.1:9403"); empty when not asked for.
+  virtual std::string metrics_address() const = 0;
 };
 
 }  // namespace shardps

@@ -14,6 +14,7 @@
 #include "cluster/messages.h"
 #include "cluster/rpc.h"
 #include "core/secret.h"
+#include "metrics/metrics.h"
 #include "transport/context.h"
 
 namespace shardps {
@@ -91,6 +92,7 @@ class CoordinatorImpl final : public Coordinator {
     }
     cv_.notify_all();
     if (ticker_.joinable()) ticker_.join();
+    metrics_.Stop();
     listener_.reset();
     ctx_.reset();
   }
@@ -120,6 +122,11 @@ class CoordinatorImpl final : public Coordinator {
     server_bytes_.assign(opt_.num_servers, 0);
     started_ = Clock::now();
     ticker_ = std::thread([this] { Tick(); });
+    auto m = metrics::RoleMetrics::Start(opt_.metrics_listen, "coordinator", -1,
+                                         [this](metrics::Families& f) { Collect(f); });
+    if (!m.ok()) return m.status();
+    metrics_ = std::move(m).value();
+    metrics_.MarkReady();
     spdlog::info("coordinator listening on {}: {} servers, {} workers, mode {}, transport {}",
                  listener_->address(), opt_.num_servers, opt_.num_workers,
                  ModeString(opt_.mode, opt_.staleness), opt_.transport);
@@ -127,6 +134,7 @@ class CoordinatorImpl final : public Coordinator {
   }
 
   std::string address() const override { return listener_->address(); }
+  std::string metrics_address() const override { return metrics_.address(); }
 
   Status Wait(std::chrono::milliseconds timeout) override {
     std::unique_lock<std::mutex> lock(mu_);
@@ -151,6 +159,7 @@ class CoordinatorImpl final : public Coordinator {
       }
       case kHeartbeat:
         if (!node) return Drop(c, "heartbeat from an unregistered connection");
+        heartbeats_++;
         return;
       case kBarrier: {
         BarrierRequest b;
@@ -280,6 +289,7 @@ class CoordinatorImpl final : public Coordinator {
     b.waiters.emplace_back(c, req);
     if (b.arrived.size() == opt_.num_workers) {
       for (auto& [conn, id] : b.waiters) Reply(*conn, id, Status::OK());
+      barriers_done_++;
       barriers_.erase(name);
     }
   }
@@ -398,6 +408,43 @@ class CoordinatorImpl final : public Coordinator {
     cv_.notify_all();
   }
 
+  // The metrics of a scrape (docs/metrics.md), under the coordinator's mutex.
+  void Collect(metrics::Families& f) {
+    std::lock_guard<std::mutex> lock(mu_);
+    uint32_t servers = 0, workers = 0, finished = 0;
+    for (auto& n : nodes_) {
+      (n.role == Role::kServer ? servers : workers)++;
+      if (n.goodbye) ++finished;
+    }
+    f.Gauge("shardps_coordinator_nodes", "nodes registered", servers, {{"node_role", "server"}});
+    f.Gauge("shardps_coordinator_nodes", "nodes registered", workers, {{"node_role", "worker"}});
+    f.Gauge("shardps_coordinator_nodes_expected", "nodes the job waits for", opt_.num_servers,
+            {{"node_role", "server"}});
+    f.Gauge("shardps_coordinator_nodes_expected", "nodes the job waits for", opt_.num_workers,
+            {{"node_role", "worker"}});
+    f.Gauge("shardps_coordinator_workers_finished", "workers that said goodbye", finished);
+    f.Counter("shardps_coordinator_heartbeats_total", "heartbeats received from nodes",
+              static_cast<double>(heartbeats_));
+    f.Counter("shardps_coordinator_barriers_total", "barriers completed",
+              static_cast<double>(barriers_done_));
+    f.Gauge("shardps_coordinator_tensors", "tensors declared",
+            static_cast<double>(tensors_.size()));
+    uint64_t placed = 0;
+    for (size_t s = 0; s < server_bytes_.size(); ++s) {
+      f.Gauge("shardps_coordinator_server_parameter_bytes", "parameter bytes placed on a server",
+              static_cast<double>(server_bytes_[s]), {{"server", std::to_string(s)}});
+      placed += server_bytes_[s];
+    }
+    f.Gauge("shardps_coordinator_parameter_bytes", "parameter bytes placed in all",
+            static_cast<double>(placed));
+    // 0 registering, 1 running, 2 done, 3 failed
+    double state = !finished_ ? (complete_ ? 1 : 0) : (result_.ok() ? 2 : 3);
+    f.Gauge("shardps_coordinator_job_state", "0 registering, 1 running, 2 done, 3 failed", state);
+    f.Counter("shardps_refused_peers_total",
+              "connections refused for not proving the cluster secret",
+              static_cast<double>(ctx_ ? ctx_->refused_peers() : 0));
+  }
+
   void Fail(Status why) {
     if (finished_) return;
     spdlog::error("coordinator: job failed: {}", why.ToString());
@@ -431,6 +478,9 @@ class CoordinatorImpl final : public Coordinator {
   std::map<std::string, TensorRecord> tensors_;
   std::vector<uint64_t> server_bytes_;
   uint64_t next_chunk_id_ = 1;
+  uint64_t heartbeats_ = 0;     // guarded by mu_
+  uint64_t barriers_done_ = 0;  // guarded by mu_
+  metrics::RoleMetrics metrics_;
 };
 
 }  // namespace

@@ -104,6 +104,7 @@ void NodeClient::HeartbeatLoop() {
     Writer w(&meta);
     w.Put<uint64_t>(0);
     rpc_->connection().Send(kHeartbeat, std::move(meta), {}, nullptr);
+    heartbeats_sent_.fetch_add(1, std::memory_order_relaxed);
   }
 }
 

@@ -53,6 +53,8 @@ class NodeClient {
   void ReportFailure(const std::string& why);
   // The failure seen so far (OK while the job is healthy).
   Status failure() const;
+  // Heartbeats sent so far.
+  uint64_t heartbeats_sent() const { return heartbeats_sent_.load(std::memory_order_relaxed); }
 
  private:
   // Shared with the connection's handlers, which may run after this object is gone.
@@ -76,6 +78,7 @@ class NodeClient {
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;  // guarded by mu_
+  std::atomic<uint64_t> heartbeats_sent_{0};
 };
 
 }  // namespace shardps::cluster

@@ -39,6 +39,12 @@ class Applier {
 
   // Ranges run by threads other than the caller of ParallelFor, since Start.
   uint64_t ranges_helped() const { return ranges_helped_.load(); }
+  // Tasks queued and not started, over every thread (between Start and Stop).
+  size_t queued() const {
+    size_t n = 0;
+    for (const auto& q : queues_) n += q.pending.load(std::memory_order_relaxed);
+    return n;
+  }
 
  private:
   struct Queue {

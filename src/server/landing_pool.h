@@ -48,6 +48,11 @@ class LandingPool {
   const float* data(uint32_t buffer) const;
   uint64_t buffer_bytes() const { return buffer_bytes_; }
   uint32_t size() const { return static_cast<uint32_t>(state_.size()); }
+  // Buffers granted or being applied (not free).
+  uint32_t in_use() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return static_cast<uint32_t>(state_.size() - free_.size());
+  }
   const transport::RemoteKey& key() const { return region_->remote_key(); }
 
  private:

@@ -24,6 +24,8 @@
 #include "cluster/rpc.h"
 #include "compress/codec.h"
 #include "core/secret.h"
+#include "metrics/metrics.h"
+#include "metrics/timeline.h"
 #include "server/applier.h"
 #include "server/chunk_engine.h"
 #include "server/landing_pool.h"
@@ -135,7 +137,9 @@ class ServerImpl final : public Server {
     // Connections closed by the teardown below are not dropped chunk by chunk: the chunks and
     // the pool go with the server.
     stopping_ = true;
+    metrics_.Stop();
     applier_.Stop();
+    timeline_.reset();  // writes the file
     listener_.reset();
     node_.reset();
     data_ctx_.reset();
@@ -216,7 +220,73 @@ class ServerImpl final : public Server {
     spdlog::info("server {} serving on {} ({} mode, {} workers, {} landing buffers of {} bytes)",
                  rank_, listener_->address(), ModeString(view_.mode, view_.staleness),
                  view_.num_workers, opt_.landing_buffers, view_.chunk_bytes);
+    if (!opt_.timeline.empty())
+      timeline_ = std::make_unique<metrics::Timeline>(opt_.timeline,
+                                                      fmt::format("server {}", rank_), rank_);
+    auto m = metrics::RoleMetrics::Start(opt_.metrics_listen, "server", rank_,
+                                         [this](metrics::Families& f) { Collect(f); });
+    if (!m.ok()) return m.status();
+    metrics_ = std::move(m).value();
+    metrics_.MarkReady();
     return Status::OK();
+  }
+
+  // The metrics of a scrape (docs/metrics.md): the stats, the apply latencies, the pool.
+  void Collect(metrics::Families& f) {
+    ServerStats s = stats();
+    auto d = [](uint64_t v) { return static_cast<double>(v); };
+    f.Gauge("shardps_server_chunks", "chunks held", d(s.chunks));
+    f.Gauge("shardps_server_parameter_bytes", "parameter bytes held", d(s.parameter_bytes));
+    f.Counter("shardps_server_pushes_total", "pushes folded in (resends excluded)",
+              d(s.pushes_applied));
+    f.Counter("shardps_server_push_bytes_total", "bytes of the pushes that landed (as encoded)",
+              d(push_bytes_.load(std::memory_order_relaxed)));
+    f.Counter("shardps_server_duplicate_pushes_total", "resent pushes recognised, not applied",
+              d(s.duplicate_pushes));
+    f.Counter("shardps_server_late_pushes_total", "pushes dropped as late (backup workers)",
+              d(s.late_pushes));
+    f.Counter("shardps_server_versions_published_total", "versions published over all chunks",
+              d(s.versions_published));
+    f.Counter("shardps_server_grant_requests_total", "landing buffers asked for",
+              d(s.grant_requests));
+    f.Counter("shardps_server_grants_waited_total", "grant requests that waited for a buffer",
+              d(s.grants_waited));
+    f.Counter("shardps_server_grants_ahead_total", "buffers granted ahead with an ack",
+              d(s.grants_ahead));
+    f.Counter("shardps_server_grants_parked_total",
+              "grant requests that waited for their chunk to catch up", d(s.grants_parked));
+    f.Gauge("shardps_server_landing_buffers", "landing buffers in the pool", d(s.landing_buffers));
+    f.Gauge("shardps_server_landing_buffers_in_use", "landing buffers granted or being applied",
+            d(pool_.in_use()));
+    f.Gauge("shardps_server_apply_queue_depth", "pushes queued for the apply threads",
+            d(applier_.queued()));
+    f.Gauge("shardps_server_inbound_bytes", "bytes held for what peers sent", d(s.inbound_bytes));
+    f.Gauge("shardps_server_inbound_peak_bytes", "the most held at once", d(s.inbound_peak_bytes));
+    f.Gauge("shardps_server_inbound_limit_bytes", "the inbound budget", d(s.inbound_limit_bytes));
+    f.Counter("shardps_server_ranges_helped_total", "ranges of split updates run by helpers",
+              d(s.ranges_helped));
+    f.Gauge("shardps_server_apply_threads", "apply threads", d(s.apply_threads));
+    f.Histogram("shardps_server_apply_seconds",
+                "time to fold one push in (and run the optimizer when it completes a step)",
+                apply_latency_);
+    f.Gauge("shardps_server_rss_bytes", "resident memory", d(s.rss_bytes));
+    f.Counter("shardps_refused_peers_total",
+              "connections refused for not proving the cluster secret", d(s.refused_peers));
+    if (node_)
+      f.Counter("shardps_heartbeats_sent_total", "heartbeats sent to the coordinator",
+                d(node_->heartbeats_sent()));
+    for (const auto& w : s.workers) {
+      metrics::Labels l = {{"worker", std::to_string(w.rank)}};
+      f.Counter("shardps_server_worker_pushes_total", "pushes applied, by worker", d(w.pushes), l);
+      f.Counter("shardps_server_worker_late_pushes_total", "pushes dropped as late, by worker",
+                d(w.late_pushes), l);
+      f.Counter("shardps_server_worker_waits_total",
+                "grants or pushes held back by the consistency bound, by worker", d(w.waits), l);
+      f.Gauge("shardps_server_worker_max_staleness",
+              "most versions between a push's base and "
+              "its apply, by worker",
+              d(w.max_staleness), l);
+    }
   }
 
   std::string AdvertisedAddress() const {
@@ -244,6 +314,7 @@ class ServerImpl final : public Server {
     return done_->result;
   }
 
+  std::string metrics_address() const override { return metrics_.address(); }
   ServerStats stats() const override {
     ServerStats s;
     {
@@ -605,8 +676,19 @@ class ServerImpl final : public Server {
     p.grad.encoding = ch->push_codec;
     p.grad.block = ch->push_block;
     p.reply = ReplyTo{c, req};
+    push_bytes_.fetch_add(d.bytes, std::memory_order_relaxed);
     OnOwner(*ch, [this, ch, p = std::move(p)]() mutable {
-      Execute(*ch, ch->engine->OnPush(std::move(p)));
+      const auto start = std::chrono::steady_clock::now();
+      const uint32_t worker = p.worker;
+      const uint64_t seq = p.seq;
+      EngineActions a = ch->engine->OnPush(std::move(p));
+      const auto end = std::chrono::steady_clock::now();
+      apply_latency_.Observe(end - start);
+      if (timeline_)
+        timeline_->Span(a.published ? "apply+publish" : "apply", "server", start, end, ch->id,
+                        {{"chunk", "worker", "step"},
+                         {static_cast<int64_t>(ch->id), worker, static_cast<int64_t>(seq)}});
+      Execute(*ch, std::move(a));
     });
   }
 
@@ -698,6 +780,10 @@ class ServerImpl final : public Server {
   std::unique_ptr<WorkerCounters[]> counters_;
   std::atomic<uint32_t> num_counters_{0};
   std::atomic<uint64_t> versions_{0};
+  std::atomic<uint64_t> push_bytes_{0};
+  metrics::LatencyHistogram apply_latency_;
+  metrics::RoleMetrics metrics_;                 // stopped first: its scrapes read the rest
+  std::unique_ptr<metrics::Timeline> timeline_;  // --timeline; set before serving
   std::atomic<uint64_t> grant_requests_{0};
   std::atomic<uint64_t> grants_waited_{0};
   std::atomic<uint64_t> grants_ahead_{0};

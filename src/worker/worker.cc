@@ -1,6 +1,7 @@
 #include "shardps/worker.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <charconv>
 #include <condition_variable>
@@ -20,6 +21,8 @@
 #include "compress/codec.h"
 #include "core/environment.h"
 #include "core/secret.h"
+#include "metrics/metrics.h"
+#include "metrics/timeline.h"
 #include "transport/context.h"
 
 namespace shardps {
@@ -27,6 +30,15 @@ namespace shardps {
 namespace worker {
 
 // Completion state shared by a Handle and the callbacks of its chunk operations.
+// What the worker's metrics count (docs/metrics.md), shared with the operations in flight so
+// that one completing after the worker is gone still has them.
+struct Meters {
+  std::atomic<int64_t> in_flight{0};
+  metrics::LatencyHistogram push, pull, push_pull;
+  // --timeline: set before the first operation, never changed after.
+  std::shared_ptr<metrics::Timeline> timeline;
+};
+
 struct OpState {
   std::mutex mu;
   std::condition_variable cv;
@@ -38,11 +50,25 @@ struct OpState {
   uint64_t ack_min = UINT64_MAX;  // the lowest version over the chunks' acknowledgements
 
   std::chrono::microseconds poll{0};  // how long Wait polls before it sleeps
+  // Counted on completion: the latency into `latency`, one fewer in flight.
+  std::shared_ptr<Meters> meters;
+  metrics::LatencyHistogram* latency = nullptr;  // one of meters' histograms
+  std::chrono::steady_clock::time_point start;
+  const char* op_name = "";  // for the timeline: push, pull, push_pull
+  uint32_t tensor = 0;
+  metrics::Timeline::Args span_args;  // the timeline's arguments (only with a timeline)
 
   void ChunkDone(const Status& st, uint64_t v) {
     std::lock_guard<std::mutex> lock(mu);
     if (!st.ok() && error.ok()) error = st;
     version = std::min(version, v);
+    if (remaining.load() == 1 && meters) {
+      const auto now = std::chrono::steady_clock::now();
+      latency->Observe(now - start);
+      meters->in_flight.fetch_sub(1, std::memory_order_relaxed);
+      if (meters->timeline)
+        meters->timeline->Span(op_name, "worker", start, now, tensor, std::move(span_args));
+    }
     if (--remaining == 0) cv.notify_all();
   }
 };
@@ -53,11 +79,17 @@ Status Handle::Wait(std::chrono::milliseconds timeout) const {
   if (!s_) return Status::InvalidArgument("waiting on an empty handle");
   // Operations on small tensors complete within microseconds: poll briefly (yielding the
   // core) before sleeping, which costs a wake-up of tens of microseconds on a busy machine.
-  auto spin_until = std::chrono::steady_clock::now() + s_->poll;
+  const auto entered = std::chrono::steady_clock::now();
+  auto spin_until = entered + s_->poll;
   while (s_->remaining.load() != 0 && std::chrono::steady_clock::now() < spin_until)
     std::this_thread::yield();
   std::unique_lock<std::mutex> lock(s_->mu);
-  if (!s_->cv.wait_for(lock, timeout, [&] { return s_->remaining == 0; }))
+  const bool done = s_->cv.wait_for(lock, timeout, [&] { return s_->remaining == 0; });
+  if (s_->meters && s_->meters->timeline)
+    s_->meters->timeline->Span(
+        "wait", "worker", entered, std::chrono::steady_clock::now(), s_->tensor,
+        done ? metrics::Timeline::Args{} : metrics::Timeline::Args{{"timed_out"}, {1}});
+  if (!done)
     return Status::Timeout(fmt::format("operation not complete after {} ms", timeout.count()));
   return s_->error;
 }
@@ -101,6 +133,8 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
   if (auto v = env.Get(tunables::kCoordinator.env)) o.coordinator = *v;
   if (auto v = env.Get(tunables::kTransport.env)) o.transport = *v;
   if (auto v = env.Get(tunables::kSecretFile.env)) o.secret_file = *v;
+  if (auto v = env.Get(tunables::kMetricsListen.env)) o.metrics_listen = *v;
+  if (auto v = env.Get(tunables::kTimeline.env)) o.timeline = *v;
   SHARDPS_ASSIGN_OR_RETURN(bool has_rank, integer(tunables::kRank, &n));
   if (has_rank) o.rank = static_cast<int32_t>(n);
   SHARDPS_ASSIGN_OR_RETURN(bool has_timeout, integer(tunables::kRpcTimeoutMs, &n));
@@ -224,7 +258,12 @@ struct TensorInfo {
   std::shared_ptr<StagingPool> staging;
   uint64_t encoded_bytes = 0;
   std::vector<float> residual;
-  uint64_t pushes = 0;  // pushes issued (a topk warm-up's clock); the issuing thread only
+  uint64_t pushes =
+      0;  // pushes issued (a topk warm-up's clock); the issuing thread only
+          // Its name escaped for JSON, for the timeline (set when declared with a timeline on).
+  std::shared_ptr<const std::string> escaped_name;
+  // Operations started on it, for the metrics: push, pull, push_pull.
+  std::array<std::atomic<uint64_t>, 3> ops{};
 };
 
 // Reads the newest published version of a chunk into `dst`, seqlock style. An attempt reads
@@ -347,6 +386,8 @@ class WorkerImpl final : public Worker {
   explicit WorkerImpl(WorkerOptions o) : opt_(std::move(o)) {}
 
   ~WorkerImpl() override {
+    metrics_.Stop();
+    WriteTimeline();
     // A worker that ends without Finish() but in a healthy job still says goodbye, so that
     // returning from main() is a clean exit; a crash (no destructor) is a failure.
     if (node_ && !finished_ && node_->failure().ok()) {
@@ -419,7 +460,57 @@ class WorkerImpl final : public Worker {
       std::lock_guard<std::mutex> lock(failed_servers_->mu);
       failed_servers_->rpcs.push_back(*slot);
     }
+    if (!opt_.timeline.empty())
+      meters_->timeline = std::make_shared<metrics::Timeline>(
+          opt_.timeline, fmt::format("worker {}", rank_), 1000 + rank_);
+    auto m = metrics::RoleMetrics::Start(opt_.metrics_listen, "worker", rank_,
+                                         [this](metrics::Families& f) { Collect(f); });
+    if (!m.ok()) return m.status();
+    metrics_ = std::move(m).value();
+    metrics_.MarkReady();
     return Status::OK();
+  }
+
+  void WriteTimeline() {
+    if (!meters_->timeline) return;
+    Status st = meters_->timeline->Write();
+    if (!st.ok()) spdlog::error("worker {}: {}", rank_, st.ToString());
+  }
+
+  // The metrics of a scrape (docs/metrics.md).
+  void Collect(metrics::Families& f) {
+    auto d = [](uint64_t v) { return static_cast<double>(v); };
+    f.Counter("shardps_worker_push_bytes_total", "gradient bytes written to the servers (encoded)",
+              d(bytes_pushed_.load()));
+    f.Counter("shardps_worker_pull_bytes_total", "parameter bytes read from the servers",
+              d(bytes_pulled_.load()));
+    f.Counter("shardps_worker_late_pushes_total", "chunk pushes dropped as late (backup workers)",
+              d(late_pushes_.load()));
+    f.Gauge("shardps_worker_operations_in_flight", "push, pull and push_pull not completed",
+            static_cast<double>(meters_->in_flight.load()));
+    f.Histogram("shardps_worker_operation_seconds", "time from start to completion", meters_->push,
+                {{"op", "push"}});
+    f.Histogram("shardps_worker_operation_seconds", "time from start to completion", meters_->pull,
+                {{"op", "pull"}});
+    f.Histogram("shardps_worker_operation_seconds", "time from start to completion",
+                meters_->push_pull, {{"op", "push_pull"}});
+    {
+      std::lock_guard<std::mutex> lock(tensors_mu_);
+      f.Gauge("shardps_worker_tensors", "tensors declared", d(tensors_.size()));
+      static constexpr const char* kOps[] = {"push", "pull", "push_pull"};
+      for (const auto& t : tensors_)
+        for (int k = 0; k < 3; ++k)
+          f.Counter("shardps_worker_tensor_operations_total", "operations started, by tensor",
+                    d(t->ops[k].load(std::memory_order_relaxed)),
+                    {{"tensor", t->name}, {"op", kOps[k]}});
+    }
+    f.Counter("shardps_refused_peers_total",
+              "connections refused for not proving the cluster secret",
+              d((data_ctx_ ? data_ctx_->refused_peers() : 0) +
+                (control_ctx_ ? control_ctx_->refused_peers() : 0)));
+    if (node_)
+      f.Counter("shardps_heartbeats_sent_total", "heartbeats sent to the coordinator",
+                d(node_->heartbeats_sent()));
   }
 
   uint32_t rank() const override { return rank_; }
@@ -492,6 +583,8 @@ class WorkerImpl final : public Worker {
     for (size_t i = 0; i < specs.size(); ++i) {
       auto info = std::make_unique<TensorInfo>();
       info->name = specs[i].name;
+      if (meters_->timeline)
+        info->escaped_name = std::make_shared<const std::string>(metrics::JsonEscape(info->name));
       info->numel = items[i].numel;
       info->compression = specs[i].compression;
       if (info->numel < info->compression.min_numel) info->compression = Compression{};
@@ -608,10 +701,12 @@ class WorkerImpl final : public Worker {
 
   Status Finish() override {
     if (finished_.exchange(true)) return Status::OK();
+    WriteTimeline();
     return node_->Goodbye();
   }
   Status failure() const override { return node_->failure(); }
 
+  std::string metrics_address() const override { return metrics_.address(); }
   WorkerStats stats() const override {
     WorkerStats st;
     st.bytes_pushed = bytes_pushed_.load();
@@ -691,6 +786,23 @@ class WorkerImpl final : public Worker {
         encoded[i] = compress::EncodedBytes(cc, c.numel);
         compress::Encode(cc, grad + c.offset, c.numel, base + c.encoded_offset,
                          t->residual.empty() ? nullptr : t->residual.data() + c.offset);
+      }
+    }
+    const int kind = grad ? (out ? 2 : 0) : 1;
+    t->ops[kind].fetch_add(1, std::memory_order_relaxed);
+    if (!t->chunks.empty()) {
+      op->meters = meters_;
+      op->latency = kind == 0 ? &meters_->push : kind == 1 ? &meters_->pull : &meters_->push_pull;
+      op->start = std::chrono::steady_clock::now();
+      meters_->in_flight.fetch_add(1, std::memory_order_relaxed);
+      if (meters_->timeline) {
+        static constexpr const char* kNames[] = {"push", "pull", "push_pull"};
+        op->op_name = kNames[kind];
+        op->tensor = id;
+        op->span_args.keys[0] = "numel";
+        op->span_args.values[0] = static_cast<int64_t>(t->numel);
+        op->span_args.text_key = "tensor";
+        op->span_args.text = t->escaped_name;
       }
     }
     op->remaining = t->chunks.size();
@@ -845,6 +957,8 @@ class WorkerImpl final : public Worker {
   std::atomic<uint64_t> bytes_pushed_{0};  // written into landing buffers (encoded)
   std::atomic<uint64_t> bytes_pulled_{0};  // read from published slots (encoded)
   std::atomic<uint64_t> late_pushes_{0};   // acknowledged late, dropped by the server
+  std::shared_ptr<worker::Meters> meters_ = std::make_shared<worker::Meters>();
+  metrics::RoleMetrics metrics_;
   mutable std::mutex tensors_mu_;
   std::vector<std::unique_ptr<TensorInfo>> tensors_;
   std::map<std::string, TensorId> by_name_;

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <deque>
+#include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -18,7 +19,9 @@
 #include "cluster/messages.h"
 #include "compress/codec.h"
 #include "support/auth_peers.h"
+#include "support/http_get.h"
 #include "support/local_cluster.h"
+#include "support/subprocess.h"
 #include "transport/context.h"
 #include "transport/frame.h"
 
@@ -574,6 +577,88 @@ TEST_P(ClusterOver, PeersWithoutTheSecretAreRefusedWhileAJobRuns) {
   EXPECT_GT(refused_by_servers, 0u);
   lc->Finish();
   unlink(path);
+}
+
+// Every role serves Prometheus metrics (docs/metrics.md) that count exactly what the job did,
+// readiness on /healthz, and text that promtool accepts.
+TEST_P(ClusterOver, MetricsOfEveryRoleCountWhatTheJobDid) {
+  auto co = Opts(2, 2, Mode::kSync, Aggregate::kSum, 64 << 10);
+  co.metrics_listen = "127.0.0.1:0";
+  auto lc = LocalCluster::Start(co, 16, GetParam());
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 50000;  // 4 chunks of at most 64 KiB: 2 on each server
+  constexpr uint64_t kSteps = 10;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("metered", kN, 1.0f));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    std::vector<float> g(kN, 1.0f), out(kN);
+    for (uint64_t s = 1; s <= kSteps; ++s) {
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
+    }
+    auto h = w.Pull(*id, out.data());
+    ASSERT_TRUE(h.Wait(60s).ok());
+    EXPECT_EQ(out[0], 1.0f - 2.0f * kSteps);
+  });
+  using shardps::testing::HttpGet;
+  using shardps::testing::Sample;
+  std::vector<std::string> scrapes;
+  auto scrape = [&](const std::string& addr) {
+    EXPECT_FALSE(addr.empty());
+    EXPECT_EQ(HttpGet(addr, "/healthz").status, 200) << addr;
+    auto r = HttpGet(addr, "/metrics");
+    EXPECT_EQ(r.status, 200) << addr;
+    scrapes.push_back(r.body);
+    return r.body;
+  };
+  auto c = scrape(lc->coordinator->metrics_address());
+  EXPECT_EQ(Sample(c, "shardps_coordinator_nodes", {"node_role=\"server\""}), 2.0) << c;
+  EXPECT_EQ(Sample(c, "shardps_coordinator_nodes", {"node_role=\"worker\""}), 2.0);
+  EXPECT_EQ(Sample(c, "shardps_coordinator_tensors"), 1.0);
+  EXPECT_EQ(Sample(c, "shardps_coordinator_parameter_bytes"), kN * 4.0);
+  EXPECT_EQ(Sample(c, "shardps_coordinator_job_state"), 1.0);  // running
+  double pushes = 0;
+  for (auto& s : lc->servers) {
+    auto m = scrape(s->metrics_address());
+    auto chunks = Sample(m, "shardps_server_chunks");
+    ASSERT_TRUE(chunks) << m;
+    const std::string rank = "rank=\"" + std::to_string(s->rank()) + "\"";
+    EXPECT_EQ(Sample(m, "shardps_server_pushes_total", {rank}), 2 * kSteps * *chunks) << m;
+    EXPECT_EQ(Sample(m, "shardps_server_apply_seconds_count"), 2 * kSteps * *chunks);
+    // Version 0 of each chunk, then one per step.
+    EXPECT_EQ(Sample(m, "shardps_server_versions_published_total"), (kSteps + 1) * *chunks);
+    EXPECT_EQ(Sample(m, "shardps_server_worker_pushes_total", {"worker=\"1\""}), kSteps * *chunks);
+    EXPECT_EQ(Sample(m, "shardps_server_landing_buffers"), 16.0);
+    EXPECT_EQ(Sample(m, "shardps_refused_peers_total"), 0.0);
+    pushes += *Sample(m, "shardps_server_pushes_total");
+  }
+  EXPECT_EQ(pushes, 2.0 * kSteps * 4);
+  for (auto& w : lc->workers) {
+    auto m = scrape(w->metrics_address());
+    EXPECT_EQ(Sample(m, "shardps_worker_tensor_operations_total",
+                     {"tensor=\"metered\"", "op=\"push_pull\""}),
+              static_cast<double>(kSteps))
+        << m;
+    EXPECT_EQ(
+        Sample(m, "shardps_worker_tensor_operations_total", {"tensor=\"metered\"", "op=\"pull\""}),
+        1.0);
+    EXPECT_EQ(Sample(m, "shardps_worker_operation_seconds_count", {"op=\"push_pull\""}),
+              static_cast<double>(kSteps));
+    EXPECT_EQ(Sample(m, "shardps_worker_push_bytes_total"), kSteps * kN * 4.0);
+    EXPECT_EQ(Sample(m, "shardps_worker_operations_in_flight"), 0.0);
+  }
+  // promtool (Debian's prometheus, from setup.sh) accepts every scrape.
+  for (size_t i = 0; i < scrapes.size(); ++i) {
+    std::string file = "/tmp/shardps-scrape-" + std::to_string(getpid()) + "-" + std::to_string(i);
+    {
+      std::ofstream f(file);
+      f << scrapes[i];
+    }
+    auto r = shardps::testing::RunCommand({"sh", "-c", "promtool check metrics < " + file}, 60s);
+    EXPECT_EQ(r.exit_code, 0) << r.output << scrapes[i];
+    std::remove(file.c_str());
+  }
+  lc->Finish();
 }
 
 // A gradient that each codec carries exactly (integers; int8: each 64-block's first element is

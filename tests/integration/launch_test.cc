@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -336,12 +338,57 @@ TEST(Launch, ASecretFileGuardsEveryConnectionOfTheJob) {
   r = RunCommand({kShardps, "launch", "--secret", dir + "/missing", "--", "true"}, 30s);
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("cannot read the secret file"), std::string::npos) << r.output;
+  // Metrics on free ports: every role says where.
+  r = RunCommand(
+      {kShardps, "bench", "--servers", "2", "--workers", "2", "--size", "1000", "--iters", "2",
+       "--warmup", "0", "--verify", "--metrics-listen", "127.0.0.1:0", "--secret", file},
+      60s);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ": Prometheus metrics on http://127.0.0.1:"), 5u)
+      << r.output;
   // Without a secret, each role warns once at start-up.
   r = RunCommand({kShardps, "bench", "--servers", "1", "--workers", "1", "--size", "1000",
                   "--iters", "2", "--warmup", "0", "--verify"},
                  60s);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(CountOccurrences(r.output, "no cluster secret (--secret FILE)"), 3u) << r.output;
+  std::filesystem::remove_all(dir);
+}
+
+// --timeline: every worker's operations and waits and every server's applies, in one Chrome
+// trace merged by the launcher; exact numbers of spans.
+TEST(Launch, TimelineHoldsEverySpanOfTheJobInOneTrace) {
+  auto dir = TempDir("timeline");
+  const std::string file = dir + "/job.json";
+  // 300,000 floats in 64 KiB chunks: 19 chunks over 2 servers.
+  auto r = RunCommand(
+      {kShardps, "bench", "--servers", "2", "--workers", "2", "--size", "1200000", "--chunk-size",
+       "64KiB", "--iters", "20", "--warmup", "0", "--verify", "--timeline", file},
+      120s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+  std::ifstream in(file);
+  ASSERT_TRUE(in) << r.output;
+  auto j = nlohmann::json::parse(in);
+  std::map<std::string, int> spans;
+  std::set<int> pids;
+  for (auto& e : j["traceEvents"])
+    if (e["ph"] == "X") {
+      spans[e["cat"].get<std::string>() + "/" + e["name"].get<std::string>()]++;
+      pids.insert(e["pid"].get<int>());
+    }
+  EXPECT_EQ(spans["worker/push_pull"], 2 * 20);
+  EXPECT_EQ(spans["worker/wait"], 2 * 20);
+  // Every chunk push of every worker is applied once; each step's last completes the update.
+  EXPECT_EQ(spans["server/apply"] + spans["server/apply+publish"], 2 * 20 * 19);
+  EXPECT_EQ(spans["server/apply+publish"], 20 * 19);
+  EXPECT_EQ(pids.size(), 4u);  // 2 servers, 2 workers
+  EXPECT_EQ(j["otherData"]["dropped_spans"], 0);
+  // The parts are gone.
+  size_t files = 0;
+  for (auto& f : std::filesystem::directory_iterator(dir)) files += f.is_regular_file();
+  EXPECT_EQ(files, 1u);
   std::filesystem::remove_all(dir);
 }
 

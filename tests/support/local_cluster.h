@@ -33,23 +33,25 @@ struct LocalCluster {
     std::string addr = lc->coordinator->address();
     std::vector<std::future<Result<std::unique_ptr<Server>>>> sf;
     for (uint32_t i = 0; i < co.num_servers; ++i)
-      sf.push_back(
-          std::async(std::launch::async, [addr, i, landing_buffers, transport, apply_threads,
-                                          server_tweak, secret = co.secret_file] {
-            ServerOptions so;
-            so.coordinator = addr;
-            so.rank = static_cast<int32_t>(i);
-            so.landing_buffers = landing_buffers;
-            so.apply_threads = apply_threads;
-            so.transport = transport;
-            so.register_timeout = std::chrono::milliseconds(20000);
-            so.secret_file = secret;
-            if (server_tweak) server_tweak(so);
-            return Server::Start(so);
-          }));
+      sf.push_back(std::async(std::launch::async,
+                              [addr, i, landing_buffers, transport, apply_threads, server_tweak,
+                               secret = co.secret_file, metrics = co.metrics_listen] {
+                                ServerOptions so;
+                                so.coordinator = addr;
+                                so.rank = static_cast<int32_t>(i);
+                                so.landing_buffers = landing_buffers;
+                                so.apply_threads = apply_threads;
+                                so.transport = transport;
+                                so.register_timeout = std::chrono::milliseconds(20000);
+                                so.secret_file = secret;
+                                so.metrics_listen = metrics;
+                                if (server_tweak) server_tweak(so);
+                                return Server::Start(so);
+                              }));
     std::vector<std::future<Result<std::unique_ptr<Worker>>>> wf;
     for (uint32_t i = 0; i < co.num_workers; ++i)
-      wf.push_back(std::async(std::launch::async, [addr, i, transport, secret = co.secret_file] {
+      wf.push_back(std::async(std::launch::async, [addr, i, transport, secret = co.secret_file,
+                                                   metrics = co.metrics_listen] {
         WorkerOptions wo;
         wo.coordinator = addr;
         wo.rank = static_cast<int32_t>(i);
@@ -57,6 +59,7 @@ struct LocalCluster {
         wo.register_timeout = std::chrono::milliseconds(20000);
         wo.rpc_timeout = std::chrono::milliseconds(20000);
         wo.secret_file = secret;
+        wo.metrics_listen = metrics;
         return Worker::Connect(wo);
       }));
     bool ok = true;
