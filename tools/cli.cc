@@ -33,6 +33,9 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kSecretFile, &secret_file);
   AddTunable(app, kMetricsListen, &metrics_listen);
   AddTunable(app, kTimeline, &timeline);
+  AddTunable(app, kTlsCert, &tls_cert);
+  AddTunable(app, kTlsKey, &tls_key);
+  AddTunable(app, kTlsCa, &tls_ca);
 }
 
 Status JobFlags::InboundBytes(uint64_t* per_connection, uint64_t* per_process) const {
@@ -69,6 +72,9 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   co.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
   co.secret_file = secret_file;
   co.metrics_listen = metrics_listen;
+  co.tls_cert = tls_cert;
+  co.tls_key = tls_key;
+  co.tls_ca = tls_ca;
   if (!metrics_listen.empty()) {
     std::string host;
     uint16_t port = 0;

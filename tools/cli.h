@@ -45,6 +45,7 @@ struct JobFlags {
   std::string secret_file{tunables::kSecretFile.default_value};
   std::string metrics_listen{tunables::kMetricsListen.default_value};
   std::string timeline{tunables::kTimeline.default_value};
+  std::string tls_cert, tls_key, tls_ca;
 
   void Add(CLI::App* app, bool with_sizes = true);
   Result<CoordinatorOptions> ToCoordinator() const;

@@ -140,12 +140,17 @@ std::vector<std::string> ChildEnvironment(const LaunchOptions& opt,
       fmt::format("{}={}", kConnectionInbound.env, opt.connection_inbound_bytes),
       fmt::format("{}={}", kProcessInbound.env, opt.process_inbound_bytes),
   };
-  if (!co.secret_file.empty()) {
-    // Absolute, so that a child started in another directory reads the same file.
+  // Files by absolute path, so that a child started in another directory reads the same.
+  auto file = [&](const Tunable& t, const std::string& path) {
+    if (path.empty()) return;
     std::error_code ec;
-    auto abs = std::filesystem::absolute(co.secret_file, ec);
-    env.push_back(fmt::format("{}={}", kSecretFile.env, ec ? co.secret_file : abs.string()));
-  }
+    auto abs = std::filesystem::absolute(path, ec);
+    env.push_back(fmt::format("{}={}", t.env, ec ? path : abs.string()));
+  };
+  file(kSecretFile, co.secret_file);
+  file(kTlsCert, co.tls_cert);
+  file(kTlsKey, co.tls_key);
+  file(kTlsCa, co.tls_ca);
   for (const auto& e : opt.env) env.push_back(e);
   return env;
 }

@@ -62,6 +62,9 @@ Result<ServerOptions> ServerFor(const RunFlags& r, const JobFlags& job, const st
   so.busy_poll = std::chrono::microseconds(job.busy_poll_us);
   so.transport_settings = env.WithPrefix("UCX_");
   so.secret_file = job.secret_file;
+  so.tls_cert = job.tls_cert;
+  so.tls_key = job.tls_key;
+  so.tls_ca = job.tls_ca;
   SHARDPS_RETURN_IF_ERROR(
       job.InboundBytes(&so.connection_inbound_bytes, &so.process_inbound_bytes));
   return so;

@@ -77,6 +77,9 @@ int Main(int argc, char** argv, char** envp) {
   AddTunable(srv, kSecretFile, &so.secret_file);
   AddTunable(srv, kMetricsListen, &so.metrics_listen);
   AddTunable(srv, kTimeline, &so.timeline);
+  AddTunable(srv, kTlsCert, &so.tls_cert);
+  AddTunable(srv, kTlsKey, &so.tls_key);
+  AddTunable(srv, kTlsCa, &so.tls_ca);
 
   // launch
   auto* launch = app.add_subcommand("launch", "run a local job: coordinator, servers, workers");

@@ -43,6 +43,9 @@ struct CoordinatorOptions {
   // Serve Prometheus metrics (/metrics) and readiness (/healthz) on this host:port (port 0: a
   // free one); empty: off (docs/metrics.md).
   std::string metrics_listen;
+  // TLS on tcp connections (docs/security.md): this node's PEM certificate and key, and the CA
+  // that signs every node's. All three or none.
+  std::string tls_cert, tls_key, tls_ca;
 
   Status Validate() const;
 };

@@ -46,6 +46,9 @@ struct ServerOptions {
   // Serve Prometheus metrics (/metrics) and readiness (/healthz, once serving) on this
   // host:port (port 0: a free one); empty: off (docs/metrics.md).
   std::string metrics_listen;
+  // TLS on tcp connections (docs/security.md): this node's PEM certificate and key, and the CA
+  // that signs every node's. All three or none.
+  std::string tls_cert, tls_key, tls_ca;
   // Write a Chrome trace of the pushes it folds in to this file when it ends; empty: off.
   std::string timeline;
 

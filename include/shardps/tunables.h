@@ -167,6 +167,26 @@ inline constexpr Tunable kSecretFile{
     "file holding the cluster secret (16 to 4096 bytes, e.g. `openssl rand -hex 32`): every "
     "connection proves it before any message (docs/security.md); empty: none, with a warning",
     "coordinator, server, launch, run, bench, train; worker"};
+inline constexpr Tunable kTlsCert{
+    "tls-cert",
+    "SHARDPS_TLS_CERT",
+    "",
+    0,
+    "PEM certificate of this node: with --tls-key and --tls-ca, every tcp connection runs TLS 1.3 "
+    "with certificates both ways (docs/security.md); empty: no TLS",
+    "coordinator, server, launch, run, bench, train; worker"};
+inline constexpr Tunable kTlsKey{"tls-key",
+                                 "SHARDPS_TLS_KEY",
+                                 "",
+                                 0,
+                                 "PEM private key of --tls-cert",
+                                 "coordinator, server, launch, run, bench, train; worker"};
+inline constexpr Tunable kTlsCa{"tls-ca",
+                                "SHARDPS_TLS_CA",
+                                "",
+                                0,
+                                "PEM certificate of the CA that signs every node's certificate",
+                                "coordinator, server, launch, run, bench, train; worker"};
 inline constexpr Tunable kMetricsListen{
     "metrics-listen",
     "SHARDPS_METRICS_LISTEN",
@@ -232,6 +252,9 @@ inline constexpr const Tunable* kAll[] = {
     &kServerListen,
     &kAdvertise,
     &kSecretFile,
+    &kTlsCert,
+    &kTlsKey,
+    &kTlsCa,
     &kMetricsListen,
     &kTimeline,
     &kConfig,

@@ -53,6 +53,9 @@ struct WorkerOptions {
   // Serve Prometheus metrics (/metrics) and readiness (/healthz, once connected) on this
   // host:port (port 0: a free one); empty: off (docs/metrics.md).
   std::string metrics_listen;
+  // TLS on tcp connections (docs/security.md): this node's PEM certificate and key, and the CA
+  // that signs every node's. All three or none.
+  std::string tls_cert, tls_key, tls_ca;
   // Write a Chrome trace of its push, pull, push_pull and wait spans to this file when it ends
   // (docs/metrics.md); empty: off.
   std::string timeline;

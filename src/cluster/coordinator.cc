@@ -102,6 +102,9 @@ class CoordinatorImpl final : public Coordinator {
     auto secret = SecretForRole(opt_.secret_file, "coordinator");
     if (!secret.ok()) return secret.status();
     co.secret = std::move(secret).value();
+    auto tls = transport::TlsForRole({opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "coordinator");
+    if (!tls.ok()) return tls.status();
+    co.tls = std::move(tls).value();
     co.name = "coordinator";
     co.max_payload_bytes = 64 << 20;
     auto ctx = transport::CreateContext("tcp", co);

@@ -151,6 +151,9 @@ class ServerImpl final : public Server {
     auto secret = SecretForRole(opt_.secret_file, "server");
     if (!secret.ok()) return secret.status();
     co.secret = std::move(secret).value();
+    auto tls = transport::TlsForRole({opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "server");
+    if (!tls.ok()) return tls.status();
+    co.tls = std::move(tls).value();
     co.name = "server-data";
     co.busy_poll = opt_.busy_poll;
     co.backend_settings = opt_.transport_settings;

@@ -13,6 +13,7 @@
 #include "transport/budget.h"
 #include "transport/connection.h"
 #include "transport/memory.h"
+#include "transport/tls.h"
 
 namespace shardps::transport {
 
@@ -48,6 +49,10 @@ struct ContextOptions {
   std::string secret;
   // How long an accepted connection has to complete the handshake.
   std::chrono::milliseconds auth_timeout{10000};
+  // TLS on tcp connections (transport/tls.h): null, none. With it, every connection runs a
+  // TLS 1.3 handshake with certificates both ways first; then everything it carries is
+  // encrypted. (ucx: its control connections only.)
+  std::shared_ptr<const TlsConfig> tls;
 };
 
 // Whether a backend can run on this machine, and if not, why.

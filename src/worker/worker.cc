@@ -135,6 +135,9 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
   if (auto v = env.Get(tunables::kSecretFile.env)) o.secret_file = *v;
   if (auto v = env.Get(tunables::kMetricsListen.env)) o.metrics_listen = *v;
   if (auto v = env.Get(tunables::kTimeline.env)) o.timeline = *v;
+  if (auto v = env.Get(tunables::kTlsCert.env)) o.tls_cert = *v;
+  if (auto v = env.Get(tunables::kTlsKey.env)) o.tls_key = *v;
+  if (auto v = env.Get(tunables::kTlsCa.env)) o.tls_ca = *v;
   SHARDPS_ASSIGN_OR_RETURN(bool has_rank, integer(tunables::kRank, &n));
   if (has_rank) o.rank = static_cast<int32_t>(n);
   SHARDPS_ASSIGN_OR_RETURN(bool has_timeout, integer(tunables::kRpcTimeoutMs, &n));
@@ -405,6 +408,9 @@ class WorkerImpl final : public Worker {
     auto secret = SecretForRole(opt_.secret_file, "worker");
     if (!secret.ok()) return secret.status();
     co.secret = std::move(secret).value();
+    auto tls = transport::TlsForRole({opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "worker");
+    if (!tls.ok()) return tls.status();
+    co.tls = std::move(tls).value();
     co.name = "worker-ctl";
     co.connection_inbound_bytes = opt_.connection_inbound_bytes;
     co.inbound_budget = std::make_shared<transport::InboundBudget>(opt_.process_inbound_bytes);

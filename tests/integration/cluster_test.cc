@@ -22,8 +22,10 @@
 #include "support/http_get.h"
 #include "support/local_cluster.h"
 #include "support/subprocess.h"
+#include "support/tls_certs.h"
 #include "transport/context.h"
 #include "transport/frame.h"
+#include "transport/tls.h"
 
 namespace shardps {
 namespace {
@@ -577,6 +579,63 @@ TEST_P(ClusterOver, PeersWithoutTheSecretAreRefusedWhileAJobRuns) {
   EXPECT_GT(refused_by_servers, 0u);
   lc->Finish();
   unlink(path);
+}
+
+// A whole job with TLS on its tcp connections (and the cluster secret inside it): exact values,
+// and a stranger's certificate is refused by the coordinator and every server meanwhile.
+TEST_P(ClusterOver, AJobOverTlsHasExactValues) {
+  auto certs = shardps::testing::TestCerts::Make();
+  ASSERT_TRUE(certs.ok) << certs.error;
+  char path[] = "/tmp/shardps-secret-XXXXXX";
+  int sfd = mkstemp(path);
+  ASSERT_GE(sfd, 0);
+  const std::string secret = "a cluster secret of 32 bytes....";
+  ASSERT_EQ(write(sfd, secret.data(), secret.size()), static_cast<ssize_t>(secret.size()));
+  close(sfd);
+  auto co = Opts(2, 3, Mode::kSync, Aggregate::kSum, 64 << 10);
+  co.tls_cert = certs.cert;
+  co.tls_key = certs.key;
+  co.tls_ca = certs.ca;
+  co.secret_file = path;
+  auto lc = LocalCluster::Start(co, 16, GetParam());
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 50000;
+  constexpr uint64_t kSteps = 15;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("over-tls", kN, 5.0f));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    std::vector<float> g(kN), out(kN);
+    for (uint64_t s = 1; s <= kSteps; ++s) {
+      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
+      ASSERT_EQ(h.version(), s);
+    }
+    for (int64_t i = 0; i < kN; ++i) {
+      double expect = 5.0;
+      for (uint64_t t = 1; t <= kSteps; ++t)
+        for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
+      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+    }
+  });
+  transport::ContextOptions o;
+  o.name = "stranger";
+  o.secret = secret;  // even with the secret, another CA's certificate is not enough
+  o.tls = *transport::TlsConfig::Load({certs.other_cert, certs.other_key, certs.other_ca});
+  auto stranger = transport::CreateContext("tcp", o);
+  ASSERT_TRUE(stranger.ok());
+  std::vector<std::string> ports = {lc->coordinator->address()};
+  for (auto& s : lc->servers) ports.push_back(s->address());
+  for (auto& p : ports) {
+    auto c = (*stranger)->Connect(p, {}, 5s);
+    EXPECT_FALSE(c.ok()) << p;
+    if (!c.ok()) {
+      EXPECT_EQ(c.status().code(), Status::Code::kUnauthenticated) << c.status().ToString();
+    }
+  }
+  lc->Finish();
+  unlink(path);
+  certs.Remove();
 }
 
 // Every role serves Prometheus metrics (docs/metrics.md) that count exactly what the job did,

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 
 #include "support/subprocess.h"
+#include "support/tls_certs.h"
 
 namespace shardps {
 namespace {
@@ -390,6 +391,28 @@ TEST(Launch, TimelineHoldsEverySpanOfTheJobInOneTrace) {
   for (auto& f : std::filesystem::directory_iterator(dir)) files += f.is_regular_file();
   EXPECT_EQ(files, 1u);
   std::filesystem::remove_all(dir);
+}
+
+// --tls-cert/--tls-key/--tls-ca on real processes: every role says it uses TLS, the values are
+// exact; a key that is not the certificate's stops the job at start-up, naming the file.
+TEST(Launch, AJobOverTlsOfRealProcesses) {
+  auto certs = testing::TestCerts::Make();
+  ASSERT_TRUE(certs.ok) << certs.error;
+  auto r = RunCommand(
+      {kShardps,   "bench",        "--servers", "2",         "--workers", "2",        "--size",
+       "300000",   "--chunk-size", "256KiB",    "--iters",   "20",        "--warmup", "0",
+       "--verify", "--tls-cert",   certs.cert,  "--tls-key", certs.key,   "--tls-ca", certs.ca},
+      120s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ": tcp connections use TLS 1.3"), 5u) << r.output;
+  r = RunCommand({kShardps, "launch", "--tls-cert", certs.cert, "--tls-key", certs.other_key,
+                  "--tls-ca", certs.ca, "--", "true"},
+                 30s);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("other.key"), std::string::npos) << r.output;
+  certs.Remove();
 }
 
 TEST(Launch, BadFlagsGetAClearErrorAndNonZeroExit) {

@@ -33,33 +33,38 @@ struct LocalCluster {
     std::string addr = lc->coordinator->address();
     std::vector<std::future<Result<std::unique_ptr<Server>>>> sf;
     for (uint32_t i = 0; i < co.num_servers; ++i)
-      sf.push_back(std::async(std::launch::async,
-                              [addr, i, landing_buffers, transport, apply_threads, server_tweak,
-                               secret = co.secret_file, metrics = co.metrics_listen] {
-                                ServerOptions so;
-                                so.coordinator = addr;
-                                so.rank = static_cast<int32_t>(i);
-                                so.landing_buffers = landing_buffers;
-                                so.apply_threads = apply_threads;
-                                so.transport = transport;
-                                so.register_timeout = std::chrono::milliseconds(20000);
-                                so.secret_file = secret;
-                                so.metrics_listen = metrics;
-                                if (server_tweak) server_tweak(so);
-                                return Server::Start(so);
-                              }));
+      sf.push_back(std::async(std::launch::async, [addr, i, landing_buffers, transport,
+                                                   apply_threads, server_tweak, co] {
+        ServerOptions so;
+        so.coordinator = addr;
+        so.rank = static_cast<int32_t>(i);
+        so.landing_buffers = landing_buffers;
+        so.apply_threads = apply_threads;
+        so.transport = transport;
+        so.register_timeout = std::chrono::milliseconds(20000);
+        // What the job's options say of every node.
+        so.secret_file = co.secret_file;
+        so.metrics_listen = co.metrics_listen;
+        so.tls_cert = co.tls_cert;
+        so.tls_key = co.tls_key;
+        so.tls_ca = co.tls_ca;
+        if (server_tweak) server_tweak(so);
+        return Server::Start(so);
+      }));
     std::vector<std::future<Result<std::unique_ptr<Worker>>>> wf;
     for (uint32_t i = 0; i < co.num_workers; ++i)
-      wf.push_back(std::async(std::launch::async, [addr, i, transport, secret = co.secret_file,
-                                                   metrics = co.metrics_listen] {
+      wf.push_back(std::async(std::launch::async, [addr, i, transport, co] {
         WorkerOptions wo;
         wo.coordinator = addr;
         wo.rank = static_cast<int32_t>(i);
         wo.transport = transport;
         wo.register_timeout = std::chrono::milliseconds(20000);
         wo.rpc_timeout = std::chrono::milliseconds(20000);
-        wo.secret_file = secret;
-        wo.metrics_listen = metrics;
+        wo.secret_file = co.secret_file;
+        wo.metrics_listen = co.metrics_listen;
+        wo.tls_cert = co.tls_cert;
+        wo.tls_key = co.tls_key;
+        wo.tls_ca = co.tls_ca;
         return Worker::Connect(wo);
       }));
     bool ok = true;

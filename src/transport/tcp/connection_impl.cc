@@ -49,16 +49,32 @@ Status DecodeKey(const RemoteKey& key, uint64_t* id, uint64_t* secret) {
 
 }  // namespace
 
-TcpConnection::TcpConnection(std::shared_ptr<Shared> shared, int fd, std::string peer)
+TcpConnection::TcpConnection(std::shared_ptr<Shared> shared, int fd, std::string peer,
+                             std::unique_ptr<TlsSession> tls)
     : shared_(std::move(shared)),
       fd_(fd),
+      tls_(std::move(tls)),
       peer_(std::move(peer)),
       charge_(shared_->options.inbound_budget.get(), shared_->options.connection_inbound_bytes) {
   in_buf_.resize(kStagingBytes);
 }
 
 TcpConnection::~TcpConnection() {
+  tls_.reset();
   if (fd_ >= 0) ::close(fd_);
+}
+
+ssize_t TcpConnection::SendV(iovec* iov, int count) {
+  if (tls_) return tls_->Send(iov, count);
+  msghdr mh{};
+  mh.msg_iov = iov;
+  mh.msg_iovlen = static_cast<size_t>(count);
+  return ::sendmsg(fd_, &mh, MSG_NOSIGNAL);
+}
+
+ssize_t TcpConnection::RecvInto(void* buf, size_t len) {
+  if (tls_) return tls_->Recv(buf, len);
+  return ::recv(fd_, buf, len, 0);
 }
 
 void TcpConnection::Start(ConnectionHandlers handlers) {
@@ -71,6 +87,11 @@ void TcpConnection::Start(ConnectionHandlers handlers) {
     if (auto c = weak.lock()) c->OnEvents(ev);
   });
   if (!st.ok()) Fail(st);
+  // Bytes TLS already decrypted: the socket will not signal them.
+  if (st.ok() && tls_ && tls_->HasPending())
+    shared_->loop.Defer([weak] {
+      if (auto c = weak.lock()) c->OnEvents(EPOLLIN);
+    });
 }
 
 void TcpConnection::Post(std::function<void()> fn, const DoneCallback& done) {
@@ -186,17 +207,14 @@ void TcpConnection::FlushOut() {
                       it->payload.size - off};
       }
     }
-    msghdr mh{};
-    mh.msg_iov = iov;
-    mh.msg_iovlen = static_cast<size_t>(cnt);
     ssize_t n;
     if (one_sided) {
       // Registered memory is read as an RDMA NIC reads it: without synchronization with its
       // owner (the reader checks consistency itself; src/core/tsan.h).
       UnsynchronizedReads unsynchronized;
-      n = ::sendmsg(fd_, &mh, MSG_NOSIGNAL);
+      n = SendV(iov, cnt);
     } else {
-      n = ::sendmsg(fd_, &mh, MSG_NOSIGNAL);
+      n = SendV(iov, cnt);
     }
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -250,7 +268,7 @@ bool TcpConnection::ReadSome() {
         if (!GrowPayload(in_got_ + step)) return false;
         want = std::min<uint64_t>(want, in_msg_.payload.size() - in_got_);
       }
-      n = ::recv(fd_, in_dst_ + in_got_, static_cast<size_t>(want), 0);
+      n = RecvInto(in_dst_ + in_got_, static_cast<size_t>(want));
       if (n > 0) {
         in_got_ += static_cast<uint64_t>(n);
         if (in_got_ == in_hdr_.payload_len && !OnPayloadComplete()) return false;
@@ -264,7 +282,7 @@ bool TcpConnection::ReadSome() {
         in_end_ -= in_start_;
         in_start_ = 0;
       }
-      n = ::recv(fd_, in_buf_.data() + in_end_, in_buf_.size() - in_end_, 0);
+      n = RecvInto(in_buf_.data() + in_end_, in_buf_.size() - in_end_);
       if (n > 0) {
         in_end_ += static_cast<size_t>(n);
         continue;
@@ -279,7 +297,14 @@ bool TcpConnection::ReadSome() {
     Fail(Status::FromErrno("recv from " + peer_, errno));
     return false;
   }
-  // Fairness: let other connections run; epoll is level-triggered and calls again.
+  // Fairness: let other connections run; epoll is level-triggered and calls again, but not for
+  // bytes TLS already decrypted: those are read again from the loop's queue.
+  if (tls_ && tls_->HasPending()) {
+    std::weak_ptr<TcpConnection> weak = shared_from_this();
+    shared_->loop.Defer([weak] {
+      if (auto c = weak.lock()) c->OnEvents(EPOLLIN);
+    });
+  }
   return ParseStaged();
 }
 

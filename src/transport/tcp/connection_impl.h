@@ -13,7 +13,9 @@ namespace shardps::transport::tcp {
 
 class TcpConnection final : public Connection, public std::enable_shared_from_this<TcpConnection> {
  public:
-  TcpConnection(std::shared_ptr<Shared> shared, int fd, std::string peer);
+  // `tls`: the connection's TLS session, its handshake done (null: plain tcp).
+  TcpConnection(std::shared_ptr<Shared> shared, int fd, std::string peer,
+                std::unique_ptr<TlsSession> tls = nullptr);
   ~TcpConnection() override;
 
   void Send(uint32_t tag, Bytes meta, Payload payload, DoneCallback done) override;
@@ -65,10 +67,14 @@ class TcpConnection final : public Connection, public std::enable_shared_from_th
   // Grows the message payload being received to hold `need` bytes (at most doubling).
   bool GrowPayload(uint64_t need);
   void Fail(Status why);
+  // The socket's sendmsg and recv, through TLS when the connection has it.
+  ssize_t SendV(iovec* iov, int count);
+  ssize_t RecvInto(void* buf, size_t len);
   void Shutdown(Status why, bool local);
 
   std::shared_ptr<Shared> shared_;
   int fd_;
+  std::unique_ptr<TlsSession> tls_;
   const std::string peer_;
   std::atomic<bool> closed_flag_{false};
 

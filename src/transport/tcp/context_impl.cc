@@ -35,6 +35,9 @@ struct Handshake {
   uint8_t got[auth::kHelloBytes + auth::kProofBytes] = {};
   size_t n = 0;
   std::shared_ptr<AcceptHandler> on_accept;
+  std::unique_ptr<TlsSession> tls;  // with --tls: its handshake comes first
+  bool tls_done = false;
+  bool hello_sent = false;  // the secret's hello (after TLS, when both are on)
 };
 
 namespace {
@@ -136,19 +139,27 @@ Status RecvExactly(int fd, uint8_t* data, size_t n, std::chrono::steady_clock::t
 
 // The connector's side of transport/auth.h, blocking until the deadline.
 Status ProveToAcceptor(int fd, const std::string& secret, const std::string& address,
-                       std::chrono::steady_clock::time_point deadline) {
+                       std::chrono::steady_clock::time_point deadline, TlsSession* tls) {
+  auto send_all = [&](const uint8_t* data, size_t n) {
+    return tls ? tls->SendAll(data, n, deadline).WithContext(address)
+               : SendAll(fd, data, n, deadline, address);
+  };
+  auto recv_exactly = [&](uint8_t* data, size_t n) {
+    return tls ? tls->RecvExactly(data, n, deadline).WithContext(address)
+               : RecvExactly(fd, data, n, deadline, address);
+  };
   auth::Nonce mine{}, theirs{};
   SHARDPS_RETURN_IF_ERROR(auth::NewNonce(&mine));
   auth::Hello hello = auth::MakeHello(mine);
-  SHARDPS_RETURN_IF_ERROR(SendAll(fd, hello.data(), hello.size(), deadline, address));
+  SHARDPS_RETURN_IF_ERROR(send_all(hello.data(), hello.size()));
   auth::Hello got{};
-  SHARDPS_RETURN_IF_ERROR(RecvExactly(fd, got.data(), got.size(), deadline, address));
+  SHARDPS_RETURN_IF_ERROR(recv_exactly(got.data(), got.size()));
   Status st = auth::ParseHello(got.data(), &theirs);
   if (!st.ok()) return Status::Unauthenticated(fmt::format("{}: {}", address, st.message()));
   auth::Proof proof = auth::MakeProof(secret, auth::Side::kConnector, theirs, mine);
-  SHARDPS_RETURN_IF_ERROR(SendAll(fd, proof.data(), proof.size(), deadline, address));
+  SHARDPS_RETURN_IF_ERROR(send_all(proof.data(), proof.size()));
   auth::Proof answer{};
-  SHARDPS_RETURN_IF_ERROR(RecvExactly(fd, answer.data(), answer.size(), deadline, address));
+  SHARDPS_RETURN_IF_ERROR(recv_exactly(answer.data(), answer.size()));
   if (!auth::ProofMatches(auth::MakeProof(secret, auth::Side::kAcceptor, theirs, mine),
                           answer.data()))
     return Status::Unauthenticated(fmt::format(
@@ -175,11 +186,52 @@ void Refuse(Shared& shared, const std::shared_ptr<Handshake>& h, std::string_vie
   ::close(h->fd);
 }
 
-void OnHandshakeReadable(const std::shared_ptr<Shared>& shared,
-                         const std::shared_ptr<Handshake>& h) {
+// Loop thread: the connection proved what it had to; it becomes a TcpConnection.
+void AcceptProven(const std::shared_ptr<Shared>& shared, const std::shared_ptr<Handshake>& h) {
+  EndHandshake(*shared, *h);
+  auto conn = std::make_shared<TcpConnection>(shared, h->fd, h->peer, std::move(h->tls));
+  ConnectionHandlers handlers = (*h->on_accept)(conn);
+  conn->Start(std::move(handlers));
+}
+
+// Sends the few bytes of the secret's handshake (the hello, the proof) whole: the socket's send
+// buffer is empty but for the handshake's own bytes, so they fit.
+bool SendSmall(Handshake& h, const uint8_t* data, size_t n) {
+  if (h.tls) {
+    iovec v{const_cast<uint8_t*>(data), n};
+    return h.tls->Send(&v, 1) == static_cast<ssize_t>(n);
+  }
+  return ::send(h.fd, data, n, MSG_NOSIGNAL) == static_cast<ssize_t>(n);
+}
+
+void SendHello(const std::shared_ptr<Shared>& shared, const std::shared_ptr<Handshake>& h) {
+  Status st = auth::NewNonce(&h->nonce);
+  if (!st.ok()) return Refuse(*shared, h, st.message());
+  auth::Hello hello = auth::MakeHello(h->nonce);
+  if (!SendSmall(*h, hello.data(), hello.size()))
+    return Refuse(*shared, h, "could not send the authentication hello");
+  h->hello_sent = true;
+}
+
+void OnHandshakeEvent(const std::shared_ptr<Shared>& shared, const std::shared_ptr<Handshake>& h) {
+  if (h->tls && !h->tls_done) {
+    auto step = h->tls->Handshake();
+    if (!step.ok()) return Refuse(*shared, h, step.status().message());
+    if (*step != TlsSession::Step::kDone) {
+      shared->loop.Modify(h->fd,
+                          *step == TlsSession::Step::kWantWrite ? EPOLLIN | EPOLLOUT : EPOLLIN);
+      return;
+    }
+    h->tls_done = true;
+    shared->loop.Modify(h->fd, EPOLLIN);
+    if (shared->options.secret.empty()) return AcceptProven(shared, h);
+    SendHello(shared, h);
+    if (!h->hello_sent) return;
+  }
   constexpr size_t kWant = sizeof(h->got);
   while (h->n < kWant) {
-    ssize_t r = ::recv(h->fd, h->got + h->n, kWant - h->n, 0);
+    ssize_t r = h->tls ? h->tls->Recv(h->got + h->n, kWant - h->n)
+                       : ::recv(h->fd, h->got + h->n, kWant - h->n, 0);
     if (r == 0)
       return Refuse(*shared, h, "it closed the connection before proving the cluster secret");
     if (r < 0) {
@@ -200,17 +252,12 @@ void OnHandshakeReadable(const std::shared_ptr<Shared>& shared,
     return Refuse(*shared, h,
                   "wrong proof of the cluster secret (another secret, or a replayed handshake)");
   auth::Proof answer = auth::MakeProof(secret, auth::Side::kAcceptor, h->nonce, theirs);
-  // The socket's send buffer is empty but for the 40-byte hello, so 32 more bytes fit.
-  if (::send(h->fd, answer.data(), answer.size(), MSG_NOSIGNAL) !=
-      static_cast<ssize_t>(answer.size()))
+  if (!SendSmall(*h, answer.data(), answer.size()))
     return Refuse(*shared, h, "could not send the proof of the cluster secret");
-  EndHandshake(*shared, *h);
-  auto conn = std::make_shared<TcpConnection>(shared, h->fd, h->peer);
-  ConnectionHandlers handlers = (*h->on_accept)(conn);
-  conn->Start(std::move(handlers));
+  AcceptProven(shared, h);
 }
 
-// Loop thread: an accepted socket starts proving the secret.
+// Loop thread: an accepted socket starts its handshakes (TLS, then the secret's).
 void StartHandshake(const std::shared_ptr<Shared>& shared, int fd, int listen_fd,
                     const std::shared_ptr<AcceptHandler>& on_accept) {
   auto h = std::make_shared<Handshake>();
@@ -220,20 +267,21 @@ void StartHandshake(const std::shared_ptr<Shared>& shared, int fd, int listen_fd
   h->on_accept = on_accept;
   if (shared->handshakes.size() >= kMaxHandshakes) {
     spdlog::warn(
-        "[{}] refused the connection from {}: {} connections are already proving the "
-        "cluster secret",
+        "[{}] refused the connection from {}: {} connections are already in their handshake",
         shared->options.name, h->peer, kMaxHandshakes);
     shared->refused_peers++;
     ::close(fd);
     return;
   }
   shared->handshakes[fd] = h;
-  Status st = auth::NewNonce(&h->nonce);
-  auth::Hello hello = auth::MakeHello(h->nonce);
-  if (!st.ok()) return Refuse(*shared, h, st.message());
-  // A new socket's send buffer is empty: the hello leaves whole or the socket is broken.
-  if (::send(fd, hello.data(), hello.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(hello.size()))
-    return Refuse(*shared, h, "could not send the authentication hello");
+  if (shared->options.tls) {
+    auto tls = TlsSession::Create(*shared->options.tls, fd, /*client=*/false);
+    if (!tls.ok()) return Refuse(*shared, h, tls.status().message());
+    h->tls = std::move(tls).value();
+  } else {
+    SendHello(shared, h);  // the secret's handshake starts at once
+    if (!h->hello_sent) return;
+  }
   h->timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
   if (h->timer < 0) return Refuse(*shared, h, "no timer for the handshake");
   auto ms = std::max<int64_t>(shared->options.auth_timeout.count(), 1);
@@ -241,13 +289,13 @@ void StartHandshake(const std::shared_ptr<Shared>& shared, int fd, int listen_fd
   its.it_value.tv_sec = ms / 1000;
   its.it_value.tv_nsec = (ms % 1000) * 1000000;
   timerfd_settime(h->timer, 0, &its, nullptr);
-  st = shared->loop.Add(h->timer, EPOLLIN, [shared, h](uint32_t) {
+  Status st = shared->loop.Add(h->timer, EPOLLIN, [shared, h](uint32_t) {
     Refuse(*shared, h,
-           fmt::format("it did not prove the cluster secret within {} ms",
+           fmt::format("it did not complete the handshake within {} ms",
                        shared->options.auth_timeout.count()));
   });
   if (st.ok())
-    st = shared->loop.Add(fd, EPOLLIN, [shared, h](uint32_t) { OnHandshakeReadable(shared, h); });
+    st = shared->loop.Add(fd, EPOLLIN, [shared, h](uint32_t) { OnHandshakeEvent(shared, h); });
   if (!st.ok()) Refuse(*shared, h, st.message());
 }
 
@@ -401,7 +449,7 @@ Result<std::unique_ptr<Listener>> TcpContext::Listen(const std::string& address,
         int c = accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (c < 0) return;  // EAGAIN, or a transient error: level-triggered epoll retries
         TuneSocket(c, shared->options);
-        if (!shared->options.secret.empty()) {
+        if (!shared->options.secret.empty() || shared->options.tls) {
           StartHandshake(shared, c, fd, handler);
           continue;
         }
@@ -443,17 +491,26 @@ Result<std::shared_ptr<Connection>> TcpContext::Connect(const std::string& addre
         getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
       }
     }
-    if (err == 0 && !shared_->options.secret.empty()) {
+    std::unique_ptr<TlsSession> tls;
+    if (err == 0 && (shared_->options.tls || !shared_->options.secret.empty())) {
       auto auth_deadline =
           std::min(deadline, std::chrono::steady_clock::now() + shared_->options.auth_timeout);
-      Status st = ProveToAcceptor(fd, shared_->options.secret, address, auth_deadline);
+      Status st;
+      if (shared_->options.tls) {
+        auto s = TlsSession::Create(*shared_->options.tls, fd, /*client=*/true);
+        st = s.ok() ? (*s)->HandshakeUntil(auth_deadline).WithContext(address) : s.status();
+        if (s.ok()) tls = std::move(s).value();
+      }
+      if (st.ok() && !shared_->options.secret.empty())
+        st = ProveToAcceptor(fd, shared_->options.secret, address, auth_deadline, tls.get());
       if (!st.ok()) {
+        tls.reset();
         ::close(fd);
         return st;
       }
     }
     if (err == 0) {
-      auto conn = std::make_shared<TcpConnection>(shared_, fd, address);
+      auto conn = std::make_shared<TcpConnection>(shared_, fd, address, std::move(tls));
       auto shared = shared_;
       auto h = std::make_shared<ConnectionHandlers>(std::move(handlers));
       if (!shared_->loop.Defer([conn, h] { conn->Start(std::move(*h)); })) {
