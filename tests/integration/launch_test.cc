@@ -587,6 +587,50 @@ TEST(Run, RealMpirunStartsAJob) {
   EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
 }
 
+// The real torchrun (Debian's python3-torch, from setup.sh) starts 4 tasks of `shardps run`
+// (--no_python): 1 server and 3 workers whose values are exact. torchrun 1.13 under Python 3.11
+// cannot parse its default --redirects/--tee of 0 (Std.NONE is not iterated), so the test
+// passes 1 for both with a log folder: that is what a user of this torchrun has to do too.
+TEST(Run, RealTorchrunStartsAJob) {
+  if (RunCommand({"sh", "-c", "command -v torchrun"}, 10s).exit_code != 0)
+    GTEST_SKIP() << "torchrun is not installed (apt-get install python3-torch)";
+  auto logs = TempDir("torchrun");
+  const int rdzv = FreePort(), port = FreePort();
+  auto r = RunCommand({"torchrun",
+                       "--nnodes",
+                       "1",
+                       "--nproc_per_node",
+                       "4",
+                       "--rdzv_backend",
+                       "c10d",
+                       "--rdzv_endpoint",
+                       "127.0.0.1:" + std::to_string(rdzv),
+                       "--redirects",
+                       "1",
+                       "--tee",
+                       "1",
+                       "--log_dir",
+                       logs,
+                       "--no_python",
+                       kShardps,
+                       "--log-level",
+                       "warn",
+                       "run",
+                       "--servers",
+                       "1",
+                       "--coordinator",
+                       "127.0.0.1:" + std::to_string(port),
+                       "--",
+                       kTestWorker,
+                       "--steps",
+                       "20"},
+                      120s, {"SHARDPS_SERVER_LISTEN=127.0.0.1:0"});
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
+  std::filesystem::remove_all(logs);
+}
+
 // A single-node Slurm cluster of this machine's own (Debian's slurmctld, slurmd and munge,
 // installed by scripts/setup.sh), started for this test on free loopback ports with its state
 // in a temporary folder, and stopped at the end whatever happens.
