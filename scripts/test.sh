@@ -19,7 +19,7 @@ if grep -rn --include='*.cc' --include='*.h' -E '\b(std::)?(getenv|secure_getenv
 fi
 
 echo "== format: every C++ source as clang-format (.clang-format) writes it =="
-find src include tools tests perf \( -name '*.cc' -o -name '*.h' \) -print0 |
+find src include tools tests perf python \( -name '*.cc' -o -name '*.h' \) -print0 |
   xargs -0 clang-format --dry-run -Werror
 
 echo "== tests =="
