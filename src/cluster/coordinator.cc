@@ -13,7 +13,6 @@
 
 #include "cluster/messages.h"
 #include "cluster/rpc.h"
-#include "core/secret.h"
 #include "metrics/metrics.h"
 #include "transport/context.h"
 
@@ -99,12 +98,8 @@ class CoordinatorImpl final : public Coordinator {
 
   Status Init() {
     transport::ContextOptions co;
-    auto secret = SecretForRole(opt_.secret_file, "coordinator");
-    if (!secret.ok()) return secret.status();
-    co.secret = std::move(secret).value();
-    auto tls = transport::TlsForRole({opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "coordinator");
-    if (!tls.ok()) return tls.status();
-    co.tls = std::move(tls).value();
+    SHARDPS_RETURN_IF_ERROR(transport::SecureRole(
+        opt_.secret_file, {opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "coordinator", &co));
     co.name = "coordinator";
     co.max_payload_bytes = 64 << 20;
     auto ctx = transport::CreateContext("tcp", co);

@@ -23,7 +23,6 @@
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
 #include "compress/codec.h"
-#include "core/secret.h"
 #include "metrics/metrics.h"
 #include "metrics/timeline.h"
 #include "server/applier.h"
@@ -148,12 +147,8 @@ class ServerImpl final : public Server {
 
   Status Init() {
     transport::ContextOptions co;
-    auto secret = SecretForRole(opt_.secret_file, "server");
-    if (!secret.ok()) return secret.status();
-    co.secret = std::move(secret).value();
-    auto tls = transport::TlsForRole({opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "server");
-    if (!tls.ok()) return tls.status();
-    co.tls = std::move(tls).value();
+    SHARDPS_RETURN_IF_ERROR(transport::SecureRole(
+        opt_.secret_file, {opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "server", &co));
     co.name = "server-data";
     co.busy_poll = opt_.busy_poll;
     co.backend_settings = opt_.transport_settings;

@@ -1,5 +1,7 @@
 #include "transport/context.h"
 
+#include "core/secret.h"
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -15,6 +17,17 @@
 #endif
 
 namespace shardps::transport {
+
+Status SecureRole(const std::string& secret_file, const TlsFiles& tls, const std::string& role,
+                  ContextOptions* options) {
+  auto secret = SecretForRole(secret_file, role);
+  if (!secret.ok()) return secret.status();
+  options->secret = std::move(secret).value();
+  auto config = TlsForRole(tls, role);
+  if (!config.ok()) return config.status();
+  options->tls = std::move(config).value();
+  return Status::OK();
+}
 
 uint16_t FreeLoopbackPort() {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);

@@ -55,6 +55,13 @@ struct ContextOptions {
   std::shared_ptr<const TlsConfig> tls;
 };
 
+// A role's connection security (docs/security.md), loaded, checked and logged once at its
+// start into the options of its contexts: the cluster secret from `secret_file`
+// (core/secret.h; a warning when there is none) and TLS from `tls` (TlsForRole). Errors name the
+// role and the file.
+Status SecureRole(const std::string& secret_file, const TlsFiles& tls, const std::string& role,
+                  ContextOptions* options);
+
 // Whether a backend can run on this machine, and if not, why.
 struct Viability {
   bool viable = false;

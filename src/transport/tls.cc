@@ -9,6 +9,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "transport/wait_fd.h"
+
 namespace shardps::transport {
 namespace {
 
@@ -23,19 +25,6 @@ std::string OpenSslErrors() {
     out += buf;
   }
   return out.empty() ? "no reason given" : out;
-}
-
-Status WaitFor(int fd, short events, std::chrono::steady_clock::time_point deadline,
-               const char* what) {
-  for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return Status::Timeout(what);
-    pollfd p{fd, events, 0};
-    int r = poll(&p, 1, static_cast<int>(left.count()));
-    if (r > 0) return Status::OK();
-    if (r < 0 && errno != EINTR) return Status::FromErrno("poll", errno);
-  }
 }
 
 }  // namespace
@@ -127,8 +116,8 @@ Status TlsSession::HandshakeUntil(std::chrono::steady_clock::time_point deadline
     auto step = Handshake();
     if (!step.ok()) return step.status();
     if (*step == Step::kDone) return Status::OK();
-    SHARDPS_RETURN_IF_ERROR(WaitFor(fd_, *step == Step::kWantRead ? POLLIN : POLLOUT, deadline,
-                                    "TLS handshake not complete in time"));
+    SHARDPS_RETURN_IF_ERROR(WaitFd(fd_, *step == Step::kWantRead ? POLLIN : POLLOUT, deadline,
+                                   "TLS handshake not complete in time"));
   }
 }
 
@@ -180,7 +169,7 @@ Status TlsSession::SendAll(const void* buf, size_t n,
     if (w > 0) {
       off += static_cast<size_t>(w);
     } else if (errno == EAGAIN) {
-      SHARDPS_RETURN_IF_ERROR(WaitFor(fd_, POLLOUT, deadline, "TLS send timed out"));
+      SHARDPS_RETURN_IF_ERROR(WaitFd(fd_, POLLOUT, deadline, "TLS send timed out"));
     } else {
       return Status::FromErrno("TLS send", errno);
     }
@@ -201,9 +190,9 @@ Status TlsSession::RecvExactly(void* buf, size_t n,
           "secret, or runs without --secret");
     } else if (errno == EAGAIN) {
       if (HasPending()) continue;
-      SHARDPS_RETURN_IF_ERROR(WaitFor(fd_, POLLIN, deadline,
-                                      "the peer did not authenticate in time (does it run with "
-                                      "the same --secret?)"));
+      SHARDPS_RETURN_IF_ERROR(WaitFd(fd_, POLLIN, deadline,
+                                     "the peer did not authenticate in time (does it run with "
+                                     "the same --secret?)"));
     } else {
       return Status::FromErrno("TLS receive", errno);
     }

@@ -20,7 +20,6 @@
 #include "cluster/rpc.h"
 #include "compress/codec.h"
 #include "core/environment.h"
-#include "core/secret.h"
 #include "metrics/metrics.h"
 #include "metrics/timeline.h"
 #include "transport/context.h"
@@ -405,12 +404,8 @@ class WorkerImpl final : public Worker {
 
   Status Init() {
     transport::ContextOptions co;
-    auto secret = SecretForRole(opt_.secret_file, "worker");
-    if (!secret.ok()) return secret.status();
-    co.secret = std::move(secret).value();
-    auto tls = transport::TlsForRole({opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "worker");
-    if (!tls.ok()) return tls.status();
-    co.tls = std::move(tls).value();
+    SHARDPS_RETURN_IF_ERROR(transport::SecureRole(
+        opt_.secret_file, {opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "worker", &co));
     co.name = "worker-ctl";
     co.connection_inbound_bytes = opt_.connection_inbound_bytes;
     co.inbound_budget = std::make_shared<transport::InboundBudget>(opt_.process_inbound_bytes);

@@ -60,6 +60,31 @@ TensorSpec Sgd1(const std::string& name, int64_t n, float init) {
   return t;
 }
 
+// Every worker of `lc` runs `steps` sync push_pulls of Grad() on tensor `name` (n floats, SGD
+// with lr 1 from `init`, sum aggregate), each acknowledged with its step's version, and checks
+// that it ends with init minus every worker's gradients, exactly.
+void RunExactSumSteps(LocalCluster& lc, const std::string& name, int64_t n, uint64_t steps,
+                      float init) {
+  const auto workers = static_cast<uint32_t>(lc.workers.size());
+  lc.ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1(name, n, init));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    std::vector<float> g(n), out(n);
+    for (uint64_t s = 1; s <= steps; ++s) {
+      for (int64_t i = 0; i < n; ++i) g[i] = Grad(w.rank(), s, i);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
+      ASSERT_EQ(h.version(), s);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      double expect = init;
+      for (uint64_t t = 1; t <= steps; ++t)
+        for (uint32_t ww = 0; ww < workers; ++ww) expect -= Grad(ww, t, i);
+      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+    }
+  });
+}
+
 // The exact-value runs go over every transport built here.
 class ClusterOver : public ::testing::TestWithParam<std::string> {
  protected:
@@ -378,18 +403,8 @@ TEST_P(ClusterOver, HostilePeersOnEveryPortWhileAJobRuns) {
     std::mt19937 rng(seed);
     while (!stop.load()) {
       const std::string& target = ports[rng() % ports.size()];
-      std::string host;
-      uint16_t port = 0;
-      if (!transport::ParseHostPort(target, &host, &port).ok()) return;
-      int fd = socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_port = htons(port);
-      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-      if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-        close(fd);
-        continue;
-      }
+      int fd = shardps::testing::RawConnect(target);
+      if (fd < 0) continue;
       std::vector<uint8_t> out;
       transport::FrameHeader h;
       uint8_t hdr[transport::kFrameHeaderSize];
@@ -442,23 +457,7 @@ TEST_P(ClusterOver, HostilePeersOnEveryPortWhileAJobRuns) {
   for (uint32_t i = 0; i < 4; ++i) attackers.emplace_back(attacker, 1234 + i);
   constexpr int64_t kN = 50000;  // 4 chunks of 64 KiB on 2 servers
   constexpr uint64_t kSteps = 30;
-  lc->ForEachWorker([&](Worker& w) {
-    auto id = w.Declare(Sgd1("hostile", kN, 7.0f));
-    ASSERT_TRUE(id.ok()) << id.status().ToString();
-    std::vector<float> g(kN), out(kN);
-    for (uint64_t s = 1; s <= kSteps; ++s) {
-      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
-      auto h = w.PushPull(*id, g.data(), out.data());
-      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
-      ASSERT_EQ(h.version(), s);
-    }
-    for (int64_t i = 0; i < kN; ++i) {
-      double expect = 7.0;
-      for (uint64_t t = 1; t <= kSteps; ++t)
-        for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
-      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
-    }
-  });
+  RunExactSumSteps(*lc, "hostile", kN, kSteps, 7.0f);
   // A last round of attacks after the steps, so that the job also outlives some at rest.
   for (auto deadline = std::chrono::steady_clock::now() + 2s;
        attacks.load() < 40 && std::chrono::steady_clock::now() < deadline;)
@@ -546,23 +545,7 @@ TEST_P(ClusterOver, PeersWithoutTheSecretAreRefusedWhileAJobRuns) {
   for (uint32_t i = 0; i < 2; ++i) attackers.emplace_back(attacker, 99 + i);
   constexpr int64_t kN = 50000;
   constexpr uint64_t kSteps = 20;
-  lc->ForEachWorker([&](Worker& w) {
-    auto id = w.Declare(Sgd1("secret", kN, 3.0f));
-    ASSERT_TRUE(id.ok()) << id.status().ToString();
-    std::vector<float> g(kN), out(kN);
-    for (uint64_t s = 1; s <= kSteps; ++s) {
-      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
-      auto h = w.PushPull(*id, g.data(), out.data());
-      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
-      ASSERT_EQ(h.version(), s);
-    }
-    for (int64_t i = 0; i < kN; ++i) {
-      double expect = 3.0;
-      for (uint64_t t = 1; t <= kSteps; ++t)
-        for (uint32_t ww = 0; ww < 2; ++ww) expect -= Grad(ww, t, i);
-      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
-    }
-  });
+  RunExactSumSteps(*lc, "secret", kN, kSteps, 3.0f);
   for (auto deadline = std::chrono::steady_clock::now() + 5s;
        refused.load() < 12 && std::chrono::steady_clock::now() < deadline;)
     std::this_thread::sleep_for(20ms);
@@ -601,23 +584,7 @@ TEST_P(ClusterOver, AJobOverTlsHasExactValues) {
   ASSERT_TRUE(lc);
   constexpr int64_t kN = 50000;
   constexpr uint64_t kSteps = 15;
-  lc->ForEachWorker([&](Worker& w) {
-    auto id = w.Declare(Sgd1("over-tls", kN, 5.0f));
-    ASSERT_TRUE(id.ok()) << id.status().ToString();
-    std::vector<float> g(kN), out(kN);
-    for (uint64_t s = 1; s <= kSteps; ++s) {
-      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
-      auto h = w.PushPull(*id, g.data(), out.data());
-      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
-      ASSERT_EQ(h.version(), s);
-    }
-    for (int64_t i = 0; i < kN; ++i) {
-      double expect = 5.0;
-      for (uint64_t t = 1; t <= kSteps; ++t)
-        for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
-      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
-    }
-  });
+  RunExactSumSteps(*lc, "over-tls", kN, kSteps, 5.0f);
   transport::ContextOptions o;
   o.name = "stranger";
   o.secret = secret;  // even with the secret, another CA's certificate is not enough

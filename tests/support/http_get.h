@@ -14,7 +14,7 @@
 #include <sstream>
 #include <string>
 
-#include "transport/context.h"
+#include "support/raw_socket.h"
 
 namespace shardps::testing {
 
@@ -26,18 +26,8 @@ struct HttpReply {
 inline HttpReply HttpGet(const std::string& address, const std::string& path,
                          int timeout_ms = 10000) {
   HttpReply out;
-  std::string host;
-  uint16_t port = 0;
-  if (!transport::ParseHostPort(address, &host, &port).ok()) return out;
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_port = htons(port);
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    close(fd);
-    return out;
-  }
+  int fd = RawConnect(address);
+  if (fd < 0) return out;
   std::string req = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
   if (send(fd, req.data(), req.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(req.size())) {
     close(fd);

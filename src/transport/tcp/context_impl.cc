@@ -20,6 +20,7 @@
 
 #include "transport/auth.h"
 #include "transport/tcp/connection_impl.h"
+#include "transport/wait_fd.h"
 
 namespace shardps::transport::tcp {
 
@@ -79,20 +80,6 @@ Status Resolve(const std::string& address, sockaddr_in* out) {
   out->sin_addr = reinterpret_cast<sockaddr_in*>(res->ai_addr)->sin_addr;
   freeaddrinfo(res);
   return Status::OK();
-}
-
-// Waits until fd is ready for `events` or the deadline passed.
-Status WaitFd(int fd, short events, std::chrono::steady_clock::time_point deadline,
-              const std::string& what) {
-  for (;;) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-        deadline - std::chrono::steady_clock::now());
-    if (left.count() <= 0) return Status::Timeout(what);
-    pollfd p{fd, events, 0};
-    int r = poll(&p, 1, static_cast<int>(left.count()));
-    if (r > 0) return Status::OK();
-    if (r < 0 && errno != EINTR) return Status::FromErrno("poll", errno);
-  }
 }
 
 Status SendAll(int fd, const uint8_t* data, size_t n,
