@@ -30,8 +30,6 @@ class TimeoutError(Error, builtins.TimeoutError):  # noqa: A001 (shardps.Timeout
     """A bounded wait ran out (the operation goes on)."""
 
 
-_shardps._set_error_types(Error, TimeoutError)
-
 Handle = _shardps.Handle
 
 

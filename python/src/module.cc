@@ -27,20 +27,11 @@ using namespace std::chrono_literals;
 namespace shardps::python {
 namespace {
 
-// shardps.Error (RuntimeError) and shardps.TimeoutError (also the builtin TimeoutError), set
-// from the Python package at import.
-py::object& ErrorType() {
-  static py::object* t = new py::object();  // the module's, for its lifetime
-  return *t;
-}
-py::object& TimeoutType() {
-  static py::object* t = new py::object();
-  return *t;
-}
-
+// Raises the package's shardps.Error (a RuntimeError), or shardps.TimeoutError (also the
+// builtin TimeoutError) for a timeout, with the status text and its code. The classes are the
+// package's (python/shardps/__init__.py), looked up when an error is raised: no state here.
 [[noreturn]] void Raise(const Status& st) {
-  py::object type = st.IsTimeout() ? TimeoutType() : ErrorType();
-  if (!type) throw std::runtime_error(st.ToString());
+  py::object type = py::module_::import("shardps").attr(st.IsTimeout() ? "TimeoutError" : "Error");
   py::object exc = type(st.ToString());
   exc.attr("code") = Status::CodeName(st.code());
   PyErr_SetObject(type.ptr(), exc.ptr());
@@ -260,10 +251,6 @@ PYBIND11_MODULE(_shardps, m) {
   using namespace shardps;
   using namespace shardps::python;
   m.doc() = "ShardPS worker library (use the shardps package)";
-  m.def("_set_error_types", [](py::object error, py::object timeout) {
-    ErrorType() = std::move(error);
-    TimeoutType() = std::move(timeout);
-  });
   py::class_<PyHandle>(m, "Handle")
       .def("wait", &PyHandle::Wait, py::arg("timeout") = py::none(),
            "Waits for the operation (seconds; None: no bound); raises on its error")

@@ -22,6 +22,15 @@
 
 namespace shardps::testing {
 
+// The context's refusal count once it reached `n` (a refused peer may see its refusal, e.g. a TLS
+// alert, before the context counted it), or what it is after 10 s.
+inline uint64_t RefusedReaching(const transport::Context& ctx, uint64_t n) {
+  for (auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+       ctx.refused_peers() < n && std::chrono::steady_clock::now() < deadline;)
+    usleep(5000);
+  return ctx.refused_peers();
+}
+
 // A client holding `secret` proves it to `target` through a relay that passes the bytes both
 // ways (as any router may); returns what the client sent: its hello and its proof. Empty when
 // the relayed handshake did not succeed.

@@ -104,15 +104,6 @@ class AuthOver : public ::testing::TestWithParam<std::string> {
     EXPECT_EQ(got, 42u);
   }
 
-  // The server's refusal count once it reached `n` (a refused peer may see its refusal, e.g. a
-  // TLS alert, before the server counted it), or what it is after 10 s.
-  uint64_t RefusedReaching(uint64_t n) {
-    for (auto deadline = std::chrono::steady_clock::now() + 10s;
-         server_->refused_peers() < n && std::chrono::steady_clock::now() < deadline;)
-      std::this_thread::sleep_for(5ms);
-    return server_->refused_peers();
-  }
-
   std::unique_ptr<Context> server_;
   std::unique_ptr<Listener> listener_;
   std::atomic<int> accepted_{0};
@@ -122,7 +113,7 @@ TEST_P(AuthOver, PeersHoldingTheSecretTalk) {
   EchoWorks();
   EchoWorks();
   EXPECT_EQ(accepted_.load(), 2);
-  EXPECT_EQ(RefusedReaching(0), 0u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 0), 0u);
 }
 
 TEST_P(AuthOver, AnotherSecretIsRefusedAndNothingIsAccepted) {
@@ -131,10 +122,7 @@ TEST_P(AuthOver, AnotherSecretIsRefusedAndNothingIsAccepted) {
   auto c = client->Connect(listener_->address(), {}, 5s);
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), Status::Code::kUnauthenticated) << c.status().ToString();
-  for (auto deadline = std::chrono::steady_clock::now() + 5s;
-       server_->refused_peers() < 1 && std::chrono::steady_clock::now() < deadline;)
-    std::this_thread::sleep_for(5ms);
-  EXPECT_EQ(RefusedReaching(1), 1u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 1), 1u);
   EXPECT_EQ(accepted_.load(), 0);
   EchoWorks();  // the listener serves on
 }
@@ -168,7 +156,7 @@ TEST_P(AuthOver, APeerWithoutTheSecretIsClosedAtItsFirstFrame) {
   }
   EXPECT_FALSE(answered.load());
   EXPECT_EQ(accepted_.load(), 0);
-  EXPECT_EQ(RefusedReaching(2), 2u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 2), 2u);
   EchoWorks();
 }
 
@@ -183,7 +171,7 @@ TEST_P(AuthOver, AReplayedHandshakeIsRefused) {
   EXPECT_TRUE(ReplayIsRefused(listener_->address(), recorded));
   EXPECT_TRUE(ReplayIsRefused(listener_->address(), recorded));
   EXPECT_EQ(accepted_.load(), 1);
-  EXPECT_EQ(RefusedReaching(2), 2u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 2), 2u);
   EchoWorks();
 }
 
@@ -196,7 +184,7 @@ TEST_P(AuthOver, ASilentPeerIsClosedAfterTheAuthTimeout) {
   EXPECT_EQ(BytesUntilClosed(fd, 10000), 0);  // closed by the 500 ms timer, not by us
   EXPECT_GE(std::chrono::steady_clock::now() - start, 400ms);
   close(fd);
-  EXPECT_EQ(RefusedReaching(1), 1u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 1), 1u);
   EchoWorks();
 }
 

@@ -157,15 +157,6 @@ class TlsOver : public ::testing::TestWithParam<std::string> {
   }
 
   static TestCerts* certs_;
-  // The server's refusal count once it reached `n` (a refused peer may see its refusal, e.g. a
-  // TLS alert, before the server counted it), or what it is after 10 s.
-  uint64_t RefusedReaching(uint64_t n) {
-    for (auto deadline = std::chrono::steady_clock::now() + 10s;
-         server_->refused_peers() < n && std::chrono::steady_clock::now() < deadline;)
-      std::this_thread::sleep_for(5ms);
-    return server_->refused_peers();
-  }
-
   std::unique_ptr<Context> server_;
   std::unique_ptr<Listener> listener_;
   std::atomic<int> accepted_{0};
@@ -184,7 +175,7 @@ TEST_P(TlsOver, NodesOfTheClusterCaTalkAndTheWireCarriesNoPlaintext) {
   EXPECT_GT(wire.size(), meta.size());
   EXPECT_EQ(wire.find(marker), std::string::npos) << "the message crossed the wire in clear";
   EXPECT_EQ(accepted_.load(), 1);
-  EXPECT_EQ(RefusedReaching(0), 0u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 0), 0u);
 }
 
 TEST_P(TlsOver, OneSidedWritesAndReadsGoThroughTls) {
@@ -214,10 +205,7 @@ TEST_P(TlsOver, ANodeOfAnotherCaIsRefused) {
   auto c = stranger->Connect(listener_->address(), {}, 5s);
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), Status::Code::kUnauthenticated) << c.status().ToString();
-  for (auto deadline = std::chrono::steady_clock::now() + 5s;
-       server_->refused_peers() < 1 && std::chrono::steady_clock::now() < deadline;)
-    std::this_thread::sleep_for(5ms);
-  EXPECT_EQ(RefusedReaching(1), 1u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 1), 1u);
   EXPECT_EQ(accepted_.load(), 0);
   // It trusts the cluster's CA but holds another's certificate: refused too. Under TLS 1.3 the
   // client's handshake ends before the server checked the client's certificate, so over tcp
@@ -236,7 +224,7 @@ TEST_P(TlsOver, ANodeOfAnotherCaIsRefused) {
     EXPECT_TRUE(closed.load());
   }
   EXPECT_EQ(accepted_.load(), 0);
-  EXPECT_EQ(RefusedReaching(2), 2u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 2), 2u);
 }
 
 TEST_P(TlsOver, APeerWithoutTlsGetsNoMessageThrough) {
@@ -256,7 +244,7 @@ TEST_P(TlsOver, APeerWithoutTlsGetsNoMessageThrough) {
   }
   EXPECT_FALSE(answered.load());
   EXPECT_EQ(accepted_.load(), 0);
-  EXPECT_EQ(RefusedReaching(1), 1u);
+  EXPECT_EQ(shardps::testing::RefusedReaching(*server_, 1), 1u);
 }
 
 TEST_P(TlsOver, TlsAndTheClusterSecretTogether) {
