@@ -68,6 +68,9 @@ def train(args, worker=None):
                                                  momentum=0.9)
     start = time.time()
     steps = len(x) // args.batch
+    # The rate decays to 0 over the run (torch's scheduler drives both optimizers alike).
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * steps) \
+        if args.schedule == "cosine" else None
     for epoch in range(args.epochs):
         g = torch.Generator().manual_seed(epoch)
         order = torch.randperm(len(x), generator=g)
@@ -76,6 +79,8 @@ def train(args, worker=None):
             opt.zero_grad()
             loss_fn(net(x[idx]), y[idx]).backward()
             opt.step()
+            if sched:
+                sched.step()
     return accuracy(net, tx, ty), time.time() - start
 
 
@@ -89,11 +94,14 @@ def main():
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="the learning rate over the run: cosine decay to 0, or constant")
     p.add_argument("--train-size", type=int, default=0, help="first N training images (0: all)")
     p.add_argument("--test-size", type=int, default=0, help="first N test images (0: all)")
     p.add_argument("--shardps", default="shardps", help="the shardps command")
     args = p.parse_args()
     common = ["--epochs", str(args.epochs), "--batch", str(args.batch), "--lr", str(args.lr),
+              "--schedule", args.schedule,
               "--train-size", str(args.train_size), "--test-size", str(args.test_size)]
     if args.compare:
         acc1, t1 = train(args)

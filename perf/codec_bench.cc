@@ -94,12 +94,13 @@ int main(int argc, char** argv) {
       rule->Fold(acc.data(), g, false);
       rule->Fold(acc.data(), g, false);
       server::GradientView s{acc.data(), n * 4, n, server::Dtype::kFloat32, Codec::kNone, 256};
-      rule->Apply(params.data(), params.data(), g, &s, 0.25f, nullptr, [](Status) {});
+      rule->Apply(params.data(), params.data(), g, &s, 0.25f, std::nullopt, nullptr, [](Status) {});
     });
     double ms = MemcpyRate(static_cast<uint64_t>(step_bytes / 2), reps);
     double rs = step_bytes / ts / ms;
     double tu = MedianSeconds(reps, [&] {
-      rule->Apply(params.data(), params.data(), g, &extra, 0.5f, nullptr, [](Status) {});
+      rule->Apply(params.data(), params.data(), g, &extra, 0.5f, std::nullopt, nullptr,
+                  [](Status) {});
     });
     // memcpy of the same bytes, measured beside each (the machine is shared and noisy).
     double ma = MemcpyRate(static_cast<uint64_t>(acc_bytes / 2), reps);

@@ -129,6 +129,15 @@ class Worker {
   // runs T steps pushes while steps(id) < T, and skips its own steps up to steps(id)).
   virtual uint64_t steps(TensorId id) const = 0;
 
+  // Sets the learning rate of the updates this worker's later pushes of `id` contribute to (a
+  // learning-rate schedule; docs/consistency.md): each push carries the rate it was issued
+  // with, so the change takes effect exactly at the next push, in every mode. In sync mode the
+  // workers set the same rate before the same step; if they differ, a step uses the
+  // lowest-ranked worker's. Until it is called the rate is the one the tensor was declared
+  // with (worker 0's). A negative or non-finite rate is InvalidArgument, an unknown tensor
+  // NotFound. Called from the thread that issues the tensor's operations, between them.
+  virtual Status SetLearningRate(TensorId id, float lr) = 0;
+
   virtual Handle Push(TensorId id, const float* grad) = 0;
   virtual Handle Pull(TensorId id, float* out) = 0;
   virtual Handle PushPull(TensorId id, const float* grad, float* out) = 0;

@@ -14,6 +14,7 @@ status text; bad arrays raise ValueError.
 """
 
 import builtins
+import math
 
 from . import _shardps
 
@@ -149,6 +150,17 @@ class Worker:
         tid = self._id(tensor)
         return self._w._push_pull(tid, self._array(tid, grad, "gradient"),
                                   self._array(tid, out, "output"))
+
+    def set_learning_rate(self, tensor, lr):
+        """The learning rate of the updates this worker's later pushes of `tensor` are part of
+        (a schedule): each push carries the rate it was issued with. In sync mode every worker
+        sets the same rate before the same step (a step uses the lowest-ranked worker's)."""
+        tid = self._id(tensor)
+        lr = float(lr)
+        if not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"{self._names[tid]}: the learning rate must be a finite number "
+                             f">= 0, not {lr}")
+        self._w._set_learning_rate(tid, lr)
 
     def barrier(self, name, timeout=60.0):
         """Waits until every worker entered barrier `name` (seconds)."""

@@ -13,6 +13,11 @@ workers start equal: broadcast_parameters). Gradients are pushed per parameter f
 that runs when autograd has accumulated the parameter's gradient, so communication overlaps
 with the rest of backward; step() waits for each push_pull and copies the new parameters in
 (before the next forward). Compression can be chosen per parameter.
+
+It is a torch.optim.Optimizer with one parameter group, so torch's learning-rate schedulers
+drive it: the group's "lr" when a gradient is pushed is the rate of the update it is part of
+(Worker.set_learning_rate). With backward_passes_per_step=N, gradients accumulate locally over N
+backwards (torch's sum) and are pushed after the N-th.
 """
 
 import numpy as np
@@ -25,20 +30,27 @@ def _shape(p):
     return tuple(p.shape) if p.dim() > 0 else (1,)
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(torch.optim.Optimizer):
     """The servers' optimizer over a model's parameters.
 
     named_parameters: model.named_parameters(). worker: a shardps.Worker. optimizer, lr,
     weight_decay, momentum, nesterov, beta1, beta2, eps: the servers' optimizer (docs/
-    consistency.md). compression: a codec for every parameter ("fp16", "topk:1%", ...) or a
-    dict from parameter name to codec (missing names: "none"). prefix: prepended to every
-    tensor name, to declare two models in one job.
+    consistency.md); param_groups[0]["lr"] may change between steps (an lr scheduler).
+    compression: a codec for every parameter ("fp16", "topk:1%", ...) or a dict from parameter
+    name to codec (missing names: "none"). prefix: prepended to every tensor name, to declare two
+    models in one job. backward_passes_per_step: the backwards whose gradients are summed before
+    each push (gradient accumulation; step() after the last of them).
     """
 
     def __init__(self, named_parameters, worker, *, optimizer="sgd", lr=0.01, weight_decay=0.0,
                  momentum=0.9, nesterov=False, beta1=0.9, beta2=0.999, eps=1e-8,
-                 compression="none", pull="none", prefix=""):
+                 compression="none", pull="none", prefix="", backward_passes_per_step=1):
+        if int(backward_passes_per_step) != backward_passes_per_step or \
+                backward_passes_per_step < 1:
+            raise ValueError("backward_passes_per_step must be a positive integer, not "
+                             f"{backward_passes_per_step}")
         self._w = worker
+        self._passes = int(backward_passes_per_step)
         self._params = []
         for name, p in named_parameters:
             if not p.requires_grad:
@@ -49,6 +61,10 @@ class DistributedOptimizer:
             self._params.append((prefix + name, p))
         if not self._params:
             raise ValueError("no parameter requires a gradient")
+        super().__init__([p for _, p in self._params], {"lr": lr})
+        self._declared_lr = float(lr)
+        self._sent_lr = {}  # the rate last set per tensor (none: the declared one)
+        self._backwards = {}  # backwards accumulated per parameter since the last push
         self._tid = {}
         self._out = {}
         self._pending = {}
@@ -72,15 +88,26 @@ class DistributedOptimizer:
         acc = p.expand_as(p).grad_fn.next_functions[0][0]
 
         def push(*_):
-            self._push(name, p)
+            self._backward_done(name, p)
 
         acc.register_hook(push)
         return acc  # keep the node (and its hook) alive
 
+    def _backward_done(self, name, p):
+        n = self._backwards.get(name, 0) + 1
+        if name in self._pending or n > self._passes:
+            raise RuntimeError(f"{name}: {n} backwards before step(), with "
+                               f"backward_passes_per_step={self._passes}: call step() after "
+                               "that many")
+        self._backwards[name] = n
+        if n == self._passes:
+            self._push(name, p)
+
     def _push(self, name, p):
-        if name in self._pending:
-            raise RuntimeError(f"{name}: a second gradient before step(): call step() after "
-                               "each backward (gradient accumulation is not supported)")
+        lr = float(self.param_groups[0]["lr"])
+        if lr != self._sent_lr.get(name, self._declared_lr):
+            self._w.set_learning_rate(self._tid[name], lr)
+            self._sent_lr[name] = lr
         g = p.grad
         if g is None:
             g = torch.zeros_like(p)
@@ -99,18 +126,25 @@ class DistributedOptimizer:
             else:
                 p.grad.zero_()
 
-    def step(self, timeout=300.0):
+    @torch.no_grad()
+    def step(self, closure=None, timeout=300.0):
         """Waits for every parameter's push_pull and loads the published parameters. A parameter
-        that got no gradient in this backward pushes zeros (every worker pushes every tensor
-        every step)."""
+        not pushed yet pushes its gradient as it stands (zeros if it has none: every worker
+        pushes every tensor every step). `closure` (torch's convention) is called first, with
+        gradients enabled, and its loss returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._backwards.clear()
         for name, p in self._params:
             if name not in self._pending:
                 self._push(name, p)
         for name, p in self._params:
             h, _ = self._pending.pop(name)
             h.wait(timeout)
-            with torch.no_grad():
-                p.copy_(torch.from_numpy(self._out[name]).reshape(p.shape))
+            p.copy_(torch.from_numpy(self._out[name]).reshape(p.shape))
+        return loss
 
     def broadcast_parameters(self, timeout=300.0):
         """Loads the servers' current parameters into the model (worker 0's at the start)."""

@@ -213,6 +213,9 @@ class PyWorker {
     }
     return Check(std::move(r));
   }
+  void SetLearningRate(uint32_t id, float lr) {
+    if (Status st = w_->SetLearningRate(id, lr); !st.ok()) Raise(st);
+  }
   uint64_t Numel(uint32_t id) const { return w_->numel(id); }
   uint64_t Steps(uint32_t id) const { return w_->steps(id); }
   Worker& worker() { return *w_; }
@@ -268,6 +271,7 @@ PYBIND11_MODULE(_shardps, m) {
       .def("barrier", &PyWorker::Barrier, py::arg("name"), py::arg("timeout") = 60.0)
       .def("finish", &PyWorker::Finish)
       .def("server_stats", &PyWorker::ServerStats)
+      .def("_set_learning_rate", &PyWorker::SetLearningRate)
       .def("numel", &PyWorker::Numel)
       .def("steps", &PyWorker::Steps)
       .def_property_readonly("rank", [](PyWorker& w) { return w.worker().rank(); })

@@ -250,11 +250,24 @@ void PushDone::Encode(Writer* w) const {
   w->Put(seq);
   w->Put(bytes);
   w->Put(base_version);
+  w->Put<uint8_t>(lr ? 1 : 0);
+  if (lr) w->Put(*lr);
+}
+
+bool PushDone::DecodeLr(Reader* r) {
+  uint8_t has = 0;
+  if (!r->Get(&has) || has > 1) return false;
+  lr.reset();
+  if (has == 0) return true;
+  float v = 0;
+  if (!r->Get(&v)) return false;
+  lr = v;
+  return true;
 }
 
 bool PushDone::Decode(Reader* r) {
   return r->Get(&epoch) && r->Get(&chunk_id) && r->Get(&buffer) && r->Get(&worker) &&
-         r->Get(&seq) && r->Get(&bytes) && r->Get(&base_version);
+         r->Get(&seq) && r->Get(&bytes) && r->Get(&base_version) && DecodeLr(r);
 }
 
 void PushAck::Encode(Writer* w) const {

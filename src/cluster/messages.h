@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -200,8 +201,14 @@ struct PushDone {
   // The newest version of the chunk this worker had pulled when it pushed: the gradient's
   // base, from which the server counts its staleness (WeightRule::kStaleness, statistics).
   uint64_t base_version = 0;
+  // The learning rate of the update this push is part of (Worker::SetLearningRate); none: the
+  // one the tensor was declared with. The server refuses a negative or non-finite one.
+  std::optional<float> lr;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
+
+ private:
+  [[nodiscard]] bool DecodeLr(Reader* r);
 };
 
 // The reply to kPushDone: the version the push is part of (sync: the version that holds it is

@@ -247,7 +247,7 @@ void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {
   if (cfg_.mode == Mode::kSsp) UpdateSlowest();
   out->applied++;
   Update(
-      p.grad, nullptr, 1.0f,
+      p.grad, nullptr, 1.0f, p.lr,
       [this, reply = std::move(p.reply), buffer = p.buffer](EngineActions* o) {
         o->release.push_back(buffer);
         o->acks.push_back({reply, failure_, version()});
@@ -266,6 +266,10 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
   CountApplied(p, staleness, 0);
   Step& step = steps_[seq];
   step.acks.push_back({std::move(p.reply), false});
+  if (p.worker < step.lr_from) {
+    step.lr_from = p.worker;
+    step.lr = p.lr;
+  }
   bool next_in_line = seq == version() + 1;
   if (step.count + 1 == quorum_ && next_in_line) {
     // The step's last push is folded straight into the update (no accumulator pass): it is
@@ -273,7 +277,7 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
     GradientView sum = SumView(step.sum);
     bool has_sum = step.count > 0;
     Update(
-        p.grad, has_sum ? &sum : nullptr, Scale(),
+        p.grad, has_sum ? &sum : nullptr, Scale(), step.lr,
         [this, seq, buffer = p.buffer](EngineActions* o) {
           o->release.push_back(buffer);
           auto it = steps_.find(seq);
@@ -314,7 +318,7 @@ void ChunkEngine::PublishReadySteps(EngineActions* out) {
   if (it == steps_.end() || it->second.count < quorum_) return;
   uint64_t seq = it->first;
   Update(
-      SumView(it->second.sum), nullptr, Scale(),
+      SumView(it->second.sum), nullptr, Scale(), it->second.lr,
       [this, seq](EngineActions* o) {
         auto s = steps_.find(seq);
         for (auto& a : s->second.acks) o->acks.push_back({a.to, failure_, version(), a.late});
@@ -371,7 +375,8 @@ void ChunkEngine::Drain(EngineActions* out) {
 }
 
 void ChunkEngine::Update(const GradientView& grad, const GradientView* extra, float scale,
-                         std::function<void(EngineActions*)> then, EngineActions* out) {
+                         std::optional<float> lr, std::function<void(EngineActions*)> then,
+                         EngineActions* out) {
   uint64_t v = version();
   uint8_t* next = Slot(v + 1);
   // Seqlock: the slot's tag is zeroed before any of its bytes changes and set to the new
@@ -389,7 +394,7 @@ void ChunkEngine::Update(const GradientView& grad, const GradientView* extra, fl
   auto caller = std::this_thread::get_id();
   auto inline_done = std::make_shared<std::atomic<bool>>(false);
   auto in_apply = std::make_shared<std::atomic<bool>>(true);
-  rule_->Apply(in, dst, grad, extra, scale, slots_.master ? &publish : nullptr,
+  rule_->Apply(in, dst, grad, extra, scale, lr, slots_.master ? &publish : nullptr,
                [this, out, caller, inline_done, in_apply](Status st) {
                  if (in_apply->load() && std::this_thread::get_id() == caller) {
                    inline_done->store(true);

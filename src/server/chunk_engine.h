@@ -87,6 +87,7 @@ struct LandedPush {
   uint32_t worker = 0;
   uint64_t seq = 0;
   uint64_t base_version = 0;  // the version the gradient was computed from (PushDone)
+  std::optional<float> lr;    // the update's learning rate (PushDone); none: the declared one
   uint32_t buffer = 0;
   GradientView grad;
   ReplyTo reply;
@@ -169,6 +170,10 @@ class ChunkEngine {
     std::unique_ptr<Accumulator> own;
     uint32_t count = 0;
     std::vector<PendingAck> acks;
+    // The step's learning rate: that of the lowest-ranked worker's push among its pushes (the
+    // workers set the same one; if they do not, the choice does not depend on arrival order).
+    std::optional<float> lr;
+    uint32_t lr_from = UINT32_MAX;
   };
 
   bool Admissible(uint64_t seq) const;
@@ -195,7 +200,8 @@ class ChunkEngine {
   void PublishReadySteps(EngineActions* out);
   // Computes version+1 into the next slot, seqlock style.
   void Update(const GradientView& grad, const GradientView* extra, float scale,
-              std::function<void(EngineActions*)> then, EngineActions* out);
+              std::optional<float> lr, std::function<void(EngineActions*)> then,
+              EngineActions* out);
   void OnUpdateDone(Status st, EngineActions* out);
   void AdmitGrants(EngineActions* out);
   float Scale() const;

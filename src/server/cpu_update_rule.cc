@@ -72,8 +72,8 @@ class CpuUpdateRule final : public UpdateRule {
   }
 
   void Apply(const float* in, float* out, const GradientView& grad, const GradientView* extra,
-             float scale, const Publish* publish, Done done) override {
-    OptimizerStep step(cfg_, scale, &state_);
+             float scale, std::optional<float> lr, const Publish* publish, Done done) override {
+    OptimizerStep step(cfg_, scale, &state_, lr);
     const auto* e = extra ? static_cast<const float*>(extra->data) : nullptr;
     const bool weighted = grad.weight != 1.0f;
     if (grad.encoding == Codec::kNone && !publish && !weighted) {

@@ -83,11 +83,12 @@ void Run(OptimizerKind kind, const Params& k, const float* in, float* out, G g, 
 
 }  // namespace
 
-OptimizerStep::OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerState* state)
+OptimizerStep::OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerState* state,
+                             std::optional<float> lr)
     : kind_(cfg.kind) {
   state->steps++;
   k_.scale = scale;
-  k_.lr = cfg.lr;
+  k_.lr = lr.value_or(cfg.lr);
   k_.wd = cfg.weight_decay;
   k_.mu = cfg.momentum;
   k_.b1 = cfg.beta1;

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "shardps/types.h"
@@ -35,7 +36,9 @@ void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, con
 // count and fixes the step's constants (adam's bias correction); Run covers [lo, hi).
 class OptimizerStep {
  public:
-  OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerState* state);
+  // `lr`: this step's learning rate, in place of cfg.lr (a schedule's, Worker::SetLearningRate).
+  OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerState* state,
+                std::optional<float> lr = std::nullopt);
   void Run(const float* in, float* out, const float* grad, const float* extra, size_t lo,
            size_t hi) const;
   // The same over [lo, hi) with the gradient of element lo at grad_block[0] (a decoded block);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -663,10 +664,18 @@ class ServerImpl final : public Server {
       pool_.Release(d.buffer);
       return Reply(*c, req, st);
     }
+    if (d.lr && !(std::isfinite(*d.lr) && *d.lr >= 0.0f)) {
+      pool_.Release(d.buffer);
+      return Reply(*c, req,
+                   Status::InvalidArgument(fmt::format(
+                       "push of step {} of chunk {}: learning rate {} is not a finite number >= 0",
+                       d.seq, d.chunk_id, *d.lr)));
+    }
     LandedPush p;
     p.worker = d.worker;
     p.seq = d.seq;
     p.base_version = d.base_version;
+    p.lr = d.lr;
     p.buffer = d.buffer;
     p.grad.data = pool_.data(d.buffer);
     p.grad.numel = ch->numel;

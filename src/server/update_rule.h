@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "server/optimizer.h"
@@ -72,13 +73,14 @@ class UpdateRule {
   virtual void Fold(float* dst, const GradientView& g, bool first) = 0;
 
   // out = rule(in, scale * (w * grad + extra)) (w: grad.weight), with extra optional, advancing the
-  // optimizer state by one step; `grad` is decoded range by range into the update, and `extra`
-  // is plain fp32 (a running sum). `out` may alias `in` or grad's data. With `publish`, the new
-  // parameters are also written encoded there. `done` is called exactly once: inline (CPU) or
-  // later on another thread (a device rule), which the caller must then route to the chunk's
-  // owner.
+  // optimizer state by one step, at learning rate `lr` (none: the rule's configured one); `grad` is
+  // decoded range by range into the update, and `extra` is plain fp32 (a running sum). `out` may
+  // alias `in` or grad's data. With `publish`, the new parameters are also written encoded there.
+  // `done` is called exactly once: inline (CPU) or later on another thread (a device rule), which
+  // the caller must then route to the chunk's owner.
   virtual void Apply(const float* in, float* out, const GradientView& grad,
-                     const GradientView* extra, float scale, const Publish* publish, Done done) = 0;
+                     const GradientView* extra, float scale, std::optional<float> lr,
+                     const Publish* publish, Done done) = 0;
 };
 
 // The CPU rule: today's fused optimizer in cache-sized blocks, split over idle apply threads

@@ -4,6 +4,7 @@
 #include <array>
 #include <atomic>
 #include <charconv>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <map>
@@ -266,6 +267,9 @@ struct TensorInfo {
   std::shared_ptr<const std::string> escaped_name;
   // Operations started on it, for the metrics: push, pull, push_pull.
   std::array<std::atomic<uint64_t>, 3> ops{};
+  // The learning rate its pushes carry (SetLearningRate); none: the declared one. The issuing
+  // thread only.
+  std::optional<float> lr;
 };
 
 // Reads the newest published version of a chunk into `dst`, seqlock style. An attempt reads
@@ -679,6 +683,16 @@ class WorkerImpl final : public Worker {
     return ids;
   }
 
+  Status SetLearningRate(TensorId id, float lr) override {
+    if (!std::isfinite(lr) || lr < 0.0f)
+      return Status::InvalidArgument(
+          fmt::format("learning rate {} is not a finite number >= 0", lr));
+    std::lock_guard<std::mutex> lock(tensors_mu_);
+    if (id >= tensors_.size()) return Status::NotFound(fmt::format("unknown tensor id {}", id));
+    tensors_[id]->lr = lr;
+    return Status::OK();
+  }
+
   Handle Push(TensorId id, const float* grad) override { return Start(id, grad, nullptr); }
   Handle Pull(TensorId id, float* out) override { return Start(id, nullptr, out); }
   Handle PushPull(TensorId id, const float* grad, float* out) override {
@@ -815,6 +829,7 @@ class WorkerImpl final : public Worker {
       if (grad) {
         const uint64_t seq = step;
         PushSource src;
+        src.lr = t->lr;
         if (staged) {
           src.region = staged;
           src.offset = ref->encoded_offset;
@@ -865,6 +880,7 @@ class WorkerImpl final : public Worker {
     std::shared_ptr<transport::MemoryRegion> region;
     uint64_t offset = 0;
     uint64_t bytes = 0;
+    std::optional<float> lr;  // the tensor's learning rate when the push was issued
   };
 
   // (grant ->) one-sided write into the landing buffer -> notification -> ack (-> pull). A
@@ -893,7 +909,7 @@ class WorkerImpl final : public Worker {
     uint32_t me = rank_, buffer = g.buffer;
     const uint64_t bytes = src.bytes;
     bytes_pushed_ += bytes;
-    auto written = [this, rpc, ref, seq, op, then_pull, me, buffer, bytes,
+    auto written = [this, rpc, ref, seq, op, then_pull, me, buffer, bytes, lr = src.lr,
                     hold = src.region](Status st) {
       if (!st.ok()) return op->ChunkDone(st, 0);
       Bytes note;
@@ -903,7 +919,8 @@ class WorkerImpl final : public Worker {
                .worker = me,
                .seq = seq,
                .bytes = bytes,
-               .base_version = ref->pulled_version.load()}
+               .base_version = ref->pulled_version.load(),
+               .lr = lr}
           .Encode(&w);
       rpc->Call(kPushDone, note, {},
                 [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {

@@ -373,9 +373,9 @@ TEST(CpuUpdateRule, DecodesEncodedGradientsIntoTheUpdateAsTheDecodedValues) {
     server::Publish publish{pub.data(), Codec::kFp16};
     for (int step = 0; step < 2; ++step) {
       bool da = false, db = false;
-      a->Apply(pa.data(), pa.data(), ge, step ? &ex : nullptr, 0.5f, &publish,
+      a->Apply(pa.data(), pa.data(), ge, step ? &ex : nullptr, 0.5f, std::nullopt, &publish,
                [&](Status st) { da = st.ok(); });
-      b->Apply(pb.data(), pb.data(), gd, step ? &ex : nullptr, 0.5f, nullptr,
+      b->Apply(pb.data(), pb.data(), gd, step ? &ex : nullptr, 0.5f, std::nullopt, nullptr,
                [&](Status st) { db = st.ok(); });
       ASSERT_TRUE(da && db);
       ASSERT_EQ(pa, pb) << CodecName(k) << " step " << step;

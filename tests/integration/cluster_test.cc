@@ -1075,6 +1075,47 @@ TEST_P(ClusterOver, SspStaysWithinItsBoundAndEndsExact) {
   lc->Finish();
 }
 
+// A learning-rate schedule (Worker::SetLearningRate): every update uses the rate its pushes
+// were issued with, from the next push on, in sync (the step's rate) and async (each push's
+// own); rates that are powers of two keep the integer-valued sums exact. Bad rates are refused.
+TEST_P(ClusterOver, LearningRateScheduleIsExact) {
+  // The rate of step s; async: worker w's rate for its push s.
+  auto rate = [](uint32_t w, uint64_t s, Mode mode) {
+    const uint64_t k = mode == Mode::kSync ? s : s + w;
+    return k % 3 == 0 ? 1.0f : k % 3 == 1 ? 0.5f : 0.25f;
+  };
+  for (Mode mode : {Mode::kSync, Mode::kAsync}) {
+    SCOPED_TRACE(ModeName(mode));
+    auto lc = LocalCluster::Start(Opts(2, 3, mode, Aggregate::kSum, 4096), 16, GetParam());
+    ASSERT_TRUE(lc);
+    constexpr int64_t kN = 2500;  // 3 chunks over 2 servers
+    constexpr uint64_t kSteps = 12;
+    lc->ForEachWorker([&](Worker& w) {
+      auto id = w.Declare(Sgd1("scheduled", kN, 100.0f));
+      ASSERT_TRUE(id.ok()) << id.status().ToString();
+      EXPECT_EQ(w.SetLearningRate(*id, -0.5f).code(), Status::Code::kInvalidArgument);
+      EXPECT_EQ(w.SetLearningRate(*id, std::nanf("")).code(), Status::Code::kInvalidArgument);
+      EXPECT_EQ(w.SetLearningRate(*id + 7, 0.5f).code(), Status::Code::kNotFound);
+      std::vector<float> g(kN), out(kN);
+      for (uint64_t s = 1; s <= kSteps; ++s) {
+        ASSERT_TRUE(w.SetLearningRate(*id, rate(w.rank(), s, mode)).ok());
+        for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+        auto h = w.PushPull(*id, g.data(), out.data());
+        ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
+      }
+      ASSERT_TRUE(w.Barrier("pushed", 30s).ok());
+      ASSERT_TRUE(w.Pull(*id, out.data()).Wait(30s).ok());
+      for (int64_t i = 0; i < kN; ++i) {
+        double expect = 100.0;
+        for (uint64_t s = 1; s <= kSteps; ++s)
+          for (uint32_t r = 0; r < 3; ++r) expect -= rate(r, s, mode) * Grad(r, s, i);
+        ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+      }
+    });
+    lc->Finish();
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, ClusterOver, ::testing::ValuesIn(Transports()),
                          [](const auto& info) { return info.param; });
 

@@ -68,12 +68,14 @@ struct Fixture {
   // A push of value `g` everywhere, by `worker`, step `seq`, in landing buffer `buffer`.
   EngineActions Push(uint32_t worker, uint64_t seq, float g, uint32_t buffer = 0,
                      uint64_t request = 0, uint64_t base_version = 0,
-                     std::shared_ptr<transport::Connection> conn = nullptr) {
+                     std::shared_ptr<transport::Connection> conn = nullptr,
+                     std::optional<float> lr = std::nullopt) {
     auto& b = buffers[buffer];
     b.assign(kN, g);
     LandedPush p;
     p.worker = worker;
     p.seq = seq;
+    p.lr = lr;
     p.base_version = base_version;
     p.reply.conn = std::move(conn);
     p.buffer = buffer;
@@ -295,8 +297,8 @@ class LaterRule final : public UpdateRule {
   Status Check(const GradientView& g) const override { return cpu_->Check(g); }
   void Fold(float* dst, const GradientView& g, bool first) override { cpu_->Fold(dst, g, first); }
   void Apply(const float* in, float* out, const GradientView& grad, const GradientView* extra,
-             float scale, const Publish* publish, Done done) override {
-    cpu_->Apply(in, out, grad, extra, scale, publish, [](Status) {});
+             float scale, std::optional<float> lr, const Publish* publish, Done done) override {
+    cpu_->Apply(in, out, grad, extra, scale, lr, publish, [](Status) {});
     *pending_ = [done](Done) { done(Status::OK()); };
   }
 
@@ -558,4 +560,40 @@ TEST(ChunkEngine, StalenessRuleDividesTheWeightByOnePlusTheVersionsSinceTheBase)
 }
 
 }  // namespace
+TEST(ChunkEngine, APushCarriesTheLearningRateOfTheUpdateItIsPartOf) {
+  // Async: each push is its own update, at its own rate (declared: 1).
+  Fixture a(Mode::kAsync, 2);
+  a.Push(0, 1, 4.0f, 0, 0, 0, nullptr, 0.5f);  // 100 - 0.5 * 4
+  EXPECT_EQ(a.Params(), All(98.0f));
+  a.Push(1, 1, 4.0f, 1);  // the declared rate
+  EXPECT_EQ(a.Params(), All(94.0f));
+  a.Push(0, 2, 4.0f, 2, 0, 0, nullptr, 0.0f);  // a rate of 0 leaves the parameters
+  EXPECT_EQ(a.Params(), All(94.0f));
+  EXPECT_EQ(a.engine->version(), 3u);
+
+  // Sync: a step's update takes the lowest-ranked worker's rate, whatever the arrival order,
+  // both when the last push is fused into the update and when the step is published from the
+  // accumulator later.
+  Fixture s(Mode::kSync, 3);
+  s.Push(2, 1, 1.0f, 0, 0, 0, nullptr, 8.0f);
+  s.Push(1, 1, 2.0f, 1, 0, 0, nullptr, 0.25f);
+  s.Push(0, 1, 1.0f, 2, 0, 0, nullptr, 0.5f);  // 100 - 0.5 * 4
+  EXPECT_EQ(s.Params(), All(98.0f));
+  // Step 3 is complete before step 2: it waits in an accumulator and is published after.
+  s.Push(0, 2, 2.0f, 3, 0, 0, nullptr, 2.0f);
+  s.Push(1, 2, 2.0f, 4, 0, 0, nullptr, 2.0f);
+  s.Push(0, 3, 1.0f, 5, 0, 0, nullptr, 0.25f);
+  s.Push(2, 3, 1.0f, 6, 0, 0, nullptr, 0.5f);
+  s.Push(1, 3, 2.0f, 7, 0, 0, nullptr, 0.5f);
+  EXPECT_EQ(s.engine->version(), 1u);
+  auto done = s.Push(2, 2, 4.0f, 8, 0, 0, nullptr, 2.0f);  // 98 - 2 * 8, then - 0.25 * 4
+  EXPECT_EQ(done.published, 2u);
+  EXPECT_EQ(s.Params(), All(81.0f));
+  // A step without a rate from its lowest-ranked pusher uses the declared one.
+  s.Push(1, 4, 1.0f, 9, 0, 0, nullptr, 4.0f);
+  s.Push(0, 4, 1.0f, 10);
+  s.Push(2, 4, 1.0f, 11, 0, 0, nullptr, 4.0f);
+  EXPECT_EQ(s.Params(), All(78.0f));
+}
+
 }  // namespace shardps::server

@@ -8,6 +8,7 @@
 #include <future>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -321,11 +322,11 @@ Bytes GrantAsk(uint64_t chunk, uint64_t bytes, uint64_t seq = 1) {
 
 // A kPushDone body.
 Bytes PushNote(uint64_t chunk, uint32_t buffer, uint32_t worker, uint64_t seq,
-               uint64_t bytes = 8 * 4) {
+               uint64_t bytes = 8 * 4, std::optional<float> lr = std::nullopt) {
   Bytes b;
   Writer w(&b);
   cluster::PushDone{
-      .chunk_id = chunk, .buffer = buffer, .worker = worker, .seq = seq, .bytes = bytes}
+      .chunk_id = chunk, .buffer = buffer, .worker = worker, .seq = seq, .bytes = bytes, .lr = lr}
       .Encode(&w);
   return b;
 }
@@ -448,6 +449,37 @@ TEST_F(ServerProtocol, AsyncPushesOfOneChunkAppliedOutOfOrderOrDropped) {
   auto stats = nlohmann::json::parse(lc_->servers[0]->stats().ToJson());
   EXPECT_EQ(stats["pushes_applied"].get<int>(), 2);
   EXPECT_EQ(stats["duplicate_pushes"].get<int>(), 0);
+}
+
+// A push whose learning rate is negative or not finite is refused with the reason and its
+// landing buffer released (the connection stays: the notification was well formed); the same
+// step then pushed with a valid rate is applied at that rate.
+TEST_F(ServerProtocol, APushWithABadLearningRateIsRefusedAndNothingApplied) {
+  RawClient raw(lc_->servers[0]->address());
+  const uint64_t chunk = 1;
+  std::vector<float> two(8, 2.0f);
+  for (float bad :
+       {-1.0f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    auto g = raw.Call(cluster::kGrant, GrantAsk(chunk, 8 * 4, 1));
+    ASSERT_TRUE(g.ok()) << g.status().ToString();
+    Grant grant = DecodeGrant(*g);
+    ASSERT_TRUE(WriteGranted(raw, two.data(), 32, grant).ok());
+    auto a = raw.Call(cluster::kPushDone, PushNote(chunk, grant.buffer, 0, 1, 32, bad));
+    ASSERT_EQ(a.status().code(), Status::Code::kInvalidArgument) << a.status().ToString();
+    EXPECT_NE(a.status().message().find("learning rate"), std::string::npos)
+        << a.status().ToString();
+  }
+  auto g = raw.Call(cluster::kGrant, GrantAsk(chunk, 8 * 4, 1));
+  ASSERT_TRUE(g.ok()) << g.status().ToString();
+  Grant grant = DecodeGrant(*g);
+  ASSERT_TRUE(WriteGranted(raw, two.data(), 32, grant).ok());
+  auto a = raw.Call(cluster::kPushDone, PushNote(chunk, grant.buffer, 0, 1, 32, 0.5f));
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  std::vector<float> out(8);
+  ASSERT_TRUE(lc_->workers[0]->Pull(id_, out.data()).Wait(10s).ok());
+  for (float v : out) EXPECT_EQ(v, 9.0f);  // 10 - 0.5 * 2, once
+  auto stats = nlohmann::json::parse(lc_->servers[0]->stats().ToJson());
+  EXPECT_EQ(stats["pushes_applied"].get<int>(), 1);
 }
 
 // A landing buffer granted for one step of one chunk cannot carry another (a peer that claims a

@@ -57,6 +57,9 @@ with shardps.Worker.from_environment() as w:
     expect_error(ValueError, "unknown tensor", lambda: w.pull("nope", np.zeros(N, np.float32)))
     expect_error(ValueError, "unknown tensor", lambda: w.pull(99, np.zeros(N, np.float32)))
     expect_error(ValueError, "float32", lambda: w.push(t, [1.0] * N))
+    expect_error(ValueError, "learning rate", lambda: w.set_learning_rate(t, -0.1))
+    expect_error(ValueError, "learning rate", lambda: w.set_learning_rate(t, float("nan")))
+    expect_error(ValueError, "unknown tensor", lambda: w.set_learning_rate("nope", 0.1))
     try:
         import torch
     except ImportError:
