@@ -72,6 +72,14 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
                   "docs/compression.md)");
   app->add_option("--pull-compression", b->pull_compression, "parameters: none, fp16 or bf16");
   app->add_option("--report", b->report, "write a JSON report here");
+  app->add_flag("--no-baseline", b->no_baseline,
+                "with --report: leave the same-run baseline out (the suite measures its own)");
+  app->add_option("--suite", b->suite,
+                  "run the benchmark suite (its scenarios and baselines: tools/bench_suite.cc): "
+                  "quick (about 5 minutes on 2 cores) or full (about 30)")
+      ->check(CLI::IsMember({"quick", "full"}));
+  app->add_option("--plot-dir", b->plot_dir,
+                  "with --suite: draw throughput.png, latency.png and scaling.png here (gnuplot)");
 }
 
 Result<double> MeasureTcpStreamGbps(uint64_t bytes) {
@@ -187,6 +195,17 @@ Result<PerftestResult> RunUcxPerftest(const std::string& test, uint64_t size, ui
 
 int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::string>& args,
              const Environment& env) {
+  if (!b.suite.empty()) {
+    if (env.Has(tunables::kCoordinator.env)) {
+      std::fprintf(stderr, "shardps bench: --suite starts its own jobs; run it standalone\n");
+      return 2;
+    }
+    return RunBenchSuite(b.suite, b.report, b.plot_dir);
+  }
+  if (!b.plot_dir.empty()) {
+    std::fprintf(stderr, "shardps bench: --plot-dir draws the suite's plots: add --suite\n");
+    return 2;
+  }
   auto size = ParseBytes(b.size);
   if (!size.ok() || *size < 4 || *size % 4 != 0) {
     std::fprintf(stderr, "shardps bench: --size %s: must be a positive multiple of 4 bytes\n",
@@ -242,7 +261,7 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   double baseline_gbps = 0;
   bool rank0 = wo->rank <= 0;
   nlohmann::json ucx_baseline;
-  if (rank0 && !b.report.empty() && wo->transport == "ucx") {
+  if (rank0 && !b.report.empty() && !b.no_baseline && wo->transport == "ucx") {
     // ucx_perftest on the same machine and UCX_TLS: put and get bandwidth at this size, and
     // put and get latency at this size.
     uint32_t iters = *size >= (1 << 20) ? 200 : 10000;
@@ -260,7 +279,7 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                     {"ucp_get_bw_gbps", get_bw->gbps},
                     {"ucp_put_lat_us", put_lat->latency_us},
                     {"ucp_get_lat_us", get_bw->latency_us}};
-  } else if (rank0 && !b.report.empty()) {
+  } else if (rank0 && !b.report.empty() && !b.no_baseline) {
     // The best of three runs: the raw transport's capability, not a run that happened to share
     // the cores with servers still starting up (which only makes the ratio harder to reach).
     for (int i = 0; i < 3; ++i) {

@@ -21,12 +21,20 @@ struct BenchFlags {
   std::string report;
   std::string compression = "none";       // Compression::Parse
   std::string pull_compression = "none";  // none, fp16, bf16
+  bool no_baseline = false;               // the suite measures its own
+  std::string suite;                      // quick or full: the scenarios of bench_suite.cc
+  std::string plot_dir;                   // the suite's PNGs
 };
 
 void AddBenchFlags(CLI::App* app, BenchFlags* b);
 // `args` are the bench subcommand's own arguments, to re-run them under launch.
 int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::string>& args,
              const Environment& env);
+
+// `shardps bench --suite quick|full` (tools/bench_suite.cc): every scenario as its own job,
+// repeated, with same-run baselines; a JSON report and PNGs when asked. Exit status 0 unless a
+// run or a baseline failed.
+int RunBenchSuite(const std::string& suite, const std::string& report, const std::string& plot_dir);
 
 // Raw TCP stream throughput between two processes on loopback, in Gbit/s.
 Result<double> MeasureTcpStreamGbps(uint64_t bytes);

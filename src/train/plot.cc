@@ -145,9 +145,7 @@ Status RunGnuplot(const std::string& gnuplot, const std::string& script, std::st
 
 }  // namespace
 
-Status WritePlot(const std::string& png_path, const std::vector<EpochPoint>& run,
-                 const std::vector<EpochPoint>& baseline, const std::string& title) {
-  if (run.empty()) return Status::InvalidArgument("WritePlot: the run has no epochs to plot");
+Status DrawPng(const std::string& png_path, const std::string& script) {
   const std::string gnuplot = "gnuplot";
   std::error_code ec;
   const std::filesystem::path parent = std::filesystem::path(png_path).parent_path();
@@ -157,14 +155,22 @@ Status WritePlot(const std::string& png_path, const std::vector<EpochPoint>& run
   }
   std::filesystem::remove(png_path, ec);  // so a stale file cannot pass the check below
   std::string output;
-  SHARDPS_RETURN_IF_ERROR(RunGnuplot(gnuplot, Script(png_path, run, baseline, title), &output)
-                              .WithContext(fmt::format("plotting {}", png_path)));
+  SHARDPS_RETURN_IF_ERROR(
+      RunGnuplot(gnuplot, script, &output).WithContext(fmt::format("plotting {}", png_path)));
   const auto size = std::filesystem::file_size(png_path, ec);
   if (ec || size == 0) {
     return Status::IOError(fmt::format("gnuplot wrote no file {}{}{}", png_path,
                                        output.empty() ? "" : ": ", Printable(output)));
   }
   return Status::OK();
+}
+
+std::string GnuplotQuote(const std::string& s) { return Quote(s); }
+
+Status WritePlot(const std::string& png_path, const std::vector<EpochPoint>& run,
+                 const std::vector<EpochPoint>& baseline, const std::string& title) {
+  if (run.empty()) return Status::InvalidArgument("WritePlot: the run has no epochs to plot");
+  return DrawPng(png_path, Script(png_path, run, baseline, title));
 }
 
 }  // namespace shardps::train

@@ -20,4 +20,11 @@ struct EpochPoint {
 Status WritePlot(const std::string& png_path, const std::vector<EpochPoint>& run,
                  const std::vector<EpochPoint>& baseline, const std::string& title);
 
+// Runs gnuplot on `script`, which must write the PNG `png_path` (set output to it); IOError
+// naming gnuplot's messages if it fails or writes no file, NotFound if gnuplot is missing.
+Status DrawPng(const std::string& png_path, const std::string& script);
+
+// `s` as a gnuplot single-quoted string literal.
+std::string GnuplotQuote(const std::string& s);
+
 }  // namespace shardps::train

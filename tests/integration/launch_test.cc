@@ -128,6 +128,53 @@ TEST(Launch, BenchReportHasTheDocumentedFields) {
   std::filesystem::remove_all(dir);
 }
 
+// The quick suite as a user runs it: every scenario of its list ran its repeats and carries a
+// positive median, spread and ratio to a same-run baseline; the report names every baseline;
+// the three plots are PNG files. The figures themselves are a benchmark's, not checked here.
+TEST(Bench, QuickSuiteReportsEveryScenarioAgainstABaselineAndDrawsThePlots) {
+  std::string dir = TempDir("suite");
+  auto r = RunCommand({kShardps, "--log-level", "warn", "bench", "--suite", "quick", "--report",
+                       dir + "/suite.json", "--plot-dir", dir + "/plots"},
+                      540s);  // about 90 s alone; ctest's limit for launch_test is 600 s
+  ASSERT_FALSE(r.timed_out) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream f(dir + "/suite.json");
+  auto j = nlohmann::json::parse(f, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << r.output;
+  EXPECT_EQ(j["suite"], "quick");
+  std::set<std::string> groups;
+  for (const auto& s : j["scenarios"]) {
+    SCOPED_TRACE(s["label"].get<std::string>());
+    groups.insert(s["group"].get<std::string>());
+    EXPECT_EQ(s["values"].size(), 5u);
+    EXPECT_GT(s["median"].get<double>(), 0);
+    EXPECT_GE(s["spread"].get<double>(), 0);
+    EXPECT_GT(s["baseline_value"].get<double>(), 0);
+    EXPECT_GT(s["ratio_to_baseline"].get<double>(), 0);
+    EXPECT_EQ(s["too_noisy"].get<bool>(), s["spread"].get<double>() > 0.25);
+    EXPECT_NE(r.output.find(s["label"].get<std::string>()), std::string::npos);
+  }
+  for (const char* g : {"single", "scaling", "codecs", "small"}) EXPECT_TRUE(groups.count(g)) << g;
+  EXPECT_GE(j["scenarios"].size(), 17u);
+  EXPECT_FALSE(j["baselines"].empty());
+  for (const char* png : {"throughput.png", "latency.png", "scaling.png"}) {
+    std::ifstream p(dir + "/plots/" + png, std::ios::binary);
+    char magic[4] = {};
+    p.read(magic, 4);
+    EXPECT_EQ(std::string(magic + 1, 3), "PNG") << png;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Bench, SuiteFlagsAreCheckedBeforeAnythingRuns) {
+  auto r = RunCommand({kShardps, "bench", "--suite", "quik"}, 30s);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("quik"), std::string::npos) << r.output;
+  r = RunCommand({kShardps, "bench", "--plot-dir", "/tmp/x"}, 30s);
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.output.find("--suite"), std::string::npos) << r.output;
+}
+
 TEST(Launch, WorkerKilledMidJobFailsTheJobNamingIt) {
   auto r = RunCommand(
       {kShardps, "launch", "--servers", "1", "--workers", "3", "--heartbeat-timeout-ms", "3000",
