@@ -72,6 +72,13 @@ Result<std::pair<int, int>> ParseSlowWorker(const std::string& s) {
   return std::make_pair(rank, ms);
 }
 
+// The learning rate of global step `step` (1-based) of `total`: --lr-schedule.
+double ScheduledLr(const TrainFlags& t, uint64_t step, uint64_t total) {
+  if (t.lr_schedule != "cosine" || total <= 1) return t.lr;
+  const double done = static_cast<double>(step - 1) / static_cast<double>(total);
+  return t.lr * 0.5 * (1.0 + std::cos(M_PI * done));
+}
+
 // The checks that need neither the data nor the cluster.
 Status CheckFlags(const TrainFlags& t, uint32_t workers) {
   if (t.dataset != "fashion-mnist")
@@ -79,6 +86,8 @@ Status CheckFlags(const TrainFlags& t, uint32_t workers) {
   if (!(t.lr > 0) || !std::isfinite(t.lr))
     return Impossible(fmt::format("--lr {} must be a positive number", t.lr));
   if (t.epochs <= 0) return Impossible(fmt::format("--epochs {} must be positive", t.epochs));
+  if (t.lr_schedule != "constant" && t.lr_schedule != "cosine")
+    return Impossible(fmt::format("--lr-schedule {}: expected constant or cosine", t.lr_schedule));
   if (t.batch <= 0) return Impossible(fmt::format("--batch {} must be positive", t.batch));
   if (static_cast<uint32_t>(t.batch) % workers != 0)
     return Impossible(fmt::format(
@@ -290,8 +299,11 @@ RunResult RunBaseline(const TrainFlags& t, const Plan& p, const Dataset& train,
         Gather(train, orders[w].data() + s * b, b, x.data() + w * b * f, y.data() + w * b);
       const float loss =
           mlp.ForwardBackward(ConstPtrs(params), x.data(), y.data(), t.batch, Ptrs(grads));
+      OptimizerConfig opt = p.opt;
+      opt.lr = static_cast<float>(ScheduledLr(t, static_cast<uint64_t>(e) * p.steps + s + 1,
+                                              static_cast<uint64_t>(t.epochs) * p.steps));
       for (size_t k = 0; k < params.size(); ++k)
-        server::ApplyOptimizer(p.opt, params[k].data(), params[k].data(), grads[k].data(), nullptr,
+        server::ApplyOptimizer(opt, params[k].data(), params[k].data(), grads[k].data(), nullptr,
                                1.0f, params[k].size(), &state[k]);
       sum += loss;
       losses.push_back(loss);
@@ -358,6 +370,7 @@ int Conclude(const TrainFlags& t, const Plan& p, const RunResult& run, uint32_t 
                            {"time_to_target_seconds", TimeToTarget(run, t.target_accuracy)},
                            {"optimizer", t.optimizer},
                            {"lr", t.lr},
+                           {"lr_schedule", t.lr_schedule},
                            {"batch", t.batch},
                            {"train_samples", p.samples},
                            {"test_samples", test.size()},
@@ -456,9 +469,9 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
   };
   if (rank0)
     Say("train: {} on {} training / {} test samples: {} workers x {} samples per step (global "
-        "batch {}), {} steps per epoch, {} epochs, {} mode, {} servers, {} lr {}",
+        "batch {}), {} steps per epoch, {} epochs, {} mode, {} servers, {} lr {} ({})",
         t.dataset, p.samples, test.size(), p.workers, p.local_batch, t.batch, p.steps, t.epochs,
-        mode_name, w.num_servers(), t.optimizer, t.lr);
+        mode_name, w.num_servers(), t.optimizer, t.lr, t.lr_schedule);
   if (Status st = w.Barrier("train.start", kBarrierTimeout); !st.ok()) return Fail(st);
 
   const size_t f = static_cast<size_t>(train.rows) * static_cast<size_t>(train.cols);
@@ -488,6 +501,12 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
       Gather(train, order.data() + s * b, b, x.data(), y.data());
       const float loss =
           mlp.ForwardBackward(ConstPtrs(params), x.data(), y.data(), p.local_batch, Ptrs(grads));
+      if (t.lr_schedule != "constant") {
+        const auto lr =
+            static_cast<float>(ScheduledLr(t, global, static_cast<uint64_t>(t.epochs) * p.steps));
+        for (size_t k = 0; k < params.size(); ++k)
+          if (Status st = w.SetLearningRate((*ids)[k], lr); !st.ok()) return Fail(st);
+      }
       std::vector<Handle> hs;
       for (size_t k = 0; k < params.size(); ++k)
         hs.push_back(w.steps((*ids)[k]) < global
@@ -548,6 +567,9 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
   app->add_option("--optimizer", t->optimizer, "sgd, momentum, adam or adagrad")
       ->check(CLI::IsMember({"sgd", "momentum", "adam", "adagrad"}));
   app->add_option("--lr", t->lr, "learning rate");
+  app->add_option("--lr-schedule", t->lr_schedule,
+                  "the learning rate over the run: constant, or cosine (from --lr to 0 over all "
+                  "steps)");
   app->add_option("--batch", t->batch, "global batch (each worker uses batch / workers)");
   app->add_option("--epochs", t->epochs, "passes over the training set");
   app->add_option("--limit", t->limit, "use only the first N training samples (0: all)");

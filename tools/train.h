@@ -25,6 +25,9 @@ struct TrainFlags {
   std::string data_dir;  // empty: train::kDefaultFashionMnistDir
   std::string optimizer = "adam";
   double lr = 0.0005;
+  // The learning rate over the run (Worker::SetLearningRate): constant, or cosine (decayed from
+  // lr to 0 over all steps, per step).
+  std::string lr_schedule = "cosine";
   int batch = 256;  // global: each of W workers uses batch / W samples per step
   int epochs = 20;
   uint64_t limit = 0;  // use only the first `limit` training samples (0: all)

@@ -119,6 +119,7 @@ TEST_F(TrainCli, SyntheticDatasetEndToEndWithBaseline) {
     auto j = ReadJson(report);
     ASSERT_FALSE(j.is_discarded()) << r.output;
     EXPECT_EQ(j["mode"], mode);
+    EXPECT_EQ(j["lr_schedule"], "cosine");  // the default: both runs decay the rate alike
     EXPECT_EQ(j["workers"], 3);
     EXPECT_EQ(j["steps_per_epoch"], 8);
     EXPECT_EQ(j["epochs_detail"].size(), 3u);
@@ -204,6 +205,7 @@ TEST_F(TrainCli, ImpossibleFlagCombinationsAreRefusedBeforeLaunching) {
       {{"--lr", "0"}, "--lr 0"},
       {{"--lr", "-0.1"}, "--lr -0.1"},
       {{"--epochs", "0"}, "--epochs 0"},
+      {{"--lr-schedule", "linear"}, "--lr-schedule linear"},
       {{"--batch", "0"}, "--batch 0"},
       {{"--batch", "120"}, "larger than the 100 training samples"},
       {{"--limit", "40", "--batch", "48"}, "larger than the 40 training samples"},
