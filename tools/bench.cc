@@ -82,17 +82,24 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
                   "with --suite: draw throughput.png, latency.png and scaling.png here (gnuplot)");
 }
 
-Result<double> MeasureTcpStreamGbps(uint64_t bytes) {
+Result<int> ListenOnLoopback(sockaddr_in* a) {
   int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  if (bind(ls, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(ls, 1) != 0 ||
-      getsockname(ls, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    close(ls);
-    return Status::FromErrno("baseline socket", errno);
+  *a = sockaddr_in{};
+  a->sin_family = AF_INET;
+  a->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(*a);
+  if (ls < 0 || bind(ls, reinterpret_cast<sockaddr*>(a), sizeof(*a)) != 0 || listen(ls, 1) != 0 ||
+      getsockname(ls, reinterpret_cast<sockaddr*>(a), &len) != 0) {
+    const int err = errno;
+    if (ls >= 0) close(ls);
+    return Status::FromErrno("baseline socket on 127.0.0.1", err);
   }
+  return ls;
+}
+
+Result<double> MeasureTcpStreamGbps(uint64_t bytes) {
+  sockaddr_in a{};
+  SHARDPS_ASSIGN_OR_RETURN(int ls, ListenOnLoopback(&a));
   constexpr size_t kBuf = 4 << 20;
   pid_t pid = fork();
   if (pid < 0) return Status::FromErrno("fork", errno);

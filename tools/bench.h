@@ -3,6 +3,8 @@
 // cluster of itself; under `shardps launch` it joins that job.
 #pragma once
 
+#include <netinet/in.h>
+
 #include <string>
 #include <vector>
 
@@ -35,6 +37,10 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
 // repeated, with same-run baselines; a JSON report and PNGs when asked. Exit status 0 unless a
 // run or a baseline failed.
 int RunBenchSuite(const std::string& suite, const std::string& report, const std::string& plot_dir);
+
+// A listening TCP socket on 127.0.0.1 at a free port (backlog 1), its address in `addr`: the
+// baselines' server side.
+Result<int> ListenOnLoopback(sockaddr_in* addr);
 
 // Raw TCP stream throughput between two processes on loopback, in Gbit/s.
 Result<double> MeasureTcpStreamGbps(uint64_t bytes);

@@ -182,17 +182,8 @@ bool RecvAll(int fd, char* p, uint64_t n) {
 // Median microseconds of a request of `req` bytes answered by `rep` bytes, between this process
 // and a forked one over loopback (TCP_NODELAY both ways), after a few untimed ones.
 Result<double> TcpExchangeOnceUs(uint64_t req, uint64_t rep, uint32_t iters) {
-  int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  if (ls < 0 || bind(ls, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || listen(ls, 1) != 0 ||
-      getsockname(ls, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    const int err = errno;
-    if (ls >= 0) close(ls);
-    return Status::FromErrno("exchange baseline socket", err);
-  }
+  SHARDPS_ASSIGN_OR_RETURN(int ls, ListenOnLoopback(&a));
   const uint32_t warm = std::max<uint32_t>(2, iters / 10);
   pid_t pid = fork();
   if (pid < 0) {

@@ -43,6 +43,10 @@ enum class OptimizerKind : uint8_t { kSgd = 0, kMomentum = 1, kAdam = 2, kAdagra
 const char* OptimizerName(OptimizerKind k);
 Result<OptimizerKind> ParseOptimizer(const std::string& s);
 
+// InvalidArgument unless `lr` is a finite number >= 0: a declared rate (OptimizerConfig) or one
+// set for later pushes (Worker::SetLearningRate), checked by the worker and by the server.
+Status CheckLearningRate(float lr);
+
 struct OptimizerConfig {
   OptimizerKind kind = OptimizerKind::kSgd;
   float lr = 0.01f;

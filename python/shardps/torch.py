@@ -62,8 +62,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if not self._params:
             raise ValueError("no parameter requires a gradient")
         super().__init__([p for _, p in self._params], {"lr": lr})
-        self._declared_lr = float(lr)
-        self._sent_lr = {}  # the rate last set per tensor (none: the declared one)
+        self._sent_lr = {}  # the rate last set per tensor (none: the declared one, defaults["lr"])
         self._backwards = {}  # backwards accumulated per parameter since the last push
         self._tid = {}
         self._out = {}
@@ -95,7 +94,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _backward_done(self, name, p):
         n = self._backwards.get(name, 0) + 1
-        if name in self._pending or n > self._passes:
+        if n > self._passes:
             raise RuntimeError(f"{name}: {n} backwards before step(), with "
                                f"backward_passes_per_step={self._passes}: call step() after "
                                "that many")
@@ -105,7 +104,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _push(self, name, p):
         lr = float(self.param_groups[0]["lr"])
-        if lr != self._sent_lr.get(name, self._declared_lr):
+        if lr != self._sent_lr.get(name, self.defaults["lr"]):
             self._w.set_learning_rate(self._tid[name], lr)
             self._sent_lr[name] = lr
         g = p.grad

@@ -107,8 +107,13 @@ Result<OptimizerKind> ParseOptimizer(const std::string& s) {
       fmt::format("unknown optimizer '{}' (expected sgd, momentum, adam or adagrad)", s));
 }
 
+Status CheckLearningRate(float lr) {
+  if (std::isfinite(lr) && lr >= 0.0f) return Status::OK();
+  return Status::InvalidArgument(fmt::format("learning rate {} is not a finite number >= 0", lr));
+}
+
 Status OptimizerConfig::Validate() const {
-  if (!(lr >= 0.0f)) return Status::InvalidArgument(fmt::format("learning rate {} < 0", lr));
+  SHARDPS_RETURN_IF_ERROR(CheckLearningRate(lr));
   if (!(weight_decay >= 0.0f))
     return Status::InvalidArgument(fmt::format("weight decay {} < 0", weight_decay));
   if (!(momentum >= 0.0f && momentum < 1.0f))

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -664,12 +663,10 @@ class ServerImpl final : public Server {
       pool_.Release(d.buffer);
       return Reply(*c, req, st);
     }
-    if (d.lr && !(std::isfinite(*d.lr) && *d.lr >= 0.0f)) {
+    if (Status st = d.lr ? CheckLearningRate(*d.lr) : Status::OK(); !st.ok()) {
       pool_.Release(d.buffer);
       return Reply(*c, req,
-                   Status::InvalidArgument(fmt::format(
-                       "push of step {} of chunk {}: learning rate {} is not a finite number >= 0",
-                       d.seq, d.chunk_id, *d.lr)));
+                   st.WithContext(fmt::format("push of step {} of chunk {}", d.seq, d.chunk_id)));
     }
     LandedPush p;
     p.worker = d.worker;

@@ -4,7 +4,6 @@
 #include <array>
 #include <atomic>
 #include <charconv>
-#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <map>
@@ -684,9 +683,7 @@ class WorkerImpl final : public Worker {
   }
 
   Status SetLearningRate(TensorId id, float lr) override {
-    if (!std::isfinite(lr) || lr < 0.0f)
-      return Status::InvalidArgument(
-          fmt::format("learning rate {} is not a finite number >= 0", lr));
+    SHARDPS_RETURN_IF_ERROR(CheckLearningRate(lr));
     std::lock_guard<std::mutex> lock(tensors_mu_);
     if (id >= tensors_.size()) return Status::NotFound(fmt::format("unknown tensor id {}", id));
     tensors_[id]->lr = lr;
