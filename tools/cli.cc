@@ -30,6 +30,8 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kHeartbeatTimeoutMs, &heartbeat_timeout_ms)->check(CLI::PositiveNumber);
   AddTunable(app, kConnectionInbound, &connection_inbound);
   AddTunable(app, kProcessInbound, &process_inbound);
+  AddTunable(app, kFuseBytes, &fuse_bytes);
+  AddTunable(app, kFuseUs, &fuse_us)->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   AddTunable(app, kSecretFile, &secret_file);
   AddTunable(app, kMetricsListen, &metrics_listen);
   AddTunable(app, kTimeline, &timeline);

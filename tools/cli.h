@@ -42,6 +42,8 @@ struct JobFlags {
   int64_t heartbeat_timeout_ms = tunables::kHeartbeatTimeoutMs.number;
   std::string connection_inbound{tunables::kConnectionInbound.default_value};
   std::string process_inbound{tunables::kProcessInbound.default_value};
+  std::string fuse_bytes{tunables::kFuseBytes.default_value};
+  int64_t fuse_us = tunables::kFuseUs.number;
   std::string secret_file{tunables::kSecretFile.default_value};
   std::string metrics_listen{tunables::kMetricsListen.default_value};
   std::string timeline{tunables::kTimeline.default_value};

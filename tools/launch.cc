@@ -123,6 +123,10 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   lo.timeline = job.timeline;
   lo.parent_env = parent.entries();
   lo.env.push_back(fmt::format("{}={}", tunables::kAggregate.env, job.aggregate));
+  auto fuse = ParseBytes(job.fuse_bytes);
+  if (!fuse.ok()) return fuse.status().WithContext("--fuse-bytes");
+  lo.env.push_back(fmt::format("{}={}", tunables::kFuseBytes.env, *fuse));
+  lo.env.push_back(fmt::format("{}={}", tunables::kFuseUs.env, job.fuse_us));
   return lo;
 }
 

@@ -79,6 +79,9 @@ struct ServerStats {
   uint64_t grants_waited = 0;        // grant requests that had to wait for a free buffer
   uint64_t grants_ahead = 0;         // buffers granted ahead with an acknowledgement
   uint64_t grants_parked = 0;        // grant requests that waited for their chunk to catch up
+  uint64_t batches = 0;              // batch requests (small chunks' operations fused)
+  uint64_t batched_pushes = 0;       // pushes that travelled in a batch
+  uint64_t batched_pulls = 0;        // pulls answered in a batch (push_pull's included)
   uint64_t inbound_bytes = 0;        // held now for what peers sent (the inbound budget)
   uint64_t inbound_peak_bytes = 0;   // the most held at once
   uint64_t inbound_limit_bytes = 0;  // the process's inbound budget

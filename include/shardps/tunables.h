@@ -130,6 +130,22 @@ inline constexpr Tunable kProcessInbound{
     1ll << 30,
     "the same bound for all connections of a server or worker together",
     "server, launch, bench, train; worker"};
+inline constexpr Tunable kFuseBytes{
+    "fuse-bytes",
+    "SHARDPS_FUSE_BYTES",
+    "64KiB",
+    64ll << 10,
+    "worker: operations on tensor chunks of at most 64 KiB travel to their server in batches; a "
+    "batch is sent once its pushed and pulled bytes reach this (0: no batches)",
+    "launch, bench, train; worker"};
+inline constexpr Tunable kFuseUs{
+    "fuse-us",
+    "SHARDPS_FUSE_US",
+    "0",
+    0,
+    "worker: the longest a batch waits for more operations before it is sent (0: sent as soon "
+    "as the worker's transport thread is free; more holds that thread polling meanwhile)",
+    "launch, bench, train; worker"};
 inline constexpr Tunable kRpcTimeoutMs{"timeout-ms",
                                        "SHARDPS_TIMEOUT_MS",
                                        "60000",
@@ -245,6 +261,8 @@ inline constexpr const Tunable* kAll[] = {
     &kHeartbeatTimeoutMs,
     &kConnectionInbound,
     &kProcessInbound,
+    &kFuseBytes,
+    &kFuseUs,
     &kRpcTimeoutMs,
     &kCoordinator,
     &kRank,

@@ -42,6 +42,12 @@ struct WorkerOptions {
   // How long the data transport's thread (ucx) and Handle::Wait keep polling before they
   // sleep: a wake-up costs tens of microseconds. 0: never poll.
   std::chrono::microseconds busy_poll{tunables::kBusyPollUs.number};
+  // Operations on chunks of at most 64 KiB travel to their server in batches (docs/protocol.md,
+  // "Batches"): a batch goes once its pushed and pulled bytes reach `fuse_bytes` (0: no
+  // batches; at most 16 MiB), or when the data transport's thread is free and the oldest
+  // operation in it waited `fuse_delay`.
+  uint64_t fuse_bytes = static_cast<uint64_t>(tunables::kFuseBytes.number);
+  std::chrono::microseconds fuse_delay{tunables::kFuseUs.number};
   // Bytes servers may make this worker hold for what they sent and it has not handed on yet.
   uint64_t connection_inbound_bytes = static_cast<uint64_t>(tunables::kConnectionInbound.number);
   uint64_t process_inbound_bytes = static_cast<uint64_t>(tunables::kProcessInbound.number);
@@ -61,7 +67,8 @@ struct WorkerOptions {
   std::string timeline;
 
   // Fills the options from the variables of the tunables this worker reads (coordinator,
-  // transport, rank, timeout-ms, busy-poll-us, the inbound budgets, the secret file, the metrics
+  // transport, rank, timeout-ms, busy-poll-us, fuse-bytes, fuse-us, the inbound budgets, the
+  // secret file, the metrics
   // address, the timeline;
   // include/shardps/tunables.h)
   // and the UCX_* transport settings in `environ`, as `shardps launch` sets them for its

@@ -285,32 +285,124 @@ bool PushAck::Decode(Reader* r) {
   return !has_ahead || ahead.Decode(r);
 }
 
+void EncodeStatus(Writer* w, const Status& st) {
+  w->Put<int32_t>(static_cast<int32_t>(st.code()));
+  w->PutString(st.message());
+}
+
+bool DecodeStatus(Reader* r, Status* st) {
+  int32_t code = 0;
+  std::string msg;
+  if (!r->Get(&code) || !r->GetString(&msg)) return false;
+  switch (code) {
+    case 0:
+      *st = Status::OK();
+      break;
+    case static_cast<int32_t>(Status::Code::kTimeout):
+      *st = Status::Timeout(msg);
+      break;
+    case static_cast<int32_t>(Status::Code::kInvalidArgument):
+      *st = Status::InvalidArgument(msg);
+      break;
+    case static_cast<int32_t>(Status::Code::kUnavailable):
+      *st = Status::Unavailable(msg);
+      break;
+    case static_cast<int32_t>(Status::Code::kNotFound):
+      *st = Status::NotFound(msg);
+      break;
+    default:
+      *st = Status::RemoteError(msg);
+  }
+  return true;
+}
+
 Bytes ReplyMeta(uint64_t request_id, const Status& st, const Bytes& body) {
   Bytes b;
   Writer w(&b);
   w.Put(request_id);
-  w.Put<int32_t>(static_cast<int32_t>(st.code()));
-  w.PutString(st.message());
+  EncodeStatus(&w, st);
   w.PutRaw(body.data(), body.size());
   return b;
 }
 
 bool ParseReplyHead(Reader* r, uint64_t* request_id, Status* st) {
-  int32_t code = 0;
-  std::string msg;
-  if (!r->Get(request_id) || !r->Get(&code) || !r->GetString(&msg)) return false;
-  if (code == 0) {
-    *st = Status::OK();
-  } else if (code == static_cast<int32_t>(Status::Code::kTimeout)) {
-    *st = Status::Timeout(msg);
-  } else if (code == static_cast<int32_t>(Status::Code::kInvalidArgument)) {
-    *st = Status::InvalidArgument(msg);
-  } else if (code == static_cast<int32_t>(Status::Code::kUnavailable)) {
-    *st = Status::Unavailable(msg);
-  } else if (code == static_cast<int32_t>(Status::Code::kNotFound)) {
-    *st = Status::NotFound(msg);
-  } else {
-    *st = Status::RemoteError(msg);
+  return r->Get(request_id) && DecodeStatus(r, st);
+}
+
+namespace {
+constexpr uint8_t kEntryPush = 1, kEntryPull = 2, kEntryLr = 4;
+constexpr size_t kMinEntryBytes = 9;    // chunk id, flags
+constexpr size_t kMinResultBytes = 21;  // entry, code, message length, version, flags
+}  // namespace
+
+void BatchRequest::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(worker);
+  w->Put(static_cast<uint32_t>(entries.size()));
+  for (const auto& e : entries) {
+    w->Put(e.chunk_id);
+    w->Put<uint8_t>(static_cast<uint8_t>((e.push ? kEntryPush : 0) | (e.pull ? kEntryPull : 0) |
+                                         (e.push && e.lr ? kEntryLr : 0)));
+    if (!e.push) continue;
+    w->Put(e.seq);
+    w->Put(e.bytes);
+    w->Put(e.base_version);
+    if (e.lr) w->Put(*e.lr);
+  }
+}
+
+bool BatchRequest::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->Get(&epoch) || !r->Get(&worker) || !r->Get(&n)) return false;
+  if (n == 0 || n > kMaxBatchEntries || !r->Fits(n, kMinEntryBytes)) return r->Fail();
+  entries.assign(n, {});
+  for (auto& e : entries) {
+    uint8_t flags = 0;
+    if (!r->Get(&e.chunk_id) || !r->Get(&flags)) return false;
+    if (flags == 0 || flags > 7 || ((flags & kEntryLr) && !(flags & kEntryPush))) return r->Fail();
+    e.push = (flags & kEntryPush) != 0;
+    e.pull = (flags & kEntryPull) != 0;
+    if (!e.push) continue;
+    if (!r->Get(&e.seq) || !r->Get(&e.bytes) || !r->Get(&e.base_version)) return false;
+    if (flags & kEntryLr) {
+      float lr = 0;
+      if (!r->Get(&lr)) return false;
+      e.lr = lr;
+    }
+  }
+  return true;
+}
+
+void BatchAnswer::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(batch);
+  w->Put(static_cast<uint32_t>(results.size()));
+  for (const auto& x : results) {
+    w->Put(x.entry);
+    EncodeStatus(w, x.status);
+    w->Put(x.version);
+    w->Put<uint8_t>(static_cast<uint8_t>((x.late ? 1 : 0) | (x.pulled_bytes ? 2 : 0)));
+    if (x.pulled_bytes == 0) continue;
+    w->Put(x.pulled_version);
+    w->Put(x.pulled_bytes);
+  }
+}
+
+bool BatchAnswer::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->Get(&epoch) || !r->Get(&batch) || !r->Get(&n)) return false;
+  if (n == 0 || n > kMaxBatchEntries || !r->Fits(n, kMinResultBytes)) return r->Fail();
+  results.assign(n, {});
+  for (auto& x : results) {
+    uint8_t flags = 0;
+    if (!r->Get(&x.entry) || x.entry >= kMaxBatchEntries || !DecodeStatus(r, &x.status) ||
+        !r->Get(&x.version) || !r->Get(&flags))
+      return r->Fail();
+    if (flags > 3) return r->Fail();
+    x.late = (flags & 1) != 0;
+    if (!(flags & 2)) continue;
+    if (!r->Get(&x.pulled_version) || !r->Get(&x.pulled_bytes) || x.pulled_bytes == 0)
+      return r->Fail();
   }
   return true;
 }

@@ -32,6 +32,9 @@ enum Tag : uint32_t {
   kGrant = 31,
   kPushDone = 32,
   kStats = 33,
+  kBatch = 34,
+  // server -> worker (no reply)
+  kBatchAnswer = 35,
 };
 
 enum class Role : uint8_t { kServer = 1, kWorker = 2 };
@@ -224,6 +227,68 @@ struct PushAck {
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };
+
+// kBatch: operations on small chunks fused into one request per server (docs/protocol.md,
+// "Batches"). Only chunks of at most kMaxBatchedChunkBytes of fp32 parameters travel this way:
+// their server applies them on its transport thread, so one message is one pass over them. A
+// push's gradient travels in the request's payload (the entries' bytes one after the other,
+// in entry order), with no landing buffer and no grant; a pull's parameters come back in a
+// kBatchAnswer's payload, read on the thread that publishes them, so they are never torn. An
+// entry both pushes and pulls for push_pull: its parameters are read once the push is
+// acknowledged. The request id is the batch's name in its answers; kBatch gets no kReply.
+inline constexpr uint64_t kMaxBatchedChunkBytes = 64 << 10;
+inline constexpr uint32_t kMaxBatchEntries = 8192;
+// The most parameter bytes one batch may ask to pull (the reply's payload).
+inline constexpr uint64_t kMaxBatchPullBytes = 32ull << 20;
+
+struct BatchEntry {
+  uint64_t chunk_id = 0;
+  bool push = false;
+  bool pull = false;
+  // Push: as in PushDone.
+  uint64_t seq = 0;
+  uint64_t bytes = 0;
+  uint64_t base_version = 0;
+  std::optional<float> lr;
+};
+
+struct BatchRequest {
+  uint64_t epoch = 0;
+  uint32_t worker = 0;
+  std::vector<BatchEntry> entries;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// What entry `entry` of a batch came to: its status (a refused entry changes nothing), the
+// version its push is part of (as PushAck; `late` likewise), and, for a pull, the version read
+// and how many bytes of the answer's payload hold its parameters (its slot's bytes: fp32, or
+// its pull codec's).
+struct BatchResult {
+  uint32_t entry = 0;
+  Status status;
+  uint64_t version = 0;
+  bool late = false;
+  uint64_t pulled_version = 0;
+  uint64_t pulled_bytes = 0;
+};
+
+// kBatchAnswer (server -> worker, no reply): the entries of batch `batch` (its request id)
+// answered since the last answer, their parameters in the payload one after the other in
+// result order. Entries are answered as they complete (a sync push when its step is
+// published), so an operation never waits for another one that shared its batch; what
+// completes together travels together.
+struct BatchAnswer {
+  uint64_t epoch = 0;
+  uint64_t batch = 0;
+  std::vector<BatchResult> results;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// A Status on the wire: i32 code, string message.
+void EncodeStatus(Writer* w, const Status& st);
+[[nodiscard]] bool DecodeStatus(Reader* r, Status* st);
 
 // Byte layout of a chunk's two published slots: [parameters][pad to 64][u64 tag][pad to 64],
 // the parameters as fp32, or encoded with the chunk's pull codec (fp16, bf16: 2 bytes each).

@@ -103,12 +103,13 @@ class Reader {
   bool failed() const { return failed_; }
   // True when everything was consumed and nothing failed: messages must not carry trailing junk.
   bool done() const { return !failed_ && p_ == end_; }
-
- private:
+  // Marks the read failed (a value out of its range); returns false.
   bool Fail() {
     failed_ = true;
     return false;
   }
+
+ private:
   const uint8_t* p_;
   const uint8_t* end_;
   bool failed_ = false;

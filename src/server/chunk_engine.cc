@@ -143,8 +143,8 @@ EngineActions ChunkEngine::OnPush(LandedPush p) {
                           version()});
       out.release.push_back(p.buffer);
     } else {
+      out.parked_buffers_delta += p.holds_buffer();
       parked_.emplace(key, std::move(p));
-      out.parked_buffers_delta++;
     }
   }
   Drain(&out);
@@ -156,7 +156,7 @@ EngineActions ChunkEngine::OnConnectionClosed(const transport::Connection* owner
   for (auto it = parked_.begin(); it != parked_.end();) {
     if (it->second.reply.conn.get() == owner) {
       out.release.push_back(it->second.buffer);
-      out.parked_buffers_delta--;
+      out.parked_buffers_delta -= it->second.holds_buffer();
       it = parked_.erase(it);
     } else {
       ++it;
@@ -248,7 +248,7 @@ void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {
   out->applied++;
   Update(
       p.grad, nullptr, 1.0f, p.lr,
-      [this, reply = std::move(p.reply), buffer = p.buffer](EngineActions* o) {
+      [this, reply = std::move(p.reply), buffer = p.buffer, hold = p.hold](EngineActions* o) {
         o->release.push_back(buffer);
         o->acks.push_back({reply, failure_, version()});
       },
@@ -278,7 +278,7 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
     bool has_sum = step.count > 0;
     Update(
         p.grad, has_sum ? &sum : nullptr, Scale(), step.lr,
-        [this, seq, buffer = p.buffer](EngineActions* o) {
+        [this, seq, buffer = p.buffer, hold = p.hold](EngineActions* o) {
           o->release.push_back(buffer);
           auto it = steps_.find(seq);
           for (auto& a : it->second.acks) o->acks.push_back({a.to, failure_, version(), a.late});
@@ -345,10 +345,10 @@ void ChunkEngine::Drain(EngineActions* out) {
       if (!skips && !Admissible(seq)) continue;
       LandedPush p = std::move(it->second);
       parked_.erase(it);
-      out->parked_buffers_delta--;
+      out->parked_buffers_delta -= p.holds_buffer();
       if (!TryProcess(p, out)) {  // not expected (next in line and admissible): parked again
+        out->parked_buffers_delta += p.holds_buffer();
         parked_.emplace(std::make_pair(p.worker, p.seq), std::move(p));
-        out->parked_buffers_delta++;
         break;
       }
     }
@@ -358,8 +358,8 @@ void ChunkEngine::Drain(EngineActions* out) {
       if (!TryProcess(p, out)) {
         auto key = std::make_pair(p.worker, p.seq);
         if (!parked_.count(key)) {
+          out->parked_buffers_delta += p.holds_buffer();
           parked_.emplace(key, std::move(p));
-          out->parked_buffers_delta++;
         } else {
           out->acks.push_back(
               {p.reply, Status::AlreadyExists("push is already waiting"), version()});

@@ -76,21 +76,34 @@ struct EngineConfig {
   WorkerCounters* counters = nullptr;  // num_workers of them, or null
 };
 
-// Whom to answer: a request on a connection (tests use a null connection and distinct ids).
+// A batch request being answered (the server's; cluster::BatchRequest).
+struct BatchInFlight;
+
+// Whom to answer: a request on a connection (tests use a null connection and distinct ids), or
+// entry `entry` of a batch on that connection.
 struct ReplyTo {
   std::shared_ptr<transport::Connection> conn;
   uint64_t request = 0;
+  std::shared_ptr<BatchInFlight> batch;
+  uint32_t entry = 0;
 };
 
-// A push whose bytes are in landing buffer `buffer`.
+// A push that travelled in a batch holds no landing buffer.
+inline constexpr uint32_t kNoLandingBuffer = UINT32_MAX;
+
+// A push whose bytes are in landing buffer `buffer`, or (kNoLandingBuffer) in memory that `hold`
+// keeps alive for as long as the push is kept.
 struct LandedPush {
   uint32_t worker = 0;
   uint64_t seq = 0;
   uint64_t base_version = 0;  // the version the gradient was computed from (PushDone)
   std::optional<float> lr;    // the update's learning rate (PushDone); none: the declared one
   uint32_t buffer = 0;
+  std::shared_ptr<const void> hold;
   GradientView grad;
   ReplyTo reply;
+  // 1 when it holds a landing buffer (counted in parked_buffers_delta), else 0.
+  int holds_buffer() const { return buffer == kNoLandingBuffer ? 0 : 1; }
 };
 
 // A grant request that waits until its push is admissible.
@@ -109,13 +122,13 @@ struct EngineActions {
     uint64_t version = 0;
     bool late = false;  // dropped: its step was published without it
   };
-  std::vector<Ack> acks;             // answer these pushes
-  std::vector<uint32_t> release;     // landing buffers the engine is done with
-  std::vector<ParkedGrant> admit;    // grant requests that are admissible now
-  uint64_t applied = 0;              // pushes folded into the parameters
-  uint64_t duplicates = 0;           // resent pushes acknowledged without applying
-  uint64_t late = 0;                 // pushes dropped because their step was published
-  uint64_t published = 0;            // versions published
+  std::vector<Ack> acks;           // answer these pushes
+  std::vector<uint32_t> release;   // landing buffers the engine is done with (or kNoLandingBuffer)
+  std::vector<ParkedGrant> admit;  // grant requests that are admissible now
+  uint64_t applied = 0;            // pushes folded into the parameters
+  uint64_t duplicates = 0;         // resent pushes acknowledged without applying
+  uint64_t late = 0;               // pushes dropped because their step was published
+  uint64_t published = 0;          // versions published
   int64_t parked_buffers_delta = 0;  // change in landing buffers held by parked pushes
 
   void Append(EngineActions&& o);

@@ -64,6 +64,9 @@ std::string ServerStats::ToJson() const {
                       {"grants_waited", grants_waited},
                       {"grants_ahead", grants_ahead},
                       {"grants_parked", grants_parked},
+                      {"batches", batches},
+                      {"batched_pushes", batched_pushes},
+                      {"batched_pulls", batched_pulls},
                       {"inbound_bytes", inbound_bytes},
                       {"inbound_peak_bytes", inbound_peak_bytes},
                       {"inbound_limit_bytes", inbound_limit_bytes},
@@ -87,6 +90,19 @@ std::string ServerStats::ToJson() const {
 }
 
 namespace server {
+
+// A batch request being answered, on the data loop thread (which owns every chunk a batch may
+// name): entries are answered as they complete, and what completed during one event handled by
+// that thread travels in one kBatchAnswer (cluster::BatchAnswer).
+struct BatchInFlight {
+  std::shared_ptr<transport::Connection> conn;
+  uint64_t batch = 0;
+  std::vector<uint8_t> pulls;  // per entry: its parameters go back with its answer
+  cluster::BatchAnswer part;   // answered since the last answer was sent
+  Bytes payload;               // their parameters, in the same order
+  bool queued = false;         // in the server's list of answers to send
+};
+
 namespace {
 
 using namespace cluster;
@@ -98,7 +114,9 @@ constexpr uint64_t kMaxStepsAhead = 2;            // sync: steps summed ahead of
 // Chunks this small are applied on the transport thread that receives their pushes: such an
 // apply takes about a microsecond, less than handing it to an apply thread and back. A chunk's
 // size never changes, so each chunk still has exactly one owning thread.
-constexpr uint64_t kInlineApplyBytes = 64 << 10;
+// The same bound as a batch's (cluster::kMaxBatchedChunkBytes): a batch's chunks are all applied
+// on the thread that receives it.
+constexpr uint64_t kInlineApplyBytes = kMaxBatchedChunkBytes;
 // An update of a chunk is split into ranges of this many elements (256 KiB) that idle apply
 // threads run alongside the chunk's own (Applier::ParallelFor).
 constexpr size_t kRangeElements = 64 << 10;
@@ -163,9 +181,11 @@ class ServerImpl final : public Server {
       transport::ConnectionHandlers h;
       h.on_message = [this](const std::shared_ptr<Connection>& c, transport::Message m) {
         OnMessage(c, m);
+        SendAnswers();
       };
       h.on_close = [this](const std::shared_ptr<Connection>& c, Status) {
         if (ready_.load() && !stopping_.load()) OnConnectionClosed(c);
+        SendAnswers();
       };
       return h;
     });
@@ -251,6 +271,12 @@ class ServerImpl final : public Server {
               d(s.grants_waited));
     f.Counter("shardps_server_grants_ahead_total", "buffers granted ahead with an ack",
               d(s.grants_ahead));
+    f.Counter("shardps_server_batches_total", "batch requests: small chunks' operations fused",
+              d(s.batches));
+    f.Counter("shardps_server_batched_pushes_total", "pushes that travelled in a batch",
+              d(s.batched_pushes));
+    f.Counter("shardps_server_batched_pulls_total", "pulls answered in a batch",
+              d(s.batched_pulls));
     f.Counter("shardps_server_grants_parked_total",
               "grant requests that waited for their chunk to catch up", d(s.grants_parked));
     f.Gauge("shardps_server_landing_buffers", "landing buffers in the pool", d(s.landing_buffers));
@@ -350,6 +376,9 @@ class ServerImpl final : public Server {
     if (control_ctx_) s.refused_peers += control_ctx_->refused_peers();
     s.grants_waited = grants_waited_.load();
     s.grants_ahead = grants_ahead_.load();
+    s.batches = batches_.load(std::memory_order_relaxed);
+    s.batched_pushes = batched_pushes_.load(std::memory_order_relaxed);
+    s.batched_pulls = batched_pulls_.load(std::memory_order_relaxed);
     s.landing_buffers = pool_.size();
     s.apply_threads = opt_.apply_threads;
     s.ranges_helped = applier_.ranges_helped();
@@ -415,8 +444,10 @@ class ServerImpl final : public Server {
     }
     // A connection that closed meanwhile was not dropped from the pool (it was not ready):
     // its messages are skipped, so nothing is granted to it.
-    for (auto& [c, m] : held)
+    for (auto& [c, m] : held) {
       if (!c->closed()) OnMessage(c, m);
+      SendAnswers();
+    }
   }
 
   void Drop(const std::shared_ptr<Connection>& c, const std::string& why) {
@@ -442,6 +473,8 @@ class ServerImpl final : public Server {
         return OnGrant(c, req, r);
       case kPushDone:
         return OnPushDone(c, req, r);
+      case kBatch:
+        return OnBatch(c, req, r, m);
       case kStats: {
         if (!r.done()) return Drop(c, "malformed stats request");
         std::string json = stats().ToJson();
@@ -589,8 +622,12 @@ class ServerImpl final : public Server {
   // thread. The transport keeps polling until the apply thread hands back its answer.
   void OnOwner(Chunk& ch, std::function<void()> fn) {
     if (ch.inline_apply) {
+      // On the loop thread, the event being handled sends the batch answers it completed.
       if (data_ctx_->InLoopThread()) return fn();
-      data_ctx_->RunInLoop(std::move(fn));
+      data_ctx_->RunInLoop([this, fn = std::move(fn)] {
+        fn();
+        SendAnswers();
+      });
       return;
     }
     applier_.Post(ch.id, [fn = std::move(fn), hold = data_ctx_->HoldPolling()] { fn(); });
@@ -681,31 +718,188 @@ class ServerImpl final : public Server {
     p.grad.block = ch->push_block;
     p.reply = ReplyTo{c, req};
     push_bytes_.fetch_add(d.bytes, std::memory_order_relaxed);
-    OnOwner(*ch, [this, ch, p = std::move(p)]() mutable {
-      const auto start = std::chrono::steady_clock::now();
-      const uint32_t worker = p.worker;
-      const uint64_t seq = p.seq;
-      EngineActions a = ch->engine->OnPush(std::move(p));
-      const auto end = std::chrono::steady_clock::now();
-      apply_latency_.Observe(end - start);
-      if (timeline_)
-        timeline_->Span(a.published ? "apply+publish" : "apply", "server", start, end, ch->id,
-                        {{"chunk", "worker", "step"},
-                         {static_cast<int64_t>(ch->id), worker, static_cast<int64_t>(seq)}});
-      Execute(*ch, std::move(a));
-    });
+    OnOwner(*ch, [this, ch, p = std::move(p)]() mutable { ApplyPush(*ch, std::move(p)); });
+  }
+
+  // The chunk's owner thread: hands a push to the engine and carries out what it decided.
+  void ApplyPush(Chunk& ch, LandedPush p) {
+    const auto start = std::chrono::steady_clock::now();
+    const uint32_t worker = p.worker;
+    const uint64_t seq = p.seq;
+    EngineActions a = ch.engine->OnPush(std::move(p));
+    const auto end = std::chrono::steady_clock::now();
+    apply_latency_.Observe(end - start);
+    if (timeline_)
+      timeline_->Span(a.published ? "apply+publish" : "apply", "server", start, end, ch.id,
+                      {{"chunk", "worker", "step"},
+                       {static_cast<int64_t>(ch.id), worker, static_cast<int64_t>(seq)}});
+    Execute(ch, std::move(a));
+  }
+
+  // What a batch's pushes are kept in while a push of it is parked: the request's payload,
+  // charged to the server's inbound budget until the last push that travelled in it is gone.
+  struct BatchBytes {
+    transport::Buffer bytes;
+    std::shared_ptr<transport::InboundBudget> budget;
+    uint64_t charged = 0;
+    ~BatchBytes() {
+      if (budget) budget->Release(charged);
+    }
+  };
+
+  // Loop thread. The operations of a batch, in entry order; every chunk it may name (at most
+  // kMaxBatchedChunkBytes) is owned by this thread, so each push is applied here and now.
+  void OnBatch(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r,
+               transport::Message& m) {
+    BatchRequest b;
+    if (!b.Decode(&r) || !r.done()) return Drop(c, "malformed batch");
+    if (b.worker >= view_.num_workers)
+      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", b.worker)));
+    const size_t n = b.entries.size();
+    uint64_t pushed = 0;
+    for (const auto& e : b.entries) {
+      if (!e.push) continue;
+      if (e.bytes > pool_.buffer_bytes() || e.bytes > m.payload.size() - pushed)
+        return Drop(c, fmt::format("batch of {} entries whose pushes claim more than the {} "
+                                   "bytes it carries",
+                                   n, m.payload.size()));
+      pushed += e.bytes;
+    }
+    if (pushed != m.payload.size())
+      return Drop(c, fmt::format("batch of {} entries whose pushes claim {} of the {} bytes it "
+                                 "carries",
+                                 n, pushed, m.payload.size()));
+    auto answer = std::make_shared<BatchInFlight>();
+    answer->conn = c;
+    answer->batch = req;
+    answer->part.batch = req;
+    answer->pulls.assign(n, 0);
+    std::vector<Chunk*> chunks(n);
+    uint64_t pull_bytes = 0;
+    for (size_t i = 0; i < n; ++i) {
+      chunks[i] = FindChunk(b.entries[i].chunk_id);
+      if (chunks[i] && chunks[i]->inline_apply && b.entries[i].pull) {
+        answer->pulls[i] = 1;
+        pull_bytes += chunks[i]->layout.data_bytes;
+      }
+    }
+    if (pull_bytes > kMaxBatchPullBytes) {
+      for (size_t i = 0; i < n; ++i)
+        Answer(answer, i,
+               Status::InvalidArgument(fmt::format("batch pulls {} bytes; the bound is {}",
+                                                   pull_bytes, kMaxBatchPullBytes)),
+               0, false, nullptr);
+      return;
+    }
+    std::shared_ptr<BatchBytes> held;
+    if (pushed > 0) {
+      if (!inbound_->TryCharge(pushed))
+        return Drop(c, fmt::format("a batch of {} pushed bytes would pass the server's inbound "
+                                   "budget of {} bytes",
+                                   pushed, inbound_->limit()));
+      held = std::make_shared<BatchBytes>();
+      held->bytes = std::move(m.payload);
+      held->budget = inbound_;
+      held->charged = pushed;
+    }
+    const uint8_t* at = held ? held->bytes.data() : nullptr;
+    for (size_t i = 0; i < n; ++i) {
+      const BatchEntry& e = b.entries[i];
+      const uint8_t* grad = at;
+      if (e.push) at += e.bytes;
+      Chunk* ch = chunks[i];
+      Status st;
+      if (!ch) {
+        st = Status::NotFound(fmt::format("unknown chunk {}", e.chunk_id));
+      } else if (!ch->inline_apply) {
+        st = Status::InvalidArgument(
+            fmt::format("chunk {} of tensor '{}' has {} bytes: too large for a batch (at most {})",
+                        ch->id, ch->tensor, ch->numel * 4, kMaxBatchedChunkBytes));
+      } else if (e.push) {
+        st = CheckPushBytes(*ch, e.bytes);
+        if (st.ok() && e.lr) st = CheckLearningRate(*e.lr);
+        if (!st.ok())
+          st = st.WithContext(fmt::format("push of step {} of chunk {}", e.seq, e.chunk_id));
+      }
+      if (!st.ok()) {
+        Answer(answer, i, st, 0, false, nullptr);
+        continue;
+      }
+      if (!e.push) {
+        Answer(answer, i, Status::OK(), ch->engine->version(), false, ch);
+        continue;
+      }
+      LandedPush p;
+      p.worker = b.worker;
+      p.seq = e.seq;
+      p.base_version = e.base_version;
+      p.lr = e.lr;
+      p.buffer = kNoLandingBuffer;
+      p.hold = held;
+      p.grad.data = grad;
+      p.grad.numel = ch->numel;
+      p.grad.bytes = e.bytes;
+      p.grad.encoding = ch->push_codec;
+      p.grad.block = ch->push_block;
+      p.reply = ReplyTo{c, req, answer, static_cast<uint32_t>(i)};
+      push_bytes_.fetch_add(e.bytes, std::memory_order_relaxed);
+      batched_pushes_.fetch_add(1, std::memory_order_relaxed);
+      ApplyPush(*ch, std::move(p));
+    }
+    batches_.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  // Loop thread: entry i of batch `b` came to this; with `pulled`, its newest published version
+  // goes back with it (the loop thread publishes it, so the copy is never torn). Sent by
+  // SendAnswers, once the event that completed it was handled.
+  void Answer(const std::shared_ptr<BatchInFlight>& b, size_t i, Status st, uint64_t version,
+              bool late, const Chunk* pulled) {
+    BatchResult& x = b->part.results.emplace_back();
+    x.entry = static_cast<uint32_t>(i);
+    x.status = std::move(st);
+    x.version = version;
+    x.late = late;
+    if (pulled && x.status.ok()) {
+      const uint64_t v = pulled->engine->version();
+      const auto* slot =
+          static_cast<const uint8_t*>(pulled->slots->data()) + (v % 2) * pulled->layout.stride;
+      b->payload.insert(b->payload.end(), slot, slot + pulled->layout.data_bytes);
+      x.pulled_version = v;
+      x.pulled_bytes = pulled->layout.data_bytes;
+      batched_pulls_.fetch_add(1, std::memory_order_relaxed);
+    }
+    if (!b->queued) {
+      b->queued = true;
+      answers_.push_back(b);
+    }
+  }
+
+  // Loop thread, after each event: one kBatchAnswer per batch with entries answered since.
+  void SendAnswers() {
+    for (auto& b : answers_) {
+      Bytes meta;
+      Writer w(&meta);
+      b->part.Encode(&w);
+      b->conn->Send(kBatchAnswer, std::move(meta), transport::Payload::Own(std::move(b->payload)),
+                    nullptr);
+      b->part.results.clear();
+      b->payload = Bytes();
+      b->queued = false;
+    }
+    answers_.clear();
   }
 
   // Carries out what the engine decided: buffers back to the pool first (an admitted grant or
   // a grant ahead may take them), then admitted grants, then acknowledgements.
   void Execute(Chunk& ch, EngineActions a) {
     pool_.AddParked(a.parked_buffers_delta);
-    for (uint32_t b : a.release) pool_.Release(b);
+    for (uint32_t b : a.release)
+      if (b != kNoLandingBuffer) pool_.Release(b);
     for (auto& g : a.admit) {
       auto conn = g.conn.lock();
       if (conn && !conn->closed()) RequestBuffer(conn, g.request, ch.id, g.seq);
     }
-    for (auto& ack : a.acks) AckNow(ack);
+    for (auto& ack : a.acks) AckNow(ch, ack);
     pushes_applied_ += a.applied;
     duplicates_ += a.duplicates;
     late_ += a.late;
@@ -714,7 +908,12 @@ class ServerImpl final : public Server {
 
   // The acknowledgement carries a landing buffer granted ahead for the worker's next push
   // when the pool can spare one.
-  void AckNow(const EngineActions::Ack& a) {
+  // An entry of a batch is answered in the batch's reply, with the chunk's parameters when it
+  // pulls too.
+  void AckNow(const Chunk& ch, const EngineActions::Ack& a) {
+    if (a.to.batch)
+      return Answer(a.to.batch, a.to.entry, a.status, a.version, a.late,
+                    a.to.batch->pulls[a.to.entry] ? &ch : nullptr);
     if (!a.to.conn) return;
     if (!a.status.ok()) return Reply(*a.to.conn, a.to.request, a.status);
     PushAck ack;
@@ -772,7 +971,8 @@ class ServerImpl final : public Server {
     uint64_t request = 0;
     std::vector<CreateChunkItem> items;
   };
-  std::vector<Attach> attaches_;  // loop thread only
+  std::vector<Attach> attaches_;                         // loop thread only
+  std::vector<std::shared_ptr<BatchInFlight>> answers_;  // loop thread only: to send
 
   mutable std::shared_mutex chunks_mu_;
   std::unordered_map<uint64_t, std::unique_ptr<Chunk>> chunks_;
@@ -792,6 +992,9 @@ class ServerImpl final : public Server {
   std::atomic<uint64_t> grants_waited_{0};
   std::atomic<uint64_t> grants_ahead_{0};
   std::atomic<uint64_t> grants_parked_{0};
+  std::atomic<uint64_t> batches_{0};         // batch requests served
+  std::atomic<uint64_t> batched_pushes_{0};  // pushes that travelled in them
+  std::atomic<uint64_t> batched_pulls_{0};   // pulls answered in them
 };
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <optional>
 #include <set>
 #include <thread>
+#include <unordered_map>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -148,6 +149,15 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
   }
   SHARDPS_ASSIGN_OR_RETURN(bool has_poll, integer(tunables::kBusyPollUs, &n));
   if (has_poll) o.busy_poll = std::chrono::microseconds(n);
+  SHARDPS_ASSIGN_OR_RETURN(bool has_fuse, integer(tunables::kFuseBytes, &n));
+  if (has_fuse) {
+    if (n < 0)
+      return Status::InvalidArgument(
+          fmt::format("{} must not be negative", tunables::kFuseBytes.env));
+    o.fuse_bytes = static_cast<uint64_t>(n);
+  }
+  SHARDPS_ASSIGN_OR_RETURN(bool has_fuse_us, integer(tunables::kFuseUs, &n));
+  if (has_fuse_us) o.fuse_delay = std::chrono::microseconds(n);
   for (const Tunable* t : {&tunables::kConnectionInbound, &tunables::kProcessInbound}) {
     SHARDPS_ASSIGN_OR_RETURN(bool has, integer(*t, &n));
     if (!has) continue;
@@ -163,11 +173,21 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
   return o;
 }
 
+namespace {
+constexpr uint64_t kMaxFuseBytes = 16ull << 20;
+}  // namespace
+
 Status WorkerOptions::Validate() const {
   if (coordinator.empty()) return Status::InvalidArgument("the worker needs a coordinator address");
   if (busy_poll.count() < 0 || busy_poll.count() > 1000000)
     return Status::InvalidArgument(
         fmt::format("busy poll of {} us outside [0, 1000000]", busy_poll.count()));
+  if (fuse_bytes > kMaxFuseBytes)
+    return Status::InvalidArgument(
+        fmt::format("fuse bytes {} outside [0, {}]", fuse_bytes, kMaxFuseBytes));
+  if (fuse_delay.count() < 0 || fuse_delay.count() > 1000000)
+    return Status::InvalidArgument(
+        fmt::format("fuse delay of {} us outside [0, 1000000]", fuse_delay.count()));
   auto v = transport::CheckViability(transport);
   if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
   return Status::OK();
@@ -244,6 +264,163 @@ class StagingPool : public std::enable_shared_from_this<StagingPool> {
   const uint64_t bytes_;
   std::mutex mu_;
   std::vector<std::unique_ptr<transport::MemoryRegion>> free_;  // guarded by mu_
+};
+
+// Operations on one server's small chunks (cluster::kMaxBatchedChunkBytes) that travel in one
+// kBatch (docs/protocol.md, "Batches"): those waiting to be sent, and those sent and not yet
+// answered. Thread-safe; answers arrive on the data loop thread.
+class Batcher {
+ public:
+  struct Item {
+    ChunkRef* ref = nullptr;
+    std::shared_ptr<OpState> op;
+    bool push = false;
+    float* pull_into = nullptr;  // a pull's (or push_pull's) destination
+  };
+
+  // Adds an operation; true when the batch should go now (its size bound is reached). `grad`:
+  // the push's bytes as they travel (copied here).
+  bool Add(Item item, const BatchEntry& e, const void* grad, uint64_t fuse_bytes) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!failed_.ok()) {
+      Status st = failed_;
+      lock.unlock();
+      item.op->ChunkDone(st, 0);
+      return false;
+    }
+    if (items_.empty()) first_ = std::chrono::steady_clock::now();
+    if (e.push) {
+      const auto* g = static_cast<const uint8_t*>(grad);
+      payload_.insert(payload_.end(), g, g + e.bytes);
+    }
+    if (e.pull) pull_bytes_ += item.ref->layout.data_bytes;
+    entries_.push_back(e);
+    items_.push_back(std::move(item));
+    return payload_.size() + pull_bytes_ >= fuse_bytes || items_.size() >= kMaxBatchEntries ||
+           pull_bytes_ + kMaxBatchedChunkBytes > kMaxBatchPullBytes;
+  }
+
+  // Marks a flush as scheduled; false when one is already.
+  bool Schedule() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (posted_) return false;
+    posted_ = true;
+    return true;
+  }
+
+  // The scheduled flush: sends what waits unless it is younger than `delay` (then false: the
+  // caller schedules it again).
+  bool Flush(transport::Connection& c, uint32_t worker, std::chrono::microseconds delay,
+             std::atomic<uint64_t>* pushed) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!items_.empty() && delay.count() > 0 && std::chrono::steady_clock::now() - first_ < delay)
+      return false;
+    posted_ = false;
+    SendLocked(c, worker, pushed);
+    return true;
+  }
+
+  // Sends what waits now (the size bound was reached).
+  void Send(transport::Connection& c, uint32_t worker, std::atomic<uint64_t>* pushed) {
+    std::lock_guard<std::mutex> lock(mu_);
+    SendLocked(c, worker, pushed);
+  }
+
+  // An answer: the items it completes, with their results and where their parameters are in
+  // the payload. False when it is malformed (it answers nothing sent, or an entry twice, or
+  // its parameters do not match what was asked).
+  struct Completed {
+    Item item;
+    BatchResult result;
+    const uint8_t* params = nullptr;
+  };
+  bool OnAnswer(const BatchAnswer& a, const transport::Buffer& payload,
+                std::vector<Completed>* out) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = sent_.find(a.batch);
+    if (it == sent_.end()) return false;
+    Sent& b = it->second;
+    uint64_t at = 0;
+    for (const BatchResult& x : a.results) {
+      if (x.entry >= b.items.size() || b.answered[x.entry]) return false;
+      const Item& item = b.items[x.entry];
+      const uint64_t want =
+          x.status.ok() && item.pull_into ? item.ref->layout.data_bytes : uint64_t{0};
+      if (x.pulled_bytes != want || want > payload.size() - at) return false;
+      at += want;
+    }
+    if (at != payload.size()) return false;
+    at = 0;
+    for (const BatchResult& x : a.results) {
+      b.answered[x.entry] = true;
+      out->push_back({b.items[x.entry], x, payload.data() + at});
+      at += x.pulled_bytes;
+    }
+    b.remaining -= a.results.size();
+    if (b.remaining == 0) sent_.erase(it);
+    return true;
+  }
+
+  // The connection or the job failed: every operation waiting or not answered fails with
+  // `why`, and so does every later one.
+  void Fail(const Status& why) {
+    std::vector<Item> fail;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (failed_.ok()) failed_ = why;
+      for (auto& item : items_) fail.push_back(std::move(item));
+      items_.clear();
+      entries_.clear();
+      payload_.clear();
+      for (auto& [id, b] : sent_)
+        for (size_t i = 0; i < b.items.size(); ++i)
+          if (!b.answered[i]) fail.push_back(std::move(b.items[i]));
+      sent_.clear();
+    }
+    for (auto& item : fail) item.op->ChunkDone(why, 0);
+  }
+
+ private:
+  struct Sent {
+    std::vector<Item> items;
+    std::vector<bool> answered;
+    size_t remaining = 0;
+  };
+
+  void SendLocked(transport::Connection& c, uint32_t worker, std::atomic<uint64_t>* pushed) {
+    if (items_.empty()) return;
+    const uint64_t id = next_id_++;
+    Bytes meta;
+    Writer w(&meta);
+    w.Put(id);
+    BatchRequest req;
+    req.worker = worker;
+    req.entries = std::move(entries_);
+    req.Encode(&w);
+    Sent& b = sent_[id];
+    b.remaining = items_.size();
+    b.answered.assign(items_.size(), false);
+    b.items = std::move(items_);
+    *pushed += payload_.size();
+    // Sent under the lock: batches leave in the order their operations were issued, so a
+    // chunk's pushes reach the server in sequence order.
+    c.Send(kBatch, std::move(meta), transport::Payload::Own(std::move(payload_)), nullptr);
+    items_.clear();
+    entries_.clear();
+    payload_ = Bytes();
+    pull_bytes_ = 0;
+  }
+
+  std::mutex mu_;
+  std::vector<Item> items_;  // waiting, with their entries and pushed bytes
+  std::vector<BatchEntry> entries_;
+  Bytes payload_;
+  uint64_t pull_bytes_ = 0;
+  std::chrono::steady_clock::time_point first_;  // when the oldest waiting one was added
+  bool posted_ = false;                          // a flush is scheduled on the loop
+  uint64_t next_id_ = 1;
+  std::unordered_map<uint64_t, Sent> sent_;
+  Status failed_;
 };
 
 struct TensorInfo {
@@ -430,6 +607,8 @@ class WorkerImpl final : public Worker {
       servers_failed->why = why;
       for (auto& rpc : servers_failed->rpcs)
         if (auto r = rpc.lock()) r->FailAll(why);
+      for (auto& b : servers_failed->batchers)
+        if (auto bb = b.lock()) bb->Fail(why);
     });
     if (!node.ok()) return node.status();
     node_ = std::move(node).value();
@@ -444,25 +623,32 @@ class WorkerImpl final : public Worker {
     data_ctx_ = std::move(dctx).value();
     for (uint32_t s = 0; s < view_.num_servers; ++s) {
       auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
+      auto batcher = std::make_shared<Batcher>();
       transport::ConnectionHandlers h;
-      h.on_message = [slot, s](const std::shared_ptr<Connection>& c, transport::Message m) {
-        if (m.tag != kReply || !*slot || !(*slot)->OnReply(m)) {
+      h.on_message = [this, slot, batcher, s](const std::shared_ptr<Connection>& c,
+                                              transport::Message m) {
+        bool ok = m.tag == kBatchAnswer ? OnBatchAnswer(*batcher, m)
+                                        : m.tag == kReply && *slot && (*slot)->OnReply(m);
+        if (!ok) {
           spdlog::error("unexpected message from server {}; closing", s);
           c->Close();
         }
       };
-      h.on_close = [slot, s](const std::shared_ptr<Connection>&, Status st) {
-        if (*slot)
-          (*slot)->FailAll(Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
-                                                           st.ok() ? "" : ": " + st.message())));
+      h.on_close = [slot, batcher, s](const std::shared_ptr<Connection>&, Status st) {
+        Status why = Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
+                                                     st.ok() ? "" : ": " + st.message()));
+        if (*slot) (*slot)->FailAll(why);
+        batcher->Fail(why);
       };
       auto conn = data_ctx_->Connect(view_.servers[s].address, h, opt_.connect_timeout);
       if (!conn.ok()) return conn.status().WithContext(fmt::format("connecting to server {}", s));
       *slot = std::make_shared<RpcChannel>(*conn);
       servers_.push_back(*slot);
+      batchers_.push_back(batcher);
       credits_.push_back(std::make_unique<Credits>());
       std::lock_guard<std::mutex> lock(failed_servers_->mu);
       failed_servers_->rpcs.push_back(*slot);
+      failed_servers_->batchers.push_back(batcher);
     }
     if (!opt_.timeline.empty())
       meters_->timeline = std::make_shared<metrics::Timeline>(
@@ -732,6 +918,7 @@ class WorkerImpl final : public Worker {
     std::mutex mu;
     Status why;
     std::vector<std::weak_ptr<RpcChannel>> rpcs;
+    std::vector<std::weak_ptr<Batcher>> batchers;
   };
 
   Result<Bytes> CallCreate(RpcChannel& rpc, const Bytes& body, Bytes init) {
@@ -822,6 +1009,28 @@ class WorkerImpl final : public Worker {
     if (grad) op->acks_left = t->chunks.size();
     for (size_t i = 0; i < t->chunks.size(); ++i) {
       ChunkRef* ref = t->chunks[i].get();
+      if (Batched(*ref)) {
+        BatchEntry e;
+        e.chunk_id = ref->chunk_id;
+        e.push = grad != nullptr;
+        e.pull = out != nullptr;
+        const void* bytes = nullptr;
+        if (grad) {
+          e.seq = step;
+          e.base_version = ref->pulled_version.load();
+          e.lr = t->lr;
+          if (staged) {
+            bytes = static_cast<const uint8_t*>(staged->data()) + ref->encoded_offset;
+            e.bytes = encoded[i];
+          } else {
+            bytes = grad + ref->offset;
+            e.bytes = ref->numel * 4;
+          }
+        }
+        AddToBatch(ref->server, {ref, op, grad != nullptr, out ? out + ref->offset : nullptr}, e,
+                   bytes);
+        continue;
+      }
       auto rpc = servers_[ref->server];
       if (grad) {
         const uint64_t seq = step;
@@ -942,20 +1151,84 @@ class WorkerImpl final : public Worker {
       std::lock_guard<std::mutex> lock(c.mu);
       c.grants.push_back(std::move(ack.ahead));
     }
-    uint64_t v = ack.version;
-    RaiseTo(ref->known_version, v);
-    if (ack.late) late_pushes_++;
-    {
-      // Dropped (late: its step was published without it, backup workers): once every chunk
-      // answered, the tensor's next push is for the step after the version published on all of
-      // them, so no chunk is ever pushed a step that the others will not push too.
-      std::lock_guard<std::mutex> lock(op->mu);
-      op->late = op->late || ack.late;
-      op->ack_min = std::min(op->ack_min, v);
-      if (--op->acks_left == 0 && op->late) RaiseTo(*ref->tensor_step, op->ack_min + 1);
-    }
+    const uint64_t v = ack.version;
+    Acked(ref, *op, v, ack.late);
     if (then_pull) return PullChunk(rpc, ref, then_pull, op);
     op->ChunkDone(Status::OK(), v);
+  }
+
+  // A chunk's push was acknowledged with version v.
+  void Acked(ChunkRef* ref, OpState& op, uint64_t v, bool late) {
+    RaiseTo(ref->known_version, v);
+    if (late) late_pushes_++;
+    // Dropped (late: its step was published without it, backup workers): once every chunk
+    // answered, the tensor's next push is for the step after the version published on all of
+    // them, so no chunk is ever pushed a step that the others will not push too.
+    std::lock_guard<std::mutex> lock(op.mu);
+    op.late = op.late || late;
+    op.ack_min = std::min(op.ack_min, v);
+    if (--op.acks_left == 0 && op.late) RaiseTo(*ref->tensor_step, op.ack_min + 1);
+  }
+
+  // Small chunks travel in batches unless batching is off (fuse_bytes 0).
+  bool Batched(const ChunkRef& ref) const {
+    return opt_.fuse_bytes > 0 && ref.numel * 4 <= kMaxBatchedChunkBytes;
+  }
+
+  // Queues an operation on a small chunk for its server's next batch: sent at once when the
+  // batch reached its size bound, else by a flush on the data loop, which runs once the loop is
+  // free (operations issued meanwhile join the batch) and, with a fuse delay, not before the
+  // oldest operation waited that long.
+  void AddToBatch(uint32_t server, Batcher::Item item, const BatchEntry& e, const void* grad) {
+    Batcher& b = *batchers_[server];
+    if (b.Add(std::move(item), e, grad, opt_.fuse_bytes))
+      return b.Send(servers_[server]->connection(), rank_, &bytes_pushed_);
+    if (b.Schedule()) ScheduleFlush(server);
+  }
+
+  void ScheduleFlush(uint32_t server) {
+    bool posted = data_ctx_->RunInLoop([this, server] {
+      if (!batchers_[server]->Flush(servers_[server]->connection(), rank_, opt_.fuse_delay,
+                                    &bytes_pushed_))
+        ScheduleFlush(server);  // not old enough yet
+    });
+    // The worker is going away: send now (its operations fail when the connection closes).
+    if (!posted)
+      batchers_[server]->Flush(servers_[server]->connection(), rank_, {}, &bytes_pushed_);
+  }
+
+  // Data loop thread: what a server answered for a batch. False (the connection is closed) when
+  // it is malformed.
+  bool OnBatchAnswer(Batcher& b, transport::Message& m) {
+    BatchAnswer a;
+    Reader r(m.meta.data(), m.meta.size());
+    if (!a.Decode(&r) || !r.done()) return false;
+    std::vector<Batcher::Completed> done;
+    if (!b.OnAnswer(a, m.payload, &done)) return false;
+    for (auto& c : done) {
+      const BatchResult& x = c.result;
+      OpState& op = *c.item.op;
+      ChunkRef* ref = c.item.ref;
+      if (!x.status.ok()) {
+        op.ChunkDone(x.status, 0);
+        continue;
+      }
+      uint64_t v = x.version;
+      if (c.item.push) Acked(ref, op, v, x.late);
+      if (c.item.pull_into) {
+        if (ref->pull_codec != Codec::kNone) {
+          compress::DecodeParams(ref->pull_codec, c.params, ref->numel, c.item.pull_into);
+        } else {
+          std::memcpy(c.item.pull_into, c.params, x.pulled_bytes);
+        }
+        bytes_pulled_ += x.pulled_bytes;
+        v = x.pulled_version;
+        RaiseTo(ref->known_version, v);
+        RaiseTo(ref->pulled_version, v);
+      }
+      op.ChunkDone(Status::OK(), v);
+    }
+    return true;
   }
 
   WorkerOptions opt_;
@@ -965,7 +1238,8 @@ class WorkerImpl final : public Worker {
   ClusterView view_;
   uint32_t rank_ = 0;
   std::vector<std::shared_ptr<RpcChannel>> servers_;
-  std::vector<std::unique_ptr<Credits>> credits_;  // by server
+  std::vector<std::unique_ptr<Credits>> credits_;   // by server
+  std::vector<std::shared_ptr<Batcher>> batchers_;  // by server
   std::shared_ptr<FailedServers> failed_servers_ = std::make_shared<FailedServers>();
 
   std::atomic<bool> finished_{false};

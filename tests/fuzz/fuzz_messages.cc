@@ -1,8 +1,9 @@
 // Every control-plane and data-plane message decoder (src/cluster/messages.h: register, view,
 // barrier, declare and its reply, create chunks and its reply, grants, push notifications and
-// acknowledgements; the remote key, the optimizer, the reply head): the first byte picks the
-// decoder, the rest is what came off the wire. A decoder must never read out of bounds or crash;
-// what it accepts must survive a round trip (encode it, decode that, encode again: the same bytes).
+// acknowledgements, batches and their answers; the remote key, the optimizer, the reply head): the
+// first byte picks the decoder, the rest is what came off the wire. A decoder must never read out
+// of bounds or crash; what it accepts must survive a round trip (encode it, decode that, encode
+// again: the same bytes).
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -64,7 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t which = data[0];
   data++;
   size--;
-  switch (which % 18) {
+  switch (which % 20) {
     case 0:
       RoundTrip<ClusterView>(data, size);
       break;
@@ -115,6 +116,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 17:
       RoundTrip<CreateChunksReply>(data, size);
+      break;
+    case 18:
+      RoundTrip<BatchRequest>(data, size);
+      break;
+    case 19:
+      RoundTrip<BatchAnswer>(data, size);
       break;
     case 12: {
       // Counts read off the wire before vectors are sized.

@@ -60,6 +60,13 @@ MESSAGES = {
     "declare_reply": (15, u32(1) + u32(2) + u64(1) + u32(0) + u64(0) + u64(1024) + u64(2) + u32(1) + u64(1024) + u64(10)),
     "create_chunks": (16, u32(1) + u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(3, 256, 1)),
     "create_chunks_reply": (17, u32(1) + remote_key() + u64(4160) + u64(0)),
+    "batch": (18, u64(0) + u32(1) + u32(3)
+              + u64(1) + u8(3) + u64(1) + u64(32) + u64(0)
+              + u64(2) + u8(2)
+              + u64(3) + u8(5) + u64(2) + u64(16) + u64(1) + f32(0.5)),
+    "batch_answer": (19, u64(0) + u64(7) + u32(2)
+                     + u32(0) + i32(0) + string(b"") + u64(1) + u8(2) + u64(1) + u64(32)
+                     + u32(2) + i32(3) + string(b"unknown chunk 3") + u64(0) + u8(0)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
 

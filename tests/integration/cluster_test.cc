@@ -89,13 +89,16 @@ void RunExactSumSteps(LocalCluster& lc, const std::string& name, int64_t n, uint
 class ClusterOver : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    auto v = transport::CheckViability(GetParam());
+    const std::string backend = GetParam().substr(0, GetParam().find('+'));
+    auto v = transport::CheckViability(backend);
     if (!v.viable) GTEST_SKIP() << GetParam() << ": " << v.reason;
   }
 };
 
+// Every backend, and tcp once more with the workers' batches off (small chunks then take the
+// landing-buffer path, as large ones always do).
 std::vector<std::string> Transports() {
-  std::vector<std::string> t = {"tcp"};
+  std::vector<std::string> t = {"tcp", "tcp+nobatch"};
   for (const auto& b : transport::BackendNames())
     if (b != "tcp") t.push_back(b);
   return t;
@@ -1117,7 +1120,11 @@ TEST_P(ClusterOver, LearningRateScheduleIsExact) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, ClusterOver, ::testing::ValuesIn(Transports()),
-                         [](const auto& info) { return info.param; });
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '+', '_');
+                           return name;
+                         });
 
 TEST(ClusterSync, ThousandSmallTensors) {
   auto lc = LocalCluster::Start(Opts(2, 2, Mode::kSync, Aggregate::kSum));
@@ -1149,6 +1156,106 @@ TEST(ClusterSync, ThousandSmallTensors) {
   // Balanced by bytes: neither server holds much more than half.
   double b0 = s0["parameter_bytes"].get<double>(), b1 = s1["parameter_bytes"].get<double>();
   EXPECT_LT(std::abs(b0 - b1) / (b0 + b1), 0.05);
+  lc->Finish();
+}
+
+// Operations on small tensors travel in batches (one request per server for what is issued
+// close together, with or without a fuse delay): every push and pull of them went that way and
+// none asked for a landing buffer; a worker that issues six steps without waiting runs ahead of
+// the other (its pushes beyond the steps summed ahead wait on the server with their batch's
+// bytes); the values are exact.
+TEST(ClusterSync, SmallTensorsTravelInBatchesExactly) {
+  for (int delay_us : {0, 500}) {
+    SCOPED_TRACE(delay_us);
+    auto lc = LocalCluster::Start(
+        Opts(2, 2, Mode::kSync, Aggregate::kSum), 16, "tcp", 1, nullptr,
+        [&](WorkerOptions& o) { o.fuse_delay = std::chrono::microseconds(delay_us); });
+    ASSERT_TRUE(lc);
+    constexpr int kTensors = 300, kSteps = 6;
+    lc->ForEachWorker([&](Worker& w) {
+      std::vector<TensorSpec> specs;
+      for (int k = 0; k < kTensors; ++k)
+        specs.push_back(Sgd1("b" + std::to_string(k), 1 + k % 50, static_cast<float>(k)));
+      auto ids = w.Declare(specs);
+      ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+      std::vector<std::vector<std::vector<float>>> g(kSteps);
+      for (int s = 0; s < kSteps; ++s)
+        for (int k = 0; k < kTensors; ++k)
+          g[s].emplace_back(1 + k % 50, static_cast<float>(w.rank() + s + 1));
+      std::vector<Handle> hs;
+      for (int s = 0; s < kSteps; ++s) {
+        for (int k = 0; k < kTensors; ++k) hs.push_back(w.Push((*ids)[k], g[s][k].data()));
+        if (w.rank() == 1) {  // step by step; worker 0 issues all six steps at once
+          for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok());
+          hs.clear();
+        }
+      }
+      for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok());
+      // Step t subtracts t + (1 + t) from every element.
+      for (int k = 0; k < kTensors; ++k) {
+        std::vector<float> out(1 + k % 50, -1.0f);
+        auto h = w.Pull((*ids)[k], out.data());
+        ASSERT_TRUE(h.Wait(60s).ok());
+        EXPECT_EQ(h.version(), static_cast<uint64_t>(kSteps));
+        float expect = static_cast<float>(k);
+        for (int t = 1; t <= kSteps; ++t) expect -= static_cast<float>(1 + 2 * t);
+        for (float v : out) ASSERT_EQ(v, expect) << "tensor " << k;
+      }
+    });
+    int64_t pushes = 0, pulls = 0, grants = 0, applied = 0;
+    for (uint32_t s = 0; s < 2; ++s) {
+      auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(s));
+      pushes += st["batched_pushes"].get<int64_t>();
+      pulls += st["batched_pulls"].get<int64_t>();
+      grants += st["grant_requests"].get<int64_t>();
+      applied += st["pushes_applied"].get<int64_t>();
+    }
+    EXPECT_EQ(pushes, 2 * kTensors * kSteps);
+    EXPECT_EQ(applied, 2 * kTensors * kSteps);
+    EXPECT_EQ(pulls, 2 * kTensors);
+    EXPECT_EQ(grants, 0);
+    lc->Finish();
+  }
+}
+
+// Operations that share a batch complete each on its own: worker 0's pushes of X and Y travel
+// together (a 200 ms fuse delay holds them), and its X completes although worker 1 pushes Y
+// only after seeing that.
+TEST(ClusterSync, AnOperationInABatchDoesNotWaitForItsBatchMates) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum), 16, "tcp", 1, nullptr,
+                                [](WorkerOptions& o) {
+                                  if (o.rank == 0) o.fuse_delay = std::chrono::milliseconds(200);
+                                });
+  ASSERT_TRUE(lc);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool x_done = false;
+  lc->ForEachWorker([&](Worker& w) {
+    auto ids = w.Declare({Sgd1("x", 8, 0.0f), Sgd1("y", 8, 0.0f)});
+    ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+    std::vector<float> g(8, 1.0f);
+    if (w.rank() == 0) {
+      Handle hx = w.Push((*ids)[0], g.data());
+      Handle hy = w.Push((*ids)[1], g.data());
+      ASSERT_TRUE(hx.Wait(20s).ok());
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        x_done = true;
+      }
+      cv.notify_all();
+      ASSERT_TRUE(hy.Wait(20s).ok());
+    } else {
+      ASSERT_TRUE(w.Push((*ids)[0], g.data()).Wait(20s).ok());
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        ASSERT_TRUE(cv.wait_for(lock, 20s, [&] { return x_done; }));
+      }
+      ASSERT_TRUE(w.Push((*ids)[1], g.data()).Wait(20s).ok());
+    }
+    std::vector<float> out(8);
+    ASSERT_TRUE(w.Pull((*ids)[1], out.data()).Wait(20s).ok());
+    for (float v : out) EXPECT_EQ(v, -2.0f);
+  });
   lc->Finish();
 }
 
@@ -1189,7 +1296,7 @@ TEST(ClusterSync, PipelinedPushesAheadOfTheStepStayExact) {
 // landing buffer for the next push (each worker holds at most one; at most a quarter of the
 // pool stands granted ahead), and the values stay exact.
 TEST(ClusterSync, AcknowledgementsGrantTheNextLandingBuffer) {
-  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum), 8);
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum), 8, "tcp+nobatch");
   ASSERT_TRUE(lc);
   constexpr int kSteps = 20;
   lc->ForEachWorker([&](Worker& w) {
@@ -1209,7 +1316,7 @@ TEST(ClusterSync, AcknowledgementsGrantTheNextLandingBuffer) {
 
 // A landing pool of one buffer: pushes queue for the credit and all still land exactly.
 TEST(ClusterSync, SingleLandingBufferBackpressure) {
-  auto lc = LocalCluster::Start(Opts(1, 3, Mode::kSync, Aggregate::kSum, 1024), 1);
+  auto lc = LocalCluster::Start(Opts(1, 3, Mode::kSync, Aggregate::kSum, 1024), 1, "tcp+nobatch");
   ASSERT_TRUE(lc);
   lc->ForEachWorker([&](Worker& w) {
     auto id = w.Declare(Sgd1("big", 5000, 0.0f));  // 20 chunks through one buffer

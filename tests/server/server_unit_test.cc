@@ -254,6 +254,12 @@ class RawClient {
     ctx_ = std::move(ctx).value();
     transport::ConnectionHandlers h;
     h.on_message = [this](const std::shared_ptr<transport::Connection>&, transport::Message m) {
+      if (m.tag == cluster::kBatchAnswer) {
+        std::lock_guard<std::mutex> lock(mu_);
+        answers_.push_back(std::move(m));
+        cv_.notify_all();
+        return;
+      }
       if (rpc_) rpc_->OnReply(m);
     };
     h.on_close = [this](const std::shared_ptr<transport::Connection>&, Status st) {
@@ -283,13 +289,45 @@ class RawClient {
   }
   transport::Connection& conn() { return *conn_; }
 
+  // Sends a kBatch (request id `id`) with `payload`.
+  void SendBatch(uint64_t id, const cluster::BatchRequest& b, Bytes payload) {
+    Bytes meta = U64sOf(id);
+    Writer w(&meta);
+    b.Encode(&w);
+    conn_->Send(cluster::kBatch, std::move(meta), transport::Payload::Own(std::move(payload)),
+                nullptr);
+  }
+
+  // Waits (at most 10 s) until `messages` kBatchAnswer messages arrived; returns them decoded,
+  // with their payloads.
+  std::vector<std::pair<cluster::BatchAnswer, Bytes>> WaitAnswers(size_t messages) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, 10s, [&] { return answers_.size() >= messages; });
+    std::vector<std::pair<cluster::BatchAnswer, Bytes>> out;
+    for (auto& m : answers_) {
+      cluster::BatchAnswer a;
+      Reader r(m.meta.data(), m.meta.size());
+      EXPECT_TRUE(a.Decode(&r) && r.done());
+      out.emplace_back(std::move(a), Bytes(m.payload.data(), m.payload.data() + m.payload.size()));
+    }
+    return out;
+  }
+
  private:
+  static Bytes U64sOf(uint64_t v) {
+    Bytes b;
+    Writer w(&b);
+    w.Put(v);
+    return b;
+  }
+
   std::unique_ptr<transport::Context> ctx_;
   std::shared_ptr<transport::Connection> conn_;
   std::shared_ptr<cluster::RpcChannel> rpc_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool closed_ = false;
+  std::vector<transport::Message> answers_;  // kBatchAnswer messages, guarded by mu_
 };
 
 struct Grant {
@@ -480,6 +518,135 @@ TEST_F(ServerProtocol, APushWithABadLearningRateIsRefusedAndNothingApplied) {
   for (float v : out) EXPECT_EQ(v, 9.0f);  // 10 - 0.5 * 2, once
   auto stats = nlohmann::json::parse(lc_->servers[0]->stats().ToJson());
   EXPECT_EQ(stats["pushes_applied"].get<int>(), 1);
+}
+
+// A batch's entries are answered in entry order, each on its own: pushes applied (async), pulls
+// reading what the pushes before them published, and each refused entry (unknown chunk, wrong
+// size, bad learning rate) refused alone with its reason. What completed together comes back
+// in one answer, the pulled parameters in its payload.
+TEST_F(ServerProtocol, ABatchAnswersEachEntryOnItsOwn) {
+  RawClient raw(lc_->servers[0]->address());
+  std::vector<float> one(8, 1.0f);
+  const auto* g = reinterpret_cast<const uint8_t*>(one.data());
+  cluster::BatchRequest b;
+  b.worker = 0;
+  Bytes payload;
+  auto push = [&](uint64_t seq, uint64_t bytes, bool pull, std::optional<float> lr) {
+    b.entries.push_back({.chunk_id = 1,
+                         .push = true,
+                         .pull = pull,
+                         .seq = seq,
+                         .bytes = bytes,
+                         .base_version = 0,
+                         .lr = lr});
+    payload.insert(payload.end(), g, g + bytes);
+  };
+  push(1, 32, true, std::nullopt);                      // 0: applied: 10 - 1 = 9, pulled
+  b.entries.push_back({.chunk_id = 1, .pull = true});   // 1: pulls version 1
+  b.entries.push_back({.chunk_id = 99, .pull = true});  // 2: unknown chunk
+  push(2, 32, false, -1.0f);                            // 3: bad learning rate
+  push(2, 16, false, std::nullopt);                     // 4: wrong size
+  push(2, 32, true, 2.0f);                              // 5: applied at rate 2: 9 - 2 = 7
+  raw.SendBatch(7, b, payload);
+  auto answers = raw.WaitAnswers(1);
+  ASSERT_EQ(answers.size(), 1u);
+  const cluster::BatchAnswer& a = answers[0].first;
+  const Bytes& params = answers[0].second;
+  EXPECT_EQ(a.batch, 7u);
+  ASSERT_EQ(a.results.size(), 6u);
+  for (size_t i = 0; i < a.results.size(); ++i) EXPECT_EQ(a.results[i].entry, i);
+  EXPECT_TRUE(a.results[0].status.ok()) << a.results[0].status.ToString();
+  EXPECT_EQ(a.results[0].version, 1u);
+  EXPECT_EQ(a.results[0].pulled_version, 1u);
+  EXPECT_TRUE(a.results[1].status.ok());
+  EXPECT_EQ(a.results[1].pulled_version, 1u);
+  EXPECT_EQ(a.results[2].status.code(), Status::Code::kNotFound);
+  EXPECT_EQ(a.results[3].status.code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(a.results[3].status.message().find("learning rate"), std::string::npos);
+  EXPECT_EQ(a.results[4].status.code(), Status::Code::kInvalidArgument);
+  EXPECT_TRUE(a.results[5].status.ok()) << a.results[5].status.ToString();
+  EXPECT_EQ(a.results[5].version, 2u);
+  ASSERT_EQ(params.size(), 3u * 32);
+  std::vector<float> f(24);
+  std::memcpy(f.data(), params.data(), params.size());
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_EQ(f[i], 9.0f);
+    EXPECT_EQ(f[8 + i], 9.0f);
+    EXPECT_EQ(f[16 + i], 7.0f);
+  }
+  auto stats = nlohmann::json::parse(lc_->servers[0]->stats().ToJson());
+  EXPECT_EQ(stats["pushes_applied"].get<int>(), 2);
+  EXPECT_EQ(stats["batches"].get<int>(), 1);
+  EXPECT_EQ(stats["batched_pushes"].get<int>(), 2);
+  EXPECT_EQ(stats["grant_requests"].get<int>(), 0);
+  std::vector<float> out(8);
+  ASSERT_TRUE(lc_->workers[0]->Pull(id_, out.data()).Wait(10s).ok());
+  for (float v : out) EXPECT_EQ(v, 7.0f);
+}
+
+// Batches that do not add up close the connection that sent them; the server serves on.
+TEST_F(ServerProtocol, MalformedBatchesCloseOnlyThatConnection) {
+  cluster::BatchRequest one;
+  one.entries.push_back({.chunk_id = 1, .push = true, .seq = 1, .bytes = 32});
+  struct Case {
+    const char* what;
+    Bytes meta;
+    Bytes payload;
+  };
+  auto encoded = [](const cluster::BatchRequest& b, size_t drop_tail = 0) {
+    Bytes m = U64s({5});
+    Writer w(&m);
+    b.Encode(&w);
+    m.resize(m.size() - drop_tail);
+    return m;
+  };
+  Bytes junk = encoded(one);
+  junk.push_back(0);
+  cluster::BatchRequest none;  // no entries
+  std::vector<Case> cases = {
+      {"fewer bytes than the push claims", encoded(one), Bytes(16, 0)},
+      {"more bytes than the pushes claim", encoded(one), Bytes(48, 0)},
+      {"truncated entry", encoded(one, 3), Bytes(32, 0)},
+      {"trailing junk", junk, Bytes(32, 0)},
+      {"no entries", encoded(none), {}},
+  };
+  for (auto& c : cases) {
+    RawClient raw(lc_->servers[0]->address());
+    raw.conn().Send(cluster::kBatch, c.meta, transport::Payload::Own(c.payload), nullptr);
+    EXPECT_TRUE(raw.WaitClosed()) << c.what;
+  }
+  std::vector<float> g(8, 1.0f), out(8);
+  ASSERT_TRUE(lc_->workers[0]->PushPull(id_, g.data(), out.data()).Wait(10s).ok());
+  for (float v : out) EXPECT_EQ(v, 9.0f);
+}
+
+// A batched push that must wait (its predecessor has not arrived) keeps the batch's bytes,
+// charged to the server's inbound budget; when its connection closes they are given back, and
+// nothing of it was applied.
+TEST_F(ServerProtocol, AParkedBatchedPushHoldsItsBytesUntilItsConnectionCloses) {
+  auto inbound = [&] {
+    return nlohmann::json::parse(lc_->servers[0]->stats().ToJson())["inbound_bytes"].get<int64_t>();
+  };
+  {
+    RawClient raw(lc_->servers[0]->address());
+    cluster::BatchRequest b;
+    b.entries.push_back({.chunk_id = 1, .push = true, .seq = 5, .bytes = 32});  // 1..4 missing
+    std::vector<float> one(8, 1.0f);
+    const auto* p = reinterpret_cast<const uint8_t*>(one.data());
+    raw.SendBatch(1, b, Bytes(p, p + 32));
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (inbound() < 32 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(1ms);
+    EXPECT_GE(inbound(), 32);
+    EXPECT_EQ(raw.WaitAnswers(0).size(), 0u);  // not answered: it waits
+  }
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (inbound() != 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(inbound(), 0);
+  std::vector<float> g(8, 1.0f), out(8);
+  ASSERT_TRUE(lc_->workers[0]->PushPull(id_, g.data(), out.data()).Wait(10s).ok());
+  for (float v : out) EXPECT_EQ(v, 9.0f);  // only the worker's push
 }
 
 // A landing buffer granted for one step of one chunk cannot carry another (a peer that claims a

@@ -21,10 +21,18 @@ struct LocalCluster {
   std::vector<std::unique_ptr<Server>> servers;
   std::vector<std::unique_ptr<Worker>> workers;  // indexed by rank
 
+  // `transport` names the job's transport; "X+nobatch" runs X with the workers' batches off
+  // (fuse_bytes 0), so that small chunks take the landing-buffer path too.
   static std::unique_ptr<LocalCluster> Start(
       CoordinatorOptions co, uint32_t landing_buffers = 16, std::string transport = "tcp",
-      uint32_t apply_threads = 1, std::function<void(ServerOptions&)> server_tweak = nullptr) {
+      uint32_t apply_threads = 1, std::function<void(ServerOptions&)> server_tweak = nullptr,
+      std::function<void(WorkerOptions&)> worker_tweak = nullptr) {
     auto lc = std::make_unique<LocalCluster>();
+    bool batches = true;
+    if (auto plus = transport.find("+nobatch"); plus != std::string::npos) {
+      transport.resize(plus);
+      batches = false;
+    }
     co.transport = transport;
     auto c = Coordinator::Start(co);
     EXPECT_TRUE(c.ok()) << c.status().ToString();
@@ -53,8 +61,9 @@ struct LocalCluster {
       }));
     std::vector<std::future<Result<std::unique_ptr<Worker>>>> wf;
     for (uint32_t i = 0; i < co.num_workers; ++i)
-      wf.push_back(std::async(std::launch::async, [addr, i, transport, co] {
+      wf.push_back(std::async(std::launch::async, [addr, i, transport, co, batches, worker_tweak] {
         WorkerOptions wo;
+        if (!batches) wo.fuse_bytes = 0;
         wo.coordinator = addr;
         wo.rank = static_cast<int32_t>(i);
         wo.transport = transport;
@@ -65,6 +74,7 @@ struct LocalCluster {
         wo.tls_cert = co.tls_cert;
         wo.tls_key = co.tls_key;
         wo.tls_ca = co.tls_ca;
+        if (worker_tweak) worker_tweak(wo);
         return Worker::Connect(wo);
       }));
     bool ok = true;
