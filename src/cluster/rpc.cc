@@ -6,8 +6,8 @@
 
 namespace shardps::cluster {
 
-void RpcChannel::Call(uint32_t tag, const Bytes& body, transport::Payload payload,
-                      ReplyCallback cb) {
+void RpcChannel::Start(uint32_t tag, const Bytes& body, ReplyCallback cb,
+                       const std::function<void(Bytes meta, transport::DoneCallback sent)>& send) {
   uint64_t id;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -29,7 +29,7 @@ void RpcChannel::Call(uint32_t tag, const Bytes& body, transport::Payload payloa
   w.Put(id);
   w.PutRaw(body.data(), body.size());
   std::weak_ptr<RpcChannel> weak = weak_from_this();
-  conn_->Send(tag, std::move(meta), std::move(payload), [weak, id](Status st) {
+  send(std::move(meta), [weak, id](Status st) {
     if (st.ok()) return;
     auto self = weak.lock();
     if (!self) return;
@@ -44,6 +44,29 @@ void RpcChannel::Call(uint32_t tag, const Bytes& body, transport::Payload payloa
     Reader empty(nullptr, 0);
     transport::Message m;
     cb(st, empty, m);
+  });
+}
+
+void RpcChannel::Call(uint32_t tag, const Bytes& body, transport::Payload payload,
+                      ReplyCallback cb) {
+  Start(tag, body, std::move(cb), [&](Bytes meta, transport::DoneCallback sent) {
+    conn_->Send(tag, std::move(meta), std::move(payload), std::move(sent));
+  });
+}
+
+void RpcChannel::CallAfterWrite(const transport::LocalSpan& local, const transport::RemoteKey& key,
+                                uint64_t offset, uint32_t tag, const Bytes& body,
+                                ReplyCallback cb) {
+  Start(tag, body, std::move(cb), [&](Bytes meta, transport::DoneCallback sent) {
+    conn_->WriteThenSend(local, key, offset, tag, std::move(meta), std::move(sent));
+  });
+}
+
+void RpcChannel::CallAfterWrite(const void* local, size_t len, const transport::RemoteKey& key,
+                                uint64_t offset, uint32_t tag, const Bytes& body,
+                                ReplyCallback cb) {
+  Start(tag, body, std::move(cb), [&](Bytes meta, transport::DoneCallback sent) {
+    conn_->WriteThenSend(local, len, key, offset, tag, std::move(meta), std::move(sent));
   });
 }
 

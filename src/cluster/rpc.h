@@ -23,6 +23,13 @@ class RpcChannel : public std::enable_shared_from_this<RpcChannel> {
 
   // Sends a request: metadata is [request id][body].
   void Call(uint32_t tag, const Bytes& body, transport::Payload payload, ReplyCallback cb);
+  // Writes `local` into the peer's region (key, offset), then sends the request, which the peer
+  // receives once the bytes are in place (Connection::WriteThenSend): a push's gradient and
+  // its notification in one go.
+  void CallAfterWrite(const transport::LocalSpan& local, const transport::RemoteKey& key,
+                      uint64_t offset, uint32_t tag, const Bytes& body, ReplyCallback cb);
+  void CallAfterWrite(const void* local, size_t len, const transport::RemoteKey& key,
+                      uint64_t offset, uint32_t tag, const Bytes& body, ReplyCallback cb);
   // Handles a kReply message. Returns false (protocol error) when it answers nothing.
   bool OnReply(transport::Message& msg);
   // Fails every outstanding call with `why` (after the connection closed).
@@ -32,6 +39,11 @@ class RpcChannel : public std::enable_shared_from_this<RpcChannel> {
   const std::shared_ptr<transport::Connection>& shared_connection() { return conn_; }
 
  private:
+  // Registers `cb` under a new request id and hands [id][body] to `send` with the completion
+  // that fails the call when the bytes could not leave.
+  void Start(uint32_t tag, const Bytes& body, ReplyCallback cb,
+             const std::function<void(Bytes meta, transport::DoneCallback sent)>& send);
+
   std::shared_ptr<transport::Connection> conn_;
   std::mutex mu_;
   uint64_t next_id_ = 1;                                 // guarded by mu_

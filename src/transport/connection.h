@@ -93,6 +93,17 @@ class Connection {
   virtual void Read(const LocalSpan& local, const RemoteKey& key, uint64_t offset,
                     DoneCallback done);
 
+  // A one-sided write, then a message (`tag`, `meta`, no payload) that the peer receives only
+  // once the written bytes are in place, like RDMA's write with immediate. `done` fires once
+  // both left (the local bytes may be reused), or with why not. The default writes and sends
+  // the message when the write completed (a write the peer refuses fails `done`); tcp carries
+  // both in one frame and saves the write's round trip (a write the peer refuses closes the
+  // connection there: it has no answer to give).
+  virtual void WriteThenSend(const void* local, size_t len, const RemoteKey& key, uint64_t offset,
+                             uint32_t tag, Bytes meta, DoneCallback done);
+  void WriteThenSend(const LocalSpan& local, const RemoteKey& key, uint64_t offset, uint32_t tag,
+                     Bytes meta, DoneCallback done);
+
   // Closes the connection; pending operations fail with Aborted. Idempotent, non-blocking.
   virtual void Close() = 0;
 

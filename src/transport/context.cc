@@ -75,6 +75,23 @@ void Connection::Read(const LocalSpan& local, const RemoteKey& key, uint64_t off
   Read(p, local.length, key, offset, std::move(done));
 }
 
+void Connection::WriteThenSend(const void* local, size_t len, const RemoteKey& key, uint64_t offset,
+                               uint32_t tag, Bytes meta, DoneCallback done) {
+  // Completion callbacks run while the connection exists (it fails them before it goes).
+  Write(local, len, key, offset,
+        [this, tag, meta = std::move(meta), done = std::move(done)](Status st) mutable {
+          if (!st.ok()) return done(st);
+          Send(tag, std::move(meta), {}, std::move(done));
+        });
+}
+
+void Connection::WriteThenSend(const LocalSpan& local, const RemoteKey& key, uint64_t offset,
+                               uint32_t tag, Bytes meta, DoneCallback done) {
+  uint8_t* p = nullptr;
+  if (!SpanAddress(*this, local, done, &p)) return;
+  WriteThenSend(p, local.length, key, offset, tag, std::move(meta), std::move(done));
+}
+
 const char* MemoryKindName(MemoryKind k) {
   switch (k) {
     case MemoryKind::kHost:

@@ -19,6 +19,8 @@ enum class FrameType : uint8_t {
   kWriteResp = 3,  // meta = {status code, message}
   kReadReq = 4,    // meta = {region id, secret, offset, length}
   kReadResp = 5,   // meta = {status code, message}; payload = bytes read (empty on error)
+  kWriteMsg = 6,   // aux = user tag; meta = {region id, secret, offset, message meta...};
+                   // payload = bytes to store; then meta delivered to on_message (no response)
 };
 
 struct FrameHeader {
@@ -54,7 +56,7 @@ struct FrameHeader {
     if (magic != kFrameMagic) return Status::ProtocolError("bad frame magic");
     if (version != kFrameVersion)
       return Status::ProtocolError("unsupported frame version " + std::to_string(version));
-    if (t < 1 || t > 5) return Status::ProtocolError("unknown frame type " + std::to_string(t));
+    if (t < 1 || t > 6) return Status::ProtocolError("unknown frame type " + std::to_string(t));
     type = static_cast<FrameType>(t);
     if (meta_len > max_meta)
       return Status::ProtocolError("frame metadata of " + std::to_string(meta_len) +

@@ -1109,35 +1109,31 @@ class WorkerImpl final : public Worker {
               });
   }
 
+  // The gradient written into the landing buffer and the notification that follows it, in one
+  // go (Connection::WriteThenSend: one frame over tcp).
   void WriteAndNotify(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, PushSource src,
                       uint64_t seq, const std::shared_ptr<OpState>& op, float* then_pull,
                       const Grant& g) {
-    uint32_t me = rank_, buffer = g.buffer;
-    const uint64_t bytes = src.bytes;
-    bytes_pushed_ += bytes;
-    auto written = [this, rpc, ref, seq, op, then_pull, me, buffer, bytes, lr = src.lr,
-                    hold = src.region](Status st) {
-      if (!st.ok()) return op->ChunkDone(st, 0);
-      Bytes note;
-      Writer w(&note);
-      PushDone{.chunk_id = ref->chunk_id,
-               .buffer = buffer,
-               .worker = me,
-               .seq = seq,
-               .bytes = bytes,
-               .base_version = ref->pulled_version.load(),
-               .lr = lr}
-          .Encode(&w);
-      rpc->Call(kPushDone, note, {},
-                [this, rpc, ref, op, then_pull](Status st, Reader& r, transport::Message&) {
-                  OnPushAck(rpc, ref, op, then_pull, st, r);
-                });
+    bytes_pushed_ += src.bytes;
+    Bytes note;
+    Writer w(&note);
+    PushDone{.chunk_id = ref->chunk_id,
+             .buffer = g.buffer,
+             .worker = rank_,
+             .seq = seq,
+             .bytes = src.bytes,
+             .base_version = ref->pulled_version.load(),
+             .lr = src.lr}
+        .Encode(&w);
+    auto acked = [this, rpc, ref, op, then_pull, hold = src.region](Status st, Reader& r,
+                                                                    transport::Message&) {
+      OnPushAck(rpc, ref, op, then_pull, st, r);
     };
     if (src.region) {
-      rpc->connection().Write(transport::LocalSpan{src.region.get(), src.offset, bytes}, g.key,
-                              g.offset, std::move(written));
+      rpc->CallAfterWrite(transport::LocalSpan{src.region.get(), src.offset, src.bytes}, g.key,
+                          g.offset, kPushDone, note, std::move(acked));
     } else {
-      rpc->connection().Write(src.ptr, bytes, g.key, g.offset, std::move(written));
+      rpc->CallAfterWrite(src.ptr, src.bytes, g.key, g.offset, kPushDone, note, std::move(acked));
     }
   }
 

@@ -84,6 +84,8 @@ FRAMES = {
     "two_messages": frame(1, b"a", b"b", aux=1) + frame(1, b"c", b"", aux=2),
     "write": frame(2, KEY + u64(0), b"\x07" * 64, request=1),
     "write_outside": frame(2, KEY + u64(4090), b"\x07" * 64, request=2),
+    "write_msg": frame(6, KEY + u64(0) + b"note", b"\x07" * 64, aux=32),
+    "write_msg_outside": frame(6, KEY + u64(4090) + b"note", b"\x07" * 64, aux=32),
     "read": frame(4, KEY + u64(0) + u64(128), request=3),
     "read_bad_key": frame(4, b"\x00" * 16 + u64(0) + u64(128), request=4),
     "write_resp_unsolicited": frame(3, i32(0) + string(b""), request=77),

@@ -81,6 +81,7 @@ class Inbox {
     ConnectionHandlers h;
     h.on_message = [this](const std::shared_ptr<Connection>& c, Message m) {
       std::lock_guard<std::mutex> lock(mu_);
+      if (on_receipt) on_receipt(m);
       messages_.push_back(std::move(m));
       last_conn_ = c;
       cv_.notify_all();
@@ -110,6 +111,9 @@ class Inbox {
     std::lock_guard<std::mutex> lock(mu_);
     return closes_.size();
   }
+
+  // Runs on the loop thread as each message arrives (set before anything is sent).
+  std::function<void(const Message&)> on_receipt;
 
  private:
   std::mutex mu_;
@@ -386,6 +390,57 @@ TEST_P(TransportConformance, AccessOutsideRegionIsRefusedAndCorruptsNothing) {
   ASSERT_TRUE(ok.WaitFor(1));
   EXPECT_TRUE(ok.statuses()[0].ok()) << ok.statuses()[0].ToString();
   EXPECT_EQ(mem[0], 0x11);
+}
+
+// A write followed by its message: the peer receives the message only once the written bytes
+// are in place (checked as each message arrives), for many at once.
+TEST_P(TransportConformance, WriteThenSendDeliversTheMessageAfterItsBytes) {
+  constexpr size_t kPiece = 64 << 10, kPieces = 20;
+  Connect();
+  auto region = server_->AllocateRegion(kPiece * kPieces);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  const auto* mem = static_cast<const uint8_t*>((*region)->data());
+  std::atomic<int> in_place{0};
+  server_inbox_.on_receipt = [&](const Message& m) {
+    if (m.tag != 9 || m.meta.size() != 1 || m.payload.size() != 0) return;
+    const size_t k = m.meta[0];
+    bool whole = k < kPieces;
+    for (size_t i = 0; whole && i < kPiece; ++i) whole = mem[k * kPiece + i] == k + 1;
+    if (whole) in_place++;
+  };
+  std::vector<std::vector<uint8_t>> src;
+  for (size_t k = 0; k < kPieces; ++k) src.emplace_back(kPiece, static_cast<uint8_t>(k + 1));
+  Probe probe;
+  probe.EnterCall();
+  for (size_t k = 0; k < kPieces; ++k)
+    conn_->WriteThenSend(src[k].data(), kPiece, (*region)->remote_key(), k * kPiece, 9,
+                         Bytes{static_cast<uint8_t>(k)}, probe.Callback());
+  probe.LeaveCall();
+  ASSERT_TRUE(probe.WaitFor(kPieces));
+  for (auto& st : probe.statuses()) EXPECT_TRUE(st.ok()) << st.ToString();
+  ASSERT_TRUE(server_inbox_.WaitMessages(kPieces));
+  EXPECT_EQ(in_place.load(), static_cast<int>(kPieces));
+  EXPECT_FALSE(probe.fired_inline());
+}
+
+// A write-then-send outside the peer's region touches nothing and delivers nothing: its
+// completion fails, or (tcp, where no answer travels back) the peer closes the connection.
+TEST_P(TransportConformance, WriteThenSendOutsideTheRegionDeliversNothing) {
+  Connect();
+  auto region = server_->AllocateRegion(4096);
+  ASSERT_TRUE(region.ok());
+  auto* mem = static_cast<uint8_t*>((*region)->data());
+  std::memset(mem, 0xAB, 4096);
+  std::vector<uint8_t> src(200, 0x11);
+  Probe probe;
+  conn_->WriteThenSend(src.data(), src.size(), (*region)->remote_key(), 4000, 9, Bytes{1},
+                       probe.Callback());
+  ASSERT_TRUE(probe.WaitFor(1));
+  if (probe.statuses()[0].ok()) {
+    EXPECT_TRUE(client_inbox_.WaitCloses(1));
+  }
+  for (int i = 0; i < 4096; ++i) ASSERT_EQ(mem[i], 0xAB) << "byte " << i;
+  EXPECT_FALSE(server_inbox_.WaitMessages(1, 200ms));
 }
 
 TEST_P(TransportConformance, WrongOrStaleKeyIsRefused) {

@@ -116,6 +116,26 @@ void TcpConnection::Write(const void* local, size_t len, const RemoteKey& key, u
   StartOneSided(FrameType::kWriteReq, const_cast<void*>(local), len, key, offset, std::move(done));
 }
 
+void TcpConnection::WriteThenSend(const void* local, size_t len, const RemoteKey& key,
+                                  uint64_t offset, uint32_t tag, Bytes meta, DoneCallback done) {
+  auto self = shared_from_this();
+  uint64_t id = 0, secret = 0;
+  Status st = DecodeKey(key, &id, &secret);
+  Post(
+      [self, st, id, secret, offset, local, len, tag, meta = std::move(meta), done]() mutable {
+        if (!st.ok()) return done(st);
+        Bytes m;
+        Writer w(&m);
+        w.Put(id);
+        w.Put(secret);
+        w.Put(offset);
+        w.PutRaw(meta.data(), meta.size());
+        self->Enqueue(FrameType::kWriteMsg, tag, 0, std::move(m), Payload::View(local, len),
+                      std::move(done));
+      },
+      done);
+}
+
 void TcpConnection::Read(void* local, size_t len, const RemoteKey& key, uint64_t offset,
                          DoneCallback done) {
   StartOneSided(FrameType::kReadReq, local, len, key, offset, std::move(done));
@@ -401,6 +421,33 @@ bool TcpConnection::OnMetaComplete() {
       }
       return true;  // a refused write's payload is drained, then the refusal is answered
     }
+    case FrameType::kWriteMsg: {
+      uint64_t id = 0, secret = 0, offset = 0;
+      if (!r.Get(&id) || !r.Get(&secret) || !r.Get(&offset)) {
+        Fail(Status::ProtocolError("malformed write-and-send from " + peer_));
+        return false;
+      }
+      auto region = shared_->Lookup(id, secret);
+      Status st = region.status();
+      if (st.ok() && (offset > (*region)->size || in_hdr_.payload_len > (*region)->size - offset))
+        st = Status::InvalidArgument(
+            fmt::format("write of {} bytes at offset {} is outside the region of {} bytes",
+                        in_hdr_.payload_len, offset, (*region)->size));
+      if (!st.ok()) {
+        // No answer travels back: a peer that writes where it may not is closed.
+        Fail(Status::ProtocolError(
+            fmt::format("write-and-send from {} refused: {}", peer_, st.message())));
+        return false;
+      }
+      in_region_ = *region;
+      in_dst_ = in_region_->data + offset;
+      auto rest = r.rest();
+      in_msg_ = Message{};
+      in_msg_.tag = in_hdr_.aux;
+      in_msg_.meta.assign(rest.begin(), rest.end());
+      in_meta_ = Bytes();
+      return true;
+    }
     case FrameType::kReadReq: {
       uint64_t id = 0, secret = 0, offset = 0, len = 0;
       if (!r.Get(&id) || !r.Get(&secret) || !r.Get(&offset) || !r.Get(&len) || !r.done() ||
@@ -477,6 +524,13 @@ bool TcpConnection::OnPayloadComplete() {
   charge_.ReleaseAll();
   switch (in_hdr_.type) {
     case FrameType::kMessage: {
+      Message m = std::move(in_msg_);
+      in_msg_ = Message{};
+      if (handlers_.on_message) handlers_.on_message(shared_from_this(), std::move(m));
+      break;
+    }
+    case FrameType::kWriteMsg: {
+      in_region_.reset();
       Message m = std::move(in_msg_);
       in_msg_ = Message{};
       if (handlers_.on_message) handlers_.on_message(shared_from_this(), std::move(m));

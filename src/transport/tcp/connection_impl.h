@@ -19,6 +19,9 @@ class TcpConnection final : public Connection, public std::enable_shared_from_th
   ~TcpConnection() override;
 
   void Send(uint32_t tag, Bytes meta, Payload payload, DoneCallback done) override;
+  void WriteThenSend(const void* local, size_t len, const RemoteKey& key, uint64_t offset,
+                     uint32_t tag, Bytes meta, DoneCallback done) override;
+  using Connection::WriteThenSend;
   void Write(const void* local, size_t len, const RemoteKey& key, uint64_t offset,
              DoneCallback done) override;
   void Read(void* local, size_t len, const RemoteKey& key, uint64_t offset,
