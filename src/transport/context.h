@@ -129,6 +129,12 @@ class Context {
   // (ucx with busy_poll > 0); null elsewhere.
   virtual std::shared_ptr<void> HoldPolling() { return nullptr; }
 
+  // Whether the one-sided operations of a connection are carried out at the target in the order
+  // they were issued (tcp: its loop thread serves them one after another and sends the bytes
+  // read in that order, copying them as they are sent), so that a read issued after another
+  // reads memory no earlier than it did. False where they may overtake each other (ucx).
+  virtual bool OneSidedInOrder() const { return false; }
+
   // Whether memory on a GPU can be registered directly (GPUDirect RDMA); when not, GPU
   // shards are staged through registered host memory.
   virtual bool CanRegisterGpuMemory() const { return false; }

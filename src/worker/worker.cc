@@ -453,12 +453,15 @@ struct TensorInfo {
 // tag, in parallel), then s's tag again. The server zeroes a slot's tag before it changes any
 // byte of the slot and sets the new tag after the last, so if the tag read afterwards is
 // still T, no byte read belongs to another version. A newer tag in the other slot, or a
-// changed tag, starts another attempt on the newest slot seen. No hash over the floats.
+// changed tag, starts another attempt on the newest slot seen. No hash over the floats. Where
+// the transport carries one-sided reads out in issue order (tcp), the three reads of an
+// attempt go at once: one round trip.
 struct PullJob : std::enable_shared_from_this<PullJob> {
   std::shared_ptr<RpcChannel> rpc;
   ChunkRef* chunk;
   float* dst;
   std::atomic<uint64_t>* bytes_pulled = nullptr;
+  bool in_order = false;         // the transport serves one-sided reads in issue order
   std::vector<uint8_t> encoded;  // a pull codec's bytes, expanded into dst once consistent
   std::shared_ptr<OpState> op;
   uint64_t expect = 0;     // tag of the slot being read, as observed before this attempt
@@ -493,9 +496,11 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
     };
   }
 
+  // Where the transport carries reads out in the order they were issued (in_order: tcp), the
+  // slot's tag is read again in the same round trip, by a read issued after the floats'.
   void ReadFloats() {
     uint64_t slot = (expect - 1) % 2;
-    pending = 2;
+    pending = in_order ? 3 : 2;
     Connection& c = rpc->connection();
     void* into = dst;
     if (chunk->pull_codec != Codec::kNone) {
@@ -503,10 +508,17 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
       into = encoded.data();
     }
     if (bytes_pulled) *bytes_pulled += chunk->layout.data_bytes;
+    void (PullJob::*next)() = in_order ? &PullJob::CheckAll : &PullJob::ReadTagAfter;
     c.Read(into, chunk->layout.data_bytes, chunk->slots.key, slot * chunk->layout.stride,
-           Joined(&PullJob::ReadTagAfter));
-    c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, TagOffset(1 - slot),
-           Joined(&PullJob::ReadTagAfter));
+           Joined(next));
+    c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, TagOffset(1 - slot), Joined(next));
+    if (in_order)
+      c.Read(&tag_after, sizeof(tag_after), chunk->slots.key, TagOffset(slot), Joined(next));
+  }
+
+  void CheckAll() {
+    if (other_tag > expect) return Retry(other_tag);  // a newer version: a pull returns it
+    Check();
   }
 
   void ReadTagAfter() {
@@ -1060,6 +1072,7 @@ class WorkerImpl final : public Worker {
     job->dst = dst;
     job->op = op;
     job->bytes_pulled = &bytes_pulled_;
+    job->in_order = data_ctx_->OneSidedInOrder();
     job->Start();
   }
 

@@ -68,6 +68,7 @@ class TcpContext final : public Context {
   Result<std::unique_ptr<MemoryRegion>> RegisterRegion(void* ptr, size_t size,
                                                        MemoryKind kind) override;
   bool CanRegister(MemoryKind kind) const override { return kind == MemoryKind::kHost; }
+  bool OneSidedInOrder() const override { return true; }
   bool InLoopThread() const override { return shared_->loop.InLoop(); }
   bool RunInLoop(std::function<void()> fn) override { return shared_->loop.Defer(std::move(fn)); }
   uint64_t refused_peers() const override { return shared_->refused_peers.load(); }
