@@ -144,7 +144,7 @@ inline constexpr Tunable kFuseUs{
     "0",
     0,
     "worker: the longest a batch waits for more operations before it is sent (0: sent as soon "
-    "as the worker's transport thread is free; more holds that thread polling meanwhile)",
+    "as the worker's transport thread is free; more: a thread of the worker sends it then)",
     "launch, bench, train; worker"};
 inline constexpr Tunable kRpcTimeoutMs{"timeout-ms",
                                        "SHARDPS_TIMEOUT_MS",

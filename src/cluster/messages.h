@@ -232,11 +232,14 @@ struct PushAck {
 // "Batches"). Only chunks of at most kMaxBatchedChunkBytes of fp32 parameters travel this way:
 // their server applies them on its transport thread, so one message is one pass over them. A
 // push's gradient travels in the request's payload (the entries' bytes one after the other,
-// in entry order), with no landing buffer and no grant; a pull's parameters come back in a
-// kBatchAnswer's payload, read on the thread that publishes them, so they are never torn. An
-// entry both pushes and pulls for push_pull: its parameters are read once the push is
-// acknowledged. The request id is the batch's name in its answers; kBatch gets no kReply.
+// in entry order, each padded to a multiple of 8), with no landing buffer and no grant; a pull's
+// parameters come back in a kBatchAnswer's payload, read on the thread that publishes them, so they
+// are never torn. An entry both pushes and pulls for push_pull: its parameters are read once the
+// push is acknowledged. The request id is the batch's name in its answers; kBatch gets no kReply.
 inline constexpr uint64_t kMaxBatchedChunkBytes = 64 << 10;
+// Each push's gradient starts 8-aligned in the payload: its bytes are followed by zeros up to a
+// multiple of 8, so the server reads floats and words of every codec where they are aligned.
+inline constexpr uint64_t BatchPadded(uint64_t bytes) { return (bytes + 7) / 8 * 8; }
 inline constexpr uint32_t kMaxBatchEntries = 8192;
 // The most parameter bytes one batch may ask to pull (the reply's payload).
 inline constexpr uint64_t kMaxBatchPullBytes = 32ull << 20;

@@ -7,14 +7,16 @@
 namespace shardps::cluster {
 
 void RpcChannel::Start(uint32_t tag, const Bytes& body, ReplyCallback cb,
-                       const std::function<void(Bytes meta, transport::DoneCallback sent)>& send) {
+                       const std::function<void(Bytes meta, transport::DoneCallback sent)>& send,
+                       transport::DoneCallback on_sent) {
   uint64_t id;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (failed_) {
       // Deliver the failure through the transport's thread, never inline.
       Status why = failure_;
-      conn_->Send(tag, {}, {}, [cb, why](Status) {
+      conn_->Send(tag, {}, {}, [cb, why, on_sent](Status) {
+        if (on_sent) on_sent(why);
         Reader empty(nullptr, 0);
         transport::Message m;
         cb(why, empty, m);
@@ -29,7 +31,8 @@ void RpcChannel::Start(uint32_t tag, const Bytes& body, ReplyCallback cb,
   w.Put(id);
   w.PutRaw(body.data(), body.size());
   std::weak_ptr<RpcChannel> weak = weak_from_this();
-  send(std::move(meta), [weak, id](Status st) {
+  send(std::move(meta), [weak, id, on_sent](Status st) {
+    if (on_sent) on_sent(st);
     if (st.ok()) return;
     auto self = weak.lock();
     if (!self) return;
@@ -55,19 +58,25 @@ void RpcChannel::Call(uint32_t tag, const Bytes& body, transport::Payload payloa
 }
 
 void RpcChannel::CallAfterWrite(const transport::LocalSpan& local, const transport::RemoteKey& key,
-                                uint64_t offset, uint32_t tag, const Bytes& body,
-                                ReplyCallback cb) {
-  Start(tag, body, std::move(cb), [&](Bytes meta, transport::DoneCallback sent) {
-    conn_->WriteThenSend(local, key, offset, tag, std::move(meta), std::move(sent));
-  });
+                                uint64_t offset, uint32_t tag, const Bytes& body, ReplyCallback cb,
+                                transport::DoneCallback sent) {
+  Start(
+      tag, body, std::move(cb),
+      [&](Bytes meta, transport::DoneCallback done) {
+        conn_->WriteThenSend(local, key, offset, tag, std::move(meta), std::move(done));
+      },
+      std::move(sent));
 }
 
 void RpcChannel::CallAfterWrite(const void* local, size_t len, const transport::RemoteKey& key,
-                                uint64_t offset, uint32_t tag, const Bytes& body,
-                                ReplyCallback cb) {
-  Start(tag, body, std::move(cb), [&](Bytes meta, transport::DoneCallback sent) {
-    conn_->WriteThenSend(local, len, key, offset, tag, std::move(meta), std::move(sent));
-  });
+                                uint64_t offset, uint32_t tag, const Bytes& body, ReplyCallback cb,
+                                transport::DoneCallback sent) {
+  Start(
+      tag, body, std::move(cb),
+      [&](Bytes meta, transport::DoneCallback done) {
+        conn_->WriteThenSend(local, len, key, offset, tag, std::move(meta), std::move(done));
+      },
+      std::move(sent));
 }
 
 bool RpcChannel::OnReply(transport::Message& msg) {

@@ -25,11 +25,15 @@ class RpcChannel : public std::enable_shared_from_this<RpcChannel> {
   void Call(uint32_t tag, const Bytes& body, transport::Payload payload, ReplyCallback cb);
   // Writes `local` into the peer's region (key, offset), then sends the request, which the peer
   // receives once the bytes are in place (Connection::WriteThenSend): a push's gradient and
-  // its notification in one go.
+  // its notification in one go. `sent` fires once the local bytes are no longer used (sent, or
+  // never to be), which may be after the reply callback (a call failed by FailAll while its
+  // frame waits to leave): the caller's bytes must stay valid until then.
   void CallAfterWrite(const transport::LocalSpan& local, const transport::RemoteKey& key,
-                      uint64_t offset, uint32_t tag, const Bytes& body, ReplyCallback cb);
+                      uint64_t offset, uint32_t tag, const Bytes& body, ReplyCallback cb,
+                      transport::DoneCallback sent);
   void CallAfterWrite(const void* local, size_t len, const transport::RemoteKey& key,
-                      uint64_t offset, uint32_t tag, const Bytes& body, ReplyCallback cb);
+                      uint64_t offset, uint32_t tag, const Bytes& body, ReplyCallback cb,
+                      transport::DoneCallback sent);
   // Handles a kReply message. Returns false (protocol error) when it answers nothing.
   bool OnReply(transport::Message& msg);
   // Fails every outstanding call with `why` (after the connection closed).
@@ -40,9 +44,10 @@ class RpcChannel : public std::enable_shared_from_this<RpcChannel> {
 
  private:
   // Registers `cb` under a new request id and hands [id][body] to `send` with the completion
-  // that fails the call when the bytes could not leave.
+  // that fails the call when the bytes could not leave, then calls `on_sent` (optional).
   void Start(uint32_t tag, const Bytes& body, ReplyCallback cb,
-             const std::function<void(Bytes meta, transport::DoneCallback sent)>& send);
+             const std::function<void(Bytes meta, transport::DoneCallback sent)>& send,
+             transport::DoneCallback on_sent = nullptr);
 
   std::shared_ptr<transport::Connection> conn_;
   std::mutex mu_;

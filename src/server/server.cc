@@ -753,17 +753,15 @@ class ServerImpl final : public Server {
                transport::Message& m) {
     BatchRequest b;
     if (!b.Decode(&r) || !r.done()) return Drop(c, "malformed batch");
-    if (b.worker >= view_.num_workers)
-      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", b.worker)));
     const size_t n = b.entries.size();
     uint64_t pushed = 0;
     for (const auto& e : b.entries) {
       if (!e.push) continue;
-      if (e.bytes > pool_.buffer_bytes() || e.bytes > m.payload.size() - pushed)
+      if (e.bytes > pool_.buffer_bytes() || BatchPadded(e.bytes) > m.payload.size() - pushed)
         return Drop(c, fmt::format("batch of {} entries whose pushes claim more than the {} "
                                    "bytes it carries",
                                    n, m.payload.size()));
-      pushed += e.bytes;
+      pushed += BatchPadded(e.bytes);
     }
     if (pushed != m.payload.size())
       return Drop(c, fmt::format("batch of {} entries whose pushes claim {} of the {} bytes it "
@@ -783,12 +781,15 @@ class ServerImpl final : public Server {
         pull_bytes += chunks[i]->layout.data_bytes;
       }
     }
-    if (pull_bytes > kMaxBatchPullBytes) {
-      for (size_t i = 0; i < n; ++i)
-        Answer(answer, i,
-               Status::InvalidArgument(fmt::format("batch pulls {} bytes; the bound is {}",
-                                                   pull_bytes, kMaxBatchPullBytes)),
-               0, false, nullptr);
+    // Well formed but wrong as a whole: every entry is refused with the reason.
+    Status whole;
+    if (b.worker >= view_.num_workers)
+      whole = Status::InvalidArgument(fmt::format("unknown worker {}", b.worker));
+    else if (pull_bytes > kMaxBatchPullBytes)
+      whole = Status::InvalidArgument(
+          fmt::format("batch pulls {} bytes; the bound is {}", pull_bytes, kMaxBatchPullBytes));
+    if (!whole.ok()) {
+      for (size_t i = 0; i < n; ++i) Answer(answer, i, whole, 0, false, nullptr);
       return;
     }
     std::shared_ptr<BatchBytes> held;
@@ -806,7 +807,7 @@ class ServerImpl final : public Server {
     for (size_t i = 0; i < n; ++i) {
       const BatchEntry& e = b.entries[i];
       const uint8_t* grad = at;
-      if (e.push) at += e.bytes;
+      if (e.push) at += BatchPadded(e.bytes);
       Chunk* ch = chunks[i];
       Status st;
       if (!ch) {

@@ -200,6 +200,15 @@ using namespace cluster;
 using transport::Connection;
 
 constexpr int kMaxReadAttempts = 100000;
+// The one-round-trip pull over a transport that serves reads in issue order relies on the
+// target copying the floats before the tag in program order, which x86-64 guarantees (loads are
+// not reordered with older loads); elsewhere the pull keeps its two round trips. The servers
+// are taken to be of the workers' architecture.
+#if defined(__x86_64__)
+constexpr bool kLoadsStayInOrder = true;
+#else
+constexpr bool kLoadsStayInOrder = false;
+#endif
 constexpr uint64_t kCreateBatchBytes = 32ull << 20;
 constexpr uint32_t kCreateBatchItems = 4096;
 
@@ -292,12 +301,20 @@ class Batcher {
     if (e.push) {
       const auto* g = static_cast<const uint8_t*>(grad);
       payload_.insert(payload_.end(), g, g + e.bytes);
+      payload_.resize(payload_.size() + (BatchPadded(e.bytes) - e.bytes), 0);
+      gradient_bytes_ += e.bytes;
     }
     if (e.pull) pull_bytes_ += item.ref->layout.data_bytes;
     entries_.push_back(e);
     items_.push_back(std::move(item));
     return payload_.size() + pull_bytes_ >= fuse_bytes || items_.size() >= kMaxBatchEntries ||
            pull_bytes_ + kMaxBatchedChunkBytes > kMaxBatchPullBytes;
+  }
+
+  // When the oldest operation waiting was added (meaningful while one waits).
+  std::chrono::steady_clock::time_point Oldest() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return first_;
   }
 
   // Marks a flush as scheduled; false when one is already.
@@ -308,14 +325,13 @@ class Batcher {
     return true;
   }
 
-  // The scheduled flush: sends what waits unless it is younger than `delay` (then false: the
-  // caller schedules it again).
+  // Sends what waits unless its oldest operation is younger than `delay` (then false).
   bool Flush(transport::Connection& c, uint32_t worker, std::chrono::microseconds delay,
              std::atomic<uint64_t>* pushed) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!items_.empty() && delay.count() > 0 && std::chrono::steady_clock::now() - first_ < delay)
       return false;
-    posted_ = false;
+    if (delay.count() == 0) posted_ = false;
     SendLocked(c, worker, pushed);
     return true;
   }
@@ -341,8 +357,10 @@ class Batcher {
     if (it == sent_.end()) return false;
     Sent& b = it->second;
     uint64_t at = 0;
+    std::vector<bool> seen = b.answered;  // an entry answered twice, even in one answer, is refused
     for (const BatchResult& x : a.results) {
-      if (x.entry >= b.items.size() || b.answered[x.entry]) return false;
+      if (x.entry >= b.items.size() || seen[x.entry]) return false;
+      seen[x.entry] = true;
       const Item& item = b.items[x.entry];
       const uint64_t want =
           x.status.ok() && item.pull_into ? item.ref->layout.data_bytes : uint64_t{0};
@@ -372,6 +390,8 @@ class Batcher {
       items_.clear();
       entries_.clear();
       payload_.clear();
+      gradient_bytes_ = 0;
+      pull_bytes_ = 0;
       for (auto& [id, b] : sent_)
         for (size_t i = 0; i < b.items.size(); ++i)
           if (!b.answered[i]) fail.push_back(std::move(b.items[i]));
@@ -401,7 +421,7 @@ class Batcher {
     b.remaining = items_.size();
     b.answered.assign(items_.size(), false);
     b.items = std::move(items_);
-    *pushed += payload_.size();
+    *pushed += gradient_bytes_;  // the gradients' bytes, as a landing buffer would take them
     // Sent under the lock: batches leave in the order their operations were issued, so a
     // chunk's pushes reach the server in sequence order.
     c.Send(kBatch, std::move(meta), transport::Payload::Own(std::move(payload_)), nullptr);
@@ -409,12 +429,14 @@ class Batcher {
     entries_.clear();
     payload_ = Bytes();
     pull_bytes_ = 0;
+    gradient_bytes_ = 0;
   }
 
   std::mutex mu_;
   std::vector<Item> items_;  // waiting, with their entries and pushed bytes
   std::vector<BatchEntry> entries_;
   Bytes payload_;
+  uint64_t gradient_bytes_ = 0;  // in payload_, padding left out
   uint64_t pull_bytes_ = 0;
   std::chrono::steady_clock::time_point first_;  // when the oldest waiting one was added
   bool posted_ = false;                          // a flush is scheduled on the loop
@@ -580,6 +602,14 @@ class WorkerImpl final : public Worker {
   explicit WorkerImpl(WorkerOptions o) : opt_(std::move(o)) {}
 
   ~WorkerImpl() override {
+    if (fuse_thread_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lock(fuse_mu_);
+        fuse_stop_ = true;
+      }
+      fuse_cv_.notify_all();
+      fuse_thread_.join();
+    }
     metrics_.Stop();
     WriteTimeline();
     // A worker that ends without Finish() but in a healthy job still says goodbye, so that
@@ -670,6 +700,7 @@ class WorkerImpl final : public Worker {
     if (!m.ok()) return m.status();
     metrics_ = std::move(m).value();
     metrics_.MarkReady();
+    if (opt_.fuse_delay.count() > 0) fuse_thread_ = std::thread([this] { FuseLoop(); });
     return Status::OK();
   }
 
@@ -1072,7 +1103,7 @@ class WorkerImpl final : public Worker {
     job->dst = dst;
     job->op = op;
     job->bytes_pulled = &bytes_pulled_;
-    job->in_order = data_ctx_->OneSidedInOrder();
+    job->in_order = kLoadsStayInOrder && data_ctx_->OneSidedInOrder();
     job->Start();
   }
 
@@ -1138,22 +1169,53 @@ class WorkerImpl final : public Worker {
              .base_version = ref->pulled_version.load(),
              .lr = src.lr}
         .Encode(&w);
-    auto acked = [this, rpc, ref, op, then_pull, hold = src.region](Status st, Reader& r,
-                                                                    transport::Message&) {
-      OnPushAck(rpc, ref, op, then_pull, st, r);
+    // The push completes once it was acknowledged and its bytes left (a call failed while its
+    // frame waits to go is answered first): the caller's gradient, or the staging buffer held
+    // here, is in use until then.
+    struct Flight {
+      std::mutex mu;
+      bool sent = false;
+      bool answered = false;
+      Status status;
+      PushAck ack;
+    };
+    auto f = std::make_shared<Flight>();
+    auto finish = [this, rpc, ref, op, then_pull, f] {
+      OnPushAck(rpc, ref, op, then_pull, f->status, f->ack);
+    };
+    auto acked = [f, finish](Status st, Reader& r, transport::Message&) {
+      PushAck ack;
+      if (st.ok() && (!ack.Decode(&r) || !r.done()))
+        st = Status::ProtocolError("malformed push ack");
+      {
+        std::lock_guard<std::mutex> lock(f->mu);
+        f->answered = true;
+        f->status = st;
+        f->ack = std::move(ack);
+        if (!f->sent) return;
+      }
+      finish();
+    };
+    auto sent = [f, finish, hold = src.region](Status) {
+      {
+        std::lock_guard<std::mutex> lock(f->mu);
+        f->sent = true;
+        if (!f->answered) return;
+      }
+      finish();
     };
     if (src.region) {
       rpc->CallAfterWrite(transport::LocalSpan{src.region.get(), src.offset, src.bytes}, g.key,
-                          g.offset, kPushDone, note, std::move(acked));
+                          g.offset, kPushDone, note, std::move(acked), std::move(sent));
     } else {
-      rpc->CallAfterWrite(src.ptr, src.bytes, g.key, g.offset, kPushDone, note, std::move(acked));
+      rpc->CallAfterWrite(src.ptr, src.bytes, g.key, g.offset, kPushDone, note, std::move(acked),
+                          std::move(sent));
     }
   }
 
   void OnPushAck(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref,
-                 const std::shared_ptr<OpState>& op, float* then_pull, Status st, Reader& r) {
-    PushAck ack;
-    if (st.ok() && (!ack.Decode(&r) || !r.done())) st = Status::ProtocolError("malformed push ack");
+                 const std::shared_ptr<OpState>& op, float* then_pull, const Status& st,
+                 PushAck ack) {
     if (!st.ok()) return op->ChunkDone(st, 0);
     if (ack.has_ahead) {
       Credits& c = *credits_[ref->server];
@@ -1185,25 +1247,51 @@ class WorkerImpl final : public Worker {
   }
 
   // Queues an operation on a small chunk for its server's next batch: sent at once when the
-  // batch reached its size bound, else by a flush on the data loop, which runs once the loop is
-  // free (operations issued meanwhile join the batch) and, with a fuse delay, not before the
-  // oldest operation waited that long.
+  // batch reached its size bound; else, without a fuse delay, by a flush on the data loop, which
+  // runs once the loop is free (operations issued meanwhile join the batch); with one, by the
+  // fuse thread once the oldest operation in it waited that long.
   void AddToBatch(uint32_t server, Batcher::Item item, const BatchEntry& e, const void* grad) {
     Batcher& b = *batchers_[server];
     if (b.Add(std::move(item), e, grad, opt_.fuse_bytes))
       return b.Send(servers_[server]->connection(), rank_, &bytes_pushed_);
+    if (opt_.fuse_delay.count() > 0) {
+      std::lock_guard<std::mutex> lock(fuse_mu_);
+      if (!fuse_kick_) {
+        fuse_kick_ = true;
+        fuse_cv_.notify_one();
+      }
+      return;
+    }
     if (b.Schedule()) ScheduleFlush(server);
   }
 
   void ScheduleFlush(uint32_t server) {
-    bool posted = data_ctx_->RunInLoop([this, server] {
-      if (!batchers_[server]->Flush(servers_[server]->connection(), rank_, opt_.fuse_delay,
-                                    &bytes_pushed_))
-        ScheduleFlush(server);  // not old enough yet
-    });
-    // The worker is going away: send now (its operations fail when the connection closes).
-    if (!posted)
+    auto send = [this, server] {
       batchers_[server]->Flush(servers_[server]->connection(), rank_, {}, &bytes_pushed_);
+    };
+    // The worker is going away when the loop refuses: send now (its operations fail when the
+    // connection closes).
+    if (!data_ctx_->RunInLoop(send)) send();
+  }
+
+  // --fuse-us: sends each batch once its oldest operation waited `fuse_delay`. A thread of its
+  // own: the transport's loop has no timers, and a loop task that re-posted itself until then
+  // would keep the loop from serving the network meanwhile.
+  void FuseLoop() {
+    const auto delay = opt_.fuse_delay;
+    std::unique_lock<std::mutex> lock(fuse_mu_);
+    while (!fuse_stop_) {
+      fuse_kick_ = false;
+      lock.unlock();
+      auto next = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+      for (uint32_t s = 0; s < batchers_.size(); ++s) {
+        Batcher& b = *batchers_[s];
+        if (!b.Flush(servers_[s]->connection(), rank_, delay, &bytes_pushed_))
+          next = std::min(next, b.Oldest() + delay);  // not old enough yet
+      }
+      lock.lock();
+      fuse_cv_.wait_until(lock, next, [&] { return fuse_stop_ || fuse_kick_; });
+    }
   }
 
   // Data loop thread: what a server answered for a batch. False (the connection is closed) when
@@ -1249,6 +1337,12 @@ class WorkerImpl final : public Worker {
   std::vector<std::shared_ptr<RpcChannel>> servers_;
   std::vector<std::unique_ptr<Credits>> credits_;   // by server
   std::vector<std::shared_ptr<Batcher>> batchers_;  // by server
+  // --fuse-us: the thread that sends batches when they are old enough (FuseLoop).
+  std::thread fuse_thread_;
+  std::mutex fuse_mu_;
+  std::condition_variable fuse_cv_;
+  bool fuse_stop_ = false;  // guarded by fuse_mu_
+  bool fuse_kick_ = false;  // guarded by fuse_mu_: a batch got its first operation
   std::shared_ptr<FailedServers> failed_servers_ = std::make_shared<FailedServers>();
 
   std::atomic<bool> finished_{false};

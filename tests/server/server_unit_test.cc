@@ -523,7 +523,8 @@ TEST_F(ServerProtocol, APushWithABadLearningRateIsRefusedAndNothingApplied) {
 // A batch's entries are answered in entry order, each on its own: pushes applied (async), pulls
 // reading what the pushes before them published, and each refused entry (unknown chunk, wrong
 // size, bad learning rate) refused alone with its reason. What completed together comes back
-// in one answer, the pulled parameters in its payload.
+// in one answer, the pulled parameters in its payload. A batch from an unknown worker is
+// refused entry by entry.
 TEST_F(ServerProtocol, ABatchAnswersEachEntryOnItsOwn) {
   RawClient raw(lc_->servers[0]->address());
   std::vector<float> one(8, 1.0f);
@@ -579,6 +580,22 @@ TEST_F(ServerProtocol, ABatchAnswersEachEntryOnItsOwn) {
   EXPECT_EQ(stats["batches"].get<int>(), 1);
   EXPECT_EQ(stats["batched_pushes"].get<int>(), 2);
   EXPECT_EQ(stats["grant_requests"].get<int>(), 0);
+  // A batch that is wrong as a whole (an unknown worker) has every entry refused; the
+  // connection stays.
+  cluster::BatchRequest stranger;
+  stranger.worker = 5;
+  stranger.entries.push_back({.chunk_id = 1, .pull = true});
+  stranger.entries.push_back({.chunk_id = 1, .pull = true});
+  raw.SendBatch(8, stranger, {});
+  auto more = raw.WaitAnswers(2);
+  ASSERT_EQ(more.size(), 2u);
+  EXPECT_EQ(more[1].first.batch, 8u);
+  ASSERT_EQ(more[1].first.results.size(), 2u);
+  for (const auto& x : more[1].first.results) {
+    EXPECT_EQ(x.status.code(), Status::Code::kInvalidArgument);
+    EXPECT_NE(x.status.message().find("unknown worker"), std::string::npos);
+  }
+  EXPECT_TRUE(more[1].second.empty());
   std::vector<float> out(8);
   ASSERT_TRUE(lc_->workers[0]->Pull(id_, out.data()).Wait(10s).ok());
   for (float v : out) EXPECT_EQ(v, 7.0f);
