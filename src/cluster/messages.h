@@ -237,6 +237,9 @@ struct PushAck {
 // are never torn. An entry both pushes and pulls for push_pull: its parameters are read once the
 // push is acknowledged. The request id is the batch's name in its answers; kBatch gets no kReply.
 inline constexpr uint64_t kMaxBatchedChunkBytes = 64 << 10;
+// sync: the steps a server sums ahead of a chunk's published version (a push further ahead
+// waits: its grant, or on the worker, a batched push).
+inline constexpr uint64_t kSyncStepsAhead = 2;
 // Each push's gradient starts 8-aligned in the payload: its bytes are followed by zeros up to a
 // multiple of 8, so the server reads floats and words of every codec where they are aligned.
 inline constexpr uint64_t BatchPadded(uint64_t bytes) { return (bytes + 7) / 8 * 8; }

@@ -110,7 +110,6 @@ using transport::Connection;
 
 constexpr size_t kMaxEarlyMessages = 4096;        // held before the server is ready
 constexpr uint64_t kMaxEarlyBytes = 64ull << 20;  // and their bytes
-constexpr uint64_t kMaxStepsAhead = 2;            // sync: steps summed ahead of the version
 // Chunks this small are applied on the transport thread that receives their pushes: such an
 // apply takes about a microsecond, less than handing it to an apply thread and back. A chunk's
 // size never changes, so each chunk still has exactly one owning thread.
@@ -596,7 +595,7 @@ class ServerImpl final : public Server {
     ec.mode = view_.mode;
     ec.num_workers = view_.num_workers;
     ec.aggregate = view_.aggregate;
-    ec.max_steps_ahead = kMaxStepsAhead;
+    ec.max_steps_ahead = kSyncStepsAhead;
     ec.staleness = view_.staleness;
     ec.quorum = view_.sync_quorum;
     ec.weights = view_.worker_weights;

@@ -6,6 +6,7 @@
 #include <charconv>
 #include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -288,8 +289,12 @@ class Batcher {
   };
 
   // Adds an operation; true when the batch should go now (its size bound is reached). `grad`:
-  // the push's bytes as they travel (copied here).
-  bool Add(Item item, const BatchEntry& e, const void* grad, uint64_t fuse_bytes) {
+  // the push's bytes as they travel (copied here). With a `window` (sync), a push more than
+  // `window` steps ahead of the newest version the worker knows of its chunk, or behind one
+  // that is, waits here instead (Release sends it once an answer raised that version): the
+  // server would have to park it, holding the batch's bytes, where a grant would have waited
+  // holding nothing.
+  bool Add(Item item, const BatchEntry& e, const void* grad, uint64_t fuse_bytes, uint64_t window) {
     std::unique_lock<std::mutex> lock(mu_);
     if (!failed_.ok()) {
       Status st = failed_;
@@ -297,18 +302,41 @@ class Batcher {
       item.op->ChunkDone(st, 0);
       return false;
     }
-    if (items_.empty()) first_ = std::chrono::steady_clock::now();
-    if (e.push) {
-      const auto* g = static_cast<const uint8_t*>(grad);
-      payload_.insert(payload_.end(), g, g + e.bytes);
-      payload_.resize(payload_.size() + (BatchPadded(e.bytes) - e.bytes), 0);
-      gradient_bytes_ += e.bytes;
+    if (e.push && window > 0) {
+      auto it = deferred_.find(item.ref);
+      if ((it != deferred_.end() && !it->second.empty()) ||
+          e.seq > item.ref->known_version.load() + window) {
+        const auto* g = static_cast<const uint8_t*>(grad);
+        deferred_[item.ref].push_back({std::move(item), e, Bytes(g, g + e.bytes)});
+        return false;
+      }
     }
-    if (e.pull) pull_bytes_ += item.ref->layout.data_bytes;
-    entries_.push_back(e);
-    items_.push_back(std::move(item));
-    return payload_.size() + pull_bytes_ >= fuse_bytes || items_.size() >= kMaxBatchEntries ||
-           pull_bytes_ + kMaxBatchedChunkBytes > kMaxBatchPullBytes;
+    return AddLocked(std::move(item), e, grad, fuse_bytes);
+  }
+
+  // After an answer about `ref`: its waiting pushes now within `window` of the version known
+  // (all of them with `all`: the chunk answered an error, the server decides) join the batch,
+  // in order; a batch that reaches its size bound meanwhile is sent. True when some joined and
+  // wait to be sent.
+  bool Release(ChunkRef* ref, uint64_t window, bool all, uint64_t fuse_bytes,
+               transport::Connection& c, uint32_t worker, std::atomic<uint64_t>* pushed) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = deferred_.find(ref);
+    if (it == deferred_.end()) return false;
+    auto& q = it->second;
+    bool joined = false;
+    while (!q.empty() && (all || q.front().entry.seq <= ref->known_version.load() + window)) {
+      Deferred d = std::move(q.front());
+      q.pop_front();
+      if (AddLocked(std::move(d.item), d.entry, d.grad.data(), fuse_bytes)) {
+        SendLocked(c, worker, pushed);
+        joined = false;
+      } else {
+        joined = true;
+      }
+    }
+    if (q.empty()) deferred_.erase(it);
+    return joined;
   }
 
   // When the oldest operation waiting was added (meaningful while one waits).
@@ -396,6 +424,9 @@ class Batcher {
         for (size_t i = 0; i < b.items.size(); ++i)
           if (!b.answered[i]) fail.push_back(std::move(b.items[i]));
       sent_.clear();
+      for (auto& [ref, q] : deferred_)
+        for (auto& d : q) fail.push_back(std::move(d.item));
+      deferred_.clear();
     }
     for (auto& item : fail) item.op->ChunkDone(why, 0);
   }
@@ -406,6 +437,21 @@ class Batcher {
     std::vector<bool> answered;
     size_t remaining = 0;
   };
+
+  bool AddLocked(Item item, const BatchEntry& e, const void* grad, uint64_t fuse_bytes) {
+    if (items_.empty()) first_ = std::chrono::steady_clock::now();
+    if (e.push) {
+      const auto* g = static_cast<const uint8_t*>(grad);
+      payload_.insert(payload_.end(), g, g + e.bytes);
+      payload_.resize(payload_.size() + (BatchPadded(e.bytes) - e.bytes), 0);
+      gradient_bytes_ += e.bytes;
+    }
+    if (e.pull) pull_bytes_ += item.ref->layout.data_bytes;
+    entries_.push_back(e);
+    items_.push_back(std::move(item));
+    return payload_.size() + pull_bytes_ >= fuse_bytes || items_.size() >= kMaxBatchEntries ||
+           pull_bytes_ + kMaxBatchedChunkBytes > kMaxBatchPullBytes;
+  }
 
   void SendLocked(transport::Connection& c, uint32_t worker, std::atomic<uint64_t>* pushed) {
     if (items_.empty()) return;
@@ -442,6 +488,12 @@ class Batcher {
   bool posted_ = false;                          // a flush is scheduled on the loop
   uint64_t next_id_ = 1;
   std::unordered_map<uint64_t, Sent> sent_;
+  struct Deferred {
+    Item item;
+    BatchEntry entry;
+    Bytes grad;
+  };
+  std::unordered_map<ChunkRef*, std::deque<Deferred>> deferred_;  // sync: pushes too far ahead
   Status failed_;
 };
 
@@ -1252,8 +1304,19 @@ class WorkerImpl final : public Worker {
   // fuse thread once the oldest operation in it waited that long.
   void AddToBatch(uint32_t server, Batcher::Item item, const BatchEntry& e, const void* grad) {
     Batcher& b = *batchers_[server];
-    if (b.Add(std::move(item), e, grad, opt_.fuse_bytes))
+    if (b.Add(std::move(item), e, grad, opt_.fuse_bytes, SyncWindow()))
       return b.Send(servers_[server]->connection(), rank_, &bytes_pushed_);
+    WantFlush(server);
+  }
+
+  // sync: how many steps a batched push may be ahead of the version its worker knows (what the
+  // server sums ahead of its version); 0 elsewhere (async applies on arrival; ssp parks by
+  // the slowest worker's clock, which the worker does not know).
+  uint64_t SyncWindow() const { return view_.mode == Mode::kSync ? kSyncStepsAhead : 0; }
+
+  // A batch has operations waiting: its flush is scheduled (data loop), or the fuse thread told.
+  void WantFlush(uint32_t server) {
+    Batcher& b = *batchers_[server];
     if (opt_.fuse_delay.count() > 0) {
       std::lock_guard<std::mutex> lock(fuse_mu_);
       if (!fuse_kick_) {
@@ -1324,6 +1387,19 @@ class WorkerImpl final : public Worker {
         RaiseTo(ref->pulled_version, v);
       }
       op.ChunkDone(Status::OK(), v);
+    }
+    // Pushes that waited for these chunks' versions to rise.
+    if (SyncWindow() > 0) {
+      std::vector<std::pair<ChunkRef*, bool>> refs;  // with whether it answered an error
+      for (auto& c : done) refs.emplace_back(c.item.ref, !c.result.status.ok());
+      std::sort(refs.begin(), refs.end());
+      bool joined = false;
+      for (size_t i = 0; i < refs.size(); ++i) {
+        if (i + 1 < refs.size() && refs[i + 1].first == refs[i].first) continue;  // last: any error
+        joined |= b.Release(refs[i].first, SyncWindow(), refs[i].second, opt_.fuse_bytes,
+                            servers_[refs[i].first->server]->connection(), rank_, &bytes_pushed_);
+      }
+      if (joined) WantFlush(done.front().item.ref->server);
     }
     return true;
   }

@@ -1162,8 +1162,8 @@ TEST(ClusterSync, ThousandSmallTensors) {
 // Operations on small tensors travel in batches (one request per server for what is issued
 // close together, with or without a fuse delay): every push and pull of them went that way and
 // none asked for a landing buffer; a worker that issues six steps without waiting runs ahead of
-// the other (its pushes beyond the steps summed ahead wait on the server with their batch's
-// bytes); the values are exact.
+// the other (its pushes beyond the steps the servers sum ahead wait on the worker until the
+// versions they follow are published); the values are exact.
 TEST(ClusterSync, SmallTensorsTravelInBatchesExactly) {
   for (int delay_us : {0, 500}) {
     SCOPED_TRACE(delay_us);
@@ -1202,14 +1202,18 @@ TEST(ClusterSync, SmallTensorsTravelInBatchesExactly) {
         for (float v : out) ASSERT_EQ(v, expect) << "tensor " << k;
       }
     });
-    int64_t pushes = 0, pulls = 0, grants = 0, applied = 0;
+    int64_t pushes = 0, pulls = 0, grants = 0, applied = 0, waits = 0;
     for (uint32_t s = 0; s < 2; ++s) {
       auto st = nlohmann::json::parse(*lc->workers[0]->ServerStats(s));
       pushes += st["batched_pushes"].get<int64_t>();
       pulls += st["batched_pulls"].get<int64_t>();
       grants += st["grant_requests"].get<int64_t>();
       applied += st["pushes_applied"].get<int64_t>();
+      for (const auto& w : st["workers"]) waits += w["waits"].get<int64_t>();
     }
+    // Worker 0's steps beyond the two the servers sum ahead waited on the worker, not parked on
+    // a server with their batch's bytes.
+    EXPECT_EQ(waits, 0);
     EXPECT_EQ(pushes, 2 * kTensors * kSteps);
     EXPECT_EQ(applied, 2 * kTensors * kSteps);
     EXPECT_EQ(pulls, 2 * kTensors);
