@@ -81,7 +81,7 @@ class Inbox {
     ConnectionHandlers h;
     h.on_message = [this](const std::shared_ptr<Connection>& c, Message m) {
       std::lock_guard<std::mutex> lock(mu_);
-      if (on_receipt) on_receipt(m);
+      if (on_receipt_) on_receipt_(m);
       messages_.push_back(std::move(m));
       last_conn_ = c;
       cv_.notify_all();
@@ -112,14 +112,18 @@ class Inbox {
     return closes_.size();
   }
 
-  // Runs on the loop thread as each message arrives (set before anything is sent).
-  std::function<void(const Message&)> on_receipt;
+  // `fn` runs on the loop thread as each message arrives, under the inbox's lock.
+  void OnReceipt(std::function<void(const Message&)> fn) {
+    std::lock_guard<std::mutex> lock(mu_);
+    on_receipt_ = std::move(fn);
+  }
 
  private:
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Message> messages_;
   std::vector<Status> closes_;
+  std::function<void(const Message&)> on_receipt_;
   std::shared_ptr<Connection> last_conn_;
 };
 
@@ -401,13 +405,13 @@ TEST_P(TransportConformance, WriteThenSendDeliversTheMessageAfterItsBytes) {
   ASSERT_TRUE(region.ok()) << region.status().ToString();
   const auto* mem = static_cast<const uint8_t*>((*region)->data());
   std::atomic<int> in_place{0};
-  server_inbox_.on_receipt = [&](const Message& m) {
+  server_inbox_.OnReceipt([&](const Message& m) {
     if (m.tag != 9 || m.meta.size() != 1 || m.payload.size() != 0) return;
     const size_t k = m.meta[0];
     bool whole = k < kPieces;
     for (size_t i = 0; whole && i < kPiece; ++i) whole = mem[k * kPiece + i] == k + 1;
     if (whole) in_place++;
-  };
+  });
   std::vector<std::vector<uint8_t>> src;
   for (size_t k = 0; k < kPieces; ++k) src.emplace_back(kPiece, static_cast<uint8_t>(k + 1));
   Probe probe;
