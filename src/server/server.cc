@@ -96,7 +96,6 @@ namespace server {
 // that thread travels in one kBatchAnswer (cluster::BatchAnswer).
 struct BatchInFlight {
   std::shared_ptr<transport::Connection> conn;
-  uint64_t batch = 0;
   std::vector<uint8_t> pulls;  // per entry: its parameters go back with its answer
   cluster::BatchAnswer part;   // answered since the last answer was sent
   Bytes payload;               // their parameters, in the same order
@@ -739,11 +738,10 @@ class ServerImpl final : public Server {
   // charged to the server's inbound budget until the last push that travelled in it is gone.
   struct BatchBytes {
     transport::Buffer bytes;
-    std::shared_ptr<transport::InboundBudget> budget;
-    uint64_t charged = 0;
-    ~BatchBytes() {
-      if (budget) budget->Release(charged);
-    }
+    std::shared_ptr<transport::InboundBudget> budget;  // outlives `charge`, which returns to it
+    transport::InboundCharge charge;
+    explicit BatchBytes(std::shared_ptr<transport::InboundBudget> b)
+        : budget(std::move(b)), charge(budget.get(), UINT64_MAX) {}
   };
 
   // Loop thread. The operations of a batch, in entry order; every chunk it may name (at most
@@ -768,7 +766,6 @@ class ServerImpl final : public Server {
                                  n, pushed, m.payload.size()));
     auto answer = std::make_shared<BatchInFlight>();
     answer->conn = c;
-    answer->batch = req;
     answer->part.batch = req;
     answer->pulls.assign(n, 0);
     std::vector<Chunk*> chunks(n);
@@ -793,14 +790,12 @@ class ServerImpl final : public Server {
     }
     std::shared_ptr<BatchBytes> held;
     if (pushed > 0) {
-      if (!inbound_->TryCharge(pushed))
+      held = std::make_shared<BatchBytes>(inbound_);
+      if (!held->charge.TryCharge(pushed))
         return Drop(c, fmt::format("a batch of {} pushed bytes would pass the server's inbound "
                                    "budget of {} bytes",
                                    pushed, inbound_->limit()));
-      held = std::make_shared<BatchBytes>();
       held->bytes = std::move(m.payload);
-      held->budget = inbound_;
-      held->charged = pushed;
     }
     const uint8_t* at = held ? held->bytes.data() : nullptr;
     for (size_t i = 0; i < n; ++i) {
@@ -907,9 +902,8 @@ class ServerImpl final : public Server {
   }
 
   // The acknowledgement carries a landing buffer granted ahead for the worker's next push
-  // when the pool can spare one.
-  // An entry of a batch is answered in the batch's reply, with the chunk's parameters when it
-  // pulls too.
+  // when the pool can spare one. An entry of a batch is answered in the batch's answer instead,
+  // with the chunk's parameters when it pulls too.
   void AckNow(const Chunk& ch, const EngineActions::Ack& a) {
     if (a.to.batch)
       return Answer(a.to.batch, a.to.entry, a.status, a.version, a.late,

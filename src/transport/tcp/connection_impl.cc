@@ -408,13 +408,9 @@ bool TcpConnection::OnMetaComplete() {
         Fail(Status::ProtocolError("malformed write request from " + peer_));
         return false;
       }
-      auto region = shared_->Lookup(id, secret);
+      auto region = shared_->Lookup(id, secret, offset, in_hdr_.payload_len, "write");
       if (!region.ok()) {
         in_refusal_ = region.status();
-      } else if (offset > (*region)->size || in_hdr_.payload_len > (*region)->size - offset) {
-        in_refusal_ = Status::InvalidArgument(
-            fmt::format("write of {} bytes at offset {} is outside the region of {} bytes",
-                        in_hdr_.payload_len, offset, (*region)->size));
       } else {
         in_region_ = *region;
         in_dst_ = in_region_->data + offset;
@@ -427,16 +423,11 @@ bool TcpConnection::OnMetaComplete() {
         Fail(Status::ProtocolError("malformed write-and-send from " + peer_));
         return false;
       }
-      auto region = shared_->Lookup(id, secret);
-      Status st = region.status();
-      if (st.ok() && (offset > (*region)->size || in_hdr_.payload_len > (*region)->size - offset))
-        st = Status::InvalidArgument(
-            fmt::format("write of {} bytes at offset {} is outside the region of {} bytes",
-                        in_hdr_.payload_len, offset, (*region)->size));
-      if (!st.ok()) {
+      auto region = shared_->Lookup(id, secret, offset, in_hdr_.payload_len, "write");
+      if (!region.ok()) {
         // No answer travels back: a peer that writes where it may not is closed.
         Fail(Status::ProtocolError(
-            fmt::format("write-and-send from {} refused: {}", peer_, st.message())));
+            fmt::format("write-and-send from {} refused: {}", peer_, region.status().message())));
         return false;
       }
       in_region_ = *region;
@@ -455,13 +446,8 @@ bool TcpConnection::OnMetaComplete() {
         Fail(Status::ProtocolError("malformed read request from " + peer_));
         return false;
       }
-      auto region = shared_->Lookup(id, secret);
+      auto region = shared_->Lookup(id, secret, offset, len, "read");
       Status st = region.status();
-      if (st.ok() && (offset > (*region)->size || len > (*region)->size - offset)) {
-        st = Status::InvalidArgument(
-            fmt::format("read of {} bytes at offset {} is outside the region of {} bytes", len,
-                        offset, (*region)->size));
-      }
       if (st.ok() && len > shared_->options.max_payload_bytes)
         st = Status::InvalidArgument("read larger than the transfer limit");
       Payload p;

@@ -351,12 +351,17 @@ RegionMemory::~RegionMemory() {
   if (owned) std::free(data);
 }
 
-Result<std::shared_ptr<RegionMemory>> Shared::Lookup(uint64_t id, uint64_t secret) {
+Result<std::shared_ptr<RegionMemory>> Shared::Lookup(uint64_t id, uint64_t secret, uint64_t offset,
+                                                     uint64_t len, const char* what) {
   std::lock_guard<std::mutex> lock(regions_mu);
   auto it = regions.find(id);
   if (it == regions.end() || it->second->secret != secret)
     return Status::InvalidArgument(
         fmt::format("remote key names no registered region (region {}: unknown or stale key)", id));
+  const uint64_t size = it->second->size;
+  if (offset > size || len > size - offset)
+    return Status::InvalidArgument(fmt::format(
+        "{} of {} bytes at offset {} is outside the region of {} bytes", what, len, offset, size));
   return it->second;
 }
 

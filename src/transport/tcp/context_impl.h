@@ -47,8 +47,11 @@ struct Shared {
   std::unordered_map<int, std::shared_ptr<Handshake>> handshakes;
   std::atomic<uint64_t> refused_peers{0};
 
-  // Finds the region for a packed key; Unavailable/InvalidArgument with a reason otherwise.
-  Result<std::shared_ptr<RegionMemory>> Lookup(uint64_t id, uint64_t secret);
+  // Finds the region for a packed key whose bytes [offset, offset + len) a `what` ("write",
+  // "read") may touch; InvalidArgument with the reason otherwise (unknown or stale key, a range
+  // outside the region).
+  Result<std::shared_ptr<RegionMemory>> Lookup(uint64_t id, uint64_t secret, uint64_t offset,
+                                               uint64_t len, const char* what);
   void Deregister(uint64_t id);
 };
 
