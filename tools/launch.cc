@@ -127,6 +127,12 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   if (!fuse.ok()) return fuse.status().WithContext("--fuse-bytes");
   lo.env.push_back(fmt::format("{}={}", tunables::kFuseBytes.env, *fuse));
   lo.env.push_back(fmt::format("{}={}", tunables::kFuseUs.env, job.fuse_us));
+  if (job.workers_per_node < 1 || job.workers % job.workers_per_node != 0)
+    return Status::InvalidArgument(
+        fmt::format("--workers-per-node {} does not divide --workers {}: every node has the same "
+                    "number of workers",
+                    job.workers_per_node, job.workers));
+  lo.workers_per_node = job.workers_per_node;
   return lo;
 }
 
@@ -237,6 +243,9 @@ int RunLaunch(const LaunchOptions& opt) {
   std::string addr = (*coord)->address();
   const auto& co = opt.coordinator;
   using namespace tunables;
+  char host_buf[256] = {0};
+  gethostname(host_buf, sizeof(host_buf) - 1);
+  const std::string host = host_buf;
   const std::vector<std::string> common = ChildEnvironment(opt, addr);
   std::vector<Child> children;
   Status spawn_error;
@@ -276,6 +285,13 @@ int RunLaunch(const LaunchOptions& opt) {
                                 MetricsListenFor(co.metrics_listen, co.num_servers + i)));
     if (!opt.timeline.empty())
       env.push_back(fmt::format("{}={}.worker{}.json", kTimeline.env, opt.timeline, i));
+    if (opt.workers_per_node > 1) {
+      // This host plays several nodes: each run of workers_per_node workers is one.
+      const uint32_t k = opt.workers_per_node;
+      env.push_back(fmt::format("{}={}", kWorkersPerNode.env, k));
+      env.push_back(fmt::format("{}={}", kLocalRank.env, i % k));
+      env.push_back(fmt::format("{}={}/node{}", kNode.env, host, i / k));
+    }
     auto c = Spawn(fmt::format("worker {}", i), true, opt.program, opt.parent_env, env);
     if (c.ok())
       children.push_back(std::move(c).value());

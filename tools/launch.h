@@ -27,6 +27,8 @@ struct LaunchOptions {
   // --timeline: each server and worker writes FILE.server<i>.json / FILE.worker<r>.json, merged
   // into FILE when the job ends.
   std::string timeline;
+  // Node-level reduction: each run of this many workers is one node (docs/node-reduction.md).
+  uint32_t workers_per_node = 1;
 };
 
 // The launch of the job `job` describes, each worker running `program`.

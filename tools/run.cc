@@ -132,6 +132,24 @@ int RunRun(const RunFlags& r, const JobFlags& job, const std::vector<std::string
     role = rank < job.servers ? "server" : "worker";
     role_rank = static_cast<int32_t>(rank < job.servers ? rank : rank - job.servers);
   }
+  // Node-level reduction under a launcher: the nodes are the launcher's hosts, and a worker's
+  // local rank and its node's number of workers count the worker tasks of its host only (tasks
+  // of one host hold consecutive ranks; the first S tasks are the servers).
+  const uint32_t per_node = jf.workers_per_node;
+  jf.workers_per_node = 1;
+  int32_t local_rank = -1, local_size = 0;
+  if (per_node > 1 && role == "worker") {
+    if (p.launcher == "dmlc" || p.local_rank < 0 || p.local_size <= 0)
+      return Fail(Status::InvalidArgument(fmt::format(
+                      "--workers-per-node under {}: the launcher does not say where this task "
+                      "sits on its host (no local rank and size)",
+                      p.launcher)),
+                  2);
+    const int32_t first = p.rank - p.local_rank;
+    const int32_t first_worker = std::max(first, static_cast<int32_t>(job.servers));
+    local_rank = p.rank - first_worker;
+    local_size = first + p.local_size - first_worker;
+  }
   auto lo = LaunchFor(jf, program, env);
   if (!lo.ok()) return Fail(lo.status(), 2);
   spdlog::info(
@@ -144,6 +162,10 @@ int RunRun(const RunFlags& r, const JobFlags& job, const std::vector<std::string
     std::vector<std::string> extra = ChildEnvironment(*lo, *coord_addr);
     extra.push_back("SHARDPS_ROLE=worker");
     extra.push_back(fmt::format("{}={}", tunables::kRank.env, role_rank));
+    if (local_size > 1) {
+      extra.push_back(fmt::format("{}={}", tunables::kWorkersPerNode.env, local_size));
+      extra.push_back(fmt::format("{}={}", tunables::kLocalRank.env, local_rank));
+    }
     if (!jf.metrics_listen.empty())
       extra.push_back(fmt::format(
           "{}={}", tunables::kMetricsListen.env,

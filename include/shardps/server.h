@@ -91,7 +91,10 @@ struct ServerStats {
   uint64_t ranges_helped = 0;  // ranges of a split update run by an apply thread that helped
   uint64_t rss_bytes = 0;
   uint64_t peak_rss_bytes = 0;
-  std::vector<WorkerPushStats> workers;  // by rank
+  // By worker rank; with node-level reduction (pushers_are_nodes) by node: a node's workers
+  // push as one (docs/node-reduction.md), and `rank` is the node's number.
+  std::vector<WorkerPushStats> workers;
+  bool pushers_are_nodes = false;
   std::string ToJson() const;
 };
 

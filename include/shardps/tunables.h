@@ -146,6 +146,29 @@ inline constexpr Tunable kFuseUs{
     "worker: the longest a batch waits for more operations before it is sent (0: sent as soon "
     "as the worker's transport thread is free; more: a thread of the worker sends it then)",
     "launch, bench, train; worker"};
+inline constexpr Tunable kWorkersPerNode{
+    "workers-per-node",
+    "SHARDPS_WORKERS_PER_NODE",
+    "1",
+    1,
+    "node-level reduction: the workers of a node (launch: each run of this many workers) sum "
+    "their gradients through shared memory and push once per node (1: every worker pushes)",
+    "launch, bench, train; worker"};
+inline constexpr Tunable kLocalRank{
+    "local-rank",
+    "SHARDPS_LOCAL_RANK",
+    "-1",
+    -1,
+    "worker: its rank among its node's workers (set by shardps launch; -1: LOCAL_RANK, "
+    "OMPI_COMM_WORLD_LOCAL_RANK or SLURM_LOCALID)",
+    "worker"};
+inline constexpr Tunable kNode{"node",
+                               "SHARDPS_NODE",
+                               "",
+                               0,
+                               "worker: the name of its node, shared by the workers that reduce "
+                               "together (set by shardps launch; empty: the host name)",
+                               "worker"};
 inline constexpr Tunable kRpcTimeoutMs{"timeout-ms",
                                        "SHARDPS_TIMEOUT_MS",
                                        "60000",
@@ -263,6 +286,9 @@ inline constexpr const Tunable* kAll[] = {
     &kProcessInbound,
     &kFuseBytes,
     &kFuseUs,
+    &kWorkersPerNode,
+    &kLocalRank,
+    &kNode,
     &kRpcTimeoutMs,
     &kCoordinator,
     &kRank,

@@ -48,6 +48,15 @@ struct WorkerOptions {
   // operation in it waited `fuse_delay`.
   uint64_t fuse_bytes = static_cast<uint64_t>(tunables::kFuseBytes.number);
   std::chrono::microseconds fuse_delay{tunables::kFuseUs.number};
+  // Node-level reduction (docs/node-reduction.md): with local_size K above 1, the K workers of
+  // a node (those that give the same `node` name; empty: the host name) sum their gradients
+  // through shared memory and each pushes its share of the chunks, so that the servers see one
+  // push per node. local_rank is this worker's rank among them (0..K-1). Every worker of the
+  // node then issues the same Push / PushPull of each tensor in the same order (Pull stays
+  // this worker's own).
+  uint32_t local_size = static_cast<uint32_t>(tunables::kWorkersPerNode.number);
+  int32_t local_rank = static_cast<int32_t>(tunables::kLocalRank.number);
+  std::string node;
   // Bytes servers may make this worker hold for what they sent and it has not handed on yet.
   uint64_t connection_inbound_bytes = static_cast<uint64_t>(tunables::kConnectionInbound.number);
   uint64_t process_inbound_bytes = static_cast<uint64_t>(tunables::kProcessInbound.number);
@@ -67,7 +76,8 @@ struct WorkerOptions {
   std::string timeline;
 
   // Fills the options from the variables of the tunables this worker reads (coordinator,
-  // transport, rank, timeout-ms, busy-poll-us, fuse-bytes, fuse-us, the inbound budgets, the
+  // transport, rank, timeout-ms, busy-poll-us, fuse-bytes, fuse-us, workers-per-node,
+  // local-rank (else the launcher's local rank), node, the inbound budgets, the
   // secret file, the metrics
   // address, the timeline;
   // include/shardps/tunables.h)

@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -61,6 +62,10 @@ struct Node {
   uint32_t pid = 0;
   std::string host;
   std::string data_address;
+  // Workers: their node (docs/node-reduction.md), rank on it and its number of workers.
+  std::string node;
+  int32_t local_rank = -1;
+  uint32_t local_size = 1;
   std::shared_ptr<transport::Connection> conn;
   uint64_t register_request = 0;
   Clock::time_point last_seen;
@@ -237,12 +242,70 @@ class CoordinatorImpl final : public Coordinator {
     n.pid = rq.pid;
     n.host = rq.host;
     n.data_address = rq.data_address;
+    n.node = rq.node.empty() ? rq.host : rq.node;
+    n.local_rank = rq.local_rank;
+    n.local_size = rq.local_size;
     n.conn = c;
     n.register_request = req;
     n.last_seen = Clock::now();
     spdlog::info("coordinator: {} registered from {}", n.Name(), c->peer());
     nodes_.push_back(std::move(n));
     if (nodes_.size() == opt_.num_servers + opt_.num_workers) Complete();
+  }
+
+  // Node-level reduction: the workers that said they share a node (local_size above 1) are
+  // grouped by node name into `worker_nodes` (per worker rank), numbered in the order of their
+  // lowest rank. Every worker must then be on a node whose workers number its local size and
+  // hold local ranks 0..local_size-1; InvalidArgument naming what does not add up otherwise.
+  Result<uint32_t> GroupNodes(std::vector<uint32_t>* worker_nodes) const {
+    std::vector<const Node*> workers(opt_.num_workers, nullptr);
+    bool any = false;
+    for (auto& n : nodes_)
+      if (n.role == Role::kWorker) {
+        workers[n.rank] = &n;
+        any = any || n.local_size > 1;
+      }
+    worker_nodes->clear();
+    if (!any) return opt_.num_workers;
+    if (opt_.sync_quorum != 0 || !opt_.worker_weights.empty())
+      return Status::InvalidArgument(
+          "node-level reduction (workers per node above 1) cannot be combined with a sync quorum "
+          "or worker weights: a node pushes its workers' sum as one push");
+    std::map<std::string, uint32_t> index;
+    std::vector<std::vector<const Node*>> members;
+    for (const Node* w : workers) {
+      // A worker alone on its node (local size 1) is a node of its own whatever its name.
+      const std::string key = w->local_size > 1 ? "n:" + w->node : fmt::format("w:{}", w->rank);
+      auto [it, fresh] = index.emplace(key, static_cast<uint32_t>(members.size()));
+      if (fresh) members.emplace_back();
+      members[it->second].push_back(w);
+      worker_nodes->push_back(it->second);
+    }
+    for (const auto& m : members) {
+      const uint32_t k = m.front()->local_size;
+      std::set<int32_t> ranks;
+      for (const Node* w : m) {
+        if (w->local_size != k)
+          return Status::InvalidArgument(fmt::format(
+              "the workers of node '{}' disagree on its number of workers: {} says {}, {} says "
+              "{}",
+              w->node, m.front()->Name(), k, w->Name(), w->local_size));
+        if (k == 1) continue;
+        if (w->local_rank < 0 || static_cast<uint32_t>(w->local_rank) >= k ||
+            !ranks.insert(w->local_rank).second)
+          return Status::InvalidArgument(
+              fmt::format("{} on node '{}' has local rank {}, taken or outside 0..{}", w->Name(),
+                          w->node, w->local_rank, k - 1));
+      }
+      if (m.size() != k)
+        return Status::InvalidArgument(fmt::format(
+            "node '{}' has {} workers registered but its workers say it has {} (workers per "
+            "node must divide the workers, and a node's workers must share its name)",
+            m.front()->node, m.size(), k));
+    }
+    spdlog::info("coordinator: {} workers reduce on {} nodes before they push", opt_.num_workers,
+                 members.size());
+    return static_cast<uint32_t>(members.size());
   }
 
   // Everyone is here: send each node the view.
@@ -263,6 +326,14 @@ class CoordinatorImpl final : public Coordinator {
     view.heartbeat_ms = static_cast<uint32_t>(opt_.heartbeat_interval.count());
     view.heartbeat_timeout_ms = static_cast<uint32_t>(opt_.heartbeat_timeout.count());
     view.transport = opt_.transport;
+    view.job_id = job_id_;
+    auto nodes = GroupNodes(&view.worker_nodes);
+    if (!nodes.ok()) {
+      // Every registration fails with the reason; so does the job.
+      for (auto& n : nodes_) Reply(*n.conn, n.register_request, nodes.status());
+      Fail(nodes.status());
+      return;
+    }
     complete_ = true;
     for (auto& n : nodes_) {
       RegisterReply rep;
@@ -465,6 +536,7 @@ class CoordinatorImpl final : public Coordinator {
 
   std::mutex mu_;
   std::condition_variable cv_;
+  const uint64_t job_id_ = (uint64_t{std::random_device{}()} << 32) | std::random_device{}();
   bool stopping_ = false;
   bool complete_ = false;
   bool finished_ = false;

@@ -1,5 +1,6 @@
 #include "cluster/messages.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace shardps::cluster {
@@ -25,6 +26,16 @@ void ClusterView::Encode(Writer* w) const {
   w->Put(heartbeat_ms);
   w->Put(heartbeat_timeout_ms);
   w->PutString(transport);
+  w->Put<uint32_t>(static_cast<uint32_t>(worker_nodes.size()));
+  for (uint32_t n : worker_nodes) w->Put(n);
+  w->Put(job_id);
+}
+
+uint32_t ClusterView::num_pushers() const {
+  if (worker_nodes.empty()) return num_workers;
+  uint32_t n = 0;
+  for (uint32_t x : worker_nodes) n = std::max(n, x + 1);
+  return n;
 }
 
 bool ClusterView::Decode(Reader* r) {
@@ -46,8 +57,23 @@ bool ClusterView::Decode(Reader* r) {
   mode = static_cast<Mode>(m);
   aggregate = static_cast<Aggregate>(a);
   weight_rule = static_cast<WeightRule>(wr);
-  return r->Get(&chunk_bytes) && r->Get(&heartbeat_ms) && r->Get(&heartbeat_timeout_ms) &&
-         r->GetString(&transport, 64);
+  uint32_t nn = 0;
+  if (!r->Get(&chunk_bytes) || !r->Get(&heartbeat_ms) || !r->Get(&heartbeat_timeout_ms) ||
+      !r->GetString(&transport, 64) || !r->Get(&nn) || (nn != 0 && nn != num_workers) ||
+      !r->Fits(nn, 4))
+    return false;
+  worker_nodes.resize(nn);
+  // Node numbers are dense: each below the number of workers, and every one below the largest
+  // is some worker's.
+  std::vector<bool> seen(nn, false);
+  for (auto& x : worker_nodes) {
+    if (!r->Get(&x) || x >= nn) return false;
+    seen[x] = true;
+  }
+  const uint32_t nodes = nn == 0 ? 0 : num_pushers();
+  for (uint32_t i = 0; i < nodes; ++i)
+    if (!seen[i]) return false;
+  return r->Get(&job_id);
 }
 
 void RegisterRequest::Encode(Writer* w) const {
@@ -57,6 +83,9 @@ void RegisterRequest::Encode(Writer* w) const {
   w->PutString(host);
   w->Put(pid);
   w->PutString(transport);
+  w->PutString(node);
+  w->Put(local_rank);
+  w->Put(local_size);
 }
 
 bool RegisterRequest::Decode(Reader* r) {
@@ -64,7 +93,8 @@ bool RegisterRequest::Decode(Reader* r) {
   if (!r->Get(&ro) || (ro != 1 && ro != 2)) return false;
   role = static_cast<Role>(ro);
   return r->Get(&rank) && r->GetString(&data_address, 1024) && r->GetString(&host, 1024) &&
-         r->Get(&pid) && r->GetString(&transport, 64);
+         r->Get(&pid) && r->GetString(&transport, 64) && r->GetString(&node, 1024) &&
+         r->Get(&local_rank) && r->Get(&local_size);
 }
 
 void RegisterReply::Encode(Writer* w) const {

@@ -60,6 +60,19 @@ struct ClusterView {
   uint32_t heartbeat_ms = 500;
   uint32_t heartbeat_timeout_ms = 5000;
   std::string transport = "tcp";
+  // Node-level reduction (docs/node-reduction.md): the node of each worker rank, numbered from
+  // 0 in the order of their lowest worker rank; empty when every worker pushes on its own.
+  std::vector<uint32_t> worker_nodes;
+  // Names this run of the job (random, from the coordinator): the shared-memory segments of a
+  // node's workers carry it.
+  uint64_t job_id = 0;
+
+  // Nodes of the job: the processes that push (each worker when there are none).
+  uint32_t num_pushers() const;
+  // The pusher a worker's pushes count for: its node, or itself.
+  uint32_t PusherOf(uint32_t worker) const {
+    return worker_nodes.empty() ? worker : worker_nodes[worker];
+  }
 
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
@@ -72,6 +85,11 @@ struct RegisterRequest {
   std::string host;
   uint32_t pid = 0;
   std::string transport = "tcp";  // data-plane transport; must match the job's
+  // Workers: the node it reduces with (docs/node-reduction.md), its rank there and the node's
+  // number of workers; local_size 1: none.
+  std::string node;
+  int32_t local_rank = -1;
+  uint32_t local_size = 1;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };

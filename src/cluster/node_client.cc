@@ -63,6 +63,9 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
   gethostname(host, sizeof(host) - 1);
   rq.host = host;
   rq.pid = static_cast<uint32_t>(getpid());
+  rq.node = options.node;
+  rq.local_rank = options.local_rank;
+  rq.local_size = options.local_size;
   Bytes body;
   Writer w(&body);
   rq.Encode(&w);

@@ -24,6 +24,10 @@ struct NodeClientOptions {
   int32_t rank = -1;
   std::string data_address;  // servers: where workers reach them
   std::string transport = "tcp";
+  // Workers: node-level reduction (RegisterRequest).
+  std::string node;
+  int32_t local_rank = -1;
+  uint32_t local_size = 1;
   std::chrono::milliseconds connect_timeout{30000};
   std::chrono::milliseconds register_timeout{120000};
   std::chrono::milliseconds rpc_timeout{60000};

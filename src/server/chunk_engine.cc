@@ -436,8 +436,10 @@ void ChunkEngine::OnUpdateDone(Status st, EngineActions* out) {
 }
 
 float ChunkEngine::Scale() const {
-  // The mean is over the contributors of the step: the quorum's pushes.
-  return cfg_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(quorum_) : 1.0f;
+  // The mean is over the contributors of the step: the quorum's pushes, or the workers whose
+  // sums the nodes pushed.
+  const uint32_t over = cfg_.mean_over ? cfg_.mean_over : quorum_;
+  return cfg_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(over) : 1.0f;
 }
 
 void ChunkEngine::Stamp(uint8_t* slot, uint64_t tag) {

@@ -65,7 +65,12 @@ struct WorkerCounters {
 
 struct EngineConfig {
   Mode mode = Mode::kSync;
+  // The pushers: every worker, or with node-level reduction every node, whose push is its
+  // workers' sum (docs/node-reduction.md). The engine's "worker" is a pusher throughout.
   uint32_t num_workers = 1;
+  // sync mean: what a step's sum is divided by; 0: the pushes of the step (the quorum). With
+  // node-level reduction, the job's workers.
+  uint32_t mean_over = 0;
   Aggregate aggregate = Aggregate::kMean;
   uint64_t max_steps_ahead = 2;  // sync: steps summed ahead of the published version
   size_t max_parked_grants = 1 << 16;

@@ -86,6 +86,7 @@ std::string ServerStats::ToJson() const {
                   {"mean_staleness", w.mean_staleness},
                   {"max_steps_behind", w.max_steps_behind}});
   j["workers"] = ws;
+  j["pushers"] = pushers_are_nodes ? "nodes" : "workers";
   return j.dump();
 }
 
@@ -218,8 +219,9 @@ class ServerImpl final : public Server {
     node_ = std::move(node).value();
     view_ = node_->info().view;
     rank_ = node_->info().rank;
-    counters_ = std::make_unique<WorkerCounters[]>(view_.num_workers);
-    num_counters_.store(view_.num_workers);
+    // Per pusher: each worker, or each node (node-level reduction).
+    counters_ = std::make_unique<WorkerCounters[]>(view_.num_pushers());
+    num_counters_.store(view_.num_pushers());
     SHARDPS_RETURN_IF_ERROR(pool_.Init(data_ctx_.get(), opt_.landing_buffers, view_.chunk_bytes));
     // Apply threads poll for work as long as the transport polls for messages: where it
     // does not (tcp), a sleeping apply thread costs no more than the wake-up of the loop.
@@ -349,6 +351,8 @@ class ServerImpl final : public Server {
     s.duplicate_pushes = duplicates_.load();
     s.late_pushes = late_.load();
     const uint32_t nw = num_counters_.load();
+    // view_ is set before num_counters_ (an atomic) is.
+    s.pushers_are_nodes = nw > 0 && !view_.worker_nodes.empty();
     for (uint32_t w = 0; w < nw; ++w) {
       const WorkerCounters& c = counters_[w];
       WorkerPushStats& o = s.workers.emplace_back();
@@ -592,7 +596,8 @@ class ServerImpl final : public Server {
     }
     EngineConfig ec;
     ec.mode = view_.mode;
-    ec.num_workers = view_.num_workers;
+    ec.num_workers = view_.num_pushers();
+    ec.mean_over = view_.worker_nodes.empty() ? 0 : view_.num_workers;
     ec.aggregate = view_.aggregate;
     ec.max_steps_ahead = kSyncStepsAhead;
     ec.staleness = view_.staleness;
@@ -640,7 +645,8 @@ class ServerImpl final : public Server {
     if (g.worker >= view_.num_workers)
       return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", g.worker)));
     grant_requests_++;
-    auto admitted = ch->engine->Admit(ParkedGrant{c, c.get(), req, g.worker, g.seq});
+    auto admitted =
+        ch->engine->Admit(ParkedGrant{c, c.get(), req, view_.PusherOf(g.worker), g.seq});
     if (!admitted.ok())
       return Reply(*c, req, admitted.status().WithContext(fmt::format("chunk {}", g.chunk_id)));
     if (!*admitted) {
@@ -704,7 +710,7 @@ class ServerImpl final : public Server {
                    st.WithContext(fmt::format("push of step {} of chunk {}", d.seq, d.chunk_id)));
     }
     LandedPush p;
-    p.worker = d.worker;
+    p.worker = view_.PusherOf(d.worker);
     p.seq = d.seq;
     p.base_version = d.base_version;
     p.lr = d.lr;
@@ -825,7 +831,7 @@ class ServerImpl final : public Server {
         continue;
       }
       LandedPush p;
-      p.worker = b.worker;
+      p.worker = view_.PusherOf(b.worker);
       p.seq = e.seq;
       p.base_version = e.base_version;
       p.lr = e.lr;
@@ -974,7 +980,7 @@ class ServerImpl final : public Server {
   std::atomic<uint64_t> pushes_applied_{0};
   std::atomic<uint64_t> duplicates_{0};
   std::atomic<uint64_t> late_{0};
-  // Per worker (view_.num_workers), set once before the server is ready; 0 until then.
+  // Per pusher (view_.num_pushers()), set once before the server is ready; 0 until then.
   std::unique_ptr<WorkerCounters[]> counters_;
   std::atomic<uint32_t> num_counters_{0};
   std::atomic<uint64_t> versions_{0};

@@ -15,6 +15,7 @@
 #include <unordered_map>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include "cluster/messages.h"
@@ -22,9 +23,11 @@
 #include "cluster/rpc.h"
 #include "compress/codec.h"
 #include "core/environment.h"
+#include "core/job_environment.h"
 #include "metrics/metrics.h"
 #include "metrics/timeline.h"
 #include "transport/context.h"
+#include "worker/node_reducer.h"
 
 namespace shardps {
 
@@ -58,19 +61,25 @@ struct OpState {
   const char* op_name = "";  // for the timeline: push, pull, push_pull
   uint32_t tensor = 0;
   metrics::Timeline::Args span_args;  // the timeline's arguments (only with a timeline)
+  // Called once it completed, on the thread that completed it (set before it starts).
+  std::function<void()> on_done;
 
   void ChunkDone(const Status& st, uint64_t v) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!st.ok() && error.ok()) error = st;
-    version = std::min(version, v);
-    if (remaining.load() == 1 && meters) {
-      const auto now = std::chrono::steady_clock::now();
-      latency->Observe(now - start);
-      meters->in_flight.fetch_sub(1, std::memory_order_relaxed);
-      if (meters->timeline)
-        meters->timeline->Span(op_name, "worker", start, now, tensor, std::move(span_args));
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!st.ok() && error.ok()) error = st;
+      version = std::min(version, v);
+      if (remaining.load() == 1 && meters) {
+        const auto now = std::chrono::steady_clock::now();
+        latency->Observe(now - start);
+        meters->in_flight.fetch_sub(1, std::memory_order_relaxed);
+        if (meters->timeline)
+          meters->timeline->Span(op_name, "worker", start, now, tensor, std::move(span_args));
+      }
+      if (--remaining != 0) return;
+      cv.notify_all();
     }
-    if (--remaining == 0) cv.notify_all();
+    if (on_done) on_done();
   }
 };
 
@@ -119,6 +128,10 @@ Result<TensorId> Worker::Declare(const TensorSpec& spec) {
   return ids->front();
 }
 
+namespace {
+constexpr int64_t kMaxLocalSize = 1024;
+}  // namespace
+
 Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
   const Environment env(envp);
   WorkerOptions o;
@@ -159,6 +172,28 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
   }
   SHARDPS_ASSIGN_OR_RETURN(bool has_fuse_us, integer(tunables::kFuseUs, &n));
   if (has_fuse_us) o.fuse_delay = std::chrono::microseconds(n);
+  SHARDPS_ASSIGN_OR_RETURN(bool has_per_node, integer(tunables::kWorkersPerNode, &n));
+  if (has_per_node) {
+    if (n < 1 || n > kMaxLocalSize)
+      return Status::InvalidArgument(
+          fmt::format("{}={} is outside [1, {}]", tunables::kWorkersPerNode.env, n, kMaxLocalSize));
+    o.local_size = static_cast<uint32_t>(n);
+  }
+  if (auto v = env.Get(tunables::kNode.env)) o.node = *v;
+  SHARDPS_ASSIGN_OR_RETURN(bool has_local, integer(tunables::kLocalRank, &n));
+  if (has_local) {
+    o.local_rank = static_cast<int32_t>(n);
+  } else if (o.local_size > 1) {
+    // The launcher's own local rank (torchrun, mpirun, srun), read in one place.
+    auto placed = DetectJobPlacement(env);
+    if (placed.ok()) o.local_rank = placed->local_rank;
+    if (!placed.ok() && !placed.status().IsNotFound()) return placed.status();
+  }
+  if (o.local_size > 1 && o.local_rank < 0)
+    return Status::InvalidArgument(fmt::format(
+        "{}={} but this worker's local rank is unknown: set {} or run it under a launcher that "
+        "sets LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_RANK or SLURM_LOCALID",
+        tunables::kWorkersPerNode.env, o.local_size, tunables::kLocalRank.env));
   for (const Tunable* t : {&tunables::kConnectionInbound, &tunables::kProcessInbound}) {
     SHARDPS_ASSIGN_OR_RETURN(bool has, integer(*t, &n));
     if (!has) continue;
@@ -189,6 +224,13 @@ Status WorkerOptions::Validate() const {
   if (fuse_delay.count() < 0 || fuse_delay.count() > 1000000)
     return Status::InvalidArgument(
         fmt::format("fuse delay of {} us outside [0, 1000000]", fuse_delay.count()));
+  if (local_size < 1 || local_size > kMaxLocalSize)
+    return Status::InvalidArgument(
+        fmt::format("{} workers per node outside [1, {}]", local_size, kMaxLocalSize));
+  if (local_size > 1 && (local_rank < 0 || static_cast<uint32_t>(local_rank) >= local_size))
+    return Status::InvalidArgument(
+        fmt::format("local rank {} outside [0, {}] ({} workers per node)", local_rank,
+                    local_size - 1, local_size));
   auto v = transport::CheckViability(transport);
   if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
   return Status::OK();
@@ -235,6 +277,8 @@ struct ChunkRef {
   std::atomic<uint64_t> pulled_version{0};  // the newest version pulled: a push's base
   // The tensor's next push step (TensorInfo::next_step), shared by its chunks.
   std::atomic<uint64_t>* tensor_step = nullptr;
+  // Node-level reduction: the local rank that pushes it for the node.
+  uint32_t owner = 0;
 };
 
 // Registered buffers that a tensor's pushes are encoded into, one per push in flight: taken
@@ -520,6 +564,10 @@ struct TensorInfo {
   // The learning rate its pushes carry (SetLearningRate); none: the declared one. The issuing
   // thread only.
   std::optional<float> lr;
+  // Node-level reduction: the element ranges of the chunks this worker pushes for its node, and
+  // the node operations (push, push_pull) issued on it (the issuing thread only).
+  std::vector<std::pair<uint64_t, uint64_t>> mine;
+  uint64_t node_ops = 0;
 };
 
 // Reads the newest published version of a chunk into `dst`, seqlock style. An attempt reads
@@ -654,6 +702,14 @@ class WorkerImpl final : public Worker {
   explicit WorkerImpl(WorkerOptions o) : opt_(std::move(o)) {}
 
   ~WorkerImpl() override {
+    if (node_thread_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lock(node_mu_);
+        node_stop_ = true;
+      }
+      reducer_->Ring();
+      node_thread_.join();
+    }
     if (fuse_thread_.joinable()) {
       {
         std::lock_guard<std::mutex> lock(fuse_mu_);
@@ -691,6 +747,9 @@ class WorkerImpl final : public Worker {
     no.role = Role::kWorker;
     no.rank = opt_.rank;
     no.transport = opt_.transport;
+    no.node = opt_.node;
+    no.local_rank = opt_.local_rank;
+    no.local_size = opt_.local_size;
     no.connect_timeout = opt_.connect_timeout;
     no.register_timeout = opt_.register_timeout;
     no.rpc_timeout = opt_.rpc_timeout;
@@ -753,6 +812,20 @@ class WorkerImpl final : public Worker {
     metrics_ = std::move(m).value();
     metrics_.MarkReady();
     if (opt_.fuse_delay.count() > 0) fuse_thread_ = std::thread([this] { FuseLoop(); });
+    if (opt_.local_size > 1) {
+      if (view_.worker_nodes.empty())
+        return Status::Internal("the coordinator did not group the workers into nodes");
+      auto r = CreateShmNodeReducer(view_.job_id, view_.worker_nodes[rank_],
+                                    static_cast<uint32_t>(opt_.local_rank), opt_.local_size,
+                                    opt_.rpc_timeout);
+      if (!r.ok()) return r.status().WithContext("node-level reduction");
+      reducer_ = std::move(r).value();
+      node_load_.assign(opt_.local_size, 0);
+      node_thread_ = std::thread([this] { NodeLoop(); });
+      spdlog::info("worker {}: local rank {} of the {} workers of node {} ('{}')", rank_,
+                   opt_.local_rank, opt_.local_size, view_.worker_nodes[rank_],
+                   opt_.node.empty() ? "this host" : opt_.node);
+    }
     return Status::OK();
   }
 
@@ -816,6 +889,10 @@ class WorkerImpl final : public Worker {
   }
 
   Result<std::vector<TensorId>> Declare(const std::vector<TensorSpec>& specs) override {
+    // With node-level reduction every worker of the node adds its declarations to the
+    // reducer in the same order: one Declare at a time.
+    std::unique_lock<std::mutex> declaring(declare_mu_, std::defer_lock);
+    if (reducer_) declaring.lock();
     std::vector<DeclareItem> items;
     std::set<std::string> names;
     for (const auto& s : specs) {
@@ -952,6 +1029,29 @@ class WorkerImpl final : public Worker {
         }
       }
     }
+    if (reducer_) {
+      std::vector<uint64_t> numels, chunk_numels;
+      for (auto& info : infos) {
+        numels.push_back(info->numel);
+        for (auto& c : info->chunks) chunk_numels.push_back(c->numel);
+      }
+      const std::vector<uint32_t> owners = SplitChunks(chunk_numels, &node_load_);
+      size_t k = 0;
+      for (auto& info : infos)
+        for (auto& c : info->chunks) {
+          c->owner = owners[k++];
+          if (c->owner == reducer_->local_rank())
+            info->mine.emplace_back(c->offset, c->offset + c->numel);
+        }
+      size_t first = 0;
+      {
+        std::lock_guard<std::mutex> lock(tensors_mu_);
+        first = tensors_.size();
+      }
+      SHARDPS_RETURN_IF_ERROR(
+          reducer_->AddTensors(static_cast<uint32_t>(first), numels, opt_.rpc_timeout)
+              .WithContext("node-level reduction"));
+    }
     std::vector<TensorId> ids;
     std::lock_guard<std::mutex> lock(tensors_mu_);
     for (auto& info : infos) {
@@ -971,10 +1071,12 @@ class WorkerImpl final : public Worker {
     return Status::OK();
   }
 
-  Handle Push(TensorId id, const float* grad) override { return Start(id, grad, nullptr); }
+  Handle Push(TensorId id, const float* grad) override {
+    return reducer_ ? StartNode(id, grad, nullptr) : Start(id, grad, nullptr);
+  }
   Handle Pull(TensorId id, float* out) override { return Start(id, nullptr, out); }
   Handle PushPull(TensorId id, const float* grad, float* out) override {
-    return Start(id, grad, out);
+    return reducer_ ? StartNode(id, grad, out) : Start(id, grad, out);
   }
 
   Status Barrier(const std::string& name, std::chrono::milliseconds timeout) override {
@@ -1041,22 +1143,54 @@ class WorkerImpl final : public Worker {
     return st->body;
   }
 
+  TensorInfo* Find(TensorId id) const {
+    std::lock_guard<std::mutex> lock(tensors_mu_);
+    return id < tensors_.size() ? tensors_[id].get() : nullptr;
+  }
+
+  // Counts an operation on `t` in the worker's metrics and timeline; completing `op` counts its
+  // latency.
+  void Meter(OpState& op, const TensorInfo& t, TensorId id, int kind) {
+    op.meters = meters_;
+    op.latency = kind == 0 ? &meters_->push : kind == 1 ? &meters_->pull : &meters_->push_pull;
+    op.start = std::chrono::steady_clock::now();
+    meters_->in_flight.fetch_add(1, std::memory_order_relaxed);
+    if (meters_->timeline) {
+      static constexpr const char* kNames[] = {"push", "pull", "push_pull"};
+      op.op_name = kNames[kind];
+      op.tensor = id;
+      op.span_args.keys[0] = "numel";
+      op.span_args.values[0] = static_cast<int64_t>(t.numel);
+      op.span_args.text_key = "tensor";
+      op.span_args.text = t.escaped_name;
+    }
+  }
+
+  // Push (out null), pull (grad null) or push_pull of tensor `id`'s chunks: all of them, or with
+  // `share` (node-level reduction) those this worker pushes for its node, unmetered (the node
+  // operation is). `done`: called when it completed.
   Handle Start(TensorId id, const float* grad, float* out) {
+    return Handle(StartOp(id, grad, out));
+  }
+
+  std::shared_ptr<OpState> StartOp(TensorId id, const float* grad, float* out, bool share = false,
+                                   std::function<void()> done = nullptr) {
     auto op = std::make_shared<OpState>();
     op->poll = opt_.busy_poll;
-    TensorInfo* t = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(tensors_mu_);
-      if (id < tensors_.size()) t = tensors_[id].get();
-    }
+    op->on_done = std::move(done);
+    TensorInfo* t = Find(id);
     if (t == nullptr) {
       op->error = Status::NotFound(fmt::format("unknown tensor id {}", id));
-      return Handle(op);
+      return op;
     }
     if (Status f = node_->failure(); !f.ok()) {
       op->error = f;
-      return Handle(op);
+      return op;
     }
+    const uint32_t me = share ? reducer_->local_rank() : 0;
+    auto skip = [&](const ChunkRef& c) { return share && c.owner != me; };
+    size_t count = 0;
+    for (const auto& c : t->chunks) count += skip(*c) ? 0 : 1;
     // A compressed push is encoded here, before the call returns, into a registered buffer
     // that the chunks are written from (the gradient may be reused once it is encoded).
     std::shared_ptr<transport::MemoryRegion> staged;
@@ -1065,7 +1199,7 @@ class WorkerImpl final : public Worker {
       auto r = t->staging->Take();
       if (!r.ok()) {
         op->error = r.status();
-        return Handle(op);
+        return op;
       }
       staged = std::move(r).value();
       auto* base = static_cast<uint8_t*>(staged->data());
@@ -1075,6 +1209,7 @@ class WorkerImpl final : public Worker {
       encoded.resize(t->chunks.size());
       for (size_t i = 0; i < t->chunks.size(); ++i) {
         const ChunkRef& c = *t->chunks[i];
+        if (skip(c)) continue;
         const compress::ChunkCodec cc =
             warming ? compress::ForChunk(now, t->numel, c.offset, c.numel) : c.codec;
         encoded[i] = compress::EncodedBytes(cc, c.numel);
@@ -1083,27 +1218,19 @@ class WorkerImpl final : public Worker {
       }
     }
     const int kind = grad ? (out ? 2 : 0) : 1;
-    t->ops[kind].fetch_add(1, std::memory_order_relaxed);
-    if (!t->chunks.empty()) {
-      op->meters = meters_;
-      op->latency = kind == 0 ? &meters_->push : kind == 1 ? &meters_->pull : &meters_->push_pull;
-      op->start = std::chrono::steady_clock::now();
-      meters_->in_flight.fetch_add(1, std::memory_order_relaxed);
-      if (meters_->timeline) {
-        static constexpr const char* kNames[] = {"push", "pull", "push_pull"};
-        op->op_name = kNames[kind];
-        op->tensor = id;
-        op->span_args.keys[0] = "numel";
-        op->span_args.values[0] = static_cast<int64_t>(t->numel);
-        op->span_args.text_key = "tensor";
-        op->span_args.text = t->escaped_name;
-      }
-    }
-    op->remaining = t->chunks.size();
+    if (!share) t->ops[kind].fetch_add(1, std::memory_order_relaxed);
+    if (!share && count > 0) Meter(*op, *t, id, kind);
     const uint64_t step = grad ? t->next_step.fetch_add(1) : 0;
-    if (grad) op->acks_left = t->chunks.size();
+    if (count == 0) {
+      // Nothing of it here (a node's worker that owns none of its chunks): done now.
+      if (op->on_done) op->on_done();
+      return op;
+    }
+    op->remaining = count;
+    if (grad) op->acks_left = count;
     for (size_t i = 0; i < t->chunks.size(); ++i) {
       ChunkRef* ref = t->chunks[i].get();
+      if (skip(*ref)) continue;
       if (Batched(*ref)) {
         BatchEntry e;
         e.chunk_id = ref->chunk_id;
@@ -1144,7 +1271,180 @@ class WorkerImpl final : public Worker {
         PullChunk(rpc, ref, out + ref->offset, op);
       }
     }
+    return op;
+  }
+
+  // Node-level reduction (worker/node_reducer.h): a push or push_pull that the node's workers
+  // carry out together, one phase at a time on the node thread.
+  struct NodeOp {
+    enum Phase { kFree, kReduce, kShare, kShares, kDone };
+    TensorId id = 0;
+    TensorInfo* t = nullptr;
+    uint64_t seq = 0;
+    NodeOpKind kind = NodeOpKind::kPush;
+    const float* grad = nullptr;
+    float* out = nullptr;
+    std::shared_ptr<OpState> user;   // what the caller's handle completes with
+    std::shared_ptr<OpState> inner;  // this worker's share, pushed (and pulled)
+    Phase phase = kFree;
+    Status error;
+    std::chrono::steady_clock::time_point since;  // when the phase began
+  };
+
+  Handle StartNode(TensorId id, const float* grad, float* out) {
+    auto op = std::make_shared<OpState>();
+    op->poll = opt_.busy_poll;
+    TensorInfo* t = Find(id);
+    if (t == nullptr) {
+      op->error = Status::NotFound(fmt::format("unknown tensor id {}", id));
+      return Handle(op);
+    }
+    if (Status f = node_->failure(); !f.ok()) {
+      op->error = f;
+      return Handle(op);
+    }
+    const int kind = out ? 2 : 0;
+    t->ops[kind].fetch_add(1, std::memory_order_relaxed);
+    Meter(*op, *t, id, kind);
+    op->remaining = 1;
+    NodeOp n;
+    n.id = id;
+    n.t = t;
+    n.seq = ++t->node_ops;
+    n.kind = out ? NodeOpKind::kPushPull : NodeOpKind::kPush;
+    n.grad = grad;
+    n.out = out;
+    n.user = op;
+    n.since = std::chrono::steady_clock::now();
+    {
+      std::lock_guard<std::mutex> lock(node_mu_);
+      if (node_stop_) {
+        op->ChunkDone(Status::Aborted("the worker is closing"), 0);
+        return Handle(op);
+      }
+      node_ops_[id].push_back(std::move(n));
+    }
+    reducer_->Ring();
     return Handle(op);
+  }
+
+  // The node thread: moves every tensor's oldest node operation on as far as it goes, then
+  // sleeps until the node's bell rings (a phase changed here or in another worker of the node,
+  // or a share completed), at most kNodePoll so that deadlines and a failed job are seen.
+  void NodeLoop() {
+    constexpr auto kNodePoll = std::chrono::milliseconds(5);
+    for (;;) {
+      const uint32_t seen = reducer_->Bell();
+      std::vector<NodeOp*> fronts;
+      {
+        std::lock_guard<std::mutex> lock(node_mu_);
+        if (node_stop_) break;
+        // References to a deque's elements survive push_back; only this thread pops.
+        for (auto& [id, q] : node_ops_)
+          if (!q.empty()) fronts.push_back(&q.front());
+      }
+      bool moved = false;
+      for (NodeOp* n : fronts) {
+        while (n->phase != NodeOp::kDone && Advance(*n)) moved = true;
+        if (n->phase != NodeOp::kDone) continue;
+        const TensorId id = n->id;
+        std::shared_ptr<OpState> user = std::move(n->user);
+        const Status st = n->error;
+        const uint64_t v = n->inner ? n->inner->version : UINT64_MAX;
+        {
+          std::lock_guard<std::mutex> lock(node_mu_);
+          node_ops_[id].pop_front();
+        }
+        user->ChunkDone(st, v);
+      }
+      if (!moved) reducer_->WaitBell(seen, kNodePoll);
+    }
+    std::lock_guard<std::mutex> lock(node_mu_);
+    for (auto& [id, q] : node_ops_)
+      for (NodeOp& n : q) n.user->ChunkDone(Status::Aborted("the worker is closing"), 0);
+    node_ops_.clear();
+  }
+
+  // One phase of `n`; false when it must wait.
+  bool Advance(NodeOp& n) {
+    const auto now = std::chrono::steady_clock::now();
+    const uint32_t node = view_.worker_nodes[rank_];
+    auto next = [&](NodeOp::Phase p) {
+      n.phase = p;
+      n.since = now;
+      return true;
+    };
+    // Waiting on the node's other workers: a failed job ends the wait; so does a worker that
+    // did not get to the phase within the RPC timeout (not the shares, which wait on servers).
+    auto waiting = [&](NodePhase phase, const char* what) {
+      Status failed = node_->failure();
+      if (failed.ok() && (phase == NodePhase::kShareDone || now - n.since < opt_.rpc_timeout))
+        return false;
+      if (!failed.ok()) {
+        n.error = failed;
+      } else {
+        n.error = Status::Timeout(fmt::format(
+            "node-level reduction of tensor '{}', operation {}: local rank(s) {} of node {} did "
+            "not {} within {} ms",
+            n.t->name, n.seq, fmt::join(reducer_->Missing(n.id, n.seq, phase), ", "), node, what,
+            opt_.rpc_timeout.count()));
+      }
+      n.phase = NodeOp::kDone;
+      return true;
+    };
+    switch (n.phase) {
+      case NodeOp::kFree:
+        if (!reducer_->Free(n.id, n.seq))
+          return waiting(NodePhase::kFree, "finish the previous operation");
+        reducer_->Contribute(n.id, n.seq, n.kind, n.grad);
+        return next(NodeOp::kReduce);
+      case NodeOp::kReduce: {
+        auto sum = reducer_->Reduce(n.id, n.seq, n.t->mine);
+        if (!sum.ok()) {
+          n.error = sum.status();
+          reducer_->ShareDone(n.id, n.seq, false, UINT64_MAX);
+          return next(NodeOp::kShares);
+        }
+        if (*sum == nullptr) return waiting(NodePhase::kContributed, "hand in their gradient");
+        next(NodeOp::kShare);
+        NodeReducer* r = reducer_.get();
+        n.inner =
+            StartOp(n.id, *sum, n.kind == NodeOpKind::kPushPull ? reducer_->Gather(n.id) : nullptr,
+                    true, [r] { r->Ring(); });
+        return true;
+      }
+      case NodeOp::kShare: {
+        if (n.inner->remaining.load() != 0) return false;  // its own calls have deadlines
+        uint64_t v = UINT64_MAX;
+        {
+          std::lock_guard<std::mutex> lock(n.inner->mu);
+          n.error = n.inner->error;
+          v = n.inner->version;
+        }
+        reducer_->ShareDone(n.id, n.seq, n.error.ok(), v);
+        return next(NodeOp::kShares);
+      }
+      case NodeOp::kShares: {
+        auto shares = reducer_->Shares(n.id, n.seq);
+        if (!shares) return waiting(NodePhase::kShareDone, "finish their share");
+        if (n.error.ok() && !shares->failed.empty())
+          n.error = Status::Aborted(fmt::format(
+              "node-level reduction of tensor '{}', operation {}: the share of local rank(s) {} "
+              "of node {} failed (see its log)",
+              n.t->name, n.seq, fmt::join(shares->failed, ", "), node));
+        reducer_->Finish(n.id, n.seq,
+                         n.error.ok() && n.kind == NodeOpKind::kPushPull ? n.out : nullptr);
+        if (n.inner) {
+          std::lock_guard<std::mutex> lock(n.inner->mu);
+          n.inner->version = shares->version;
+        }
+        n.phase = NodeOp::kDone;
+        return true;
+      }
+      case NodeOp::kDone:
+        return false;
+    }
+    return false;
   }
 
   void PullChunk(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, float* dst,
@@ -1420,6 +1720,16 @@ class WorkerImpl final : public Worker {
   bool fuse_stop_ = false;  // guarded by fuse_mu_
   bool fuse_kick_ = false;  // guarded by fuse_mu_: a batch got its first operation
   std::shared_ptr<FailedServers> failed_servers_ = std::make_shared<FailedServers>();
+  // Node-level reduction (local_size above 1): the reducer, the thread that drives node
+  // operations, their queues (per tensor, oldest first), and the bytes of chunks each local rank
+  // pushes so far (Declare's split).
+  std::unique_ptr<NodeReducer> reducer_;
+  std::thread node_thread_;
+  std::mutex node_mu_;
+  bool node_stop_ = false;                           // guarded by node_mu_
+  std::map<TensorId, std::deque<NodeOp>> node_ops_;  // guarded by node_mu_
+  std::vector<uint64_t> node_load_;                  // guarded by declare_mu_
+  std::mutex declare_mu_;
 
   std::atomic<bool> finished_{false};
   std::atomic<uint64_t> bytes_pushed_{0};  // written into landing buffers (encoded)
