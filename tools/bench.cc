@@ -422,6 +422,20 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
     }
     check(step, "after the last step");
   }
+  // What the servers received, from every worker (node-level reduction: from every node).
+  uint64_t server_push_bytes = 0;
+  if (rank0 && push)
+    for (uint32_t s = 0; s < w.num_servers(); ++s)
+      if (auto js = w.ServerStats(s); js.ok()) {
+        auto j = nlohmann::json::parse(*js, nullptr, false);
+        if (!j.is_discarded()) server_push_bytes += j.value("push_bytes", uint64_t{0});
+      }
+  const double server_bytes_per_step =
+      static_cast<double>(server_push_bytes) / (b.iters + b.warmup);
+  if (rank0 && push)
+    std::printf("bench: the servers received %.0f bytes of pushes per step (%u workers, %u per "
+                "node)\n",
+                server_bytes_per_step, W, wo->local_size);
   double bytes = static_cast<double>(*size) * b.tensors * b.iters * (push && pull ? 2 : 1);
   double gbps = bytes * 8 / secs / 1e9;
   double p50 = Percentile(lat_us, 0.5), p99 = Percentile(lat_us, 0.99);
@@ -461,6 +475,8 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
         {"p99_us", p99},
         {"latencies_us", lat_us},
         {"server_peak_rss_bytes", peak_rss},
+        {"server_push_bytes_per_step", server_bytes_per_step},
+        {"workers_per_node", wo->local_size},
         {"ratio_to_baseline", 0.0},
         {"verified", b.verify && mismatches == 0},
         {"compression", comp->ToString()},

@@ -72,6 +72,7 @@ struct ServerStats {
   uint64_t chunks = 0;
   uint64_t parameter_bytes = 0;
   uint64_t pushes_applied = 0;    // pushes folded in (duplicates excluded)
+  uint64_t push_bytes = 0;        // bytes of the pushes that landed (as encoded)
   uint64_t duplicate_pushes = 0;  // resent pushes recognised and not applied again
   uint64_t late_pushes = 0;       // sync with a quorum: dropped as late
   uint64_t versions_published = 0;

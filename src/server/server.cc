@@ -58,6 +58,7 @@ std::string ServerStats::ToJson() const {
                       {"parameter_bytes", parameter_bytes},
                       {"pushes_applied", pushes_applied},
                       {"duplicate_pushes", duplicate_pushes},
+                      {"push_bytes", push_bytes},
                       {"late_pushes", late_pushes},
                       {"versions_published", versions_published},
                       {"grant_requests", grant_requests},
@@ -348,6 +349,7 @@ class ServerImpl final : public Server {
       s.grants_parked = grants_parked_.load();
     }
     s.pushes_applied = pushes_applied_.load();
+    s.push_bytes = push_bytes_.load(std::memory_order_relaxed);
     s.duplicate_pushes = duplicates_.load();
     s.late_pushes = late_.load();
     const uint32_t nw = num_counters_.load();

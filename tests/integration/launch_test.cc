@@ -62,6 +62,45 @@ TEST(Launch, AsyncBenchEndsWithExactSumOfAllPushes) {
   EXPECT_EQ(CountOccurrences(r.output, ", verified"), 3u) << r.output;
 }
 
+// Node-level reduction between real processes (docs/node-reduction.md): 2 nodes of 2 workers
+// sum through shared memory; exact values in both modes, and the servers receive one push per
+// node: 2 x 3 tensors x 20004 bytes per step.
+TEST(Launch, NodeReducedBenchIsExactAndHalvesWhatTheServersReceive) {
+  for (std::string mode : {"sync", "async"}) {
+    SCOPED_TRACE(mode);
+    auto r = RunCommand({kShardps, "bench", "--servers", "2", "--workers", "4",
+                         "--workers-per-node", "2", "--mode", mode, "--aggregate", "sum",
+                         "--chunk-size", "4KiB", "--size", "20004", "--tensors", "3", "--iters",
+                         "30", "--warmup", "0", "--verify"},
+                        120s);
+    ASSERT_FALSE(r.timed_out) << r.output;
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, ", verified"), 4u) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "the servers received 120024 bytes of pushes per step"),
+              1u)
+        << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "4 workers reduce on 2 nodes"), 1u) << r.output;
+  }
+  // Workers that do not fill their nodes are refused before anything runs.
+  auto r = RunCommand({kShardps, "bench", "--workers", "3", "--workers-per-node", "2"}, 30s);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--workers-per-node 2 does not divide --workers 3"), std::string::npos)
+      << r.output;
+}
+
+// A worker killed while its node reduces: the job ends promptly, naming it.
+TEST(Launch, WorkerKilledMidReductionFailsTheJobNamingIt) {
+  auto r = RunCommand({kShardps, "launch", "--servers", "1", "--workers", "4", "--workers-per-node",
+                       "2", "--heartbeat-timeout-ms", "3000", "--", kTestWorker, "--steps", "200",
+                       "--die-rank", "1", "--die-step", "5", "--how", "kill"},
+                      60s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("worker 1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("signal 9"), std::string::npos) << r.output;
+  EXPECT_LT(r.seconds, 30) << r.output;
+}
+
 // The same exact runs as real processes over ucx (shared memory between the processes).
 TEST(LaunchUcx, SyncAndAsyncBenchVerifyOverUcx) {
   auto probe = RunCommand(

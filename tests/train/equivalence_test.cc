@@ -86,15 +86,23 @@ Tensors TrainInOneProcess(const OptimizerConfig& opt, const Data& d) {
 }
 
 // W workers, each on its slice of every global batch; returns rank 0's final parameters after
-// checking that every worker pulled the same.
-Tensors TrainThroughServers(const OptimizerConfig& opt, uint32_t workers, const Data& d) {
+// checking that every worker pulled the same. With `per_node` above 1, each run of that many
+// workers is a node that sums its gradients before it pushes (node-level reduction).
+Tensors TrainThroughServers(const OptimizerConfig& opt, uint32_t workers, uint32_t per_node,
+                            const Data& d) {
   CoordinatorOptions co;
   co.num_servers = 2;
   co.num_workers = workers;
   co.mode = Mode::kSync;
   co.aggregate = Aggregate::kMean;
   co.chunk_bytes = 256;  // the weights span several chunks on both servers
-  auto lc = testing::LocalCluster::Start(co);
+  auto lc = testing::LocalCluster::Start(
+      co, 16, "tcp", 1, nullptr, [per_node](WorkerOptions& o) {
+        if (per_node < 2) return;
+        o.local_size = per_node;
+        o.local_rank = o.rank % static_cast<int32_t>(per_node);
+        o.node = "node" + std::to_string(o.rank / static_cast<int32_t>(per_node));
+      });
   if (lc == nullptr) return {};
   std::vector<Tensors> pulled(workers);
   lc->ForEachWorker([&](Worker& w) {
@@ -129,16 +137,29 @@ Tensors TrainThroughServers(const OptimizerConfig& opt, uint32_t workers, const 
   return pulled[0];
 }
 
-class Equivalence : public ::testing::TestWithParam<std::tuple<OptimizerKind, uint32_t>> {};
+// How many workers, and how many of them share a node (1: none do).
+struct Layout {
+  uint32_t workers = 1;
+  uint32_t per_node = 1;
+};
+
+class Equivalence : public ::testing::TestWithParam<std::tuple<OptimizerKind, Layout>> {};
+
+std::string CaseName(const ::testing::TestParamInfo<std::tuple<OptimizerKind, Layout>>& info) {
+  const Layout l = std::get<1>(info.param);
+  return std::string(OptimizerName(std::get<0>(info.param))) + "_" + std::to_string(l.workers) +
+         "workers" + (l.per_node > 1 ? "_" + std::to_string(l.per_node) + "pernode" : "");
+}
 
 TEST_P(Equivalence, SyncMeanEqualsOneProcessWithTheSameGlobalBatch) {
-  const auto [kind, workers] = GetParam();
+  const auto [kind, layout] = GetParam();
+  const uint32_t workers = layout.workers, per_node = layout.per_node;
   OptimizerConfig opt;
   opt.kind = kind;
   opt.lr = kind == OptimizerKind::kAdam ? 0.01f : 0.05f;
   const Data d = MakeData(kGlobalBatch * kSteps);
   const Tensors ref = TrainInOneProcess(opt, d);
-  const Tensors ps = TrainThroughServers(opt, workers, d);
+  const Tensors ps = TrainThroughServers(opt, workers, per_node, d);
   ASSERT_EQ(ps.size(), ref.size());
   EXPECT_LT(RelativeError(ps, ref), 1e-5);
   // ... and training did move the parameters.
@@ -149,11 +170,8 @@ INSTANTIATE_TEST_SUITE_P(
     Train, Equivalence,
     ::testing::Combine(::testing::Values(OptimizerKind::kSgd, OptimizerKind::kMomentum,
                                          OptimizerKind::kAdam, OptimizerKind::kAdagrad),
-                       ::testing::Values(2u, 3u)),
-    [](const auto& info) {
-      return std::string(OptimizerName(std::get<0>(info.param))) + "_" +
-             std::to_string(std::get<1>(info.param)) + "workers";
-    });
+                       ::testing::Values(Layout{2, 1}, Layout{3, 1}, Layout{4, 2})),
+    CaseName);
 
 }  // namespace
 }  // namespace shardps

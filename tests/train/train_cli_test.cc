@@ -2,6 +2,7 @@
 // bounded in time.
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -134,6 +135,28 @@ TEST_F(TrainCli, SyntheticDatasetEndToEndWithBaseline) {
       EXPECT_GT(std::filesystem::file_size(Path(mode + ".png")), 0u);
     }
   }
+}
+
+// Node-level reduction: 2 nodes of 2 workers sum through shared memory before they push; sync
+// mean keeps the global batch's mean, so the run follows the one-process baseline (60 test
+// samples: at most one answered differently).
+TEST_F(TrainCli, NodeReducedRunMatchesTheBaseline) {
+  WriteSyntheticDataset(dir_.string(), 240, 60);
+  const std::string report = Path("nodes.json");
+  auto r = RunCommand({kShardps, "train", "--data-dir", dir_.string(), "--servers", "2",
+                       "--workers", "4", "--workers-per-node", "2", "--batch", "40", "--epochs",
+                       "3", "--lr", "0.01", "--baseline", "--report", report},
+                      120s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("2 workers per node reduce before they push"), std::string::npos)
+      << r.output;
+  auto j = ReadJson(report);
+  ASSERT_FALSE(j.is_discarded()) << r.output;
+  EXPECT_GT(j["test_accuracy"].get<double>(), 0.9) << r.output;
+  EXPECT_LE(std::abs(j["test_accuracy"].get<double>() - j["baseline_test_accuracy"].get<double>()),
+            0.02)
+      << r.output;
 }
 
 TEST_F(TrainCli, TruncatedOrWrongMagicDatasetIsAClearError) {
