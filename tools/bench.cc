@@ -433,9 +433,10 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   const double server_bytes_per_step =
       static_cast<double>(server_push_bytes) / (b.iters + b.warmup);
   if (rank0 && push)
-    std::printf("bench: the servers received %.0f bytes of pushes per step (%u workers, %u per "
-                "node)\n",
-                server_bytes_per_step, W, wo->local_size);
+    std::printf(
+        "bench: the servers received %.0f bytes of pushes per step (%u workers, %u per "
+        "node)\n",
+        server_bytes_per_step, W, wo->local_size);
   double bytes = static_cast<double>(*size) * b.tensors * b.iters * (push && pull ? 2 : 1);
   double gbps = bytes * 8 / secs / 1e9;
   double p50 = Percentile(lat_us, 0.5), p99 = Percentile(lat_us, 0.99);

@@ -472,9 +472,9 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
         "batch {}), {} steps per epoch, {} epochs, {} mode, {} servers, {} lr {} ({}){}",
         t.dataset, p.samples, test.size(), p.workers, p.local_batch, t.batch, p.steps, t.epochs,
         mode_name, w.num_servers(), t.optimizer, t.lr, t.lr_schedule,
-        wo->local_size > 1 ? fmt::format(", {} workers per node reduce before they push",
-                                         wo->local_size)
-                           : std::string());
+        wo->local_size > 1
+            ? fmt::format(", {} workers per node reduce before they push", wo->local_size)
+            : std::string());
   if (Status st = w.Barrier("train.start", kBarrierTimeout); !st.ok()) return Fail(st);
 
   const size_t f = static_cast<size_t>(train.rows) * static_cast<size_t>(train.cols);

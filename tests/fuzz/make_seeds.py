@@ -25,10 +25,13 @@ def remote_key(packed=b"\x01" * 16):
     return u64(0x7f0000001000) + u64(4096) + u64(len(packed)) + packed
 
 
-def view():
+def view(nodes=()):
+    # 2 servers, 3 workers; sync, no staleness, mean, no quorum, no weights, fixed rule; then the
+    # workers' nodes (node-level reduction: none, or one per worker) and the job id.
     return (u32(2) + u32(3) + u32(2) + u32(1) + string(b"127.0.0.1:4000") + u32(2) +
-            string(b"127.0.0.1:4001") + u8(0) + u8(1) + u64(4 << 20) + u32(500) + u32(5000) +
-            string(b"tcp"))
+            string(b"127.0.0.1:4001") + u8(0) + u32(0) + u8(0) + u32(0) + u32(0) + u8(0) +
+            u64(4 << 20) + u32(500) + u32(5000) + string(b"tcp") + u32(len(nodes)) +
+            b"".join(u32(n) for n in nodes) + u64(0x1234))
 
 
 def codecs(push=0, block=256, pull=0):  # CreateChunkItem's push codec, block, pull codec
@@ -41,7 +44,11 @@ def grant():
 
 MESSAGES = {
     "cluster_view": (0, view()),
-    "register_request": (1, u8(2) + i32(-1) + string(b"") + string(b"host") + u32(123) + string(b"tcp")),
+    "register_request": (1, u8(2) + i32(-1) + string(b"") + string(b"host") + u32(123) + string(b"tcp") +
+                         string(b"") + i32(-1) + u32(1)),
+    "register_request_node": (1, u8(2) + i32(-1) + string(b"") + string(b"host") + u32(123) + string(b"tcp") +
+                              string(b"host/node1") + i32(1) + u32(2)),
+    "cluster_view_nodes": (0, view((0, 0, 1))),
     "register_reply": (2, u32(7) + u32(1) + view()),
     "create_chunk_item": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs()),
     "create_chunk_item_topk": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(5, 256, 2)),

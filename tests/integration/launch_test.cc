@@ -68,10 +68,29 @@ TEST(Launch, AsyncBenchEndsWithExactSumOfAllPushes) {
 TEST(Launch, NodeReducedBenchIsExactAndHalvesWhatTheServersReceive) {
   for (std::string mode : {"sync", "async"}) {
     SCOPED_TRACE(mode);
-    auto r = RunCommand({kShardps, "bench", "--servers", "2", "--workers", "4",
-                         "--workers-per-node", "2", "--mode", mode, "--aggregate", "sum",
-                         "--chunk-size", "4KiB", "--size", "20004", "--tensors", "3", "--iters",
-                         "30", "--warmup", "0", "--verify"},
+    auto r = RunCommand({kShardps,
+                         "bench",
+                         "--servers",
+                         "2",
+                         "--workers",
+                         "4",
+                         "--workers-per-node",
+                         "2",
+                         "--mode",
+                         mode,
+                         "--aggregate",
+                         "sum",
+                         "--chunk-size",
+                         "4KiB",
+                         "--size",
+                         "20004",
+                         "--tensors",
+                         "3",
+                         "--iters",
+                         "30",
+                         "--warmup",
+                         "0",
+                         "--verify"},
                         120s);
     ASSERT_FALSE(r.timed_out) << r.output;
     EXPECT_EQ(r.exit_code, 0) << r.output;
@@ -90,9 +109,26 @@ TEST(Launch, NodeReducedBenchIsExactAndHalvesWhatTheServersReceive) {
 
 // A worker killed while its node reduces: the job ends promptly, naming it.
 TEST(Launch, WorkerKilledMidReductionFailsTheJobNamingIt) {
-  auto r = RunCommand({kShardps, "launch", "--servers", "1", "--workers", "4", "--workers-per-node",
-                       "2", "--heartbeat-timeout-ms", "3000", "--", kTestWorker, "--steps", "200",
-                       "--die-rank", "1", "--die-step", "5", "--how", "kill"},
+  auto r = RunCommand({kShardps,
+                       "launch",
+                       "--servers",
+                       "1",
+                       "--workers",
+                       "4",
+                       "--workers-per-node",
+                       "2",
+                       "--heartbeat-timeout-ms",
+                       "3000",
+                       "--",
+                       kTestWorker,
+                       "--steps",
+                       "200",
+                       "--die-rank",
+                       "1",
+                       "--die-step",
+                       "5",
+                       "--how",
+                       "kill"},
                       60s);
   ASSERT_FALSE(r.timed_out) << r.output;
   EXPECT_NE(r.exit_code, 0) << r.output;

@@ -4,6 +4,8 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "cluster/messages.h"
+#include "core/codec.h"
 #include "support/local_cluster.h"
 #include "worker/node_reducer.h"
 
@@ -288,7 +290,7 @@ TEST(NodeReduction, AWorkerThatDoesNotComeFailsItsNodesStepClearly) {
   lc->ForEachWorker([&](Worker& w) {
     auto r = w.Declare(Sgd1("x", 10, 0.0f));
     ASSERT_TRUE(r.ok()) << r.status().ToString();
-    id = *r;
+    if (w.rank() == 0) id = *r;
   });
   const auto start = std::chrono::steady_clock::now();
   auto h = lc->workers[0]->PushPull(id, g.data(), out.data());
@@ -368,6 +370,39 @@ TEST(NodeReduction, NodesThatDoNotAddUpAreRefused) {
       EXPECT_NE(st.message().find("cannot be combined with a sync quorum"), std::string::npos)
           << st.ToString();
   }
+}
+
+// The view's nodes: written and read back; counts and numbering that do not add up refused.
+TEST(NodeReduction, TheViewCarriesEachWorkersNode) {
+  auto decode = [](const cluster::ClusterView& v) {
+    Bytes b;
+    Writer w(&b);
+    v.Encode(&w);
+    Reader r(b.data(), b.size());
+    cluster::ClusterView out;
+    const bool ok = out.Decode(&r) && r.done();
+    return std::make_pair(ok, out);
+  };
+  cluster::ClusterView v;
+  v.num_workers = 4;
+  v.job_id = 77;
+  auto [ok0, plain] = decode(v);
+  ASSERT_TRUE(ok0);
+  EXPECT_EQ(plain.num_pushers(), 4u);
+  EXPECT_EQ(plain.PusherOf(3), 3u);
+  v.worker_nodes = {0, 0, 1, 1};
+  auto [ok1, nodes] = decode(v);
+  ASSERT_TRUE(ok1);
+  EXPECT_EQ(nodes.worker_nodes, v.worker_nodes);
+  EXPECT_EQ(nodes.job_id, 77u);
+  EXPECT_EQ(nodes.num_pushers(), 2u);
+  EXPECT_EQ(nodes.PusherOf(2), 1u);
+  v.worker_nodes = {0, 2, 2, 0};  // node 1 has nobody
+  EXPECT_FALSE(decode(v).first);
+  v.worker_nodes = {0, 4, 1, 2};  // a node number past the workers
+  EXPECT_FALSE(decode(v).first);
+  v.worker_nodes = {0, 1};  // not one per worker
+  EXPECT_FALSE(decode(v).first);
 }
 
 TEST(NodeReduction, OptionsAreChecked) {

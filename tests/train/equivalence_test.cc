@@ -96,13 +96,12 @@ Tensors TrainThroughServers(const OptimizerConfig& opt, uint32_t workers, uint32
   co.mode = Mode::kSync;
   co.aggregate = Aggregate::kMean;
   co.chunk_bytes = 256;  // the weights span several chunks on both servers
-  auto lc = testing::LocalCluster::Start(
-      co, 16, "tcp", 1, nullptr, [per_node](WorkerOptions& o) {
-        if (per_node < 2) return;
-        o.local_size = per_node;
-        o.local_rank = o.rank % static_cast<int32_t>(per_node);
-        o.node = "node" + std::to_string(o.rank / static_cast<int32_t>(per_node));
-      });
+  auto lc = testing::LocalCluster::Start(co, 16, "tcp", 1, nullptr, [per_node](WorkerOptions& o) {
+    if (per_node < 2) return;
+    o.local_size = per_node;
+    o.local_rank = o.rank % static_cast<int32_t>(per_node);
+    o.node = "node" + std::to_string(o.rank / static_cast<int32_t>(per_node));
+  });
   if (lc == nullptr) return {};
   std::vector<Tensors> pulled(workers);
   lc->ForEachWorker([&](Worker& w) {
