@@ -33,6 +33,7 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kFuseBytes, &fuse_bytes);
   AddTunable(app, kFuseUs, &fuse_us)->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   if (with_sizes) AddTunable(app, kWorkersPerNode, &workers_per_node)->check(CLI::Range(1u, 1024u));
+  AddTunable(app, kNodeReducer, &node_reducer)->check(CLI::IsMember({"auto", "shm", "nccl"}));
   AddTunable(app, kSecretFile, &secret_file);
   AddTunable(app, kMetricsListen, &metrics_listen);
   AddTunable(app, kTimeline, &timeline);

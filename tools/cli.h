@@ -45,6 +45,7 @@ struct JobFlags {
   std::string fuse_bytes{tunables::kFuseBytes.default_value};
   int64_t fuse_us = tunables::kFuseUs.number;
   uint32_t workers_per_node = static_cast<uint32_t>(tunables::kWorkersPerNode.number);
+  std::string node_reducer{tunables::kNodeReducer.default_value};
   std::string secret_file{tunables::kSecretFile.default_value};
   std::string metrics_listen{tunables::kMetricsListen.default_value};
   std::string timeline{tunables::kTimeline.default_value};

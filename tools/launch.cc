@@ -133,6 +133,7 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
                     "number of workers",
                     job.workers_per_node, job.workers));
   lo.workers_per_node = job.workers_per_node;
+  lo.env.push_back(fmt::format("{}={}", tunables::kNodeReducer.env, job.node_reducer));
   return lo;
 }
 

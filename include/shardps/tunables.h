@@ -154,6 +154,15 @@ inline constexpr Tunable kWorkersPerNode{
     "node-level reduction: the workers of a node (launch: each run of this many workers) sum "
     "their gradients through shared memory and push once per node (1: every worker pushes)",
     "launch, bench, train; worker"};
+inline constexpr Tunable kNodeReducer{
+    "node-reducer",
+    "SHARDPS_NODE_REDUCER",
+    "auto",
+    0,
+    "node-level reduction through: shm (shared memory; gradients in GPU memory are staged "
+    "through the host), nccl (the node's GPUs, one per worker), or auto (nccl where CUDA and "
+    "NCCL load and each worker of the node has a GPU)",
+    "launch, bench, train; worker"};
 inline constexpr Tunable kLocalRank{
     "local-rank",
     "SHARDPS_LOCAL_RANK",
@@ -287,6 +296,7 @@ inline constexpr const Tunable* kAll[] = {
     &kFuseBytes,
     &kFuseUs,
     &kWorkersPerNode,
+    &kNodeReducer,
     &kLocalRank,
     &kNode,
     &kRpcTimeoutMs,

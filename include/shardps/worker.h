@@ -55,6 +55,9 @@ struct WorkerOptions {
   // node then issues the same Push / PushPull of each tensor in the same order (Pull stays
   // this worker's own).
   uint32_t local_size = static_cast<uint32_t>(tunables::kWorkersPerNode.number);
+  // How the node reduces: "shm" (shared memory), "nccl" (the node's GPUs), "auto" (nccl where it
+  // loads and a GPU is visible). The node's workers must choose alike.
+  std::string node_reducer = std::string(tunables::kNodeReducer.default_value);
   int32_t local_rank = static_cast<int32_t>(tunables::kLocalRank.number);
   std::string node;
   // Bytes servers may make this worker hold for what they sent and it has not handed on yet.

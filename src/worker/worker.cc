@@ -22,8 +22,10 @@
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
 #include "compress/codec.h"
+#include "core/checksum.h"
 #include "core/environment.h"
 #include "core/job_environment.h"
+#include "gpu/cuda.h"
 #include "metrics/metrics.h"
 #include "metrics/timeline.h"
 #include "transport/context.h"
@@ -61,8 +63,8 @@ struct OpState {
   const char* op_name = "";  // for the timeline: push, pull, push_pull
   uint32_t tensor = 0;
   metrics::Timeline::Args span_args;  // the timeline's arguments (only with a timeline)
-  // Called once it completed, on the thread that completed it (set before it starts).
-  std::function<void()> on_done;
+  // Called with it once it completed, on the thread that completed it (set before it starts).
+  std::function<void(OpState&)> on_done;
 
   void ChunkDone(const Status& st, uint64_t v) {
     {
@@ -79,7 +81,7 @@ struct OpState {
       if (--remaining != 0) return;
       cv.notify_all();
     }
-    if (on_done) on_done();
+    if (on_done) on_done(*this);
   }
 };
 
@@ -180,6 +182,7 @@ Result<WorkerOptions> WorkerOptions::FromEnvironment(char** envp) {
     o.local_size = static_cast<uint32_t>(n);
   }
   if (auto v = env.Get(tunables::kNode.env)) o.node = *v;
+  if (auto v = env.Get(tunables::kNodeReducer.env)) o.node_reducer = *v;
   SHARDPS_ASSIGN_OR_RETURN(bool has_local, integer(tunables::kLocalRank, &n));
   if (has_local) {
     o.local_rank = static_cast<int32_t>(n);
@@ -227,6 +230,9 @@ Status WorkerOptions::Validate() const {
   if (local_size < 1 || local_size > kMaxLocalSize)
     return Status::InvalidArgument(
         fmt::format("{} workers per node outside [1, {}]", local_size, kMaxLocalSize));
+  if (node_reducer != "auto" && node_reducer != "shm" && node_reducer != "nccl")
+    return Status::InvalidArgument(
+        fmt::format("node reducer '{}' is none of auto, shm, nccl", node_reducer));
   if (local_size > 1 && (local_rank < 0 || static_cast<uint32_t>(local_rank) >= local_size))
     return Status::InvalidArgument(
         fmt::format("local rank {} outside [0, {}] ({} workers per node)", local_rank,
@@ -541,6 +547,38 @@ class Batcher {
   Status failed_;
 };
 
+// Pinned host buffers of one size, reused: what operations on GPU memory stage through.
+class PinnedPool {
+ public:
+  PinnedPool(std::shared_ptr<gpu::Cuda> cuda, size_t bytes)
+      : cuda_(std::move(cuda)), bytes_(bytes) {}
+  ~PinnedPool() {
+    for (void* p : free_) cuda_->HostFree(p);
+  }
+  Result<void*> Take() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!free_.empty()) {
+        void* p = free_.back();
+        free_.pop_back();
+        return p;
+      }
+    }
+    return cuda_->HostAlloc(bytes_);
+  }
+  void Give(void* p) {
+    if (p == nullptr) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    free_.push_back(p);
+  }
+
+ private:
+  std::shared_ptr<gpu::Cuda> cuda_;
+  const size_t bytes_;
+  std::mutex mu_;
+  std::vector<void*> free_;
+};
+
 struct TensorInfo {
   // The step of the tensor's next push: every chunk's push carries it as its sequence number.
   // A push found late (sync with a quorum) moves it past the version published on every chunk.
@@ -568,6 +606,9 @@ struct TensorInfo {
   // the node operations (push, push_pull) issued on it (the issuing thread only).
   std::vector<std::pair<uint64_t, uint64_t>> mine;
   uint64_t node_ops = 0;
+  // Operations on GPU memory: pinned host buffers of numel floats (created by the issuing
+  // thread when first needed).
+  std::shared_ptr<PinnedPool> pinned;
 };
 
 // Reads the newest published version of a chunk into `dst`, seqlock style. An attempt reads
@@ -812,19 +853,42 @@ class WorkerImpl final : public Worker {
     metrics_ = std::move(m).value();
     metrics_.MarkReady();
     if (opt_.fuse_delay.count() > 0) fuse_thread_ = std::thread([this] { FuseLoop(); });
+    if (auto c = gpu::Cuda::Load(); c.ok()) {
+      cuda_ = std::move(c).value();
+      spdlog::info("worker {}: {} GPU(s) visible: tensors in GPU memory are pushed and pulled",
+                   rank_, cuda_->device_count());
+    } else {
+      spdlog::debug("worker {}: {}", rank_, c.status().ToString());
+    }
     if (opt_.local_size > 1) {
       if (view_.worker_nodes.empty())
         return Status::Internal("the coordinator did not group the workers into nodes");
-      auto r = CreateShmNodeReducer(view_.job_id, view_.worker_nodes[rank_],
-                                    static_cast<uint32_t>(opt_.local_rank), opt_.local_size,
-                                    opt_.rpc_timeout);
+      const uint32_t node = view_.worker_nodes[rank_];
+      const auto local = static_cast<uint32_t>(opt_.local_rank);
+      // NCCL where asked for, or (auto) where it loads and a GPU is visible; else shared memory.
+      // Every worker of a node must choose the same: the NCCL set-up fails for all otherwise.
+      bool nccl = opt_.node_reducer == "nccl";
+      if (opt_.node_reducer == "auto") {
+        auto cuda = gpu::Cuda::Load();
+        auto lib = cuda.ok() ? gpu::Nccl::Load().status() : cuda.status();
+        if (lib.ok() && static_cast<uint32_t>((*cuda)->device_count()) < opt_.local_size)
+          lib = Status::NotFound(fmt::format("{} GPUs for {} workers per node",
+                                             (*cuda)->device_count(), opt_.local_size));
+        nccl = lib.ok();
+        if (!nccl) spdlog::debug("worker {}: no NCCL node reducer: {}", rank_, lib.ToString());
+      }
+      auto r =
+          nccl ? CreateNcclNodeReducer(view_.job_id, node, local, opt_.local_size, opt_.rpc_timeout)
+               : CreateShmNodeReducer(view_.job_id, node, local, opt_.local_size, opt_.rpc_timeout);
       if (!r.ok()) return r.status().WithContext("node-level reduction");
       reducer_ = std::move(r).value();
       node_load_.assign(opt_.local_size, 0);
       node_thread_ = std::thread([this] { NodeLoop(); });
-      spdlog::info("worker {}: local rank {} of the {} workers of node {} ('{}')", rank_,
-                   opt_.local_rank, opt_.local_size, view_.worker_nodes[rank_],
-                   opt_.node.empty() ? "this host" : opt_.node);
+      spdlog::info(
+          "worker {}: local rank {} of the {} workers of node {} ('{}'), reducing "
+          "through {}",
+          rank_, opt_.local_rank, opt_.local_size, view_.worker_nodes[rank_],
+          opt_.node.empty() ? "this host" : opt_.node, reducer_->name());
     }
     return Status::OK();
   }
@@ -1030,27 +1094,40 @@ class WorkerImpl final : public Worker {
       }
     }
     if (reducer_) {
-      std::vector<uint64_t> numels, chunk_numels;
+      std::vector<uint64_t> chunk_numels;
+      // What was declared, as the node's workers must agree on it: names and chunks.
+      std::string declared;
       for (auto& info : infos) {
-        numels.push_back(info->numel);
-        for (auto& c : info->chunks) chunk_numels.push_back(c->numel);
+        declared += info->name;
+        declared.push_back('\0');
+        for (auto& c : info->chunks) {
+          chunk_numels.push_back(c->numel);
+          declared += fmt::format("{}:{}:{};", c->chunk_id, c->offset, c->numel);
+        }
       }
       const std::vector<uint32_t> owners = SplitChunks(chunk_numels, &node_load_);
+      std::vector<NodeTensor> layouts;
       size_t k = 0;
-      for (auto& info : infos)
+      for (auto& info : infos) {
+        NodeTensor& nt = layouts.emplace_back();
+        nt.numel = info->numel;
         for (auto& c : info->chunks) {
           c->owner = owners[k++];
+          nt.chunks.push_back({c->offset, c->numel, c->owner});
           if (c->owner == reducer_->local_rank())
             info->mine.emplace_back(c->offset, c->offset + c->numel);
         }
+      }
       size_t first = 0;
       {
         std::lock_guard<std::mutex> lock(tensors_mu_);
         first = tensors_.size();
       }
-      SHARDPS_RETURN_IF_ERROR(
-          reducer_->AddTensors(static_cast<uint32_t>(first), numels, opt_.rpc_timeout)
-              .WithContext("node-level reduction"));
+      SHARDPS_RETURN_IF_ERROR(reducer_
+                                  ->AddTensors(static_cast<uint32_t>(first), layouts,
+                                               Checksum(declared.data(), declared.size()),
+                                               opt_.rpc_timeout)
+                                  .WithContext("node-level reduction"));
     }
     std::vector<TensorId> ids;
     std::lock_guard<std::mutex> lock(tensors_mu_);
@@ -1071,12 +1148,14 @@ class WorkerImpl final : public Worker {
     return Status::OK();
   }
 
-  Handle Push(TensorId id, const float* grad) override {
-    return reducer_ ? StartNode(id, grad, nullptr) : Start(id, grad, nullptr);
+  // GPU memory: a node reducer that takes it gets it as it is; otherwise the operation is
+  // staged through pinned host memory (Staged).
+  Handle Push(TensorId id, const float* grad) override { return Route(id, grad, nullptr); }
+  Handle Pull(TensorId id, float* out) override {
+    return OnDevice(out) ? Staged(id, nullptr, out, false) : Start(id, nullptr, out);
   }
-  Handle Pull(TensorId id, float* out) override { return Start(id, nullptr, out); }
   Handle PushPull(TensorId id, const float* grad, float* out) override {
-    return reducer_ ? StartNode(id, grad, out) : Start(id, grad, out);
+    return Route(id, grad, out);
   }
 
   Status Barrier(const std::string& name, std::chrono::milliseconds timeout) override {
@@ -1143,6 +1222,81 @@ class WorkerImpl final : public Worker {
     return st->body;
   }
 
+  Handle Route(TensorId id, const float* grad, float* out) {
+    const bool device = OnDevice(grad) || OnDevice(out);
+    if (reducer_)
+      return device && !reducer_->TakesDevicePointers() ? Staged(id, grad, out, true)
+                                                        : StartNode(id, grad, out);
+    return device ? Staged(id, grad, out, false) : Start(id, grad, out);
+  }
+
+  bool OnDevice(const void* p) const { return p && cuda_ && cuda_->IsDevice(p); }
+
+  // An operation on GPU memory through pinned host buffers of the tensor's (where the transport,
+  // or the node reducer, takes host memory only): the gradient is copied to the host before the
+  // operation starts, the parameters back to the GPU once it completed, then the caller's
+  // handle completes. Host pointers among them are used as they are.
+  Handle Staged(TensorId id, const float* grad, float* out, bool node) {
+    auto user = std::make_shared<OpState>();
+    user->poll = opt_.busy_poll;
+    TensorInfo* t = Find(id);
+    if (t == nullptr) {
+      user->error = Status::NotFound(fmt::format("unknown tensor id {}", id));
+      return Handle(user);
+    }
+    if (!t->pinned) t->pinned = std::make_shared<PinnedPool>(cuda_, t->numel * 4);
+    auto pool = t->pinned;
+    const size_t bytes = t->numel * 4;
+    const bool grad_on_device = OnDevice(grad), out_on_device = OnDevice(out);
+    void* g = nullptr;
+    void* o = nullptr;
+    Status st;
+    if (grad_on_device) {
+      auto p = pool->Take();
+      st = p.ok() ? cuda_->Copy(*p, grad, bytes) : p.status();
+      g = p.ok() ? *p : nullptr;
+    }
+    if (st.ok() && out_on_device) {
+      auto p = pool->Take();
+      st = p.status();
+      o = p.ok() ? *p : nullptr;
+    }
+    if (!st.ok()) {
+      pool->Give(g);
+      pool->Give(o);
+      user->error = st.WithContext("staging GPU memory through the host");
+      return Handle(user);
+    }
+    user->remaining = 1;
+    const float* host_grad = grad_on_device ? static_cast<const float*>(g) : grad;
+    float* host_out = out_on_device ? static_cast<float*>(o) : out;
+    auto done = [cuda = cuda_, pool, g, o, out, out_on_device, bytes, user](OpState& in) {
+      Status st;
+      uint64_t v = UINT64_MAX;
+      {
+        std::lock_guard<std::mutex> lock(in.mu);
+        st = in.error;
+        v = in.version;
+      }
+      if (st.ok() && out_on_device) st = cuda->Copy(out, o, bytes);
+      pool->Give(g);
+      pool->Give(o);
+      user->ChunkDone(st, v);
+    };
+    if (node)
+      StartNode(id, host_grad, host_out, std::move(done));
+    else
+      StartOp(id, host_grad, host_out, false, std::move(done));
+    return Handle(user);
+  }
+
+  // Completes `op` (one part) with `why`, calling its on_done: an operation that fails before it
+  // starts.
+  static void Failed(OpState& op, const Status& why) {
+    op.remaining = 1;
+    op.ChunkDone(why, 0);
+  }
+
   TensorInfo* Find(TensorId id) const {
     std::lock_guard<std::mutex> lock(tensors_mu_);
     return id < tensors_.size() ? tensors_[id].get() : nullptr;
@@ -1173,22 +1327,26 @@ class WorkerImpl final : public Worker {
     return Handle(StartOp(id, grad, out));
   }
 
+  // `share_lr`: the rate a node operation captured when it was issued (share); otherwise the
+  // tensor's.
   std::shared_ptr<OpState> StartOp(TensorId id, const float* grad, float* out, bool share = false,
-                                   std::function<void()> done = nullptr) {
+                                   std::function<void(OpState&)> done = nullptr,
+                                   std::optional<float> share_lr = std::nullopt) {
     auto op = std::make_shared<OpState>();
     op->poll = opt_.busy_poll;
     op->on_done = std::move(done);
     TensorInfo* t = Find(id);
     if (t == nullptr) {
-      op->error = Status::NotFound(fmt::format("unknown tensor id {}", id));
+      Failed(*op, Status::NotFound(fmt::format("unknown tensor id {}", id)));
       return op;
     }
     if (Status f = node_->failure(); !f.ok()) {
-      op->error = f;
+      Failed(*op, f);
       return op;
     }
     const uint32_t me = share ? reducer_->local_rank() : 0;
     auto skip = [&](const ChunkRef& c) { return share && c.owner != me; };
+    const std::optional<float> lr = share ? share_lr : t->lr;
     size_t count = 0;
     for (const auto& c : t->chunks) count += skip(*c) ? 0 : 1;
     // A compressed push is encoded here, before the call returns, into a registered buffer
@@ -1198,7 +1356,7 @@ class WorkerImpl final : public Worker {
     if (grad && t->staging) {
       auto r = t->staging->Take();
       if (!r.ok()) {
-        op->error = r.status();
+        Failed(*op, r.status());
         return op;
       }
       staged = std::move(r).value();
@@ -1223,7 +1381,7 @@ class WorkerImpl final : public Worker {
     const uint64_t step = grad ? t->next_step.fetch_add(1) : 0;
     if (count == 0) {
       // Nothing of it here (a node's worker that owns none of its chunks): done now.
-      if (op->on_done) op->on_done();
+      if (op->on_done) op->on_done(*op);
       return op;
     }
     op->remaining = count;
@@ -1240,7 +1398,7 @@ class WorkerImpl final : public Worker {
         if (grad) {
           e.seq = step;
           e.base_version = ref->pulled_version.load();
-          e.lr = t->lr;
+          e.lr = lr;
           if (staged) {
             bytes = static_cast<const uint8_t*>(staged->data()) + ref->encoded_offset;
             e.bytes = encoded[i];
@@ -1257,7 +1415,7 @@ class WorkerImpl final : public Worker {
       if (grad) {
         const uint64_t seq = step;
         PushSource src;
-        src.lr = t->lr;
+        src.lr = lr;
         if (staged) {
           src.region = staged;
           src.offset = ref->encoded_offset;
@@ -1277,7 +1435,7 @@ class WorkerImpl final : public Worker {
   // Node-level reduction (worker/node_reducer.h): a push or push_pull that the node's workers
   // carry out together, one phase at a time on the node thread.
   struct NodeOp {
-    enum Phase { kFree, kReduce, kShare, kShares, kDone };
+    enum Phase { kFree, kReduce, kShare, kShares, kFinish, kDone };
     TensorId id = 0;
     TensorInfo* t = nullptr;
     uint64_t seq = 0;
@@ -1286,21 +1444,25 @@ class WorkerImpl final : public Worker {
     float* out = nullptr;
     std::shared_ptr<OpState> user;   // what the caller's handle completes with
     std::shared_ptr<OpState> inner;  // this worker's share, pushed (and pulled)
+    std::optional<float> lr;         // the tensor's rate when it was issued (SetLearningRate)
     Phase phase = kFree;
+    bool front = false;  // it became its tensor's oldest: its phases (and deadlines) began
     Status error;
     std::chrono::steady_clock::time_point since;  // when the phase began
   };
 
-  Handle StartNode(TensorId id, const float* grad, float* out) {
+  Handle StartNode(TensorId id, const float* grad, float* out,
+                   std::function<void(OpState&)> done = nullptr) {
     auto op = std::make_shared<OpState>();
     op->poll = opt_.busy_poll;
+    op->on_done = std::move(done);
     TensorInfo* t = Find(id);
     if (t == nullptr) {
-      op->error = Status::NotFound(fmt::format("unknown tensor id {}", id));
+      Failed(*op, Status::NotFound(fmt::format("unknown tensor id {}", id)));
       return Handle(op);
     }
     if (Status f = node_->failure(); !f.ok()) {
-      op->error = f;
+      Failed(*op, f);
       return Handle(op);
     }
     const int kind = out ? 2 : 0;
@@ -1314,8 +1476,8 @@ class WorkerImpl final : public Worker {
     n.kind = out ? NodeOpKind::kPushPull : NodeOpKind::kPush;
     n.grad = grad;
     n.out = out;
+    n.lr = t->lr;
     n.user = op;
-    n.since = std::chrono::steady_clock::now();
     {
       std::lock_guard<std::mutex> lock(node_mu_);
       if (node_stop_) {
@@ -1333,8 +1495,10 @@ class WorkerImpl final : public Worker {
   // or a share completed), at most kNodePoll so that deadlines and a failed job are seen.
   void NodeLoop() {
     constexpr auto kNodePoll = std::chrono::milliseconds(5);
+    reducer_->OnThread();
     for (;;) {
       const uint32_t seen = reducer_->Bell();
+      reducer_->Progress();
       std::vector<NodeOp*> fronts;
       {
         std::lock_guard<std::mutex> lock(node_mu_);
@@ -1343,6 +1507,12 @@ class WorkerImpl final : public Worker {
         for (auto& [id, q] : node_ops_)
           if (!q.empty()) fronts.push_back(&q.front());
       }
+      const auto now = std::chrono::steady_clock::now();
+      for (NodeOp* n : fronts)
+        if (!n->front) {
+          n->front = true;
+          n->since = now;
+        }
       bool moved = false;
       for (NodeOp* n : fronts) {
         while (n->phase != NodeOp::kDone && Advance(*n)) moved = true;
@@ -1359,9 +1529,14 @@ class WorkerImpl final : public Worker {
       }
       if (!moved) reducer_->WaitBell(seen, kNodePoll);
     }
+    // Closing: the node's other workers learn that this one's operations failed, so that none of
+    // them waits for it.
     std::lock_guard<std::mutex> lock(node_mu_);
     for (auto& [id, q] : node_ops_)
-      for (NodeOp& n : q) n.user->ChunkDone(Status::Aborted("the worker is closing"), 0);
+      for (NodeOp& n : q) {
+        if (n.front) reducer_->Abandon(n.id, n.seq);
+        n.user->ChunkDone(Status::Aborted("the worker is closing"), 0);
+      }
     node_ops_.clear();
   }
 
@@ -1380,6 +1555,7 @@ class WorkerImpl final : public Worker {
       Status failed = node_->failure();
       if (failed.ok() && (phase == NodePhase::kShareDone || now - n.since < opt_.rpc_timeout))
         return false;
+      if (!failed.ok()) reducer_->Abort();
       if (!failed.ok()) {
         n.error = failed;
       } else {
@@ -1389,6 +1565,9 @@ class WorkerImpl final : public Worker {
             n.t->name, n.seq, fmt::join(reducer_->Missing(n.id, n.seq, phase), ", "), node, what,
             opt_.rpc_timeout.count()));
       }
+      // Given up: marked failed and finished in this worker's lane, so that the others' waits
+      // for it end (with an error) and the tensor's next operation starts from a clean state.
+      reducer_->Abandon(n.id, n.seq);
       n.phase = NodeOp::kDone;
       return true;
     };
@@ -1396,7 +1575,12 @@ class WorkerImpl final : public Worker {
       case NodeOp::kFree:
         if (!reducer_->Free(n.id, n.seq))
           return waiting(NodePhase::kFree, "finish the previous operation");
-        reducer_->Contribute(n.id, n.seq, n.kind, n.grad);
+        if (Status st = reducer_->Contribute(n.id, n.seq, n.kind, n.grad); !st.ok()) {
+          n.error = st.WithContext(fmt::format("node-level reduction of tensor '{}'", n.t->name));
+          reducer_->Abandon(n.id, n.seq);
+          n.phase = NodeOp::kDone;
+          return true;
+        }
         return next(NodeOp::kReduce);
       case NodeOp::kReduce: {
         auto sum = reducer_->Reduce(n.id, n.seq, n.t->mine);
@@ -1408,9 +1592,9 @@ class WorkerImpl final : public Worker {
         if (*sum == nullptr) return waiting(NodePhase::kContributed, "hand in their gradient");
         next(NodeOp::kShare);
         NodeReducer* r = reducer_.get();
-        n.inner =
-            StartOp(n.id, *sum, n.kind == NodeOpKind::kPushPull ? reducer_->Gather(n.id) : nullptr,
-                    true, [r] { r->Ring(); });
+        n.inner = StartOp(
+            n.id, *sum, n.kind == NodeOpKind::kPushPull ? reducer_->Gather(n.id) : nullptr, true,
+            [r](OpState&) { r->Ring(); }, n.lr);
         return true;
       }
       case NodeOp::kShare: {
@@ -1432,11 +1616,20 @@ class WorkerImpl final : public Worker {
               "node-level reduction of tensor '{}', operation {}: the share of local rank(s) {} "
               "of node {} failed (see its log)",
               n.t->name, n.seq, fmt::join(shares->failed, ", "), node));
-        reducer_->Finish(n.id, n.seq,
-                         n.error.ok() && n.kind == NodeOpKind::kPushPull ? n.out : nullptr);
         if (n.inner) {
           std::lock_guard<std::mutex> lock(n.inner->mu);
           n.inner->version = shares->version;
+        }
+        return next(NodeOp::kFinish);
+      }
+      case NodeOp::kFinish: {
+        // The gathered parameters out (a GPU reducer's broadcast may still be under way).
+        auto fin = reducer_->Finish(
+            n.id, n.seq, n.error.ok() && n.kind == NodeOpKind::kPushPull ? n.out : nullptr);
+        if (!fin.ok()) {
+          if (n.error.ok()) n.error = fin.status();
+        } else if (!*fin) {
+          return waiting(NodePhase::kFinished, "gather the parameters");
         }
         n.phase = NodeOp::kDone;
         return true;
@@ -1724,6 +1917,8 @@ class WorkerImpl final : public Worker {
   // operations, their queues (per tensor, oldest first), and the bytes of chunks each local rank
   // pushes so far (Declare's split).
   std::unique_ptr<NodeReducer> reducer_;
+  // The CUDA runtime, where it loads and a GPU is visible: operations on GPU memory.
+  std::shared_ptr<gpu::Cuda> cuda_;
   std::thread node_thread_;
   std::mutex node_mu_;
   bool node_stop_ = false;                           // guarded by node_mu_

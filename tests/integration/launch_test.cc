@@ -753,6 +753,55 @@ TEST(Run, RealTorchrunStartsAJob) {
   std::filesystem::remove_all(logs);
 }
 
+// Node-level reduction under torchrun: task 0 is the server, so the 3 worker tasks of the host
+// are local ranks 0..2 of its node (not torchrun's 1..3), and they reduce before they push.
+TEST(Run, TorchrunWorkersReduceOnTheirNode) {
+  if (RunCommand({"sh", "-c", "command -v torchrun"}, 10s).exit_code != 0)
+    GTEST_SKIP() << "torchrun is not installed (apt-get install python3-torch)";
+  auto logs = TempDir("torchrun-nodes");
+  const int rdzv = FreePort(), port = FreePort();
+  auto r = RunCommand({"torchrun",
+                       "--nnodes",
+                       "1",
+                       "--nproc_per_node",
+                       "4",
+                       "--rdzv_backend",
+                       "c10d",
+                       "--rdzv_endpoint",
+                       "127.0.0.1:" + std::to_string(rdzv),
+                       "--redirects",
+                       "1",
+                       "--tee",
+                       "1",
+                       "--log_dir",
+                       logs,
+                       "--no_python",
+                       kShardps,
+                       "--log-level",
+                       "info",
+                       "run",
+                       "--servers",
+                       "1",
+                       "--workers-per-node",
+                       "3",
+                       "--coordinator",
+                       "127.0.0.1:" + std::to_string(port),
+                       "--",
+                       kTestWorker,
+                       "--steps",
+                       "20"},
+                      120s, {"SHARDPS_SERVER_LISTEN=127.0.0.1:0"});
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
+  EXPECT_GE(CountOccurrences(r.output, "3 workers reduce on 1 nodes"), 1u) << r.output;
+  for (int k = 0; k < 3; ++k)
+    EXPECT_GE(CountOccurrences(r.output, "local rank " + std::to_string(k) + " of the 3 workers"),
+              1u)
+        << r.output;
+  std::filesystem::remove_all(logs);
+}
+
 // A single-node Slurm cluster of this machine's own (Debian's slurmctld, slurmd and munge,
 // installed by scripts/setup.sh), started for this test on free loopback ports with its state
 // in a temporary folder, and stopped at the end whatever happens.

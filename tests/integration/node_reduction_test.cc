@@ -76,7 +76,7 @@ TEST(ShmNodeReducer, SumsEachOwnersRangesAndGathers) {
       auto r = worker::CreateShmNodeReducer(job, 7, k, K, 10000ms);
       ASSERT_TRUE(r.ok()) << r.status().ToString();
       rs[k] = std::move(r).value();
-      ASSERT_TRUE(rs[k]->AddTensors(0, {n}, 10000ms).ok());
+      ASSERT_TRUE(rs[k]->AddTensors(0, {worker::NodeTensor{n, {}}}, 1, 10000ms).ok());
     });
   for (auto& t : ts) t.join();
   ts.clear();
@@ -99,7 +99,7 @@ TEST(ShmNodeReducer, SumsEachOwnersRangesAndGathers) {
         until([&] { return r.Free(0, seq); });
         std::vector<float> g(n);
         for (uint64_t i = 0; i < n; ++i) g[i] = Grad(k, seq, i);
-        r.Contribute(0, seq, NodeOpKind::kPushPull, g.data());
+        ASSERT_TRUE(r.Contribute(0, seq, NodeOpKind::kPushPull, g.data()).ok());
         const float* sum = nullptr;
         auto mine = range(k);
         until([&] {
@@ -117,7 +117,7 @@ TEST(ShmNodeReducer, SumsEachOwnersRangesAndGathers) {
         EXPECT_EQ(shares->version, 10 * seq);
         EXPECT_TRUE(shares->failed.empty());
         std::vector<float> out(n, -1.0f);
-        r.Finish(0, seq, out.data());
+        ASSERT_TRUE(*r.Finish(0, seq, out.data()));
         for (uint64_t i = 0; i < n; ++i) {
           float expect = static_cast<float>(seq);
           for (uint32_t w = 0; w < K; ++w) expect += Grad(w, seq, i);
@@ -137,17 +137,17 @@ TEST(ShmNodeReducer, WorkersThatDisagreeOnTheOperationAreTold) {
     auto r = worker::CreateShmNodeReducer(job, 0, 1, 2, 10000ms);
     ASSERT_TRUE(r.ok());
     b = std::move(r).value();
-    ASSERT_TRUE(b->AddTensors(0, {4}, 10000ms).ok());
+    ASSERT_TRUE(b->AddTensors(0, {worker::NodeTensor{4, {}}}, 1, 10000ms).ok());
   });
   auto r = worker::CreateShmNodeReducer(job, 0, 0, 2, 10000ms);
   ASSERT_TRUE(r.ok());
   a = std::move(r).value();
-  ASSERT_TRUE(a->AddTensors(0, {4}, 10000ms).ok());
+  ASSERT_TRUE(a->AddTensors(0, {worker::NodeTensor{4, {}}}, 1, 10000ms).ok());
   t.join();
   ASSERT_TRUE(b);
   float g[4] = {1, 2, 3, 4};
-  a->Contribute(0, 1, NodeOpKind::kPush, g);
-  b->Contribute(0, 1, NodeOpKind::kPushPull, g);
+  ASSERT_TRUE(a->Contribute(0, 1, NodeOpKind::kPush, g).ok());
+  ASSERT_TRUE(b->Contribute(0, 1, NodeOpKind::kPushPull, g).ok());
   std::pair<uint64_t, uint64_t> all{0, 4};
   auto sa = a->Reduce(0, 1, {&all, 1});
   ASSERT_FALSE(sa.ok());
@@ -300,6 +300,64 @@ TEST(NodeReduction, AWorkerThatDoesNotComeFailsItsNodesStepClearly) {
   EXPECT_NE(st.message().find("local rank(s) 1 of node 0 did not hand in their gradient"),
             std::string::npos)
       << st.ToString();
+  // Worker 0 gave that operation up: worker 1's comes to it and is told, without waiting.
+  auto late = lc->workers[1]->PushPull(id, g.data(), out.data());
+  st = late.Wait(10s);
+  ASSERT_TRUE(st.IsAborted()) << st.ToString();
+  EXPECT_NE(st.message().find("local rank 0 of node 0 gave operation 1 of the tensor up"),
+            std::string::npos)
+      << st.ToString();
+  // The next operation starts clean: both push 1s, the node pushes 2 to step 1.
+  lc->ForEachWorker([&](Worker& w) {
+    std::vector<float> mine(10, -1.0f);
+    auto h = w.PushPull(id, g.data(), mine.data());
+    ASSERT_TRUE(h.Wait(20s).ok()) << h.Wait(0ms).ToString();
+    EXPECT_EQ(h.version(), 1u);
+    for (float v : mine) EXPECT_EQ(v, -2.0f);
+  });
+  lc->Finish();
+}
+
+// A learning rate set after a push does not reach that push, although the node thread starts
+// the push's share later.
+TEST(NodeReduction, ARateSetAfterAPushTakesEffectAtTheNextPush) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum), 16, "tcp", 1, nullptr,
+                                Nodes(2));
+  ASSERT_TRUE(lc);
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("x", 300, 0.0f));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    std::vector<float> g(300, 1.0f), out(300, 7.0f);
+    for (int round = 0; round < 20; ++round) {
+      ASSERT_TRUE(w.SetLearningRate(*id, 1.0f).ok());
+      Handle a = w.Push(*id, g.data());
+      ASSERT_TRUE(w.SetLearningRate(*id, 0.5f).ok());
+      Handle b = w.Push(*id, g.data());
+      ASSERT_TRUE(a.Wait(20s).ok());
+      ASSERT_TRUE(b.Wait(20s).ok());
+    }
+    ASSERT_TRUE(w.Pull(*id, out.data()).Wait(20s).ok());
+    // Each round: the node's sum 2 at rate 1, then 2 at rate 0.5.
+    for (float v : out) ASSERT_EQ(v, -60.0f);
+  });
+  lc->Finish();
+}
+
+// Workers of a node that declare the same sizes under other names, or in another order, are
+// told at Declare, not left to sum unrelated tensors.
+TEST(NodeReduction, DeclarationsThatDifferOnANodeAreRefused) {
+  auto lc = LocalCluster::Start(Opts(1, 2, Mode::kSync, Aggregate::kSum), 16, "tcp", 1, nullptr,
+                                Nodes(2, 1500ms));
+  ASSERT_TRUE(lc);
+  std::vector<Status> got(2);
+  lc->ForEachWorker([&](Worker& w) {
+    std::vector<TensorSpec> specs = {Sgd1("a", 8, 0.0f), Sgd1("b", 8, 0.0f)};
+    if (w.rank() == 1) std::swap(specs[0], specs[1]);
+    got[w.rank()] = w.Declare(specs).status();
+  });
+  for (const Status& st : got) EXPECT_FALSE(st.ok());
+  EXPECT_NE(got[1].message().find("declared different tensors"), std::string::npos)
+      << got[1].ToString();
   lc->Finish();
 }
 
