@@ -3,6 +3,8 @@
 #include <dlfcn.h>
 
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include <fmt/format.h>
@@ -57,6 +59,8 @@ class CudaImpl final : public Cuda {
  public:
   ~CudaImpl() override {
     // The library stays loaded: the process may still run callbacks that use it.
+    for (auto& [device, streams] : streams_)
+      for (cudaStream_t s : streams) cudaStreamDestroy_(s);
   }
 
   Status Init() {
@@ -93,13 +97,16 @@ class CudaImpl final : public Cuda {
 
   int device_count() const override { return devices_; }
 
-  bool IsDevice(const void* p) const override {
+  bool IsDevice(const void* p) const override { return DeviceOf(p) >= 0; }
+
+  // The GPU `p` points into, or -1 (host memory).
+  int DeviceOf(const void* p) const {
     cudaPointerAttributes a{};
     if (cudaPointerGetAttributes_(&a, p) != cudaSuccess) {
       cudaGetLastError_();  // a host pointer the runtime never saw: not an error to keep
-      return false;
+      return -1;
     }
-    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+    return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged ? a.device : -1;
   }
 
   Status SetDevice(int device) const override { return Check(cudaSetDevice_(device), "set"); }
@@ -108,12 +115,19 @@ class CudaImpl final : public Cuda {
     return cudaGetDevice_(&d) == cudaSuccess ? d : 0;
   }
   Status Copy(void* dst, const void* src, size_t bytes) const override {
-    // On the calling thread's own stream, waited for: complete when it returns whatever the
-    // direction (cudaMemcpy returns before a device-to-device copy is done), and never waiting
-    // for work on other streams (a collective that waits for a peer).
-    SHARDPS_RETURN_IF_ERROR(
-        Check(cudaMemcpyAsync_(dst, src, bytes, cudaMemcpyDefault, cudaStreamPerThread), "copy"));
-    return Check(cudaStreamSynchronize_(cudaStreamPerThread), "copy");
+    // On a non-blocking stream of the GPU involved, waited for: complete when it returns
+    // whatever the direction (cudaMemcpy returns before a device-to-device copy is done), and
+    // never waiting for work on other streams (a collective that waits for a peer, the
+    // program's next kernels on the legacy default stream).
+    int device = DeviceOf(dst);
+    if (device < 0) device = DeviceOf(src);
+    if (device < 0) device = CurrentDevice();
+    if (device != CurrentDevice()) SHARDPS_RETURN_IF_ERROR(SetDevice(device));
+    SHARDPS_ASSIGN_OR_RETURN(cudaStream_t s, TakeStream(device));
+    Status st = Check(cudaMemcpyAsync_(dst, src, bytes, cudaMemcpyDefault, s), "copy");
+    if (st.ok()) st = Check(cudaStreamSynchronize_(s), "copy");
+    GiveStream(device, s);
+    return st;
   }
   Status CopyAsync(void* dst, const void* src, size_t bytes, Stream s) const override {
     return Check(cudaMemcpyAsync_(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(s)),
@@ -170,8 +184,31 @@ class CudaImpl final : public Cuda {
     return Status::Internal(fmt::format("CUDA cannot {}: {}", what, cudaGetErrorString_(e)));
   }
 
+  // Copies' streams, per GPU, reused (the calling thread's device is `device`).
+  Result<cudaStream_t> TakeStream(int device) const {
+    {
+      std::lock_guard<std::mutex> lock(streams_mu_);
+      auto& free = streams_[device];
+      if (!free.empty()) {
+        cudaStream_t s = free.back();
+        free.pop_back();
+        return s;
+      }
+    }
+    cudaStream_t s = nullptr;
+    SHARDPS_RETURN_IF_ERROR(
+        Check(cudaStreamCreateWithFlags_(&s, cudaStreamNonBlocking), "create a stream"));
+    return s;
+  }
+  void GiveStream(int device, cudaStream_t s) const {
+    std::lock_guard<std::mutex> lock(streams_mu_);
+    streams_[device].push_back(s);
+  }
+
   void* lib_ = nullptr;
   int devices_ = 0;
+  mutable std::mutex streams_mu_;
+  mutable std::map<int, std::vector<cudaStream_t>> streams_;  // guarded by streams_mu_
   decltype(&::cudaGetDeviceCount) cudaGetDeviceCount_ = nullptr;
   decltype(&::cudaGetErrorString) cudaGetErrorString_ = nullptr;
   decltype(&::cudaPointerGetAttributes) cudaPointerGetAttributes_ = nullptr;
@@ -207,7 +244,7 @@ class NcclImpl final : public Nccl {
     SHARDPS_RESOLVE(ncclGetVersion);
     SHARDPS_RESOLVE(ncclGetErrorString);
     SHARDPS_RESOLVE(ncclGetUniqueId);
-    SHARDPS_RESOLVE(ncclCommInitRank);
+    SHARDPS_RESOLVE(ncclCommInitRankConfig);
     SHARDPS_RESOLVE(ncclCommDestroy);
     SHARDPS_RESOLVE(ncclCommAbort);
     SHARDPS_RESOLVE(ncclCommGetAsyncError);
@@ -234,8 +271,22 @@ class NcclImpl final : public Nccl {
     ncclUniqueId u{};
     std::memcpy(&u, id, kIdBytes);
     ncclComm_t c = nullptr;
-    SHARDPS_RETURN_IF_ERROR(Check(ncclCommInitRank_(&c, ranks, u, rank), "join"));
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;  // no call on it waits for a peer: Ready says when one completed
+    const ncclResult_t r = ncclCommInitRankConfig_(&c, ranks, u, rank, &config);
+    if (r != ncclSuccess && r != ncclInProgress) {
+      if (c) ncclCommAbort_(c);
+      return Check(r, "join");
+    }
     return static_cast<Comm>(c);
+  }
+  Result<bool> Ready(Comm c) const override {
+    ncclResult_t r = ncclSuccess;
+    SHARDPS_RETURN_IF_ERROR(
+        Check(ncclCommGetAsyncError_(static_cast<ncclComm_t>(c), &r), "say how it is"));
+    if (r == ncclInProgress) return false;
+    SHARDPS_RETURN_IF_ERROR(Check(r, "go on"));
+    return true;
   }
   void Destroy(Comm c) const override {
     if (c) ncclCommDestroy_(static_cast<ncclComm_t>(c));
@@ -251,20 +302,30 @@ class NcclImpl final : public Nccl {
     return Check(r, "go on");
   }
   Status GroupStart() const override { return Check(ncclGroupStart_(), "start a group"); }
-  Status GroupEnd() const override { return Check(ncclGroupEnd_(), "end a group"); }
+  Result<bool> GroupEnd() const override {
+    const ncclResult_t r = ncclGroupEnd_();
+    if (r == ncclInProgress) return false;
+    SHARDPS_RETURN_IF_ERROR(Check(r, "end a group"));
+    return true;
+  }
   Status ReduceSum(const float* send, float* recv, size_t count, int root, Comm c,
                    Stream s) const override {
-    return Check(ncclReduce_(send, recv, count, ncclFloat32, ncclSum, root,
+    return Quiet(ncclReduce_(send, recv, count, ncclFloat32, ncclSum, root,
                              static_cast<ncclComm_t>(c), static_cast<cudaStream_t>(s)),
                  "reduce");
   }
   Status Broadcast(float* buf, size_t count, int root, Comm c, Stream s) const override {
-    return Check(ncclBroadcast_(buf, buf, count, ncclFloat32, root, static_cast<ncclComm_t>(c),
+    return Quiet(ncclBroadcast_(buf, buf, count, ncclFloat32, root, static_cast<ncclComm_t>(c),
                                 static_cast<cudaStream_t>(s)),
                  "broadcast");
   }
 
  private:
+  // A call inside a group of a nonblocking communicator may answer "in progress": its outcome
+  // comes with the group's end.
+  Status Quiet(ncclResult_t r, const char* what) const {
+    return r == ncclInProgress ? Status::OK() : Check(r, what);
+  }
   Status Check(ncclResult_t r, const char* what) const {
     if (r == ncclSuccess) return Status::OK();
     return Status::Internal(fmt::format("NCCL cannot {}: {}", what, ncclGetErrorString_(r)));
@@ -274,7 +335,7 @@ class NcclImpl final : public Nccl {
   decltype(&::ncclGetVersion) ncclGetVersion_ = nullptr;
   decltype(&::ncclGetErrorString) ncclGetErrorString_ = nullptr;
   decltype(&::ncclGetUniqueId) ncclGetUniqueId_ = nullptr;
-  decltype(&::ncclCommInitRank) ncclCommInitRank_ = nullptr;
+  decltype(&::ncclCommInitRankConfig) ncclCommInitRankConfig_ = nullptr;
   decltype(&::ncclCommDestroy) ncclCommDestroy_ = nullptr;
   decltype(&::ncclCommAbort) ncclCommAbort_ = nullptr;
   decltype(&::ncclCommGetAsyncError) ncclCommGetAsyncError_ = nullptr;

@@ -34,7 +34,10 @@ class Cuda {
   virtual int CurrentDevice() const = 0;
 
   // Copies between any two pointers (unified addressing); complete when it returns. It runs on
-  // the calling thread's own stream, so it waits for no other stream's work.
+  // a non-blocking stream of its own, on the GPU of the device pointer among them (the calling
+  // thread's current device becomes that GPU), so it waits for no other stream's work: what
+  // produced `src` on the GPU must be complete before the call (the caller synchronizes its
+  // stream).
   virtual Status Copy(void* dst, const void* src, size_t bytes) const = 0;
   // The same, queued on `stream`.
   virtual Status CopyAsync(void* dst, const void* src, size_t bytes, Stream stream) const = 0;
@@ -62,15 +65,21 @@ class Nccl {
 
   virtual std::string version() const = 0;
   virtual Status UniqueId(uint8_t out[kIdBytes]) const = 0;
-  // Blocks until every rank joined.
+  // Starts joining the communicator of `ranks` ranks (nonblocking: no call on it ever waits for
+  // a peer); Ready says when it is set up.
   virtual Result<Comm> Join(int ranks, const uint8_t id[kIdBytes], int rank) const = 0;
+  // Whether the last call on `c` (Join, GroupEnd) completed: true; still under way: false; an
+  // error it ran into.
+  virtual Result<bool> Ready(Comm c) const = 0;
   virtual void Destroy(Comm c) const = 0;
   // Ends every operation in flight on `c` (with an error): a peer died.
   virtual void Abort(Comm c) const = 0;
   // An error the communicator ran into asynchronously, or OK.
   virtual Status AsyncError(Comm c) const = 0;
   virtual Status GroupStart() const = 0;
-  virtual Status GroupEnd() const = 0;
+  // Issues the group: true when its work is queued on the stream, false while NCCL is still
+  // queueing it (poll Ready before anything else on the communicator).
+  virtual Result<bool> GroupEnd() const = 0;
   // Sums `count` floats of every rank's `send` into `recv` on rank `root`.
   virtual Status ReduceSum(const float* send, float* recv, size_t count, int root, Comm c,
                            Stream s) const = 0;

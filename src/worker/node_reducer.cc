@@ -422,17 +422,8 @@ class ShmNodeReducer : public NodeReducer {
   std::vector<std::unique_ptr<Area>> areas_;  // by tensor id; guarded by mu_
 };
 
-// The calling thread's current device set to `device` for a scope (the caller's thread is the
-// program's: it gets its own device back).
-struct OnDevice {
-  OnDevice(const gpu::Cuda& c, int device) : cuda(c), before(c.CurrentDevice()) {
-    status = cuda.SetDevice(device);
-  }
-  ~OnDevice() { (void)cuda.SetDevice(before); }
-  const gpu::Cuda& cuda;
-  int before;
-  Status status;
-};
+// The calling thread's current device becomes the reducer's GPU (as a training program sets it
+// anyway): restoring another would make a context on it.
 
 // The NCCL reducer (node_reducer.h). Per tensor it holds, on the worker's GPU, the gradient
 // (reduced in place to each chunk's owner) and the gathered parameters (broadcast from each
@@ -450,9 +441,12 @@ class NcclNodeReducer final : public ShmNodeReducer {
         nccl_(std::move(nccl)) {}
 
   ~NcclNodeReducer() override {
-    if (comm_) (failed_ ? nccl_->Abort(comm_) : nccl_->Destroy(comm_));
+    // Aborted, not destroyed: destroying waits for collectives that a closing node mate may
+    // never issue.
+    if (comm_) nccl_->Abort(comm_);
     for (auto& d : dev_) {
       cuda_->DeviceFree(d.grad);
+      cuda_->DeviceFree(d.sums);
       cuda_->DeviceFree(d.gather);
       cuda_->HostFree(d.sum);
       cuda_->HostFree(d.pulled);
@@ -466,8 +460,7 @@ class NcclNodeReducer final : public ShmNodeReducer {
       return Status::InvalidArgument(
           fmt::format("NCCL node reducer: at most {} workers per node", kMaxLocal));
     device_ = static_cast<int>(rank_ % static_cast<uint32_t>(cuda_->device_count()));
-    OnDevice on(*cuda_, device_);
-    SHARDPS_RETURN_IF_ERROR(on.status);
+    SHARDPS_RETURN_IF_ERROR(cuda_->SetDevice(device_));
     SHARDPS_ASSIGN_OR_RETURN(stream_, cuda_->CreateStream());
     Control& c = control();
     if (rank_ == 0) {
@@ -483,7 +476,18 @@ class NcclNodeReducer final : public ShmNodeReducer {
     }
     SHARDPS_ASSIGN_OR_RETURN(comm_,
                              nccl_->Join(static_cast<int>(size_), c.id, static_cast<int>(rank_)));
-    return Status::OK();
+    // Nonblocking: a node mate that died after attaching the shared memory is a timeout here.
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      auto ready = nccl_->Ready(comm_);
+      if (!ready.ok()) return ready.status().WithContext("setting NCCL up");
+      if (*ready) return Status::OK();
+      if (std::chrono::steady_clock::now() > deadline)
+        return Status::Timeout(
+            fmt::format("NCCL's communicator of the node's {} GPUs was not set up within {} ms",
+                        size_, timeout.count()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
   }
 
   const char* name() const override { return "NCCL"; }
@@ -492,12 +496,12 @@ class NcclNodeReducer final : public ShmNodeReducer {
 
   Status AddTensors(uint32_t first, const std::vector<NodeTensor>& tensors, uint64_t key,
                     std::chrono::milliseconds timeout) override {
-    OnDevice on(*cuda_, device_);
-    SHARDPS_RETURN_IF_ERROR(on.status);
+    SHARDPS_RETURN_IF_ERROR(cuda_->SetDevice(device_));
     std::vector<Dev> added;
     auto undo = [&] {
       for (auto& d : added) {
         cuda_->DeviceFree(d.grad);
+        cuda_->DeviceFree(d.sums);
         cuda_->DeviceFree(d.gather);
         cuda_->HostFree(d.sum);
         cuda_->HostFree(d.pulled);
@@ -509,11 +513,13 @@ class NcclNodeReducer final : public ShmNodeReducer {
       d.tensor = t;
       const size_t bytes = t.numel * 4;
       auto grad = cuda_->DeviceAlloc(bytes);
-      auto gather = grad.ok() ? cuda_->DeviceAlloc(bytes) : grad;
+      auto sums = grad.ok() ? cuda_->DeviceAlloc(bytes) : grad;
+      auto gather = sums.ok() ? cuda_->DeviceAlloc(bytes) : sums;
       auto sum = gather.ok() ? cuda_->HostAlloc(bytes) : gather;
       auto pulled = sum.ok() ? cuda_->HostAlloc(bytes) : sum;
       auto event = pulled.ok() ? cuda_->CreateEvent() : Result<gpu::Event>(pulled.status());
       d.grad = grad.ok() ? static_cast<float*>(*grad) : nullptr;
+      d.sums = sums.ok() ? static_cast<float*>(*sums) : nullptr;
       d.gather = gather.ok() ? static_cast<float*>(*gather) : nullptr;
       d.sum = sum.ok() ? static_cast<float*>(*sum) : nullptr;
       d.pulled = pulled.ok() ? static_cast<float*>(*pulled) : nullptr;
@@ -539,6 +545,7 @@ class NcclNodeReducer final : public ShmNodeReducer {
     // Copied before the lane says so: the collective reads the reducer's copy, never the
     // caller's buffer (which an operation given up may free).
     SHARDPS_RETURN_IF_ERROR(cuda_->Copy(d.grad, grad, d.tensor.numel * 4));
+    d.kind = kind;
     Arrive(t, seq, kind);
     return Status::OK();
   }
@@ -558,7 +565,7 @@ class NcclNodeReducer final : public ShmNodeReducer {
     SHARDPS_ASSIGN_OR_RETURN(bool done, cuda_->Done(d.event));
     if (!done) return nullptr;
     for (auto [begin, end] : mine)
-      SHARDPS_RETURN_IF_ERROR(cuda_->Copy(d.sum + begin, d.grad + begin, (end - begin) * 4));
+      SHARDPS_RETURN_IF_ERROR(cuda_->Copy(d.sum + begin, d.sums + begin, (end - begin) * 4));
     return static_cast<const float*>(d.sum);
   }
 
@@ -570,8 +577,10 @@ class NcclNodeReducer final : public ShmNodeReducer {
     Dev& d = DevOf(t);
     // The broadcast follows a reduce of push_pulls, whatever the shares' fate, so that every
     // GPU issues it.
-    if (rank_ == 0 && d.reduce_queued == seq && d.gather_queued != seq && Gathers(t))
-      if (Append(t, kBroadcastFromOwners, seq)) d.gather_queued = seq;
+    if (rank_ == 0 && d.reduce_queued == seq && d.gather_queued != seq && Gathers(d)) {
+      if (!Append(t, kBroadcastFromOwners, seq)) return std::nullopt;  // full: later
+      d.gather_queued = seq;
+    }
     Progress();
     return s;
   }
@@ -579,7 +588,7 @@ class NcclNodeReducer final : public ShmNodeReducer {
   Result<bool> Finish(uint32_t t, uint64_t seq, float* out) override {
     Dev& d = DevOf(t);
     Progress();
-    if (d.reduced == seq && Gathers(t)) {
+    if (d.reduced == seq && Gathers(d)) {
       if (!failure_.ok()) {
         MarkFinished(t, seq);
         return failure_;
@@ -606,18 +615,46 @@ class NcclNodeReducer final : public ShmNodeReducer {
   // Issues the queue's collectives this worker has not issued yet, in order.
   void Progress() override {
     Control& c = control();
-    const uint64_t tail = c.tail.load(std::memory_order_acquire);
-    while (cursor_ < tail && failure_.ok()) {
+    while (failure_.ok() && comm_) {
+      if (pending_) {
+        // A group NCCL was still queueing (nonblocking): nothing else on the communicator
+        // before it is done.
+        auto ready = nccl_->Ready(comm_);
+        if (!ready.ok()) {
+          failure_ = ready.status();
+          break;
+        }
+        if (!*ready) break;
+        failure_ = Issued(*pending_);
+        pending_.reset();
+        continue;
+      }
+      if (cursor_ >= c.tail.load(std::memory_order_acquire)) break;
       const QueueEntry& e = c.entries[cursor_ % kQueue];
-      const uint32_t t = e.tensor.load(std::memory_order_relaxed);
-      const uint32_t what = e.what.load(std::memory_order_relaxed);
-      const uint64_t seq = e.seq.load(std::memory_order_relaxed);
-      failure_ = Issue(t, what, seq);
-      ++cursor_;
-      c.cursor[rank_].store(cursor_, std::memory_order_release);
-      Ring();
+      Entry next{e.tensor.load(std::memory_order_relaxed), e.what.load(std::memory_order_relaxed),
+                 e.seq.load(std::memory_order_relaxed)};
+      auto queued = Issue(next);
+      if (!queued.ok()) {
+        failure_ = queued.status();
+        break;
+      }
+      if (*queued) {
+        failure_ = Issued(next);
+      } else {
+        pending_ = next;
+      }
     }
     if (failure_.ok() && comm_) failure_ = nccl_->AsyncError(comm_);
+  }
+
+  void Abandon(uint32_t t, uint64_t seq) override {
+    ShmNodeReducer::Abandon(t, seq);
+    // Local rank 0 still orders the broadcast that its node mates expect after a push_pull's
+    // reduce, so that none of them waits for it in vain.
+    Dev& d = DevOf(t);
+    if (rank_ == 0 && d.reduce_queued == seq && d.gather_queued != seq && Gathers(d) &&
+        Append(t, kBroadcastFromOwners, seq))
+      d.gather_queued = seq;
   }
 
   void Abort() override {
@@ -632,8 +669,11 @@ class NcclNodeReducer final : public ShmNodeReducer {
  private:
   struct Dev {
     NodeTensor tensor;
-    float* grad = nullptr;    // device: this worker's gradient, then (owner) the sums
-    float* gather = nullptr;  // device: the gathered parameters
+    float* grad = nullptr;  // device: this worker's gradient
+    float* sums = nullptr;  // device: the owner's sums (not over the gradient: the reduce of an
+                            // operation given up may still run while the next one's comes in)
+    NodeOpKind kind = NodeOpKind::kPush;  // this worker's last contributed operation
+    float* gather = nullptr;              // device: the gathered parameters
     float* sum = nullptr;     // pinned: this worker's share of the sums, pushed from here
     float* pulled = nullptr;  // pinned: this worker's share of the parameters, pulled here
     gpu::Event event = nullptr;
@@ -646,8 +686,9 @@ class NcclNodeReducer final : public ShmNodeReducer {
     return dev_[t];
   }
 
-  // Push_pulls gather the parameters back; pushes do not.
-  bool Gathers(uint32_t t) { return KindOf(t, 0) == static_cast<uint64_t>(NodeOpKind::kPushPull); }
+  // Push_pulls gather the parameters back; pushes do not. This worker's own kind: once the
+  // reduce was issued, every worker's was the same.
+  static bool Gathers(const Dev& d) { return d.kind == NodeOpKind::kPushPull; }
 
   // Local rank 0: appends a collective; false while the slowest worker is a whole queue behind.
   bool Append(uint32_t t, uint32_t what, uint64_t seq) {
@@ -664,9 +705,17 @@ class NcclNodeReducer final : public ShmNodeReducer {
     return true;
   }
 
-  Status Issue(uint32_t t, uint32_t what, uint64_t seq) {
-    Dev& d = DevOf(t);
-    if (what == kBroadcastFromOwners) {
+  struct Entry {
+    uint32_t tensor = 0;
+    uint32_t what = 0;  // Collective
+    uint64_t seq = 0;
+  };
+
+  // Queues entry `e`'s collectives on the stream: true once NCCL did, false while it still is
+  // (Progress polls, then calls Issued).
+  Result<bool> Issue(const Entry& e) {
+    Dev& d = DevOf(e.tensor);
+    if (e.what == kBroadcastFromOwners) {
       // This worker's pulled share onto the GPU, then every owner's share to everyone.
       for (const NodeChunk& ch : d.tensor.chunks)
         if (ch.owner == rank_)
@@ -676,18 +725,27 @@ class NcclNodeReducer final : public ShmNodeReducer {
     SHARDPS_RETURN_IF_ERROR(nccl_->GroupStart());
     Status st;
     for (const NodeChunk& ch : d.tensor.chunks) {
-      st = what == kReduceToOwners
-               ? nccl_->ReduceSum(d.grad + ch.offset, d.grad + ch.offset, ch.numel,
+      st = e.what == kReduceToOwners
+               ? nccl_->ReduceSum(d.grad + ch.offset, d.sums + ch.offset, ch.numel,
                                   static_cast<int>(ch.owner), comm_, stream_)
                : nccl_->Broadcast(d.gather + ch.offset, ch.numel, static_cast<int>(ch.owner), comm_,
                                   stream_);
       if (!st.ok()) break;
     }
-    Status end = nccl_->GroupEnd();
+    auto end = nccl_->GroupEnd();
     SHARDPS_RETURN_IF_ERROR(st);
-    SHARDPS_RETURN_IF_ERROR(end);
+    return end;
+  }
+
+  // Entry `e`'s collectives are on the stream: the event follows them; the next entry's turn.
+  Status Issued(const Entry& e) {
+    Dev& d = DevOf(e.tensor);
     SHARDPS_RETURN_IF_ERROR(cuda_->Record(d.event, stream_));
-    (what == kReduceToOwners ? d.reduced : d.gathered) = seq;
+    (e.what == kReduceToOwners ? d.reduced : d.gathered) = e.seq;
+    Control& c = control();
+    ++cursor_;
+    c.cursor[rank_].store(cursor_, std::memory_order_release);
+    Ring();
     return Status::OK();
   }
 
@@ -697,8 +755,9 @@ class NcclNodeReducer final : public ShmNodeReducer {
   gpu::Stream stream_ = nullptr;
   gpu::Comm comm_ = nullptr;
   bool failed_ = false;
-  uint64_t cursor_ = 0;  // queue entries issued (the driving thread's)
-  Status failure_;       // a collective that failed: every later operation fails
+  uint64_t cursor_ = 0;           // queue entries issued (the driving thread's)
+  std::optional<Entry> pending_;  // an entry NCCL is still queueing
+  Status failure_;                // a collective that failed: every later operation fails
   std::mutex dev_mu_;
   std::deque<Dev> dev_;  // by tensor id; guarded by dev_mu_ (references stay valid)
 };

@@ -1559,11 +1559,16 @@ class WorkerImpl final : public Worker {
       if (!failed.ok()) {
         n.error = failed;
       } else {
-        n.error = Status::Timeout(fmt::format(
-            "node-level reduction of tensor '{}', operation {}: local rank(s) {} of node {} did "
-            "not {} within {} ms",
-            n.t->name, n.seq, fmt::join(reducer_->Missing(n.id, n.seq, phase), ", "), node, what,
-            opt_.rpc_timeout.count()));
+        const std::vector<uint32_t> missing = reducer_->Missing(n.id, n.seq, phase);
+        n.error = Status::Timeout(
+            missing.empty()
+                ? fmt::format("node-level reduction of tensor '{}', operation {}: the node's {} "
+                              "collective did not complete within {} ms",
+                              n.t->name, n.seq, reducer_->name(), opt_.rpc_timeout.count())
+                : fmt::format("node-level reduction of tensor '{}', operation {}: local rank(s) "
+                              "{} of node {} did not {} within {} ms",
+                              n.t->name, n.seq, fmt::join(missing, ", "), node, what,
+                              opt_.rpc_timeout.count()));
       }
       // Given up: marked failed and finished in this worker's lane, so that the others' waits
       // for it end (with an error) and the tensor's next operation starts from a clean state.
