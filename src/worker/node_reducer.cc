@@ -444,14 +444,7 @@ class NcclNodeReducer final : public ShmNodeReducer {
     // Aborted, not destroyed: destroying waits for collectives that a closing node mate may
     // never issue.
     if (comm_) nccl_->Abort(comm_);
-    for (auto& d : dev_) {
-      cuda_->DeviceFree(d.grad);
-      cuda_->DeviceFree(d.sums);
-      cuda_->DeviceFree(d.gather);
-      cuda_->HostFree(d.sum);
-      cuda_->HostFree(d.pulled);
-      cuda_->DestroyEvent(d.event);
-    }
+    for (auto& d : dev_) Release(d);
     cuda_->DestroyStream(stream_);
   }
 
@@ -499,14 +492,7 @@ class NcclNodeReducer final : public ShmNodeReducer {
     SHARDPS_RETURN_IF_ERROR(cuda_->SetDevice(device_));
     std::vector<Dev> added;
     auto undo = [&] {
-      for (auto& d : added) {
-        cuda_->DeviceFree(d.grad);
-        cuda_->DeviceFree(d.sums);
-        cuda_->DeviceFree(d.gather);
-        cuda_->HostFree(d.sum);
-        cuda_->HostFree(d.pulled);
-        cuda_->DestroyEvent(d.event);
-      }
+      for (auto& d : added) Release(d);
     };
     for (const NodeTensor& t : tensors) {
       Dev& d = added.emplace_back();
@@ -680,6 +666,15 @@ class NcclNodeReducer final : public ShmNodeReducer {
     uint64_t reduced = 0, gathered = 0;             // collectives issued here, by operation
     uint64_t reduce_queued = 0, gather_queued = 0;  // local rank 0: appended to the queue
   };
+
+  void Release(Dev& d) const {
+    cuda_->DeviceFree(d.grad);
+    cuda_->DeviceFree(d.sums);
+    cuda_->DeviceFree(d.gather);
+    cuda_->HostFree(d.sum);
+    cuda_->HostFree(d.pulled);
+    cuda_->DestroyEvent(d.event);
+  }
 
   Dev& DevOf(uint32_t t) {
     std::lock_guard<std::mutex> lock(dev_mu_);

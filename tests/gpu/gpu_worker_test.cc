@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "gpu/cuda.h"
+#include "support/exact_values.h"
 #include "support/local_cluster.h"
 
 namespace shardps {
@@ -12,30 +13,9 @@ namespace {
 using namespace std::chrono_literals;
 using testing::LocalCluster;
 
-float Grad(uint32_t w, uint64_t s, uint64_t i) {
-  return static_cast<float>(static_cast<int64_t>((w + 1) * 3 + s * 7 + i % 13) % 17 - 8);
-}
-
-CoordinatorOptions Opts(uint32_t servers, uint32_t workers, uint64_t chunk_bytes) {
-  CoordinatorOptions co;
-  co.num_servers = servers;
-  co.num_workers = workers;
-  co.mode = Mode::kSync;
-  co.aggregate = Aggregate::kSum;
-  co.chunk_bytes = chunk_bytes;
-  co.heartbeat_timeout = 10s;
-  return co;
-}
-
-TensorSpec Sgd1(const std::string& name, int64_t n) {
-  TensorSpec t;
-  t.name = name;
-  t.shape = {n};
-  t.init_value = 0.0f;
-  t.optimizer.kind = OptimizerKind::kSgd;
-  t.optimizer.lr = 1.0f;
-  return t;
-}
+using testing::Grad;
+using testing::Opts;
+using testing::Sgd1;
 
 // The CUDA runtime with at least `gpus` GPUs, or the reason to skip.
 std::shared_ptr<gpu::Cuda> Gpus(int gpus, std::string* why) {
@@ -93,20 +73,21 @@ struct DeviceFloats {
 // reduced over the node's GPUs): the parameters are exactly the sum of all pushes.
 void RunExact(const std::shared_ptr<gpu::Cuda>& cuda, uint32_t workers, uint32_t per_node,
               const std::string& reducer) {
-  auto lc =
-      LocalCluster::Start(Opts(2, workers, 4096), 16, "tcp", 1, nullptr, [&](WorkerOptions& o) {
-        if (per_node < 2) return;
-        o.local_size = per_node;
-        o.local_rank = o.rank % static_cast<int32_t>(per_node);
-        o.node = "gpu-node" + std::to_string(o.rank / static_cast<int32_t>(per_node));
-        o.node_reducer = reducer;
-      });
+  auto lc = LocalCluster::Start(Opts(2, workers, Mode::kSync, Aggregate::kSum, 4096), 16, "tcp", 1,
+                                nullptr, [&](WorkerOptions& o) {
+                                  if (per_node < 2) return;
+                                  o.local_size = per_node;
+                                  o.local_rank = o.rank % static_cast<int32_t>(per_node);
+                                  o.node = "gpu-node" +
+                                           std::to_string(o.rank / static_cast<int32_t>(per_node));
+                                  o.node_reducer = reducer;
+                                });
   ASSERT_TRUE(lc);
   const std::vector<int64_t> sizes = {5000, 3, 1 << 16};
   lc->ForEachWorker([&](Worker& w) {
     std::vector<TensorSpec> specs;
     for (size_t k = 0; k < sizes.size(); ++k)
-      specs.push_back(Sgd1("g" + std::to_string(k), sizes[k]));
+      specs.push_back(Sgd1("g" + std::to_string(k), sizes[k], 0.0f));
     auto ids = w.Declare(specs);
     ASSERT_TRUE(ids.ok()) << ids.status().ToString();
     for (uint64_t s = 1; s <= 3; ++s)

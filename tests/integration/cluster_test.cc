@@ -19,6 +19,7 @@
 #include "cluster/messages.h"
 #include "compress/codec.h"
 #include "support/auth_peers.h"
+#include "support/exact_values.h"
 #include "support/http_get.h"
 #include "support/local_cluster.h"
 #include "support/subprocess.h"
@@ -33,32 +34,9 @@ namespace {
 using namespace std::chrono_literals;
 using testing::LocalCluster;
 
-// Integer-valued gradient of worker w at step s for element i: exact in float32.
-float Grad(uint32_t w, uint64_t s, uint64_t i) {
-  return static_cast<float>(static_cast<int64_t>((w + 1) * 3 + s * 7 + i % 13) % 17 - 8);
-}
-
-CoordinatorOptions Opts(uint32_t servers, uint32_t workers, Mode mode, Aggregate agg,
-                        uint64_t chunk_bytes = 4 << 20) {
-  CoordinatorOptions co;
-  co.num_servers = servers;
-  co.num_workers = workers;
-  co.mode = mode;
-  co.aggregate = agg;
-  co.chunk_bytes = chunk_bytes;
-  co.heartbeat_timeout = 10s;
-  return co;
-}
-
-TensorSpec Sgd1(const std::string& name, int64_t n, float init) {
-  TensorSpec t;
-  t.name = name;
-  t.shape = {n};
-  t.init_value = init;
-  t.optimizer.kind = OptimizerKind::kSgd;
-  t.optimizer.lr = 1.0f;
-  return t;
-}
+using testing::Grad;
+using testing::Opts;
+using testing::Sgd1;
 
 // Every worker of `lc` runs `steps` sync push_pulls of Grad() on tensor `name` (n floats, SGD
 // with lr 1 from `init`, sum aggregate), each acknowledged with its step's version, and checks

@@ -6,6 +6,7 @@
 
 #include "cluster/messages.h"
 #include "core/codec.h"
+#include "support/exact_values.h"
 #include "support/local_cluster.h"
 #include "worker/node_reducer.h"
 
@@ -16,32 +17,9 @@ using namespace std::chrono_literals;
 using testing::LocalCluster;
 using worker::NodeOpKind;
 
-// Integer-valued gradient of worker w at step s for element i: exact in float32.
-float Grad(uint32_t w, uint64_t s, uint64_t i) {
-  return static_cast<float>(static_cast<int64_t>((w + 1) * 3 + s * 7 + i % 13) % 17 - 8);
-}
-
-CoordinatorOptions Opts(uint32_t servers, uint32_t workers, Mode mode, Aggregate agg,
-                        uint64_t chunk_bytes = 4 << 20) {
-  CoordinatorOptions co;
-  co.num_servers = servers;
-  co.num_workers = workers;
-  co.mode = mode;
-  co.aggregate = agg;
-  co.chunk_bytes = chunk_bytes;
-  co.heartbeat_timeout = 10s;
-  return co;
-}
-
-TensorSpec Sgd1(const std::string& name, int64_t n, float init) {
-  TensorSpec t;
-  t.name = name;
-  t.shape = {n};
-  t.init_value = init;
-  t.optimizer.kind = OptimizerKind::kSgd;
-  t.optimizer.lr = 1.0f;
-  return t;
-}
+using testing::Grad;
+using testing::Opts;
+using testing::Sgd1;
 
 // Workers 2n and 2n+1 are node n.
 std::function<void(WorkerOptions&)> Nodes(uint32_t per_node,
