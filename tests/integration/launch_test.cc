@@ -709,88 +709,61 @@ TEST(Run, RealMpirunStartsAJob) {
   EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
 }
 
-// The real torchrun (Debian's python3-torch, from setup.sh) starts 4 tasks of `shardps run`
-// (--no_python): 1 server and 3 workers whose values are exact. torchrun 1.13 under Python 3.11
-// cannot parse its default --redirects/--tee of 0 (Std.NONE is not iterated), so the test
-// passes 1 for both with a log folder: that is what a user of this torchrun has to do too.
-TEST(Run, RealTorchrunStartsAJob) {
-  if (RunCommand({"sh", "-c", "command -v torchrun"}, 10s).exit_code != 0)
-    GTEST_SKIP() << "torchrun is not installed (apt-get install python3-torch)";
+// The real torchrun (Debian's python3-torch, from setup.sh) starting 4 tasks of `shardps run
+// --servers 1 [run_flags]` (--no_python), whose workers run test_worker for 20 steps. torchrun
+// 1.13 under Python 3.11 cannot parse its default --redirects/--tee of 0 (Std.NONE is not
+// iterated), so this passes 1 for both with a log folder: what a user of this torchrun has to
+// do too.
+bool HaveTorchrun() { return RunCommand({"sh", "-c", "command -v torchrun"}, 10s).exit_code == 0; }
+
+testing::CommandResult RunUnderTorchrun(const std::vector<std::string>& run_flags) {
   auto logs = TempDir("torchrun");
   const int rdzv = FreePort(), port = FreePort();
-  auto r = RunCommand({"torchrun",
-                       "--nnodes",
-                       "1",
-                       "--nproc_per_node",
-                       "4",
-                       "--rdzv_backend",
-                       "c10d",
-                       "--rdzv_endpoint",
-                       "127.0.0.1:" + std::to_string(rdzv),
-                       "--redirects",
-                       "1",
-                       "--tee",
-                       "1",
-                       "--log_dir",
-                       logs,
-                       "--no_python",
-                       kShardps,
-                       "--log-level",
-                       "warn",
-                       "run",
-                       "--servers",
-                       "1",
-                       "--coordinator",
-                       "127.0.0.1:" + std::to_string(port),
-                       "--",
-                       kTestWorker,
-                       "--steps",
-                       "20"},
-                      120s, {"SHARDPS_SERVER_LISTEN=127.0.0.1:0"});
+  std::vector<std::string> argv = {"torchrun",
+                                   "--nnodes",
+                                   "1",
+                                   "--nproc_per_node",
+                                   "4",
+                                   "--rdzv_backend",
+                                   "c10d",
+                                   "--rdzv_endpoint",
+                                   "127.0.0.1:" + std::to_string(rdzv),
+                                   "--redirects",
+                                   "1",
+                                   "--tee",
+                                   "1",
+                                   "--log_dir",
+                                   logs,
+                                   "--no_python",
+                                   kShardps,
+                                   "--log-level",
+                                   "info",
+                                   "run",
+                                   "--servers",
+                                   "1",
+                                   "--coordinator",
+                                   "127.0.0.1:" + std::to_string(port)};
+  argv.insert(argv.end(), run_flags.begin(), run_flags.end());
+  for (const char* a : {"--", kTestWorker.c_str(), "--steps", "20"}) argv.push_back(a);
+  auto r = RunCommand(argv, 120s, {"SHARDPS_SERVER_LISTEN=127.0.0.1:0"});
+  std::filesystem::remove_all(logs);
+  return r;
+}
+
+// 1 server and 3 workers whose values are exact.
+TEST(Run, RealTorchrunStartsAJob) {
+  if (!HaveTorchrun()) GTEST_SKIP() << "torchrun is not installed (apt-get install python3-torch)";
+  auto r = RunUnderTorchrun({});
   ASSERT_FALSE(r.timed_out) << r.output;
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
-  std::filesystem::remove_all(logs);
 }
 
 // Node-level reduction under torchrun: task 0 is the server, so the 3 worker tasks of the host
 // are local ranks 0..2 of its node (not torchrun's 1..3), and they reduce before they push.
 TEST(Run, TorchrunWorkersReduceOnTheirNode) {
-  if (RunCommand({"sh", "-c", "command -v torchrun"}, 10s).exit_code != 0)
-    GTEST_SKIP() << "torchrun is not installed (apt-get install python3-torch)";
-  auto logs = TempDir("torchrun-nodes");
-  const int rdzv = FreePort(), port = FreePort();
-  auto r = RunCommand({"torchrun",
-                       "--nnodes",
-                       "1",
-                       "--nproc_per_node",
-                       "4",
-                       "--rdzv_backend",
-                       "c10d",
-                       "--rdzv_endpoint",
-                       "127.0.0.1:" + std::to_string(rdzv),
-                       "--redirects",
-                       "1",
-                       "--tee",
-                       "1",
-                       "--log_dir",
-                       logs,
-                       "--no_python",
-                       kShardps,
-                       "--log-level",
-                       "info",
-                       "run",
-                       "--servers",
-                       "1",
-                       "--workers-per-node",
-                       "3",
-                       "--coordinator",
-                       "127.0.0.1:" + std::to_string(port),
-                       "--",
-                       kTestWorker,
-                       "--steps",
-                       "20"},
-                      120s, {"SHARDPS_SERVER_LISTEN=127.0.0.1:0"});
+  if (!HaveTorchrun()) GTEST_SKIP() << "torchrun is not installed (apt-get install python3-torch)";
+  auto r = RunUnderTorchrun({"--workers-per-node", "3"});
   ASSERT_FALSE(r.timed_out) << r.output;
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(CountOccurrences(r.output, ": done"), 3u) << r.output;
@@ -799,7 +772,6 @@ TEST(Run, TorchrunWorkersReduceOnTheirNode) {
     EXPECT_GE(CountOccurrences(r.output, "local rank " + std::to_string(k) + " of the 3 workers"),
               1u)
         << r.output;
-  std::filesystem::remove_all(logs);
 }
 
 // A single-node Slurm cluster of this machine's own (Debian's slurmctld, slurmd and munge,
