@@ -386,9 +386,6 @@ class ShmNodeReducer : public NodeReducer {
     return true;
   }
 
-  // The kind every worker gave operation `seq` (after AllArrived said true).
-  uint64_t KindOf(uint32_t t, uint32_t k) { return At(t).lanes[k].kind.load(); }
-
   void MarkFinished(uint32_t t, uint64_t seq) {
     At(t).lanes[rank_].finished.store(seq, std::memory_order_release);
     Ring();
@@ -644,8 +641,7 @@ class NcclNodeReducer final : public ShmNodeReducer {
   }
 
   void Abort() override {
-    if (comm_ && !failed_) {
-      failed_ = true;
+    if (comm_) {
       nccl_->Abort(comm_);
       comm_ = nullptr;
       if (failure_.ok()) failure_ = Status::Aborted("NCCL stopped: the job failed");
@@ -749,7 +745,6 @@ class NcclNodeReducer final : public ShmNodeReducer {
   int device_ = 0;
   gpu::Stream stream_ = nullptr;
   gpu::Comm comm_ = nullptr;
-  bool failed_ = false;
   uint64_t cursor_ = 0;           // queue entries issued (the driving thread's)
   std::optional<Entry> pending_;  // an entry NCCL is still queueing
   Status failure_;                // a collective that failed: every later operation fails
@@ -772,11 +767,12 @@ Result<std::unique_ptr<NodeReducer>> CreateShmNodeReducer(uint64_t job, uint32_t
 
 Result<std::unique_ptr<NodeReducer>> CreateNcclNodeReducer(uint64_t job, uint32_t node,
                                                            uint32_t local_rank, uint32_t local_size,
+                                                           std::shared_ptr<gpu::Cuda> cuda,
                                                            std::chrono::milliseconds timeout) {
   if (local_size < 2 || local_rank >= local_size)
     return Status::InvalidArgument(
         fmt::format("local rank {} of {} workers is no node to reduce on", local_rank, local_size));
-  SHARDPS_ASSIGN_OR_RETURN(auto cuda, gpu::Cuda::Load());
+  if (!cuda) return Status::NotFound("no CUDA runtime with a visible GPU");
   SHARDPS_ASSIGN_OR_RETURN(auto nccl, gpu::Nccl::Load());
   if (static_cast<uint32_t>(cuda->device_count()) < local_size)
     return Status::NotFound(

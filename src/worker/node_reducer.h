@@ -29,6 +29,10 @@
 
 #include "shardps/status.h"
 
+namespace shardps::gpu {
+class Cuda;
+}
+
 namespace shardps::worker {
 
 enum class NodeOpKind : uint32_t { kPush = 1, kPushPull = 2 };
@@ -117,10 +121,12 @@ Result<std::unique_ptr<NodeReducer>> CreateShmNodeReducer(uint64_t job, uint32_t
 
 // The NCCL reducer: as the CPU one for the lanes and the bell, with the gradients and the
 // gathered parameters in GPU memory of device local_rank % devices; NCCL's communicator is set up
-// with an id local rank 0 makes and hands over in shared memory. NotFound where CUDA or NCCL
-// cannot be loaded, or no GPU is visible.
+// with an id local rank 0 makes and hands over in shared memory. `cuda`: the worker's CUDA
+// runtime (null: none loaded). NotFound, before anything is shared with the node, where CUDA or
+// NCCL is missing or the node's workers do not have a GPU each; other errors after.
 Result<std::unique_ptr<NodeReducer>> CreateNcclNodeReducer(uint64_t job, uint32_t node,
                                                            uint32_t local_rank, uint32_t local_size,
+                                                           std::shared_ptr<gpu::Cuda> cuda,
                                                            std::chrono::milliseconds timeout);
 
 // Which local rank owns each chunk: chunks go, in order, to the worker owning the fewest bytes

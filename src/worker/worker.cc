@@ -865,21 +865,17 @@ class WorkerImpl final : public Worker {
         return Status::Internal("the coordinator did not group the workers into nodes");
       const uint32_t node = view_.worker_nodes[rank_];
       const auto local = static_cast<uint32_t>(opt_.local_rank);
-      // NCCL where asked for, or (auto) where it loads and a GPU is visible; else shared memory.
-      // Every worker of a node must choose the same: the NCCL set-up fails for all otherwise.
-      bool nccl = opt_.node_reducer == "nccl";
-      if (opt_.node_reducer == "auto") {
-        auto cuda = gpu::Cuda::Load();
-        auto lib = cuda.ok() ? gpu::Nccl::Load().status() : cuda.status();
-        if (lib.ok() && static_cast<uint32_t>((*cuda)->device_count()) < opt_.local_size)
-          lib = Status::NotFound(fmt::format("{} GPUs for {} workers per node",
-                                             (*cuda)->device_count(), opt_.local_size));
-        nccl = lib.ok();
-        if (!nccl) spdlog::debug("worker {}: no NCCL node reducer: {}", rank_, lib.ToString());
+      // NCCL where asked for, or (auto) where CUDA and NCCL load and every worker of the node has
+      // a GPU (NotFound says otherwise before anything is shared); else shared memory. Every
+      // worker of a node must choose the same: the set-up fails for all otherwise.
+      Result<std::unique_ptr<NodeReducer>> r = Status::NotFound("shared memory asked for");
+      if (opt_.node_reducer != "shm")
+        r = CreateNcclNodeReducer(view_.job_id, node, local, opt_.local_size, cuda_,
+                                  opt_.rpc_timeout);
+      if (!r.ok() && r.status().IsNotFound() && opt_.node_reducer != "nccl") {
+        spdlog::debug("worker {}: no NCCL node reducer: {}", rank_, r.status().ToString());
+        r = CreateShmNodeReducer(view_.job_id, node, local, opt_.local_size, opt_.rpc_timeout);
       }
-      auto r =
-          nccl ? CreateNcclNodeReducer(view_.job_id, node, local, opt_.local_size, opt_.rpc_timeout)
-               : CreateShmNodeReducer(view_.job_id, node, local, opt_.local_size, opt_.rpc_timeout);
       if (!r.ok()) return r.status().WithContext("node-level reduction");
       reducer_ = std::move(r).value();
       node_load_.assign(opt_.local_size, 0);
@@ -1152,7 +1148,7 @@ class WorkerImpl final : public Worker {
   // staged through pinned host memory (Staged).
   Handle Push(TensorId id, const float* grad) override { return Route(id, grad, nullptr); }
   Handle Pull(TensorId id, float* out) override {
-    return OnDevice(out) ? Staged(id, nullptr, out, false) : Start(id, nullptr, out);
+    return OnDevice(out) ? Staged(id, nullptr, out, false, true, false) : Start(id, nullptr, out);
   }
   Handle PushPull(TensorId id, const float* grad, float* out) override {
     return Route(id, grad, out);
@@ -1223,11 +1219,11 @@ class WorkerImpl final : public Worker {
   }
 
   Handle Route(TensorId id, const float* grad, float* out) {
-    const bool device = OnDevice(grad) || OnDevice(out);
-    if (reducer_)
-      return device && !reducer_->TakesDevicePointers() ? Staged(id, grad, out, true)
-                                                        : StartNode(id, grad, out);
-    return device ? Staged(id, grad, out, false) : Start(id, grad, out);
+    const bool grad_on_device = OnDevice(grad), out_on_device = OnDevice(out);
+    const bool device = grad_on_device || out_on_device;
+    if (reducer_ && (!device || reducer_->TakesDevicePointers())) return StartNode(id, grad, out);
+    if (device) return Staged(id, grad, out, grad_on_device, out_on_device, reducer_ != nullptr);
+    return Start(id, grad, out);
   }
 
   bool OnDevice(const void* p) const { return p && cuda_ && cuda_->IsDevice(p); }
@@ -1235,19 +1231,17 @@ class WorkerImpl final : public Worker {
   // An operation on GPU memory through pinned host buffers of the tensor's (where the transport,
   // or the node reducer, takes host memory only): the gradient is copied to the host before the
   // operation starts, the parameters back to the GPU once it completed, then the caller's
-  // handle completes. Host pointers among them are used as they are.
-  Handle Staged(TensorId id, const float* grad, float* out, bool node) {
+  // handle completes. Host pointers among them are used as they are (the caller says which are
+  // on the GPU).
+  Handle Staged(TensorId id, const float* grad, float* out, bool grad_on_device, bool out_on_device,
+                bool node) {
     auto user = std::make_shared<OpState>();
     user->poll = opt_.busy_poll;
-    TensorInfo* t = Find(id);
-    if (t == nullptr) {
-      user->error = Status::NotFound(fmt::format("unknown tensor id {}", id));
-      return Handle(user);
-    }
+    TensorInfo* t = Admit(*user, id);
+    if (t == nullptr) return Handle(user);
     if (!t->pinned) t->pinned = std::make_shared<PinnedPool>(cuda_, t->numel * 4);
     auto pool = t->pinned;
     const size_t bytes = t->numel * 4;
-    const bool grad_on_device = OnDevice(grad), out_on_device = OnDevice(out);
     void* g = nullptr;
     void* o = nullptr;
     Status st;
@@ -1264,7 +1258,7 @@ class WorkerImpl final : public Worker {
     if (!st.ok()) {
       pool->Give(g);
       pool->Give(o);
-      user->error = st.WithContext("staging GPU memory through the host");
+      Failed(*user, st.WithContext("staging GPU memory through the host"));
       return Handle(user);
     }
     user->remaining = 1;
@@ -1295,6 +1289,18 @@ class WorkerImpl final : public Worker {
   static void Failed(OpState& op, const Status& why) {
     op.remaining = 1;
     op.ChunkDone(why, 0);
+  }
+
+  // The tensor an operation is on, or null once `op` failed: an unknown tensor, a failed job.
+  TensorInfo* Admit(OpState& op, TensorId id) {
+    TensorInfo* t = Find(id);
+    if (t == nullptr) {
+      Failed(op, Status::NotFound(fmt::format("unknown tensor id {}", id)));
+    } else if (Status f = node_->failure(); !f.ok()) {
+      Failed(op, f);
+      t = nullptr;
+    }
+    return t;
   }
 
   TensorInfo* Find(TensorId id) const {
@@ -1335,15 +1341,8 @@ class WorkerImpl final : public Worker {
     auto op = std::make_shared<OpState>();
     op->poll = opt_.busy_poll;
     op->on_done = std::move(done);
-    TensorInfo* t = Find(id);
-    if (t == nullptr) {
-      Failed(*op, Status::NotFound(fmt::format("unknown tensor id {}", id)));
-      return op;
-    }
-    if (Status f = node_->failure(); !f.ok()) {
-      Failed(*op, f);
-      return op;
-    }
+    TensorInfo* t = Admit(*op, id);
+    if (t == nullptr) return op;
     const uint32_t me = share ? reducer_->local_rank() : 0;
     auto skip = [&](const ChunkRef& c) { return share && c.owner != me; };
     const std::optional<float> lr = share ? share_lr : t->lr;
@@ -1445,6 +1444,7 @@ class WorkerImpl final : public Worker {
     std::shared_ptr<OpState> user;   // what the caller's handle completes with
     std::shared_ptr<OpState> inner;  // this worker's share, pushed (and pulled)
     std::optional<float> lr;         // the tensor's rate when it was issued (SetLearningRate)
+    uint64_t version = UINT64_MAX;   // the lowest version over every share's chunks
     Phase phase = kFree;
     bool front = false;  // it became its tensor's oldest: its phases (and deadlines) began
     Status error;
@@ -1456,15 +1456,8 @@ class WorkerImpl final : public Worker {
     auto op = std::make_shared<OpState>();
     op->poll = opt_.busy_poll;
     op->on_done = std::move(done);
-    TensorInfo* t = Find(id);
-    if (t == nullptr) {
-      Failed(*op, Status::NotFound(fmt::format("unknown tensor id {}", id)));
-      return Handle(op);
-    }
-    if (Status f = node_->failure(); !f.ok()) {
-      Failed(*op, f);
-      return Handle(op);
-    }
+    TensorInfo* t = Admit(*op, id);
+    if (t == nullptr) return Handle(op);
     const int kind = out ? 2 : 0;
     t->ops[kind].fetch_add(1, std::memory_order_relaxed);
     Meter(*op, *t, id, kind);
@@ -1520,7 +1513,7 @@ class WorkerImpl final : public Worker {
         const TensorId id = n->id;
         std::shared_ptr<OpState> user = std::move(n->user);
         const Status st = n->error;
-        const uint64_t v = n->inner ? n->inner->version : UINT64_MAX;
+        const uint64_t v = n->version;
         {
           std::lock_guard<std::mutex> lock(node_mu_);
           node_ops_[id].pop_front();
@@ -1555,8 +1548,8 @@ class WorkerImpl final : public Worker {
       Status failed = node_->failure();
       if (failed.ok() && (phase == NodePhase::kShareDone || now - n.since < opt_.rpc_timeout))
         return false;
-      if (!failed.ok()) reducer_->Abort();
       if (!failed.ok()) {
+        reducer_->Abort();
         n.error = failed;
       } else {
         const std::vector<uint32_t> missing = reducer_->Missing(n.id, n.seq, phase);
@@ -1621,10 +1614,7 @@ class WorkerImpl final : public Worker {
               "node-level reduction of tensor '{}', operation {}: the share of local rank(s) {} "
               "of node {} failed (see its log)",
               n.t->name, n.seq, fmt::join(shares->failed, ", "), node));
-        if (n.inner) {
-          std::lock_guard<std::mutex> lock(n.inner->mu);
-          n.inner->version = shares->version;
-        }
+        n.version = shares->version;
         return next(NodeOp::kFinish);
       }
       case NodeOp::kFinish: {
