@@ -85,6 +85,13 @@ class CudaImpl final : public Cuda {
     SHARDPS_RESOLVE(cudaEventDestroy);
     SHARDPS_RESOLVE(cudaEventRecord);
     SHARDPS_RESOLVE(cudaEventQuery);
+    SHARDPS_RESOLVE(cudaMemGetInfo);
+    SHARDPS_RESOLVE(cudaDeviceGetAttribute);
+    SHARDPS_RESOLVE(cudaHostRegister);
+    SHARDPS_RESOLVE(cudaHostUnregister);
+    SHARDPS_RESOLVE(cudaLibraryLoadData);
+    SHARDPS_RESOLVE(cudaLibraryGetKernel);
+    SHARDPS_RESOLVE(cudaLaunchKernel);
 #undef SHARDPS_RESOLVE
     int n = 0;
     cudaError_t e = cudaGetDeviceCount_(&n);
@@ -178,7 +185,55 @@ class CudaImpl final : public Cuda {
     return Status::Internal(fmt::format("CUDA: {}", cudaGetErrorString_(r)));
   }
 
+  Status MemoryInfo(uint64_t* free_bytes, uint64_t* total_bytes) const override {
+    size_t f = 0, t = 0;
+    SHARDPS_RETURN_IF_ERROR(Check(cudaMemGetInfo_(&f, &t), "say how much memory is free"));
+    *free_bytes = f;
+    *total_bytes = t;
+    return Status::OK();
+  }
+  std::string Describe(int device) const override {
+    return fmt::format("compute capability {}.{}, {} multiprocessors",
+                       Attribute(cudaDevAttrComputeCapabilityMajor, device),
+                       Attribute(cudaDevAttrComputeCapabilityMinor, device),
+                       Multiprocessors(device));
+  }
+  int Multiprocessors(int device) const override {
+    return Attribute(cudaDevAttrMultiProcessorCount, device);
+  }
+  Status Pin(void* p, size_t bytes) const override {
+    return Check(cudaHostRegister_(p, bytes, cudaHostRegisterPortable), "pin host memory");
+  }
+  void Unpin(void* p) const override {
+    if (p) cudaHostUnregister_(p);
+  }
+  Result<void*> LoadKernels(const void* image) const override {
+    cudaLibrary_t lib = nullptr;
+    SHARDPS_RETURN_IF_ERROR(
+        Check(cudaLibraryLoadData_(&lib, image, nullptr, nullptr, 0, nullptr, nullptr, 0),
+              "load kernels"));
+    return static_cast<void*>(lib);
+  }
+  Result<void*> Kernel(void* kernels, const char* name) const override {
+    cudaKernel_t k = nullptr;
+    SHARDPS_RETURN_IF_ERROR(
+        Check(cudaLibraryGetKernel_(&k, static_cast<cudaLibrary_t>(kernels), name),
+              fmt::format("find kernel {}", name).c_str()));
+    return static_cast<void*>(k);
+  }
+  Status Launch(void* kernel, unsigned grid, unsigned block, void* arg,
+                Stream stream) const override {
+    void* args[] = {arg};
+    return Check(cudaLaunchKernel_(kernel, dim3(grid), dim3(block), args, 0,
+                                   static_cast<cudaStream_t>(stream)),
+                 "launch a kernel");
+  }
+
  private:
+  int Attribute(cudaDeviceAttr a, int device) const {
+    int v = 0;
+    return cudaDeviceGetAttribute_(&v, a, device) == cudaSuccess ? v : 0;
+  }
   Status Check(cudaError_t e, const char* what) const {
     if (e == cudaSuccess) return Status::OK();
     return Status::Internal(fmt::format("CUDA cannot {}: {}", what, cudaGetErrorString_(e)));
@@ -227,6 +282,13 @@ class CudaImpl final : public Cuda {
   decltype(&::cudaEventDestroy) cudaEventDestroy_ = nullptr;
   decltype(&::cudaEventRecord) cudaEventRecord_ = nullptr;
   decltype(&::cudaEventQuery) cudaEventQuery_ = nullptr;
+  decltype(&::cudaMemGetInfo) cudaMemGetInfo_ = nullptr;
+  decltype(&::cudaDeviceGetAttribute) cudaDeviceGetAttribute_ = nullptr;
+  decltype(&::cudaHostRegister) cudaHostRegister_ = nullptr;
+  decltype(&::cudaHostUnregister) cudaHostUnregister_ = nullptr;
+  decltype(&::cudaLibraryLoadData) cudaLibraryLoadData_ = nullptr;
+  decltype(&::cudaLibraryGetKernel) cudaLibraryGetKernel_ = nullptr;
+  cudaError_t (*cudaLaunchKernel_)(const void*, dim3, dim3, void**, size_t, cudaStream_t) = nullptr;
 };
 
 #endif  // SHARDPS_HAVE_CUDA_HEADERS

@@ -52,6 +52,24 @@ class Cuda {
   virtual Status Record(Event e, Stream s) const = 0;
   // True once everything queued before the event's record completed; an error if it failed.
   virtual Result<bool> Done(Event e) const = 0;
+
+  // The calling thread's current device: its free and total memory, in bytes.
+  virtual Status MemoryInfo(uint64_t* free_bytes, uint64_t* total_bytes) const = 0;
+  // "compute capability 9.0, 132 multiprocessors" for `device`; its multiprocessors.
+  virtual std::string Describe(int device) const = 0;
+  virtual int Multiprocessors(int device) const = 0;
+  // Pins host memory that was not allocated by CUDA (a transport's registered region), so that
+  // copies to and from it are asynchronous; Unpin before it is freed.
+  virtual Status Pin(void* p, size_t bytes) const = 0;
+  virtual void Unpin(void* p) const = 0;
+  // Loads a fatbin (kernels for several architectures and PTX) into every device: a handle to
+  // find its kernels by name with Kernel.
+  virtual Result<void*> LoadKernels(const void* image) const = 0;
+  virtual Result<void*> Kernel(void* kernels, const char* name) const = 0;
+  // Launches `kernel` with one argument (`arg` points to it) on `stream`, on the calling
+  // thread's current device.
+  virtual Status Launch(void* kernel, unsigned grid, unsigned block, void* arg,
+                        Stream stream) const = 0;
 };
 
 // NCCL over the GPUs of one host.

@@ -289,7 +289,7 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
     return;
   }
   if (step.count == 0) {
-    if (next_in_line && !slots_.master) {
+    if (next_in_line && !slots_.master && !rule_->owns_parameters()) {
       // The next slot is free while this step is next in line: sum there (no model-sized
       // accumulator in sync mode). It no longer holds a valid version.
       uint8_t* slot = Slot(version() + 1);
@@ -388,13 +388,16 @@ void ChunkEngine::Update(const GradientView& grad, const GradientView* extra, fl
   after_update_ = std::move(then);
   // Plain slots: version v+1 is computed from slot v into slot v+1. Encoded slots: the fp32
   // master is updated in place and published encoded into slot v+1.
+  // A rule that owns the parameters (the device rule) publishes into slot v+1 itself.
+  const bool owns = rule_->owns_parameters();
   const auto* in = slots_.master ? slots_.master : reinterpret_cast<const float*>(Slot(v));
   auto* dst = slots_.master ? slots_.master : reinterpret_cast<float*>(next);
+  if (owns) in = dst = nullptr;
   Publish publish{next, slots_.publish};
   auto caller = std::this_thread::get_id();
   auto inline_done = std::make_shared<std::atomic<bool>>(false);
   auto in_apply = std::make_shared<std::atomic<bool>>(true);
-  rule_->Apply(in, dst, grad, extra, scale, lr, slots_.master ? &publish : nullptr,
+  rule_->Apply(in, dst, grad, extra, scale, lr, slots_.master || owns ? &publish : nullptr,
                [this, out, caller, inline_done, in_apply](Status st) {
                  if (in_apply->load() && std::this_thread::get_id() == caller) {
                    inline_done->store(true);
@@ -450,6 +453,7 @@ void ChunkEngine::Stamp(uint8_t* slot, uint64_t tag) {
 GradientView ChunkEngine::SumView(const float* sum) const {
   GradientView g;
   g.data = sum;
+  g.memory = rule_->memory();
   g.numel = rule_->numel();
   g.bytes = g.numel * sizeof(float);
   return g;

@@ -35,17 +35,7 @@ class CpuUpdateRule final : public UpdateRule {
     return std::make_unique<HostAccumulator>(numel_);
   }
 
-  Status Check(const GradientView& g) const override {
-    if (g.dtype != Dtype::kFloat32)
-      return Status::InvalidArgument(name_ + ": the cpu update rule takes float32 gradients");
-    if (g.numel != numel_)
-      return Status::InvalidArgument(
-          fmt::format("{}: gradient of {} elements for {} elements", name_, g.numel, numel_));
-    if (g.data == nullptr) return Status::InvalidArgument(name_ + ": gradient without data");
-    Status st = compress::Check(g.encoding, g.block, g.data, g.bytes, numel_);
-    if (!st.ok()) return Status::InvalidArgument(name_ + ": " + st.message());
-    return Status::OK();
-  }
+  Status Check(const GradientView& g) const override { return CheckGradient(name_, numel_, g); }
 
   void Fold(float* dst, const GradientView& g, bool first) override {
     if (g.weight == 1.0f) {
@@ -135,6 +125,20 @@ class CpuUpdateRule final : public UpdateRule {
 };
 
 }  // namespace
+
+Status CheckGradient(const std::string& name, uint64_t numel, const GradientView& g) {
+  if (g.dtype != Dtype::kFloat32)
+    return Status::InvalidArgument(name + ": the update rules take float32 gradients");
+  if (g.numel != numel)
+    return Status::InvalidArgument(
+        fmt::format("{}: gradient of {} elements for {} elements", name, g.numel, numel));
+  if (g.data == nullptr) return Status::InvalidArgument(name + ": gradient without data");
+  if (g.memory != transport::MemoryKind::kHost)
+    return Status::InvalidArgument(name + ": pushes are taken from host memory");
+  Status st = compress::Check(g.encoding, g.block, g.data, g.bytes, numel);
+  if (!st.ok()) return Status::InvalidArgument(name + ": " + st.message());
+  return Status::OK();
+}
 
 std::unique_ptr<UpdateRule> MakeCpuUpdateRule(const OptimizerConfig& cfg, uint64_t numel,
                                               Applier* parallel, size_t range_elements,

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/simd.h"
+#include "server/optimizer_math.h"
 
 namespace shardps::server {
 
@@ -41,65 +42,60 @@ struct Two {
   float operator()(size_t i) const { return a[i] + b[i]; }
 };
 
-template <typename Params, typename G>
-void Run(OptimizerKind kind, const Params& k, const float* in, float* out, G g, float* __restrict m,
-         float* __restrict v, size_t n) {
+template <int kOpt, typename G>
+void RunOpt(const StepParams& k, const float* in, float* out, G g, float* __restrict m,
+            float* __restrict v, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    float* mi = nullptr;
+    float* vi = nullptr;
+    if constexpr (kOpt != kOptSgd) mi = m + i;
+    if constexpr (kOpt == kOptAdam) vi = v + i;
+    out[i] = StepElement<kOpt>(k, in[i], g(i), mi, vi);
+  }
+}
+
+// The rules are those of optimizer_math.h (shared with the CUDA kernels).
+template <typename G>
+void Run(OptimizerKind kind, const StepParams& k, const float* in, float* out, G g, float* m,
+         float* v, size_t n) {
   switch (kind) {
     case OptimizerKind::kSgd:
-      for (size_t i = 0; i < n; ++i) out[i] = in[i] - k.lr * (k.scale * g(i) + k.wd * in[i]);
-      break;
+      return RunOpt<kOptSgd>(k, in, out, g, m, v, n);
     case OptimizerKind::kMomentum:
-      if (k.nesterov) {
-        for (size_t i = 0; i < n; ++i) {
-          float gi = k.scale * g(i) + k.wd * in[i];
-          m[i] = k.mu * m[i] + gi;
-          out[i] = in[i] - k.lr * (gi + k.mu * m[i]);
-        }
-      } else {
-        for (size_t i = 0; i < n; ++i) {
-          float gi = k.scale * g(i) + k.wd * in[i];
-          m[i] = k.mu * m[i] + gi;
-          out[i] = in[i] - k.lr * m[i];
-        }
-      }
-      break;
+      return RunOpt<kOptMomentum>(k, in, out, g, m, v, n);
     case OptimizerKind::kAdam:
-      for (size_t i = 0; i < n; ++i) {
-        float gi = k.scale * g(i) + k.wd * in[i];
-        m[i] = k.b1 * m[i] + (1.0f - k.b1) * gi;
-        v[i] = k.b2 * v[i] + (1.0f - k.b2) * gi * gi;
-        out[i] = in[i] - k.lr * (m[i] * k.c1) / (std::sqrt(v[i] * k.c2) + k.eps);
-      }
-      break;
+      return RunOpt<kOptAdam>(k, in, out, g, m, v, n);
     case OptimizerKind::kAdagrad:
-      for (size_t i = 0; i < n; ++i) {
-        float gi = k.scale * g(i) + k.wd * in[i];
-        m[i] += gi * gi;
-        out[i] = in[i] - k.lr * gi / (std::sqrt(m[i]) + k.eps);
-      }
-      break;
+      return RunOpt<kOptAdagrad>(k, in, out, g, m, v, n);
   }
 }
 
 }  // namespace
 
+StepParams MakeStepParams(const OptimizerConfig& cfg, float scale, uint64_t step,
+                          std::optional<float> lr) {
+  StepParams k{};
+  k.scale = scale;
+  k.lr = lr.value_or(cfg.lr);
+  k.wd = cfg.weight_decay;
+  k.mu = cfg.momentum;
+  k.b1 = cfg.beta1;
+  k.b2 = cfg.beta2;
+  k.eps = cfg.eps;
+  k.nesterov = cfg.nesterov;
+  if (cfg.kind == OptimizerKind::kAdam) {
+    double t = static_cast<double>(step);
+    k.c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta1), t)));
+    k.c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta2), t)));
+  }
+  return k;
+}
+
 OptimizerStep::OptimizerStep(const OptimizerConfig& cfg, float scale, OptimizerState* state,
                              std::optional<float> lr)
     : kind_(cfg.kind) {
   state->steps++;
-  k_.scale = scale;
-  k_.lr = lr.value_or(cfg.lr);
-  k_.wd = cfg.weight_decay;
-  k_.mu = cfg.momentum;
-  k_.b1 = cfg.beta1;
-  k_.b2 = cfg.beta2;
-  k_.eps = cfg.eps;
-  k_.nesterov = cfg.nesterov;
-  if (cfg.kind == OptimizerKind::kAdam) {
-    double t = static_cast<double>(state->steps);
-    k_.c1 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta1), t)));
-    k_.c2 = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(cfg.beta2), t)));
-  }
+  k_ = MakeStepParams(cfg, scale, state->steps, lr);
   m_ = state->m.empty() ? nullptr : state->m.data();
   v_ = state->v.empty() ? nullptr : state->v.data();
 }

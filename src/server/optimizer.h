@@ -1,5 +1,6 @@
-// CPU optimizers applied to a chunk's parameters. Plain loops over restrict pointers that the
-// compiler vectorizes; the CUDA kernels (src/gpu/, later) follow the same semantics.
+// CPU optimizers applied to a chunk's parameters: loops over the element arithmetic of
+// optimizer_math.h, which the CUDA kernels (src/gpu/fused_update.h) share, vectorized by the
+// compiler.
 #pragma once
 
 #include <cstddef>
@@ -7,6 +8,7 @@
 #include <optional>
 #include <vector>
 
+#include "server/optimizer_math.h"
 #include "shardps/types.h"
 
 namespace shardps::server {
@@ -31,6 +33,11 @@ void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* st
 void ApplyOptimizer(const OptimizerConfig& cfg, const float* in, float* out, const float* grad,
                     const float* extra, float scale, size_t n, OptimizerState* state);
 
+// The constants of update number `step` (1 for the first) of `cfg` at gradient scale `scale`
+// and learning rate `lr` (none: cfg.lr).
+StepParams MakeStepParams(const OptimizerConfig& cfg, float scale, uint64_t step,
+                          std::optional<float> lr);
+
 // The same update prepared once and run over ranges of the elements (the rule is element-wise,
 // so disjoint ranges may run on different threads at once): the constructor advances the step
 // count and fixes the step's constants (adam's bias correction); Run covers [lo, hi).
@@ -47,12 +54,8 @@ class OptimizerStep {
                 size_t hi) const;
 
  private:
-  struct Params {
-    float scale, lr, wd, mu, b1, b2, eps, c1, c2;
-    bool nesterov;
-  };
   OptimizerKind kind_;
-  Params k_{};
+  StepParams k_{};
   float* m_;
   float* v_;
 };

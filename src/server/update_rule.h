@@ -17,6 +17,10 @@
 #include "shardps/types.h"
 #include "transport/memory.h"
 
+namespace shardps::gpu {
+class Device;
+}
+
 namespace shardps::server {
 
 class Applier;
@@ -36,6 +40,8 @@ struct GradientView {
   // The push's weight (per-worker weights, docs/consistency.md): Fold and Apply take
   // weight * g. A weight of 1 costs nothing extra.
   float weight = 1.0f;
+  // Where `data` is: pushes land in host memory; a running sum is in the rule's memory.
+  transport::MemoryKind memory = transport::MemoryKind::kHost;
 };
 
 // Where an update also publishes the new parameters encoded for compressed pulls (fp16, bf16),
@@ -59,6 +65,10 @@ class UpdateRule {
 
   virtual transport::MemoryKind memory() const = 0;
   virtual uint64_t numel() const = 0;
+  // A rule that keeps the chunk's fp32 parameters itself (the device rule: in GPU memory) is
+  // applied with in = out = null and always publishes, into the slot of the new version (codec
+  // kNone: fp32); the engine then never sums a step in a slot.
+  virtual bool owns_parameters() const { return false; }
 
   // A new accumulator of numel() floats.
   virtual std::unique_ptr<Accumulator> NewAccumulator() = 0;
@@ -83,11 +93,32 @@ class UpdateRule {
                      const Publish* publish, Done done) = 0;
 };
 
+// Check of a CPU or device rule: `g` is a well-formed gradient of `numel` elements in host
+// memory; errors start with `name`.
+Status CheckGradient(const std::string& name, uint64_t numel, const GradientView& g);
+
 // The CPU rule: today's fused optimizer in cache-sized blocks, split over idle apply threads
 // (`parallel`, may be null) for large chunks in ranges of `range_elements`.
 // `name` (e.g. "tensor 'w1' chunk 3") prefixes the errors of Check.
 std::unique_ptr<UpdateRule> MakeCpuUpdateRule(const OptimizerConfig& cfg, uint64_t numel,
                                               Applier* parallel, size_t range_elements,
                                               std::string name = "chunk");
+
+// The device rule (docs/gpu.md): the chunk's parameters (from `init`, numel floats in host
+// memory) and optimizer state live in `device`'s memory; pushes (in host memory, which should be
+// pinned) are copied into a staging buffer of `max_push_bytes` on stream `stream` and decoded,
+// summed and applied there by the fused kernels; each new version is copied into the slot the
+// engine publishes it in. `host_slots` (the chunk's slots, `slot_bytes` bytes) are pinned for the
+// rule's lifetime. ResourceExhausted when the device lacks the memory.
+Result<std::unique_ptr<UpdateRule>> MakeDeviceUpdateRule(std::shared_ptr<gpu::Device> device,
+                                                         int stream, const OptimizerConfig& cfg,
+                                                         uint64_t numel, const float* init,
+                                                         uint64_t max_push_bytes, void* host_slots,
+                                                         size_t slot_bytes, std::string name);
+
+// Device memory a chunk of `numel` elements takes on the device rule with `cfg`, pushes of at
+// most `max_push_bytes` and parameters published with `publish` (said before it is created).
+uint64_t DeviceRuleBytes(const OptimizerConfig& cfg, uint64_t numel, uint64_t max_push_bytes,
+                         Codec publish);
 
 }  // namespace shardps::server
