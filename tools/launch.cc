@@ -116,6 +116,7 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   SHARDPS_ASSIGN_OR_RETURN(lo.coordinator, job.ToCoordinator());
   lo.landing_buffers = job.landing_buffers;
   lo.apply_threads = job.apply_threads;
+  lo.device = job.device;
   lo.busy_poll_us = job.busy_poll_us;
   SHARDPS_RETURN_IF_ERROR(
       job.InboundBytes(&lo.connection_inbound_bytes, &lo.process_inbound_bytes));
@@ -270,7 +271,9 @@ int RunLaunch(const LaunchOptions& opt) {
                                      "--landing-buffers",
                                      std::to_string(opt.landing_buffers),
                                      "--apply-threads",
-                                     std::to_string(opt.apply_threads)};
+                                     std::to_string(opt.apply_threads),
+                                     "--device",
+                                     opt.device};
     auto c = Spawn(fmt::format("server {}", i), false, argv, opt.parent_env, env);
     if (c.ok())
       children.push_back(std::move(c).value());

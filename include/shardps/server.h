@@ -32,6 +32,10 @@ struct ServerOptions {
   // How long the data transport's thread keeps polling after its last event before it sleeps
   // (ucx; see transport::ContextOptions::busy_poll). 0: never poll.
   std::chrono::microseconds busy_poll{tunables::kBusyPollUs.number};
+  // Where the chunks live and updates run (docs/gpu.md): "cpu", "cuda" (GPU 0), "cuda:N", or
+  // "twin" (the device code path on host threads). A GPU that is missing or too small for the
+  // chunks is an error at start-up or when the chunks are declared.
+  std::string device = std::string(tunables::kDevice.default_value);
   // Bytes peers may make this server hold for what they sent and it has not handed on yet:
   // per connection and for all together; past either the connection is closed.
   uint64_t connection_inbound_bytes = static_cast<uint64_t>(tunables::kConnectionInbound.number);
@@ -69,6 +73,7 @@ struct WorkerPushStats {
 };
 
 struct ServerStats {
+  std::string device;  // where the chunks live: "cpu", "cuda:0 (...)", "twin"
   uint64_t chunks = 0;
   uint64_t parameter_bytes = 0;
   uint64_t pushes_applied = 0;    // pushes folded in (duplicates excluded)

@@ -91,6 +91,14 @@ inline constexpr Tunable kApplyThreads{
     1,
     "optimizer threads per server; an update of a large chunk is split over the idle ones",
     "server, launch, bench, train"};
+inline constexpr Tunable kDevice{
+    "device",
+    "SHARDPS_DEVICE",
+    "cpu",
+    0,
+    "where a server keeps its chunks and applies updates: cpu, cuda (GPU 0), cuda:N, or twin "
+    "(the GPU code path run by host threads, for tests without a GPU)",
+    "server, launch, bench, train"};
 inline constexpr Tunable kBusyPollUs{
     "busy-poll-us",
     "SHARDPS_BUSY_POLL_US",
@@ -287,6 +295,7 @@ inline constexpr const Tunable* kAll[] = {
     &kChunkSize,
     &kLandingBuffers,
     &kApplyThreads,
+    &kDevice,
     &kBusyPollUs,
     &kRegisterTimeoutMs,
     &kHeartbeatIntervalMs,

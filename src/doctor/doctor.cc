@@ -139,6 +139,9 @@ void GatherNccl(Facts* f) {
 
 Facts Gather(const Options& options) {
   Facts f;
+#ifdef SHARDPS_KERNEL_ARCHS
+  f.gpu_kernels = SHARDPS_KERNEL_ARCHS;
+#endif
   f.shard_bytes = options.shard_bytes;
 #ifdef SHARDPS_HAVE_VERBS
   GatherVerbs(&f);
@@ -285,6 +288,22 @@ std::vector<Finding> Advise(const Facts& f) {
   }
   out.push_back(
       {L::kInfo, f.nccl_version.empty() ? "no NCCL library found" : "NCCL " + f.nccl_version, ""});
+  if (f.gpu_kernels.empty()) {
+    out.push_back({L::kInfo, "this build has no CUDA kernels: `server --device cuda` is refused",
+                   "build with the CUDA toolkit (nvcc) present, or -DSHARDPS_CUDA=ON"});
+  } else if (f.cuda_devices > 0) {
+    out.push_back({L::kOk,
+                   fmt::format("GPU servers (--device cuda): kernels for sm {}, and PTX for newer "
+                               "GPUs",
+                               f.gpu_kernels),
+                   ""});
+  } else {
+    out.push_back({L::kInfo,
+                   fmt::format("this build has kernels for sm {} (server --device cuda), but no "
+                               "GPU is usable here",
+                               f.gpu_kernels),
+                   ""});
+  }
   return out;
 }
 
@@ -345,6 +364,7 @@ nlohmann::json ToJson(const Facts& f, const std::vector<Finding>& findings) {
           {"data_path", DataPath(f)},
           {"cuda_devices", f.cuda_devices},
           {"nccl_version", f.nccl_version},
+          {"gpu_kernels", f.gpu_kernels},
           {"findings", fs}};
 }
 

@@ -43,6 +43,9 @@ struct Facts {
   int cuda_devices = -1;  // -1: no CUDA driver
   std::string cuda_error;
   std::string nccl_version;  // empty: no NCCL library
+  // The GPU architectures this build's kernels (server --device cuda) were built for, "80;90";
+  // empty: built without CUDA.
+  std::string gpu_kernels;
 };
 
 struct Finding {

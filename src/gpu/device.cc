@@ -7,7 +7,9 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <string_view>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include <fmt/format.h>
@@ -23,8 +25,8 @@ namespace shardps::gpu {
 namespace {
 
 Status BadDevice(const std::string& spec) {
-  return Status::InvalidArgument(
-      fmt::format("device '{}': expected cpu, cuda, cuda:N (a GPU's index) or twin", spec));
+  return Status::InvalidArgument(fmt::format(
+      "device '{}': expected cpu, cuda, cuda:N (a GPU's index), twin or twin:SIZE", spec));
 }
 
 // One thread that runs queued tasks in order.
@@ -70,7 +72,8 @@ class Lane {
 
 class TwinDevice final : public Device {
  public:
-  explicit TwinDevice(int streams) : lanes_(static_cast<size_t>(streams < 1 ? 1 : streams)) {
+  TwinDevice(int streams, uint64_t capacity)
+      : lanes_(static_cast<size_t>(streams < 1 ? 1 : streams)), capacity_(capacity) {
     for (auto& l : lanes_) l = std::make_unique<gpu::Lane>();
   }
   ~TwinDevice() override { lanes_.clear(); }  // runs what is queued, then joins
@@ -78,14 +81,33 @@ class TwinDevice final : public Device {
   std::string name() const override { return "twin"; }
   bool is_gpu() const override { return false; }
   int streams() const override { return static_cast<int>(lanes_.size()); }
-  Result<uint64_t> FreeBytes() const override { return UINT64_MAX; }
+  Result<uint64_t> FreeBytes() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return capacity_ ? capacity_ - used_ : UINT64_MAX;
+  }
 
   Result<void*> Alloc(size_t bytes) override {
-    void* p = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+    const size_t rounded = (bytes + 255) / 256 * 256;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (capacity_ && rounded > capacity_ - used_)
+      return Status::ResourceExhausted(
+          fmt::format("twin: {} bytes asked for, {} free", bytes, capacity_ - used_));
+    void* p = std::aligned_alloc(256, rounded);
     if (!p) return Status::ResourceExhausted(fmt::format("twin: no memory for {} bytes", bytes));
+    used_ += rounded;
+    sizes_[p] = rounded;
     return p;
   }
-  void Free(void* p) override { std::free(p); }
+  void Free(void* p) override {
+    if (!p) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = sizes_.find(p);
+    if (it != sizes_.end()) {
+      used_ -= it->second;
+      sizes_.erase(it);
+    }
+    std::free(p);
+  }
   Status Pin(void*, size_t) override { return Status::OK(); }
   void Unpin(void*) override {}
 
@@ -130,6 +152,10 @@ class TwinDevice final : public Device {
   gpu::Lane& Lane(int s) { return *lanes_[static_cast<size_t>(s) % lanes_.size()]; }
 
   std::vector<std::unique_ptr<gpu::Lane>> lanes_;
+  const uint64_t capacity_;
+  mutable std::mutex mu_;
+  uint64_t used_ = 0;                        // guarded by mu_
+  std::unordered_map<void*, size_t> sizes_;  // guarded by mu_
 };
 
 #if SHARDPS_HAVE_KERNELS
@@ -220,7 +246,7 @@ class CudaDevice final : public Device {
     if (!e.ok()) return fn(e.status());
     {
       std::lock_guard<std::mutex> lock(mu_);
-      pending_.push_back({*e, std::move(fn)});
+      pending_.push_back({*e, s, std::move(fn)});
     }
     cv_.notify_one();
   }
@@ -228,8 +254,10 @@ class CudaDevice final : public Device {
     SHARDPS_ASSIGN_OR_RETURN(Event e, RecordOn(s));
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
+      // Complete once the stream's work is, and the callbacks of Then queued before have run
+      // (what they finish may be destroyed after Wait).
       Result<bool> done = cuda_->Done(e);
-      if (!done.ok() || *done) {
+      if (!done.ok() || (*done && !CallbacksDue(s))) {
         GiveEvent(e);
         return done.status();
       }
@@ -245,8 +273,18 @@ class CudaDevice final : public Device {
  private:
   struct Pending {
     Event event;
+    int stream;
     std::function<void(Status)> fn;
   };
+
+  // Whether callbacks of Then on `stream` are still to run (or running).
+  bool CallbacksDue(int stream) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (calling_ > 0) return true;
+    for (const auto& p : pending_)
+      if (p.stream == stream) return true;
+    return false;
+  }
 
   Stream StreamOf(int s) const { return streams_[static_cast<size_t>(s) % streams_.size()]; }
 
@@ -303,10 +341,12 @@ class CudaDevice final : public Device {
         spare_events_.push_back(it->event);
         it = pending_.erase(it);
       }
+      calling_ += ready.empty() ? 0 : 1;
       lock.unlock();
       for (auto& [fn, st] : ready) fn(std::move(st));
       if (ready.empty()) std::this_thread::sleep_for(std::chrono::microseconds(5));
       lock.lock();
+      calling_ -= ready.empty() ? 0 : 1;
     }
   }
 
@@ -323,6 +363,7 @@ class CudaDevice final : public Device {
   std::deque<Pending> pending_;      // guarded by mu_
   std::vector<Event> spare_events_;  // guarded by mu_
   bool stop_ = false;                // guarded by mu_
+  int calling_ = 0;                  // guarded by mu_: the poller is running callbacks
   std::thread poller_;
 };
 
@@ -343,29 +384,53 @@ Result<std::shared_ptr<Device>> OpenCudaDevice(int index, int streams) {
 #endif
 }
 
-std::shared_ptr<Device> MakeTwinDevice(int streams) {
-  return std::make_shared<TwinDevice>(streams);
+std::shared_ptr<Device> MakeTwinDevice(int streams, uint64_t capacity) {
+  return std::make_shared<TwinDevice>(streams, capacity);
 }
 
-Status ParseDevice(const std::string& spec, int* gpu, bool* twin) {
-  *gpu = -1;
-  *twin = false;
+Status ParseDevice(const std::string& spec, DeviceSpec* out) {
+  *out = DeviceSpec{};
+  // Digits, then an optional suffix from `suffixes` (with its multiplier).
+  auto number = [](std::string_view t, uint64_t* v) {
+    uint64_t mult = 1;
+    for (auto [suffix, m] :
+         {std::pair{"KiB", 1ull << 10}, {"MiB", 1ull << 20}, {"GiB", 1ull << 30}}) {
+      std::string_view s(suffix);
+      if (t.size() > s.size() && t.substr(t.size() - s.size()) == s) {
+        t.remove_suffix(s.size());
+        mult = m;
+        break;
+      }
+    }
+    if (t.empty() || t.size() > 9) return false;
+    uint64_t n = 0;
+    for (char c : t) {
+      if (c < '0' || c > '9') return false;
+      n = n * 10 + static_cast<uint64_t>(c - '0');
+    }
+    *v = n * mult;
+    return true;
+  };
   if (spec == "cpu") return Status::OK();
   if (spec == "twin") {
-    *twin = true;
+    out->twin = true;
     return Status::OK();
+  }
+  if (spec.rfind("twin:", 0) == 0) {
+    out->twin = true;
+    if (number(std::string_view(spec).substr(5), &out->twin_bytes) && out->twin_bytes > 0)
+      return Status::OK();
+    return BadDevice(spec);
   }
   if (spec == "cuda") {
-    *gpu = 0;
+    out->gpu = 0;
     return Status::OK();
   }
-  if (spec.rfind("cuda:", 0) == 0 && spec.size() > 5 && spec.size() <= 9) {
-    int n = 0;
-    for (size_t i = 5; i < spec.size(); ++i) {
-      if (spec[i] < '0' || spec[i] > '9') return BadDevice(spec);
-      n = n * 10 + (spec[i] - '0');
-    }
-    *gpu = n;
+  uint64_t n = 0;
+  if (spec.rfind("cuda:", 0) == 0 && spec.size() <= 9 &&
+      spec.find_first_not_of("0123456789", 5) == std::string::npos &&
+      number(std::string_view(spec).substr(5), &n)) {
+    out->gpu = static_cast<int>(n);
     return Status::OK();
   }
   return BadDevice(spec);

@@ -52,11 +52,18 @@ class Device {
 // GPU `index` with `streams` streams. NotFound saying why when this build has no CUDA, no GPU is
 // visible or the index is out of range.
 Result<std::shared_ptr<Device>> OpenCudaDevice(int index, int streams);
-// The host twin.
-std::shared_ptr<Device> MakeTwinDevice(int streams);
+// The host twin; with `capacity` (bytes, 0: unlimited) it says it is full as a GPU of that size
+// would.
+std::shared_ptr<Device> MakeTwinDevice(int streams, uint64_t capacity = 0);
 
-// A server's --device: "cpu" (none), "cuda" (GPU 0), "cuda:N", "twin". InvalidArgument for
-// anything else; *gpu = -1 for cpu and twin.
-Status ParseDevice(const std::string& spec, int* gpu, bool* twin);
+// A server's --device: "cpu" (none), "cuda" (GPU 0), "cuda:N", "twin" or "twin:SIZE" (a twin
+// of SIZE bytes, with an optional KiB, MiB or GiB). InvalidArgument for anything else; *gpu = -1
+// for cpu and twin.
+struct DeviceSpec {
+  int gpu = -1;
+  bool twin = false;
+  uint64_t twin_bytes = 0;
+};
+Status ParseDevice(const std::string& spec, DeviceSpec* out);
 
 }  // namespace shardps::gpu

@@ -54,6 +54,9 @@ class LandingPool {
     return static_cast<uint32_t>(state_.size() - free_.size());
   }
   const transport::RemoteKey& key() const { return region_->remote_key(); }
+  // The buffers' memory, all of them.
+  void* base() const { return region_->data(); }
+  size_t total_bytes() const { return region_->size(); }
 
  private:
   enum class State : uint8_t { kFree, kGranted, kApplying };

@@ -23,6 +23,7 @@
 #include "cluster/node_client.h"
 #include "cluster/rpc.h"
 #include "compress/codec.h"
+#include "gpu/device.h"
 #include "metrics/metrics.h"
 #include "metrics/timeline.h"
 #include "server/applier.h"
@@ -50,11 +51,13 @@ Status ServerOptions::Validate() const {
         connection_inbound_bytes, process_inbound_bytes));
   auto v = transport::CheckViability(transport);
   if (!v.viable) return Status::InvalidArgument("transport " + transport + ": " + v.reason);
-  return Status::OK();
+  gpu::DeviceSpec spec;
+  return gpu::ParseDevice(device, &spec);
 }
 
 std::string ServerStats::ToJson() const {
-  nlohmann::json j = {{"chunks", chunks},
+  nlohmann::json j = {{"device", device},
+                      {"chunks", chunks},
                       {"parameter_bytes", parameter_bytes},
                       {"pushes_applied", pushes_applied},
                       {"duplicate_pushes", duplicate_pushes},
@@ -121,6 +124,11 @@ constexpr uint64_t kInlineApplyBytes = kMaxBatchedChunkBytes;
 // threads run alongside the chunk's own (Applier::ParallelFor).
 constexpr size_t kRangeElements = 64 << 10;
 
+// --device: streams the chunks are spread over (a chunk's copies and kernels run in order on its
+// stream; chunks on different streams overlap), and how long stopping waits for queued work.
+constexpr int kDeviceStreams = 4;
+constexpr std::chrono::milliseconds kDeviceDrainTimeout{10000};
+
 void ReadRss(uint64_t* rss, uint64_t* peak) {
   std::ifstream f("/proc/self/status");
   std::string line;
@@ -155,15 +163,29 @@ class ServerImpl final : public Server {
     // the pool go with the server.
     stopping_ = true;
     metrics_.Stop();
+    // Updates still on the device complete (their completions posted) before the apply threads
+    // stop; the chunks are destroyed with the server.
+    if (device_)
+      for (int s = 0; s < device_->streams(); ++s) (void)device_->Wait(s, kDeviceDrainTimeout);
     applier_.Stop();
     timeline_.reset();  // writes the file
     listener_.reset();
     node_.reset();
+    if (pinned_pool_) device_->Unpin(pinned_pool_);
     data_ctx_.reset();
     control_ctx_.reset();
   }
 
   Status Init() {
+    gpu::DeviceSpec spec;
+    SHARDPS_RETURN_IF_ERROR(gpu::ParseDevice(opt_.device, &spec));
+    if (spec.twin) {
+      device_ = gpu::MakeTwinDevice(kDeviceStreams, spec.twin_bytes);
+    } else if (spec.gpu >= 0) {
+      auto d = gpu::OpenCudaDevice(spec.gpu, kDeviceStreams);
+      if (!d.ok()) return d.status().WithContext("--device " + opt_.device);
+      device_ = std::move(d).value();
+    }
     transport::ContextOptions co;
     SHARDPS_RETURN_IF_ERROR(transport::SecureRole(
         opt_.secret_file, {opt_.tls_cert, opt_.tls_key, opt_.tls_ca}, "server", &co));
@@ -224,6 +246,15 @@ class ServerImpl final : public Server {
     counters_ = std::make_unique<WorkerCounters[]>(view_.num_pushers());
     num_counters_.store(view_.num_pushers());
     SHARDPS_RETURN_IF_ERROR(pool_.Init(data_ctx_.get(), opt_.landing_buffers, view_.chunk_bytes));
+    if (device_ && device_->is_gpu()) {
+      // Pushes are copied from the landing buffers to the GPU: pinned, asynchronously.
+      if (Status st = device_->Pin(pool_.base(), pool_.total_bytes()); st.ok()) {
+        pinned_pool_ = pool_.base();
+      } else {
+        spdlog::warn("server: landing buffers not pinned (copies to {} are slower): {}",
+                     device_->name(), st.ToString());
+      }
+    }
     // Apply threads poll for work as long as the transport polls for messages: where it
     // does not (tcp), a sleeping apply thread costs no more than the wake-up of the loop.
     applier_.Start(opt_.apply_threads, data_ctx_->busy_poll());
@@ -231,11 +262,20 @@ class ServerImpl final : public Server {
     // that arrives later, in the order they came.
     if (!data_ctx_->RunInLoop([this] { BecomeReady(); }))
       return Status::Aborted("server stopping before it was ready");
-    spdlog::info("server {}: data transport {}; {}", rank_, data_ctx_->backend(),
-                 data_ctx_->CanRegisterGpuMemory()
-                     ? "GPU memory is registered directly (GPUDirect RDMA)"
-                     : "GPU memory cannot be registered: GPU shards are staged through "
-                       "registered host memory");
+    if (device_) {
+      spdlog::info(
+          "server {}: chunks on {}: parameters and optimizer state in its memory, updated by "
+          "the fused kernels; pushes land in {}host memory and are copied over, versions are "
+          "published to registered host memory ({})",
+          rank_, device_->name(), pinned_pool_ ? "pinned " : "",
+          data_ctx_->CanRegisterGpuMemory()
+              ? "the transport could register GPU memory (GPUDirect RDMA), which this version "
+                "does not use yet"
+              : fmt::format("transport {} cannot register GPU memory", data_ctx_->backend()));
+    } else {
+      spdlog::info("server {}: data transport {}; chunks in host memory", rank_,
+                   data_ctx_->backend());
+    }
     spdlog::info("server {} serving on {} ({} mode, {} workers, {} landing buffers of {} bytes)",
                  rank_, listener_->address(), ModeString(view_.mode, view_.staleness),
                  view_.num_workers, opt_.landing_buffers, view_.chunk_bytes);
@@ -344,6 +384,7 @@ class ServerImpl final : public Server {
     ServerStats s;
     {
       std::shared_lock<std::shared_mutex> lock(chunks_mu_);
+      s.device = device_ ? device_->name() : "cpu";
       s.chunks = chunks_.size();
       for (auto& [id, c] : chunks_) s.parameter_bytes += c->numel * 4;
       s.grants_parked = grants_parked_.load();
@@ -587,14 +628,44 @@ class ServerImpl final : public Server {
     ch->pull_codec = it.pull_codec;
     ch->layout = LayoutFor(it.numel, it.pull_codec);
     ch->inline_apply = it.numel * 4 <= kInlineApplyBytes;
+    const std::string name = fmt::format("tensor '{}' chunk {} (elements {}..{})", it.tensor,
+                                         it.chunk_id, it.offset, it.offset + it.numel);
+    // On a device: the largest push it takes (topk: at most every element), and whether the
+    // chunk fits in the device's free memory, said before anything is allocated.
+    uint64_t max_push = compress::EncodedBytes({it.push_codec, it.push_block, 0}, it.numel);
+    if (it.push_codec == Codec::kTopK)
+      max_push = std::min<uint64_t>(pool_.buffer_bytes(), compress::TopKBytes(it.numel));
+    if (device_) {
+      const uint64_t need = DeviceRuleBytes(it.optimizer, it.numel, max_push, it.pull_codec);
+      auto free_bytes = device_->FreeBytes();
+      if (!free_bytes.ok()) return free_bytes.status().WithContext(name);
+      if (need > *free_bytes)
+        return Status::ResourceExhausted(fmt::format(
+            "{} needs {} bytes of memory on {}, which has {} free: use more servers or smaller "
+            "chunks",
+            name, need, device_->name(), *free_bytes));
+    }
     auto region = data_ctx_->AllocateRegion(ch->layout.stride * 2);
     if (!region.ok()) return region.status().WithContext("allocating chunk " + it.tensor);
     ch->slots = std::move(region).value();
     if (it.pull_codec == Codec::kNone) {
       std::memcpy(ch->slots->data(), init, ch->layout.data_bytes);
+    } else if (device_) {
+      // The device keeps the fp32 parameters; the slots hold them encoded.
+      compress::EncodeParams(it.pull_codec, init, 0, it.numel, ch->slots->data());
     } else {
       ch->master.assign(init, init + it.numel);
       compress::EncodeParams(it.pull_codec, ch->master.data(), 0, it.numel, ch->slots->data());
+    }
+    std::unique_ptr<UpdateRule> rule;
+    if (device_) {
+      auto r = MakeDeviceUpdateRule(device_, static_cast<int>(it.chunk_id % kDeviceStreams),
+                                    it.optimizer, it.numel, init, max_push, ch->slots->data(),
+                                    ch->slots->size(), name);
+      if (!r.ok()) return r.status();
+      rule = std::move(r).value();
+    } else {
+      rule = MakeCpuUpdateRule(it.optimizer, it.numel, &applier_, kRangeElements, name);
     }
     EngineConfig ec;
     ec.mode = view_.mode;
@@ -609,10 +680,7 @@ class ServerImpl final : public Server {
     ec.counters = counters_.get();
     Chunk* raw = ch.get();
     ch->engine = std::make_unique<ChunkEngine>(
-        ec,
-        MakeCpuUpdateRule(it.optimizer, it.numel, &applier_, kRangeElements,
-                          fmt::format("tensor '{}' chunk {} (elements {}..{})", it.tensor,
-                                      it.chunk_id, it.offset, it.offset + it.numel)),
+        ec, std::move(rule),
         SlotMemory{static_cast<uint8_t*>(ch->slots->data()), ch->layout, ch->pull_codec,
                    ch->master.empty() ? nullptr : ch->master.data()},
         [this, raw](std::function<void()> fn) { OnOwner(*raw, std::move(fn)); },
@@ -959,7 +1027,10 @@ class ServerImpl final : public Server {
   std::shared_ptr<Done> done_ = std::make_shared<Done>();
   ClusterView view_;
   uint32_t rank_ = 0;
+  // Where chunks live (--device): null for cpu; shared with the device rules of the chunks.
+  std::shared_ptr<gpu::Device> device_;
   LandingPool pool_;
+  void* pinned_pool_ = nullptr;  // the pool's memory, pinned for the device's copies
   Applier applier_;
 
   std::mutex ready_mu_;

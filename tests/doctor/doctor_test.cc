@@ -90,6 +90,17 @@ TEST(DoctorAdvice, GpuMemoryRegistrationChoice) {
   EXPECT_TRUE(Find(Advise(f), "GPUDirect RDMA"));
 }
 
+TEST(DoctorAdvice, SaysWhetherGpuServersCanRunHere) {
+  auto f = Healthy();
+  f.gpu_kernels = "";
+  EXPECT_TRUE(Find(Advise(f), "this build has no CUDA kernels"));
+  f.gpu_kernels = "80,90";
+  f.cuda_devices = 0;
+  EXPECT_TRUE(Find(Advise(f), "kernels for sm 80,90 (server --device cuda), but no GPU"));
+  f.cuda_devices = 2;
+  EXPECT_TRUE(Find(Advise(f), "GPU servers (--device cuda): kernels for sm 80,90"));
+}
+
 TEST(DoctorAdvice, JsonCarriesFactsAndFindings) {
   Facts f = Healthy();
   auto j = ToJson(f, Advise(f));

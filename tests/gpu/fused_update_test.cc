@@ -229,21 +229,38 @@ TEST(FusedUpdate, TwinFoldMatchesTheCpuRuleForEveryCodec) {
 }
 
 TEST(Device, ParsesTheDeviceOption) {
-  int gpu = 0;
-  bool twin = false;
-  ASSERT_TRUE(gpu::ParseDevice("cpu", &gpu, &twin).ok());
-  EXPECT_EQ(gpu, -1);
-  ASSERT_TRUE(gpu::ParseDevice("cuda", &gpu, &twin).ok());
-  EXPECT_EQ(gpu, 0);
-  ASSERT_TRUE(gpu::ParseDevice("cuda:3", &gpu, &twin).ok());
-  EXPECT_EQ(gpu, 3);
-  ASSERT_TRUE(gpu::ParseDevice("twin", &gpu, &twin).ok());
-  EXPECT_TRUE(twin);
-  for (const char* bad : {"gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:123456", "CUDA", ""}) {
-    Status s = gpu::ParseDevice(bad, &gpu, &twin);
+  gpu::DeviceSpec d;
+  ASSERT_TRUE(gpu::ParseDevice("cpu", &d).ok());
+  EXPECT_EQ(d.gpu, -1);
+  EXPECT_FALSE(d.twin);
+  ASSERT_TRUE(gpu::ParseDevice("cuda", &d).ok());
+  EXPECT_EQ(d.gpu, 0);
+  ASSERT_TRUE(gpu::ParseDevice("cuda:3", &d).ok());
+  EXPECT_EQ(d.gpu, 3);
+  ASSERT_TRUE(gpu::ParseDevice("twin", &d).ok());
+  EXPECT_TRUE(d.twin);
+  EXPECT_EQ(d.twin_bytes, 0u);
+  ASSERT_TRUE(gpu::ParseDevice("twin:64MiB", &d).ok());
+  EXPECT_EQ(d.twin_bytes, 64u << 20);
+  ASSERT_TRUE(gpu::ParseDevice("twin:4096", &d).ok());
+  EXPECT_EQ(d.twin_bytes, 4096u);
+  for (const char* bad : {"gpu", "cuda:", "cuda:x", "cuda:-1", "cuda:123456", "cuda:1MiB", "CUDA",
+                          "", "twin:", "twin:0", "twin:12TiB", "twin:MiB"}) {
+    Status s = gpu::ParseDevice(bad, &d);
     EXPECT_TRUE(s.IsInvalidArgument()) << bad;
     EXPECT_NE(s.message().find("expected cpu, cuda, cuda:N"), std::string::npos) << s.ToString();
   }
+}
+
+TEST(Device, TwinOfAGivenSizeRunsOutOfMemoryAsAGpuWould) {
+  auto d = gpu::MakeTwinDevice(1, 1 << 20);
+  auto a = d->Alloc(600 << 10);
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(*d->FreeBytes(), (1u << 20) - (600u << 10));
+  auto b = d->Alloc(600 << 10);
+  EXPECT_EQ(b.status().code(), Status::Code::kResourceExhausted) << b.status().ToString();
+  d->Free(*a);
+  EXPECT_EQ(*d->FreeBytes(), 1u << 20);
 }
 
 TEST(Device, CudaIsRefusedWithTheReasonWhereThereIsNone) {

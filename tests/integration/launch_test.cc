@@ -65,6 +65,34 @@ TEST(Launch, AsyncBenchEndsWithExactSumOfAllPushes) {
 // Node-level reduction between real processes (docs/node-reduction.md): 2 nodes of 2 workers
 // sum through shared memory; exact values in both modes, and the servers receive one push per
 // node: 2 x 3 tensors x 20004 bytes per step.
+// Servers on a device (docs/gpu.md) as real processes: on the twin (the GPU code path on host
+// threads) the bench's pushes verify exactly, in sync and async;
+// a GPU that is not there is refused at start-up with the reason.
+TEST(Launch, BenchOnDeviceServersIsExact) {
+  for (std::string mode : {"sync", "async"}) {
+    SCOPED_TRACE(mode);
+    auto r = RunCommand(
+        {kShardps,      "bench", "--servers",    "2",    "--workers", "2",     "--mode",    mode,
+         "--aggregate", "sum",   "--chunk-size", "4KiB", "--size",    "20004", "--tensors", "3",
+         "--iters",     "20",    "--warmup",     "0",    "--device",  "twin",  "--verify"},
+        120s);
+    ASSERT_FALSE(r.timed_out) << r.output;
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "chunks on twin"), 2u) << r.output;
+  }
+  auto r = RunCommand(
+      {kShardps, "bench", "--servers", "1", "--workers", "1", "--iters", "2", "--device", "cuda:7"},
+      60s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("--device cuda:7"), std::string::npos) << r.output;
+  r = RunCommand({kShardps, "server", "--coordinator", "127.0.0.1:1", "--device", "gpu"}, 30s);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("device 'gpu': expected cpu, cuda, cuda:N"), std::string::npos)
+      << r.output;
+}
+
 TEST(Launch, NodeReducedBenchIsExactAndHalvesWhatTheServersReceive) {
   for (std::string mode : {"sync", "async"}) {
     SCOPED_TRACE(mode);
