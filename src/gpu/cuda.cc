@@ -20,7 +20,7 @@ namespace shardps::gpu {
 namespace {
 
 // dlopen of the first of `names` that loads; the reasons of all that did not, otherwise.
-Result<void*> Open(const std::vector<std::string>& names) {
+[[maybe_unused]] Result<void*> Open(const std::vector<std::string>& names) {
   std::string why;
   for (const auto& n : names) {
     if (n.empty()) continue;
@@ -49,7 +49,7 @@ constexpr const char* kNcclLibDir = SHARDPS_NCCL_LIB_DIR;
 constexpr const char* kNcclLibDir = "";
 #endif
 
-std::string InDir(const char* dir, const std::string& name) {
+[[maybe_unused]] std::string InDir(const char* dir, const std::string& name) {
   return *dir ? std::string(dir) + "/" + name : std::string();
 }
 
