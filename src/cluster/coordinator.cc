@@ -160,10 +160,16 @@ class CoordinatorImpl final : public Coordinator {
         if (!rq.Decode(&r) || !r.done()) return Drop(c, "malformed register request");
         return HandleRegister(c, req, rq);
       }
-      case kHeartbeat:
+      case kHeartbeat: {
         if (!node) return Drop(c, "heartbeat from an unregistered connection");
         heartbeats_++;
+        // Echoed, so that nodes notice a coordinator that stopped answering.
+        Bytes meta;
+        Writer w(&meta);
+        w.Put<uint64_t>(0);
+        c->Send(kHeartbeat, std::move(meta), {}, nullptr);
         return;
+      }
       case kBarrier: {
         BarrierRequest b;
         if (!b.Decode(&r) || !r.done()) return Drop(c, "malformed barrier request");

@@ -6,6 +6,15 @@
 #include <spdlog/spdlog.h>
 
 namespace shardps::cluster {
+namespace {
+
+int64_t SteadyNanos() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
 
 Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
                                                         const NodeClientOptions& options,
@@ -25,6 +34,10 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
         spdlog::error("unexpected reply from the coordinator; closing");
         c->Close();
       }
+      return;
+    }
+    if (m.tag == kHeartbeat) {  // the coordinator's echo: it is alive
+      events->last_heard.store(SteadyNanos(), std::memory_order_relaxed);
       return;
     }
     Reader r(m.meta.data(), m.meta.size());
@@ -79,6 +92,8 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
   {
     std::lock_guard<std::mutex> lock(nc->mu_);  // the heartbeat thread reads it
     nc->info_ = std::move(info);
+    nc->registered_ = true;
+    nc->events_->last_heard.store(SteadyNanos(), std::memory_order_relaxed);
   }
   return nc;
 }
@@ -108,6 +123,21 @@ void NodeClient::HeartbeatLoop() {
     w.Put<uint64_t>(0);
     rpc_->connection().Send(kHeartbeat, std::move(meta), {}, nullptr);
     heartbeats_sent_.fetch_add(1, std::memory_order_relaxed);
+    // The coordinator echoes every heartbeat: one silent for the heartbeat timeout is stopped,
+    // hung or cut off, and this node ends naming it rather than waiting on it for ever.
+    if (!registered_ || info_.view.heartbeat_timeout_ms == 0) continue;
+    const int64_t silent_ms =
+        (SteadyNanos() - events_->last_heard.load(std::memory_order_relaxed)) / 1000000;
+    if (silent_ms <= static_cast<int64_t>(info_.view.heartbeat_timeout_ms)) continue;
+    Status why = Status::Unavailable(fmt::format(
+        "the coordinator at {} has not answered heartbeats for {} ms (heartbeat timeout {} ms): "
+        "it is stopped, hung or unreachable",
+        opt_.coordinator, silent_ms, info_.view.heartbeat_timeout_ms));
+    lock.unlock();
+    rpc_->FailAll(why);
+    events_->Fire(why, false);
+    lock.lock();
+    return;
   }
 }
 

@@ -68,6 +68,8 @@ class NodeClient {
     bool fired = false;         // guarded by mu
     bool said_goodbye = false;  // guarded by mu
     Status failure;             // guarded by mu
+    // When the coordinator's last heartbeat echo arrived (steady clock, ns).
+    std::atomic<int64_t> last_heard{0};
     void Fire(Status why, bool shutdown);
   };
 
@@ -78,6 +80,7 @@ class NodeClient {
   std::shared_ptr<RpcChannel> rpc_;
   std::shared_ptr<Events> events_ = std::make_shared<Events>();
   RegisterReply info_;
+  bool registered_ = false;  // guarded by mu_: info_ holds the view (and its heartbeat timeout)
   std::thread heartbeat_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -151,10 +151,11 @@ class DeviceUpdateRule final : public UpdateRule {
     a.numel = numel_;
     a.first = first;
     Status st = Stage(g, &a.grad);
-    if (st.ok()) st = device_->Fold(static_cast<int>(g.encoding), a, stream_);
-    // The landing buffer is handed back when Fold returns: its bytes must be on the device.
+    // The landing buffer is handed back when Fold returns: its bytes must be on the device (the
+    // wait covers the copy, not the kernel queued after it).
     if (st.ok() && g.memory == transport::MemoryKind::kHost)
       st = device_->Wait(stream_, kCopyTimeout);
+    if (st.ok()) st = device_->Fold(static_cast<int>(g.encoding), a, stream_);
     if (!st.ok()) failed_ = st.WithContext(name_);
   }
 

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -693,6 +694,68 @@ TEST(Run, DmlcVariablesOfABytepsLaunchStartAJob) {
                                     "DMLC_PS_ROOT_PORT=" + std::to_string(port)};
   });
   ExpectJobDone(r, 2);
+}
+
+// The coordinator stopped (SIGSTOP, as a hung host would be) in the middle of a job: the server
+// and both workers notice within the heartbeat timeout and end, each naming the coordinator,
+// instead of waiting on it (issue 12). The coordinator runs as its own task (DMLC's scheduler).
+TEST(Run, ASilentCoordinatorIsNamedByEveryNode) {
+  const int port = FreePort();
+  const std::string ready = ::testing::TempDir() + "silent-coordinator-" + std::to_string(getpid());
+  std::filesystem::create_directories(ready);
+  const char* roles[] = {"scheduler", "server", "worker", "worker"};
+  std::atomic<pid_t> scheduler{0};
+  std::vector<CommandResult> out(4);
+  std::vector<std::thread> ts;
+  for (int i = 0; i < 4; ++i)
+    ts.emplace_back([&, i] {
+      std::vector<std::string> argv = {kShardps,
+                                       "run",
+                                       "--heartbeat-interval-ms",
+                                       "200",
+                                       "--heartbeat-timeout-ms",
+                                       "2000",
+                                       "--",
+                                       kTestWorker,
+                                       "--steps",
+                                       "100000000",
+                                       "--ready-dir",
+                                       ready};
+      std::vector<std::string> env = {std::string("DMLC_ROLE=") + roles[i],
+                                      "DMLC_NUM_SERVER=1",
+                                      "DMLC_NUM_WORKER=2",
+                                      "DMLC_PS_ROOT_URI=127.0.0.1",
+                                      "DMLC_PS_ROOT_PORT=" + std::to_string(port),
+                                      "SHARDPS_SERVER_LISTEN=127.0.0.1:0"};
+      out[i] = RunCommand(argv, 90s, env, [&, i](pid_t p) {
+        if (i == 0) scheduler = p;
+      });
+    });
+  // Both workers declared their tensor (the job runs), then the coordinator stops.
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (!(std::filesystem::exists(ready + "/worker-0.ready") &&
+           std::filesystem::exists(ready + "/worker-1.ready")) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(20ms);
+  ASSERT_NE(scheduler.load(), 0);
+  kill(scheduler.load(), SIGSTOP);
+  const auto stopped = std::chrono::steady_clock::now();
+  for (int i = 1; i < 4; ++i) ts[i].join();
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - stopped).count();
+  kill(scheduler.load(), SIGKILL);
+  ts[0].join();
+  std::filesystem::remove_all(ready);
+  const std::string named =
+      "the coordinator at 127.0.0.1:" + std::to_string(port) + " has not answered heartbeats";
+  for (int i = 1; i < 4; ++i) {
+    SCOPED_TRACE(roles[i]);
+    EXPECT_FALSE(out[i].timed_out) << out[i].output;
+    EXPECT_NE(out[i].exit_code, 0) << out[i].output;
+    EXPECT_NE(out[i].output.find(named), std::string::npos) << out[i].output;
+  }
+  // Noticed after the 2 s timeout, not after the 90 s bound of the commands.
+  EXPECT_LT(took, 30) << "the nodes took " << took << " s to end";
 }
 
 // The real Open MPI launcher (Debian's openmpi-bin, installed by scripts/setup.sh): mpirun

@@ -15,7 +15,7 @@ extern char** environ;
 
 int main(int argc, char** argv) {
   int steps = 20, die_rank = -1, die_step = -1;
-  std::string how = "kill", piddir;
+  std::string how = "kill", piddir, readydir;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i], v = argv[i + 1];
     if (k == "--steps") steps = std::atoi(v.c_str());
@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
     if (k == "--die-step") die_step = std::atoi(v.c_str());
     if (k == "--how") how = v;
     if (k == "--pid-dir") piddir = v;
+    if (k == "--ready-dir") readydir = v;  // worker-<rank>.ready once the tensor is declared
   }
   auto opts = shardps::WorkerOptions::FromEnvironment(environ);
   if (!opts.ok()) {
@@ -43,6 +44,8 @@ int main(int argc, char** argv) {
   t.optimizer.lr = 1.0f;
   auto id = (*w)->Declare(t);
   if (!id.ok()) return 1;
+  if (!readydir.empty())
+    std::ofstream(readydir + "/worker-" + std::to_string((*w)->rank()) + ".ready") << "\n";
   std::vector<float> g(1000, 1.0f), out(1000);
   for (int s = 1; s <= steps; ++s) {
     if (static_cast<int>((*w)->rank()) == die_rank && s == die_step) {
