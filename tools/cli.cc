@@ -25,6 +25,7 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kLandingBuffers, &landing_buffers)->check(CLI::Range(1u, 4096u));
   AddTunable(app, kApplyThreads, &apply_threads)->check(CLI::Range(1u, 64u));
   AddTunable(app, kDevice, &device);
+  AddTunable(app, kRestore, &restore);
   AddTunable(app, kBusyPollUs, &busy_poll_us)->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   AddTunable(app, kRegisterTimeoutMs, &register_timeout_ms)->check(CLI::PositiveNumber);
   AddTunable(app, kHeartbeatIntervalMs, &heartbeat_interval_ms)->check(CLI::PositiveNumber);

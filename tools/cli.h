@@ -37,6 +37,7 @@ struct JobFlags {
   uint32_t landing_buffers = static_cast<uint32_t>(tunables::kLandingBuffers.number);
   uint32_t apply_threads = static_cast<uint32_t>(tunables::kApplyThreads.number);
   std::string device{tunables::kDevice.default_value};
+  std::string restore{tunables::kRestore.default_value};
   int64_t busy_poll_us = tunables::kBusyPollUs.number;
   int64_t register_timeout_ms = tunables::kRegisterTimeoutMs.number;
   int64_t heartbeat_interval_ms = tunables::kHeartbeatIntervalMs.number;

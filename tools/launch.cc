@@ -117,6 +117,10 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   lo.landing_buffers = job.landing_buffers;
   lo.apply_threads = job.apply_threads;
   lo.device = job.device;
+  lo.restore = job.restore;
+  // Workers learn it too (shardps train starts from the restored parameters).
+  if (!job.restore.empty())
+    lo.env.push_back(fmt::format("{}={}", tunables::kRestore.env, job.restore));
   lo.busy_poll_us = job.busy_poll_us;
   SHARDPS_RETURN_IF_ERROR(
       job.InboundBytes(&lo.connection_inbound_bytes, &lo.process_inbound_bytes));
@@ -274,6 +278,10 @@ int RunLaunch(const LaunchOptions& opt) {
                                      std::to_string(opt.apply_threads),
                                      "--device",
                                      opt.device};
+    if (!opt.restore.empty()) {
+      argv.push_back("--restore");
+      argv.push_back(opt.restore);
+    }
     auto c = Spawn(fmt::format("server {}", i), false, argv, opt.parent_env, env);
     if (c.ok())
       children.push_back(std::move(c).value());

@@ -60,6 +60,7 @@ Result<ServerOptions> ServerFor(const RunFlags& r, const JobFlags& job, const st
   so.landing_buffers = job.landing_buffers;
   so.apply_threads = job.apply_threads;
   so.device = job.device;
+  so.restore = job.restore;
   so.busy_poll = std::chrono::microseconds(job.busy_poll_us);
   so.transport_settings = env.WithPrefix("UCX_");
   so.secret_file = job.secret_file;

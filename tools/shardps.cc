@@ -72,6 +72,7 @@ int Main(int argc, char** argv, char** envp) {
   AddTunable(srv, kLandingBuffers, &so.landing_buffers)->check(CLI::Range(1u, 4096u));
   AddTunable(srv, kApplyThreads, &so.apply_threads)->check(CLI::Range(1u, 64u));
   AddTunable(srv, kDevice, &so.device);
+  AddTunable(srv, kRestore, &so.restore);
   AddTunable(srv, kBusyPollUs, &srv_busy_poll_us)->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   AddTunable(srv, kConnectionInbound, &srv_conn_inbound);
   AddTunable(srv, kProcessInbound, &srv_proc_inbound);

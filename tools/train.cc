@@ -94,6 +94,8 @@ Status CheckFlags(const TrainFlags& t, uint32_t workers) {
         "--batch {} is not divisible by --workers {} (--batch is the global batch; each worker "
         "uses batch / workers samples per step)",
         t.batch, workers));
+  if ((t.checkpoint_every > 0) != !t.checkpoint_dir.empty())
+    return Impossible("--checkpoint-every and --checkpoint-dir go together");
   auto k = ParseOptimizer(t.optimizer);
   if (!k.ok()) return k.status().WithContext("--optimizer");
   auto c = Compression::Parse(t.compression);
@@ -476,6 +478,19 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
             ? fmt::format(", {} workers per node reduce before they push", wo->local_size)
             : std::string());
   if (Status st = w.Barrier("train.start", kBarrierTimeout); !st.ok()) return Fail(st);
+  // Servers restored from a checkpoint (--restore) hold its parameters (at version > 0): this
+  // worker starts from them, and in sync mode the loop below skips the steps up to it.
+  const std::string restored_from = env.Get(tunables::kRestore.env).value_or("");
+  if (!restored_from.empty()) {
+    std::vector<Handle> hs;
+    for (size_t k = 0; k < params.size(); ++k) hs.push_back(w.Pull((*ids)[k], params[k].data()));
+    if (Status st = wait_all(hs); !st.ok()) return Fail(st);
+    if (rank0)
+      Say("train: restored from {} at version {}{}", restored_from, hs[0].version(),
+          w.mode() == Mode::kSync
+              ? fmt::format(": training goes on from step {}", w.steps((*ids)[0]) + 1)
+              : std::string());
+  }
 
   const size_t f = static_cast<size_t>(train.rows) * static_cast<size_t>(train.cols);
   const size_t b = static_cast<size_t>(p.local_batch);
@@ -497,9 +512,20 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
       // dropped, and the tensor moved on to the published version (Worker::steps); this worker
       // skips the steps that every tensor is past.
       const uint64_t global = static_cast<uint64_t>(e) * p.steps + s + 1;
+      // Every worker takes the checkpoint after the same global steps, computed or skipped.
+      auto checkpoint = [&]() {
+        if (t.checkpoint_every == 0 || global % t.checkpoint_every != 0) return Status::OK();
+        Status st = w.Checkpoint(t.checkpoint_dir, kBarrierTimeout);
+        if (st.ok() && rank0)
+          Say("train: checkpoint after step {} in {}", global, t.checkpoint_dir);
+        return st;
+      };
       bool behind = false;
       for (size_t k = 0; k < params.size(); ++k) behind = behind || w.steps((*ids)[k]) < global;
-      if (!behind) continue;
+      if (!behind) {
+        if (Status st = checkpoint(); !st.ok()) return Fail(st);
+        continue;
+      }
       if (slow_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
       Gather(train, order.data() + s * b, b, x.data(), y.data());
       const float loss =
@@ -518,6 +544,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
       if (Status st = wait_all(hs); !st.ok()) return Fail(st);
       if (std::any_of(hs.begin(), hs.end(), [](const Handle& h) { return h.late(); }))
         run.late_steps++;
+      if (Status st = checkpoint(); !st.ok()) return Fail(st);
       sum += loss;
       computed++;
       if (rank0) {
@@ -588,6 +615,10 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
                   "RANK:MS: worker RANK sleeps MS milliseconds every step (a straggler)");
   app->add_option("--target-accuracy", t->target_accuracy,
                   "the report's time_to_target_seconds is when the test accuracy reached this");
+  app->add_option("--checkpoint-every", t->checkpoint_every,
+                  "write a checkpoint every N global steps into --checkpoint-dir (0: never); "
+                  "--restore DIR starts a run from one");
+  app->add_option("--checkpoint-dir", t->checkpoint_dir, "where --checkpoint-every writes");
   app->add_flag("--baseline", t->baseline,
                 "also train the same model in one process without the parameter server");
 }

@@ -43,6 +43,11 @@ struct TrainFlags {
   // The report's time_to_target_seconds: the training time when rank 0's test accuracy first
   // reached this (measured after each epoch).
   double target_accuracy = 0.87;
+  // Every this many global steps, the job writes a checkpoint into checkpoint_dir
+  // (Worker::Checkpoint, docs/fault-tolerance.md); 0: never. --restore (a job flag) starts from
+  // one: training goes on from the step after it.
+  uint64_t checkpoint_every = 0;
+  std::string checkpoint_dir;
 };
 
 void AddTrainFlags(CLI::App* app, TrainFlags* t);

@@ -36,6 +36,9 @@ struct ServerOptions {
   // "twin" (the device code path on host threads). A GPU that is missing or too small for the
   // chunks is an error at start-up or when the chunks are declared.
   std::string device = std::string(tunables::kDevice.default_value);
+  // A checkpoint directory (docs/fault-tolerance.md) to create the chunks from; empty: none. An
+  // incomplete or corrupt checkpoint stops the server at start-up, naming what is wrong.
+  std::string restore;
   // Bytes peers may make this server hold for what they sent and it has not handed on yet:
   // per connection and for all together; past either the connection is closed.
   uint64_t connection_inbound_bytes = static_cast<uint64_t>(tunables::kConnectionInbound.number);

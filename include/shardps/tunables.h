@@ -99,6 +99,14 @@ inline constexpr Tunable kDevice{
     "where a server keeps its chunks and applies updates: cpu, cuda (GPU 0), cuda:N, or twin "
     "(the GPU code path run by host threads, for tests without a GPU)",
     "server, launch, bench, train"};
+inline constexpr Tunable kRestore{
+    "restore",
+    "SHARDPS_RESTORE",
+    "",
+    0,
+    "start the servers' chunks from the checkpoint in this directory (docs/fault-tolerance.md): "
+    "parameters, optimizer state and versions, checked against its manifest",
+    "server, launch, bench, train"};
 inline constexpr Tunable kBusyPollUs{
     "busy-poll-us",
     "SHARDPS_BUSY_POLL_US",
@@ -296,6 +304,7 @@ inline constexpr const Tunable* kAll[] = {
     &kLandingBuffers,
     &kApplyThreads,
     &kDevice,
+    &kRestore,
     &kBusyPollUs,
     &kRegisterTimeoutMs,
     &kHeartbeatIntervalMs,

@@ -164,6 +164,14 @@ class Worker {
 
   // Waits until every worker reached barrier `name`. Timeout names the missing workers.
   virtual Status Barrier(const std::string& name, std::chrono::milliseconds timeout) = 0;
+
+  // Collective (every worker calls it, between steps, with none of its operations in flight):
+  // every server writes its chunks' parameters, optimizer state, versions and sequence tables
+  // into `dir`, then worker 0 writes the manifest, so the checkpoint is one consistent cut of
+  // the job (docs/fault-tolerance.md). `dir` must be the same place for the servers and worker 0
+  // (a shared file system across hosts). A server started with --restore DIR starts from it.
+  // The outcome is worker 0's to report; the others return once it is done or failed.
+  virtual Status Checkpoint(const std::string& dir, std::chrono::milliseconds timeout) = 0;
   // A server's statistics as JSON (see ServerStats).
   virtual Result<std::string> ServerStats(uint32_t server) = 0;
   // Tells the coordinator this worker is done. Call once, after the last operation completed.

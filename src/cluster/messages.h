@@ -35,6 +35,8 @@ enum Tag : uint32_t {
   kBatch = 34,
   // server -> worker (no reply)
   kBatchAnswer = 35,
+  // worker 0 -> server: write your chunks into a checkpoint (docs/fault-tolerance.md)
+  kSaveChunks = 36,
 };
 
 enum class Role : uint8_t { kServer = 1, kWorker = 2 };

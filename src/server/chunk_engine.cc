@@ -28,10 +28,11 @@ ChunkEngine::ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> ru
       later_(std::move(later)),
       quorum_(cfg.quorum == 0 ? cfg.num_workers : std::min(cfg.quorum, cfg.num_workers)),
       backups_(cfg.mode == Mode::kSync && quorum_ < cfg.num_workers),
-      last_seq_(cfg.num_workers, 0),
+      last_seq_(cfg.num_workers, cfg.mode == Mode::kSync ? cfg.initial_version : 0),
       conn_of_(cfg.num_workers, nullptr),
       departed_(cfg.num_workers, false) {
-  Stamp(Slot(0), 1);
+  version_.store(cfg.initial_version, std::memory_order_release);
+  Stamp(Slot(cfg.initial_version), cfg.initial_version + 1);
 }
 
 bool ChunkEngine::Admissible(uint64_t seq) const {

@@ -79,6 +79,10 @@ struct EngineConfig {
   std::vector<float> weights;  // per worker; empty: 1 each
   WeightRule weight_rule = WeightRule::kFixed;
   WorkerCounters* counters = nullptr;  // num_workers of them, or null
+  // A chunk restored from a checkpoint starts at this version (its slot must hold it), with
+  // every pusher's sequence number at it in sync mode (its next push is of step version + 1)
+  // and at 0 otherwise (a new job's workers count their pushes from 1).
+  uint64_t initial_version = 0;
 };
 
 // A batch request being answered (the server's; cluster::BatchRequest).
@@ -177,6 +181,11 @@ class ChunkEngine {
   // ssp: the clock (pushes applied) of the slowest live worker.
   uint64_t slowest_clock() const { return slowest_.load(std::memory_order_acquire); }
   const UpdateRule& rule() const { return *rule_; }
+  UpdateRule& rule() { return *rule_; }
+  // Owner thread: each pusher's last applied sequence number (a checkpoint's sequence table).
+  const std::vector<uint64_t>& last_seqs() const { return last_seq_; }
+  // Owner thread: whether an update or queued pushes are pending (a checkpoint waits for none).
+  bool busy() const { return updating_ || !queued_.empty(); }
 
  private:
   struct PendingAck {

@@ -95,6 +95,24 @@ class CpuUpdateRule final : public UpdateRule {
     done(Status::OK());
   }
 
+  Status SaveState(RuleState* out) override {
+    out->steps = state_.steps;
+    out->m = state_.m;
+    out->v = state_.v;
+    out->params.clear();  // the engine's slots hold them
+    return Status::OK();
+  }
+  Status LoadState(const RuleState& s) override {
+    if (s.m.size() != state_.m.size() || s.v.size() != state_.v.size())
+      return Status::InvalidArgument(
+          fmt::format("{}: optimizer state of {} and {} elements for {} and {}", name_, s.m.size(),
+                      s.v.size(), state_.m.size(), state_.v.size()));
+    state_.steps = s.steps;
+    state_.m = s.m;
+    state_.v = s.v;
+    return Status::OK();
+  }
+
  private:
   template <typename F>
   void For(const F& body) {

@@ -189,6 +189,30 @@ class DeviceUpdateRule final : public UpdateRule {
     });
   }
 
+  Status SaveState(RuleState* out) override {
+    const size_t n = numel_ * sizeof(float);
+    out->steps = steps_;
+    out->params.resize(numel_);
+    out->m.assign(m_.get() ? numel_ : 0, 0.0f);
+    out->v.assign(v_.get() ? numel_ : 0, 0.0f);
+    SHARDPS_RETURN_IF_ERROR(device_->Copy(out->params.data(), params_.get(), n, stream_));
+    if (m_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(out->m.data(), m_.get(), n, stream_));
+    if (v_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(out->v.data(), v_.get(), n, stream_));
+    return device_->Wait(stream_, kCopyTimeout).WithContext(name_);
+  }
+  Status LoadState(const RuleState& s) override {
+    const size_t n = numel_ * sizeof(float);
+    if (s.params.size() != numel_ || s.m.size() != (m_.get() ? numel_ : 0) ||
+        s.v.size() != (v_.get() ? numel_ : 0))
+      return Status::InvalidArgument(
+          fmt::format("{}: checkpoint state of other sizes than the chunk's", name_));
+    steps_ = s.steps;
+    SHARDPS_RETURN_IF_ERROR(device_->Copy(params_.get(), s.params.data(), n, stream_));
+    if (m_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(m_.get(), s.m.data(), n, stream_));
+    if (v_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(v_.get(), s.v.data(), n, stream_));
+    return device_->Wait(stream_, kCopyTimeout).WithContext(name_);
+  }
+
  private:
   Result<DeviceBuffer> Buffer(size_t bytes) {
     auto p = device_->Alloc(bytes);

@@ -8,6 +8,7 @@
 #include <deque>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <shared_mutex>
 #include <thread>
 
@@ -27,6 +28,7 @@
 #include "metrics/metrics.h"
 #include "metrics/timeline.h"
 #include "server/applier.h"
+#include "server/checkpoint.h"
 #include "server/chunk_engine.h"
 #include "server/landing_pool.h"
 #include "server/update_rule.h"
@@ -128,6 +130,8 @@ constexpr size_t kRangeElements = 64 << 10;
 // stream; chunks on different streams overlap), and how long stopping waits for queued work.
 constexpr int kDeviceStreams = 4;
 constexpr std::chrono::milliseconds kDeviceDrainTimeout{10000};
+// A checkpoint: how long the chunks' owners may take to hand over their state.
+constexpr std::chrono::milliseconds kSnapshotTimeout{30000};
 
 void ReadRss(uint64_t* rss, uint64_t* peak) {
   std::ifstream f("/proc/self/status");
@@ -151,6 +155,7 @@ struct Chunk {
   Codec pull_codec = Codec::kNone;
   std::vector<float> master;  // fp32 parameters when the slots hold them encoded (pull codec)
   bool inline_apply = false;  // owned by the data loop thread rather than an apply thread
+  OptimizerKind optimizer = OptimizerKind::kSgd;
   std::unique_ptr<ChunkEngine> engine;
 };
 
@@ -163,6 +168,13 @@ class ServerImpl final : public Server {
     // the pool go with the server.
     stopping_ = true;
     metrics_.Stop();
+    {
+      // A checkpoint being written finishes first (its waits are bounded).
+      std::unique_lock<std::mutex> lock(saver_mu_);
+      std::thread saver = std::move(saver_);
+      lock.unlock();
+      if (saver.joinable()) saver.join();
+    }
     // Updates still on the device complete (their completions posted) before the apply threads
     // stop; the chunks are destroyed with the server.
     if (device_)
@@ -177,6 +189,13 @@ class ServerImpl final : public Server {
   }
 
   Status Init() {
+    if (!opt_.restore.empty()) {
+      auto cp = ReadCheckpoint(opt_.restore);
+      if (!cp.ok()) return cp.status().WithContext("--restore " + opt_.restore);
+      spdlog::info("server: restoring from {}: {} chunks of {} tensors", opt_.restore, cp->chunks,
+                   cp->tensors.size());
+      restore_ = std::move(cp).value();
+    }
     gpu::DeviceSpec spec;
     SHARDPS_RETURN_IF_ERROR(gpu::ParseDevice(opt_.device, &spec));
     if (spec.twin) {
@@ -500,6 +519,125 @@ class ServerImpl final : public Server {
     c->Close();
   }
 
+  // The checkpoint's state of the chunk `it` describes: null when the checkpoint does not hold
+  // its tensor (a tensor new since), an error when it holds it otherwise chunked or optimized.
+  Result<const ChunkState*> Saved(const CreateChunkItem& it, const std::string& name) const {
+    auto t = restore_->tensors.find(it.tensor);
+    if (t == restore_->tensors.end()) return static_cast<const ChunkState*>(nullptr);
+    auto c = t->second.find(it.offset);
+    if (c == t->second.end() || c->second.numel != it.numel)
+      return Status::InvalidArgument(fmt::format(
+          "{}: the checkpoint in {} holds tensor '{}' in other chunks (restore with the chunk "
+          "size it was saved with)",
+          name, restore_->dir, it.tensor));
+    if (c->second.optimizer != static_cast<uint8_t>(it.optimizer.kind))
+      return Status::InvalidArgument(
+          fmt::format("{}: the checkpoint in {} was saved with optimizer {}, not {}", name,
+                      restore_->dir, OptimizerName(static_cast<OptimizerKind>(c->second.optimizer)),
+                      OptimizerName(it.optimizer.kind)));
+    return &c->second;
+  }
+
+  // kSaveChunks (docs/fault-tolerance.md): the chunks are written by a thread of their own, which
+  // reads each chunk's state on its owner thread, then answers.
+  void OnSaveChunks(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
+    std::string dir;
+    if (!r.GetString(&dir, 4096) || !r.done() || dir.empty())
+      return Drop(c, "malformed save-chunks request");
+    std::lock_guard<std::mutex> lock(saver_mu_);
+    if (saving_)
+      return Reply(*c, req, Status::AlreadyExists("a checkpoint is being written already"));
+    if (saver_.joinable()) saver_.join();  // the last one, done
+    saving_ = true;
+    saver_ = std::thread([this, c, req, dir] {
+      uint64_t chunks = 0;
+      auto file = SaveChunks(dir, &chunks);
+      Bytes body;
+      if (file.ok()) {
+        Writer w(&body);
+        w.PutString(file->name);
+        w.Put<uint64_t>(file->bytes);
+        w.Put<uint32_t>(file->crc32c);
+        w.Put<uint64_t>(chunks);
+        spdlog::info("server {}: checkpoint of {} chunks written to {}/{}", rank_, chunks, dir,
+                     file->name);
+      } else {
+        spdlog::error("server {}: checkpoint into {} failed: {}", rank_, dir,
+                      file.status().ToString());
+      }
+      Reply(*c, req, file.status(), body);
+      std::lock_guard<std::mutex> l(saver_mu_);
+      saving_ = false;
+    });
+  }
+
+  Result<CheckpointFile> SaveChunks(const std::string& dir, uint64_t* count) {
+    std::vector<Chunk*> all;
+    {
+      std::shared_lock<std::shared_mutex> lock(chunks_mu_);
+      for (auto& [id, ch] : chunks_) all.push_back(ch.get());
+    }
+    std::sort(all.begin(), all.end(), [](Chunk* a, Chunk* b) { return a->id < b->id; });
+    struct Pending {
+      std::mutex mu;
+      std::condition_variable cv;
+      size_t done = 0;
+      Status failed;
+      std::vector<ChunkState> states;
+    };
+    auto p = std::make_shared<Pending>();
+    p->states.resize(all.size());
+    for (size_t i = 0; i < all.size(); ++i) {
+      Chunk* ch = all[i];
+      OnOwner(*ch, [this, p, ch, i] {
+        Status st = Snapshot(*ch, &p->states[i]);
+        std::lock_guard<std::mutex> lock(p->mu);
+        if (!st.ok() && p->failed.ok()) p->failed = st;
+        p->done++;
+        p->cv.notify_all();
+      });
+    }
+    std::unique_lock<std::mutex> lock(p->mu);
+    if (!p->cv.wait_for(lock, kSnapshotTimeout, [&] { return p->done == all.size(); }))
+      return Status::Timeout(
+          fmt::format("the chunks' owners did not answer within {} ms", kSnapshotTimeout.count()));
+    SHARDPS_RETURN_IF_ERROR(p->failed);
+    *count = all.size();
+    return WriteServerFile(dir, rank_, p->states);
+  }
+
+  // Owner thread: what a checkpoint keeps of `ch`.
+  Status Snapshot(Chunk& ch, ChunkState* out) {
+    ChunkEngine& e = *ch.engine;
+    if (e.busy())
+      return Status::Unavailable(fmt::format(
+          "tensor '{}' chunk {} has an update in flight: a checkpoint is taken between steps, "
+          "with no push in flight",
+          ch.tensor, ch.id));
+    out->tensor = ch.tensor;
+    out->chunk_id = ch.id;
+    out->offset = ch.offset;
+    out->numel = ch.numel;
+    out->version = e.version();
+    out->optimizer = static_cast<uint8_t>(ch.optimizer);
+    out->last_seq = e.last_seqs();
+    RuleState rs;
+    SHARDPS_RETURN_IF_ERROR(e.rule().SaveState(&rs));
+    out->steps = rs.steps;
+    out->m = std::move(rs.m);
+    out->v = std::move(rs.v);
+    if (e.rule().owns_parameters()) {
+      out->params = std::move(rs.params);
+    } else if (!ch.master.empty()) {
+      out->params = ch.master;
+    } else {
+      const auto* f = reinterpret_cast<const float*>(static_cast<const uint8_t*>(ch.slots->data()) +
+                                                     (out->version % 2) * ch.layout.stride);
+      out->params.assign(f, f + ch.numel);
+    }
+    return Status::OK();
+  }
+
   Chunk* FindChunk(uint64_t id) const {
     std::shared_lock<std::shared_mutex> lock(chunks_mu_);
     auto it = chunks_.find(id);
@@ -520,6 +658,8 @@ class ServerImpl final : public Server {
         return OnPushDone(c, req, r);
       case kBatch:
         return OnBatch(c, req, r, m);
+      case kSaveChunks:
+        return OnSaveChunks(c, req, r);
       case kStats: {
         if (!r.done()) return Drop(c, "malformed stats request");
         std::string json = stats().ToJson();
@@ -645,17 +785,27 @@ class ServerImpl final : public Server {
             "chunks",
             name, need, device_->name(), *free_bytes));
     }
+    // --restore: the chunk's saved state, when the checkpoint holds its tensor.
+    const ChunkState* saved = nullptr;
+    if (restore_) {
+      SHARDPS_ASSIGN_OR_RETURN(saved, Saved(it, name));
+    }
+    if (saved) init = saved->params.data();
+    const uint64_t version = saved ? saved->version : 0;
+    ch->optimizer = it.optimizer.kind;
     auto region = data_ctx_->AllocateRegion(ch->layout.stride * 2);
     if (!region.ok()) return region.status().WithContext("allocating chunk " + it.tensor);
     ch->slots = std::move(region).value();
+    // The first version (0, or the restored one) in its slot.
+    auto* slot = static_cast<uint8_t*>(ch->slots->data()) + (version % 2) * ch->layout.stride;
     if (it.pull_codec == Codec::kNone) {
-      std::memcpy(ch->slots->data(), init, ch->layout.data_bytes);
+      std::memcpy(slot, init, ch->layout.data_bytes);
     } else if (device_) {
       // The device keeps the fp32 parameters; the slots hold them encoded.
-      compress::EncodeParams(it.pull_codec, init, 0, it.numel, ch->slots->data());
+      compress::EncodeParams(it.pull_codec, init, 0, it.numel, slot);
     } else {
       ch->master.assign(init, init + it.numel);
-      compress::EncodeParams(it.pull_codec, ch->master.data(), 0, it.numel, ch->slots->data());
+      compress::EncodeParams(it.pull_codec, ch->master.data(), 0, it.numel, slot);
     }
     std::unique_ptr<UpdateRule> rule;
     if (device_) {
@@ -666,6 +816,14 @@ class ServerImpl final : public Server {
       rule = std::move(r).value();
     } else {
       rule = MakeCpuUpdateRule(it.optimizer, it.numel, &applier_, kRangeElements, name);
+    }
+    if (saved) {
+      RuleState rs;
+      rs.steps = saved->steps;
+      rs.m = saved->m;
+      rs.v = saved->v;
+      if (rule->owns_parameters()) rs.params = saved->params;
+      SHARDPS_RETURN_IF_ERROR(rule->LoadState(rs).WithContext("restoring from " + restore_->dir));
     }
     EngineConfig ec;
     ec.mode = view_.mode;
@@ -678,6 +836,7 @@ class ServerImpl final : public Server {
     ec.weights = view_.worker_weights;
     ec.weight_rule = view_.weight_rule;
     ec.counters = counters_.get();
+    ec.initial_version = version;
     Chunk* raw = ch.get();
     ch->engine = std::make_unique<ChunkEngine>(
         ec, std::move(rule),
@@ -1027,6 +1186,12 @@ class ServerImpl final : public Server {
   std::shared_ptr<Done> done_ = std::make_shared<Done>();
   ClusterView view_;
   uint32_t rank_ = 0;
+  // --restore: the checkpoint read at start-up, whose chunks are created from it.
+  std::optional<Checkpoint> restore_;
+  // The thread writing a checkpoint of the chunks (kSaveChunks); one at a time.
+  std::mutex saver_mu_;
+  bool saving_ = false;  // guarded by saver_mu_
+  std::thread saver_;    // guarded by saver_mu_
   // Where chunks live (--device): null for cpu; shared with the device rules of the chunks.
   std::shared_ptr<gpu::Device> device_;
   LandingPool pool_;

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "server/optimizer.h"
 #include "shardps/status.h"
@@ -49,6 +50,15 @@ struct GradientView {
 struct Publish {
   void* data = nullptr;
   Codec codec = Codec::kNone;
+};
+
+// What a checkpoint keeps of a rule (docs/fault-tolerance.md): the optimizer's step count and
+// state arrays (as InitOptimizerState sizes them), and the fp32 parameters where the rule owns
+// them (owns_parameters).
+struct RuleState {
+  uint64_t steps = 0;
+  std::vector<float> m, v;
+  std::vector<float> params;
 };
 
 // Scratch memory for a step's running sum, in the rule's memory kind.
@@ -91,6 +101,17 @@ class UpdateRule {
   virtual void Apply(const float* in, float* out, const GradientView& grad,
                      const GradientView* extra, float scale, std::optional<float> lr,
                      const Publish* publish, Done done) = 0;
+
+  // Owner thread, no update in flight: the state a checkpoint keeps, and its restoration
+  // (InvalidArgument when `s` does not fit the rule: arrays of another size).
+  virtual Status SaveState(RuleState* out) {
+    (void)out;
+    return Status::Internal("this update rule keeps no checkpoint state");
+  }
+  virtual Status LoadState(const RuleState& s) {
+    (void)s;
+    return Status::Internal("this update rule takes no checkpoint state");
+  }
 };
 
 // Check of a CPU or device rule: `g` is a well-formed gradient of `numel` elements in host

@@ -17,6 +17,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include "cluster/messages.h"
 #include "cluster/node_client.h"
@@ -28,6 +29,7 @@
 #include "gpu/cuda.h"
 #include "metrics/metrics.h"
 #include "metrics/timeline.h"
+#include "server/checkpoint.h"
 #include "transport/context.h"
 #include "worker/node_reducer.h"
 
@@ -1086,6 +1088,10 @@ class WorkerImpl final : public Worker {
           if (ref->slots.slot_stride != ref->layout.stride)
             return Status::ProtocolError("malformed create reply");
           ref->known_version = ref->slots.version;
+          // A chunk restored from a checkpoint (docs/fault-tolerance.md) is at its saved
+          // version: in sync mode the tensor's pushes go on with the step after it.
+          if (view_.mode == Mode::kSync && ref->tensor_step->load() <= ref->slots.version)
+            ref->tensor_step->store(ref->slots.version + 1);
         }
       }
     }
@@ -1156,6 +1162,47 @@ class WorkerImpl final : public Worker {
 
   Status Barrier(const std::string& name, std::chrono::milliseconds timeout) override {
     return node_->Barrier(name, timeout);
+  }
+
+  Status Checkpoint(const std::string& dir, std::chrono::milliseconds timeout) override {
+    const uint64_t n = ++checkpoints_;
+    const std::string name = fmt::format("checkpoint {} into {}", n, dir);
+    SHARDPS_RETURN_IF_ERROR(Barrier(name + ": begin", timeout));
+    Status st;
+    if (rank_ == 0) st = LeadCheckpoint(dir, timeout).WithContext(name);
+    // Every worker waits for worker 0 to be done: nobody pushes into a checkpoint being written.
+    Status end = Barrier(name + ": end", timeout + opt_.rpc_timeout);
+    return st.ok() ? end : st;
+  }
+
+  // Worker 0's part: the old manifest goes first (an interrupted checkpoint is never loaded),
+  // each server writes its file, then the manifest lists them.
+  Status LeadCheckpoint(const std::string& dir, std::chrono::milliseconds timeout) {
+    SHARDPS_RETURN_IF_ERROR(server::RemoveManifest(dir));
+    std::vector<server::CheckpointFile> files;
+    uint64_t chunks = 0;
+    for (size_t s = 0; s < servers_.size(); ++s) {
+      Bytes body;
+      Writer w(&body);
+      w.PutString(dir);
+      auto rep = CallSync(*servers_[s], kSaveChunks, body, timeout,
+                          fmt::format("server {} writing its chunks", s));
+      if (!rep.ok()) return rep.status();
+      Reader r(rep->data(), rep->size());
+      server::CheckpointFile f;
+      uint64_t count = 0;
+      if (!r.GetString(&f.name, 256) || !r.Get(&f.bytes) || !r.Get(&f.crc32c) || !r.Get(&count) ||
+          !r.done())
+        return Status::ProtocolError("malformed save-chunks reply");
+      files.push_back(std::move(f));
+      chunks += count;
+    }
+    nlohmann::json about = {{"job_id", view_.job_id},
+                            {"mode", ModeName(view_.mode)},
+                            {"servers", view_.num_servers},
+                            {"workers", view_.num_workers},
+                            {"chunks", chunks}};
+    return server::WriteManifest(dir, files, about.dump());
   }
 
   Result<std::string> ServerStats(uint32_t server) override {
@@ -1898,6 +1945,7 @@ class WorkerImpl final : public Worker {
   std::unique_ptr<NodeClient> node_;
   ClusterView view_;
   uint32_t rank_ = 0;
+  std::atomic<uint64_t> checkpoints_{0};  // Checkpoint calls, naming their barriers
   std::vector<std::shared_ptr<RpcChannel>> servers_;
   std::vector<std::unique_ptr<Credits>> credits_;   // by server
   std::vector<std::shared_ptr<Batcher>> batchers_;  // by server

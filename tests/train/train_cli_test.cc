@@ -159,6 +159,40 @@ TEST_F(TrainCli, NodeReducedRunMatchesTheBaseline) {
       << r.output;
 }
 
+// A run checkpointed every 6 steps and stopped after 2 epochs, then restored (--restore) for a
+// third, ends exactly as the same 3 epochs run without a break: the restored servers hold the
+// parameters, optimizer state and versions of step 12, and training goes on with step 13 (2
+// workers, whose sums do not depend on arrival order, and a constant rate).
+TEST_F(TrainCli, ARunRestoredFromItsCheckpointEndsAsTheRunWithoutABreak) {
+  WriteSyntheticDataset(dir_.string(), 240, 60);
+  const std::string ckpt = Path("ckpt");
+  auto run = [&](std::vector<std::string> extra, const std::string& report) {
+    std::vector<std::string> argv = {kShardps,        "train",    "--data-dir", dir_.string(),
+                                     "--servers",     "2",        "--workers",  "2",
+                                     "--batch",       "40",       "--lr",       "0.01",
+                                     "--lr-schedule", "constant", "--report",   report};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return RunCommand(argv, 120s);
+  };
+  auto a = run({"--epochs", "3"}, Path("a.json"));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  auto b =
+      run({"--epochs", "2", "--checkpoint-every", "6", "--checkpoint-dir", ckpt}, Path("b.json"));
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("checkpoint after step 12 in " + ckpt), std::string::npos) << b.output;
+  auto c = run({"--epochs", "3", "--restore", ckpt}, Path("c.json"));
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  EXPECT_NE(c.output.find("restoring from " + ckpt), std::string::npos) << c.output;
+  auto ja = ReadJson(Path("a.json")), jc = ReadJson(Path("c.json"));
+  ASSERT_FALSE(ja.is_discarded() || jc.is_discarded());
+  EXPECT_EQ(ja["test_accuracy"].get<double>(), jc["test_accuracy"].get<double>());
+  EXPECT_EQ(ja["train_loss"].get<double>(), jc["train_loss"].get<double>());
+  // A checkpoint that is not there stops the job before it trains.
+  auto d = run({"--epochs", "1", "--restore", Path("nowhere")}, Path("d.json"));
+  EXPECT_NE(d.exit_code, 0) << d.output;
+  EXPECT_NE(d.output.find("MANIFEST is missing"), std::string::npos) << d.output;
+}
+
 TEST_F(TrainCli, TruncatedOrWrongMagicDatasetIsAClearError) {
   WriteSyntheticDataset(dir_.string(), 100, 20);
   const std::string images = Path("train-images-idx3-ubyte");

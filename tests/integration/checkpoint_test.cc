@@ -1,0 +1,183 @@
+// Checkpoints (docs/fault-tolerance.md): a job checkpointed mid-way and restored into a new job
+// goes on bit for bit as the original did; an incomplete or corrupt checkpoint is refused with
+// an error naming what is wrong.
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+#include "core/crc32c.h"
+#include "server/checkpoint.h"
+#include "support/exact_values.h"
+#include "support/local_cluster.h"
+
+namespace shardps {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Grad;
+using testing::LocalCluster;
+using testing::Opts;
+using testing::Sgd1;
+
+std::string TempDir(const std::string& name) {
+  std::string d = ::testing::TempDir() + "shardps-" + name + "-" + std::to_string(getpid());
+  std::filesystem::remove_all(d);
+  return d;
+}
+
+TEST(Crc32c, KnownValues) {
+  EXPECT_EQ(Crc32c("123456789", 9), 0xe3069283u);
+  EXPECT_EQ(Crc32c("", 0), 0u);
+  std::string a(1000, 'x');
+  // In pieces as in one go.
+  EXPECT_EQ(Crc32c(a.data() + 3, 997, Crc32c(a.data(), 3)), Crc32c(a.data(), a.size()));
+}
+
+std::vector<TensorSpec> Model() {
+  TensorSpec adam = Sgd1("adam", 3000, 0.25f);  // several 4 KiB chunks
+  adam.optimizer.kind = OptimizerKind::kAdam;
+  adam.optimizer.lr = 0.01f;
+  TensorSpec mom = Sgd1("momentum", 7, -1.0f);
+  mom.optimizer.kind = OptimizerKind::kMomentum;
+  mom.optimizer.lr = 0.1f;
+  return {adam, mom, Sgd1("sgd", 500, 3.0f)};
+}
+
+// Steps [from, to] of 2 workers, push_pull of every tensor; worker 0's pulls of the last step.
+void Steps(Worker& w, const std::vector<TensorId>& ids, uint64_t from, uint64_t to,
+           std::vector<std::vector<float>>* last) {
+  const auto model = Model();
+  for (uint64_t s = from; s <= to; ++s) {
+    std::vector<std::vector<float>> g(ids.size()), out(ids.size());
+    std::vector<Handle> hs;
+    for (size_t k = 0; k < ids.size(); ++k) {
+      const int64_t n = model[k].shape[0];
+      g[k].resize(n);
+      out[k].assign(n, 0.0f);
+      for (int64_t i = 0; i < n; ++i) g[k][i] = 0.01f * Grad(w.rank(), s, i);
+      hs.push_back(w.PushPull(ids[k], g[k].data(), out[k].data()));
+    }
+    std::vector<Status> done;
+    for (auto& h : hs) done.push_back(h.Wait(60s));
+    for (size_t k = 0; k < ids.size(); ++k) {
+      ASSERT_TRUE(done[k].ok()) << done[k].ToString();
+      ASSERT_EQ(hs[k].version(), s);
+    }
+    if (s == to && w.rank() == 0) *last = out;
+  }
+}
+
+// Saved on one kind of server and restored on another (the CPU rule and the device rule on the
+// twin keep the same state): the restored job pulls the checkpointed parameters at the
+// checkpoint's version, and three more steps give what the original job's three more steps gave.
+TEST(Checkpoint, RestoredJobGoesOnBitForBit) {
+  for (auto [save_on, restore_on] :
+       {std::pair<std::string, std::string>{"cpu", "cpu"}, {"twin", "cpu"}, {"cpu", "twin"}}) {
+    SCOPED_TRACE(save_on + " -> " + restore_on);
+    const std::string dir = TempDir("ckpt");
+    std::vector<std::vector<float>> at_checkpoint, original, restored, pulled;
+    {
+      auto lc = LocalCluster::Start(Opts(2, 2, Mode::kSync, Aggregate::kMean, 4096), 16, "tcp", 1,
+                                    [&](ServerOptions& so) { so.device = save_on; });
+      ASSERT_TRUE(lc);
+      lc->ForEachWorker([&](Worker& w) {
+        auto ids = w.Declare(Model());
+        ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+        Steps(w, *ids, 1, 3, &at_checkpoint);
+        ASSERT_TRUE(w.Checkpoint(dir, 60s).ok());
+        Steps(w, *ids, 4, 6, &original);
+      });
+    }
+    ASSERT_TRUE(std::filesystem::exists(dir + "/MANIFEST"));
+    {
+      auto lc = LocalCluster::Start(Opts(2, 2, Mode::kSync, Aggregate::kMean, 4096), 16, "tcp", 1,
+                                    [&](ServerOptions& so) {
+                                      so.device = restore_on;
+                                      so.restore = dir;
+                                    });
+      ASSERT_TRUE(lc);
+      lc->ForEachWorker([&](Worker& w) {
+        auto ids = w.Declare(Model());
+        ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+        if (w.rank() == 0) {
+          for (size_t k = 0; k < ids->size(); ++k) {
+            std::vector<float> out(Model()[k].shape[0]);
+            auto h = w.Pull((*ids)[k], out.data());
+            ASSERT_TRUE(h.Wait(60s).ok());
+            EXPECT_EQ(h.version(), 3u);
+            pulled.push_back(out);
+          }
+        }
+        ASSERT_TRUE(w.Barrier("pulled", 60s).ok());
+        Steps(w, *ids, 4, 6, &restored);
+      });
+    }
+    ASSERT_EQ(pulled.size(), 3u);
+    for (size_t k = 0; k < 3; ++k) {
+      EXPECT_EQ(pulled[k], at_checkpoint[k]) << "tensor " << k;
+      EXPECT_EQ(restored[k], original[k]) << "tensor " << k;
+      EXPECT_NE(original[k], at_checkpoint[k]);  // the steps after it changed something
+    }
+    std::filesystem::remove_all(dir);
+  }
+}
+
+// A server started from a checkpoint that is incomplete or damaged refuses to start, naming the
+// file and what is wrong; nothing of it is loaded.
+TEST(Checkpoint, IncompleteOrCorruptCheckpointsAreRefused) {
+  const std::string dir = TempDir("ckpt-bad");
+  {
+    auto lc = LocalCluster::Start(Opts(2, 1, Mode::kSync, Aggregate::kSum, 4096));
+    ASSERT_TRUE(lc);
+    Worker& w = *lc->workers[0];
+    auto ids = w.Declare(Model());
+    ASSERT_TRUE(ids.ok());
+    std::vector<std::vector<float>> last;
+    Steps(w, *ids, 1, 2, &last);
+    ASSERT_TRUE(w.Checkpoint(dir, 60s).ok());
+  }
+  auto start = [&]() {
+    ServerOptions so;
+    so.coordinator = "127.0.0.1:1";
+    so.restore = dir;
+    auto s = Server::Start(so);
+    return s.ok() ? Status::OK() : s.status();
+  };
+  ASSERT_TRUE(server::ReadCheckpoint(dir).ok());
+  const std::string file = dir + "/" + server::ServerFileName(1);
+  std::string bytes;
+  {
+    std::ifstream f(file, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+  }
+  ASSERT_GT(bytes.size(), 100u);
+  auto rewrite = [&](const std::string& b) {
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << b;
+  };
+  // One flipped bit in the middle of the parameters.
+  std::string flipped = bytes;
+  flipped[flipped.size() / 2] ^= 0x10;
+  rewrite(flipped);
+  Status st = start();
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("server-1.chunks is corrupt: its CRC32C is"), std::string::npos)
+      << st.ToString();
+  // Cut short.
+  rewrite(bytes.substr(0, bytes.size() - 8));
+  st = start();
+  EXPECT_NE(st.message().find("server-1.chunks has"), std::string::npos) << st.ToString();
+  rewrite(bytes);
+  ASSERT_TRUE(server::ReadCheckpoint(dir).ok());
+  // A checkpoint interrupted midway: its leader removed the old manifest first, and one server
+  // rewrote its file; the manifest that would list them was never written.
+  ASSERT_TRUE(server::RemoveManifest(dir).ok());
+  ASSERT_TRUE(server::WriteServerFile(dir, 1, {}).ok());
+  st = start();
+  EXPECT_TRUE(st.IsNotFound()) << st.ToString();
+  EXPECT_NE(st.message().find("MANIFEST is missing"), std::string::npos) << st.ToString();
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace shardps
