@@ -166,6 +166,12 @@ class Worker:
         """Waits until every worker entered barrier `name` (seconds)."""
         self._w.barrier(name, timeout)
 
+    def checkpoint(self, directory, timeout=600.0):
+        """Collective, between steps (every worker, none of its operations in flight): the
+        servers write their chunks into `directory`, worker 0 the manifest; a job started with
+        --restore DIRECTORY goes on from it (docs/fault-tolerance.md)."""
+        self._w.checkpoint(str(directory), timeout)
+
     def steps(self, tensor):
         """The step of the tensor's next push (1 before the first)."""
         return self._w.steps(self._id(tensor))

@@ -197,6 +197,14 @@ class PyWorker {
     }
     if (!st.ok()) Raise(st);
   }
+  void Checkpoint(const std::string& dir, double timeout_s) {
+    Status st;
+    {
+      py::gil_scoped_release nogil;
+      st = w_->Checkpoint(dir, std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
+    }
+    if (!st.ok()) Raise(st);
+  }
   void Finish() {
     Status st;
     {
@@ -269,6 +277,7 @@ PYBIND11_MODULE(_shardps, m) {
       .def("_pull", &PyWorker::Pull, py::return_value_policy::take_ownership)
       .def("_push_pull", &PyWorker::PushPull, py::return_value_policy::take_ownership)
       .def("barrier", &PyWorker::Barrier, py::arg("name"), py::arg("timeout") = 60.0)
+      .def("checkpoint", &PyWorker::Checkpoint, py::arg("dir"), py::arg("timeout") = 600.0)
       .def("finish", &PyWorker::Finish)
       .def("server_stats", &PyWorker::ServerStats)
       .def("_set_learning_rate", &PyWorker::SetLearningRate)

@@ -29,6 +29,18 @@ def test_three_workers_two_servers_exact(mode):
     assert out.count(": exact") == 3, out
 
 
+def test_a_checkpoint_taken_from_python_restores_exactly(tmp_path):
+    d = str(tmp_path / "ckpt")
+    job = ["--servers", "2", "--workers", "2", "--mode", "sync", "--aggregate", "sum",
+           "--chunk-size", "4KiB"]
+    code, out = launch(job, "checkpoint.py", "--phase", "save", "--dir", d)
+    assert code == 0, out
+    assert out.count(": save exact") == 2, out
+    code, out = launch(job + ["--restore", d], "checkpoint.py", "--phase", "restore", "--dir", d)
+    assert code == 0, out
+    assert out.count(": restore exact") == 2, out
+
+
 def test_handles_keep_arrays_alive_and_bad_input_is_a_clear_error():
     code, out = launch(["--servers", "1", "--workers", "1"], "lifetimes_and_errors.py")
     assert code == 0, out
