@@ -492,6 +492,9 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
               : std::string());
   }
 
+  // The steps a restored sync job starts past: no checkpoint is taken again for them (the one
+  // restored from may be the only one).
+  const uint64_t restored_step = w.steps((*ids)[0]);
   const size_t f = static_cast<size_t>(train.rows) * static_cast<size_t>(train.cols);
   const size_t b = static_cast<size_t>(p.local_batch);
   train::Mlp mlp(p.shape);
@@ -514,7 +517,8 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
       const uint64_t global = static_cast<uint64_t>(e) * p.steps + s + 1;
       // Every worker takes the checkpoint after the same global steps, computed or skipped.
       auto checkpoint = [&]() {
-        if (t.checkpoint_every == 0 || global % t.checkpoint_every != 0) return Status::OK();
+        if (t.checkpoint_every == 0 || global % t.checkpoint_every != 0 || global <= restored_step)
+          return Status::OK();
         Status st = w.Checkpoint(t.checkpoint_dir, kBarrierTimeout);
         if (st.ok() && rank0)
           Say("train: checkpoint after step {} in {}", global, t.checkpoint_dir);

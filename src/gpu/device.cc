@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <string_view>
 #include <thread>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <spdlog/spdlog.h>
 
 #include "gpu/cuda.h"
 
@@ -246,18 +248,23 @@ class CudaDevice final : public Device {
     if (!e.ok()) return fn(e.status());
     {
       std::lock_guard<std::mutex> lock(mu_);
-      pending_.push_back({*e, s, std::move(fn)});
+      pending_.push_back({*e, s, ++issued_[s], std::move(fn)});
     }
     cv_.notify_one();
   }
   Status Wait(int s, std::chrono::milliseconds timeout) override {
+    uint64_t ticket = 0;  // the last callback of Then on `s` queued before this wait
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ticket = issued_[s];
+    }
     SHARDPS_ASSIGN_OR_RETURN(Event e, RecordOn(s));
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     for (;;) {
       // Complete once the stream's work is, and the callbacks of Then queued before have run
       // (what they finish may be destroyed after Wait).
       Result<bool> done = cuda_->Done(e);
-      if (!done.ok() || (*done && !CallbacksDue(s))) {
+      if (!done.ok() || (*done && CallbacksRan(s, ticket))) {
         GiveEvent(e);
         return done.status();
       }
@@ -274,16 +281,15 @@ class CudaDevice final : public Device {
   struct Pending {
     Event event;
     int stream;
+    uint64_t ticket;  // per stream, in the order of Then
     std::function<void(Status)> fn;
   };
 
-  // Whether callbacks of Then on `stream` are still to run (or running).
-  bool CallbacksDue(int stream) {
+  // Whether the callbacks of Then on `stream` up to `ticket` have run (callbacks of one stream
+  // run in their order: its events complete in order, and the poller takes them in order).
+  bool CallbacksRan(int stream, uint64_t ticket) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (calling_ > 0) return true;
-    for (const auto& p : pending_)
-      if (p.stream == stream) return true;
-    return false;
+    return ran_[stream] >= ticket;
   }
 
   Stream StreamOf(int s) const { return streams_[static_cast<size_t>(s) % streams_.size()]; }
@@ -323,11 +329,20 @@ class CudaDevice final : public Device {
   // Calls the callbacks of Then as their events complete (queries only: a callback never waits
   // for a stream, and a failed stream still answers).
   void Poll() {
+    // Event queries run in this GPU's context (not in a new one on GPU 0).
+    if (Status st = cuda_->SetDevice(index_); !st.ok())
+      spdlog::warn("{}: the completion thread cannot select the GPU: {}", name_, st.ToString());
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
       cv_.wait(lock, [this] { return stop_ || !pending_.empty(); });
       if (stop_ && pending_.empty()) return;
-      std::vector<std::pair<std::function<void(Status)>, Status>> ready;
+      struct Ready {
+        std::function<void(Status)> fn;
+        Status st;
+        int stream;
+        uint64_t ticket;
+      };
+      std::vector<Ready> ready;
       for (auto it = pending_.begin(); it != pending_.end();) {
         Result<bool> done = cuda_->Done(it->event);
         if (done.ok() && !*done && !stop_) {
@@ -337,16 +352,18 @@ class CudaDevice final : public Device {
         Status st = done.ok() ? (*done ? Status::OK()
                                        : Status::Aborted(name_ + " closed before the work ran"))
                               : done.status();
-        ready.emplace_back(std::move(it->fn), std::move(st));
+        ready.push_back({std::move(it->fn), std::move(st), it->stream, it->ticket});
         spare_events_.push_back(it->event);
         it = pending_.erase(it);
       }
-      calling_ += ready.empty() ? 0 : 1;
       lock.unlock();
-      for (auto& [fn, st] : ready) fn(std::move(st));
+      for (auto& r : ready) {
+        r.fn(std::move(r.st));
+        std::lock_guard<std::mutex> l(mu_);
+        ran_[r.stream] = std::max(ran_[r.stream], r.ticket);
+      }
       if (ready.empty()) std::this_thread::sleep_for(std::chrono::microseconds(5));
       lock.lock();
-      calling_ -= ready.empty() ? 0 : 1;
     }
   }
 
@@ -363,7 +380,8 @@ class CudaDevice final : public Device {
   std::deque<Pending> pending_;      // guarded by mu_
   std::vector<Event> spare_events_;  // guarded by mu_
   bool stop_ = false;                // guarded by mu_
-  int calling_ = 0;                  // guarded by mu_: the poller is running callbacks
+  std::map<int, uint64_t> issued_;   // guarded by mu_: per stream, the last ticket of Then
+  std::map<int, uint64_t> ran_;  // guarded by mu_: per stream, the last ticket whose callback ran
   std::thread poller_;
 };
 

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
@@ -101,40 +102,59 @@ bool DecodeChunk(Reader* r, ChunkState* c) {
 
 }  // namespace
 
-std::string ServerFileName(uint32_t rank) { return fmt::format("server-{}.chunks", rank); }
+std::string ServerFileName(uint64_t generation, uint32_t rank) {
+  return fmt::format("g{}-server-{}.chunks", generation, rank);
+}
 
-Result<CheckpointFile> WriteServerFile(const std::string& dir, uint32_t rank,
+Result<CheckpointFile> WriteServerFile(const std::string& dir, const std::string& name,
                                        const std::vector<ChunkState>& chunks) {
+  if (name.empty() || name.find('/') != std::string::npos || name[0] == '.')
+    return Status::InvalidArgument(fmt::format("checkpoint file name '{}'", name));
   Bytes b;
   Writer w(&b);
   w.PutRaw(kMagic, 16);
   w.Put<uint64_t>(chunks.size());
   for (const auto& c : chunks) EncodeChunk(c, &w);
-  CheckpointFile f{ServerFileName(rank), b.size(), Crc32c(b.data(), b.size())};
+  CheckpointFile f{name, b.size(), Crc32c(b.data(), b.size())};
   SHARDPS_RETURN_IF_ERROR(WriteDurably(dir, f.name, b));
   return f;
 }
 
-Status RemoveManifest(const std::string& dir) {
-  const std::string path = Join(dir, kManifest);
-  if (::unlink(path.c_str()) != 0) {
-    if (errno == ENOENT) return Status::OK();
-    return Status::FromErrno("remove " + path, errno);
-  }
-  return SyncPath(dir, true);
+uint64_t CurrentGeneration(const std::string& dir) {
+  auto text = ReadAll(Join(dir, kManifest));
+  if (!text.ok()) return 0;
+  nlohmann::json j = nlohmann::json::parse(text->begin(), text->end(), nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("generation") ||
+      !j["generation"].is_number_unsigned())
+    return 0;
+  return j["generation"].get<uint64_t>();
 }
 
-Status WriteManifest(const std::string& dir, const std::vector<CheckpointFile>& files,
-                     const std::string& about) {
+Status WriteManifest(const std::string& dir, uint64_t generation,
+                     const std::vector<CheckpointFile>& files, const std::string& about) {
   nlohmann::json j;
   j["format"] = kFormat;
+  j["generation"] = generation;
   j["about"] = about;
   j["files"] = nlohmann::json::array();
   for (const auto& f : files)
     j["files"].push_back(
         {{"name", f.name}, {"bytes", f.bytes}, {"crc32c", fmt::format("{:08x}", f.crc32c)}});
   const std::string text = j.dump(2) + "\n";
-  return WriteDurably(dir, kManifest, Bytes(text.begin(), text.end()));
+  SHARDPS_RETURN_IF_ERROR(WriteDurably(dir, kManifest, Bytes(text.begin(), text.end())));
+  // The files of earlier (or interrupted) generations are no longer listed: removed, as far as
+  // that goes (what is left is only space).
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    const bool ours = name.size() > 7 && name[0] == 'g' &&
+                      name.find("-server-") != std::string::npos &&
+                      (name.ends_with(".chunks") || name.ends_with(".chunks.tmp"));
+    const bool listed = std::any_of(files.begin(), files.end(),
+                                    [&](const CheckpointFile& f) { return f.name == name; });
+    if (ours && !listed) std::filesystem::remove(e.path(), ec);
+  }
+  return Status::OK();
 }
 
 Result<Checkpoint> ReadCheckpoint(const std::string& dir) {
@@ -146,7 +166,8 @@ Result<Checkpoint> ReadCheckpoint(const std::string& dir) {
         "interrupted before it completed)",
         dir, mpath));
   nlohmann::json j = nlohmann::json::parse(mtext->begin(), mtext->end(), nullptr, false);
-  if (j.is_discarded() || !j.is_object() || j.value("format", 0) != kFormat ||
+  if (j.is_discarded() || !j.is_object() || !j.contains("format") ||
+      !j["format"].is_number_integer() || j["format"].get<int64_t>() != kFormat ||
       !j.contains("files") || !j["files"].is_array())
     return Status::IOError(
         fmt::format("{} is not a ShardPS checkpoint manifest of format {}", mpath, kFormat));

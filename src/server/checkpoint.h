@@ -1,8 +1,10 @@
 // Checkpoint files (docs/fault-tolerance.md, "Checkpoints"): each server writes its chunks'
 // state into one file of the checkpoint's directory, and the worker that led the checkpoint
 // writes the MANIFEST last, with the size and CRC32C of every file. Every file is written under a
-// temporary name, fsynced and renamed (and the directory fsynced), so a checkpoint is either
-// complete with its manifest or has none and is never loaded.
+// temporary name, fsynced and renamed (and the directory fsynced). Each checkpoint into a
+// directory is a new generation whose files have names of their own: until its manifest replaces
+// the last one (an atomic rename), the directory still holds the previous checkpoint, whole, and
+// a checkpoint interrupted midway is never loaded.
 #pragma once
 
 #include <cstdint>
@@ -35,20 +37,20 @@ struct CheckpointFile {
   uint32_t crc32c = 0;
 };
 
-// The name of server `rank`'s file.
-std::string ServerFileName(uint32_t rank);
+// The name of server `rank`'s file in checkpoint generation `generation`.
+std::string ServerFileName(uint64_t generation, uint32_t rank);
 
-// Writes `chunks` as server `rank`'s file in `dir` (created if need be).
-Result<CheckpointFile> WriteServerFile(const std::string& dir, uint32_t rank,
+// Writes `chunks` as the file `name` in `dir` (created if need be). `name` is a plain file name.
+Result<CheckpointFile> WriteServerFile(const std::string& dir, const std::string& name,
                                        const std::vector<ChunkState>& chunks);
 
-// Removes `dir`'s manifest (durably): from then on the directory holds no loadable checkpoint
-// until WriteManifest, so a checkpoint interrupted midway is never loaded, old or new.
-Status RemoveManifest(const std::string& dir);
+// The generation of the checkpoint `dir` holds (0: none, or a manifest that does not say).
+uint64_t CurrentGeneration(const std::string& dir);
 
-// Writes the manifest listing `files`, last. `about` is stored as it is (job facts for people).
-Status WriteManifest(const std::string& dir, const std::vector<CheckpointFile>& files,
-                     const std::string& about);
+// Writes the manifest of generation `generation` listing `files`, replacing the last one
+// atomically, then removes the files of other generations. `about` is stored as it is.
+Status WriteManifest(const std::string& dir, uint64_t generation,
+                     const std::vector<CheckpointFile>& files, const std::string& about);
 
 // A checkpoint read back, every file checked against the manifest (size, CRC32C) and parsed:
 // the chunks by tensor name, then by offset.

@@ -169,6 +169,10 @@ class ChunkEngine {
   // grants wait already.
   Result<bool> Admit(const ParkedGrant& g);
 
+  // The rule goes first, while everything its last completion may touch is still here (a device
+  // rule waits for its stream).
+  ~ChunkEngine() { rule_.reset(); }
+
   // Owner thread.
   EngineActions OnPush(LandedPush p);
   // Owner thread: forgets what `owner` left parked (its buffers come back in `release`).

@@ -57,8 +57,9 @@ class DeviceBuffer {
  private:
   void Reset() {
     if (!p_) return;
-    (void)device_->Wait(stream_, kCopyTimeout);  // what is queued may still use it
-    device_->Free(p_);
+    // What is queued may still use it: a device that does not finish keeps the memory (freed,
+    // it could be written after its next owner took it).
+    if (device_->Wait(stream_, kCopyTimeout).ok()) device_->Free(p_);
     p_ = nullptr;
   }
   std::shared_ptr<gpu::Device> device_;
@@ -102,6 +103,9 @@ class DeviceUpdateRule final : public UpdateRule {
     staging_bytes_ = max_push_bytes < 4 ? 4 : max_push_bytes;
     SHARDPS_ASSIGN_OR_RETURN(staging_, Buffer(staging_bytes_));
     SHARDPS_ASSIGN_OR_RETURN(publish_, Buffer(n));
+    // A sync step's running sum: allocated now, so that what DeviceRuleBytes counted before the
+    // chunk was made is taken before the next chunk counts what is free.
+    SHARDPS_ASSIGN_OR_RETURN(reserved_, Buffer(n));
     // Initial values: the parameters, and the state as InitOptimizerState sets it (adagrad's
     // initial accumulator), through the staging of host memory.
     SHARDPS_RETURN_IF_ERROR(device_->Copy(params_.get(), init, n, stream_));
@@ -126,6 +130,7 @@ class DeviceUpdateRule final : public UpdateRule {
   bool owns_parameters() const override { return true; }
 
   std::unique_ptr<Accumulator> NewAccumulator() override {
+    if (reserved_.get()) return std::make_unique<DeviceAccumulator>(std::move(reserved_));
     auto b = Buffer(numel_ * sizeof(float));
     if (!b.ok()) {
       // Out of device memory in the middle of a job: the next update reports it.
@@ -246,6 +251,7 @@ class DeviceUpdateRule final : public UpdateRule {
   const uint64_t numel_;
   const std::string name_;
   DeviceBuffer params_, m_, v_, staging_, publish_;
+  DeviceBuffer reserved_;  // the first accumulator, until NewAccumulator hands it out
   uint64_t staging_bytes_ = 0;
   void* pinned_ = nullptr;
   uint64_t steps_ = 0;

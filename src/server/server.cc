@@ -131,7 +131,7 @@ constexpr size_t kRangeElements = 64 << 10;
 constexpr int kDeviceStreams = 4;
 constexpr std::chrono::milliseconds kDeviceDrainTimeout{10000};
 // A checkpoint: how long the chunks' owners may take to hand over their state.
-constexpr std::chrono::milliseconds kSnapshotTimeout{30000};
+constexpr std::chrono::milliseconds kSnapshotTimeout{300000};
 
 void ReadRss(uint64_t* rss, uint64_t* peak) {
   std::ifstream f("/proc/self/status");
@@ -166,25 +166,31 @@ class ServerImpl final : public Server {
   ~ServerImpl() override {
     // Connections closed by the teardown below are not dropped chunk by chunk: the chunks and
     // the pool go with the server.
-    stopping_ = true;
-    metrics_.Stop();
     {
-      // A checkpoint being written finishes first (its waits are bounded).
+      // A checkpoint being written finishes first (its waits are bounded); none starts after.
       std::unique_lock<std::mutex> lock(saver_mu_);
+      saver_closed_ = true;
       std::thread saver = std::move(saver_);
       lock.unlock();
       if (saver.joinable()) saver.join();
     }
-    // Updates still on the device complete (their completions posted) before the apply threads
-    // stop; the chunks are destroyed with the server.
+    // From here on messages are ignored and work handed to a chunk's owner is dropped (an
+    // update completing on the device finishes nothing).
+    stopping_ = true;
+    metrics_.Stop();
+    applier_.Stop();
     if (device_)
       for (int s = 0; s < device_->streams(); ++s) (void)device_->Wait(s, kDeviceDrainTimeout);
-    applier_.Stop();
     timeline_.reset();  // writes the file
     listener_.reset();
     node_.reset();
-    if (pinned_pool_) device_->Unpin(pinned_pool_);
     data_ctx_.reset();
+    {
+      // Each chunk's rule waits for its own device work as it goes.
+      std::unique_lock<std::shared_mutex> lock(chunks_mu_);
+      chunks_.clear();
+    }
+    if (pinned_pool_) device_->Unpin(pinned_pool_);
     control_ctx_.reset();
   }
 
@@ -541,17 +547,18 @@ class ServerImpl final : public Server {
   // kSaveChunks (docs/fault-tolerance.md): the chunks are written by a thread of their own, which
   // reads each chunk's state on its owner thread, then answers.
   void OnSaveChunks(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
-    std::string dir;
-    if (!r.GetString(&dir, 4096) || !r.done() || dir.empty())
+    std::string dir, name;
+    if (!r.GetString(&dir, 4096) || !r.GetString(&name, 256) || !r.done() || dir.empty())
       return Drop(c, "malformed save-chunks request");
     std::lock_guard<std::mutex> lock(saver_mu_);
+    if (saver_closed_) return Reply(*c, req, Status::Aborted("the server is stopping"));
     if (saving_)
       return Reply(*c, req, Status::AlreadyExists("a checkpoint is being written already"));
     if (saver_.joinable()) saver_.join();  // the last one, done
     saving_ = true;
-    saver_ = std::thread([this, c, req, dir] {
+    saver_ = std::thread([this, c, req, dir, name] {
       uint64_t chunks = 0;
-      auto file = SaveChunks(dir, &chunks);
+      auto file = SaveChunks(dir, name, &chunks);
       Bytes body;
       if (file.ok()) {
         Writer w(&body);
@@ -571,7 +578,8 @@ class ServerImpl final : public Server {
     });
   }
 
-  Result<CheckpointFile> SaveChunks(const std::string& dir, uint64_t* count) {
+  Result<CheckpointFile> SaveChunks(const std::string& dir, const std::string& name,
+                                    uint64_t* count) {
     std::vector<Chunk*> all;
     {
       std::shared_lock<std::shared_mutex> lock(chunks_mu_);
@@ -603,7 +611,7 @@ class ServerImpl final : public Server {
           fmt::format("the chunks' owners did not answer within {} ms", kSnapshotTimeout.count()));
     SHARDPS_RETURN_IF_ERROR(p->failed);
     *count = all.size();
-    return WriteServerFile(dir, rank_, p->states);
+    return WriteServerFile(dir, name, p->states);
   }
 
   // Owner thread: what a checkpoint keeps of `ch`.
@@ -645,6 +653,7 @@ class ServerImpl final : public Server {
   }
 
   void OnMessage(const std::shared_ptr<Connection>& c, transport::Message& m) {
+    if (stopping_.load()) return;  // the server is being destroyed
     if (!ReadyFor(c, m)) return;
     Reader r(m.meta.data(), m.meta.size());
     uint64_t req = 0;
@@ -853,6 +862,7 @@ class ServerImpl final : public Server {
   // Runs fn on the thread that owns `ch`: the data loop for small chunks, else its apply
   // thread. The transport keeps polling until the apply thread hands back its answer.
   void OnOwner(Chunk& ch, std::function<void()> fn) {
+    if (stopping_.load()) return;  // the server is being destroyed
     if (ch.inline_apply) {
       // On the loop thread, the event being handled sends the batch answers it completed.
       if (data_ctx_->InLoopThread()) return fn();
@@ -1190,8 +1200,9 @@ class ServerImpl final : public Server {
   std::optional<Checkpoint> restore_;
   // The thread writing a checkpoint of the chunks (kSaveChunks); one at a time.
   std::mutex saver_mu_;
-  bool saving_ = false;  // guarded by saver_mu_
-  std::thread saver_;    // guarded by saver_mu_
+  bool saving_ = false;        // guarded by saver_mu_
+  bool saver_closed_ = false;  // guarded by saver_mu_: the server is being destroyed
+  std::thread saver_;          // guarded by saver_mu_
   // Where chunks live (--device): null for cpu; shared with the device rules of the chunks.
   std::shared_ptr<gpu::Device> device_;
   LandingPool pool_;

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <future>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -1175,18 +1176,26 @@ class WorkerImpl final : public Worker {
     return st.ok() ? end : st;
   }
 
-  // Worker 0's part: the old manifest goes first (an interrupted checkpoint is never loaded),
-  // each server writes its file, then the manifest lists them.
+  // Worker 0's part: each server writes its file of a new generation (the last checkpoint in
+  // `dir` stays whole meanwhile), then the manifest lists them, replacing the last one. The
+  // servers write at once, within one deadline.
   Status LeadCheckpoint(const std::string& dir, std::chrono::milliseconds timeout) {
-    SHARDPS_RETURN_IF_ERROR(server::RemoveManifest(dir));
+    const uint64_t generation = server::CurrentGeneration(dir) + 1;
     std::vector<server::CheckpointFile> files;
     uint64_t chunks = 0;
+    std::vector<std::future<Result<Bytes>>> replies;
     for (size_t s = 0; s < servers_.size(); ++s) {
       Bytes body;
       Writer w(&body);
       w.PutString(dir);
-      auto rep = CallSync(*servers_[s], kSaveChunks, body, timeout,
-                          fmt::format("server {} writing its chunks", s));
+      w.PutString(server::ServerFileName(generation, static_cast<uint32_t>(s)));
+      replies.push_back(std::async(std::launch::async, [this, s, body, timeout] {
+        return CallSync(*servers_[s], kSaveChunks, body, timeout,
+                        fmt::format("server {} writing its chunks", s));
+      }));
+    }
+    for (size_t s = 0; s < servers_.size(); ++s) {
+      auto rep = replies[s].get();
       if (!rep.ok()) return rep.status();
       Reader r(rep->data(), rep->size());
       server::CheckpointFile f;
@@ -1202,7 +1211,7 @@ class WorkerImpl final : public Worker {
                             {"servers", view_.num_servers},
                             {"workers", view_.num_workers},
                             {"chunks", chunks}};
-    return server::WriteManifest(dir, files, about.dump());
+    return server::WriteManifest(dir, generation, files, about.dump());
   }
 
   Result<std::string> ServerStats(uint32_t server) override {

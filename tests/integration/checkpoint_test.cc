@@ -136,7 +136,13 @@ TEST(Checkpoint, IncompleteOrCorruptCheckpointsAreRefused) {
     std::vector<std::vector<float>> last;
     Steps(w, *ids, 1, 2, &last);
     ASSERT_TRUE(w.Checkpoint(dir, 60s).ok());
+    // A second checkpoint into the same directory is generation 2; generation 1's files go.
+    Steps(w, *ids, 3, 3, &last);
+    ASSERT_TRUE(w.Checkpoint(dir, 60s).ok());
   }
+  EXPECT_EQ(server::CurrentGeneration(dir), 2u);
+  EXPECT_FALSE(std::filesystem::exists(dir + "/" + server::ServerFileName(1, 0)));
+  EXPECT_TRUE(std::filesystem::exists(dir + "/" + server::ServerFileName(2, 0)));
   auto start = [&]() {
     ServerOptions so;
     so.coordinator = "127.0.0.1:1";
@@ -145,7 +151,8 @@ TEST(Checkpoint, IncompleteOrCorruptCheckpointsAreRefused) {
     return s.ok() ? Status::OK() : s.status();
   };
   ASSERT_TRUE(server::ReadCheckpoint(dir).ok());
-  const std::string file = dir + "/" + server::ServerFileName(1);
+  const std::string name = server::ServerFileName(2, 1);
+  const std::string file = dir + "/" + name;
   std::string bytes;
   {
     std::ifstream f(file, std::ios::binary);
@@ -161,18 +168,24 @@ TEST(Checkpoint, IncompleteOrCorruptCheckpointsAreRefused) {
   rewrite(flipped);
   Status st = start();
   EXPECT_FALSE(st.ok());
-  EXPECT_NE(st.message().find("server-1.chunks is corrupt: its CRC32C is"), std::string::npos)
+  EXPECT_NE(st.message().find(name + " is corrupt: its CRC32C is"), std::string::npos)
       << st.ToString();
   // Cut short.
   rewrite(bytes.substr(0, bytes.size() - 8));
   st = start();
-  EXPECT_NE(st.message().find("server-1.chunks has"), std::string::npos) << st.ToString();
+  EXPECT_NE(st.message().find(name + " has"), std::string::npos) << st.ToString();
   rewrite(bytes);
-  ASSERT_TRUE(server::ReadCheckpoint(dir).ok());
-  // A checkpoint interrupted midway: its leader removed the old manifest first, and one server
-  // rewrote its file; the manifest that would list them was never written.
-  ASSERT_TRUE(server::RemoveManifest(dir).ok());
-  ASSERT_TRUE(server::WriteServerFile(dir, 1, {}).ok());
+  auto whole = server::ReadCheckpoint(dir);
+  ASSERT_TRUE(whole.ok());
+  // A third checkpoint interrupted midway (one server wrote its file of generation 3, nobody
+  // the manifest): the directory still holds generation 2, whole.
+  ASSERT_TRUE(server::WriteServerFile(dir, server::ServerFileName(3, 0), {}).ok());
+  auto after = server::ReadCheckpoint(dir);
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  EXPECT_EQ(after->chunks, whole->chunks);
+  EXPECT_GT(after->chunks, 0u);
+  // No manifest at all: nothing is loaded.
+  std::filesystem::remove(dir + "/MANIFEST");
   st = start();
   EXPECT_TRUE(st.IsNotFound()) << st.ToString();
   EXPECT_NE(st.message().find("MANIFEST is missing"), std::string::npos) << st.ToString();
