@@ -1167,10 +1167,11 @@ class WorkerImpl final : public Worker {
 
   Status Checkpoint(const std::string& dir, std::chrono::milliseconds timeout) override {
     const uint64_t n = ++checkpoints_;
-    const std::string name = fmt::format("checkpoint {} into {}", n, dir);
+    // Barrier names are short (at most 256 bytes): the directory is not part of them.
+    const std::string name = fmt::format("checkpoint {}", n);
     SHARDPS_RETURN_IF_ERROR(Barrier(name + ": begin", timeout));
     Status st;
-    if (rank_ == 0) st = LeadCheckpoint(dir, timeout).WithContext(name);
+    if (rank_ == 0) st = LeadCheckpoint(dir, timeout).WithContext(name + " into " + dir);
     // Every worker waits for worker 0 to be done: nobody pushes into a checkpoint being written.
     Status end = Barrier(name + ": end", timeout + opt_.rpc_timeout);
     return st.ok() ? end : st;

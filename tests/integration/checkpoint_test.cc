@@ -126,7 +126,9 @@ TEST(Checkpoint, RestoredJobGoesOnBitForBit) {
 // A server started from a checkpoint that is incomplete or damaged refuses to start, naming the
 // file and what is wrong; nothing of it is loaded.
 TEST(Checkpoint, IncompleteOrCorruptCheckpointsAreRefused) {
-  const std::string dir = TempDir("ckpt-bad");
+  // A long path too (over the 256 bytes of a barrier's name).
+  const std::string top = TempDir("ckpt-bad");
+  const std::string dir = top + "/" + std::string(200, 'd') + "/" + std::string(100, 'e');
   {
     auto lc = LocalCluster::Start(Opts(2, 1, Mode::kSync, Aggregate::kSum, 4096));
     ASSERT_TRUE(lc);
@@ -189,7 +191,7 @@ TEST(Checkpoint, IncompleteOrCorruptCheckpointsAreRefused) {
   st = start();
   EXPECT_TRUE(st.IsNotFound()) << st.ToString();
   EXPECT_NE(st.message().find("MANIFEST is missing"), std::string::npos) << st.ToString();
-  std::filesystem::remove_all(dir);
+  std::filesystem::remove_all(top);
 }
 
 }  // namespace
