@@ -118,9 +118,6 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   lo.apply_threads = job.apply_threads;
   lo.device = job.device;
   lo.restore = job.restore;
-  // Workers learn it too (shardps train starts from the restored parameters).
-  if (!job.restore.empty())
-    lo.env.push_back(fmt::format("{}={}", tunables::kRestore.env, job.restore));
   lo.busy_poll_us = job.busy_poll_us;
   SHARDPS_RETURN_IF_ERROR(
       job.InboundBytes(&lo.connection_inbound_bytes, &lo.process_inbound_bytes));
@@ -167,6 +164,7 @@ std::vector<std::string> ChildEnvironment(const LaunchOptions& opt,
   file(kTlsCert, co.tls_cert);
   file(kTlsKey, co.tls_key);
   file(kTlsCa, co.tls_ca);
+  file(kRestore, opt.restore);  // workers learn it too (shardps train starts from it)
   for (const auto& e : opt.env) env.push_back(e);
   return env;
 }
@@ -278,10 +276,6 @@ int RunLaunch(const LaunchOptions& opt) {
                                      std::to_string(opt.apply_threads),
                                      "--device",
                                      opt.device};
-    if (!opt.restore.empty()) {
-      argv.push_back("--restore");
-      argv.push_back(opt.restore);
-    }
     auto c = Spawn(fmt::format("server {}", i), false, argv, opt.parent_env, env);
     if (c.ok())
       children.push_back(std::move(c).value());

@@ -17,7 +17,7 @@ struct LaunchOptions {
   uint32_t landing_buffers = static_cast<uint32_t>(tunables::kLandingBuffers.number);
   uint32_t apply_threads = static_cast<uint32_t>(tunables::kApplyThreads.number);  // per server
   std::string device{tunables::kDevice.default_value};                             // servers
-  std::string restore;                                  // servers: a checkpoint to start from
+  std::string restore;  // a checkpoint the servers start from (SHARDPS_RESTORE, absolute)
   int64_t busy_poll_us = tunables::kBusyPollUs.number;  // servers and workers
   uint64_t connection_inbound_bytes = static_cast<uint64_t>(tunables::kConnectionInbound.number);
   uint64_t process_inbound_bytes = static_cast<uint64_t>(tunables::kProcessInbound.number);

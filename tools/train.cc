@@ -495,6 +495,14 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
   // The steps a restored sync job starts past: no checkpoint is taken again for them (the one
   // restored from may be the only one).
   const uint64_t restored_step = w.steps((*ids)[0]);
+  // Every worker takes the checkpoint after the same global steps, computed or skipped.
+  auto checkpoint = [&](uint64_t global) {
+    if (t.checkpoint_every == 0 || global % t.checkpoint_every != 0 || global <= restored_step)
+      return Status::OK();
+    Status st = w.Checkpoint(t.checkpoint_dir, kBarrierTimeout);
+    if (st.ok() && rank0) Say("train: checkpoint after step {} in {}", global, t.checkpoint_dir);
+    return st;
+  };
   const size_t f = static_cast<size_t>(train.rows) * static_cast<size_t>(train.cols);
   const size_t b = static_cast<size_t>(p.local_batch);
   train::Mlp mlp(p.shape);
@@ -515,19 +523,10 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
       // dropped, and the tensor moved on to the published version (Worker::steps); this worker
       // skips the steps that every tensor is past.
       const uint64_t global = static_cast<uint64_t>(e) * p.steps + s + 1;
-      // Every worker takes the checkpoint after the same global steps, computed or skipped.
-      auto checkpoint = [&]() {
-        if (t.checkpoint_every == 0 || global % t.checkpoint_every != 0 || global <= restored_step)
-          return Status::OK();
-        Status st = w.Checkpoint(t.checkpoint_dir, kBarrierTimeout);
-        if (st.ok() && rank0)
-          Say("train: checkpoint after step {} in {}", global, t.checkpoint_dir);
-        return st;
-      };
       bool behind = false;
       for (size_t k = 0; k < params.size(); ++k) behind = behind || w.steps((*ids)[k]) < global;
       if (!behind) {
-        if (Status st = checkpoint(); !st.ok()) return Fail(st);
+        if (Status st = checkpoint(global); !st.ok()) return Fail(st);
         continue;
       }
       if (slow_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
@@ -548,7 +547,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
       if (Status st = wait_all(hs); !st.ok()) return Fail(st);
       if (std::any_of(hs.begin(), hs.end(), [](const Handle& h) { return h.late(); }))
         run.late_steps++;
-      if (Status st = checkpoint(); !st.ok()) return Fail(st);
+      if (Status st = checkpoint(global); !st.ok()) return Fail(st);
       sum += loss;
       computed++;
       if (rank0) {

@@ -17,20 +17,6 @@ namespace {
 // does not finish in this time is failing.
 constexpr std::chrono::milliseconds kCopyTimeout{30000};
 
-int OptimizerCodeOf(OptimizerKind k) {
-  switch (k) {
-    case OptimizerKind::kSgd:
-      return kOptSgd;
-    case OptimizerKind::kMomentum:
-      return kOptMomentum;
-    case OptimizerKind::kAdam:
-      return kOptAdam;
-    case OptimizerKind::kAdagrad:
-      return kOptAdagrad;
-  }
-  return kOptSgd;
-}
-
 int StateArrays(OptimizerKind k) {
   return k == OptimizerKind::kAdam ? 2 : (k == OptimizerKind::kSgd ? 0 : 1);
 }
@@ -93,11 +79,14 @@ class DeviceUpdateRule final : public UpdateRule {
 
   Status Init(const float* init, uint64_t max_push_bytes, void* host_slots, size_t slot_bytes) {
     const size_t n = numel_ * sizeof(float);
+    // The optimizer's state as the CPU rule starts it (adagrad's initial accumulator).
+    OptimizerState state;
+    InitOptimizerState(cfg_, numel_, &state);
     SHARDPS_ASSIGN_OR_RETURN(params_, Buffer(n));
-    if (StateArrays(cfg_.kind) >= 1) {
+    if (!state.m.empty()) {
       SHARDPS_ASSIGN_OR_RETURN(m_, Buffer(n));
     }
-    if (StateArrays(cfg_.kind) >= 2) {
+    if (!state.v.empty()) {
       SHARDPS_ASSIGN_OR_RETURN(v_, Buffer(n));
     }
     staging_bytes_ = max_push_bytes < 4 ? 4 : max_push_bytes;
@@ -106,15 +95,9 @@ class DeviceUpdateRule final : public UpdateRule {
     // A sync step's running sum: allocated now, so that what DeviceRuleBytes counted before the
     // chunk was made is taken before the next chunk counts what is free.
     SHARDPS_ASSIGN_OR_RETURN(reserved_, Buffer(n));
-    // Initial values: the parameters, and the state as InitOptimizerState sets it (adagrad's
-    // initial accumulator), through the staging of host memory.
     SHARDPS_RETURN_IF_ERROR(device_->Copy(params_.get(), init, n, stream_));
-    std::vector<float> state;
-    if (m_.get()) {
-      state.assign(numel_, cfg_.kind == OptimizerKind::kAdagrad ? cfg_.initial_accumulator : 0.0f);
-      SHARDPS_RETURN_IF_ERROR(device_->Copy(m_.get(), state.data(), n, stream_));
-      if (v_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(v_.get(), state.data(), n, stream_));
-    }
+    if (m_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(m_.get(), state.m.data(), n, stream_));
+    if (v_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(v_.get(), state.v.data(), n, stream_));
     SHARDPS_RETURN_IF_ERROR(device_->Wait(stream_, kCopyTimeout).WithContext(name_));
     if (host_slots && slot_bytes) {
       // Copies into the slots are asynchronous only from pinned memory; without, they are still
@@ -181,7 +164,8 @@ class DeviceUpdateRule final : public UpdateRule {
     a.k = MakeStepParams(cfg_, scale, steps_, lr);
     Status st = Stage(grad, &a.grad);
     if (st.ok())
-      st = device_->Update(OptimizerCodeOf(cfg_.kind), static_cast<int>(grad.encoding), a, stream_);
+      st =
+          device_->Update(static_cast<int>(cfg_.kind), static_cast<int>(grad.encoding), a, stream_);
     if (st.ok())
       st = device_->Copy(publish->data, publish_.get(),
                          compress::ParamBytes(publish->codec, numel_), stream_);
@@ -207,12 +191,10 @@ class DeviceUpdateRule final : public UpdateRule {
   }
   Status LoadState(const RuleState& s) override {
     const size_t n = numel_ * sizeof(float);
-    if (s.params.size() != numel_ || s.m.size() != (m_.get() ? numel_ : 0) ||
-        s.v.size() != (v_.get() ? numel_ : 0))
+    if (s.m.size() != (m_.get() ? numel_ : 0) || s.v.size() != (v_.get() ? numel_ : 0))
       return Status::InvalidArgument(
           fmt::format("{}: checkpoint state of other sizes than the chunk's", name_));
     steps_ = s.steps;
-    SHARDPS_RETURN_IF_ERROR(device_->Copy(params_.get(), s.params.data(), n, stream_));
     if (m_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(m_.get(), s.m.data(), n, stream_));
     if (v_.get()) SHARDPS_RETURN_IF_ERROR(device_->Copy(v_.get(), s.v.data(), n, stream_));
     return device_->Wait(stream_, kCopyTimeout).WithContext(name_);
@@ -260,8 +242,7 @@ class DeviceUpdateRule final : public UpdateRule {
 
 }  // namespace
 
-uint64_t DeviceRuleBytes(const OptimizerConfig& cfg, uint64_t numel, uint64_t max_push_bytes,
-                         Codec) {
+uint64_t DeviceRuleBytes(const OptimizerConfig& cfg, uint64_t numel, uint64_t max_push_bytes) {
   // parameters, state, the published copy, staging, and one accumulator of a sync step
   return numel * sizeof(float) * (3 + static_cast<uint64_t>(StateArrays(cfg.kind))) +
          max_push_bytes;

@@ -27,6 +27,12 @@ void InitOptimizerState(const OptimizerConfig& cfg, size_t n, OptimizerState* st
   }
 }
 
+static_assert(kOptSgd == static_cast<int>(OptimizerKind::kSgd) &&
+                  kOptMomentum == static_cast<int>(OptimizerKind::kMomentum) &&
+                  kOptAdam == static_cast<int>(OptimizerKind::kAdam) &&
+                  kOptAdagrad == static_cast<int>(OptimizerKind::kAdagrad),
+              "OptimizerCode takes the values of OptimizerKind");
+
 namespace {
 
 // The rules, written once over a gradient source G (one array, or the sum of two); the loops

@@ -21,7 +21,8 @@
 
 namespace shardps::server {
 
-// The optimizers as template arguments of the kernels (values of OptimizerKind).
+// The optimizers as template arguments of the kernels: the values of OptimizerKind (checked in
+// optimizer.cc), so a kind is passed as static_cast<int>(kind).
 enum OptimizerCode : int { kOptSgd = 0, kOptMomentum = 1, kOptAdam = 2, kOptAdagrad = 3 };
 
 // One step's constants, the same for every element.

@@ -785,7 +785,7 @@ class ServerImpl final : public Server {
     if (it.push_codec == Codec::kTopK)
       max_push = std::min<uint64_t>(pool_.buffer_bytes(), compress::TopKBytes(it.numel));
     if (device_) {
-      const uint64_t need = DeviceRuleBytes(it.optimizer, it.numel, max_push, it.pull_codec);
+      const uint64_t need = DeviceRuleBytes(it.optimizer, it.numel, max_push);
       auto free_bytes = device_->FreeBytes();
       if (!free_bytes.ok()) return free_bytes.status().WithContext(name);
       if (need > *free_bytes)
@@ -831,7 +831,6 @@ class ServerImpl final : public Server {
       rs.steps = saved->steps;
       rs.m = saved->m;
       rs.v = saved->v;
-      if (rule->owns_parameters()) rs.params = saved->params;
       SHARDPS_RETURN_IF_ERROR(rule->LoadState(rs).WithContext("restoring from " + restore_->dir));
     }
     EngineConfig ec;

@@ -102,8 +102,9 @@ class UpdateRule {
                      const GradientView* extra, float scale, std::optional<float> lr,
                      const Publish* publish, Done done) = 0;
 
-  // Owner thread, no update in flight: the state a checkpoint keeps, and its restoration
-  // (InvalidArgument when `s` does not fit the rule: arrays of another size).
+  // Owner thread, no update in flight: the state a checkpoint keeps, and its restoration (the
+  // optimizer's steps and arrays; the parameters were given when the rule was made).
+  // InvalidArgument when `s` does not fit the rule: arrays of another size.
   virtual Status SaveState(RuleState* out) {
     (void)out;
     return Status::Internal("this update rule keeps no checkpoint state");
@@ -137,9 +138,8 @@ Result<std::unique_ptr<UpdateRule>> MakeDeviceUpdateRule(std::shared_ptr<gpu::De
                                                          uint64_t max_push_bytes, void* host_slots,
                                                          size_t slot_bytes, std::string name);
 
-// Device memory a chunk of `numel` elements takes on the device rule with `cfg`, pushes of at
-// most `max_push_bytes` and parameters published with `publish` (said before it is created).
-uint64_t DeviceRuleBytes(const OptimizerConfig& cfg, uint64_t numel, uint64_t max_push_bytes,
-                         Codec publish);
+// Device memory a chunk of `numel` elements takes on the device rule with `cfg` and pushes of at
+// most `max_push_bytes` (said before it is created).
+uint64_t DeviceRuleBytes(const OptimizerConfig& cfg, uint64_t numel, uint64_t max_push_bytes);
 
 }  // namespace shardps::server

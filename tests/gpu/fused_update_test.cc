@@ -55,20 +55,6 @@ std::vector<Case> Optimizers() {
 const Codec kCodecs[] = {Codec::kNone, Codec::kFp16,   Codec::kBf16,
                          Codec::kInt8, Codec::kOneBit, Codec::kTopK};
 
-int OptCode(const OptimizerConfig& o) {
-  switch (o.kind) {
-    case OptimizerKind::kSgd:
-      return server::kOptSgd;
-    case OptimizerKind::kMomentum:
-      return server::kOptMomentum;
-    case OptimizerKind::kAdam:
-      return server::kOptAdam;
-    case OptimizerKind::kAdagrad:
-      return server::kOptAdagrad;
-  }
-  return 0;
-}
-
 std::vector<float> Random(std::mt19937* rng, uint64_t n, float scale = 1.0f) {
   std::normal_distribution<float> d(0.0f, scale);
   std::vector<float> v(n);
@@ -168,7 +154,7 @@ void CompareWithCpuRule(const Trial& t, const UpdateFn& run) {
     a.publish_codec = static_cast<int>(t.publish);
     a.numel = kN;
     a.k = server::MakeStepParams(t.opt, scale, step, lr);
-    run(OptCode(t.opt), static_cast<int>(t.codec), a);
+    run(static_cast<int>(t.opt.kind), static_cast<int>(t.codec), a);
     ExpectSame(cpu_p, twin_p, "parameters");
     if (t.publish != Codec::kNone)
       ExpectSame(Halves(cpu_pub, t.publish), Halves(twin_pub, t.publish), "published");
