@@ -8,7 +8,7 @@ SHARDPS_PACKAGES=(
   libgtest-dev libgmock-dev
   libfmt-dev libspdlog-dev libcli11-dev nlohmann-json3-dev libxxhash-dev libssl-dev prometheus-cpp-dev prometheus
   libeigen3-dev zlib1g-dev gnuplot-nox dataset-fashion-mnist
-  libucx-dev ucx-utils libibverbs-dev ibverbs-utils
+  libucx-dev ucx-utils libibverbs-dev ibverbs-utils librdmacm-dev
   dpkg-dev file openmpi-bin slurmctld slurmd slurm-client munge
   python3-torch python3-numpy python3-dev pybind11-dev python3-pytest
 )

@@ -15,6 +15,9 @@
 #ifdef SHARDPS_HAVE_UCX
 #include "transport/ucx/context_impl.h"
 #endif
+#ifdef SHARDPS_HAVE_VERBS_TRANSPORT
+#include "transport/verbs/context_impl.h"
+#endif
 
 namespace shardps::transport {
 
@@ -113,11 +116,14 @@ bool RemoteKey::Decode(Reader* r) {
 }
 
 std::vector<std::string> BackendNames() {
+  std::vector<std::string> names = {"tcp"};
 #ifdef SHARDPS_HAVE_UCX
-  return {"tcp", "ucx"};
-#else
-  return {"tcp"};
+  names.push_back("ucx");
 #endif
+#ifdef SHARDPS_HAVE_VERBS_TRANSPORT
+  names.push_back("verbs");
+#endif
+  return names;
 }
 
 Viability CheckViability(const std::string& backend, const ContextOptions& options) {
@@ -130,7 +136,16 @@ Viability CheckViability(const std::string& backend, const ContextOptions& optio
     return {false, "this build has no ucx transport (UCX was not found at configure time)"};
 #endif
   }
-  return {false, "unknown transport '" + backend + "' (known: tcp, ucx)"};
+  if (backend == "verbs") {
+#ifdef SHARDPS_HAVE_VERBS_TRANSPORT
+    return verbs::Check(options);
+#else
+    return {false,
+            "this build has no verbs transport (rdma-core's libibverbs-dev and librdmacm-dev were "
+            "not found at configure time)"};
+#endif
+  }
+  return {false, "unknown transport '" + backend + "' (known: tcp, ucx, verbs)"};
 }
 
 Viability CheckViability(const std::string& backend) {
@@ -147,8 +162,11 @@ Result<std::unique_ptr<Context>> CreateContext(const std::string& backend,
 #ifdef SHARDPS_HAVE_UCX
   if (backend == "ucx") return ucx::CreateUcxContext(options);
 #endif
+#ifdef SHARDPS_HAVE_VERBS_TRANSPORT
+  if (backend == "verbs") return verbs::CreateVerbsContext(options);
+#endif
   Viability v = CheckViability(backend, options);
-  if (backend == "ucx") return Status::Unavailable(v.reason);
+  if (backend == "ucx" || backend == "verbs") return Status::Unavailable(v.reason);
   return Status::InvalidArgument(v.reason);
 }
 

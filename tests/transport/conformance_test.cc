@@ -27,7 +27,17 @@ struct BackendParam {
   std::string label;  // test name suffix
   std::string backend;
   std::vector<std::pair<std::string, std::string>> settings;
+  // Where servers listen: loopback, except over an RDMA device (rdma_cm binds the address of an
+  // RDMA interface; scripts/test-rdma.sh sets SHARDPS_RDMA_ADDRESS in its virtual machine).
+  std::string host = "127.0.0.1";
+  bool needs_rdma = false;
 };
+
+// The address of an RDMA interface to test on, or empty.
+std::string RdmaAddress() {
+  const char* a = std::getenv("SHARDPS_RDMA_ADDRESS");
+  return a ? a : "";
+}
 
 void PrintTo(const BackendParam& p, std::ostream* os) { *os << p.label; }
 
@@ -132,6 +142,13 @@ class TransportConformance : public ::testing::TestWithParam<BackendParam> {
   void SetUp() override {
     ContextOptions o;
     o.backend_settings = GetParam().settings;
+    if (GetParam().needs_rdma) {
+      Viability rdma = CheckViability("verbs");
+      if (!rdma.viable) GTEST_SKIP() << "no RDMA device here: " << rdma.reason;
+      if (RdmaAddress().empty())
+        GTEST_SKIP() << "set SHARDPS_RDMA_ADDRESS to the address of an RDMA interface "
+                        "(scripts/test-rdma.sh runs these in a virtual machine with soft-RoCE)";
+    }
     Viability v = CheckViability(GetParam().backend, o);
     if (!v.viable) GTEST_SKIP() << GetParam().backend << " is not viable here: " << v.reason;
   }
@@ -153,6 +170,7 @@ class TransportConformance : public ::testing::TestWithParam<BackendParam> {
     o.connection_inbound_bytes = 512ull << 20;
     return o;
   }
+  static std::string Host() { return GetParam().needs_rdma ? RdmaAddress() : GetParam().host; }
   std::unique_ptr<Context> MakeContext(const std::string& name) {
     auto ctx = CreateContext(GetParam().backend, Options(name));
     EXPECT_TRUE(ctx.ok()) << ctx.status().ToString();
@@ -164,7 +182,7 @@ class TransportConformance : public ::testing::TestWithParam<BackendParam> {
     server_ = MakeContext("srv");
     client_ = MakeContext("cli");
     ASSERT_TRUE(server_ && client_);
-    auto l = server_->Listen("127.0.0.1:0", [this](const std::shared_ptr<Connection>& c) {
+    auto l = server_->Listen(Host() + ":0", [this](const std::shared_ptr<Connection>& c) {
       std::lock_guard<std::mutex> lock(mu_);
       accepted_.push_back(c);
       return server_inbox_.Handlers();
@@ -243,7 +261,7 @@ TEST_P(TransportConformance, SixtyFourConcurrentConnections) {
   echo.on_message = [](const std::shared_ptr<Connection>& c, Message m) {
     c->Send(m.tag, std::move(m.meta), Payload{}, nullptr);
   };
-  auto l = server_->Listen("127.0.0.1:0", [&](const std::shared_ptr<Connection>&) { return echo; });
+  auto l = server_->Listen(Host() + ":0", [&](const std::shared_ptr<Connection>&) { return echo; });
   ASSERT_TRUE(l.ok());
   constexpr int kConns = 64;
   std::vector<std::unique_ptr<Context>> clients;
@@ -538,7 +556,7 @@ TEST_P(TransportConformance, PeerKilledMidTransferFailsWithinBoundedTime) {
     Writer w(&key);
     (*region)->remote_key().Encode(&w);
     auto l = (*ctx)->Listen(
-        "127.0.0.1:0", [](const std::shared_ptr<Connection>&) { return ConnectionHandlers{}; });
+        Host() + ":0", [](const std::shared_ptr<Connection>&) { return ConnectionHandlers{}; });
     if (!l.ok()) _exit(3);
     std::string addr = (*l)->address();
     uint32_t n = static_cast<uint32_t>(addr.size());
@@ -593,9 +611,19 @@ TEST_P(TransportConformance, PeerKilledMidTransferFailsWithinBoundedTime) {
 
 std::vector<BackendParam> Backends() {
   // ucx twice: over shared memory (one-sided through mapped segments) and over tcp.
-  std::vector<BackendParam> v = {{"tcp", "tcp", {}},
-                                 {"ucx_shm", "ucx", {{"UCX_TLS", "shm,self"}}},
-                                 {"ucx_tcp", "ucx", {{"UCX_TLS", "tcp,self"}}}};
+  // Over an RDMA device (skipped without one): the verbs backend, and ucx over rc_verbs (its
+  // wire-up over ud_verbs; soft-RoCE's UD packets fail UCX 1.13's destination-GID check, hence
+  // UCX_UD_ETH_DGID_CHECK=n, docs/transports.md).
+  std::vector<BackendParam> v = {
+      {"tcp", "tcp", {}},
+      {"ucx_shm", "ucx", {{"UCX_TLS", "shm,self"}}},
+      {"ucx_tcp", "ucx", {{"UCX_TLS", "tcp,self"}}},
+      {"verbs", "verbs", {}, "", true},
+      {"ucx_rc",
+       "ucx",
+       {{"UCX_TLS", "rc_verbs,ud_verbs,self"}, {"UCX_UD_ETH_DGID_CHECK", "n"}},
+       "",
+       true}};
   return v;
 }
 

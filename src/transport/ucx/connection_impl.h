@@ -20,7 +20,7 @@
 #include "transport/budget.h"
 #include "transport/connection.h"
 #include "transport/ucx/context_impl.h"
-#include "transport/ucx/keys.h"
+#include "transport/keys.h"
 #include "transport/ucx/loop.h"
 
 namespace shardps::transport::ucx {

@@ -7,7 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "transport/ucx/connection_impl.h"
-#include "transport/ucx/keys.h"
+#include "transport/keys.h"
 
 namespace shardps::transport::ucx {
 

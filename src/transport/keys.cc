@@ -1,8 +1,8 @@
-#include "transport/ucx/keys.h"
+#include "transport/keys.h"
 
 #include "core/checksum.h"
 
-namespace shardps::transport::ucx {
+namespace shardps::transport {
 
 uint64_t KeySum(uint64_t region, uint64_t base, uint64_t size, const uint8_t* rkey, size_t n) {
   Bytes b;
@@ -18,7 +18,7 @@ Status ParseKey(const RemoteKey& key, KeyParts* out) {
   Reader r(key.packed.data(), key.packed.size());
   uint64_t sum = 0;
   if (!r.Get(&out->region) || !r.Get(&sum) || r.remaining() == 0)
-    return Status::InvalidArgument("remote key is not a ucx key");
+    return Status::InvalidArgument("remote key is not a key of this backend");
   auto rest = r.rest();
   if (KeySum(out->region, key.base, key.size, rest.data(), rest.size()) != sum)
     return Status::InvalidArgument("remote key is corrupt (checksum mismatch)");
@@ -37,4 +37,4 @@ RemoteKey PackKey(uint64_t region, uint64_t base, uint64_t size, const void* rke
   return key;
 }
 
-}  // namespace shardps::transport::ucx
+}  // namespace shardps::transport

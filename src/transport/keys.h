@@ -1,4 +1,5 @@
-// The remote keys of the ucx backend: what a peer needs to put into or get from a region
+// The packed remote keys of the backends that carry an opaque key (ucx: its packed rkey;
+// verbs: the memory region's rkey): what a peer needs to put into or get from a region
 // (docs/protocol.md, "Remote keys").
 #pragma once
 
@@ -9,7 +10,7 @@
 #include "shardps/status.h"
 #include "transport/memory.h"
 
-namespace shardps::transport::ucx {
+namespace shardps::transport {
 
 // Packed key: [u64 region id][u64 checksum of id, base, size and rkey][rkey bytes].
 struct KeyParts {
@@ -18,9 +19,9 @@ struct KeyParts {
 };
 
 uint64_t KeySum(uint64_t region, uint64_t base, uint64_t size, const uint8_t* rkey, size_t n);
-// The key of region `region` at `base`, `size` bytes, with UCX's packed rkey.
+// The key of region `region` at `base`, `size` bytes, with the backend's own key bytes.
 RemoteKey PackKey(uint64_t region, uint64_t base, uint64_t size, const void* rkey, size_t n);
-// Splits a key; InvalidArgument when it is not a ucx key or its checksum does not match.
+// Splits a key; InvalidArgument when it is not a key of this kind or its checksum does not match.
 Status ParseKey(const RemoteKey& key, KeyParts* out);
 
-}  // namespace shardps::transport::ucx
+}  // namespace shardps::transport
