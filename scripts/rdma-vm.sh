@@ -100,7 +100,8 @@ poweroff -f
 EOF
 }
 
-# Runs `bash -c "$*"` in the guest within `$SHARDPS_VM_TIMEOUT` seconds (default 1200), with
+# Runs the command `$*` (a bash script; SHARDPS_VM_OUT names a folder it may write, which is
+# $SHARDPS_VM_DIR/out on this side) in the guest within `$SHARDPS_VM_TIMEOUT` seconds (default 1200), with
 # rxe0 up; prints its output and returns its exit code (124 on timeout, 125 when the guest
 # did not report one).
 shardps_vm_run() {
@@ -111,6 +112,7 @@ shardps_vm_run() {
   cat > "$out/guest.sh" <<EOF
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp
+export SHARDPS_VM_OUT="$out"
 ulimit -l unlimited
 ip link set lo up
 ip link add veth0 type veth peer name veth1

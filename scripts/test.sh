@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine (packages, build) and runs the whole ShardPS test suite:
 # every test in ./build, then the transport and server tests again under AddressSanitizer
-# and UndefinedBehaviorSanitizer (./build-asan), then under ThreadSanitizer (./build-tsan).
+# and UndefinedBehaviorSanitizer (./build-asan), then under ThreadSanitizer (./build-tsan),
+# fuzzing, and last the RDMA tests in a soft-RoCE virtual machine (scripts/test-rdma.sh).
 # Every test has a timeout; nothing can hang.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,5 +80,13 @@ for t in frame messages config codec; do
   fi
   grep -E "^Done|stat::number_of_executed_units" "$work/fuzz.log" | head -1 | sed "s/^/fuzz_$t: /"
 done
+
+echo "== RDMA: verbs and ucx over soft-RoCE in a virtual machine (scripts/test-rdma.sh; about 10 min) =="
+# Skips with its reason where qemu cannot run; SHARDPS_RDMA_TESTS=0 leaves it out.
+if [ "${SHARDPS_RDMA_TESTS:-1}" != "0" ]; then
+  SHARDPS_VM_TIMEOUT=1800 bash scripts/test-rdma.sh
+else
+  echo "rdma tests: SKIPPED: SHARDPS_RDMA_TESTS=0"
+fi
 
 echo "== all tests passed =="

@@ -69,7 +69,7 @@ inline constexpr Tunable kTransport{"transport",
                                     "SHARDPS_TRANSPORT",
                                     "tcp",
                                     0,
-                                    "data transport: tcp, or ucx where built",
+                                    "data transport: tcp, or ucx or verbs where built",
                                     "coordinator, server, launch, bench, train; worker"};
 inline constexpr Tunable kChunkSize{"chunk-size",
                                     "SHARDPS_CHUNK_SIZE",

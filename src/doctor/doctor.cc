@@ -1,6 +1,7 @@
 #include "doctor/doctor.h"
 
 #include <dlfcn.h>
+#include <net/if.h>
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -25,6 +26,8 @@ std::string Bytes(uint64_t b) {
   return fmt::format("{} KiB", b / 1024);
 }
 
+}  // namespace
+
 const char* LevelName(Finding::Level l) {
   switch (l) {
     case Finding::Level::kOk:
@@ -38,6 +41,8 @@ const char* LevelName(Finding::Level l) {
   }
   return "?";
 }
+
+namespace {
 
 #ifdef SHARDPS_HAVE_VERBS
 std::string PortState(ibv_port_state s) {
@@ -59,6 +64,9 @@ std::string PortState(ibv_port_state s) {
 
 void GatherVerbs(Facts* f) {
   f->verbs_built = true;
+#ifdef SHARDPS_HAVE_VERBS_TRANSPORT
+  f->verbs_transport = true;
+#endif
   int n = 0;
   ibv_device** list = ibv_get_device_list(&n);
   if (list == nullptr) {
@@ -72,6 +80,9 @@ void GatherVerbs(Facts* f) {
     if (ctx) {
       ibv_device_attr attr{};
       if (ibv_query_device(ctx, &attr) == 0) {
+        // rdma_rxe and siw report the vendor id 0xffffff; their names say so too.
+        d.software = attr.vendor_id == 0xffffff || d.name.rfind("rxe", 0) == 0 ||
+                     d.name.rfind("siw", 0) == 0;
         for (int p = 1; p <= attr.phys_port_cnt; ++p) {
           ibv_port_attr pa{};
           if (ibv_query_port(ctx, static_cast<uint8_t>(p), &pa) != 0) continue;
@@ -81,14 +92,27 @@ void GatherVerbs(Facts* f) {
           pf.link_layer = pa.link_layer == IBV_LINK_LAYER_ETHERNET ? "Ethernet" : "InfiniBand";
           pf.active_mtu = 128 << static_cast<int>(pa.active_mtu);
           for (int g = 0; g < pa.gid_tbl_len && g < 16; ++g) {
-            ibv_gid gid{};
-            if (ibv_query_gid(ctx, static_cast<uint8_t>(p), g, &gid) != 0) continue;
-            bool zero = std::all_of(gid.raw, gid.raw + 16, [](uint8_t x) { return x == 0; });
-            if (zero) continue;
+            ibv_gid_entry e{};
+            if (ibv_query_gid_ex(ctx, static_cast<uint32_t>(p), static_cast<uint32_t>(g), &e, 0) !=
+                0)
+              continue;
+            const uint8_t* raw = e.gid.raw;
+            if (std::all_of(raw, raw + 16, [](uint8_t x) { return x == 0; })) continue;
             std::string s;
             for (int k = 0; k < 16; k += 2)
-              s += fmt::format("{}{:02x}{:02x}", k ? ":" : "", gid.raw[k], gid.raw[k + 1]);
+              s += fmt::format("{}{:02x}{:02x}", k ? ":" : "", raw[k], raw[k + 1]);
             pf.gids.push_back(s);
+            pf.gid_types.push_back(e.gid_type == IBV_GID_TYPE_ROCE_V2   ? "RoCE v2"
+                                   : e.gid_type == IBV_GID_TYPE_ROCE_V1 ? "RoCE v1"
+                                                                        : "IB");
+            char ifname[IF_NAMESIZE] = {0};
+            if (e.ndev_ifindex && pf.netdev.empty() && if_indextoname(e.ndev_ifindex, ifname))
+              pf.netdev = ifname;
+            // An IPv4-mapped RoCE v2 GID (::ffff:a.b.c.d) is the interface's IPv4 address.
+            bool mapped = std::all_of(raw, raw + 10, [](uint8_t x) { return x == 0; }) &&
+                          raw[10] == 0xff && raw[11] == 0xff;
+            if (mapped && e.gid_type == IBV_GID_TYPE_ROCE_V2 && pf.ipv4.empty())
+              pf.ipv4 = fmt::format("{}.{}.{}.{}", raw[12], raw[13], raw[14], raw[15]);
           }
           d.ports.push_back(pf);
         }
@@ -179,8 +203,13 @@ std::string DataPath(const Facts& f) {
   for (const auto& d : f.devices)
     for (const auto& p : d.ports)
       if (p.state == "ACTIVE") rdma = true;
+  if (rdma && f.verbs_transport && (!f.ucx_built || !f.ucx_error.empty()))
+    return "verbs over RDMA (--transport verbs) between hosts; tcp otherwise";
   if (!f.ucx_built || !f.ucx_error.empty())
     return "tcp (the ucx transport is not available in this build or here)";
+  if (rdma && f.verbs_transport)
+    return "ucx over RDMA (rc/dc on the active InfiniBand/RoCE ports) between hosts, shared "
+           "memory within a host; or verbs (--transport verbs) over RDMA";
   if (rdma)
     return "ucx over RDMA (rc/dc on the active InfiniBand/RoCE ports) between hosts, shared "
            "memory within a host";
@@ -228,10 +257,32 @@ std::vector<Finding> Advise(const Facts& f) {
              fmt::format("{} is ACTIVE, MTU {}, {} GID(s)", where, p.active_mtu, p.gids.size()),
              ""});
       }
-      if (p.link_layer == "Ethernet" && p.active_mtu < 4096 && p.active_mtu > 0)
+      if (d.software) {
+        out.push_back(
+            {L::kInfo,
+             fmt::format("{} is a software RDMA device{}: real verbs (queue pairs, "
+                         "registration, one-sided semantics) at the speed of a CPU copy",
+                         d.name, p.netdev.empty() ? "" : " over " + p.netdev),
+             "good for tests; on a cluster use the NIC's own device (mlx5_*, bnxt_re_*, ...)"});
+        if (f.ucx_built && f.ucx_error.empty())
+          out.push_back({L::kInfo,
+                         fmt::format("UCX 1.13's wire-up over ud_verbs drops {}'s packets (its "
+                                     "destination-GID check)",
+                                     d.name),
+                         "for --transport ucx over it set UCX_UD_ETH_DGID_CHECK=n (or "
+                         "UCX_TLS=rc_verbs,tcp,self, which wires up over tcp)"});
+      } else if (p.link_layer == "Ethernet" && p.active_mtu < 4096 && p.active_mtu > 0) {
         out.push_back({L::kInfo, fmt::format("{} runs with MTU {}", where, p.active_mtu),
                        "a 4096-byte RoCE MTU (jumbo frames on the switch and interface) gives "
                        "better bandwidth"});
+      }
+      if (f.verbs_transport && p.link_layer == "Ethernet" && !p.ipv4.empty())
+        out.push_back({L::kInfo,
+                       fmt::format("{} is reached at {} (RoCE v2{})", where, p.ipv4,
+                                   p.netdev.empty() ? "" : ", interface " + p.netdev),
+                       fmt::format("for --transport verbs, servers listen on that address "
+                                   "(SHARDPS_SERVER_LISTEN={}:0): rdma_cm cannot use loopback",
+                                   p.ipv4)});
     }
   }
   // Locked memory: RDMA registration pins pages.
@@ -342,8 +393,11 @@ nlohmann::json ToJson(const Facts& f, const std::vector<Finding>& findings) {
                        {"state", p.state},
                        {"link_layer", p.link_layer},
                        {"active_mtu", p.active_mtu},
-                       {"gids", p.gids}});
-    devs.push_back({{"name", d.name}, {"ports", ports}});
+                       {"gids", p.gids},
+                       {"gid_types", p.gid_types},
+                       {"netdev", p.netdev},
+                       {"ipv4", p.ipv4}});
+    devs.push_back({{"name", d.name}, {"software", d.software}, {"ports", ports}});
   }
   nlohmann::json fs = nlohmann::json::array();
   for (const auto& x : findings)
@@ -352,7 +406,9 @@ nlohmann::json ToJson(const Facts& f, const std::vector<Finding>& findings) {
     return v == UINT64_MAX ? nlohmann::json("unlimited") : nlohmann::json(v);
   };
   return {{"rdma_devices", devs},
+          {"verbs_built", f.verbs_built},
           {"verbs_error", f.verbs_error},
+          {"verbs_transport", f.verbs_transport},
           {"memlock", {{"soft", lim(f.memlock_soft)}, {"hard", lim(f.memlock_hard)}}},
           {"shard_bytes", f.shard_bytes},
           {"ucx",
@@ -363,9 +419,57 @@ nlohmann::json ToJson(const Facts& f, const std::vector<Finding>& findings) {
             {"cuda_memory", f.ucx_cuda_memory}}},
           {"data_path", DataPath(f)},
           {"cuda_devices", f.cuda_devices},
+          {"cuda_error", f.cuda_error},
           {"nccl_version", f.nccl_version},
           {"gpu_kernels", f.gpu_kernels},
           {"findings", fs}};
+}
+
+bool FactsFromJson(const nlohmann::json& doc, Facts* f) {
+  try {
+    Facts out;
+    for (const auto& d : doc.at("rdma_devices")) {
+      DeviceFacts df;
+      df.name = d.at("name").get<std::string>();
+      df.software = d.value("software", false);
+      for (const auto& p : d.at("ports")) {
+        PortFacts pf;
+        pf.number = p.at("port").get<int>();
+        pf.state = p.at("state").get<std::string>();
+        pf.link_layer = p.at("link_layer").get<std::string>();
+        pf.active_mtu = p.at("active_mtu").get<int>();
+        pf.gids = p.at("gids").get<std::vector<std::string>>();
+        pf.gid_types = p.value("gid_types", std::vector<std::string>{});
+        pf.netdev = p.value("netdev", "");
+        pf.ipv4 = p.value("ipv4", "");
+        df.ports.push_back(std::move(pf));
+      }
+      out.devices.push_back(std::move(df));
+    }
+    out.verbs_built = doc.value("verbs_built", true);
+    out.verbs_error = doc.at("verbs_error").get<std::string>();
+    out.verbs_transport = doc.value("verbs_transport", false);
+    auto lim = [](const nlohmann::json& v) {
+      return v.is_string() ? UINT64_MAX : v.get<uint64_t>();
+    };
+    out.memlock_soft = lim(doc.at("memlock").at("soft"));
+    out.memlock_hard = lim(doc.at("memlock").at("hard"));
+    out.shard_bytes = doc.at("shard_bytes").get<uint64_t>();
+    const auto& u = doc.at("ucx");
+    out.ucx_built = u.at("built").get<bool>();
+    out.ucx_version = u.at("version").get<std::string>();
+    out.ucx_error = u.at("error").get<std::string>();
+    out.ucx_resources = u.at("resources").get<std::vector<std::string>>();
+    out.ucx_cuda_memory = u.at("cuda_memory").get<bool>();
+    out.cuda_devices = doc.at("cuda_devices").get<int>();
+    out.cuda_error = doc.value("cuda_error", "");
+    out.nccl_version = doc.at("nccl_version").get<std::string>();
+    out.gpu_kernels = doc.at("gpu_kernels").get<std::string>();
+    *f = std::move(out);
+    return true;
+  } catch (const nlohmann::json::exception&) {
+    return false;
+  }
 }
 
 }  // namespace shardps::doctor

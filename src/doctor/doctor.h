@@ -14,20 +14,25 @@ namespace shardps::doctor {
 
 struct PortFacts {
   int number = 0;
-  std::string state;              // "ACTIVE", "DOWN", "INIT", ...
-  std::string link_layer;         // "InfiniBand" or "Ethernet" (RoCE)
-  int active_mtu = 0;             // bytes
-  std::vector<std::string> gids;  // non-zero GIDs
+  std::string state;                   // "ACTIVE", "DOWN", "INIT", ...
+  std::string link_layer;              // "InfiniBand" or "Ethernet" (RoCE)
+  int active_mtu = 0;                  // bytes
+  std::vector<std::string> gids;       // non-zero GIDs
+  std::vector<std::string> gid_types;  // each GID's type: "IB", "RoCE v1", "RoCE v2"
+  std::string netdev;                  // RoCE: the network interface the port runs on
+  std::string ipv4;  // RoCE v2: the IPv4 address of a GID (what rdma_cm and --listen use)
 };
 
 struct DeviceFacts {
   std::string name;
   std::vector<PortFacts> ports;
+  bool software = false;  // a software device (rdma_rxe, siw): real verbs, not a NIC's speed
 };
 
 struct Facts {
   bool verbs_built = false;
-  std::string verbs_error;  // why no device list could be read
+  std::string verbs_error;       // why no device list could be read
+  bool verbs_transport = false;  // this build has the verbs transport (--transport verbs)
   std::vector<DeviceFacts> devices;
 
   uint64_t memlock_soft = 0;  // bytes; UINT64_MAX = unlimited
@@ -69,5 +74,9 @@ std::string DataPath(const Facts& facts);
 
 std::string ToText(const Facts& facts, const std::vector<Finding>& findings);
 nlohmann::json ToJson(const Facts& facts, const std::vector<Finding>& findings);
+// The facts of a ToJson document (a saved `shardps doctor --json`, e.g. a test fixture);
+// false when it is not one.
+bool FactsFromJson(const nlohmann::json& doc, Facts* facts);
+const char* LevelName(Finding::Level level);
 
 }  // namespace shardps::doctor

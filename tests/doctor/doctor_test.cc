@@ -1,4 +1,6 @@
 // The doctor's advice on synthetic machines, and one real run on this one.
+#include <fstream>
+
 #include <gtest/gtest.h>
 
 #include "doctor/doctor.h"
@@ -109,6 +111,44 @@ TEST(DoctorAdvice, JsonCarriesFactsAndFindings) {
   EXPECT_EQ(j["memlock"]["soft"], "unlimited");
   EXPECT_TRUE(j["findings"].is_array());
   EXPECT_FALSE(j["findings"].empty());
+}
+
+// `shardps doctor --json` as it ran in the soft-RoCE virtual machine (scripts/test-rdma.sh
+// checks the guest's output against it, and rewrites it with --update-fixture): its facts read
+// back give exactly its findings, and they are the right ones for a software RoCE device.
+TEST(DoctorAdvice, SoftRoceFixture) {
+  std::ifstream in(std::string(SHARDPS_SOURCE_DIR) + "/tests/doctor/fixtures/soft-roce.json");
+  ASSERT_TRUE(in.good());
+  auto doc = nlohmann::json::parse(in);
+  Facts f;
+  ASSERT_TRUE(FactsFromJson(doc, &f));
+  ASSERT_EQ(f.devices.size(), 1u);
+  EXPECT_EQ(f.devices[0].name, "rxe0");
+  EXPECT_TRUE(f.devices[0].software);
+  EXPECT_EQ(f.devices[0].ports[0].ipv4, "10.77.0.1");
+  auto fs = Advise(f);
+  ASSERT_EQ(fs.size(), doc["findings"].size());
+  for (size_t i = 0; i < fs.size(); ++i) {
+    EXPECT_EQ(LevelName(fs[i].level), doc["findings"][i]["level"].get<std::string>()) << i;
+    EXPECT_EQ(fs[i].what, doc["findings"][i]["what"].get<std::string>()) << i;
+    EXPECT_EQ(fs[i].advice, doc["findings"][i]["advice"].get<std::string>()) << i;
+  }
+  EXPECT_EQ(DataPath(f), doc["data_path"].get<std::string>());
+  for (const auto& x : fs) EXPECT_NE(x.level, L::kError) << x.what;
+  ASSERT_TRUE(Find(fs, "rxe0 is a software RDMA device over veth0"));
+  ASSERT_TRUE(Find(fs, "is reached at 10.77.0.1"));
+  EXPECT_NE(Find(fs, "is reached at 10.77.0.1")->advice.find("SHARDPS_SERVER_LISTEN=10.77.0.1:0"),
+            std::string::npos);
+  ASSERT_TRUE(Find(fs, "UCX 1.13's wire-up over ud_verbs"));
+  EXPECT_NE(Find(fs, "UCX 1.13's wire-up")->advice.find("UCX_UD_ETH_DGID_CHECK=n"),
+            std::string::npos);
+  // A hardware RoCE port is not told it is software, and gets the MTU advice instead.
+  Facts hw = f;
+  hw.devices[0].software = false;
+  hw.devices[0].name = "mlx5_0";
+  auto hfs = Advise(hw);
+  EXPECT_FALSE(Find(hfs, "software RDMA device"));
+  EXPECT_TRUE(Find(hfs, "runs with MTU 1024"));
 }
 
 // This machine: whatever it has, gathering works and the report says something.

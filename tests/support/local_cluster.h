@@ -2,6 +2,8 @@
 // their own contexts and threads (ShardPS keeps no global state, so they coexist).
 #pragma once
 
+#include <cstdlib>
+
 #include <functional>
 #include <future>
 #include <memory>
@@ -49,6 +51,9 @@ struct LocalCluster {
         so.landing_buffers = landing_buffers;
         so.apply_threads = apply_threads;
         so.transport = transport;
+        // rdma_cm binds the address of an RDMA interface, not loopback (scripts/test-rdma.sh).
+        if (transport == "verbs" && std::getenv("SHARDPS_RDMA_ADDRESS"))
+          so.listen = std::string(std::getenv("SHARDPS_RDMA_ADDRESS")) + ":0";
         so.register_timeout = std::chrono::milliseconds(20000);
         // What the job's options say of every node.
         so.secret_file = co.secret_file;
