@@ -19,8 +19,8 @@
 #include "transport/auth.h"
 #include "transport/budget.h"
 #include "transport/connection.h"
-#include "transport/ucx/context_impl.h"
 #include "transport/keys.h"
+#include "transport/ucx/context_impl.h"
 #include "transport/ucx/loop.h"
 
 namespace shardps::transport::ucx {

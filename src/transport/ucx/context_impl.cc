@@ -6,8 +6,8 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
-#include "transport/ucx/connection_impl.h"
 #include "transport/keys.h"
+#include "transport/ucx/connection_impl.h"
 
 namespace shardps::transport::ucx {
 
