@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The RDMA tests, in a virtual machine with a software RoCE device (scripts/rdma-vm.sh;
 # docs/transports.md, "RDMA tests in a virtual machine"):
-#   - the transport conformance suite over the verbs backend and over ucx on rc_verbs;
+#   - the transport conformance suite over the verbs backend and over ucx on rc_verbs and on
+#     ud_verbs;
 #   - the exact-value cluster tests (ClusterOver) over verbs, and over ucx on rc_verbs (the log
 #     must show UCX choosing rc_verbs on rxe0);
 #   - `shardps doctor --json` in the guest: it names rxe0, its RoCE v2 GID and address and MTU,
@@ -53,7 +54,7 @@ ucx_rc() {
   UCX_TLS=rc_verbs,ud_verbs,self UCX_UD_ETH_DGID_CHECK=n UCX_NET_DEVICES=rxe0:1 "$@"
 }
 step doctor sh -c "build/bin/shardps doctor --json > $out/doctor.json"
-step conformance timeout 900 build/bin/conformance_test --gtest_filter="*/verbs:*/ucx_rc"
+step conformance timeout 900 build/bin/conformance_test --gtest_filter="*/verbs:*/ucx_rc:*/ucx_ud"
 step cluster-verbs timeout 900 build/bin/cluster_test --gtest_filter="Transports/ClusterOver.*/verbs"
 step cluster-ucx-rc ucx_rc env UCX_LOG_LEVEL=info timeout 900 build/bin/cluster_test \
   --gtest_filter="Transports/ClusterOver.*/ucx"

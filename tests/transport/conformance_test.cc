@@ -445,6 +445,90 @@ TEST_P(TransportConformance, WriteThenSendDeliversTheMessageAfterItsBytes) {
   EXPECT_FALSE(probe.fired_inline());
 }
 
+// Messages and write-then-sends from one thread: every one arrives once, the messages in the
+// order they were sent, and each write-then-send's bytes are in place when its message arrives.
+// tcp and verbs keep the order across both kinds too (verbs: a SEND on the queue pair when the
+// metadata fits inline, else the tcp connection, numbered either way); ucx sends a
+// write-then-send's message once its write completed, so later messages may overtake it.
+TEST_P(TransportConformance, MessagesAndWriteThenSendsArriveInOrder) {
+  constexpr size_t kPiece = 4096, kRounds = 60;
+  Connect();
+  auto region = server_->AllocateRegion(kPiece * kRounds);
+  ASSERT_TRUE(region.ok()) << region.status().ToString();
+  const auto* mem = static_cast<const uint8_t*>((*region)->data());
+  std::atomic<int> in_place{0};
+  server_inbox_.OnReceipt([&](const Message& m) {
+    if (m.tag != 12 || m.meta.size() < 2) return;
+    const size_t k = m.meta[0];
+    bool whole = k < kRounds;
+    for (size_t i = 0; whole && i < kPiece; ++i) whole = mem[k * kPiece + i] == (k & 0x7F) + 1;
+    if (whole) in_place++;
+  });
+  std::vector<std::vector<uint8_t>> src;
+  for (size_t k = 0; k < kRounds; ++k)
+    src.emplace_back(kPiece, static_cast<uint8_t>((k & 0x7F) + 1));
+  Probe probe;
+  for (size_t k = 0; k < kRounds; ++k) {
+    // Metadata of 2 bytes, and every third round of 3000 (too large to travel inline).
+    Bytes meta(k % 3 == 2 ? 3000 : 2, static_cast<uint8_t>(k));
+    conn_->Send(11, Bytes{static_cast<uint8_t>(k)}, {}, probe.Callback());
+    conn_->WriteThenSend(src[k].data(), kPiece, (*region)->remote_key(), k * kPiece, 12,
+                         std::move(meta), probe.Callback());
+  }
+  ASSERT_TRUE(probe.WaitFor(2 * kRounds));
+  for (auto& st : probe.statuses()) EXPECT_TRUE(st.ok()) << st.ToString();
+  ASSERT_TRUE(server_inbox_.WaitMessages(2 * kRounds));
+  const bool ordered = GetParam().backend != "ucx";
+  size_t next_send = 0;
+  std::vector<int> seen(kRounds, 0);
+  for (size_t i = 0; i < 2 * kRounds; ++i) {
+    Message m = server_inbox_.Take();
+    if (ordered) {
+      ASSERT_EQ(m.tag, i % 2 ? 12u : 11u) << "message " << i;
+    }
+    if (m.tag == 11) {
+      ASSERT_EQ(m.meta, Bytes{static_cast<uint8_t>(next_send)});
+      next_send++;
+      continue;
+    }
+    ASSERT_EQ(m.tag, 12u);
+    const size_t k = m.meta[0];
+    ASSERT_LT(k, kRounds);
+    if (ordered) {
+      ASSERT_EQ(k, i / 2);
+    }
+    ASSERT_EQ(m.meta.size(), k % 3 == 2 ? 3000u : 2u);
+    seen[k]++;
+  }
+  EXPECT_EQ(next_send, kRounds);
+  EXPECT_EQ(seen, std::vector<int>(kRounds, 1));
+  EXPECT_EQ(in_place.load(), static_cast<int>(kRounds));
+}
+
+// A write-then-send that fails (its key went stale) delivers nothing, and holds back none of
+// the messages sent after it.
+TEST_P(TransportConformance, AFailedWriteThenSendHoldsBackNothing) {
+  Connect();
+  auto region = server_->AllocateRegion(4096);
+  ASSERT_TRUE(region.ok());
+  RemoteKey stale = (*region)->remote_key();
+  region->reset();  // deregistered: the key is stale
+  std::vector<uint8_t> src(64, 0x5A);
+  Probe probe;
+  conn_->WriteThenSend(src.data(), src.size(), stale, 0, 13, Bytes{1}, probe.Callback());
+  ASSERT_TRUE(probe.WaitFor(1));
+  if (!probe.statuses()[0].ok()) {
+    conn_->Send(14, Bytes{2}, {}, probe.Callback());
+    ASSERT_TRUE(probe.WaitFor(2));
+    ASSERT_TRUE(server_inbox_.WaitMessages(1));
+    Message m = server_inbox_.Take();
+    EXPECT_EQ(m.tag, 14u);
+  } else {
+    // tcp: the write-then-send travels whole and the peer refuses it by closing.
+    EXPECT_TRUE(client_inbox_.WaitCloses(1));
+  }
+}
+
 // A write-then-send outside the peer's region touches nothing and delivers nothing: its
 // completion fails, or (tcp, where no answer travels back) the peer closes the connection.
 TEST_P(TransportConformance, WriteThenSendOutsideTheRegionDeliversNothing) {
@@ -623,7 +707,8 @@ std::vector<BackendParam> Backends() {
        "ucx",
        {{"UCX_TLS", "rc_verbs,ud_verbs,self"}, {"UCX_UD_ETH_DGID_CHECK", "n"}},
        "",
-       true}};
+       true},
+      {"ucx_ud", "ucx", {{"UCX_TLS", "ud_verbs,self"}, {"UCX_UD_ETH_DGID_CHECK", "n"}}, "", true}};
   return v;
 }
 

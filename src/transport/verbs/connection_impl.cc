@@ -87,24 +87,91 @@ void VerbsConnection::Send(uint32_t tag, Bytes meta, Payload payload, DoneCallba
   if (tag >= 0xFFFF0000u)
     return FailLater(std::move(done),
                      Status::InvalidArgument("message tags from 0xFFFF0000 are reserved"));
+  SendOnTcp(next_seq_++, tag, meta, std::move(payload), std::move(done));
+}
+
+void VerbsConnection::SendOnTcp(uint64_t seq, uint32_t tag, const Bytes& meta, Payload payload,
+                                DoneCallback done) {
+  Bytes numbered;
+  numbered.reserve(sizeof(seq) + meta.size());
+  Writer w(&numbered);
+  w.Put(seq);
+  w.PutRaw(meta.data(), meta.size());
   // The tcp side completes on its own thread; the callback runs on this context's loop.
   auto shared = shared_;
-  tcp_->Send(tag, std::move(meta), std::move(payload), [shared, done](Status st) {
+  tcp_->Send(tag, std::move(numbered), std::move(payload), [shared, done](Status st) {
     if (!shared->Post([done, st] { done(st); })) done(st);
   });
+}
+
+Status VerbsConnection::CheckKey(bool is_write, size_t len, const RemoteKey& key, uint64_t offset,
+                                 KeyParts* parts) const {
+  Status st = ParseKey(key, parts);
+  if (st.ok() && parts->rkey.size() != sizeof(uint32_t))
+    st = Status::InvalidArgument("remote key is not a verbs key");
+  if (st.ok() && (offset > key.size || len > key.size - offset))
+    st = Status::InvalidArgument(
+        fmt::format("{} of {} bytes at offset {} is outside the region of {} bytes",
+                    is_write ? "write" : "read", len, offset, key.size));
+  return st;
+}
+
+void VerbsConnection::WriteThenSend(const void* local, size_t len, const RemoteKey& key,
+                                    uint64_t offset, uint32_t tag, Bytes meta, DoneCallback done) {
+  if (!done) done = [](Status) {};
+  if (tag >= 0xFFFF0000u)
+    return FailLater(std::move(done),
+                     Status::InvalidArgument("message tags from 0xFFFF0000 are reserved"));
+  KeyParts parts;
+  Status st = CheckKey(true, len, key, offset, &parts);
+  if (!st.ok()) return FailLater(std::move(done), st);
+  uint64_t seq = next_seq_++;
+  uint64_t remote = key.base + offset;
+  auto self = shared_from_this();
+  // A number taken and then not sent (the write failed) is skipped explicitly, so that the
+  // messages after it are not held back.
+  DoneCallback finish = [self, seq, done](Status st) {
+    if (!st.ok())
+      self->SendRaw(kSkip, [seq] {
+        Bytes b;
+        Writer w(&b);
+        w.Put(seq);
+        return b;
+      }());
+    done(st);
+  };
+  Post(
+      [self, local, len, parts = std::move(parts), remote, seq, tag, meta = std::move(meta),
+       finish]() mutable {
+        if (self->closing_)
+          return finish(Status::Aborted("connection to " + self->peer_ + " is closed"));
+        size_t bytes = kSendHeader + meta.size();
+        if (self->ready_ && self->shared_->srq && bytes <= self->max_inline_ &&
+            bytes <= kRecvSlotBytes) {
+          auto message = std::make_shared<Bytes>();
+          Writer w(message.get());
+          w.Put(seq);
+          w.Put(tag);
+          w.Put(static_cast<uint32_t>(meta.size()));
+          w.PutRaw(meta.data(), meta.size());
+          self->Issue(true, const_cast<void*>(local), len, std::move(parts), remote,
+                      std::move(finish), std::move(message));
+          return;
+        }
+        self->Issue(true, const_cast<void*>(local), len, std::move(parts), remote,
+                    [self, seq, tag, meta = std::move(meta), finish](Status st) {
+                      if (!st.ok()) return finish(st);
+                      self->SendOnTcp(seq, tag, meta, {}, finish);
+                    });
+      },
+      finish);
 }
 
 void VerbsConnection::StartOp(bool is_write, void* local, size_t len, const RemoteKey& key,
                               uint64_t offset, DoneCallback done) {
   if (!done) done = [](Status) {};
   KeyParts parts;
-  Status st = ParseKey(key, &parts);
-  if (st.ok() && parts.rkey.size() != sizeof(uint32_t))
-    st = Status::InvalidArgument("remote key is not a verbs key");
-  if (st.ok() && (offset > key.size || len > key.size - offset))
-    st = Status::InvalidArgument(
-        fmt::format("{} of {} bytes at offset {} is outside the region of {} bytes",
-                    is_write ? "write" : "read", len, offset, key.size));
+  Status st = CheckKey(is_write, len, key, offset, &parts);
   uint64_t remote = key.base + offset;
   auto self = shared_from_this();
   Post(
@@ -115,47 +182,68 @@ void VerbsConnection::StartOp(bool is_write, void* local, size_t len, const Remo
       done);
 }
 
-void VerbsConnection::Issue(bool is_write, void* local, size_t len, KeyParts parts, uint64_t remote,
-                            DoneCallback done) {
-  if (closing_) return done(Status::Aborted("connection to " + peer_ + " is closed"));
-  if (revoked_.count(parts.region))
-    return done(Status::InvalidArgument(fmt::format(
+bool VerbsConnection::Issue(bool is_write, void* local, size_t len, KeyParts parts, uint64_t remote,
+                            DoneCallback done, std::shared_ptr<Bytes> message) {
+  if (closing_) {
+    done(Status::Aborted("connection to " + peer_ + " is closed"));
+    return false;
+  }
+  if (revoked_.count(parts.region)) {
+    done(Status::InvalidArgument(fmt::format(
         "remote key names region {}, which was deregistered (stale key)", parts.region)));
-  if (len == 0) return done(Status::OK());
+    return false;
+  }
+  if (len == 0 && !message) {
+    done(Status::OK());
+    return true;
+  }
   uint32_t rkey = 0;
   std::memcpy(&rkey, parts.rkey.data(), sizeof(rkey));
   // The local memory needs a local key: a region of this context holds it, or it is
   // registered for this operation (and deregistered when it ends).
-  auto reg = shared_->FindLocal(local, len);
-  if (!reg) {
-    int access = is_write ? 0 : IBV_ACCESS_LOCAL_WRITE;
-    ibv_mr* mr = ibv_reg_mr(shared_->pd, local, len, access);
-    if (mr == nullptr) {
-      int err = errno;
-      return done(Status::ResourceExhausted(fmt::format(
-          "ibv_reg_mr of {} bytes of local memory for an RDMA {} failed: {} (locked-memory "
-          "limit {}; raise it with `ulimit -l` or systemd's LimitMEMLOCK, or use registered "
-          "regions)",
-          len, is_write ? "write" : "read", std::strerror(err), MemlockLimit())));
+  std::shared_ptr<Registration> reg;
+  if (len > 0) {
+    reg = shared_->FindLocal(local, len);
+    if (!reg) {
+      int access = is_write ? 0 : IBV_ACCESS_LOCAL_WRITE;
+      ibv_mr* mr = ibv_reg_mr(shared_->pd, local, len, access);
+      if (mr == nullptr) {
+        int err = errno;
+        done(Status::ResourceExhausted(fmt::format(
+            "ibv_reg_mr of {} bytes of local memory for an RDMA {} failed: {} (locked-memory "
+            "limit {}; raise it with `ulimit -l` or systemd's LimitMEMLOCK, or use registered "
+            "regions)",
+            len, is_write ? "write" : "read", std::strerror(err), MemlockLimit())));
+        return false;
+      }
+      reg = std::make_shared<Registration>();
+      reg->mr = mr;
     }
-    reg = std::make_shared<Registration>();
-    reg->mr = mr;
   }
   uint64_t id = next_op_++;
   uint32_t pieces = static_cast<uint32_t>((len + shared_->max_piece - 1) / shared_->max_piece);
-  ops_.emplace(id, Op{std::move(done), Status::OK(), pieces, parts.region, reg, is_write});
+  ops_.emplace(id, Op{std::move(done), Status::OK(), pieces + (message ? 1u : 0u), parts.region,
+                      reg, is_write, message});
   in_flight_by_region_[parts.region]++;
   auto base = reinterpret_cast<uint64_t>(local);
+  Kind kind = is_write ? Kind::kWrite : Kind::kRead;
   for (uint64_t off = 0; off < len; off += shared_->max_piece) {
     uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(shared_->max_piece, len - off));
-    backlog_.push_back(Piece{id, is_write, base + off, n, reg->mr->lkey, remote + off, rkey});
+    backlog_.push_back(Piece{id, kind, base + off, n, reg->mr->lkey, remote + off, rkey});
   }
+  // The message goes right behind the write on the same queue pair: RC delivers it only once
+  // the written bytes are placed.
+  if (message)
+    backlog_.push_back(Piece{id, Kind::kSend, reinterpret_cast<uint64_t>(message->data()),
+                             static_cast<uint32_t>(message->size()), 0, 0, 0});
   PostBacklog();
+  return true;
 }
 
 void VerbsConnection::PostBacklog() {
   if (!ready_ || closing_) return;
-  while (!backlog_.empty() && posted_ < kSendDepth && shared_->outstanding < shared_->cq_size) {
+  while (!backlog_.empty() && posted_ < kSendDepth &&
+         shared_->outstanding < shared_->cq_size - shared_->srq_slots) {
     const Piece& p = backlog_.front();
     ibv_sge sge{};
     sge.addr = p.local;
@@ -165,10 +253,15 @@ void VerbsConnection::PostBacklog() {
     wr.wr_id = p.op;
     wr.sg_list = &sge;
     wr.num_sge = 1;
-    wr.opcode = p.is_write ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
     wr.send_flags = IBV_SEND_SIGNALED;
-    wr.wr.rdma.remote_addr = p.remote;
-    wr.wr.rdma.rkey = p.rkey;
+    if (p.kind == Kind::kSend) {
+      wr.opcode = IBV_WR_SEND;
+      wr.send_flags |= IBV_SEND_INLINE;  // copied at posting: no local key needed
+    } else {
+      wr.opcode = p.kind == Kind::kWrite ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
+      wr.wr.rdma.remote_addr = p.remote;
+      wr.wr.rdma.rkey = p.rkey;
+    }
     ibv_send_wr* bad = nullptr;
     int rc = ibv_post_send(qp_, &wr, &bad);
     if (rc != 0) {
@@ -198,7 +291,10 @@ void VerbsConnection::OnCompletion(const ibv_wc& wc) {
     } else {
       auto it = ops_.find(wc.wr_id);
       bool is_write = it != ops_.end() && it->second.is_write;
-      st = Status::IOError(fmt::format("RDMA {} with {} failed: {}", is_write ? "write" : "read",
+      st = Status::IOError(fmt::format("RDMA {} with {} failed: {}",
+                                       it != ops_.end() && it->second.message ? "write and send"
+                                       : is_write                             ? "write"
+                                                                              : "read",
                                        peer_, ibv_wc_status_str(wc.status)));
     }
   }
@@ -206,6 +302,47 @@ void VerbsConnection::OnCompletion(const ibv_wc& wc) {
   // Any error but a flush leaves the queue pair in the error state: the connection is over.
   if (wc.status != IBV_WC_SUCCESS && wc.status != IBV_WC_WR_FLUSH_ERR)
     Fail(st.WithContext("the queue pair is in error"));
+}
+
+void VerbsConnection::OnReceive(const uint8_t* data, size_t len) {
+  if (closing_) return;
+  Reader r(data, len);
+  uint64_t seq = 0;
+  uint32_t tag = 0, meta_len = 0;
+  if (!r.Get(&seq) || !r.Get(&tag) || !r.Get(&meta_len) || meta_len != r.remaining() ||
+      tag >= 0xFFFF0000u)
+    return Fail(Status::ProtocolError(
+        fmt::format("malformed message on the queue pair from {} ({} bytes)", peer_, len)));
+  Message m;
+  m.tag = tag;
+  m.meta.assign(data + kSendHeader, data + len);
+  Arrived(seq, std::move(m));
+}
+
+void VerbsConnection::Arrived(uint64_t seq, std::optional<Message> m) {
+  if (closing_) return;
+  if (seq < next_deliver_ || seq - next_deliver_ >= kMaxReorderWindow || inbox_.count(seq))
+    return Fail(Status::ProtocolError(fmt::format(
+        "message number {} from {} is out of its window (next {})", seq, peer_, next_deliver_)));
+  uint64_t bytes = m ? m->meta.size() + m->payload.size() : 0;
+  if (!charge_.TryCharge(bytes))
+    return Fail(Status::ProtocolError(fmt::format(
+        "messages from {} waiting for an earlier one would exceed the inbound budget ({} bytes "
+        "held, limit {})",
+        peer_, charge_.held(), charge_.limit())));
+  inbox_.emplace(seq, std::move(m));
+  Deliver();
+}
+
+void VerbsConnection::Deliver() {
+  while (!closing_ && !inbox_.empty() && inbox_.begin()->first == next_deliver_) {
+    auto m = std::move(inbox_.begin()->second);
+    inbox_.erase(inbox_.begin());
+    next_deliver_++;
+    if (!m) continue;  // a number the peer skipped
+    charge_.Release(m->meta.size() + m->payload.size());
+    if (user_.on_message) user_.on_message(shared_from_this(), std::move(*m));
+  }
 }
 
 void VerbsConnection::PieceDone(uint64_t op, Status st) {
@@ -290,14 +427,24 @@ void VerbsConnection::OnTcpMessage(Message m) {
     if (it != shared_->revoke_waits.end() && --it->second <= 0) shared_->revoke_cv.notify_all();
     return;
   }
+  if (m.tag == kSkip) {
+    Reader r(m.meta.data(), m.meta.size());
+    uint64_t seq = 0;
+    if (!r.Get(&seq)) return Fail(Status::ProtocolError("malformed skip from " + peer_));
+    shared_->Post([self, seq] { self->Arrived(seq, std::nullopt); });
+    return;
+  }
   if (m.tag >= 0xFFFF0000u)
     return Fail(Status::ProtocolError(
         fmt::format("unexpected control message (tag {:#x}) from {}", m.tag, peer_)));
-  // User messages run on this context's loop, in the order they arrived.
+  // User messages run on this context's loop, in their numbers' order.
+  uint64_t seq = 0;
+  if (m.meta.size() < sizeof(seq))
+    return Fail(Status::ProtocolError("message without its number from " + peer_));
+  std::memcpy(&seq, m.meta.data(), sizeof(seq));
+  m.meta.erase(m.meta.begin(), m.meta.begin() + sizeof(seq));
   auto held = std::make_shared<Message>(std::move(m));
-  shared_->Post([self, held] {
-    if (!self->closing_ && self->user_.on_message) self->user_.on_message(self, std::move(*held));
-  });
+  shared_->Post([self, seq, held] { self->Arrived(seq, std::move(*held)); });
 }
 
 void VerbsConnection::Fail(Status why) {
@@ -374,12 +521,22 @@ void VerbsConnection::CreateQp(rdma_cm_id* id) {
   qa.recv_cq = shared_->cq;
   qa.qp_type = IBV_QPT_RC;
   qa.cap.max_send_wr = kSendDepth;
-  qa.cap.max_recv_wr = 1;
   qa.cap.max_send_sge = 1;
-  qa.cap.max_recv_sge = 1;
-  if (rdma_create_qp(id, shared_->pd, &qa) != 0)
+  qa.cap.max_inline_data = shared_->max_inline;
+  qa.srq = shared_->srq;  // messages land in the context's shared receive queue
+  if (!qa.srq) {
+    qa.cap.max_recv_wr = 1;
+    qa.cap.max_recv_sge = 1;
+  }
+  int rc = rdma_create_qp(id, shared_->pd, &qa);
+  if (rc != 0 && qa.cap.max_inline_data > 0) {
+    qa.cap.max_inline_data = 0;  // a device without inline data: messages go on tcp
+    rc = rdma_create_qp(id, shared_->pd, &qa);
+  }
+  if (rc != 0)
     return Fail(Status::IOError(fmt::format("rdma_create_qp: {}", std::strerror(errno))));
   qp_ = id->qp;
+  max_inline_ = qa.cap.max_inline_data;
   shared_->by_qp[qp_->qp_num] = weak_from_this();
 }
 
@@ -464,6 +621,8 @@ void VerbsConnection::Shutdown(Status st) {
     shared_->by_token.erase(token_);
   }
   SetConnected(Status::Unavailable("connection to " + peer_ + " closed during set-up"));
+  inbox_.clear();
+  charge_.ReleaseAll();
   auto backlog = std::move(backlog_);
   backlog_.clear();
   for (auto& p : backlog) PieceDone(p.op, op_close_status_);

@@ -35,6 +35,8 @@ Registration::~Registration() {
 }
 
 Shared::~Shared() {
+  if (srq) ibv_destroy_srq(srq);
+  recv_block.reset();
   if (cq) ibv_destroy_cq(cq);
   if (channel) ibv_destroy_comp_channel(channel);
   if (pd) ibv_dealloc_pd(pd);
@@ -56,11 +58,39 @@ void Shared::Wake() {
   [[maybe_unused]] ssize_t n = write(wake, &one, sizeof(one));
 }
 
+bool Shared::PostReceive(int slot) {
+  ibv_sge sge{};
+  sge.addr =
+      reinterpret_cast<uint64_t>(recv_buffers) + static_cast<uint64_t>(slot) * kRecvSlotBytes;
+  sge.length = kRecvSlotBytes;
+  sge.lkey = recv_block->mr->lkey;
+  ibv_recv_wr wr{};
+  wr.wr_id = kReceiveBit | static_cast<uint64_t>(slot);
+  wr.sg_list = &sge;
+  wr.num_sge = 1;
+  ibv_recv_wr* bad = nullptr;
+  return ibv_post_srq_recv(srq, &wr, &bad) == 0;
+}
+
 bool Shared::PollCompletions() {
   ibv_wc wc[32];
   int n = ibv_poll_cq(cq, 32, wc);
   if (n <= 0) return false;
   for (int i = 0; i < n; ++i) {
+    if (wc[i].wr_id & kReceiveBit) {
+      // A message in the shared receive queue: handed to its connection, the buffer reposted.
+      int slot = static_cast<int>(wc[i].wr_id & ~kReceiveBit);
+      if (wc[i].status != IBV_WC_SUCCESS) continue;
+      auto it = by_qp.find(wc[i].qp_num);
+      std::shared_ptr<VerbsConnection> c;
+      if (it != by_qp.end()) c = it->second.lock();
+      if (c)
+        c->OnReceive(recv_buffers + static_cast<size_t>(slot) * kRecvSlotBytes, wc[i].byte_len);
+      if (!PostReceive(slot))
+        spdlog::error("[{}] cannot repost receive buffer {}: {}", options.name, slot,
+                      std::strerror(errno));
+      continue;
+    }
     outstanding--;
     auto it = by_qp.find(wc[i].qp_num);
     if (it == by_qp.end()) continue;
@@ -510,6 +540,33 @@ Result<std::unique_ptr<Context>> CreateVerbsContext(const ContextOptions& option
   s->cq_size = std::min(s->device_attr.max_cqe, 16384);
   s->cq = ibv_create_cq(s->device, s->cq_size, nullptr, s->channel, 0);
   if (!s->cq) return Errno("ibv_create_cq");
+  // The shared receive queue for messages sent on queue pairs (WriteThenSend); without one
+  // (a device without SRQ) every message goes on the tcp connection.
+  s->srq_slots = std::min({1024, s->device_attr.max_srq_wr, s->cq_size / 2});
+  if (s->device_attr.max_srq > 0 && s->srq_slots > 0) {
+    size_t bytes = static_cast<size_t>(s->srq_slots) * kRecvSlotBytes;
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return Errno("mmap of the receive buffers");
+    s->recv_block = std::make_shared<Registration>();
+    s->recv_block->mapped = p;
+    s->recv_block->mapped_size = bytes;
+    s->recv_block->mr = ibv_reg_mr(s->pd, p, bytes, IBV_ACCESS_LOCAL_WRITE);
+    if (!s->recv_block->mr)
+      return Status::ResourceExhausted(
+          fmt::format("ibv_reg_mr of {} bytes of receive buffers: {} (locked-memory limit {})",
+                      bytes, std::strerror(errno), MemlockLimit()));
+    s->recv_buffers = static_cast<uint8_t*>(p);
+    ibv_srq_init_attr sa{};
+    sa.attr.max_wr = static_cast<uint32_t>(s->srq_slots);
+    sa.attr.max_sge = 1;
+    s->srq = ibv_create_srq(s->pd, &sa);
+    if (!s->srq) return Errno("ibv_create_srq");
+    for (int i = 0; i < s->srq_slots; ++i)
+      if (!s->PostReceive(i)) return Errno("ibv_post_srq_recv");
+    s->max_inline = 256;
+  } else {
+    s->srq_slots = 0;
+  }
   s->events = rdma_create_event_channel();
   if (!s->events)
     return Status::Unavailable(fmt::format(

@@ -28,6 +28,11 @@
 
 namespace shardps::transport::verbs {
 
+// The size of a receive buffer: the largest message that travels as a SEND, with its header.
+inline constexpr uint32_t kRecvSlotBytes = 1024;
+// Receive work requests carry this bit in their id (send work requests carry operation ids).
+inline constexpr uint64_t kReceiveBit = 1ull << 63;
+
 // Whether the verbs backend can run here: an RDMA device (the one VERBS_DEVICE names, or the
 // first with an active port) and rdma_cm; the reason ibv_get_device_list or rdma_cm gives when
 // not.
@@ -63,6 +68,13 @@ struct Shared {
   ibv_cq* cq = nullptr;
   int cq_size = 0;
   rdma_event_channel* events = nullptr;
+  // Messages sent on queue pairs land in one shared receive queue of the context: srq_slots
+  // buffers of kRecvSlotBytes in one registered block, reposted as soon as each is read.
+  ibv_srq* srq = nullptr;
+  int srq_slots = 0;
+  std::shared_ptr<Registration> recv_block;
+  uint8_t* recv_buffers = nullptr;
+  uint32_t max_inline = 0;  // inline bytes a SEND may carry (the queue pairs' max_inline_data)
   std::unique_ptr<Context> tcp;
 
   // Loop thread.
@@ -71,7 +83,9 @@ struct Shared {
   TaskQueue tasks;
   std::atomic<bool> stop{false};
   int wake = -1, epfd = -1;
-  int outstanding = 0;  // work requests posted and not completed, all queue pairs (<= cq_size)
+  // Send work requests posted and not completed, all queue pairs (at most cq_size minus the
+  // receive queue's slots, whose completions share the completion queue).
+  int outstanding = 0;
   std::unordered_map<uint32_t, std::weak_ptr<VerbsConnection>> by_qp;        // qp_num
   std::unordered_map<rdma_cm_id*, std::weak_ptr<VerbsConnection>> by_cm_id;  // connecting ids
   std::vector<std::weak_ptr<VerbsConnection>> backlogged;  // have work waiting for room
@@ -100,6 +114,8 @@ struct Shared {
   bool PollCompletions();
   // Loop thread: handles the rdma_cm events waiting; true if there were any.
   bool HandleCmEvents();
+  // Posts receive buffer `slot` to the shared receive queue; false when that fails.
+  bool PostReceive(int slot);
   // Loop thread: lets backlogged connections post what now fits.
   void Pump();
   void Revoke(uint64_t region);
