@@ -61,7 +61,7 @@ step cluster-ucx-rc ucx_rc env UCX_LOG_LEVEL=info timeout 900 build/bin/cluster_
 if ! grep -q "rma(rc_verbs/rxe0:1)" "$out/cluster-ucx-rc.log"; then
   echo "rdma tests: cluster-ucx-rc did not run over rc_verbs/rxe0:1"; fail=1
 fi
-SHARDPS_SERVER_LISTEN=10.77.0.1:0 # The sanitizer builds of test.sh, where they exist: the verbs backend under ASan+UBSan and TSan.
+# The sanitizer builds of test.sh, where they exist: the verbs backend under ASan+UBSan and TSan.
 if [ -x build-asan/bin/conformance_test ]; then
   step conformance-asan env ASAN_OPTIONS=detect_leaks=1 \
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 timeout 900 \
@@ -72,7 +72,7 @@ if [ -x build-tsan/bin/conformance_test ]; then
     TSAN_OPTIONS="halt_on_error=1 history_size=7 suppressions=$PWD/tests/sanitizers/tsan.supp" \
     timeout 900 build-tsan/bin/conformance_test --gtest_filter="*/verbs"
 fi
-step bench-verbs timeout 300 build/bin/shardps bench \
+step bench-verbs env SHARDPS_SERVER_LISTEN=10.77.0.1:0 timeout 300 build/bin/shardps bench \
   --transport verbs --op pushpull --verify --size 1MiB --iters 20 --warmup 2
 exit $fail
 '

@@ -11,6 +11,15 @@
 #include "transport/auth.h"
 
 namespace shardps::transport::verbs {
+namespace {
+
+// What an address that rdma_cm cannot reach usually means.
+constexpr const char* kNotRdmaHint =
+    " (the verbs backend needs the address of an RDMA interface, RoCE or IPoIB, and loopback "
+    "is none: a server listening on 0.0.0.0 must advertise that address, --advertise or "
+    "SHARDPS_ADVERTISE, or listen on it, SHARDPS_SERVER_LISTEN)";
+
+}  // namespace
 
 VerbsConnection::~VerbsConnection() = default;
 
@@ -560,7 +569,8 @@ void VerbsConnection::OnCmEvent(rdma_cm_event_type type, int status, rdma_cm_id*
   switch (type) {
     case RDMA_CM_EVENT_ADDR_RESOLVED:
       if (rdma_resolve_route(id, kResolveMs) != 0)
-        Fail(Status::Unavailable(fmt::format("rdma_resolve_route: {}", std::strerror(errno))));
+        Fail(Status::Unavailable(fmt::format("rdma_resolve_route to {}: {}{}", connect_host_,
+                                             std::strerror(errno), kNotRdmaHint)));
       return;
     case RDMA_CM_EVENT_ROUTE_RESOLVED: {
       CreateQp(id);
@@ -582,10 +592,8 @@ void VerbsConnection::OnCmEvent(rdma_cm_event_type type, int status, rdma_cm_id*
     case RDMA_CM_EVENT_REJECTED: {
       std::string what = rdma_event_str(type);
       std::string hint;
-      if (type == RDMA_CM_EVENT_ADDR_ERROR)
-        hint =
-            " (the verbs backend needs the address of an RDMA interface, RoCE or IPoIB; "
-            "loopback addresses have none)";
+      if (type == RDMA_CM_EVENT_ADDR_ERROR || type == RDMA_CM_EVENT_ROUTE_ERROR)
+        hint = kNotRdmaHint;
       Fail(Status::Unavailable(fmt::format("RDMA connection to {} failed: {} (status {}){}",
                                            connect_host_.empty() ? peer_ : connect_host_, what,
                                            status, hint)));
