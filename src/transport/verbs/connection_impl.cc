@@ -40,7 +40,11 @@ void VerbsConnection::Register() {
     if (token_ == 0) token_ = shared_->next_token++;  // no randomness: still unique
   } while (shared_->by_token.count(token_) != 0);
   shared_->by_token[token_] = weak_from_this();
-  shared_->conns.push_back(weak_from_this());
+}
+
+void VerbsConnection::Unregister() {
+  std::lock_guard<std::mutex> lock(shared_->mu);
+  shared_->by_token.erase(token_);
 }
 
 void VerbsConnection::SetTcp(std::shared_ptr<Connection> tcp) {
@@ -59,10 +63,16 @@ void VerbsConnection::Attach(ConnectionHandlers user, uint16_t rdma_port,
     attached_ = true;
   }
   cv_.notify_all();
+  {
+    // Listed for key revocation once its tcp side can carry the revocation.
+    std::lock_guard<std::mutex> lock(shared_->mu);
+    shared_->conns.push_back(weak_from_this());
+  }
   Bytes meta;
   Writer w(&meta);
   w.Put(token_);
   w.Put(rdma_port);
+  w.Put(static_cast<uint8_t>(shared_->srq != nullptr));
   SendRaw(kHello, std::move(meta));
 }
 
@@ -107,9 +117,14 @@ void VerbsConnection::SendOnTcp(uint64_t seq, uint32_t tag, const Bytes& meta, P
   w.Put(seq);
   w.PutRaw(meta.data(), meta.size());
   // The tcp side completes on its own thread; the callback runs on this context's loop.
-  auto shared = shared_;
-  tcp_->Send(tag, std::move(numbered), std::move(payload), [shared, done](Status st) {
-    if (!shared->Post([done, st] { done(st); })) done(st);
+  auto self = shared_from_this();
+  tcp_pending_++;
+  tcp_->Send(tag, std::move(numbered), std::move(payload), [self, done](Status st) {
+    auto fire = [self, done, st] {
+      self->tcp_pending_--;
+      done(st);
+    };
+    if (!self->shared_->Post(fire)) fire();
   });
 }
 
@@ -152,10 +167,10 @@ void VerbsConnection::WriteThenSend(const void* local, size_t len, const RemoteK
   Post(
       [self, local, len, parts = std::move(parts), remote, seq, tag, meta = std::move(meta),
        finish]() mutable {
-        if (self->closing_)
+        if (self->closing_ || self->closed_flag_)
           return finish(Status::Aborted("connection to " + self->peer_ + " is closed"));
         size_t bytes = kSendHeader + meta.size();
-        if (self->ready_ && self->shared_->srq && bytes <= self->max_inline_ &&
+        if (self->ready_ && self->peer_takes_sends_ && bytes <= self->max_inline_ &&
             bytes <= kRecvSlotBytes) {
           auto message = std::make_shared<Bytes>();
           Writer w(message.get());
@@ -193,7 +208,7 @@ void VerbsConnection::StartOp(bool is_write, void* local, size_t len, const Remo
 
 bool VerbsConnection::Issue(bool is_write, void* local, size_t len, KeyParts parts, uint64_t remote,
                             DoneCallback done, std::shared_ptr<Bytes> message) {
-  if (closing_) {
+  if (closing_ || closed_flag_) {
     done(Status::Aborted("connection to " + peer_ + " is closed"));
     return false;
   }
@@ -402,11 +417,13 @@ void VerbsConnection::OnTcpMessage(Message m) {
     Reader r(m.meta.data(), m.meta.size());
     uint64_t token = 0;
     uint16_t port = 0;
-    if (!r.Get(&token) || !r.Get(&port) || r.remaining() != 0)
+    uint8_t takes_sends = 0;
+    if (!r.Get(&token) || !r.Get(&port) || !r.Get(&takes_sends) || r.remaining() != 0)
       return Fail(Status::ProtocolError("malformed verbs hello from " + peer_));
-    shared_->Post([self, token, port] {
+    shared_->Post([self, token, port, takes_sends] {
       self->peer_token_ = token;
       self->peer_port_ = port;
+      self->peer_takes_sends_ = takes_sends != 0;
       // The side that made the tcp connection connects the queue pair to the other's rdma_cm
       // port; the other accepts it (Shared::HandleCmEvents).
       if (self->rdma_port_ == 0) {
@@ -506,14 +523,15 @@ void VerbsConnection::StartConnect() {
         fmt::format("rdma_resolve_addr {}: {}", connect_host_, std::strerror(err))));
 }
 
-rdma_conn_param VerbsConnection::ConnParam(const uint64_t* token) const {
+rdma_conn_param VerbsConnection::ConnParam(const uint64_t* token, uint8_t initiator,
+                                           uint8_t responder) const {
   rdma_conn_param p{};
   if (token) {
     p.private_data = token;
     p.private_data_len = sizeof(*token);
   }
-  p.responder_resources = shared_->rd_atom;
-  p.initiator_depth = shared_->rd_atom;
+  p.responder_resources = responder;
+  p.initiator_depth = initiator;
   p.retry_count = 7;
   p.rnr_retry_count = 7;
   return p;
@@ -549,7 +567,7 @@ void VerbsConnection::CreateQp(rdma_cm_id* id) {
   shared_->by_qp[qp_->qp_num] = weak_from_this();
 }
 
-void VerbsConnection::Accept(rdma_cm_id* id) {
+void VerbsConnection::Accept(rdma_cm_id* id, uint8_t their_initiator, uint8_t their_responder) {
   if (closing_ || id_) {
     rdma_reject(id, nullptr, 0);
     rdma_destroy_id(id);
@@ -559,7 +577,9 @@ void VerbsConnection::Accept(rdma_cm_id* id) {
   shared_->by_cm_id[id_] = weak_from_this();
   CreateQp(id);
   if (!qp_) return;
-  rdma_conn_param p = ConnParam(nullptr);
+  // READs in flight: no more than the connecting side can take, nor than this side can.
+  rdma_conn_param p = ConnParam(nullptr, std::min(shared_->rd_atom, their_responder),
+                                std::min(shared_->rd_atom, their_initiator));
   if (rdma_accept(id, &p) != 0)
     Fail(Status::IOError(fmt::format("rdma_accept: {}", std::strerror(errno))));
 }
@@ -575,7 +595,7 @@ void VerbsConnection::OnCmEvent(rdma_cm_event_type type, int status, rdma_cm_id*
     case RDMA_CM_EVENT_ROUTE_RESOLVED: {
       CreateQp(id);
       if (!qp_) return;
-      rdma_conn_param p = ConnParam(&peer_token_);
+      rdma_conn_param p = ConnParam(&peer_token_, shared_->rd_atom, shared_->rd_atom);
       if (rdma_connect(id, &p) != 0)
         Fail(Status::Unavailable(fmt::format("rdma_connect: {}", std::strerror(errno))));
       return;
@@ -647,8 +667,12 @@ void VerbsConnection::Shutdown(Status st) {
 
 bool VerbsConnection::FinishClosing(bool force) {
   if (finished_) return true;
-  if (posted_ > 0 && !force && std::chrono::steady_clock::now() < flush_deadline_) return false;
+  if ((posted_ > 0 || tcp_pending_.load() > 0) && !force &&
+      std::chrono::steady_clock::now() < flush_deadline_)
+    return false;
   finished_ = true;
+  // What the queue pair left in the completion queue is taken first (it counts in posted_).
+  if (qp_ && posted_ > 0) shared_->PollCompletions();
   if (posted_ > 0) {
     spdlog::warn("[{}] {} RDMA operations to {} did not flush in time; abandoning them",
                  shared_->options.name, posted_, peer_);

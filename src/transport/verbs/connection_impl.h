@@ -22,7 +22,9 @@
 namespace shardps::transport::verbs {
 
 // Tags of the backend's own messages on the tcp connection (never shown to the user).
-inline constexpr uint32_t kHello = 0xFFFF0101;      // u64 token, u16 rdma_cm port (0: none)
+// u64 token, u16 rdma_cm port (0: none), u8 whether SENDs may be sent to this side (it has a
+// shared receive queue)
+inline constexpr uint32_t kHello = 0xFFFF0101;
 inline constexpr uint32_t kRevoke = 0xFFFF0102;     // u64 region id, u64 token
 inline constexpr uint32_t kRevokeAck = 0xFFFF0103;  // u64 token
 inline constexpr uint32_t kSkip = 0xFFFF0104;       // u64 sequence number never sent
@@ -81,7 +83,9 @@ class VerbsConnection final : public Connection,
   void FailLater(DoneCallback done, Status why) override {
     Post([done, why] { done(why); }, done);
   }
+  // Operations issued after this fail; the connection finishes closing on the loop.
   void Close() override {
+    closed_flag_ = true;
     if (tcp_) tcp_->Close();
   }
   bool closed() const override { return closed_flag_.load(); }
@@ -93,7 +97,10 @@ class VerbsConnection final : public Connection,
   // Loop: a message that arrived as a SEND (in the context's shared receive queue).
   void OnReceive(const uint8_t* data, size_t len);
   // Loop: the passive side's queue pair for the connect request on `id`.
-  void Accept(rdma_cm_id* id);
+  // `their_initiator` and `their_responder`: the READ depths the connect request asked for.
+  void Accept(rdma_cm_id* id, uint8_t their_initiator, uint8_t their_responder);
+  // Forgets a connection whose tcp side never came up.
+  void Unregister();
   // Loop: posts backlogged work while the queue pair and the completion queue have room.
   void PostBacklog();
   // Loop: true once the closing queue pair has flushed (or the wait ran out); then finishes.
@@ -143,7 +150,7 @@ class VerbsConnection final : public Connection,
   void OnTcpMessage(Message m);
   void OnRevoke(uint64_t region, uint64_t token);
   void CreateQp(rdma_cm_id* id);
-  rdma_conn_param ConnParam(const uint64_t* token) const;
+  rdma_conn_param ConnParam(const uint64_t* token, uint8_t initiator, uint8_t responder) const;
   void OnTcpClosed(Status st);
   void Fail(Status why);
   void SetConnected(Status st);
@@ -157,6 +164,9 @@ class VerbsConnection final : public Connection,
   std::atomic<bool> closed_flag_{false};
   uint64_t token_ = 0;                 // set by Register()
   std::atomic<uint64_t> next_seq_{0};  // the next message's number
+  // Messages handed to the tcp connection whose callbacks have not run yet: the connection
+  // finishes closing only after they did (every callback before on_close).
+  std::atomic<int> tcp_pending_{0};
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -170,6 +180,7 @@ class VerbsConnection final : public Connection,
   uint16_t rdma_port_ = 0;
   uint64_t peer_token_ = 0;
   uint16_t peer_port_ = 0;
+  bool peer_takes_sends_ = false;  // the peer has a shared receive queue (its hello says)
   std::string connect_host_;
   rdma_cm_id* id_ = nullptr;
   ibv_qp* qp_ = nullptr;

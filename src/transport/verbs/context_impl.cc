@@ -80,12 +80,13 @@ bool Shared::PollCompletions() {
     if (wc[i].wr_id & kReceiveBit) {
       // A message in the shared receive queue: handed to its connection, the buffer reposted.
       int slot = static_cast<int>(wc[i].wr_id & ~kReceiveBit);
-      if (wc[i].status != IBV_WC_SUCCESS) continue;
       auto it = by_qp.find(wc[i].qp_num);
       std::shared_ptr<VerbsConnection> c;
       if (it != by_qp.end()) c = it->second.lock();
-      if (c)
+      if (c && wc[i].status == IBV_WC_SUCCESS)
         c->OnReceive(recv_buffers + static_cast<size_t>(slot) * kRecvSlotBytes, wc[i].byte_len);
+      // A failed receive (an oversized SEND, its queue pair gone to the error state) gives its
+      // buffer back too: the shared queue must not drain.
       if (!PostReceive(slot))
         spdlog::error("[{}] cannot repost receive buffer {}: {}", options.name, slot,
                       std::strerror(errno));
@@ -109,9 +110,12 @@ bool Shared::HandleCmEvents() {
     rdma_cm_id* id = ev->id;
     uint64_t token = 0;
     bool has_token = false;
+    uint8_t their_initiator = 0, their_responder = 0;
     if (type == RDMA_CM_EVENT_CONNECT_REQUEST && ev->param.conn.private_data_len >= sizeof(token)) {
       std::memcpy(&token, ev->param.conn.private_data, sizeof(token));
       has_token = true;
+      their_initiator = ev->param.conn.initiator_depth;
+      their_responder = ev->param.conn.responder_resources;
     }
     rdma_ack_cm_event(ev);
     if (type == RDMA_CM_EVENT_CONNECT_REQUEST) {
@@ -129,7 +133,7 @@ bool Shared::HandleCmEvents() {
         rdma_destroy_id(id);
         continue;
       }
-      c->Accept(id);
+      c->Accept(id, their_initiator, their_responder);
       continue;
     }
     auto it = by_cm_id.find(id);
@@ -401,7 +405,10 @@ class VerbsContext final : public Context {
     auto c = std::make_shared<VerbsConnection>(shared_);
     c->Register();
     auto tcp = shared_->tcp->Connect(address, c->TcpHandlers(), timeout);
-    if (!tcp.ok()) return tcp.status();
+    if (!tcp.ok()) {
+      c->Unregister();
+      return tcp.status();
+    }
     c->SetTcp(*tcp);
     c->Attach(std::move(handlers), 0, host);
     auto left = timeout - std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -527,6 +534,14 @@ Result<std::unique_ptr<Context>> CreateVerbsContext(const ContextOptions& option
   if (!s->options.inbound_budget)
     s->options.inbound_budget = std::make_shared<InboundBudget>(options.process_inbound_bytes);
   SHARDPS_RETURN_IF_ERROR(OpenDevice(s.get(), *name));
+  // Registration pins memory: a low locked-memory limit fails it later, so say so now.
+  rlimit lim{};
+  if (getrlimit(RLIMIT_MEMLOCK, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY &&
+      lim.rlim_cur < (64ull << 20))
+    spdlog::warn(
+        "[{}] the locked-memory limit is {}: registering more than that with {} will fail; raise "
+        "it (`ulimit -l unlimited`, systemd LimitMEMLOCK=infinity; `shardps doctor` checks it)",
+        options.name, MemlockLimit(), s->device_name);
   if (ibv_query_device(s->device, &s->device_attr) != 0) return Errno("ibv_query_device");
   s->rd_atom = static_cast<uint8_t>(std::clamp(
       std::min(s->device_attr.max_qp_rd_atom, s->device_attr.max_qp_init_rd_atom), 1, 16));
@@ -550,7 +565,8 @@ Result<std::unique_ptr<Context>> CreateVerbsContext(const ContextOptions& option
     s->recv_block = std::make_shared<Registration>();
     s->recv_block->mapped = p;
     s->recv_block->mapped_size = bytes;
-    s->recv_block->mr = ibv_reg_mr(s->pd, p, bytes, IBV_ACCESS_LOCAL_WRITE);
+    int access = IBV_ACCESS_LOCAL_WRITE;  // a variable: clang warns on the macro's enum mix
+    s->recv_block->mr = ibv_reg_mr(s->pd, p, bytes, access);
     if (!s->recv_block->mr)
       return Status::ResourceExhausted(
           fmt::format("ibv_reg_mr of {} bytes of receive buffers: {} (locked-memory limit {})",
