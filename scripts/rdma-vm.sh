@@ -13,7 +13,8 @@
 # second run only boots (about 5 s).
 set -euo pipefail
 
-SHARDPS_VM_DIR="${SHARDPS_VM_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/build/rdma-vm}"
+SHARDPS_VM_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SHARDPS_VM_DIR="${SHARDPS_VM_DIR:-$SHARDPS_VM_REPO/build/rdma-vm}"
 SHARDPS_VM_PACKAGES=(qemu-system-x86 busybox-static ibverbs-providers ibverbs-utils librdmacm-dev
   rdmacm-utils iproute2 cpio)
 # In the order they must load (crc32_generic before rdma_rxe: without it adding a device fails
@@ -83,6 +84,7 @@ shardps_vm_init() {
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 out=$(sed -n 's/.*shardps.out=\([^ ]*\).*/\1/p' /proc/cmdline)
+repo=$(sed -n 's/.*shardps.repo=\([^ ]*\).*/\1/p' /proc/cmdline)
 for m in $(cat /modules/order); do
   insmod /modules/$m.ko* || echo "rdma-vm: insmod $m failed"
 done
@@ -91,6 +93,11 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose hostroo
 for d in proc sys dev; do mount --bind /$d /mnt/$d; done
 mkdir -p /dev/shm
 mount -t tmpfs tmp /mnt/tmp; mount -t tmpfs shm /mnt/dev/shm; mount -t tmpfs run /mnt/run
+# The repository gets a mount of its own: a checkout under /tmp is hidden by the tmpfs above.
+mkdir -p "/mnt$repo" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose repo "/mnt$repo" ||
+  echo "rdma-vm: cannot mount the repository"
+mkdir -p "/mnt$out" 2>/dev/null
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=524288 out "/mnt$out" ||
   echo "rdma-vm: cannot mount the output folder"
 chroot /mnt /bin/bash "$out/guest.sh"
@@ -127,8 +134,9 @@ EOF
   timeout --kill-after=10 "${SHARDPS_VM_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg -cpu max \
     -m "${SHARDPS_VM_MEMORY:-4096}" -smp 2 -nographic -no-reboot -nic none \
     -kernel "$dir/vmlinuz" -initrd "$dir/initrd.img" \
-    -append "console=ttyS0 quiet panic=-1 shardps.out=$out" \
-    -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+        -append "console=ttyS0 quiet panic=-1 shardps.out=$out shardps.repo=$SHARDPS_VM_REPO" \
+        -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+    -virtfs local,path="$SHARDPS_VM_REPO",mount_tag=repo,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$out",mount_tag=out,security_model=none </dev/null > "$out/console.log" 2>&1
   rc=$?
   set -e
