@@ -21,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/subprocess.h"
+#include "kill_server.h"
 #include "launch.h"
 #include "shardps/worker.h"
 #include "transport/context.h"
@@ -67,6 +68,14 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
   app->add_option("--iters", b->iters, "timed iterations")->check(CLI::Range(1u, 1000000u));
   app->add_option("--warmup", b->warmup, "untimed iterations first")->check(CLI::Range(0u, 1000u));
   app->add_flag("--verify", b->verify, "check every pulled value exactly");
+  app->add_option("--kill-server-at", b->kill_server_at,
+                  "worker 0 kills server 1 (SIGKILL; it must run on this host) before this "
+                  "iteration, counting the warm-up: with --replicas 1 the job goes on "
+                  "(docs/fault-tolerance.md)");
+  app->add_option("--kill-server-how", b->kill_server_how,
+                  "kill (SIGKILL), or stop (SIGSTOP, then SIGCONT once that iteration completed: "
+                  "a server that comes back after it was replaced)")
+      ->check(CLI::IsMember({"kill", "stop"}));
   app->add_option("--compression", b->compression,
                   "gradient compression (none, fp16, bf16, int8, onebit, topk; see "
                   "docs/compression.md)");
@@ -247,6 +256,12 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                  "--sync-quorum, --worker-weights and --weight-rule change\n");
     return 2;
   }
+  if (b.kill_server_at > 0 && (job.servers < 2 || job.replicas == 0)) {
+    std::fprintf(stderr,
+                 "shardps bench: --kill-server-at needs --servers 2 or more and --replicas 1 (a "
+                 "job without backups ends when a server dies)\n");
+    return 2;
+  }
   if (!env.Has(tunables::kCoordinator.env)) {
     // Standalone: launch a local cluster whose workers are this same benchmark.
     std::vector<std::string> program = {SelfExe(), "bench"};
@@ -359,6 +374,8 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   };
   std::vector<double> lat_us;
   uint64_t step = 0;
+  const bool stop_server = b.kill_server_how == "stop";
+  int stopped_pid = 0;
   WorkerStats before{};
   for (uint32_t it = 0; it < b.warmup + b.iters && mismatches == 0; ++it) {
     if (it == b.warmup) {
@@ -375,6 +392,18 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       float g[13];
       for (uint64_t r = 0; r < 13; ++r) g[r] = Grad(w.rank(), step, r, W);
       FillPeriodic13(grad.data(), n, g);
+    }
+    const bool kill_now = w.rank() == 0 && it + 1 == b.kill_server_at && w.num_servers() > 1;
+    if (kill_now) {
+      auto pid = KillServerProcess(w, 1, stop_server ? SIGSTOP : SIGKILL);
+      if (!pid.ok()) {
+        std::fprintf(stderr, "shardps bench: %s\n", pid.status().ToString().c_str());
+        return 1;
+      }
+      stopped_pid = *pid;
+      std::printf("worker 0: %s server 1 (pid %d) before iteration %u\n",
+                  stop_server ? "stopped" : "killed", *pid, it + 1);
+      std::fflush(stdout);
     }
     auto t0 = Clock::now();
     std::vector<Handle> hs;
@@ -393,6 +422,16 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
         std::fprintf(stderr, "shardps bench: worker %u: %s\n", w.rank(), st.ToString().c_str());
         return 1;
       }
+    }
+    if (kill_now) {
+      std::printf("worker 0: iteration %u completed %.0f ms after server 1 was %s\n", it + 1,
+                  std::chrono::duration<double, std::milli>(Clock::now() - t0).count(),
+                  stop_server ? "stopped" : "killed");
+      if (stop_server) {
+        kill(stopped_pid, SIGCONT);  // it comes back, replaced: fenced
+        std::printf("worker 0: server 1 resumed\n");
+      }
+      std::fflush(stdout);
     }
     if (it >= b.warmup)
       lat_us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());

@@ -18,6 +18,7 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kMode, &mode);  // sync, async, ssp:K: checked by ToCoordinator
   AddTunable(app, kAggregate, &aggregate)->check(CLI::IsMember({"mean", "sum"}));
   AddTunable(app, kSyncQuorum, &sync_quorum);
+  AddTunable(app, kReplicas, &replicas)->check(CLI::Range(0u, 1u));
   AddTunable(app, kWorkerWeights, &worker_weights);
   AddTunable(app, kWeightRule, &weight_rule)->check(CLI::IsMember({"fixed", "staleness"}));
   AddTunable(app, kTransport, &transport);
@@ -62,6 +63,7 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   if (!m.ok()) return m.status().WithContext("--mode");
   co.mode = *m;
   co.sync_quorum = sync_quorum;
+  co.replicas = replicas;
   auto weights = ParseWeights(worker_weights);
   if (!weights.ok()) return weights.status().WithContext("--worker-weights");
   co.worker_weights = *weights;

@@ -369,6 +369,14 @@ int RunLaunch(const LaunchOptions& opt) {
       if (terminating) continue;
       // A server ending is only normal once the coordinator says the job is done.
       bool job_done = (*coord)->Wait(std::chrono::milliseconds(0)).ok();
+      if (!c.is_worker && !job_done && opt.coordinator.replicas > 0 &&
+          opt.coordinator.num_servers > 1) {
+        // Replication: the coordinator replaces it with its chunks' backups, or fails the job
+        // (seen below) when it cannot.
+        std::fprintf(stderr, "[launch] %s %s; the job goes on with its chunks' backups\n",
+                     c.name.c_str(), Describe(st).c_str());
+        continue;
+      }
       if (!ok || (!c.is_worker && !job_done)) {
         stop_reason = fmt::format("{} {}", c.name, Describe(st));
         exit_code = 1;

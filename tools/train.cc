@@ -17,6 +17,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "kill_server.h"
 #include "launch.h"
 #include "server/optimizer.h"
 #include "shardps/worker.h"
@@ -219,6 +220,7 @@ Result<nlohmann::json> WorkerPushStats(Worker& w) {
   nlohmann::json all = nlohmann::json::array();
   for (uint32_t srv = 0; srv < w.num_servers(); ++srv) {
     auto js = w.ServerStats(srv);
+    if (js.status().IsUnavailable()) continue;  // declared dead: its backups counted anew
     if (!js.ok()) return js.status().WithContext(fmt::format("stats of server {}", srv));
     auto j = nlohmann::json::parse(*js, nullptr, false);
     if (j.is_discarded() || !j.contains("workers"))
@@ -530,6 +532,13 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
         continue;
       }
       if (slow_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+      const bool kill_now = rank0 && global == t.kill_server_at && w.num_servers() > 1;
+      const auto killed_at = Clock::now();
+      if (kill_now) {
+        auto pid = KillServerProcess(w, 1);
+        if (!pid.ok()) return Fail(pid.status().WithContext("--kill-server-at"));
+        Say("train: killed server 1 (pid {}) before step {}", *pid, global);
+      }
       Gather(train, order.data() + s * b, b, x.data(), y.data());
       const float loss =
           mlp.ForwardBackward(ConstPtrs(params), x.data(), y.data(), p.local_batch, Ptrs(grads));
@@ -545,6 +554,11 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
                          ? w.PushPull((*ids)[k], grads[k].data(), params[k].data())
                          : w.Pull((*ids)[k], params[k].data()));  // already past this step
       if (Status st = wait_all(hs); !st.ok()) return Fail(st);
+      if (kill_now) {
+        Say("train: step {} completed {:.0f} ms after server 1 was killed: its chunks' backups "
+            "took over",
+            global, std::chrono::duration<double, std::milli>(Clock::now() - killed_at).count());
+      }
       if (std::any_of(hs.begin(), hs.end(), [](const Handle& h) { return h.late(); }))
         run.late_steps++;
       if (Status st = checkpoint(global); !st.ok()) return Fail(st);
@@ -622,6 +636,9 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
                   "write a checkpoint every N global steps into --checkpoint-dir (0: never); "
                   "--restore DIR starts a run from one");
   app->add_option("--checkpoint-dir", t->checkpoint_dir, "where --checkpoint-every writes");
+  app->add_option("--kill-server-at", t->kill_server_at,
+                  "worker 0 kills server 1 (SIGKILL; on this host) before this global step: with "
+                  "--replicas 1 the run goes on with its backups (docs/fault-tolerance.md)");
   app->add_flag("--baseline", t->baseline,
                 "also train the same model in one process without the parameter server");
 }
@@ -632,6 +649,10 @@ int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::st
   // Standalone: check everything here, so that an error shows once and fast, then launch a
   // local cluster whose workers are this same command.
   if (Status st = CheckFlags(t, job.workers); !st.ok()) return Fail(st, 2);
+  if (t.kill_server_at > 0 && (job.servers < 2 || job.replicas == 0))
+    return Fail(Impossible("--kill-server-at needs --servers 2 or more and --replicas 1 (a run "
+                           "without backups ends when a server dies)"),
+                2);
   {
     auto data = train::LoadFashionMnist(DataDir(t));
     if (!data.ok()) return Fail(data.status());

@@ -84,13 +84,21 @@ struct ServerStats {
   uint64_t duplicate_pushes = 0;  // resent pushes recognised and not applied again
   uint64_t late_pushes = 0;       // sync with a quorum: dropped as late
   uint64_t versions_published = 0;
-  uint64_t grant_requests = 0;       // landing buffers asked for (kGrant)
-  uint64_t grants_waited = 0;        // grant requests that had to wait for a free buffer
-  uint64_t grants_ahead = 0;         // buffers granted ahead with an acknowledgement
-  uint64_t grants_parked = 0;        // grant requests that waited for their chunk to catch up
-  uint64_t batches = 0;              // batch requests (small chunks' operations fused)
-  uint64_t batched_pushes = 0;       // pushes that travelled in a batch
-  uint64_t batched_pulls = 0;        // pulls answered in a batch (push_pull's included)
+  uint64_t grant_requests = 0;  // landing buffers asked for (kGrant)
+  uint64_t grants_waited = 0;   // grant requests that had to wait for a free buffer
+  uint64_t grants_ahead = 0;    // buffers granted ahead with an acknowledgement
+  uint64_t grants_parked = 0;   // grant requests that waited for their chunk to catch up
+  uint64_t batches = 0;         // batch requests (small chunks' operations fused)
+  uint64_t batched_pushes = 0;  // pushes that travelled in a batch
+  uint64_t batched_pulls = 0;   // pulls answered in a batch (push_pull's included)
+  // Replication (docs/fault-tolerance.md): pushes forwarded to their chunk's backup, pushes taken
+  // as a backup, chunks served since their primary was declared dead, the shard map's epoch.
+  uint64_t replicated_pushes = 0;
+  uint64_t replica_pushes = 0;
+  uint64_t promoted_chunks = 0;
+  uint64_t shard_map_epoch = 0;
+  uint64_t pid = 0;  // the server's process and host (shardps bench/train --kill-server-at)
+  std::string host;
   uint64_t inbound_bytes = 0;        // held now for what peers sent (the inbound budget)
   uint64_t inbound_peak_bytes = 0;   // the most held at once
   uint64_t inbound_limit_bytes = 0;  // the process's inbound budget

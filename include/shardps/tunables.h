@@ -50,6 +50,15 @@ inline constexpr Tunable kSyncQuorum{
     "sync: publish a step once this many workers pushed it (backup workers; late pushes are "
     "dropped); 0: all",
     "coordinator, launch, bench, train"};
+inline constexpr Tunable kReplicas{
+    "replicas",
+    "SHARDPS_REPLICAS",
+    "0",
+    0,
+    "backups of every chunk on other servers (0 or 1): a push is acknowledged once every live "
+    "copy holds it, and a server that dies is replaced by its chunks' backups "
+    "(docs/fault-tolerance.md)",
+    "coordinator, launch, bench, train"};
 inline constexpr Tunable kWorkerWeights{
     "worker-weights",
     "SHARDPS_WORKER_WEIGHTS",
@@ -297,6 +306,7 @@ inline constexpr const Tunable* kAll[] = {
     &kMode,
     &kAggregate,
     &kSyncQuorum,
+    &kReplicas,
     &kWorkerWeights,
     &kWeightRule,
     &kTransport,

@@ -173,6 +173,7 @@ class Worker {
   // The outcome is worker 0's to report; the others return once it is done or failed.
   virtual Status Checkpoint(const std::string& dir, std::chrono::milliseconds timeout) = 0;
   // A server's statistics as JSON (see ServerStats).
+  // Unavailable for a server declared dead (replication: docs/fault-tolerance.md).
   virtual Result<std::string> ServerStats(uint32_t server) = 0;
   // Tells the coordinator this worker is done. Call once, after the last operation completed.
   virtual Status Finish() = 0;

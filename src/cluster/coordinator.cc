@@ -36,6 +36,9 @@ Status CoordinatorOptions::Validate() const {
   if (sync_quorum != 0 && mode != Mode::kSync)
     return Status::InvalidArgument(fmt::format(
         "a sync quorum is for sync mode only (the mode is {})", ModeString(mode, staleness)));
+  if (replicas > 1)
+    return Status::InvalidArgument(fmt::format(
+        "{} replicas asked for: this version keeps at most one backup of each chunk", replicas));
   if (sync_quorum > num_workers)
     return Status::InvalidArgument(
         fmt::format("sync quorum {} exceeds the {} workers", sync_quorum, num_workers));
@@ -70,6 +73,7 @@ struct Node {
   uint64_t register_request = 0;
   Clock::time_point last_seen;
   bool goodbye = false;
+  bool dead = false;  // a server declared dead and replaced by its chunks' backups
   std::string Name() const {
     return fmt::format("{} {} (node {}, pid {})", RoleName(role), rank, id, pid);
   }
@@ -123,6 +127,7 @@ class CoordinatorImpl final : public Coordinator {
     if (!l.ok()) return l.status().WithContext("coordinator listen");
     listener_ = std::move(l).value();
     server_bytes_.assign(opt_.num_servers, 0);
+    server_dead_.assign(opt_.num_servers, false);
     started_ = Clock::now();
     ticker_ = std::thread([this] { Tick(); });
     auto m = metrics::RoleMetrics::Start(opt_.metrics_listen, "coordinator", -1,
@@ -153,6 +158,7 @@ class CoordinatorImpl final : public Coordinator {
     if (!r.Get(&req)) return Drop(c, "message without a request id");
     std::unique_lock<std::mutex> lock(mu_);
     Node* node = FindNode(c);
+    if (node && node->dead) return;  // fenced: it was replaced (its connection is closing)
     if (node) node->last_seen = Clock::now();
     switch (m.tag) {
       case kRegister: {
@@ -333,6 +339,7 @@ class CoordinatorImpl final : public Coordinator {
     view.heartbeat_timeout_ms = static_cast<uint32_t>(opt_.heartbeat_timeout.count());
     view.transport = opt_.transport;
     view.job_id = job_id_;
+    view.replicas = Replicated() ? 1 : 0;
     auto nodes = GroupNodes(&view.worker_nodes);
     if (!nodes.ok()) {
       // Every registration fails with the reason; so does the job.
@@ -392,10 +399,16 @@ class CoordinatorImpl final : public Coordinator {
           p.chunk_id = next_chunk_id_++;
           p.offset = off;
           p.numel = std::min(elems_per_chunk, it.numel - off);
-          // Balance by bytes: the least loaded server takes the chunk.
-          auto least = std::min_element(server_bytes_.begin(), server_bytes_.end());
-          p.server = static_cast<uint32_t>(least - server_bytes_.begin());
-          *least += p.numel * 4;
+          // Balance by bytes: the least loaded live server takes the chunk, the next one its
+          // backup (a backup costs its server the same memory and apply work).
+          p.server = LeastLoaded(kNoServer);
+          if (p.server == kNoServer)
+            return Reply(*c, req, Status::Unavailable("no live server is left to place chunks on"));
+          server_bytes_[p.server] += p.numel * 4;
+          if (Replicated()) {
+            p.backup = LeastLoaded(p.server);
+            if (p.backup != kNoServer) server_bytes_[p.backup] += p.numel * 4;
+          }
           rec.placement.chunks.push_back(p);
         }
         found = tensors_.emplace(it.name, std::move(rec)).first;
@@ -411,10 +424,69 @@ class CoordinatorImpl final : public Coordinator {
   void OnClose(const std::shared_ptr<transport::Connection>& c, const Status& st) {
     std::lock_guard<std::mutex> lock(mu_);
     Node* n = FindNode(c);
-    if (!n || finished_) return;
+    if (!n || finished_ || n->dead) return;
     if (n->role == Role::kWorker && n->goodbye) return;
-    Fail(Status::Unavailable(fmt::format("{} disconnected before the job ended ({})", n->Name(),
-                                         st.ok() ? "closed" : st.message())));
+    Lost(*n, fmt::format("{} disconnected before the job ended ({})", n->Name(),
+                         st.ok() ? "closed" : st.message()));
+  }
+
+  bool Replicated() const { return opt_.replicas > 0 && opt_.num_servers > 1; }
+
+  // The live server holding the fewest bytes, other than `besides`; kNoServer when none is.
+  uint32_t LeastLoaded(uint32_t besides) const {
+    uint32_t best = kNoServer;
+    for (uint32_t s = 0; s < server_bytes_.size(); ++s) {
+      if (s == besides || server_dead_[s]) continue;
+      if (best == kNoServer || server_bytes_[s] < server_bytes_[best]) best = s;
+    }
+    return best;
+  }
+
+  // Node `n` died or went silent: the job fails, unless it is a server whose every chunk has a
+  // live backup (docs/fault-tolerance.md). Then each of its chunks is served by its backup from
+  // now on, the shard map's epoch goes up, and every live node hears it (kServerDown); the dead
+  // server's connection is closed, so one that was only paused finds itself fenced.
+  void Lost(Node& n, const std::string& why) {
+    if (n.role != Role::kServer || !Replicated() || !complete_)
+      return Fail(Status::Unavailable(why));
+    for (auto& [name, rec] : tensors_)
+      for (const auto& p : rec.placement.chunks)
+        if (p.server == n.rank && p.backup == kNoServer)
+          return Fail(Status::Unavailable(fmt::format(
+              "{}; chunk {} of tensor '{}' has no live copy left (its backup was lost before, and "
+              "this version does not build new backups)",
+              why, p.chunk_id, name)));
+    uint32_t moved = 0, orphaned = 0;
+    for (auto& [name, rec] : tensors_)
+      for (auto& p : rec.placement.chunks) {
+        if (p.server == n.rank) {
+          server_bytes_[p.server] -= p.numel * 4;
+          p.server = p.backup;
+          p.backup = kNoServer;
+          ++moved;
+        } else if (p.backup == n.rank) {
+          server_bytes_[p.backup] -= p.numel * 4;
+          p.backup = kNoServer;
+          ++orphaned;
+        }
+      }
+    n.dead = true;
+    server_dead_[n.rank] = true;
+    ++epoch_;
+    spdlog::warn(
+        "coordinator: {}: declared dead; shard map epoch {}: its {} chunks are served by their "
+        "backups, {} chunks it backed up have none now",
+        why, epoch_, moved, orphaned);
+    ServerDown down{epoch_, n.rank};
+    for (auto& other : nodes_) {
+      if (&other == &n || other.dead) continue;
+      Bytes meta;
+      Writer w(&meta);
+      w.Put<uint64_t>(0);
+      down.Encode(&w);
+      other.conn->Send(kServerDown, std::move(meta), {}, nullptr);
+    }
+    n.conn->Close();
   }
 
   void Tick() {
@@ -439,11 +511,12 @@ class CoordinatorImpl final : public Coordinator {
         continue;
       }
       for (auto& n : nodes_) {
-        if (n.goodbye) continue;
+        if (n.goodbye || n.dead) continue;
         if (now - n.last_seen > opt_.heartbeat_timeout) {
-          Fail(Status::Unavailable(fmt::format(
-              "{} sent no heartbeat for {} ms", n.Name(),
-              std::chrono::duration_cast<std::chrono::milliseconds>(now - n.last_seen).count())));
+          Lost(n,
+               fmt::format("{} sent no heartbeat for {} ms", n.Name(),
+                           std::chrono::duration_cast<std::chrono::milliseconds>(now - n.last_seen)
+                               .count()));
           break;
         }
       }
@@ -470,7 +543,7 @@ class CoordinatorImpl final : public Coordinator {
       if (n.role == Role::kWorker && n.goodbye) ++done;
     if (done < opt_.num_workers) return;
     for (auto& n : nodes_)
-      if (n.role == Role::kServer) {
+      if (n.role == Role::kServer && !n.dead) {
         Bytes meta;
         Writer w(&meta);
         w.Put<uint64_t>(0);
@@ -502,6 +575,9 @@ class CoordinatorImpl final : public Coordinator {
               static_cast<double>(heartbeats_));
     f.Counter("shardps_coordinator_barriers_total", "barriers completed",
               static_cast<double>(barriers_done_));
+    f.Gauge("shardps_coordinator_shard_map_epoch",
+            "the shard map's epoch: servers replaced by their chunks' backups so far",
+            static_cast<double>(epoch_));
     f.Gauge("shardps_coordinator_tensors", "tensors declared",
             static_cast<double>(tensors_.size()));
     uint64_t placed = 0;
@@ -526,6 +602,7 @@ class CoordinatorImpl final : public Coordinator {
     finished_ = true;
     result_ = why;
     for (auto& n : nodes_) {
+      if (n.dead) continue;
       Bytes meta;
       Writer w(&meta);
       w.Put<uint64_t>(0);
@@ -553,6 +630,8 @@ class CoordinatorImpl final : public Coordinator {
   std::map<std::string, Barrier> barriers_;
   std::map<std::string, TensorRecord> tensors_;
   std::vector<uint64_t> server_bytes_;
+  std::vector<bool> server_dead_;  // by server rank: declared dead (Lost)
+  uint64_t epoch_ = 0;             // the shard map's: one more per server declared dead
   uint64_t next_chunk_id_ = 1;
   uint64_t heartbeats_ = 0;     // guarded by mu_
   uint64_t barriers_done_ = 0;  // guarded by mu_

@@ -29,6 +29,7 @@ void ClusterView::Encode(Writer* w) const {
   w->Put<uint32_t>(static_cast<uint32_t>(worker_nodes.size()));
   for (uint32_t n : worker_nodes) w->Put(n);
   w->Put(job_id);
+  w->Put(replicas);
 }
 
 uint32_t ClusterView::num_pushers() const {
@@ -73,8 +74,15 @@ bool ClusterView::Decode(Reader* r) {
   const uint32_t nodes = nn == 0 ? 0 : num_pushers();
   for (uint32_t i = 0; i < nodes; ++i)
     if (!seen[i]) return false;
-  return r->Get(&job_id);
+  return r->Get(&job_id) && r->Get(&replicas) && replicas <= 1;
 }
+
+void ServerDown::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(rank);
+}
+
+bool ServerDown::Decode(Reader* r) { return r->Get(&epoch) && r->Get(&rank); }
 
 void RegisterRequest::Encode(Writer* w) const {
   w->Put<uint8_t>(static_cast<uint8_t>(role));
@@ -152,11 +160,14 @@ void CreateChunkItem::Encode(Writer* w) const {
   w->Put(static_cast<uint8_t>(push_codec));
   w->Put(push_block);
   w->Put(static_cast<uint8_t>(pull_codec));
+  w->Put(primary);
+  w->Put(backup);
 }
 
 bool CreateChunkItem::Decode(Reader* r) {
   return r->Get(&chunk_id) && r->GetString(&tensor, 4096) && r->Get(&offset) && r->Get(&numel) &&
-         DecodeOptimizer(r, &optimizer) && DecodeCodecs(r, this);
+         DecodeOptimizer(r, &optimizer) && DecodeCodecs(r, this) && r->Get(&primary) &&
+         r->Get(&backup);
 }
 
 void ChunkSlots::Encode(Writer* w) const {
@@ -209,6 +220,7 @@ void DeclareReply::Encode(Writer* w) const {
     for (const auto& p : t.chunks) {
       w->Put(p.chunk_id);
       w->Put(p.server);
+      w->Put(p.backup);
       w->Put(p.offset);
       w->Put(p.numel);
     }
@@ -221,11 +233,12 @@ bool DeclareReply::Decode(Reader* r, uint32_t servers) {
   tensors.resize(n);
   for (auto& t : tensors) {
     uint32_t k = 0;
-    if (!r->Get(&k) || k > (1u << 24) || !r->Fits(k, 28)) return false;
+    if (!r->Get(&k) || k > (1u << 24) || !r->Fits(k, 32)) return false;
     t.chunks.resize(k);
     for (auto& c : t.chunks)
-      if (!r->Get(&c.chunk_id) || !r->Get(&c.server) || !r->Get(&c.offset) || !r->Get(&c.numel) ||
-          c.server >= servers)
+      if (!r->Get(&c.chunk_id) || !r->Get(&c.server) || !r->Get(&c.backup) || !r->Get(&c.offset) ||
+          !r->Get(&c.numel) || c.server >= servers ||
+          (c.backup != kNoServer && (c.backup >= servers || c.backup == c.server)))
         return false;
   }
   return true;
@@ -339,6 +352,9 @@ bool DecodeStatus(Reader* r, Status* st) {
       break;
     case static_cast<int32_t>(Status::Code::kNotFound):
       *st = Status::NotFound(msg);
+      break;
+    case static_cast<int32_t>(Status::Code::kAborted):
+      *st = Status::Aborted(msg);
       break;
     default:
       *st = Status::RemoteError(msg);

@@ -27,6 +27,7 @@ enum Tag : uint32_t {
   // coordinator -> node (request id 0, no reply)
   kNodeFailed = 20,
   kShutdown = 21,
+  kServerDown = 22,  // ServerDown: a server was replaced by its chunks' backups
   // worker -> server
   kCreateChunks = 30,
   kGrant = 31,
@@ -37,7 +38,13 @@ enum Tag : uint32_t {
   kBatchAnswer = 35,
   // worker 0 -> server: write your chunks into a checkpoint (docs/fault-tolerance.md)
   kSaveChunks = 36,
+  // server -> server: a push to a chunk, for its backup (a PushDone whose `worker` is the
+  // pusher and whose bytes are the payload); the reply is a PushAck (docs/fault-tolerance.md)
+  kReplicate = 37,
 };
+
+// No server: a chunk without a backup.
+inline constexpr uint32_t kNoServer = UINT32_MAX;
 
 enum class Role : uint8_t { kServer = 1, kWorker = 2 };
 const char* RoleName(Role r);
@@ -68,6 +75,8 @@ struct ClusterView {
   // Names this run of the job (random, from the coordinator): the shared-memory segments of a
   // node's workers carry it.
   uint64_t job_id = 0;
+  // Backups of every chunk (0 or 1; docs/fault-tolerance.md).
+  uint32_t replicas = 0;
 
   // Nodes of the job: the processes that push (each worker when there are none).
   uint32_t num_pushers() const;
@@ -107,8 +116,9 @@ struct RegisterReply {
 // One chunk of a tensor as assigned by the coordinator.
 struct ChunkPlacement {
   uint64_t chunk_id = 0;
-  uint32_t server = 0;  // server rank
-  uint64_t offset = 0;  // first element in the tensor
+  uint32_t server = 0;          // server rank of its primary
+  uint32_t backup = kNoServer;  // server rank of its backup, if it has one
+  uint64_t offset = 0;          // first element in the tensor
   uint64_t numel = 0;
 };
 
@@ -132,6 +142,20 @@ struct CreateChunkItem {
   Codec push_codec = Codec::kNone;
   uint32_t push_block = 256;
   Codec pull_codec = Codec::kNone;
+  // Its primary and backup (kNoServer: none) when it was placed: a server that is its backup
+  // forwards nothing and takes the primary's kReplicate until the primary is declared dead.
+  uint32_t primary = 0;
+  uint32_t backup = kNoServer;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kServerDown (coordinator -> every node, request id 0): server `rank` was declared dead and the
+// shard map moved to `epoch`: each chunk it was primary of is now served by its backup, and each
+// chunk it was the backup of has none.
+struct ServerDown {
+  uint64_t epoch = 0;
+  uint32_t rank = 0;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };

@@ -26,8 +26,8 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
   auto events = nc->events_;
   auto rpc_slot = std::make_shared<std::shared_ptr<RpcChannel>>();
   transport::ConnectionHandlers h;
-  h.on_message = [events, rpc_slot](const std::shared_ptr<transport::Connection>& c,
-                                    transport::Message m) {
+  h.on_message = [events, rpc_slot, down = options.on_server_down](
+                     const std::shared_ptr<transport::Connection>& c, transport::Message m) {
     auto rpc = *rpc_slot;
     if (m.tag == kReply) {
       if (rpc && !rpc->OnReply(m)) {
@@ -43,6 +43,16 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
     Reader r(m.meta.data(), m.meta.size());
     uint64_t req = 0;
     std::string why;
+    if (m.tag == kServerDown) {
+      ServerDown d;
+      if (!r.Get(&req) || !d.Decode(&r) || !r.done()) {
+        spdlog::error("malformed server-down notice from the coordinator; closing");
+        c->Close();
+        return;
+      }
+      if (down) down(d);
+      return;
+    }
     if (!r.Get(&req) || !r.GetString(&why, 65536)) {
       c->Close();
       return;

@@ -31,6 +31,10 @@ struct NodeClientOptions {
   std::chrono::milliseconds connect_timeout{30000};
   std::chrono::milliseconds register_timeout{120000};
   std::chrono::milliseconds rpc_timeout{60000};
+  // Called on a transport thread, in order, for each server the coordinator declared dead and
+  // replaced by its chunks' backups (kServerDown; docs/fault-tolerance.md). May be called before
+  // Connect returns.
+  std::function<void(const ServerDown&)> on_server_down;
 };
 
 class NodeClient {

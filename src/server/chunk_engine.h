@@ -87,6 +87,8 @@ struct EngineConfig {
 
 // A batch request being answered (the server's; cluster::BatchRequest).
 struct BatchInFlight;
+// A push forwarded to its chunk's backup, acknowledged once both copies hold it (the server's).
+struct ReplicaJoin;
 
 // Whom to answer: a request on a connection (tests use a null connection and distinct ids), or
 // entry `entry` of a batch on that connection.
@@ -95,6 +97,10 @@ struct ReplyTo {
   uint64_t request = 0;
   std::shared_ptr<BatchInFlight> batch;
   uint32_t entry = 0;
+  // Replication (docs/fault-tolerance.md): the acknowledgement also waits for the backup's
+  // (join), or it answers a primary's kReplicate (replica: no landing buffer granted ahead).
+  std::shared_ptr<ReplicaJoin> join;
+  bool replica = false;
 };
 
 // A push that travelled in a batch holds no landing buffer.

@@ -73,6 +73,12 @@ std::string ServerStats::ToJson() const {
                       {"batches", batches},
                       {"batched_pushes", batched_pushes},
                       {"batched_pulls", batched_pulls},
+                      {"replicated_pushes", replicated_pushes},
+                      {"replica_pushes", replica_pushes},
+                      {"promoted_chunks", promoted_chunks},
+                      {"shard_map_epoch", shard_map_epoch},
+                      {"pid", pid},
+                      {"host", host},
                       {"inbound_bytes", inbound_bytes},
                       {"inbound_peak_bytes", inbound_peak_bytes},
                       {"inbound_limit_bytes", inbound_limit_bytes},
@@ -107,6 +113,44 @@ struct BatchInFlight {
   cluster::BatchAnswer part;   // answered since the last answer was sent
   Bytes payload;               // their parameters, in the same order
   bool queued = false;         // in the server's list of answers to send
+};
+
+// A push forwarded to its chunk's backup: the worker is acknowledged once the chunk's engine
+// here acknowledged it (`local`) and the backup did (`remote`), or the backup was declared dead.
+struct ReplicaJoin {
+  std::mutex mu;
+  bool local = false;
+  bool remote = false;
+  EngineActions::Ack ack;  // this server's, once local
+  Status remote_status;    // the backup's refusal, when it refused (a fenced primary)
+  uint32_t backup = 0;     // the backup's server rank
+  // Sends the acknowledgement (the server's AckNow for the chunk), once both are in.
+  std::function<void(EngineActions::Ack)> deliver;
+
+  // Records one side; the acknowledgement to send when it was the second, with the backup's
+  // refusal (this server was replaced and is fenced) in place of this server's success.
+  std::optional<EngineActions::Ack> Local(const EngineActions::Ack& a) {
+    std::lock_guard<std::mutex> lock(mu);
+    local = true;
+    ack = a;
+    ack.to.join.reset();
+    if (!remote) return std::nullopt;
+    return Merged();
+  }
+  std::optional<EngineActions::Ack> Remote(const Status& st) {
+    std::lock_guard<std::mutex> lock(mu);
+    remote = true;
+    remote_status = st;
+    if (!local) return std::nullopt;
+    return Merged();
+  }
+
+ private:
+  EngineActions::Ack Merged() {
+    EngineActions::Ack a = std::move(ack);
+    if (a.status.ok() && !remote_status.ok()) a.status = remote_status;
+    return a;
+  }
 };
 
 namespace {
@@ -157,6 +201,12 @@ struct Chunk {
   bool inline_apply = false;  // owned by the data loop thread rather than an apply thread
   OptimizerKind optimizer = OptimizerKind::kSgd;
   std::unique_ptr<ChunkEngine> engine;
+  // Replication (docs/fault-tolerance.md): the server rank of its primary; the rank of its
+  // backup while this server is its primary and the backup lives (kNoServer: none); whether this
+  // server holds it as the backup (until the primary is declared dead: then it serves it).
+  std::atomic<uint32_t> primary{0};
+  std::atomic<uint32_t> backup{kNoServer};
+  std::atomic<bool> is_backup{false};
 };
 
 class ServerImpl final : public Server {
@@ -252,6 +302,7 @@ class ServerImpl final : public Server {
     no.transport = opt_.transport;
     no.connect_timeout = opt_.connect_timeout;
     no.register_timeout = opt_.register_timeout;
+    no.on_server_down = [this](const ServerDown& d) { OnServerDown(d); };
     auto done = done_;
     auto node = NodeClient::Connect(control_ctx_.get(), no, [done](Status why, bool shutdown) {
       std::lock_guard<std::mutex> lock(done->mu);
@@ -280,6 +331,11 @@ class ServerImpl final : public Server {
                      device_->name(), st.ToString());
       }
     }
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      dead_.resize(std::max<size_t>(dead_.size(), view_.num_servers), false);
+    }
+    if (view_.replicas > 0) SHARDPS_RETURN_IF_ERROR(ConnectPeers());
     // Apply threads poll for work as long as the transport polls for messages: where it
     // does not (tcp), a sleeping apply thread costs no more than the wake-up of the loop.
     applier_.Start(opt_.apply_threads, data_ctx_->busy_poll());
@@ -445,6 +501,14 @@ class ServerImpl final : public Server {
     if (data_ctx_) s.refused_peers += data_ctx_->refused_peers();
     if (control_ctx_) s.refused_peers += control_ctx_->refused_peers();
     s.grants_waited = grants_waited_.load();
+    s.replicated_pushes = replicated_pushes_.load(std::memory_order_relaxed);
+    s.replica_pushes = replica_pushes_.load(std::memory_order_relaxed);
+    s.promoted_chunks = promoted_chunks_.load(std::memory_order_relaxed);
+    s.shard_map_epoch = epoch_.load();
+    s.pid = static_cast<uint64_t>(getpid());
+    char host[256] = {0};
+    gethostname(host, sizeof(host) - 1);
+    s.host = host;
     s.grants_ahead = grants_ahead_.load();
     s.batches = batches_.load(std::memory_order_relaxed);
     s.batched_pushes = batched_pushes_.load(std::memory_order_relaxed);
@@ -463,6 +527,197 @@ class ServerImpl final : public Server {
     bool finished = false;
     Status result;
   };
+
+  // Replication: a connection to every other server, over which this server forwards the pushes
+  // of the chunks it is the primary of to their backups (kReplicate). Every server listens
+  // before it registers, so all of them are reachable once the view is complete.
+  Status ConnectPeers() {
+    peers_.resize(view_.num_servers);
+    for (uint32_t s = 0; s < view_.num_servers; ++s) {
+      if (s == rank_) continue;
+      auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
+      transport::ConnectionHandlers h;
+      h.on_message = [this, slot, s](const std::shared_ptr<Connection>& c, transport::Message m) {
+        if (stopping_.load()) return;
+        if (m.tag != kReply || !*slot || !(*slot)->OnReply(m)) {
+          spdlog::error("server {}: unexpected message from server {}; closing", rank_, s);
+          c->Close();
+        }
+        SendAnswers();
+      };
+      h.on_close = [this, slot, s](const std::shared_ptr<Connection>&, Status st) {
+        if (*slot)
+          (*slot)->FailAll(Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
+                                                           st.ok() ? "" : ": " + st.message())));
+        if (!stopping_.load()) SendAnswers();  // batch entries its failed calls completed
+      };
+      auto conn = data_ctx_->Connect(view_.servers[s].address, h, opt_.connect_timeout);
+      if (!conn.ok())
+        return conn.status().WithContext(fmt::format("connecting to server {} (replication)", s));
+      *slot = std::make_shared<RpcChannel>(*conn);
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      peers_[s] = *slot;
+    }
+    spdlog::info(
+        "server {}: replication on: pushes to its chunks are acknowledged once their "
+        "backups hold them too",
+        rank_);
+    return Status::OK();
+  }
+
+  // kServerDown, on the control loop: server `d.rank` was replaced. Chunks it was the primary of
+  // whose backup is here are served from here now; those it backed up have no backup any more,
+  // and their pushes waiting for its answer are acknowledged on this server's alone.
+  void OnServerDown(const ServerDown& d) {
+    std::vector<std::shared_ptr<ReplicaJoin>> orphans;
+    std::shared_ptr<RpcChannel> peer;
+    uint32_t promoted = 0, unbacked = 0;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (d.rank >= 4096) return;  // a coordinator's bound on servers
+      if (d.rank >= dead_.size()) dead_.resize(d.rank + 1, false);
+      dead_[d.rank] = true;
+      epoch_.store(std::max(epoch_.load(), d.epoch));
+      {
+        std::shared_lock<std::shared_mutex> chunks(chunks_mu_);
+        for (auto& [id, ch] : chunks_) {
+          if (ch->is_backup.load() && ch->primary.load() == d.rank) {
+            ch->primary.store(rank_);
+            ch->is_backup.store(false);
+            ++promoted;
+          }
+          if (ch->backup.load() == d.rank) {
+            ch->backup.store(kNoServer);
+            ++unbacked;
+          }
+        }
+      }
+      orphans = std::move(orphans_[d.rank]);
+      orphans_.erase(d.rank);
+      if (d.rank < peers_.size()) peer = peers_[d.rank];
+    }
+    promoted_chunks_ += promoted;
+    spdlog::warn(
+        "server {}: server {} was declared dead (shard map epoch {}): this server now serves the "
+        "{} chunks it backed up for it; {} of its chunks have no backup now",
+        rank_, d.rank, d.epoch, promoted, unbacked);
+    // Its calls fail now (they are acknowledged on this server's word: the backup is gone).
+    if (peer) peer->connection().Close();
+    if (!orphans.empty())
+      data_ctx_->RunInLoop([this, orphans = std::move(orphans)] {
+        for (auto& j : orphans) RemoteDone(j, Status::OK());
+        SendAnswers();
+      });
+  }
+
+  // The data loop: forwards push `p` of `ch` to the chunk's backup, and makes its
+  // acknowledgement wait for the backup's. The bytes are copied: the landing buffer goes back
+  // to the pool once this server applied the push, which may be before they left.
+  void Forward(Chunk& ch, LandedPush& p) {
+    const uint32_t b = ch.backup.load();
+    if (b == kNoServer) return;
+    std::shared_ptr<RpcChannel> peer;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (b < peers_.size()) peer = peers_[b];
+    }
+    if (!peer) return;
+    auto join = std::make_shared<ReplicaJoin>();
+    join->backup = b;
+    join->deliver = [this, chp = &ch](EngineActions::Ack a) { AckNow(*chp, a); };
+    p.reply.join = join;
+    Bytes meta;
+    Writer w(&meta);
+    PushDone{.epoch = epoch_.load(),
+             .chunk_id = ch.id,
+             .buffer = kNoLandingBuffer,
+             .worker = p.worker,
+             .seq = p.seq,
+             .bytes = p.grad.bytes,
+             .base_version = p.base_version,
+             .lr = p.lr}
+        .Encode(&w);
+    const auto* g = static_cast<const uint8_t*>(p.grad.data);
+    replicated_pushes_.fetch_add(1, std::memory_order_relaxed);
+    peer->Call(kReplicate, meta, transport::Payload::Own(Bytes(g, g + p.grad.bytes)),
+               [this, join](Status st, Reader& r, transport::Message& m) {
+                 PushAck ack;
+                 if (st.ok() && (!ack.Decode(&r) || !r.done()))
+                   st = Status::ProtocolError("malformed replica acknowledgement");
+                 OnReplicaAnswer(join, st, m.tag == kReply);
+               });
+  }
+
+  // The backup answered (`answered`: its reply), or the transport failed the call.
+  void OnReplicaAnswer(const std::shared_ptr<ReplicaJoin>& join, const Status& st, bool answered) {
+    // An answer (an acknowledgement, or a refusal: a fenced primary's) goes to the worker.
+    if (answered) return RemoteDone(join, st);
+    // The backup is gone: acknowledged on this server's word once the coordinator declared it
+    // dead (OnServerDown), never before, so that nothing is acknowledged that a failover of
+    // this server could lose.
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (!dead_[join->backup]) {
+        orphans_[join->backup].push_back(join);
+        return;
+      }
+    }
+    RemoteDone(join, Status::OK());
+  }
+
+  void RemoteDone(const std::shared_ptr<ReplicaJoin>& join, const Status& st) {
+    if (auto a = join->Remote(st)) join->deliver(std::move(*a));
+  }
+
+  // kReplicate: a push to a chunk this server is the backup of, from the chunk's primary. It
+  // goes through the chunk's engine like any push, so the copies hold the same versions and
+  // sequence tables; the answer is the engine's acknowledgement.
+  void OnReplicate(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r,
+                   transport::Message& m) {
+    PushDone d;
+    if (!d.Decode(&r) || !r.done()) return Drop(c, "malformed replicated push");
+    Chunk* ch = FindChunk(d.chunk_id);
+    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", d.chunk_id)));
+    // Fencing: once this server serves the chunk (its primary was declared dead), a primary
+    // that was only paused cannot make it apply anything more; it hears the refusal and
+    // acknowledges nothing (the shard map's epoch is in the message for the log).
+    if (!ch->is_backup.load())
+      return Reply(*c, req,
+                   Status::Aborted(fmt::format(
+                       "server {} serves chunk {} itself since its primary was declared dead "
+                       "(shard map epoch {}; the sender's {}): the sender was replaced",
+                       rank_, d.chunk_id, epoch_.load(), d.epoch)));
+    if (d.worker >= view_.num_pushers())
+      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown pusher {}", d.worker)));
+    if (d.bytes != m.payload.size())
+      return Drop(
+          c, fmt::format("replicated push of {} bytes that claims {}", m.payload.size(), d.bytes));
+    if (Status st = CheckPushBytes(*ch, d.bytes); !st.ok()) return Reply(*c, req, st);
+    if (Status st = d.lr ? CheckLearningRate(*d.lr) : Status::OK(); !st.ok())
+      return Reply(*c, req, st);
+    auto held = std::make_shared<BatchBytes>(inbound_);
+    if (!held->charge.TryCharge(d.bytes))
+      return Drop(c, fmt::format("a replicated push of {} bytes would pass the server's inbound "
+                                 "budget of {} bytes",
+                                 d.bytes, inbound_->limit()));
+    held->bytes = std::move(m.payload);
+    LandedPush p;
+    p.worker = d.worker;
+    p.seq = d.seq;
+    p.base_version = d.base_version;
+    p.lr = d.lr;
+    p.buffer = kNoLandingBuffer;
+    p.grad.data = held->bytes.data();
+    p.hold = std::move(held);
+    p.grad.numel = ch->numel;
+    p.grad.bytes = d.bytes;
+    p.grad.encoding = ch->push_codec;
+    p.grad.block = ch->push_block;
+    p.reply = ReplyTo{c, req};
+    p.reply.replica = true;
+    replica_pushes_.fetch_add(1, std::memory_order_relaxed);
+    OnOwner(*ch, [this, ch, p = std::move(p)]() mutable { ApplyPush(*ch, std::move(p)); });
+  }
 
   void Finish(Status st) {
     std::lock_guard<std::mutex> lock(done_->mu);
@@ -583,7 +838,9 @@ class ServerImpl final : public Server {
     std::vector<Chunk*> all;
     {
       std::shared_lock<std::shared_mutex> lock(chunks_mu_);
-      for (auto& [id, ch] : chunks_) all.push_back(ch.get());
+      // A backup's copy is its primary's: the primary writes it.
+      for (auto& [id, ch] : chunks_)
+        if (!ch->is_backup.load()) all.push_back(ch.get());
     }
     std::sort(all.begin(), all.end(), [](Chunk* a, Chunk* b) { return a->id < b->id; });
     struct Pending {
@@ -669,6 +926,8 @@ class ServerImpl final : public Server {
         return OnBatch(c, req, r, m);
       case kSaveChunks:
         return OnSaveChunks(c, req, r);
+      case kReplicate:
+        return OnReplicate(c, req, r, m);
       case kStats: {
         if (!r.done()) return Drop(c, "malformed stats request");
         std::string json = stats().ToJson();
@@ -845,6 +1104,16 @@ class ServerImpl final : public Server {
     ec.weight_rule = view_.weight_rule;
     ec.counters = counters_.get();
     ec.initial_version = version;
+    {
+      // Its place in the shard map: a backup here takes the primary's forwarded pushes; a
+      // primary here forwards to a backup that is alive.
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      const bool primary_dead = it.primary < dead_.size() && dead_[it.primary];
+      ch->is_backup = it.backup == rank_ && it.primary != rank_ && !primary_dead;
+      ch->primary = ch->is_backup ? it.primary : rank_;
+      ch->backup = it.primary == rank_ && it.backup < dead_.size() && !dead_[it.backup] ? it.backup
+                                                                                        : kNoServer;
+    }
     Chunk* raw = ch.get();
     ch->engine = std::make_unique<ChunkEngine>(
         ec, std::move(rule),
@@ -960,6 +1229,7 @@ class ServerImpl final : public Server {
     p.grad.block = ch->push_block;
     p.reply = ReplyTo{c, req};
     push_bytes_.fetch_add(d.bytes, std::memory_order_relaxed);
+    Forward(*ch, p);
     OnOwner(*ch, [this, ch, p = std::move(p)]() mutable { ApplyPush(*ch, std::move(p)); });
   }
 
@@ -1083,6 +1353,7 @@ class ServerImpl final : public Server {
       p.reply = ReplyTo{c, req, answer, static_cast<uint32_t>(i)};
       push_bytes_.fetch_add(e.bytes, std::memory_order_relaxed);
       batched_pushes_.fetch_add(1, std::memory_order_relaxed);
+      Forward(*ch, p);
       ApplyPush(*ch, std::move(p));
     }
     batches_.fetch_add(1, std::memory_order_relaxed);
@@ -1149,15 +1420,22 @@ class ServerImpl final : public Server {
   // when the pool can spare one. An entry of a batch is answered in the batch's answer instead,
   // with the chunk's parameters when it pulls too.
   void AckNow(const Chunk& ch, const EngineActions::Ack& a) {
+    if (a.to.join) {
+      // The backup's answer too (ReplicaJoin), or sent when it comes.
+      if (auto both = a.to.join->Local(a)) AckNow(ch, *both);
+      return;
+    }
     if (a.to.batch)
       return Answer(a.to.batch, a.to.entry, a.status, a.version, a.late,
                     a.to.batch->pulls[a.to.entry] ? &ch : nullptr);
     if (!a.to.conn) return;
     if (!a.status.ok()) return Reply(*a.to.conn, a.to.request, a.status);
     PushAck ack;
+    ack.epoch = epoch_.load();
     ack.version = a.version;
     ack.late = a.late;
-    std::optional<uint32_t> ahead = pool_.GrantAhead(a.to.conn.get());
+    std::optional<uint32_t> ahead;
+    if (!a.to.replica) ahead = pool_.GrantAhead(a.to.conn.get());
     if (ahead) {
       ack.has_ahead = true;
       ack.ahead.buffer = *ahead;
@@ -1243,6 +1521,17 @@ class ServerImpl final : public Server {
   std::atomic<uint64_t> batches_{0};         // batch requests served
   std::atomic<uint64_t> batched_pushes_{0};  // pushes that travelled in them
   std::atomic<uint64_t> batched_pulls_{0};   // pulls answered in them
+
+  // Replication (docs/fault-tolerance.md).
+  std::mutex failover_mu_;
+  std::vector<std::shared_ptr<RpcChannel>> peers_;  // failover_mu_: by server rank, to backups
+  std::vector<bool> dead_;                          // failover_mu_: servers declared dead
+  // failover_mu_: pushes whose backup's connection failed before it was declared dead
+  std::map<uint32_t, std::vector<std::shared_ptr<ReplicaJoin>>> orphans_;
+  std::atomic<uint64_t> epoch_{0};              // the shard map's, as last heard
+  std::atomic<uint64_t> replicated_pushes_{0};  // forwarded to a backup
+  std::atomic<uint64_t> replica_pushes_{0};     // taken as a backup
+  std::atomic<uint64_t> promoted_chunks_{0};    // served since their primary was declared dead
 };
 
 }  // namespace

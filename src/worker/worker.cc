@@ -273,14 +273,20 @@ void RaiseTo(std::atomic<uint64_t>& a, uint64_t v) {
 
 struct ChunkRef {
   uint64_t chunk_id = 0;
-  uint32_t server = 0;
+  // The server that serves it now: its primary, or once the primary was declared dead its
+  // backup (docs/fault-tolerance.md).
+  std::atomic<uint32_t> server{0};
+  uint32_t backup = kNoServer;  // its backup when declared, if it has one
   uint64_t offset = 0;
   uint64_t numel = 0;
   compress::ChunkCodec codec;   // how its pushes are encoded
   uint64_t encoded_offset = 0;  // where its encoding starts in the tensor's staging buffer
   uint64_t encoded_bytes = 0;
   Codec pull_codec = Codec::kNone;
-  ChunkSlots slots;
+  ChunkSlots slots;         // on its primary
+  ChunkSlots backup_slots;  // on its backup
+  std::atomic<bool> on_backup{false};
+  const ChunkSlots& Slots() const { return on_backup.load() ? backup_slots : slots; }
   SlotLayout layout;
   std::atomic<uint64_t> known_version{0};
   std::atomic<uint64_t> pulled_version{0};  // the newest version pulled: a push's base
@@ -339,7 +345,14 @@ class Batcher {
     std::shared_ptr<OpState> op;
     bool push = false;
     float* pull_into = nullptr;  // a pull's (or push_pull's) destination
+    // With replication, what it takes to send it again to the chunk's backup: its entry and
+    // its gradient's bytes (Fail hands them to `resend`).
+    BatchEntry entry;
+    std::shared_ptr<const Bytes> grad;
   };
+
+  // Replication: items keep their entry and bytes until answered, to be sent again.
+  explicit Batcher(bool keep = false) : keep_(keep) {}
 
   // Adds an operation; true when the batch should go now (its size bound is reached). `grad`:
   // the push's bytes as they travel (copied here). With a `window` (sync), a push more than
@@ -348,11 +361,23 @@ class Batcher {
   // server would have to park it, holding the batch's bytes, where a grant would have waited
   // holding nothing.
   bool Add(Item item, const BatchEntry& e, const void* grad, uint64_t fuse_bytes, uint64_t window) {
+    if (keep_) {
+      item.entry = e;
+      if (e.push && !item.grad) {
+        const auto* g = static_cast<const uint8_t*>(grad);
+        item.grad = std::make_shared<const Bytes>(g, g + e.bytes);
+      }
+    }
     std::unique_lock<std::mutex> lock(mu_);
     if (!failed_.ok()) {
       Status st = failed_;
+      auto resend = resend_;
       lock.unlock();
-      item.op->ChunkDone(st, 0);
+      if (resend) {
+        resend(std::move(item));  // it waits for the chunk to move to its backup
+      } else {
+        item.op->ChunkDone(st, 0);
+      }
       return false;
     }
     if (e.push && window > 0) {
@@ -461,12 +486,13 @@ class Batcher {
   }
 
   // The connection or the job failed: every operation waiting or not answered fails with
-  // `why`, and so does every later one.
-  void Fail(const Status& why) {
+  // `why` (or, with `resend`, is handed to it: replication), and so does every later one.
+  void Fail(const Status& why, const std::function<void(Item)>& resend = nullptr) {
     std::vector<Item> fail;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (failed_.ok()) failed_ = why;
+      if (keep_ && resend && !resend_) resend_ = resend;
       for (auto& item : items_) fail.push_back(std::move(item));
       items_.clear();
       entries_.clear();
@@ -481,7 +507,13 @@ class Batcher {
         for (auto& d : q) fail.push_back(std::move(d.item));
       deferred_.clear();
     }
-    for (auto& item : fail) item.op->ChunkDone(why, 0);
+    for (auto& item : fail) {
+      if (resend && keep_) {
+        resend(std::move(item));
+      } else {
+        item.op->ChunkDone(why, 0);
+      }
+    }
   }
 
  private:
@@ -548,6 +580,8 @@ class Batcher {
   };
   std::unordered_map<ChunkRef*, std::deque<Deferred>> deferred_;  // sync: pushes too far ahead
   Status failed_;
+  const bool keep_;
+  std::function<void(Item)> resend_;  // replication: where items added after Fail go
 };
 
 // Pinned host buffers of one size, reused: what operations on GPU memory stage through.
@@ -637,6 +671,14 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
   std::atomic<int> pending{0};
   Status read_error;
   std::mutex mu;
+  // A read that failed (its server's connection lost: the worker may retry on the chunk's
+  // backup); null: the operation fails.
+  std::function<void(Status)> failed;
+
+  void Fail(const Status& st) {
+    if (failed) return failed(st);
+    op->ChunkDone(st, 0);
+  }
 
   void Start() {
     expect = chunk->known_version.load() + 1;  // published: its tag was seen, or acknowledged
@@ -656,7 +698,7 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
         if (self->read_error.ok()) self->read_error = st;
       }
       if (--self->pending == 0) {
-        if (!self->read_error.ok()) return self->op->ChunkDone(self->read_error, 0);
+        if (!self->read_error.ok()) return self->Fail(self->read_error);
         ((*self).*next)();
       }
     };
@@ -675,11 +717,11 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
     }
     if (bytes_pulled) *bytes_pulled += chunk->layout.data_bytes;
     void (PullJob::*next)() = in_order ? &PullJob::CheckAll : &PullJob::ReadTagAfter;
-    c.Read(into, chunk->layout.data_bytes, chunk->slots.key, slot * chunk->layout.stride,
+    c.Read(into, chunk->layout.data_bytes, chunk->Slots().key, slot * chunk->layout.stride,
            Joined(next));
-    c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, TagOffset(1 - slot), Joined(next));
+    c.Read(&other_tag, sizeof(other_tag), chunk->Slots().key, TagOffset(1 - slot), Joined(next));
     if (in_order)
-      c.Read(&tag_after, sizeof(tag_after), chunk->slots.key, TagOffset(slot), Joined(next));
+      c.Read(&tag_after, sizeof(tag_after), chunk->Slots().key, TagOffset(slot), Joined(next));
   }
 
   void CheckAll() {
@@ -690,7 +732,7 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
   void ReadTagAfter() {
     if (other_tag > expect) return Retry(other_tag);  // a newer version: a pull returns it
     pending = 1;
-    rpc->connection().Read(&tag_after, sizeof(tag_after), chunk->slots.key,
+    rpc->connection().Read(&tag_after, sizeof(tag_after), chunk->Slots().key,
                            TagOffset((expect - 1) % 2), Joined(&PullJob::Check));
   }
 
@@ -723,16 +765,18 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
     }
     pending = 2;
     Connection& c = rpc->connection();
-    c.Read(&tag_after, sizeof(tag_after), chunk->slots.key, TagOffset(0),
+    c.Read(&tag_after, sizeof(tag_after), chunk->Slots().key, TagOffset(0),
            Joined(&PullJob::PickNewest));
-    c.Read(&other_tag, sizeof(other_tag), chunk->slots.key, TagOffset(1),
+    c.Read(&other_tag, sizeof(other_tag), chunk->Slots().key, TagOffset(1),
            Joined(&PullJob::PickNewest));
   }
 
   // After re-reading both tags (slot 0's in tag_after, slot 1's in other_tag).
   void PickNewest() {
     uint64_t newest = std::max(tag_after, other_tag);
-    if (newest >= expect) {
+    // Both slots stable and older than expected: the chunk moved to its backup, which had not
+    // published the version this worker saw on the primary yet. Its newest is what there is.
+    if (newest >= expect || (newest != 0 && std::min(tag_after, other_tag) != 0)) {
       expect = newest;
       return ReadFloats();
     }
@@ -761,6 +805,14 @@ class WorkerImpl final : public Worker {
       }
       fuse_cv_.notify_all();
       fuse_thread_.join();
+    }
+    if (failover_thread_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lock(failover_->mu);
+        failover_->stop = true;
+      }
+      failover_->cv.notify_all();
+      failover_thread_.join();
     }
     metrics_.Stop();
     WriteTimeline();
@@ -797,16 +849,23 @@ class WorkerImpl final : public Worker {
     no.connect_timeout = opt_.connect_timeout;
     no.register_timeout = opt_.register_timeout;
     no.rpc_timeout = opt_.rpc_timeout;
+    no.on_server_down = [this](const ServerDown& d) { OnServerDown(d); };
     auto servers_failed = failed_servers_;
-    auto node = NodeClient::Connect(control_ctx_.get(), no, [servers_failed](Status why, bool) {
-      // The job failed: fail every outstanding server call so that waits return promptly.
-      std::lock_guard<std::mutex> lock(servers_failed->mu);
-      servers_failed->why = why;
-      for (auto& rpc : servers_failed->rpcs)
-        if (auto r = rpc.lock()) r->FailAll(why);
-      for (auto& b : servers_failed->batchers)
-        if (auto bb = b.lock()) bb->Fail(why);
-    });
+    auto failover = failover_;
+    auto node =
+        NodeClient::Connect(control_ctx_.get(), no, [servers_failed, failover](Status why, bool) {
+          // The job failed: fail every outstanding server call so that waits return promptly.
+          {
+            std::lock_guard<std::mutex> lock(servers_failed->mu);
+            servers_failed->why = why;
+            for (auto& rpc : servers_failed->rpcs)
+              if (auto r = rpc.lock()) r->FailAll(why);
+            for (auto& b : servers_failed->batchers)
+              if (auto bb = b.lock()) bb->Fail(why);
+          }
+          // Operations waiting for a failover fail with it too.
+          failover->FailAll(why);
+        });
     if (!node.ok()) return node.status();
     node_ = std::move(node).value();
     view_ = node_->info().view;
@@ -820,7 +879,7 @@ class WorkerImpl final : public Worker {
     data_ctx_ = std::move(dctx).value();
     for (uint32_t s = 0; s < view_.num_servers; ++s) {
       auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
-      auto batcher = std::make_shared<Batcher>();
+      auto batcher = std::make_shared<Batcher>(view_.replicas > 0);
       transport::ConnectionHandlers h;
       h.on_message = [this, slot, batcher, s](const std::shared_ptr<Connection>& c,
                                               transport::Message m) {
@@ -831,11 +890,20 @@ class WorkerImpl final : public Worker {
           c->Close();
         }
       };
-      h.on_close = [slot, batcher, s](const std::shared_ptr<Connection>&, Status st) {
+      h.on_close = [this, slot, batcher, s](const std::shared_ptr<Connection>&, Status st) {
         Status why = Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
                                                      st.ok() ? "" : ": " + st.message()));
         if (*slot) (*slot)->FailAll(why);
-        batcher->Fail(why);
+        // With replication, its batched operations go to their chunks' backups once the
+        // coordinator declared it dead.
+        batcher->Fail(why, [this, s, why](Batcher::Item item) {
+          auto op = item.op;
+          ChunkRef* ref = item.ref;
+          AfterFailover(s, why, op, ref, [this, item = std::move(item)] {
+            AddToBatch(item.ref->server.load(), item, item.entry,
+                       item.grad ? item.grad->data() : nullptr);
+          });
+        });
       };
       auto conn = data_ctx_->Connect(view_.servers[s].address, h, opt_.connect_timeout);
       if (!conn.ok()) return conn.status().WithContext(fmt::format("connecting to server {}", s));
@@ -856,6 +924,14 @@ class WorkerImpl final : public Worker {
     metrics_ = std::move(m).value();
     metrics_.MarkReady();
     if (opt_.fuse_delay.count() > 0) fuse_thread_ = std::thread([this] { FuseLoop(); });
+    if (view_.replicas > 0) {
+      {
+        std::lock_guard<std::mutex> lock(failover_->mu);
+        failover_->dead.resize(std::max<size_t>(failover_->dead.size(), view_.num_servers), false);
+        failover_->replicated = true;
+      }
+      failover_thread_ = std::thread([this] { FailoverWatch(); });
+    }
     if (auto c = gpu::Cuda::Load(); c.ok()) {
       cuda_ = std::move(c).value();
       spdlog::info("worker {}: {} GPU(s) visible: tensors in GPU memory are pushed and pulled",
@@ -1003,6 +1079,7 @@ class WorkerImpl final : public Worker {
       uint32_t count = 0;
       Bytes init;
       std::vector<ChunkRef*> refs;
+      std::vector<bool> backup;  // per ref: this is its backup's copy
     };
     std::vector<std::vector<Batch>> per(view_.num_servers);
     for (size_t i = 0; i < specs.size(); ++i) {
@@ -1019,6 +1096,7 @@ class WorkerImpl final : public Worker {
         ref->tensor_step = &info->next_step;
         ref->chunk_id = p.chunk_id;
         ref->server = p.server;
+        ref->backup = p.backup;
         ref->offset = p.offset;
         ref->numel = p.numel;
         ref->codec = compress::ForChunk(info->compression, info->numel, p.offset, p.numel);
@@ -1033,34 +1111,42 @@ class WorkerImpl final : public Worker {
         info->encoded_bytes += (ref->encoded_bytes + 63) / 64 * 64;  // each chunk 64-aligned
         ref->pull_codec = specs[i].pull_codec;
         ref->layout = LayoutFor(p.numel, ref->pull_codec);
-        auto& batches = per[p.server];
-        if (batches.empty() || batches.back().count >= kCreateBatchItems ||
-            (batches.back().count > 0 &&
-             batches.back().init.size() + p.numel * 4 > kCreateBatchBytes))
-          batches.emplace_back();
-        Batch& ps = batches.back();
-        CreateChunkItem ci{p.chunk_id,
-                           specs[i].name,
-                           p.offset,
-                           p.numel,
-                           specs[i].optimizer,
-                           info->compression.codec,
-                           info->compression.block,
-                           specs[i].pull_codec};
-        Writer w(&ps.body);
-        ci.Encode(&w);
-        ps.count++;
-        if (rank_ == 0) {  // worker 0 brings the initial values; the others attach
-          size_t at = ps.init.size();
-          ps.init.resize(at + p.numel * 4);
-          auto* f = reinterpret_cast<float*>(ps.init.data() + at);
-          if (specs[i].init) {
-            std::memcpy(f, specs[i].init + p.offset, p.numel * 4);
-          } else {
-            std::fill(f, f + p.numel, specs[i].init_value);
+        // On its primary, and on its backup (replication): the same chunk, both told which
+        // they are.
+        for (const uint32_t server : {p.server, p.backup}) {
+          if (server == kNoServer) continue;
+          auto& batches = per[server];
+          if (batches.empty() || batches.back().count >= kCreateBatchItems ||
+              (batches.back().count > 0 &&
+               batches.back().init.size() + p.numel * 4 > kCreateBatchBytes))
+            batches.emplace_back();
+          Batch& ps = batches.back();
+          CreateChunkItem ci{p.chunk_id,
+                             specs[i].name,
+                             p.offset,
+                             p.numel,
+                             specs[i].optimizer,
+                             info->compression.codec,
+                             info->compression.block,
+                             specs[i].pull_codec,
+                             p.server,
+                             p.backup};
+          Writer w(&ps.body);
+          ci.Encode(&w);
+          ps.count++;
+          if (rank_ == 0) {  // worker 0 brings the initial values; the others attach
+            size_t at = ps.init.size();
+            ps.init.resize(at + p.numel * 4);
+            auto* f = reinterpret_cast<float*>(ps.init.data() + at);
+            if (specs[i].init) {
+              std::memcpy(f, specs[i].init + p.offset, p.numel * 4);
+            } else {
+              std::fill(f, f + p.numel, specs[i].init_value);
+            }
           }
+          ps.refs.push_back(ref.get());
+          ps.backup.push_back(server == p.backup);
         }
-        ps.refs.push_back(ref.get());
         info->chunks.push_back(std::move(ref));
       }
       if (info->compression.codec != Codec::kNone) {
@@ -1085,6 +1171,12 @@ class WorkerImpl final : public Worker {
           return Status::ProtocolError("malformed create reply");
         for (size_t k = 0; k < b.refs.size(); ++k) {
           ChunkRef* ref = b.refs[k];
+          if (b.backup[k]) {
+            ref->backup_slots = std::move(reply.chunks[k]);
+            if (ref->backup_slots.slot_stride != ref->layout.stride)
+              return Status::ProtocolError("malformed create reply");
+            continue;
+          }
           ref->slots = std::move(reply.chunks[k]);
           if (ref->slots.slot_stride != ref->layout.stride)
             return Status::ProtocolError("malformed create reply");
@@ -1184,18 +1276,26 @@ class WorkerImpl final : public Worker {
     const uint64_t generation = server::CurrentGeneration(dir) + 1;
     std::vector<server::CheckpointFile> files;
     uint64_t chunks = 0;
-    std::vector<std::future<Result<Bytes>>> replies;
+    std::vector<std::future<Result<Bytes>>> replies(servers_.size());
+    std::vector<bool> dead(servers_.size(), false);
+    {
+      // A server declared dead holds nothing to save: its chunks' backups serve them.
+      std::lock_guard<std::mutex> lock(failover_->mu);
+      for (size_t s = 0; s < servers_.size(); ++s) dead[s] = failover_->Dead(s);
+    }
     for (size_t s = 0; s < servers_.size(); ++s) {
+      if (dead[s]) continue;
       Bytes body;
       Writer w(&body);
       w.PutString(dir);
       w.PutString(server::ServerFileName(generation, static_cast<uint32_t>(s)));
-      replies.push_back(std::async(std::launch::async, [this, s, body, timeout] {
+      replies[s] = std::async(std::launch::async, [this, s, body, timeout] {
         return CallSync(*servers_[s], kSaveChunks, body, timeout,
                         fmt::format("server {} writing its chunks", s));
-      }));
+      });
     }
     for (size_t s = 0; s < servers_.size(); ++s) {
+      if (dead[s]) continue;
       auto rep = replies[s].get();
       if (!rep.ok()) return rep.status();
       Reader r(rep->data(), rep->size());
@@ -1218,6 +1318,12 @@ class WorkerImpl final : public Worker {
   Result<std::string> ServerStats(uint32_t server) override {
     if (server >= servers_.size())
       return Status::InvalidArgument(fmt::format("no server {}", server));
+    {
+      std::lock_guard<std::mutex> lock(failover_->mu);
+      if (failover_->Dead(server))
+        return Status::Unavailable(fmt::format(
+            "server {} was declared dead: its chunks are served by their backups", server));
+    }
     auto rep = CallSync(*servers_[server], kStats, {}, opt_.rpc_timeout, "server stats");
     if (!rep.ok()) return rep.status();
     Reader r(rep->data(), rep->size());
@@ -1249,6 +1355,160 @@ class WorkerImpl final : public Worker {
     std::vector<std::weak_ptr<RpcChannel>> rpcs;
     std::vector<std::weak_ptr<Batcher>> batchers;
   };
+
+  // Replication (docs/fault-tolerance.md): the servers the coordinator declared dead, and the
+  // chunk operations that lost their server's connection and wait to go to the chunk's backup.
+  struct Failover {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool stop = false;        // the worker is being destroyed
+    bool replicated = false;  // the job keeps backups
+    std::vector<bool> dead;   // by server rank
+    Status failed;            // the job failed
+    struct Waiting {
+      uint32_t server = 0;
+      std::chrono::steady_clock::time_point deadline;
+      Status why;
+      std::shared_ptr<OpState> op;
+      ChunkRef* ref = nullptr;
+      std::function<void()> again;
+    };
+    std::vector<Waiting> waiting;
+    bool Dead(uint32_t s) const { return s < dead.size() && dead[s]; }
+    void FailAll(const Status& why) {
+      std::vector<Waiting> w;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (failed.ok()) failed = why;
+        w.swap(waiting);
+      }
+      for (auto& x : w) x.op->ChunkDone(why, 0);
+    }
+  };
+
+  // A chunk operation on `ref` failed with `why` on server `server`. When that server's
+  // connection was lost and the job keeps backups, it runs `again` once the coordinator
+  // declared the server dead and `ref` moved to its backup (the pushes carry their sequence
+  // numbers: one the dead server had passed on is applied once); within twice the heartbeat
+  // timeout and a second, or it fails. Otherwise `op` fails now.
+  void AfterFailover(uint32_t server, const Status& why, const std::shared_ptr<OpState>& op,
+                     ChunkRef* ref, std::function<void()> again) {
+    Status fail = why;
+    {
+      std::unique_lock<std::mutex> lock(failover_->mu);
+      // A transport's failure (the connection closed, a one-sided operation cancelled as the
+      // peer vanished, a replaced primary's refusal) may be the server's death, which the
+      // coordinator decides; an error the server answered (a wrong size, an unknown chunk) is not.
+      const bool lost = (server < servers_.size() && servers_[server]->connection().closed()) ||
+                        why.IsUnavailable() || why.IsRemoteError() || why.IsAborted() ||
+                        why.code() == Status::Code::kIOError;
+      if (failover_->replicated && !failover_->stop && (lost || failover_->Dead(server))) {
+        if (!failover_->failed.ok()) {
+          fail = failover_->failed;
+        } else if (!failover_->Dead(server)) {
+          const auto wait = std::chrono::milliseconds(2 * view_.heartbeat_timeout_ms + 1000);
+          failover_->waiting.push_back(
+              {server, std::chrono::steady_clock::now() + wait, why, op, ref, std::move(again)});
+          failover_->cv.notify_all();
+          return;
+        } else if (RerouteLocked(ref)) {
+          lock.unlock();
+          return again();
+        } else {
+          fail = why.WithContext(fmt::format("chunk {} has no live copy left", ref->chunk_id));
+        }
+      }
+    }
+    op->ChunkDone(fail, 0);
+  }
+
+  // Under failover_->mu: moves `ref` to its backup when its server was declared dead; false
+  // when it is left on a dead server (no backup, or that died too).
+  bool RerouteLocked(ChunkRef* ref) {
+    if (failover_->Dead(ref->server.load()) && ref->backup != kNoServer && !ref->on_backup.load()) {
+      ref->on_backup.store(true);
+      ref->server.store(ref->backup);
+    }
+    return !failover_->Dead(ref->server.load());
+  }
+
+  // kServerDown: server `d.rank` was replaced by its chunks' backups. The chunks it served move
+  // to them, its connection is closed (its operations in flight fail and come back through
+  // AfterFailover), and the operations that waited for this go again.
+  void OnServerDown(const ServerDown& d) {
+    if (d.rank >= 4096) return;  // the coordinator's bound on servers
+    std::vector<Failover::Waiting> run;
+    uint32_t moved = 0;
+    {
+      std::lock_guard<std::mutex> tl(tensors_mu_);
+      std::lock_guard<std::mutex> lock(failover_->mu);
+      if (d.rank >= failover_->dead.size()) failover_->dead.resize(d.rank + 1, false);
+      failover_->dead[d.rank] = true;
+      for (auto& t : tensors_)
+        for (auto& c : t->chunks)
+          if (c->server.load() == d.rank) {
+            RerouteLocked(c.get());
+            moved++;
+          }
+      for (auto it = failover_->waiting.begin(); it != failover_->waiting.end();) {
+        if (it->server == d.rank) {
+          run.push_back(std::move(*it));
+          it = failover_->waiting.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    spdlog::warn(
+        "worker {}: server {} was declared dead (shard map epoch {}): its {} chunks go "
+        "to their backups; {} operations are sent again",
+        rank_, d.rank, d.epoch, moved, run.size());
+    if (d.rank < credits_.size()) {
+      Credits& c = *credits_[d.rank];
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.grants.clear();
+    }
+    if (d.rank < servers_.size()) servers_[d.rank]->connection().Close();
+    for (auto& w : run) {
+      bool ok = false;
+      {
+        std::lock_guard<std::mutex> lock(failover_->mu);
+        ok = RerouteLocked(w.ref);
+      }
+      if (ok) {
+        w.again();
+      } else {
+        w.op->ChunkDone(
+            w.why.WithContext(fmt::format("chunk {} has no live copy left", w.ref->chunk_id)), 0);
+      }
+    }
+  }
+
+  // Fails the operations whose server was neither replaced nor back in time.
+  void FailoverWatch() {
+    std::unique_lock<std::mutex> lock(failover_->mu);
+    while (!failover_->stop) {
+      failover_->cv.wait_for(lock, std::chrono::milliseconds(200));
+      const auto now = std::chrono::steady_clock::now();
+      std::vector<Failover::Waiting> expired;
+      for (auto it = failover_->waiting.begin(); it != failover_->waiting.end();) {
+        if (it->deadline <= now || failover_->stop) {
+          expired.push_back(std::move(*it));
+          it = failover_->waiting.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      if (expired.empty()) continue;
+      lock.unlock();
+      for (auto& w : expired)
+        w.op->ChunkDone(w.why.WithContext(
+                            fmt::format("server {} was not declared dead and replaced within {} ms",
+                                        w.server, 2 * view_.heartbeat_timeout_ms + 1000)),
+                        0);
+      lock.lock();
+    }
+  }
 
   Result<Bytes> CallCreate(RpcChannel& rpc, const Bytes& body, Bytes init) {
     struct St {
@@ -1698,6 +1958,14 @@ class WorkerImpl final : public Worker {
     job->rpc = rpc;
     job->chunk = ref;
     job->dst = dst;
+    if (view_.replicas > 0) {
+      const uint32_t server = ref->server.load();
+      job->failed = [this, server, ref, dst, op](Status st) {
+        AfterFailover(server, st, op, ref, [this, ref, dst, op] {
+          PullChunk(servers_[ref->server.load()], ref, dst, op);
+        });
+      };
+    }
     job->op = op;
     job->bytes_pulled = &bytes_pulled_;
     job->in_order = kLoadsStayInOrder && data_ctx_->OneSidedInOrder();
@@ -1736,16 +2004,17 @@ class WorkerImpl final : public Worker {
                  uint64_t seq, const std::shared_ptr<OpState>& op, float* then_pull) {
     if (std::optional<Grant> g = TakeCredit(ref->server))
       return WriteAndNotify(rpc, ref, std::move(src), seq, op, then_pull, *g);
+    const uint32_t server = ref->server.load();
     Bytes body;
     Writer w(&body);
     GrantRequest{.chunk_id = ref->chunk_id, .bytes = src.bytes, .worker = rank_, .seq = seq}.Encode(
         &w);
     rpc->Call(kGrant, body, {},
-              [this, rpc, ref, src = std::move(src), seq, op, then_pull](
+              [this, rpc, ref, src = std::move(src), seq, op, then_pull, server](
                   Status st, Reader& r, transport::Message&) mutable {
                 Grant g;
                 if (st.ok() && !g.Decode(&r)) st = Status::ProtocolError("malformed grant");
-                if (!st.ok()) return op->ChunkDone(st, 0);
+                if (!st.ok()) return PushAgain(server, st, ref, std::move(src), seq, op, then_pull);
                 WriteAndNotify(rpc, ref, std::move(src), seq, op, then_pull, g);
               });
   }
@@ -1777,7 +2046,9 @@ class WorkerImpl final : public Worker {
       PushAck ack;
     };
     auto f = std::make_shared<Flight>();
-    auto finish = [this, rpc, ref, op, then_pull, f] {
+    const uint32_t server = ref->server.load();
+    auto finish = [this, rpc, ref, op, then_pull, f, server, src, seq] {
+      if (!f->status.ok()) return PushAgain(server, f->status, ref, src, seq, op, then_pull);
       OnPushAck(rpc, ref, op, then_pull, f->status, f->ack);
     };
     auto acked = [f, finish](Status st, Reader& r, transport::Message&) {
@@ -1808,6 +2079,15 @@ class WorkerImpl final : public Worker {
       rpc->CallAfterWrite(src.ptr, src.bytes, g.key, g.offset, kPushDone, note, std::move(acked),
                           std::move(sent));
     }
+  }
+
+  // A push that failed on `server`: sent again (same sequence number) to the chunk's backup
+  // once the server was replaced, when the job keeps backups (AfterFailover).
+  void PushAgain(uint32_t server, const Status& st, ChunkRef* ref, PushSource src, uint64_t seq,
+                 const std::shared_ptr<OpState>& op, float* then_pull) {
+    AfterFailover(server, st, op, ref, [this, ref, src = std::move(src), seq, op, then_pull] {
+      PushChunk(servers_[ref->server.load()], ref, src, seq, op, then_pull);
+    });
   }
 
   void OnPushAck(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref,
@@ -1966,6 +2246,8 @@ class WorkerImpl final : public Worker {
   bool fuse_stop_ = false;  // guarded by fuse_mu_
   bool fuse_kick_ = false;  // guarded by fuse_mu_: a batch got its first operation
   std::shared_ptr<FailedServers> failed_servers_ = std::make_shared<FailedServers>();
+  std::shared_ptr<Failover> failover_ = std::make_shared<Failover>();
+  std::thread failover_thread_;  // replication: FailoverWatch
   // Node-level reduction (local_size above 1): the reducer, the thread that drives node
   // operations, their queues (per tensor, oldest first), and the bytes of chunks each local rank
   // pushes so far (Declare's split).

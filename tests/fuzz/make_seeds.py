@@ -27,15 +27,15 @@ def remote_key(packed=b"\x01" * 16):
 
 def view(nodes=()):
     # 2 servers, 3 workers; sync, no staleness, mean, no quorum, no weights, fixed rule; then the
-    # workers' nodes (node-level reduction: none, or one per worker) and the job id.
+    # workers' nodes (node-level reduction: none, or one per worker), the job id, 1 replica.
     return (u32(2) + u32(3) + u32(2) + u32(1) + string(b"127.0.0.1:4000") + u32(2) +
             string(b"127.0.0.1:4001") + u8(0) + u32(0) + u8(0) + u32(0) + u32(0) + u8(0) +
             u64(4 << 20) + u32(500) + u32(5000) + string(b"tcp") + u32(len(nodes)) +
-            b"".join(u32(n) for n in nodes) + u64(0x1234))
+            b"".join(u32(n) for n in nodes) + u64(0x1234) + u32(1))
 
 
-def codecs(push=0, block=256, pull=0):  # CreateChunkItem's push codec, block, pull codec
-    return u8(push) + u32(block) + u8(pull)
+def codecs(push=0, block=256, pull=0):  # CreateChunkItem's codecs, then primary and backup
+    return u8(push) + u32(block) + u8(pull) + u32(0) + u32(1)
 
 
 def grant():
@@ -64,7 +64,7 @@ MESSAGES = {
     "reply_error": (11, u64(9) + i32(3) + string(b"unknown chunk 7")),
     "barrier": (13, string(b"step-7") + u64(30000)),
     "declare": (14, u32(2) + string(b"fc1.weight") + u64(200704) + string(b"fc1.bias") + u64(256)),
-    "declare_reply": (15, u32(1) + u32(2) + u64(1) + u32(0) + u64(0) + u64(1024) + u64(2) + u32(1) + u64(1024) + u64(10)),
+    "declare_reply": (15, u32(1) + u32(2) + u64(1) + u32(0) + u32(1) + u64(0) + u64(1024) + u64(2) + u32(1) + u32(0xffffffff) + u64(1024) + u64(10)),
     "create_chunks": (16, u32(1) + u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(3, 256, 1)),
     "create_chunks_reply": (17, u32(1) + remote_key() + u64(4160) + u64(0)),
     "batch": (18, u64(0) + u32(1) + u32(3)
@@ -74,6 +74,7 @@ MESSAGES = {
     "batch_answer": (19, u64(0) + u64(7) + u32(2)
                      + u32(0) + i32(0) + string(b"") + u64(1) + u8(2) + u64(1) + u64(32)
                      + u32(2) + i32(3) + string(b"unknown chunk 3") + u64(0) + u8(0)),
+    "server_down": (20, u64(2) + u32(1)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
 

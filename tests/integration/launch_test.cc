@@ -207,6 +207,103 @@ TEST(LaunchUcx, SyncAndAsyncBenchVerifyOverUcx) {
   }
 }
 
+// Replication (docs/fault-tolerance.md) with real processes: worker 0 SIGKILLs server 1 in the
+// middle of a verified bench, in sync and async mode, over tcp and ucx (where built): the job
+// goes on with the chunks' backups and ends with exact values; small chunks travel in batches,
+// 64 KiB ones through landing buffers.
+TEST(Launch, KilledServerWithReplicasLosesNoPush) {
+  auto probe = RunCommand(
+      {kShardps, "bench", "--transport", "ucx", "--size", "4KiB", "--iters", "1", "--warmup", "0"},
+      60s);
+  std::vector<std::string> transports = {"tcp"};
+  if (probe.output.find("no ucx transport") == std::string::npos) transports.push_back("ucx");
+  for (const std::string& transport : transports)
+    for (const std::string mode : {"sync", "async"})
+      for (const std::string chunk : {"4KiB", "64KiB"}) {
+        SCOPED_TRACE(transport + " " + mode + " " + chunk);
+        auto r = RunCommand({kShardps,
+                             "bench",
+                             "--transport",
+                             transport,
+                             "--servers",
+                             "3",
+                             "--workers",
+                             "2",
+                             "--replicas",
+                             "1",
+                             "--mode",
+                             mode,
+                             "--aggregate",
+                             "sum",
+                             "--chunk-size",
+                             chunk,
+                             "--size",
+                             "200000",
+                             "--tensors",
+                             "2",
+                             "--iters",
+                             "30",
+                             "--warmup",
+                             "0",
+                             "--verify",
+                             "--kill-server-at",
+                             "10"},
+                            120s, {"UCX_TLS=shm,self"});
+        ASSERT_FALSE(r.timed_out) << r.output;
+        EXPECT_EQ(r.exit_code, 0) << r.output;
+        EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+        EXPECT_NE(r.output.find("killed server 1"), std::string::npos) << r.output;
+        EXPECT_NE(r.output.find("declared dead; shard map epoch 1"), std::string::npos) << r.output;
+        EXPECT_NE(r.output.find("the job goes on with its chunks' backups"), std::string::npos)
+            << r.output;
+        EXPECT_NE(r.output.find("completed"), std::string::npos) << r.output;
+      }
+}
+
+// A server paused (SIGSTOP, a hung host) past the heartbeat timeout is replaced; resumed after
+// the job went on without it, it is fenced (its chunks' backups serve them and refuse what it
+// forwards) and ends; the parameters stay single-valued: exact.
+TEST(Launch, AServerPausedPastTheTimeoutIsReplacedAndFenced) {
+  for (const std::string mode : {"sync", "async"}) {
+    SCOPED_TRACE(mode);
+    auto r = RunCommand({kShardps,       "bench",
+                         "--servers",    "3",
+                         "--workers",    "2",
+                         "--replicas",   "1",
+                         "--mode",       mode,
+                         "--aggregate",  "sum",
+                         "--chunk-size", "4KiB",
+                         "--size",       "40000",
+                         "--tensors",    "2",
+                         "--iters",      "30",
+                         "--warmup",     "0",
+                         "--verify",     "--kill-server-at",
+                         "10",           "--kill-server-how",
+                         "stop",         "--heartbeat-interval-ms",
+                         "200",          "--heartbeat-timeout-ms",
+                         "1000"},
+                        120s);
+    ASSERT_FALSE(r.timed_out) << r.output;
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+    EXPECT_NE(r.output.find("sent no heartbeat"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("server 1 resumed"), std::string::npos) << r.output;
+  }
+}
+
+// Without replicas a killed server still ends the job, naming it; --kill-server-at says what it
+// needs.
+TEST(Launch, KillServerAtNeedsReplicas) {
+  auto r = RunCommand({kShardps, "bench", "--servers", "2", "--workers", "1", "--kill-server-at",
+                       "3", "--size", "4KiB"},
+                      60s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--kill-server-at needs --servers 2 or more and --replicas 1"),
+            std::string::npos)
+      << r.output;
+}
+
 TEST(Launch, PushOnlyAndPullOnlyVerify) {
   for (std::string op : {"push", "pull"}) {
     auto r = RunCommand({kShardps, "bench", "--servers", "1", "--workers", "2", "--op", op,

@@ -1,0 +1,178 @@
+// Replication and failover (docs/fault-tolerance.md): every chunk has a backup on another
+// server, a push is acknowledged once both hold it, and a server that goes away mid-job is
+// replaced by its chunks' backups while the workers go on. Integer-valued pushes: the final
+// parameters equal exactly the initial ones minus every push, so nothing acknowledged was lost
+// and nothing was applied twice.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "support/exact_values.h"
+#include "support/local_cluster.h"
+#include "transport/context.h"
+
+namespace shardps {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::Grad;
+using testing::LocalCluster;
+using testing::Opts;
+using testing::Sgd1;
+
+// One small tensor (one chunk: it travels in batches unless they are off) and one of five
+// chunks of 1024 floats (landing buffers).
+const std::vector<int64_t> kSizes = {1000, 5000};
+constexpr uint64_t kChunkBytes = 4096;
+constexpr size_t kChunks = 6;
+
+struct Param {
+  std::string transport;
+  Mode mode;
+};
+
+class Failover : public ::testing::TestWithParam<Param> {
+ protected:
+  void SetUp() override {
+    const std::string& t = GetParam().transport;
+    auto v = transport::CheckViability(t.substr(0, t.find('+')));
+    if (!v.viable) GTEST_SKIP() << t << ": " << v.reason;
+  }
+
+  static CoordinatorOptions Job(uint32_t servers, uint32_t workers) {
+    CoordinatorOptions co = Opts(servers, workers, GetParam().mode, Aggregate::kSum, kChunkBytes);
+    co.replicas = 1;
+    co.heartbeat_timeout = 2s;
+    return co;
+  }
+
+  // Every worker pushes `steps` integer-valued gradients into each tensor (push_pull in sync
+  // mode, checking each step's version; push in async mode), calling `at(worker, step)` before
+  // each step. Then, once every worker is done, each pulls and checks the exact sum.
+  static void Run(LocalCluster& lc, uint64_t steps,
+                  const std::function<void(uint32_t, uint64_t)>& at = nullptr) {
+    const auto workers = static_cast<uint32_t>(lc.workers.size());
+    const float init = 100.0f;
+    lc.ForEachWorker([&](Worker& w) {
+      std::vector<TensorSpec> specs;
+      for (size_t k = 0; k < kSizes.size(); ++k)
+        specs.push_back(Sgd1("t" + std::to_string(k), kSizes[k], init));
+      auto ids = w.Declare(specs);
+      ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+      std::vector<std::vector<float>> grad(kSizes.size()), out(kSizes.size());
+      for (size_t k = 0; k < kSizes.size(); ++k) {
+        grad[k].resize(kSizes[k]);
+        out[k].resize(kSizes[k]);
+      }
+      const bool sync = w.mode() == Mode::kSync;
+      for (uint64_t s = 1; s <= steps; ++s) {
+        if (at) at(w.rank(), s);
+        std::vector<Handle> hs;
+        for (size_t k = 0; k < kSizes.size(); ++k) {
+          for (int64_t i = 0; i < kSizes[k]; ++i) grad[k][i] = Grad(w.rank(), s, i);
+          hs.push_back(sync ? w.PushPull((*ids)[k], grad[k].data(), out[k].data())
+                            : w.Push((*ids)[k], grad[k].data()));
+        }
+        for (auto& h : hs) {
+          Status st = h.Wait(60s);
+          ASSERT_TRUE(st.ok()) << "worker " << w.rank() << " step " << s << ": " << st.ToString();
+          if (sync) {
+            ASSERT_EQ(h.version(), s) << "worker " << w.rank();
+          }
+        }
+      }
+      ASSERT_TRUE(w.Barrier("pushed", 60s).ok());
+      for (size_t k = 0; k < kSizes.size(); ++k) {
+        auto h = w.Pull((*ids)[k], out[k].data());
+        ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
+        for (int64_t i = 0; i < kSizes[k]; ++i) {
+          double expect = init;
+          for (uint64_t t = 1; t <= steps; ++t)
+            for (uint32_t ww = 0; ww < workers; ++ww) expect -= Grad(ww, t, i);
+          ASSERT_EQ(out[k][i], static_cast<float>(expect))
+              << "tensor " << k << " element " << i << " (worker " << w.rank() << ")";
+        }
+      }
+    });
+  }
+
+  static nlohmann::json Stats(Worker& w, uint32_t server) {
+    auto j = w.ServerStats(server);
+    EXPECT_TRUE(j.ok()) << j.status().ToString();
+    return j.ok() ? nlohmann::json::parse(*j) : nlohmann::json::object();
+  }
+};
+
+// No failure: every push is forwarded once and applied by both copies; every server holds its
+// share of primaries and backups.
+TEST_P(Failover, EveryPushIsHeldByBothCopies) {
+  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport);
+  ASSERT_TRUE(lc);
+  constexpr uint64_t kSteps = 20;
+  Run(*lc, kSteps);
+  uint64_t forwarded = 0, taken = 0, applied = 0, chunks = 0;
+  for (uint32_t s = 0; s < 3; ++s) {
+    auto j = Stats(*lc->workers[0], s);
+    forwarded += j["replicated_pushes"].get<uint64_t>();
+    taken += j["replica_pushes"].get<uint64_t>();
+    applied += j["pushes_applied"].get<uint64_t>();
+    chunks += j["chunks"].get<uint64_t>();
+    EXPECT_EQ(j["shard_map_epoch"], 0);
+  }
+  const uint64_t pushes = 2 * kSteps * kChunks;
+  EXPECT_EQ(chunks, 2 * kChunks);  // a primary and a backup each
+  EXPECT_EQ(forwarded, pushes);
+  EXPECT_EQ(taken, pushes);
+  EXPECT_EQ(applied, 2 * pushes);
+  lc->Finish();
+}
+
+// A server goes away in the middle of the job (its process ends: every connection of it
+// closes). The coordinator declares it dead, its chunks' backups take over, the workers send
+// what was not acknowledged again, and the job ends with the exact sum of every push.
+TEST_P(Failover, AServerGoesAwayAndTheJobGoesOn) {
+  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport);
+  ASSERT_TRUE(lc);
+  constexpr uint64_t kSteps = 40;
+  std::atomic<bool> killed{false};
+  std::thread killer;
+  Run(*lc, kSteps, [&](uint32_t rank, uint64_t step) {
+    if (rank == 0 && step == 15 && !killed.exchange(true))
+      killer = std::thread([&] { lc->servers[1].reset(); });
+  });
+  if (killer.joinable()) killer.join();
+  for (uint32_t s : {0u, 2u}) {
+    auto j = Stats(*lc->workers[0], s);
+    EXPECT_EQ(j["shard_map_epoch"], 1) << "server " << s;
+  }
+  uint64_t promoted = 0;
+  for (uint32_t s : {0u, 2u})
+    promoted += Stats(*lc->workers[1], s)["promoted_chunks"].get<uint64_t>();
+  EXPECT_GT(promoted, 0u);
+  lc->Finish();
+}
+
+std::vector<Param> Params() {
+  std::vector<Param> p;
+  std::vector<std::string> ts = {"tcp", "tcp+nobatch"};
+  for (const auto& b : transport::BackendNames())
+    if (b == "ucx") ts.push_back(b);
+  for (const auto& t : ts)
+    for (Mode m : {Mode::kSync, Mode::kAsync}) p.push_back({t, m});
+  return p;
+}
+
+INSTANTIATE_TEST_SUITE_P(Jobs, Failover, ::testing::ValuesIn(Params()), [](const auto& info) {
+  std::string name = info.param.transport + "_" + ModeName(info.param.mode);
+  std::replace(name.begin(), name.end(), '+', '_');
+  return name;
+});
+
+}  // namespace
+}  // namespace shardps
