@@ -28,7 +28,7 @@ ctest --test-dir build --output-on-failure --timeout 600 -j 2
 
 echo "== sanitizer build (address, undefined): transport, cluster, server and codec tests =="
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSHARDPS_SANITIZE=address,undefined >/dev/null
-targets="conformance_test auth_test tls_test metrics_test cluster_test node_reduction_test server_unit_test chunk_engine_test core_test compress_test fused_update_test gpu_server_test checkpoint_test"
+targets="conformance_test auth_test tls_test metrics_test cluster_test node_reduction_test server_unit_test chunk_engine_test core_test compress_test fused_update_test gpu_server_test checkpoint_test failover_test"
 # The ucx tests exist when UCX was found (setup.sh installs it).
 if grep -q '^build ucx_test' build-asan/build.ninja 2>/dev/null || \
    ninja -C build-asan -t targets all 2>/dev/null | grep -q '^ucx_test:'; then

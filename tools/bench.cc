@@ -69,7 +69,7 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
   app->add_option("--warmup", b->warmup, "untimed iterations first")->check(CLI::Range(0u, 1000u));
   app->add_flag("--verify", b->verify, "check every pulled value exactly");
   app->add_option("--kill-server-at", b->kill_server_at,
-                  "worker 0 kills server 1 (SIGKILL; it must run on this host) before this "
+                  "worker 0 kills server 0 (SIGKILL; it must run on this host) before this "
                   "iteration, counting the warm-up: with --replicas 1 the job goes on "
                   "(docs/fault-tolerance.md)");
   app->add_option("--kill-server-how", b->kill_server_how,
@@ -395,13 +395,13 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
     }
     const bool kill_now = w.rank() == 0 && it + 1 == b.kill_server_at && w.num_servers() > 1;
     if (kill_now) {
-      auto pid = KillServerProcess(w, 1, stop_server ? SIGSTOP : SIGKILL);
+      auto pid = KillServerProcess(w, 0, stop_server ? SIGSTOP : SIGKILL);
       if (!pid.ok()) {
         std::fprintf(stderr, "shardps bench: %s\n", pid.status().ToString().c_str());
         return 1;
       }
       stopped_pid = *pid;
-      std::printf("worker 0: %s server 1 (pid %d) before iteration %u\n",
+      std::printf("worker 0: %s server 0 (pid %d) before iteration %u\n",
                   stop_server ? "stopped" : "killed", *pid, it + 1);
       std::fflush(stdout);
     }
@@ -424,12 +424,12 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       }
     }
     if (kill_now) {
-      std::printf("worker 0: iteration %u completed %.0f ms after server 1 was %s\n", it + 1,
+      std::printf("worker 0: iteration %u completed %.0f ms after server 0 was %s\n", it + 1,
                   std::chrono::duration<double, std::milli>(Clock::now() - t0).count(),
                   stop_server ? "stopped" : "killed");
       if (stop_server) {
         kill(stopped_pid, SIGCONT);  // it comes back, replaced: fenced
-        std::printf("worker 0: server 1 resumed\n");
+        std::printf("worker 0: server 0 resumed\n");
       }
       std::fflush(stdout);
     }

@@ -26,7 +26,7 @@ struct BenchFlags {
   bool no_baseline = false;               // the suite measures its own
   std::string suite;                      // quick or full: the scenarios of bench_suite.cc
   std::string plot_dir;                   // the suite's PNGs
-  // Worker 0 SIGKILLs server 1 before this iteration (counting the warm-up ones from 1); 0: no
+  // Worker 0 SIGKILLs server 0 before this iteration (counting the warm-up ones from 1); 0: no
   // (replication: docs/fault-tolerance.md).
   uint32_t kill_server_at = 0;
   // kill: SIGKILL; stop: SIGSTOP, and SIGCONT once that iteration completed (a paused server

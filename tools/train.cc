@@ -535,9 +535,9 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
       const bool kill_now = rank0 && global == t.kill_server_at && w.num_servers() > 1;
       const auto killed_at = Clock::now();
       if (kill_now) {
-        auto pid = KillServerProcess(w, 1);
+        auto pid = KillServerProcess(w, 0);
         if (!pid.ok()) return Fail(pid.status().WithContext("--kill-server-at"));
-        Say("train: killed server 1 (pid {}) before step {}", *pid, global);
+        Say("train: killed server 0 (pid {}) before step {}", *pid, global);
       }
       Gather(train, order.data() + s * b, b, x.data(), y.data());
       const float loss =
@@ -555,7 +555,7 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
                          : w.Pull((*ids)[k], params[k].data()));  // already past this step
       if (Status st = wait_all(hs); !st.ok()) return Fail(st);
       if (kill_now) {
-        Say("train: step {} completed {:.0f} ms after server 1 was killed: its chunks' backups "
+        Say("train: step {} completed {:.0f} ms after server 0 was killed: its chunks' backups "
             "took over",
             global, std::chrono::duration<double, std::milli>(Clock::now() - killed_at).count());
       }
@@ -637,7 +637,7 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
                   "--restore DIR starts a run from one");
   app->add_option("--checkpoint-dir", t->checkpoint_dir, "where --checkpoint-every writes");
   app->add_option("--kill-server-at", t->kill_server_at,
-                  "worker 0 kills server 1 (SIGKILL; on this host) before this global step: with "
+                  "worker 0 kills server 0 (SIGKILL; on this host) before this global step: with "
                   "--replicas 1 the run goes on with its backups (docs/fault-tolerance.md)");
   app->add_flag("--baseline", t->baseline,
                 "also train the same model in one process without the parameter server");

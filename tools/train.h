@@ -47,7 +47,7 @@ struct TrainFlags {
   // (Worker::Checkpoint, docs/fault-tolerance.md); 0: never. --restore (a job flag) starts from
   // one: training goes on from the step after it.
   uint64_t checkpoint_every = 0;
-  // Worker 0 SIGKILLs server 1 before this global step (replication: docs/fault-tolerance.md);
+  // Worker 0 SIGKILLs server 0 before this global step (replication: docs/fault-tolerance.md);
   // 0: no.
   uint64_t kill_server_at = 0;
   std::string checkpoint_dir;

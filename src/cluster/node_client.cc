@@ -124,10 +124,16 @@ NodeClient::~NodeClient() {
 
 void NodeClient::HeartbeatLoop() {
   std::unique_lock<std::mutex> lock(mu_);
+  int64_t woke = SteadyNanos();
   while (!stop_) {
     uint32_t ms = info_.view.heartbeat_ms ? info_.view.heartbeat_ms : 500;
     cv_.wait_for(lock, std::chrono::milliseconds(ms / 2 + 1));
     if (stop_) continue;
+    // How long this thread itself did not run: a process that was paused (SIGSTOP) longer than
+    // the heartbeat timeout was the silent one, not the coordinator.
+    const int64_t now = SteadyNanos();
+    const int64_t paused_ms = (now - woke) / 1000000;
+    woke = now;
     Bytes meta;
     Writer w(&meta);
     w.Put<uint64_t>(0);
@@ -139,10 +145,17 @@ void NodeClient::HeartbeatLoop() {
     const int64_t silent_ms =
         (SteadyNanos() - events_->last_heard.load(std::memory_order_relaxed)) / 1000000;
     if (silent_ms <= static_cast<int64_t>(info_.view.heartbeat_timeout_ms)) continue;
-    Status why = Status::Unavailable(fmt::format(
-        "the coordinator at {} has not answered heartbeats for {} ms (heartbeat timeout {} ms): "
-        "it is stopped, hung or unreachable",
-        opt_.coordinator, silent_ms, info_.view.heartbeat_timeout_ms));
+    Status why =
+        paused_ms > static_cast<int64_t>(info_.view.heartbeat_timeout_ms)
+            ? Status::Unavailable(fmt::format(
+                  "this process did not run for {} ms (stopped or starved; heartbeat timeout {} "
+                  "ms): the coordinator at {} has declared it dead, and the job went on without "
+                  "it or ended",
+                  paused_ms, info_.view.heartbeat_timeout_ms, opt_.coordinator))
+            : Status::Unavailable(fmt::format(
+                  "the coordinator at {} has not answered heartbeats for {} ms (heartbeat timeout "
+                  "{} ms): it is stopped, hung or unreachable",
+                  opt_.coordinator, silent_ms, info_.view.heartbeat_timeout_ms));
     lock.unlock();
     rpc_->FailAll(why);
     events_->Fire(why, false);

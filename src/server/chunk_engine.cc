@@ -204,6 +204,12 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
   if (Status st = rule_->Check(p.grad); !st.ok()) return refuse(st);
   uint64_t last = last_seq_[p.worker];
   if (p.reply.conn) conn_of_[p.worker] = p.reply.conn.get();
+  if (departed_[p.worker] && cfg_.mode == Mode::kSsp) {
+    // It pushes again (its pushes came through a primary that was replaced, or it came back):
+    // its clock holds the others back again.
+    departed_[p.worker] = false;
+    UpdateSlowest();
+  }
   if (p.seq <= last) {
     // A resent push: acknowledged, never applied twice. In sync mode a resend of a step that is
     // not published yet is answered when it is.

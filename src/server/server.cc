@@ -231,10 +231,11 @@ class ServerImpl final : public Server {
     applier_.Stop();
     if (device_)
       for (int s = 0; s < device_->streams(); ++s) (void)device_->Wait(s, kDeviceDrainTimeout);
-    timeline_.reset();  // writes the file
     listener_.reset();
     node_.reset();
-    data_ctx_.reset();
+    // Its loop thread may be handling a message (reading data_ctx_) until the context joined it.
+    transport::DestroyInPlace(data_ctx_);
+    timeline_.reset();  // writes the file
     {
       // Each chunk's rule waits for its own device work as it goes.
       std::unique_lock<std::shared_mutex> lock(chunks_mu_);

@@ -184,4 +184,10 @@ Status ParseHostPort(const std::string& address, std::string* host, uint16_t* po
   return Status::OK();
 }
 
+void DestroyInPlace(std::unique_ptr<Context>& ctx) {
+  if (!ctx) return;
+  std::default_delete<Context>()(ctx.get());
+  (void)ctx.release();  // already destroyed
+}
+
 }  // namespace shardps::transport

@@ -75,6 +75,12 @@ class Listener {
   virtual std::string address() const = 0;
 };
 
+class Context;
+// Destroys the context `ctx` holds while `ctx` still points to it, then empties it: an owner
+// whose handlers read `ctx` on the context's loop thread needs the pointer valid until the
+// destructor joined that thread (std::unique_ptr::reset clears the pointer first).
+void DestroyInPlace(std::unique_ptr<Context>& ctx);
+
 // Called on the loop thread for each accepted connection; returns its handlers. The
 // connection starts receiving only after this returns.
 using AcceptHandler = std::function<ConnectionHandlers(const std::shared_ptr<Connection>&)>;

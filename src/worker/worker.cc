@@ -824,7 +824,7 @@ class WorkerImpl final : public Worker {
     }
     node_.reset();
     for (auto& s : servers_) s->connection().Close();
-    data_ctx_.reset();
+    transport::DestroyInPlace(data_ctx_);  // its loop thread reads data_ctx_ until joined
     control_ctx_.reset();
   }
 

@@ -49,6 +49,7 @@ class Failover : public ::testing::TestWithParam<Param> {
     CoordinatorOptions co = Opts(servers, workers, GetParam().mode, Aggregate::kSum, kChunkBytes);
     co.replicas = 1;
     co.heartbeat_timeout = 2s;
+    if (co.mode == Mode::kSsp) co.staleness = 2;
     return co;
   }
 
@@ -158,13 +159,49 @@ TEST_P(Failover, AServerGoesAwayAndTheJobGoesOn) {
   lc->Finish();
 }
 
+// A second server goes away after the first was replaced: chunks whose two copies were on them
+// have none left (backups are not rebuilt yet), so the job fails with an error naming one.
+TEST(FailoverLimits, ASecondDeathThatLeavesAChunkWithoutACopyFailsTheJobNamingIt) {
+  CoordinatorOptions co = Opts(3, 1, Mode::kAsync, Aggregate::kSum, kChunkBytes);
+  co.replicas = 1;
+  auto lc = LocalCluster::Start(co);
+  ASSERT_TRUE(lc);
+  Worker& w = *lc->workers[0];
+  auto id = w.Declare(Sgd1("t", 20000, 0.0f));  // 20 chunks: on every pair of servers
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  std::vector<float> g(20000, 1.0f);
+  ASSERT_TRUE(w.Push(*id, g.data()).Wait(60s).ok());
+  lc->servers[1].reset();
+  ASSERT_TRUE(w.Push(*id, g.data()).Wait(60s).ok());  // after the failover: served by backups
+  lc->servers[2].reset();
+  Status job = lc->coordinator->Wait(20s);
+  EXPECT_FALSE(job.ok());
+  EXPECT_NE(job.message().find("has no live copy left"), std::string::npos) << job.ToString();
+  EXPECT_NE(job.message().find("server 2"), std::string::npos) << job.ToString();
+  EXPECT_FALSE(w.Push(*id, g.data()).Wait(60s).ok());
+}
+
+// Without replicas (the default) a server's death ends the job, naming it.
+TEST(FailoverLimits, WithoutReplicasAServerDeathEndsTheJob) {
+  auto lc = LocalCluster::Start(Opts(2, 1, Mode::kAsync, Aggregate::kSum, kChunkBytes));
+  ASSERT_TRUE(lc);
+  Worker& w = *lc->workers[0];
+  auto id = w.Declare(Sgd1("t", 8000, 0.0f));
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  lc->servers[1].reset();
+  Status job = lc->coordinator->Wait(20s);
+  EXPECT_FALSE(job.ok());
+  EXPECT_NE(job.message().find("server 1"), std::string::npos) << job.ToString();
+  EXPECT_EQ(job.message().find("declared dead"), std::string::npos) << job.ToString();
+}
+
 std::vector<Param> Params() {
   std::vector<Param> p;
   std::vector<std::string> ts = {"tcp", "tcp+nobatch"};
   for (const auto& b : transport::BackendNames())
     if (b == "ucx") ts.push_back(b);
   for (const auto& t : ts)
-    for (Mode m : {Mode::kSync, Mode::kAsync}) p.push_back({t, m});
+    for (Mode m : {Mode::kSync, Mode::kAsync, Mode::kSsp}) p.push_back({t, m});
   return p;
 }
 
