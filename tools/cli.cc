@@ -31,6 +31,7 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kRegisterTimeoutMs, &register_timeout_ms)->check(CLI::PositiveNumber);
   AddTunable(app, kHeartbeatIntervalMs, &heartbeat_interval_ms)->check(CLI::PositiveNumber);
   AddTunable(app, kHeartbeatTimeoutMs, &heartbeat_timeout_ms)->check(CLI::PositiveNumber);
+  AddTunable(app, kFailoverTimeoutMs, &failover_timeout_ms)->check(CLI::PositiveNumber);
   AddTunable(app, kConnectionInbound, &connection_inbound);
   AddTunable(app, kProcessInbound, &process_inbound);
   AddTunable(app, kFuseBytes, &fuse_bytes);
@@ -78,6 +79,7 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   co.register_timeout = std::chrono::milliseconds(register_timeout_ms);
   co.heartbeat_interval = std::chrono::milliseconds(heartbeat_interval_ms);
   co.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
+  co.failover_timeout = std::chrono::milliseconds(failover_timeout_ms);
   co.secret_file = secret_file;
   co.metrics_listen = metrics_listen;
   co.tls_cert = tls_cert;

@@ -43,6 +43,7 @@ struct JobFlags {
   int64_t register_timeout_ms = tunables::kRegisterTimeoutMs.number;
   int64_t heartbeat_interval_ms = tunables::kHeartbeatIntervalMs.number;
   int64_t heartbeat_timeout_ms = tunables::kHeartbeatTimeoutMs.number;
+  int64_t failover_timeout_ms = tunables::kFailoverTimeoutMs.number;
   std::string connection_inbound{tunables::kConnectionInbound.default_value};
   std::string process_inbound{tunables::kProcessInbound.default_value};
   std::string fuse_bytes{tunables::kFuseBytes.default_value};

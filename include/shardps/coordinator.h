@@ -42,6 +42,9 @@ struct CoordinatorOptions {
   std::chrono::milliseconds heartbeat_interval{tunables::kHeartbeatIntervalMs.number};
   // A node silent for this long is declared dead and the job fails, naming it.
   std::chrono::milliseconds heartbeat_timeout{tunables::kHeartbeatTimeoutMs.number};
+  // With replicas: a server silent this long is declared dead and replaced by its chunks'
+  // backups (the heartbeat timeout still applies to workers, and to servers without replicas).
+  std::chrono::milliseconds failover_timeout{tunables::kFailoverTimeoutMs.number};
   // The cluster secret's file (docs/security.md): every node proves it before the coordinator
   // reads a message of theirs. Empty: none (a warning at start-up).
   std::string secret_file;

@@ -140,6 +140,14 @@ inline constexpr Tunable kHeartbeatTimeoutMs{"heartbeat-timeout-ms",
                                              5000,
                                              "a node silent this long fails the job",
                                              "coordinator, launch, bench, train"};
+inline constexpr Tunable kFailoverTimeoutMs{
+    "failover-timeout-ms",
+    "SHARDPS_FAILOVER_TIMEOUT_MS",
+    "2000",
+    2000,
+    "with --replicas 1: a server silent this long is declared dead and replaced by its chunks' "
+    "backups (without replicas the heartbeat timeout applies)",
+    "coordinator, launch, bench, train"};
 inline constexpr Tunable kConnectionInbound{
     "connection-inbound-bytes",
     "SHARDPS_CONNECTION_INBOUND_BYTES",
@@ -319,6 +327,7 @@ inline constexpr const Tunable* kAll[] = {
     &kRegisterTimeoutMs,
     &kHeartbeatIntervalMs,
     &kHeartbeatTimeoutMs,
+    &kFailoverTimeoutMs,
     &kConnectionInbound,
     &kProcessInbound,
     &kFuseBytes,

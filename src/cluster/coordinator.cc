@@ -31,6 +31,10 @@ Status CoordinatorOptions::Validate() const {
                     chunk_bytes));
   if (heartbeat_interval.count() <= 0 || heartbeat_timeout <= heartbeat_interval)
     return Status::InvalidArgument("heartbeat timeout must exceed the heartbeat interval");
+  if (replicas > 0 && failover_timeout <= heartbeat_interval)
+    return Status::InvalidArgument(
+        fmt::format("failover timeout ({} ms) must exceed the heartbeat interval ({} ms)",
+                    failover_timeout.count(), heartbeat_interval.count()));
   if (mode != Mode::kSsp && staleness != 0)
     return Status::InvalidArgument("a staleness bound is for ssp:K mode only");
   if (sync_quorum != 0 && mode != Mode::kSync)
@@ -340,6 +344,7 @@ class CoordinatorImpl final : public Coordinator {
     view.transport = opt_.transport;
     view.job_id = job_id_;
     view.replicas = Replicated() ? 1 : 0;
+    view.failover_timeout_ms = static_cast<uint32_t>(opt_.failover_timeout.count());
     auto nodes = GroupNodes(&view.worker_nodes);
     if (!nodes.ok()) {
       // Every registration fails with the reason; so does the job.
@@ -512,7 +517,10 @@ class CoordinatorImpl final : public Coordinator {
       }
       for (auto& n : nodes_) {
         if (n.goodbye || n.dead) continue;
-        if (now - n.last_seen > opt_.heartbeat_timeout) {
+        // With replicas a silent server is replaced after the failover timeout.
+        const auto limit = n.role == Role::kServer && Replicated() ? opt_.failover_timeout
+                                                                   : opt_.heartbeat_timeout;
+        if (now - n.last_seen > limit) {
           Lost(n,
                fmt::format("{} sent no heartbeat for {} ms", n.Name(),
                            std::chrono::duration_cast<std::chrono::milliseconds>(now - n.last_seen)

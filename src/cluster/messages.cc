@@ -30,6 +30,7 @@ void ClusterView::Encode(Writer* w) const {
   for (uint32_t n : worker_nodes) w->Put(n);
   w->Put(job_id);
   w->Put(replicas);
+  w->Put(failover_timeout_ms);
 }
 
 uint32_t ClusterView::num_pushers() const {
@@ -74,7 +75,7 @@ bool ClusterView::Decode(Reader* r) {
   const uint32_t nodes = nn == 0 ? 0 : num_pushers();
   for (uint32_t i = 0; i < nodes; ++i)
     if (!seen[i]) return false;
-  return r->Get(&job_id) && r->Get(&replicas) && replicas <= 1;
+  return r->Get(&job_id) && r->Get(&replicas) && replicas <= 1 && r->Get(&failover_timeout_ms);
 }
 
 void ServerDown::Encode(Writer* w) const {

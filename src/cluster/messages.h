@@ -75,8 +75,10 @@ struct ClusterView {
   // Names this run of the job (random, from the coordinator): the shared-memory segments of a
   // node's workers carry it.
   uint64_t job_id = 0;
-  // Backups of every chunk (0 or 1; docs/fault-tolerance.md).
+  // Backups of every chunk (0 or 1; docs/fault-tolerance.md), and how long a silent server is
+  // waited for before it is replaced (with replicas).
   uint32_t replicas = 0;
+  uint32_t failover_timeout_ms = 2000;
 
   // Nodes of the job: the processes that push (each worker when there are none).
   uint32_t num_pushers() const;

@@ -1406,7 +1406,7 @@ class WorkerImpl final : public Worker {
         if (!failover_->failed.ok()) {
           fail = failover_->failed;
         } else if (!failover_->Dead(server)) {
-          const auto wait = std::chrono::milliseconds(2 * view_.heartbeat_timeout_ms + 1000);
+          const auto wait = std::chrono::milliseconds(FailoverWaitMs());
           failover_->waiting.push_back(
               {server, std::chrono::steady_clock::now() + wait, why, op, ref, std::move(again)});
           failover_->cv.notify_all();
@@ -1420,6 +1420,12 @@ class WorkerImpl final : public Worker {
       }
     }
     op->ChunkDone(fail, 0);
+  }
+
+  // How long an operation that lost its server waits for the server to be replaced: twice the
+  // longer of the timeouts that declare a node dead, and a second.
+  uint64_t FailoverWaitMs() const {
+    return 2 * uint64_t{std::max(view_.heartbeat_timeout_ms, view_.failover_timeout_ms)} + 1000;
   }
 
   // Under failover_->mu: moves `ref` to its backup when its server was declared dead; false
@@ -1504,7 +1510,7 @@ class WorkerImpl final : public Worker {
       for (auto& w : expired)
         w.op->ChunkDone(w.why.WithContext(
                             fmt::format("server {} was not declared dead and replaced within {} ms",
-                                        w.server, 2 * view_.heartbeat_timeout_ms + 1000)),
+                                        w.server, FailoverWaitMs())),
                         0);
       lock.lock();
     }

@@ -27,11 +27,11 @@ def remote_key(packed=b"\x01" * 16):
 
 def view(nodes=()):
     # 2 servers, 3 workers; sync, no staleness, mean, no quorum, no weights, fixed rule; then the
-    # workers' nodes (node-level reduction: none, or one per worker), the job id, 1 replica.
+    # workers' nodes (node-level reduction: none, or one per worker), the job id, 1 replica, a 2000 ms failover timeout.
     return (u32(2) + u32(3) + u32(2) + u32(1) + string(b"127.0.0.1:4000") + u32(2) +
             string(b"127.0.0.1:4001") + u8(0) + u32(0) + u8(0) + u32(0) + u32(0) + u8(0) +
             u64(4 << 20) + u32(500) + u32(5000) + string(b"tcp") + u32(len(nodes)) +
-            b"".join(u32(n) for n in nodes) + u64(0x1234) + u32(1))
+            b"".join(u32(n) for n in nodes) + u64(0x1234) + u32(1) + u32(2000))
 
 
 def codecs(push=0, block=256, pull=0):  # CreateChunkItem's codecs, then primary and backup

@@ -280,7 +280,7 @@ TEST(Launch, AServerPausedPastTheTimeoutIsReplacedAndFenced) {
                          "--verify",     "--kill-server-at",
                          "10",           "--kill-server-how",
                          "stop",         "--heartbeat-interval-ms",
-                         "200",          "--heartbeat-timeout-ms",
+                         "200",          "--failover-timeout-ms",
                          "1000"},
                         120s);
     ASSERT_FALSE(r.timed_out) << r.output;
