@@ -400,6 +400,14 @@ class ServerImpl final : public Server {
               d(s.batched_pushes));
     f.Counter("shardps_server_batched_pulls_total", "pulls answered in a batch",
               d(s.batched_pulls));
+    f.Counter("shardps_server_replicated_pushes_total",
+              "pushes forwarded to their chunk's backup (replication)", d(s.replicated_pushes));
+    f.Counter("shardps_server_replica_pushes_total", "pushes taken as a chunk's backup",
+              d(s.replica_pushes));
+    f.Counter("shardps_server_promoted_chunks_total",
+              "chunks served since their primary was declared dead", d(s.promoted_chunks));
+    f.Gauge("shardps_server_shard_map_epoch", "servers declared dead and replaced, as last heard",
+            d(s.shard_map_epoch));
     f.Counter("shardps_server_grants_parked_total",
               "grant requests that waited for their chunk to catch up", d(s.grants_parked));
     f.Gauge("shardps_server_landing_buffers", "landing buffers in the pool", d(s.landing_buffers));
