@@ -137,7 +137,15 @@ EngineActions ChunkEngine::OnPush(LandedPush p) {
   }
   if (!TryProcess(p, &out)) {
     auto key = std::make_pair(p.worker, p.seq);
-    if (parked_.count(key)) {
+    auto waiting = parked_.find(key);
+    if (waiting != parked_.end() && waiting->second.reply.conn != p.reply.conn) {
+      // The same push through another connection: the worker sent it again after the server
+      // that forwarded the waiting copy was replaced (replication). The waiting copy is applied
+      // once, and answered to the worker.
+      waiting->second.reply = std::move(p.reply);
+      out.duplicates++;
+      out.release.push_back(p.buffer);
+    } else if (waiting != parked_.end()) {
       out.acks.push_back({p.reply,
                           Status::AlreadyExists(fmt::format(
                               "push of step {} by worker {} is already waiting", p.seq, p.worker)),

@@ -541,7 +541,10 @@ class ServerImpl final : public Server {
   // of the chunks it is the primary of to their backups (kReplicate). Every server listens
   // before it registers, so all of them are reachable once the view is complete.
   Status ConnectPeers() {
-    peers_.resize(view_.num_servers);
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      peers_.resize(view_.num_servers);
+    }
     for (uint32_t s = 0; s < view_.num_servers; ++s) {
       if (s == rank_) continue;
       auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
@@ -578,6 +581,7 @@ class ServerImpl final : public Server {
   // whose backup is here are served from here now; those it backed up have no backup any more,
   // and their pushes waiting for its answer are acknowledged on this server's alone.
   void OnServerDown(const ServerDown& d) {
+    if (stopping_.load()) return;  // the server is being destroyed
     std::vector<std::shared_ptr<ReplicaJoin>> orphans;
     std::shared_ptr<RpcChannel> peer;
     uint32_t promoted = 0, unbacked = 0;
@@ -1113,10 +1117,11 @@ class ServerImpl final : public Server {
     ec.weight_rule = view_.weight_rule;
     ec.counters = counters_.get();
     ec.initial_version = version;
+    // Its place in the shard map: a backup here takes the primary's forwarded pushes; a primary
+    // here forwards to a backup that is alive. Decided and published under failover_mu_, so a
+    // server declared dead meanwhile (OnServerDown) finds the chunk in its role.
+    std::unique_lock<std::mutex> roles(failover_mu_);
     {
-      // Its place in the shard map: a backup here takes the primary's forwarded pushes; a
-      // primary here forwards to a backup that is alive.
-      std::lock_guard<std::mutex> lock(failover_mu_);
       const bool primary_dead = it.primary < dead_.size() && dead_[it.primary];
       ch->is_backup = it.backup == rank_ && it.primary != rank_ && !primary_dead;
       ch->primary = ch->is_backup ? it.primary : rank_;

@@ -287,6 +287,10 @@ struct ChunkRef {
   ChunkSlots backup_slots;  // on its backup
   std::atomic<bool> on_backup{false};
   const ChunkSlots& Slots() const { return on_backup.load() ? backup_slots : slots; }
+  // Its slots on `server`, its primary or its backup.
+  const ChunkSlots& SlotsOn(uint32_t server) const {
+    return backup != kNoServer && server == backup ? backup_slots : slots;
+  }
   SlotLayout layout;
   std::atomic<uint64_t> known_version{0};
   std::atomic<uint64_t> pulled_version{0};  // the newest version pulled: a push's base
@@ -659,6 +663,7 @@ struct TensorInfo {
 struct PullJob : std::enable_shared_from_this<PullJob> {
   std::shared_ptr<RpcChannel> rpc;
   ChunkRef* chunk;
+  const ChunkSlots* slots = nullptr;  // the chunk's slots on rpc's server
   float* dst;
   std::atomic<uint64_t>* bytes_pulled = nullptr;
   bool in_order = false;         // the transport serves one-sided reads in issue order
@@ -717,11 +722,9 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
     }
     if (bytes_pulled) *bytes_pulled += chunk->layout.data_bytes;
     void (PullJob::*next)() = in_order ? &PullJob::CheckAll : &PullJob::ReadTagAfter;
-    c.Read(into, chunk->layout.data_bytes, chunk->Slots().key, slot * chunk->layout.stride,
-           Joined(next));
-    c.Read(&other_tag, sizeof(other_tag), chunk->Slots().key, TagOffset(1 - slot), Joined(next));
-    if (in_order)
-      c.Read(&tag_after, sizeof(tag_after), chunk->Slots().key, TagOffset(slot), Joined(next));
+    c.Read(into, chunk->layout.data_bytes, slots->key, slot * chunk->layout.stride, Joined(next));
+    c.Read(&other_tag, sizeof(other_tag), slots->key, TagOffset(1 - slot), Joined(next));
+    if (in_order) c.Read(&tag_after, sizeof(tag_after), slots->key, TagOffset(slot), Joined(next));
   }
 
   void CheckAll() {
@@ -732,8 +735,8 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
   void ReadTagAfter() {
     if (other_tag > expect) return Retry(other_tag);  // a newer version: a pull returns it
     pending = 1;
-    rpc->connection().Read(&tag_after, sizeof(tag_after), chunk->Slots().key,
-                           TagOffset((expect - 1) % 2), Joined(&PullJob::Check));
+    rpc->connection().Read(&tag_after, sizeof(tag_after), slots->key, TagOffset((expect - 1) % 2),
+                           Joined(&PullJob::Check));
   }
 
   void Check() {
@@ -765,10 +768,8 @@ struct PullJob : std::enable_shared_from_this<PullJob> {
     }
     pending = 2;
     Connection& c = rpc->connection();
-    c.Read(&tag_after, sizeof(tag_after), chunk->Slots().key, TagOffset(0),
-           Joined(&PullJob::PickNewest));
-    c.Read(&other_tag, sizeof(other_tag), chunk->Slots().key, TagOffset(1),
-           Joined(&PullJob::PickNewest));
+    c.Read(&tag_after, sizeof(tag_after), slots->key, TagOffset(0), Joined(&PullJob::PickNewest));
+    c.Read(&other_tag, sizeof(other_tag), slots->key, TagOffset(1), Joined(&PullJob::PickNewest));
   }
 
   // After re-reading both tags (slot 0's in tag_after, slot 1's in other_tag).
@@ -883,7 +884,7 @@ class WorkerImpl final : public Worker {
       transport::ConnectionHandlers h;
       h.on_message = [this, slot, batcher, s](const std::shared_ptr<Connection>& c,
                                               transport::Message m) {
-        bool ok = m.tag == kBatchAnswer ? OnBatchAnswer(*batcher, m)
+        bool ok = m.tag == kBatchAnswer ? OnBatchAnswer(*batcher, s, m)
                                         : m.tag == kReply && *slot && (*slot)->OnReply(m);
         if (!ok) {
           spdlog::error("unexpected message from server {}; closing", s);
@@ -931,6 +932,17 @@ class WorkerImpl final : public Worker {
         failover_->replicated = true;
       }
       failover_thread_ = std::thread([this] { FailoverWatch(); });
+    }
+    {
+      // A server declared dead while this worker was starting: its connection closes now.
+      std::vector<uint32_t> dead;
+      {
+        std::lock_guard<std::mutex> lock(failover_->mu);
+        failover_->ready = true;
+        for (uint32_t s = 0; s < servers_.size(); ++s)
+          if (failover_->Dead(s)) dead.push_back(s);
+      }
+      for (uint32_t s : dead) servers_[s]->connection().Close();
     }
     if (auto c = gpu::Cuda::Load(); c.ok()) {
       cuda_ = std::move(c).value();
@@ -1363,6 +1375,7 @@ class WorkerImpl final : public Worker {
     std::condition_variable cv;
     bool stop = false;        // the worker is being destroyed
     bool replicated = false;  // the job keeps backups
+    bool ready = false;       // Init connected to every server (servers_, credits_ complete)
     std::vector<bool> dead;   // by server rank
     Status failed;            // the job failed
     struct Waiting {
@@ -1445,11 +1458,13 @@ class WorkerImpl final : public Worker {
     if (d.rank >= 4096) return;  // the coordinator's bound on servers
     std::vector<Failover::Waiting> run;
     uint32_t moved = 0;
+    bool ready = false;
     {
       std::lock_guard<std::mutex> tl(tensors_mu_);
       std::lock_guard<std::mutex> lock(failover_->mu);
       if (d.rank >= failover_->dead.size()) failover_->dead.resize(d.rank + 1, false);
       failover_->dead[d.rank] = true;
+      ready = failover_->ready;
       for (auto& t : tensors_)
         for (auto& c : t->chunks)
           if (c->server.load() == d.rank) {
@@ -1469,6 +1484,7 @@ class WorkerImpl final : public Worker {
         "worker {}: server {} was declared dead (shard map epoch {}): its {} chunks go "
         "to their backups; {} operations are sent again",
         rank_, d.rank, d.epoch, moved, run.size());
+    if (!ready) return;  // Init closes it once it connected to every server
     if (d.rank < credits_.size()) {
       Credits& c = *credits_[d.rank];
       std::lock_guard<std::mutex> lock(c.mu);
@@ -1733,7 +1749,7 @@ class WorkerImpl final : public Worker {
                    bytes);
         continue;
       }
-      auto rpc = servers_[ref->server];
+      auto rpc = servers_[ref->server.load()];
       if (grad) {
         const uint64_t seq = step;
         PushSource src;
@@ -1963,9 +1979,10 @@ class WorkerImpl final : public Worker {
     auto job = std::make_shared<PullJob>();
     job->rpc = rpc;
     job->chunk = ref;
+    job->slots = &ref->SlotsOn(IndexOf(rpc));
     job->dst = dst;
     if (view_.replicas > 0) {
-      const uint32_t server = ref->server.load();
+      const uint32_t server = IndexOf(rpc);
       job->failed = [this, server, ref, dst, op](Status st) {
         AfterFailover(server, st, op, ref, [this, ref, dst, op] {
           PullChunk(servers_[ref->server.load()], ref, dst, op);
@@ -1984,6 +2001,14 @@ class WorkerImpl final : public Worker {
     std::mutex mu;
     std::vector<Grant> grants;  // guarded by mu
   };
+
+  // The rank of the server `rpc` talks to (an operation keeps the server it started on, whatever
+  // a failover does to its chunk meanwhile).
+  uint32_t IndexOf(const std::shared_ptr<RpcChannel>& rpc) const {
+    for (uint32_t s = 0; s < servers_.size(); ++s)
+      if (servers_[s] == rpc) return s;
+    return 0;
+  }
 
   std::optional<Grant> TakeCredit(uint32_t server) {
     Credits& c = *credits_[server];
@@ -2008,9 +2033,9 @@ class WorkerImpl final : public Worker {
   // buffer granted ahead spares the grant round trip.
   void PushChunk(const std::shared_ptr<RpcChannel>& rpc, ChunkRef* ref, PushSource src,
                  uint64_t seq, const std::shared_ptr<OpState>& op, float* then_pull) {
-    if (std::optional<Grant> g = TakeCredit(ref->server))
+    const uint32_t server = IndexOf(rpc);
+    if (std::optional<Grant> g = TakeCredit(server))
       return WriteAndNotify(rpc, ref, std::move(src), seq, op, then_pull, *g);
-    const uint32_t server = ref->server.load();
     Bytes body;
     Writer w(&body);
     GrantRequest{.chunk_id = ref->chunk_id, .bytes = src.bytes, .worker = rank_, .seq = seq}.Encode(
@@ -2052,7 +2077,7 @@ class WorkerImpl final : public Worker {
       PushAck ack;
     };
     auto f = std::make_shared<Flight>();
-    const uint32_t server = ref->server.load();
+    const uint32_t server = IndexOf(rpc);
     auto finish = [this, rpc, ref, op, then_pull, f, server, src, seq] {
       if (!f->status.ok()) return PushAgain(server, f->status, ref, src, seq, op, then_pull);
       OnPushAck(rpc, ref, op, then_pull, f->status, f->ack);
@@ -2101,7 +2126,7 @@ class WorkerImpl final : public Worker {
                  PushAck ack) {
     if (!st.ok()) return op->ChunkDone(st, 0);
     if (ack.has_ahead) {
-      Credits& c = *credits_[ref->server];
+      Credits& c = *credits_[IndexOf(rpc)];
       std::lock_guard<std::mutex> lock(c.mu);
       c.grants.push_back(std::move(ack.ahead));
     }
@@ -2190,7 +2215,7 @@ class WorkerImpl final : public Worker {
 
   // Data loop thread: what a server answered for a batch. False (the connection is closed) when
   // it is malformed.
-  bool OnBatchAnswer(Batcher& b, transport::Message& m) {
+  bool OnBatchAnswer(Batcher& b, uint32_t server, transport::Message& m) {
     BatchAnswer a;
     Reader r(m.meta.data(), m.meta.size());
     if (!a.Decode(&r) || !r.done()) return false;
@@ -2201,6 +2226,16 @@ class WorkerImpl final : public Worker {
       OpState& op = *c.item.op;
       ChunkRef* ref = c.item.ref;
       if (!x.status.ok()) {
+        if (c.item.grad || !c.item.push) {
+          // Replication: a replaced primary that still runs refuses what its chunks' backups
+          // refused it (Aborted); sent again once it is declared dead (AfterFailover).
+          auto item = c.item;
+          AfterFailover(server, x.status, c.item.op, ref, [this, item] {
+            AddToBatch(item.ref->server.load(), item, item.entry,
+                       item.grad ? item.grad->data() : nullptr);
+          });
+          continue;
+        }
         op.ChunkDone(x.status, 0);
         continue;
       }
@@ -2228,9 +2263,9 @@ class WorkerImpl final : public Worker {
       for (size_t i = 0; i < refs.size(); ++i) {
         if (i + 1 < refs.size() && refs[i + 1].first == refs[i].first) continue;  // last: any error
         joined |= b.Release(refs[i].first, SyncWindow(), refs[i].second, opt_.fuse_bytes,
-                            servers_[refs[i].first->server]->connection(), rank_, &bytes_pushed_);
+                            servers_[server]->connection(), rank_, &bytes_pushed_);
       }
-      if (joined) WantFlush(done.front().item.ref->server);
+      if (joined) WantFlush(server);
     }
     return true;
   }

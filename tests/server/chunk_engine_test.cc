@@ -461,6 +461,31 @@ TEST(ChunkEngine, SspWorkerWhoseConnectionClosedNoLongerHoldsTheOthersBack) {
   EXPECT_EQ(Requests(f.Push(0, 4, 1.0f, 4, 0, 0, stays)), std::vector<uint64_t>{400});
 }
 
+// Replication: a push a replaced primary had forwarded out of order waits on the backup; the
+// worker sends it again through its own connection once the backup serves the chunk. The resend
+// takes over the waiting copy's answer (applied once, answered to the worker), and a resend
+// through the same connection is still refused.
+TEST(ChunkEngine, AResendThroughAnotherConnectionTakesOverTheWaitingCopy) {
+  Fixture f(Mode::kAsync, 1);
+  auto old_primary = std::make_shared<NullConnection>();
+  auto worker = std::make_shared<NullConnection>();
+  EXPECT_TRUE(f.Push(0, 2, 2.0f, 0, 7, 0, old_primary).acks.empty());  // waits for step 1
+  auto a = f.Push(0, 2, 2.0f, 1, 8, 0, worker);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(a.duplicates, 1u);
+  EXPECT_EQ(a.release, std::vector<uint32_t>{1});
+  a = f.Push(0, 2, 2.0f, 2, 9, 0, worker);  // the same connection again: refused
+  ASSERT_EQ(a.acks.size(), 1u);
+  EXPECT_TRUE(a.acks[0].status.code() == Status::Code::kAlreadyExists);
+  a = f.Push(0, 1, 1.0f, 3, 5, 0, worker);
+  ASSERT_EQ(a.acks.size(), 2u);
+  EXPECT_EQ(a.acks[0].to.request, 5u);
+  EXPECT_EQ(a.acks[1].to.request, 8u);  // the worker's, not the old primary's
+  EXPECT_EQ(a.acks[1].to.conn, worker);
+  EXPECT_EQ(f.engine->version(), 2u);
+  EXPECT_EQ(f.Params(), All(97.0f));  // 100 - 1 - 2: each applied once
+}
+
 TEST(ChunkEngine, QuorumPublishesWithTheFirstNPushesAndDropsTheLateOne) {
   EngineConfig c = Fixture::Config(Mode::kSync, 3, Aggregate::kMean);
   c.quorum = 2;
