@@ -286,7 +286,6 @@ struct ChunkRef {
   ChunkSlots slots;         // on its primary
   ChunkSlots backup_slots;  // on its backup
   std::atomic<bool> on_backup{false};
-  const ChunkSlots& Slots() const { return on_backup.load() ? backup_slots : slots; }
   // Its slots on `server`, its primary or its backup.
   const ChunkSlots& SlotsOn(uint32_t server) const {
     return backup != kNoServer && server == backup ? backup_slots : slots;
