@@ -92,6 +92,13 @@ int main(int argc, char** argv) {
     }
     return *p;
   };
+  // A failed copy or launch ends the run: a kernel that never ran would time as fast as nothing.
+  auto must = [](const Status& st) {
+    if (!st.ok()) {
+      std::fprintf(stderr, "gpu_bench: %s\n", st.ToString().c_str());
+      std::exit(1);
+    }
+  };
   auto wait = [&]() {
     if (Status st = dev->Wait(0, std::chrono::minutes(5)); !st.ok()) {
       std::fprintf(stderr, "gpu_bench: %s\n", st.ToString().c_str());
@@ -123,11 +130,11 @@ int main(int argc, char** argv) {
     auto* copy_dst = alloc(bytes);
     auto* grad = static_cast<uint8_t*>(alloc(bytes));
     std::vector<float> zeros(n, 0.0f);
-    (void)dev->Copy(params, host.data(), bytes, 0);
-    (void)dev->Copy(m, zeros.data(), bytes, 0);
-    (void)dev->Copy(v, zeros.data(), bytes, 0);
+    must(dev->Copy(params, host.data(), bytes, 0));
+    must(dev->Copy(m, zeros.data(), bytes, 0));
+    must(dev->Copy(v, zeros.data(), bytes, 0));
     wait();
-    const double copy_s = time([&] { (void)dev->Copy(copy_dst, params, bytes, 0); });
+    const double copy_s = time([&] { must(dev->Copy(copy_dst, params, bytes, 0)); });
     const double copy_gbps = 2.0 * static_cast<double>(bytes) / copy_s / 1e9;
     std::printf("%4llu MiB: device-to-device copy %.1f GB/s (read + write)\n",
                 static_cast<unsigned long long>(mib), copy_gbps);
@@ -135,7 +142,7 @@ int main(int argc, char** argv) {
       compress::ChunkCodec cc{codec, 256, codec == Codec::kTopK ? n / 100 : 0};
       std::vector<uint8_t> enc(compress::EncodedBytes(cc, n));
       compress::Encode(cc, host.data(), n, enc.data(), nullptr);
-      (void)dev->Copy(grad, enc.data(), enc.size(), 0);
+      must(dev->Copy(grad, enc.data(), enc.size(), 0));
       wait();
       for (const Opt& o : kOpts) {
         OptimizerConfig cfg;
@@ -151,7 +158,7 @@ int main(int argc, char** argv) {
         a.publish_codec = 0;
         a.numel = n;
         a.k = server::MakeStepParams(cfg, 1.0f, 1, std::nullopt);
-        const double s = time([&] { (void)dev->Update(o.code, static_cast<int>(codec), a, 0); });
+        const double s = time([&] { must(dev->Update(o.code, static_cast<int>(codec), a, 0)); });
         // Parameters read and written, state read and written, the gradient read, the
         // published copy written.
         const double moved = static_cast<double>(

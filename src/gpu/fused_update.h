@@ -56,8 +56,10 @@ struct FoldArgs {
 };
 
 // Topk is decoded a tile of elements at a time (the tile's values scattered into a zeroed
-// array: shared memory on the GPU); the dense codecs element by element.
-inline constexpr uint32_t kTopKTile = 1024;
+// array: shared memory on the GPU, 16 KiB); the dense codecs element by element. A tile's fixed
+// cost (finding its run of indices, two barriers) is paid once per 4096 elements: with 1024 the
+// sgd update of a 256 MiB topk chunk on an H200 took 0.44 ms against 0.30 ms for fp32.
+inline constexpr uint32_t kTopKTile = 4096;
 
 SHARDPS_HD inline uint64_t BlocksOf(uint64_t numel, uint32_t block) {
   return (numel + block - 1) / block;

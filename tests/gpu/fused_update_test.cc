@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <limits>
 #include <mutex>
 #include <random>
 
@@ -489,6 +490,113 @@ TEST(FusedUpdateGpu, KernelsMatchTheTwinForEveryCodecAndOptimizer) {
         if (p) dev->Free(const_cast<void*>(p));
     });
     if (HasFatalFailure()) return;
+  }
+}
+
+// The first element where two arrays differ in their bits, or -1.
+int64_t FirstDifference(const void* a, const void* b, size_t elems, size_t elem_bytes) {
+  const auto* x = static_cast<const uint8_t*>(a);
+  const auto* y = static_cast<const uint8_t*>(b);
+  if (std::memcmp(x, y, elems * elem_bytes) == 0) return -1;
+  for (size_t i = 0; i < elems; ++i)
+    if (std::memcmp(x + i * elem_bytes, y + i * elem_bytes, elem_bytes) != 0)
+      return static_cast<int64_t>(i);
+  return -1;
+}
+
+// Chunks far larger than one launch's threads on a GPU against the twin: the grid-stride loops
+// go round several times (more than 8 blocks of 256 threads per multiprocessor) and topk spans
+// thousands of tiles. Every codec with Adam (both state arrays) and a running sum, publishing
+// fp16 into memory poisoned with NaN, and every codec's fold into NaN: bit for bit the twin's,
+// every element written.
+TEST(FusedUpdateGpu, LargeChunksMatchTheTwinAndEveryElementIsWritten) {
+  auto opened = gpu::OpenCudaDevice(0, 1);
+  if (!opened.ok()) GTEST_SKIP() << opened.status().ToString();
+  auto dev = *opened;
+  constexpr uint64_t n = (3u << 20) + 13;
+  std::vector<void*> owned;
+  auto upload = [&](const void* src, size_t bytes) {
+    auto p = dev->Alloc(bytes);
+    EXPECT_TRUE(p.ok()) << p.status().ToString();
+    owned.push_back(*p);
+    EXPECT_TRUE(dev->Copy(*p, src, bytes, 0).ok());
+    return *p;
+  };
+  auto download = [&](void* dst, const void* src, size_t bytes) {
+    ASSERT_TRUE(dev->Copy(dst, src, bytes, 0).ok());
+    ASSERT_TRUE(dev->Wait(0, 30s).ok());
+  };
+  OptimizerConfig adam;
+  adam.kind = OptimizerKind::kAdam;
+  adam.lr = 0.01f;
+  adam.weight_decay = 0.01f;
+  std::mt19937 rng(17);
+  for (Codec codec : kCodecs) {
+    SCOPED_TRACE(CodecName(codec));
+    compress::ChunkCodec cc{codec, 256, codec == Codec::kTopK ? n / 100 : 0};
+    std::vector<float> raw = Random(&rng, n);
+    std::vector<uint8_t> enc(compress::EncodedBytes(cc, n));
+    compress::Encode(cc, raw.data(), n, enc.data(), nullptr);
+    std::vector<float> params = Random(&rng, n), m = Random(&rng, n, 0.1f), v(n),
+                       extra = Random(&rng, n, 0.25f);
+    for (auto& x : v) x = std::abs(Random(&rng, 1, 0.1f)[0]);
+    std::vector<uint16_t> publish(n, 0xffff);  // NaN as fp16
+
+    gpu::UpdateArgs d;
+    d.params = static_cast<float*>(upload(params.data(), n * 4));
+    d.m = static_cast<float*>(upload(m.data(), n * 4));
+    d.v = static_cast<float*>(upload(v.data(), n * 4));
+    d.grad = {static_cast<const uint8_t*>(upload(enc.data(), enc.size())), n, 256, 0.5f};
+    d.extra = static_cast<const float*>(upload(extra.data(), n * 4));
+    d.publish = upload(publish.data(), n * 2);
+    d.publish_codec = static_cast<int>(Codec::kFp16);
+    d.numel = n;
+    d.k = server::MakeStepParams(adam, 0.5f, 3, std::nullopt);
+    gpu::UpdateArgs h = d;
+    h.params = params.data();
+    h.m = m.data();
+    h.v = v.data();
+    h.grad.data = enc.data();
+    h.extra = extra.data();
+    h.publish = publish.data();
+    // The host arrays change below: the uploads (asynchronous) complete first.
+    ASSERT_TRUE(dev->Wait(0, 30s).ok());
+    ASSERT_TRUE(dev->Update(static_cast<int>(adam.kind), static_cast<int>(codec), d, 0).ok());
+    gpu::UpdateOnHost(static_cast<int>(adam.kind), static_cast<int>(codec), h);
+    std::vector<float> got(n);
+    std::vector<uint16_t> got_pub(n);
+    const std::pair<const char*, std::pair<const float*, const float*>> arrays[] = {
+        {"parameters", {d.params, params.data()}}, {"m", {d.m, m.data()}}, {"v", {d.v, v.data()}}};
+    for (const auto& [what, ptrs] : arrays) {
+      download(got.data(), ptrs.first, n * 4);
+      EXPECT_EQ(FirstDifference(got.data(), ptrs.second, n, 4), -1) << what;
+    }
+    download(got_pub.data(), d.publish, n * 2);
+    EXPECT_EQ(FirstDifference(got_pub.data(), publish.data(), n, 2), -1) << "published";
+    for (uint16_t x : publish) ASSERT_NE(x, 0xffff) << "an element was not published";
+
+    // The fold: the first into NaN, the second onto it.
+    std::vector<float> sum(n, std::numeric_limits<float>::quiet_NaN());
+    gpu::FoldArgs f;
+    f.dst = static_cast<float*>(upload(sum.data(), n * 4));
+    f.grad = d.grad;
+    f.numel = n;
+    ASSERT_TRUE(dev->Wait(0, 30s).ok());
+    gpu::FoldArgs fh = f;
+    fh.dst = sum.data();
+    fh.grad.data = enc.data();
+    for (bool first : {true, false}) {
+      f.first = fh.first = first;
+      ASSERT_TRUE(dev->Fold(static_cast<int>(codec), f, 0).ok());
+      gpu::FoldOnHost(static_cast<int>(codec), fh);
+    }
+    download(got.data(), f.dst, n * 4);
+    EXPECT_EQ(FirstDifference(got.data(), sum.data(), n, 4), -1) << "fold";
+    for (float x : got) ASSERT_FALSE(std::isnan(x)) << "a folded element was not written";
+    ASSERT_TRUE(dev->Wait(0, 30s).ok());
+    for (void* p : owned) dev->Free(p);
+    owned.clear();
+    if (HasFailure()) return;
   }
 }
 
