@@ -92,10 +92,12 @@ struct ServerStats {
   uint64_t batched_pushes = 0;  // pushes that travelled in a batch
   uint64_t batched_pulls = 0;   // pulls answered in a batch (push_pull's included)
   // Replication (docs/fault-tolerance.md): pushes forwarded to their chunk's backup, pushes taken
-  // as a backup, chunks served since their primary was declared dead, the shard map's epoch.
+  // as a backup, chunks served since their primary was declared dead, connections to a backup
+  // reopened, the shard map's epoch.
   uint64_t replicated_pushes = 0;
   uint64_t replica_pushes = 0;
   uint64_t promoted_chunks = 0;
+  uint64_t replica_links_reopened = 0;  // connections to a live backup reopened after they closed
   uint64_t shard_map_epoch = 0;
   uint64_t pid = 0;  // the server's process and host (shardps bench/train --kill-server-at)
   std::string host;

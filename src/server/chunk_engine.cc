@@ -48,6 +48,15 @@ bool ChunkEngine::Admissible(uint64_t seq) const {
   return true;
 }
 
+bool ChunkEngine::HeldBack(const LandedPush& p) const {
+  // A backup's copy in ssp mode (pushes its primary forwarded) does not wait for the slowest
+  // worker: the primary holds each push back itself and acknowledges it only once the backup
+  // did, so the bound is kept there; and the backup would never learn that a worker left (its
+  // pushes come over the primary's connection), so its clock would hold the others for ever.
+  if (cfg_.mode == Mode::kSsp && p.reply.replica) return false;
+  return !Admissible(p.seq);
+}
+
 void ChunkEngine::UpdateSlowest() {
   uint64_t slowest = uint64_t{1} << 62;  // nobody left: nothing holds a worker back
   for (uint32_t w = 0; w < cfg_.num_workers; ++w)
@@ -238,7 +247,7 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
     DropLate(p, out);
     return true;
   }
-  if (!Admissible(p.seq)) {  // too far ahead of the step, or of the slowest (ssp)
+  if (HeldBack(p)) {  // too far ahead of the step, or of the slowest (ssp)
     if (WorkerCounters* c = Counters(p.worker)) c->waits.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
@@ -357,7 +366,7 @@ void ChunkEngine::Drain(EngineActions* out) {
       const uint64_t seq = it->first.second;
       const bool skips = SkipsPublished(seq);
       if (seq != last_seq_[w] + 1 && !skips) continue;
-      if (!skips && !Admissible(seq)) continue;
+      if (!skips && HeldBack(it->second)) continue;
       LandedPush p = std::move(it->second);
       parked_.erase(it);
       out->parked_buffers_delta -= p.holds_buffer();

@@ -214,6 +214,7 @@ class ChunkEngine {
   };
 
   bool Admissible(uint64_t seq) const;
+  bool HeldBack(const LandedPush& p) const;  // Admissible, but for a backup's pushes (ssp)
   // Backup workers: every step before `seq` is published, so a push of `seq` need not wait for
   // the worker's pushes of them (they were, or would be, late).
   bool SkipsPublished(uint64_t seq) const { return backups_ && seq - 1 <= version(); }

@@ -76,6 +76,7 @@ std::string ServerStats::ToJson() const {
                       {"replicated_pushes", replicated_pushes},
                       {"replica_pushes", replica_pushes},
                       {"promoted_chunks", promoted_chunks},
+                      {"replica_links_reopened", replica_links_reopened},
                       {"shard_map_epoch", shard_map_epoch},
                       {"pid", pid},
                       {"host", host},
@@ -126,6 +127,11 @@ struct ReplicaJoin {
   uint32_t backup = 0;     // the backup's server rank
   // Sends the acknowledgement (the server's AckNow for the chunk), once both are in.
   std::function<void(EngineActions::Ack)> deliver;
+  // What was forwarded, sent again if the connection to the backup closes and is reopened; and
+  // when that first failed (the bound on the wait for the backup: ReplicaLinkLoop).
+  Bytes meta;
+  transport::Payload payload;
+  std::chrono::steady_clock::time_point orphaned_at{};
 
   // Records one side; the acknowledgement to send when it was the second, with the backup's
   // refusal (this server was replaced and is fenced) in place of this server's success.
@@ -227,6 +233,11 @@ class ServerImpl final : public Server {
     // From here on messages are ignored and work handed to a chunk's owner is dropped (an
     // update completing on the device finishes nothing).
     stopping_ = true;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);  // ReplicaLinkLoop sees it, or waits
+    }
+    link_cv_.notify_all();
+    if (link_thread_.joinable()) link_thread_.join();
     metrics_.Stop();
     applier_.Stop();
     if (device_)
@@ -243,6 +254,20 @@ class ServerImpl final : public Server {
     }
     if (pinned_pool_) device_->Unpin(pinned_pool_);
     control_ctx_.reset();
+  }
+
+  // Closes this server's replication connections as a reset link would (tests); with `reopen`
+  // false they stay closed until called again with true.
+  void CloseReplicationLinks(bool reopen) {
+    std::vector<std::shared_ptr<RpcChannel>> peers;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      hold_links_ = !reopen;
+      peers = peers_;
+    }
+    for (auto& p : peers)
+      if (p) p->connection().Close();
+    link_cv_.notify_all();
   }
 
   Status Init() {
@@ -406,6 +431,10 @@ class ServerImpl final : public Server {
               d(s.replica_pushes));
     f.Counter("shardps_server_promoted_chunks_total",
               "chunks served since their primary was declared dead", d(s.promoted_chunks));
+    f.Counter("shardps_server_replica_links_reopened_total",
+              "connections to a live backup that closed and were reopened (their waiting pushes "
+              "sent again)",
+              d(s.replica_links_reopened));
     f.Gauge("shardps_server_shard_map_epoch", "servers declared dead and replaced, as last heard",
             d(s.shard_map_epoch));
     f.Counter("shardps_server_grants_parked_total",
@@ -513,6 +542,7 @@ class ServerImpl final : public Server {
     s.replicated_pushes = replicated_pushes_.load(std::memory_order_relaxed);
     s.replica_pushes = replica_pushes_.load(std::memory_order_relaxed);
     s.promoted_chunks = promoted_chunks_.load(std::memory_order_relaxed);
+    s.replica_links_reopened = reopened_links_.load(std::memory_order_relaxed);
     s.shard_map_epoch = epoch_.load();
     s.pid = static_cast<uint64_t>(getpid());
     char host[256] = {0};
@@ -544,37 +574,136 @@ class ServerImpl final : public Server {
     {
       std::lock_guard<std::mutex> lock(failover_mu_);
       peers_.resize(view_.num_servers);
+      link_down_.assign(view_.num_servers, false);
     }
     for (uint32_t s = 0; s < view_.num_servers; ++s) {
       if (s == rank_) continue;
-      auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
-      transport::ConnectionHandlers h;
-      h.on_message = [this, slot, s](const std::shared_ptr<Connection>& c, transport::Message m) {
-        if (stopping_.load()) return;
-        if (m.tag != kReply || !*slot || !(*slot)->OnReply(m)) {
-          spdlog::error("server {}: unexpected message from server {}; closing", rank_, s);
-          c->Close();
-        }
-        SendAnswers();
-      };
-      h.on_close = [this, slot, s](const std::shared_ptr<Connection>&, Status st) {
-        if (*slot)
-          (*slot)->FailAll(Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
-                                                           st.ok() ? "" : ": " + st.message())));
-        if (!stopping_.load()) SendAnswers();  // batch entries its failed calls completed
-      };
-      auto conn = data_ctx_->Connect(view_.servers[s].address, h, opt_.connect_timeout);
-      if (!conn.ok())
-        return conn.status().WithContext(fmt::format("connecting to server {} (replication)", s));
-      *slot = std::make_shared<RpcChannel>(*conn);
-      std::lock_guard<std::mutex> lock(failover_mu_);
-      peers_[s] = *slot;
+      SHARDPS_RETURN_IF_ERROR(ConnectPeer(s, opt_.connect_timeout));
     }
+    link_thread_ = std::thread([this] { ReplicaLinkLoop(); });
     spdlog::info(
         "server {}: replication on: pushes to its chunks are acknowledged once their "
         "backups hold them too",
         rank_);
     return Status::OK();
+  }
+
+  // Opens the connection to server `s` over which pushes are forwarded to it, and makes it
+  // the one Forward uses.
+  Status ConnectPeer(uint32_t s, std::chrono::milliseconds timeout) {
+    auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
+    transport::ConnectionHandlers h;
+    h.on_message = [this, slot, s](const std::shared_ptr<Connection>& c, transport::Message m) {
+      if (stopping_.load()) return;
+      if (m.tag != kReply || !*slot || !(*slot)->OnReply(m)) {
+        spdlog::error("server {}: unexpected message from server {}; closing", rank_, s);
+        c->Close();
+      }
+      SendAnswers();
+    };
+    h.on_close = [this, slot, s](const std::shared_ptr<Connection>&, Status st) {
+      if (*slot)
+        (*slot)->FailAll(Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
+                                                         st.ok() ? "" : ": " + st.message())));
+      if (stopping_.load()) return;
+      {
+        // The link to a live backup is reopened (ReplicaLinkLoop); one to a dead server is not.
+        std::lock_guard<std::mutex> lock(failover_mu_);
+        if (*slot && peers_[s] == *slot && !dead_[s]) {
+          link_down_[s] = true;
+          spdlog::warn("server {}: the connection to server {} (replication) closed{}; reopening",
+                       rank_, s, st.ok() ? "" : ": " + st.message());
+        }
+      }
+      link_cv_.notify_all();
+      SendAnswers();  // batch entries its failed calls completed
+    };
+    auto conn = data_ctx_->Connect(view_.servers[s].address, h, timeout);
+    if (!conn.ok())
+      return conn.status().WithContext(fmt::format("connecting to server {} (replication)", s));
+    *slot = std::make_shared<RpcChannel>(*conn);
+    std::unique_lock<std::mutex> lock(failover_mu_);
+    if (dead_[s]) {
+      // Declared dead while this connected (a dying process may still accept): nothing is
+      // forwarded to it any more, and a connection nobody closes could hold a push for ever.
+      lock.unlock();
+      (*conn)->Close();
+      return Status::Unavailable(fmt::format("server {} was declared dead", s));
+    }
+    peers_[s] = *slot;
+    return Status::OK();
+  }
+
+  // How long a push waits for a backup whose connection closed: until the link is reopened (the
+  // push is sent again), the backup is declared dead (it is acknowledged on this server's
+  // word), or this bound passes (it fails, naming the backup). The coordinator declares a
+  // silent server dead within the failover timeout of its last heartbeat.
+  std::chrono::milliseconds ReplicaWaitBound() const {
+    return std::chrono::milliseconds(2 * static_cast<int64_t>(view_.failover_timeout_ms) + 1000);
+  }
+
+  // The replication links' keeper (its own thread: Connect blocks): reopens a closed link to a
+  // live backup and sends the pushes that were waiting on it again (the backup's sequence
+  // tables apply each once); fails those that waited past ReplicaWaitBound.
+  void ReplicaLinkLoop() {
+    using Clock = std::chrono::steady_clock;
+    std::unique_lock<std::mutex> lock(failover_mu_);
+    while (!stopping_.load()) {
+      link_cv_.wait_for(lock, std::chrono::milliseconds(100));
+      if (stopping_.load()) break;
+      const auto now = Clock::now();
+      for (uint32_t s = 0; s < view_.num_servers; ++s) {
+        if (s == rank_ || dead_[s]) continue;
+        if (link_down_[s] && !hold_links_) {
+          lock.unlock();
+          Status st =
+              ConnectPeer(s, std::min(opt_.connect_timeout, std::chrono::milliseconds(1000)));
+          lock.lock();
+          if (stopping_.load()) return;
+          if (dead_[s]) continue;  // OnServerDown took its pushes
+          if (st.ok()) {
+            link_down_[s] = false;
+            reopened_links_.fetch_add(1, std::memory_order_relaxed);
+            spdlog::info("server {}: reopened the connection to server {} (replication)", rank_, s);
+          }
+        }
+        auto it = orphans_.find(s);
+        if (it == orphans_.end() || it->second.empty()) continue;
+        std::vector<std::shared_ptr<ReplicaJoin>> resend, expired;
+        if (!link_down_[s]) {
+          resend = std::move(it->second);
+        } else {
+          auto& waiting = it->second;
+          for (size_t i = 0; i < waiting.size();) {
+            if (now - waiting[i]->orphaned_at > ReplicaWaitBound()) {
+              expired.push_back(std::move(waiting[i]));
+              waiting[i] = std::move(waiting.back());
+              waiting.pop_back();
+            } else {
+              ++i;
+            }
+          }
+        }
+        if (it->second.empty()) orphans_.erase(it);
+        if (resend.empty() && expired.empty()) continue;
+        if (!expired.empty())
+          spdlog::error(
+              "server {}: {} pushes not acknowledged: their backup, server {}, was unreachable "
+              "for {} ms and was not declared dead",
+              rank_, expired.size(), s, ReplicaWaitBound().count());
+        lock.unlock();
+        data_ctx_->RunInLoop([this, s, resend = std::move(resend), expired = std::move(expired)] {
+          for (auto& j : resend) SendToBackup(j);
+          for (auto& j : expired)
+            RemoteDone(j, Status::Timeout(fmt::format(
+                              "server {} could not reach server {}, the backup, for {} ms: the "
+                              "push is applied on the primary but not held by the backup",
+                              rank_, s, ReplicaWaitBound().count())));
+          SendAnswers();
+        });
+        lock.lock();
+      }
+    }
   }
 
   // kServerDown, on the control loop: server `d.rank` was replaced. Chunks it was the primary of
@@ -607,7 +736,8 @@ class ServerImpl final : public Server {
       }
       orphans = std::move(orphans_[d.rank]);
       orphans_.erase(d.rank);
-      if (d.rank < peers_.size()) peer = peers_[d.rank];
+      if (d.rank < peers_.size()) peer = std::move(peers_[d.rank]);
+      if (d.rank < link_down_.size()) link_down_[d.rank] = false;
     }
     promoted_chunks_ += promoted;
     spdlog::warn(
@@ -652,13 +782,30 @@ class ServerImpl final : public Server {
         .Encode(&w);
     const auto* g = static_cast<const uint8_t*>(p.grad.data);
     replicated_pushes_.fetch_add(1, std::memory_order_relaxed);
-    peer->Call(kReplicate, meta, transport::Payload::Own(Bytes(g, g + p.grad.bytes)),
-               [this, join](Status st, Reader& r, transport::Message& m) {
-                 PushAck ack;
-                 if (st.ok() && (!ack.Decode(&r) || !r.done()))
-                   st = Status::ProtocolError("malformed replica acknowledgement");
-                 OnReplicaAnswer(join, st, m.tag == kReply);
-               });
+    join->meta = std::move(meta);
+    join->payload = transport::Payload::Own(Bytes(g, g + p.grad.bytes));
+    SendReplica(*peer, join);
+  }
+
+  // A forwarded push again, over the backup's connection as it is now.
+  void SendToBackup(const std::shared_ptr<ReplicaJoin>& join) {
+    std::shared_ptr<RpcChannel> peer;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (join->backup < peers_.size() && !dead_[join->backup]) peer = peers_[join->backup];
+    }
+    if (!peer) return RemoteDone(join, Status::OK());  // the backup was declared dead
+    SendReplica(*peer, join);
+  }
+
+  void SendReplica(RpcChannel& peer, const std::shared_ptr<ReplicaJoin>& join) {
+    peer.Call(kReplicate, join->meta, join->payload,
+              [this, join](Status st, Reader& r, transport::Message& m) {
+                PushAck ack;
+                if (st.ok() && (!ack.Decode(&r) || !r.done()))
+                  st = Status::ProtocolError("malformed replica acknowledgement");
+                OnReplicaAnswer(join, st, m.tag == kReply);
+              });
   }
 
   // The backup answered (`answered`: its reply), or the transport failed the call.
@@ -671,7 +818,10 @@ class ServerImpl final : public Server {
     {
       std::lock_guard<std::mutex> lock(failover_mu_);
       if (!dead_[join->backup]) {
+        if (join->orphaned_at == std::chrono::steady_clock::time_point{})
+          join->orphaned_at = std::chrono::steady_clock::now();
         orphans_[join->backup].push_back(join);
+        link_cv_.notify_all();
         return;
       }
     }
@@ -1542,6 +1692,11 @@ class ServerImpl final : public Server {
   std::vector<bool> dead_;                          // failover_mu_: servers declared dead
   // failover_mu_: pushes whose backup's connection failed before it was declared dead
   std::map<uint32_t, std::vector<std::shared_ptr<ReplicaJoin>>> orphans_;
+  std::vector<bool> link_down_;  // failover_mu_: by rank, a closed link to a live backup
+  bool hold_links_ = false;      // failover_mu_: closed links stay closed (tests)
+  std::condition_variable link_cv_;
+  std::thread link_thread_;  // ReplicaLinkLoop, with replication
+  std::atomic<uint64_t> reopened_links_{0};
   std::atomic<uint64_t> epoch_{0};              // the shard map's, as last heard
   std::atomic<uint64_t> replicated_pushes_{0};  // forwarded to a backup
   std::atomic<uint64_t> replica_pushes_{0};     // taken as a backup
@@ -1549,6 +1704,12 @@ class ServerImpl final : public Server {
 };
 
 }  // namespace
+}  // namespace server
+
+namespace server {
+void CloseReplicationLinksForTest(Server& s, bool reopen) {
+  dynamic_cast<ServerImpl&>(s).CloseReplicationLinks(reopen);
+}
 }  // namespace server
 
 Result<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {

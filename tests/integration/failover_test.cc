@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "server/testing.h"
 #include "support/exact_values.h"
 #include "support/local_cluster.h"
 #include "transport/context.h"
@@ -134,6 +135,33 @@ TEST_P(Failover, EveryPushIsHeldByBothCopies) {
   lc->Finish();
 }
 
+// The connections over which server 0 forwards pushes to its chunks' backups close twice in the
+// job while every server lives (a reset link). Server 0 reopens them and sends the pushes that
+// were waiting on them again: every push is acknowledged, the parameters are exact, and each
+// copy applied each push once (a resend the backup had already applied is recognised).
+TEST_P(Failover, AClosedLinkToTheBackupIsReopenedAndNothingIsLost) {
+  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport);
+  ASSERT_TRUE(lc);
+  constexpr uint64_t kSteps = 20;
+  Run(*lc, kSteps, [&](uint32_t worker, uint64_t step) {
+    if (worker == 0 && (step == 7 || step == 14))
+      server::CloseReplicationLinksForTest(*lc->servers[0], true);
+  });
+  uint64_t applied = 0, taken = 0;
+  for (uint32_t s = 0; s < 3; ++s) {
+    auto j = Stats(*lc->workers[0], s);
+    applied += j["pushes_applied"].get<uint64_t>();
+    taken += j["replica_pushes"].get<uint64_t>();
+    EXPECT_EQ(j["shard_map_epoch"], 0);
+    EXPECT_EQ(j["promoted_chunks"], 0);
+  }
+  const uint64_t pushes = 2 * kSteps * kChunks;
+  EXPECT_EQ(applied, 2 * pushes);  // once on each copy
+  EXPECT_GE(taken, pushes);        // resends included
+  EXPECT_GE(Stats(*lc->workers[0], 0)["replica_links_reopened"].get<uint64_t>(), 1u);
+  lc->Finish();
+}
+
 // A server goes away in the middle of the job (its process ends: every connection of it
 // closes). The coordinator declares it dead, its chunks' backups take over, the workers send
 // what was not acknowledged again, and the job ends with the exact sum of every push.
@@ -179,6 +207,66 @@ TEST(FailoverLimits, ASecondDeathThatLeavesAChunkWithoutACopyFailsTheJobNamingIt
   EXPECT_NE(job.message().find("has no live copy left"), std::string::npos) << job.ToString();
   EXPECT_NE(job.message().find("server 2"), std::string::npos) << job.ToString();
   EXPECT_FALSE(w.Push(*id, g.data()).Wait(60s).ok());
+}
+
+// A backup that lives but cannot be reached (the link closed and stays closed) and is not
+// declared dead: a push waiting for it fails within 2 * the failover timeout + 1 s, naming it,
+// rather than waiting for ever.
+TEST(FailoverLimits, APushWhoseLiveBackupCannotBeReachedFailsInBoundedTime) {
+  CoordinatorOptions co = Opts(2, 1, Mode::kAsync, Aggregate::kSum, kChunkBytes);
+  co.replicas = 1;
+  co.failover_timeout = 1s;
+  auto lc = LocalCluster::Start(co);
+  ASSERT_TRUE(lc);
+  Worker& w = *lc->workers[0];
+  auto id = w.Declare(Sgd1("t", 8000, 0.0f));  // 2 chunks: one primary on each server
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  std::vector<float> g(8000, 1.0f);
+  ASSERT_TRUE(w.Push(*id, g.data()).Wait(60s).ok());
+  server::CloseReplicationLinksForTest(*lc->servers[0], false);
+  const auto t0 = std::chrono::steady_clock::now();
+  Status st = w.Push(*id, g.data()).Wait(60s);
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("could not reach server 1, the backup"), std::string::npos)
+      << st.ToString();
+  EXPECT_LT(waited, 15s);  // the bound is 3 s; waiting for a failover would take 21 s
+  server::CloseReplicationLinksForTest(*lc->servers[0], true);
+}
+
+// ssp with replicas: a worker that leaves early (says goodbye; its connections close) holds
+// back neither the primaries (they see its connection close) nor the backups (they hear of its
+// pushes only through the primaries): the other worker runs far past its clock, every push
+// acknowledged, and the sum is exact.
+TEST(FailoverLimits, InSspAWorkerThatLeavesEarlyHoldsNoCopyBack) {
+  CoordinatorOptions co = Opts(2, 2, Mode::kSsp, Aggregate::kSum, kChunkBytes);
+  co.replicas = 1;
+  co.staleness = 1;
+  auto lc = LocalCluster::Start(co);
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 8000;  // 2 chunks: a primary on each server, its backup on the other
+  constexpr uint64_t kLeaverSteps = 2, kSteps = 20;
+  std::vector<float> out(kN);
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("t", kN, 0.0f));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    const bool leaver = w.rank() == 1;
+    std::vector<float> g(kN, leaver ? 2.0f : 1.0f);
+    for (uint64_t s = 1; s <= (leaver ? kLeaverSteps : kSteps); ++s) {
+      Status st = w.Push(*id, g.data()).Wait(30s);
+      ASSERT_TRUE(st.ok()) << "worker " << w.rank() << " step " << s << ": " << st.ToString();
+    }
+    if (leaver) {
+      ASSERT_TRUE(w.Finish().ok());
+      lc->workers[1].reset();  // its connections close (nothing touches `w` after this)
+      return;
+    }
+    ASSERT_TRUE(w.Pull(*id, out.data()).Wait(30s).ok());
+  });
+  const float want = -(2.0f * kLeaverSteps + 1.0f * kSteps);
+  for (int64_t i = 0; i < kN; ++i) ASSERT_EQ(out[i], want) << "element " << i;
+  EXPECT_TRUE(lc->workers[0]->Finish().ok());
+  EXPECT_TRUE(lc->coordinator->Wait(10s).ok());
 }
 
 // Without replicas (the default) a server's death ends the job, naming it.
