@@ -19,6 +19,7 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kAggregate, &aggregate)->check(CLI::IsMember({"mean", "sum"}));
   AddTunable(app, kSyncQuorum, &sync_quorum);
   AddTunable(app, kReplicas, &replicas)->check(CLI::Range(0u, 1u));
+  AddTunable(app, kOnWorkerLoss, &on_worker_loss)->check(CLI::IsMember({"fail", "continue"}));
   AddTunable(app, kWorkerWeights, &worker_weights);
   AddTunable(app, kWeightRule, &weight_rule)->check(CLI::IsMember({"fixed", "staleness"}));
   AddTunable(app, kTransport, &transport);
@@ -65,6 +66,7 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   co.mode = *m;
   co.sync_quorum = sync_quorum;
   co.replicas = replicas;
+  co.continue_on_worker_loss = on_worker_loss == "continue";
   auto weights = ParseWeights(worker_weights);
   if (!weights.ok()) return weights.status().WithContext("--worker-weights");
   co.worker_weights = *weights;

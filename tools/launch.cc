@@ -377,6 +377,13 @@ int RunLaunch(const LaunchOptions& opt) {
                      c.name.c_str(), Describe(st).c_str());
         continue;
       }
+      if (c.is_worker && !ok && !job_done && opt.coordinator.continue_on_worker_loss &&
+          c.name != "worker 0") {
+        // The coordinator removes it and the others go on, or fails the job (seen below).
+        std::fprintf(stderr, "[launch] %s %s; the job goes on without it (--on-worker-loss)\n",
+                     c.name.c_str(), Describe(st).c_str());
+        continue;
+      }
       if (!ok || (!c.is_worker && !job_done)) {
         stop_reason = fmt::format("{} {}", c.name, Describe(st));
         exit_code = 1;

@@ -45,6 +45,10 @@ struct CoordinatorOptions {
   // With replicas: a server silent this long is declared dead and replaced by its chunks'
   // backups (the heartbeat timeout still applies to workers, and to servers without replicas).
   std::chrono::milliseconds failover_timeout{tunables::kFailoverTimeoutMs.number};
+  // A worker that dies (--on-worker-loss continue): removed from the job rather than failing
+  // it (docs/fault-tolerance.md). Worker 0, and workers of a job with node-level reduction,
+  // still fail it.
+  bool continue_on_worker_loss = false;
   // The cluster secret's file (docs/security.md): every node proves it before the coordinator
   // reads a message of theirs. Empty: none (a warning at start-up).
   std::string secret_file;

@@ -59,6 +59,15 @@ inline constexpr Tunable kReplicas{
     "copy holds it, and a server that dies is replaced by its chunks' backups "
     "(docs/fault-tolerance.md)",
     "coordinator, launch, bench, train"};
+inline constexpr Tunable kOnWorkerLoss{
+    "on-worker-loss",
+    "SHARDPS_ON_WORKER_LOSS",
+    "fail",
+    0,
+    "what a worker's death (silent past the heartbeat timeout, or disconnected) does: fail (the "
+    "job ends, naming it) or continue (it is removed: sync steps complete with the others, the "
+    "mean over each step's contributors; worker 0 and node-level reduction still fail)",
+    "coordinator, launch, bench, train"};
 inline constexpr Tunable kWorkerWeights{
     "worker-weights",
     "SHARDPS_WORKER_WEIGHTS",
@@ -315,6 +324,7 @@ inline constexpr const Tunable* kAll[] = {
     &kAggregate,
     &kSyncQuorum,
     &kReplicas,
+    &kOnWorkerLoss,
     &kWorkerWeights,
     &kWeightRule,
     &kTransport,

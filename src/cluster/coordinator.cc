@@ -353,6 +353,7 @@ class CoordinatorImpl final : public Coordinator {
       return;
     }
     complete_ = true;
+    grouped_ = !view.worker_nodes.empty();
     for (auto& n : nodes_) {
       RegisterReply rep;
       rep.node_id = n.id;
@@ -374,7 +375,7 @@ class CoordinatorImpl final : public Coordinator {
     if (b.arrived.empty()) b.deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
     b.arrived.insert(node.rank);
     b.waiters.emplace_back(c, req);
-    if (b.arrived.size() == opt_.num_workers) {
+    if (BarrierDone(b)) {
       for (auto& [conn, id] : b.waiters) Reply(*conn, id, Status::OK());
       barriers_done_++;
       barriers_.erase(name);
@@ -452,6 +453,15 @@ class CoordinatorImpl final : public Coordinator {
   // now on, the shard map's epoch goes up, and every live node hears it (kServerDown); the dead
   // server's connection is closed, so one that was only paused finds itself fenced.
   void Lost(Node& n, const std::string& why) {
+    if (n.role == Role::kWorker && opt_.continue_on_worker_loss && complete_) {
+      if (n.rank == 0)
+        return Fail(Status::Unavailable(
+            why + " (worker 0 is never removed: it creates the chunks and reports checkpoints)"));
+      if (grouped_)
+        return Fail(Status::Unavailable(
+            why + " (workers are not removed from a job with node-level reduction)"));
+      return RemoveWorker(n, why);
+    }
     if (n.role != Role::kServer || !Replicated() || !complete_)
       return Fail(Status::Unavailable(why));
     for (auto& [name, rec] : tensors_)
@@ -482,16 +492,58 @@ class CoordinatorImpl final : public Coordinator {
         "coordinator: {}: declared dead; shard map epoch {}: its {} chunks are served by their "
         "backups, {} chunks it backed up have none now",
         why, epoch_, moved, orphaned);
-    ServerDown down{epoch_, n.rank};
+    Notify(kServerDown, ServerDown{epoch_, n.rank}, [](const Node&) { return true; });
+    n.conn->Close();
+  }
+
+  // --on-worker-loss continue: worker `n` died; the others go on without it. Every live server
+  // hears it (kWorkerDown: its sync steps complete without it, its pushes are refused from now
+  // on); barriers and the end of the job count the live workers only; its connection is closed.
+  void RemoveWorker(Node& n, const std::string& why) {
+    n.dead = true;
+    ++workers_removed_;
+    spdlog::warn(
+        "coordinator: {}: removed from the job (--on-worker-loss continue); {} workers go on", why,
+        LiveWorkers());
+    Notify(kWorkerDown, WorkerDown{n.rank},
+           [](const Node& other) { return other.role == Role::kServer; });
+    n.conn->Close();
+    for (auto it = barriers_.begin(); it != barriers_.end();) {
+      it->second.arrived.erase(n.rank);
+      if (BarrierDone(it->second)) {
+        for (auto& [conn, id] : it->second.waiters) Reply(*conn, id, Status::OK());
+        barriers_done_++;
+        it = barriers_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    MaybeFinish();
+  }
+
+  // Sends `msg` as a notice (request id 0, no reply) to every live node that `to` picks.
+  template <typename Msg>
+  void Notify(uint32_t tag, const Msg& msg, const std::function<bool(const Node&)>& to) {
     for (auto& other : nodes_) {
-      if (&other == &n || other.dead) continue;
+      if (other.dead || !to(other)) continue;
       Bytes meta;
       Writer w(&meta);
       w.Put<uint64_t>(0);
-      down.Encode(&w);
-      other.conn->Send(kServerDown, std::move(meta), {}, nullptr);
+      msg.Encode(&w);
+      other.conn->Send(tag, std::move(meta), {}, nullptr);
     }
-    n.conn->Close();
+  }
+
+  uint32_t LiveWorkers() const {
+    uint32_t live = 0;
+    for (const auto& n : nodes_)
+      if (n.role == Role::kWorker && !n.dead) ++live;
+    return live;
+  }
+
+  // Every live worker reached the barrier (and at least one did).
+  bool BarrierDone(const Barrier& b) const {
+    return !b.arrived.empty() && b.arrived.size() >= LiveWorkers();
   }
 
   void Tick() {
@@ -535,8 +587,9 @@ class CoordinatorImpl final : public Coordinator {
           continue;
         }
         std::vector<uint32_t> absent;
-        for (uint32_t r = 0; r < opt_.num_workers; ++r)
-          if (!it->second.arrived.count(r)) absent.push_back(r);
+        for (const auto& n : nodes_)
+          if (n.role == Role::kWorker && !n.dead && !it->second.arrived.count(n.rank))
+            absent.push_back(n.rank);
         Status st = Status::Timeout(fmt::format("barrier '{}' timed out waiting for worker(s) {}",
                                                 it->first, fmt::join(absent, ", ")));
         for (auto& [conn, id] : it->second.waiters) Reply(*conn, id, st);
@@ -548,7 +601,7 @@ class CoordinatorImpl final : public Coordinator {
   void MaybeFinish() {
     uint32_t done = 0;
     for (auto& n : nodes_)
-      if (n.role == Role::kWorker && n.goodbye) ++done;
+      if (n.role == Role::kWorker && (n.goodbye || n.dead)) ++done;
     if (done < opt_.num_workers) return;
     for (auto& n : nodes_)
       if (n.role == Role::kServer && !n.dead) {
@@ -583,6 +636,9 @@ class CoordinatorImpl final : public Coordinator {
               static_cast<double>(heartbeats_));
     f.Counter("shardps_coordinator_barriers_total", "barriers completed",
               static_cast<double>(barriers_done_));
+    f.Counter("shardps_coordinator_workers_removed_total",
+              "workers that died and were removed from the job (--on-worker-loss continue)",
+              static_cast<double>(workers_removed_));
     f.Gauge("shardps_coordinator_shard_map_epoch",
             "the shard map's epoch: servers replaced by their chunks' backups so far",
             static_cast<double>(epoch_));
@@ -641,8 +697,10 @@ class CoordinatorImpl final : public Coordinator {
   std::vector<bool> server_dead_;  // by server rank: declared dead (Lost)
   uint64_t epoch_ = 0;             // the shard map's: one more per server declared dead
   uint64_t next_chunk_id_ = 1;
-  uint64_t heartbeats_ = 0;     // guarded by mu_
-  uint64_t barriers_done_ = 0;  // guarded by mu_
+  uint64_t heartbeats_ = 0;       // guarded by mu_
+  uint64_t barriers_done_ = 0;    // guarded by mu_
+  bool grouped_ = false;          // guarded by mu_: node-level reduction (workers push as nodes)
+  uint64_t workers_removed_ = 0;  // guarded by mu_: --on-worker-loss continue
   metrics::RoleMetrics metrics_;
 };
 

@@ -85,6 +85,10 @@ void ServerDown::Encode(Writer* w) const {
 
 bool ServerDown::Decode(Reader* r) { return r->Get(&epoch) && r->Get(&rank); }
 
+void WorkerDown::Encode(Writer* w) const { w->Put(rank); }
+
+bool WorkerDown::Decode(Reader* r) { return r->Get(&rank); }
+
 void RegisterRequest::Encode(Writer* w) const {
   w->Put<uint8_t>(static_cast<uint8_t>(role));
   w->Put(rank);

@@ -28,6 +28,7 @@ enum Tag : uint32_t {
   kNodeFailed = 20,
   kShutdown = 21,
   kServerDown = 22,  // ServerDown: a server was replaced by its chunks' backups
+  kWorkerDown = 23,  // WorkerDown (to servers): a worker was removed from the job
   // worker -> server
   kCreateChunks = 30,
   kGrant = 31,
@@ -157,6 +158,15 @@ struct CreateChunkItem {
 // chunk it was the backup of has none.
 struct ServerDown {
   uint64_t epoch = 0;
+  uint32_t rank = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kWorkerDown (coordinator -> every live server, request id 0): worker `rank` died and was
+// removed from the job (--on-worker-loss continue): sync steps complete without it, and its
+// pushes are refused from now on.
+struct WorkerDown {
   uint32_t rank = 0;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);

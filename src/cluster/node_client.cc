@@ -26,7 +26,8 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
   auto events = nc->events_;
   auto rpc_slot = std::make_shared<std::shared_ptr<RpcChannel>>();
   transport::ConnectionHandlers h;
-  h.on_message = [events, rpc_slot, down = options.on_server_down](
+  h.on_message = [events, rpc_slot, down = options.on_server_down,
+                  worker_down = options.on_worker_down](
                      const std::shared_ptr<transport::Connection>& c, transport::Message m) {
     auto rpc = *rpc_slot;
     if (m.tag == kReply) {
@@ -51,6 +52,16 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
         return;
       }
       if (down) down(d);
+      return;
+    }
+    if (m.tag == kWorkerDown) {
+      WorkerDown d;
+      if (!r.Get(&req) || !d.Decode(&r) || !r.done()) {
+        spdlog::error("malformed worker-down notice from the coordinator; closing");
+        c->Close();
+        return;
+      }
+      if (worker_down) worker_down(d);
       return;
     }
     if (!r.Get(&req) || !r.GetString(&why, 65536)) {

@@ -35,6 +35,8 @@ struct NodeClientOptions {
   // replaced by its chunks' backups (kServerDown; docs/fault-tolerance.md). May be called before
   // Connect returns.
   std::function<void(const ServerDown&)> on_server_down;
+  // Servers: worker `rank` was removed from the job (kWorkerDown; docs/fault-tolerance.md).
+  std::function<void(const WorkerDown&)> on_worker_down;
 };
 
 class NodeClient {

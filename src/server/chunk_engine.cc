@@ -28,6 +28,8 @@ ChunkEngine::ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> ru
       later_(std::move(later)),
       quorum_(cfg.quorum == 0 ? cfg.num_workers : std::min(cfg.quorum, cfg.num_workers)),
       backups_(cfg.mode == Mode::kSync && quorum_ < cfg.num_workers),
+      live_workers_(cfg.num_workers),
+      removed_(cfg.num_workers, false),
       last_seq_(cfg.num_workers, cfg.mode == Mode::kSync ? cfg.initial_version : 0),
       conn_of_(cfg.num_workers, nullptr),
       departed_(cfg.num_workers, false) {
@@ -209,6 +211,26 @@ EngineActions ChunkEngine::OnConnectionClosed(const transport::Connection* owner
   return out;
 }
 
+EngineActions ChunkEngine::RemoveWorker(uint32_t worker) {
+  EngineActions out;
+  if (worker >= cfg_.num_workers || removed_[worker]) return out;
+  removed_[worker] = true;
+  departed_[worker] = true;
+  --live_workers_;
+  if (cfg_.mode == Mode::kSync) {
+    // The others publish each step from now on; a step that already has their pushes goes now.
+    // Its pushes in open steps stay (folded in), and those steps wait for the others still.
+    quorum_ = std::max<uint32_t>(1, std::min(quorum_, live_workers_));
+    backups_ = true;
+    for (auto& [seq, step] : steps_)
+      if (std::find(step.pushers.begin(), step.pushers.end(), worker) != step.pushers.end())
+        step.removed_pushes++;
+  }
+  if (cfg_.mode == Mode::kSsp) UpdateSlowest();
+  Drain(&out);
+  return out;
+}
+
 bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
   auto refuse = [&](Status st) {
     out->acks.push_back({p.reply, std::move(st), version()});
@@ -218,6 +240,9 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
   if (!failure_.ok()) return refuse(failure_);
   if (p.worker >= cfg_.num_workers)
     return refuse(Status::InvalidArgument(fmt::format("unknown worker {}", p.worker)));
+  if (removed_[p.worker])
+    return refuse(Status::Aborted(fmt::format(
+        "worker {} was removed from the job (declared dead): its pushes are refused", p.worker)));
   if (Status st = rule_->Check(p.grad); !st.ok()) return refuse(st);
   uint64_t last = last_seq_[p.worker];
   if (p.reply.conn) conn_of_[p.worker] = p.reply.conn.get();
@@ -282,7 +307,7 @@ void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {
 void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
   uint64_t seq = p.seq;
   auto open = steps_.find(seq);
-  if (open != steps_.end() && open->second.count >= quorum_) return DropLate(p, out);
+  if (open != steps_.end() && open->second.count >= Needed(open->second)) return DropLate(p, out);
   last_seq_[p.worker] = p.seq;
   out->applied++;
   uint64_t staleness = 0;
@@ -290,18 +315,19 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
   CountApplied(p, staleness, 0);
   Step& step = steps_[seq];
   step.acks.push_back({std::move(p.reply), false});
+  step.pushers.push_back(p.worker);
   if (p.worker < step.lr_from) {
     step.lr_from = p.worker;
     step.lr = p.lr;
   }
   bool next_in_line = seq == version() + 1;
-  if (step.count + 1 == quorum_ && next_in_line) {
+  if (step.count + 1 == Needed(step) && next_in_line) {
     // The step's last push is folded straight into the update (no accumulator pass): it is
     // the gradient (decoded as the update goes, when compressed) and the others' sum the extra.
     GradientView sum = SumView(step.sum);
     bool has_sum = step.count > 0;
     Update(
-        p.grad, has_sum ? &sum : nullptr, Scale(), step.lr,
+        p.grad, has_sum ? &sum : nullptr, Scale(step.count + 1), step.lr,
         [this, seq, buffer = p.buffer, hold = p.hold](EngineActions* o) {
           o->release.push_back(buffer);
           auto it = steps_.find(seq);
@@ -339,10 +365,10 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
 
 void ChunkEngine::PublishReadySteps(EngineActions* out) {
   auto it = steps_.find(version() + 1);
-  if (it == steps_.end() || it->second.count < quorum_) return;
+  if (it == steps_.end() || it->second.count < Needed(it->second)) return;
   uint64_t seq = it->first;
   Update(
-      SumView(it->second.sum), nullptr, Scale(), it->second.lr,
+      SumView(it->second.sum), nullptr, Scale(it->second.count), it->second.lr,
       [this, seq](EngineActions* o) {
         auto s = steps_.find(seq);
         for (auto& a : s->second.acks) o->acks.push_back({a.to, failure_, version(), a.late});
@@ -462,10 +488,10 @@ void ChunkEngine::OnUpdateDone(Status st, EngineActions* out) {
   if (then) then(out);
 }
 
-float ChunkEngine::Scale() const {
-  // The mean is over the contributors of the step: the quorum's pushes, or the workers whose
-  // sums the nodes pushed.
-  const uint32_t over = cfg_.mean_over ? cfg_.mean_over : quorum_;
+float ChunkEngine::Scale(uint32_t contributors) const {
+  // The mean is over the contributors of the step: its pushes (the quorum's, or more when a
+  // worker removed after it pushed was counted in), or the workers whose sums the nodes pushed.
+  const uint32_t over = cfg_.mean_over ? cfg_.mean_over : std::max<uint32_t>(1, contributors);
   return cfg_.aggregate == Aggregate::kMean ? 1.0f / static_cast<float>(over) : 1.0f;
 }
 

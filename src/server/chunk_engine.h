@@ -183,6 +183,11 @@ class ChunkEngine {
   EngineActions OnPush(LandedPush p);
   // Owner thread: forgets what `owner` left parked (its buffers come back in `release`).
   EngineActions OnConnectionClosed(const transport::Connection* owner);
+  // Owner thread: pusher `worker` was removed from the job (it died: docs/fault-tolerance.md).
+  // sync: a step is published once the others pushed it (the mean over its contributors); its
+  // pushes already folded into an open step stay in it. ssp: its clock holds nobody back. Its
+  // later pushes are refused (a paused worker that comes back is fenced).
+  EngineActions RemoveWorker(uint32_t worker);
 
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
   size_t parked_pushes() const { return parked_.size(); }
@@ -211,7 +216,13 @@ class ChunkEngine {
     // workers set the same one; if they do not, the choice does not depend on arrival order).
     std::optional<float> lr;
     uint32_t lr_from = UINT32_MAX;
+    // Pushes in `count` from workers removed since (RemoveWorker): the step still waits for as
+    // many of the others as the quorum.
+    uint32_t removed_pushes = 0;
+    std::vector<uint32_t> pushers;  // the workers whose pushes are in it
   };
+  // Pushes that complete `st`.
+  uint32_t Needed(const Step& st) const { return quorum_ + st.removed_pushes; }
 
   bool Admissible(uint64_t seq) const;
   bool HeldBack(const LandedPush& p) const;  // Admissible, but for a backup's pushes (ssp)
@@ -242,7 +253,8 @@ class ChunkEngine {
               EngineActions* out);
   void OnUpdateDone(Status st, EngineActions* out);
   void AdmitGrants(EngineActions* out);
-  float Scale() const;
+  // The factor of a step's sum: 1, or for a mean 1 / its contributors.
+  float Scale(uint32_t contributors) const;
   uint8_t* Slot(uint64_t v) const { return slots_.base + (v % 2) * slots_.layout.stride; }
   void Stamp(uint8_t* slot, uint64_t tag);
   GradientView SumView(const float* sum) const;
@@ -255,8 +267,10 @@ class ChunkEngine {
 
   std::atomic<uint64_t> version_{0};
   // Owner thread.
-  const uint32_t quorum_;           // sync: pushes that publish a step
-  const bool backups_;              // sync with a quorum below the number of workers
+  uint32_t quorum_;                 // sync: pushes that publish a step
+  bool backups_;                    // sync with a quorum below the workers (or one removed)
+  uint32_t live_workers_;           // workers not removed (RemoveWorker)
+  std::vector<bool> removed_;       // per worker
   std::vector<uint64_t> last_seq_;  // per worker
   std::vector<const transport::Connection*> conn_of_;           // per worker: its last push's
   std::vector<bool> departed_;                                  // per worker: connection closed

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <map>
 #include <optional>
+#include <set>
 #include <shared_mutex>
 #include <thread>
 
@@ -329,6 +330,7 @@ class ServerImpl final : public Server {
     no.connect_timeout = opt_.connect_timeout;
     no.register_timeout = opt_.register_timeout;
     no.on_server_down = [this](const ServerDown& d) { OnServerDown(d); };
+    no.on_worker_down = [this](const WorkerDown& d) { OnWorkerDown(d); };
     auto done = done_;
     auto node = NodeClient::Connect(control_ctx_.get(), no, [done](Status why, bool shutdown) {
       std::lock_guard<std::mutex> lock(done->mu);
@@ -704,6 +706,26 @@ class ServerImpl final : public Server {
         lock.lock();
       }
     }
+  }
+
+  // kWorkerDown, on the control loop: worker `d.rank` died and was removed from the job. Each
+  // chunk's engine stops waiting for it (on the chunk's owner thread); chunks created later
+  // learn it as they are made.
+  void OnWorkerDown(const WorkerDown& d) {
+    if (stopping_.load()) return;
+    std::vector<Chunk*> all;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (d.rank >= 65536 || !removed_workers_.insert(d.rank).second) return;
+      std::shared_lock<std::shared_mutex> chunks(chunks_mu_);
+      for (auto& [id, ch] : chunks_) all.push_back(ch.get());
+    }
+    spdlog::warn("server {}: worker {} was removed from the job: steps complete without it", rank_,
+                 d.rank);
+    for (Chunk* ch : all)
+      OnOwner(*ch, [this, ch, w = d.rank] {
+        Execute(*ch, ch->engine->RemoveWorker(view_.PusherOf(w)));
+      });
   }
 
   // kServerDown, on the control loop: server `d.rank` was replaced. Chunks it was the primary of
@@ -1285,6 +1307,7 @@ class ServerImpl final : public Server {
                    ch->master.empty() ? nullptr : ch->master.data()},
         [this, raw](std::function<void()> fn) { OnOwner(*raw, std::move(fn)); },
         [this, raw](EngineActions a) { Execute(*raw, std::move(a)); });
+    for (uint32_t w : removed_workers_) (void)ch->engine->RemoveWorker(view_.PusherOf(w));
     versions_++;  // version 0
     std::unique_lock<std::shared_mutex> lock(chunks_mu_);
     chunks_.emplace(it.chunk_id, std::move(ch));
@@ -1692,8 +1715,9 @@ class ServerImpl final : public Server {
   std::vector<bool> dead_;                          // failover_mu_: servers declared dead
   // failover_mu_: pushes whose backup's connection failed before it was declared dead
   std::map<uint32_t, std::vector<std::shared_ptr<ReplicaJoin>>> orphans_;
-  std::vector<bool> link_down_;  // failover_mu_: by rank, a closed link to a live backup
-  bool hold_links_ = false;      // failover_mu_: closed links stay closed (tests)
+  std::set<uint32_t> removed_workers_;  // failover_mu_: removed from the job (kWorkerDown)
+  std::vector<bool> link_down_;         // failover_mu_: by rank, a closed link to a live backup
+  bool hold_links_ = false;             // failover_mu_: closed links stay closed (tests)
   std::condition_variable link_cv_;
   std::thread link_thread_;  // ReplicaLinkLoop, with replication
   std::atomic<uint64_t> reopened_links_{0};

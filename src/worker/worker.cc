@@ -789,6 +789,9 @@ class WorkerImpl final : public Worker {
  public:
   explicit WorkerImpl(WorkerOptions o) : opt_(std::move(o)) {}
 
+  // Tests: the destructor then ends the worker as a crash would, without a goodbye.
+  void SkipGoodbye() { finished_ = true; }
+
   ~WorkerImpl() override {
     if (node_thread_.joinable()) {
       {
@@ -2313,6 +2316,13 @@ class WorkerImpl final : public Worker {
 };
 
 }  // namespace
+}  // namespace worker
+
+namespace worker {
+void DieWithoutGoodbyeForTest(std::unique_ptr<Worker>& w) {
+  dynamic_cast<WorkerImpl&>(*w).SkipGoodbye();
+  w.reset();
+}
 }  // namespace worker
 
 Result<std::unique_ptr<Worker>> Worker::Connect(const WorkerOptions& options) {

@@ -65,7 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t which = data[0];
   data++;
   size--;
-  switch (which % 21) {
+  switch (which % 22) {
     case 0:
       RoundTrip<ClusterView>(data, size);
       break;
@@ -125,6 +125,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 20:
       RoundTrip<ServerDown>(data, size);
+      break;
+    case 21:
+      RoundTrip<WorkerDown>(data, size);
       break;
     case 12: {
       // Counts read off the wire before vectors are sized.

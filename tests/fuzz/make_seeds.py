@@ -75,6 +75,7 @@ MESSAGES = {
                      + u32(0) + i32(0) + string(b"") + u64(1) + u8(2) + u64(1) + u64(32)
                      + u32(2) + i32(3) + string(b"unknown chunk 3") + u64(0) + u8(0)),
     "server_down": (20, u64(2) + u32(1)),
+    "worker_down": (21, u32(2)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
 

@@ -17,6 +17,7 @@
 #include "support/exact_values.h"
 #include "support/local_cluster.h"
 #include "transport/context.h"
+#include "worker/testing.h"
 
 namespace shardps {
 namespace {
@@ -36,6 +37,8 @@ constexpr size_t kChunks = 6;
 struct Param {
   std::string transport;
   Mode mode;
+  std::string device = "cpu";  // the servers' --device: "twin" runs the device update rule
+  uint32_t per_node = 1;       // workers per node: 2 reduce on their node, which pushes
 };
 
 class Failover : public ::testing::TestWithParam<Param> {
@@ -104,6 +107,25 @@ class Failover : public ::testing::TestWithParam<Param> {
     });
   }
 
+  // Node-level reduction (docs/node-reduction.md): workers 2n and 2n+1 are node n, which pushes.
+  static std::function<void(WorkerOptions&)> Nodes() {
+    const uint32_t k = GetParam().per_node;
+    if (k == 1) return nullptr;
+    return [k](WorkerOptions& o) {
+      o.local_size = k;
+      o.local_rank = o.rank % static_cast<int32_t>(k);
+      o.node = "node" + std::to_string(o.rank / static_cast<int32_t>(k));
+    };
+  }
+  // Pushes per chunk and step: one per worker, or per node.
+  static uint64_t Pushers(uint32_t workers) { return workers / GetParam().per_node; }
+
+  // The servers' device (docs/gpu.md): the chunks' owner is then the device rule.
+  static std::function<void(ServerOptions&)> Device() {
+    const std::string d = GetParam().device;
+    return [d](ServerOptions& so) { so.device = d; };
+  }
+
   static nlohmann::json Stats(Worker& w, uint32_t server) {
     auto j = w.ServerStats(server);
     EXPECT_TRUE(j.ok()) << j.status().ToString();
@@ -114,7 +136,7 @@ class Failover : public ::testing::TestWithParam<Param> {
 // No failure: every push is forwarded once and applied by both copies; every server holds its
 // share of primaries and backups.
 TEST_P(Failover, EveryPushIsHeldByBothCopies) {
-  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport);
+  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport, 1, Device(), Nodes());
   ASSERT_TRUE(lc);
   constexpr uint64_t kSteps = 20;
   Run(*lc, kSteps);
@@ -127,7 +149,7 @@ TEST_P(Failover, EveryPushIsHeldByBothCopies) {
     chunks += j["chunks"].get<uint64_t>();
     EXPECT_EQ(j["shard_map_epoch"], 0);
   }
-  const uint64_t pushes = 2 * kSteps * kChunks;
+  const uint64_t pushes = Pushers(2) * kSteps * kChunks;
   EXPECT_EQ(chunks, 2 * kChunks);  // a primary and a backup each
   EXPECT_EQ(forwarded, pushes);
   EXPECT_EQ(taken, pushes);
@@ -140,7 +162,7 @@ TEST_P(Failover, EveryPushIsHeldByBothCopies) {
 // were waiting on them again: every push is acknowledged, the parameters are exact, and each
 // copy applied each push once (a resend the backup had already applied is recognised).
 TEST_P(Failover, AClosedLinkToTheBackupIsReopenedAndNothingIsLost) {
-  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport);
+  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport, 1, Device(), Nodes());
   ASSERT_TRUE(lc);
   constexpr uint64_t kSteps = 20;
   Run(*lc, kSteps, [&](uint32_t worker, uint64_t step) {
@@ -155,7 +177,7 @@ TEST_P(Failover, AClosedLinkToTheBackupIsReopenedAndNothingIsLost) {
     EXPECT_EQ(j["shard_map_epoch"], 0);
     EXPECT_EQ(j["promoted_chunks"], 0);
   }
-  const uint64_t pushes = 2 * kSteps * kChunks;
+  const uint64_t pushes = Pushers(2) * kSteps * kChunks;
   EXPECT_EQ(applied, 2 * pushes);  // once on each copy
   EXPECT_GE(taken, pushes);        // resends included
   EXPECT_GE(Stats(*lc->workers[0], 0)["replica_links_reopened"].get<uint64_t>(), 1u);
@@ -166,7 +188,7 @@ TEST_P(Failover, AClosedLinkToTheBackupIsReopenedAndNothingIsLost) {
 // closes). The coordinator declares it dead, its chunks' backups take over, the workers send
 // what was not acknowledged again, and the job ends with the exact sum of every push.
 TEST_P(Failover, AServerGoesAwayAndTheJobGoesOn) {
-  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport);
+  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport, 1, Device(), Nodes());
   ASSERT_TRUE(lc);
   constexpr uint64_t kSteps = 40;
   std::atomic<bool> killed{false};
@@ -283,6 +305,72 @@ TEST(FailoverLimits, WithoutReplicasAServerDeathEndsTheJob) {
   EXPECT_EQ(job.message().find("declared dead"), std::string::npos) << job.ToString();
 }
 
+// --on-worker-loss continue: worker 2 of 3 dies between steps (it ends without saying goodbye:
+// its connections close). The coordinator removes it; every later step completes with the two
+// others, a barrier and the end of the job count only them, and the sums are exact: every push
+// of the two, and worker 2's until it died.
+class WorkerLoss : public ::testing::TestWithParam<Mode> {};
+
+TEST_P(WorkerLoss, ADeadWorkerIsRemovedAndTheOthersGoOn) {
+  CoordinatorOptions co = Opts(2, 3, GetParam(), Aggregate::kSum, kChunkBytes);
+  co.continue_on_worker_loss = true;
+  if (co.mode == Mode::kSsp) co.staleness = 1;
+  auto lc = LocalCluster::Start(co);
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 8000;  // 2 chunks
+  constexpr uint64_t kDiesAfter = 4, kSteps = 12;
+  const float init = 100.0f;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("t", kN, init));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    const bool dies = w.rank() == 2;
+    const bool sync = w.mode() == Mode::kSync;
+    std::vector<float> g(kN), out(kN);
+    for (uint64_t s = 1; s <= (dies ? kDiesAfter : kSteps); ++s) {
+      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+      Handle h = sync ? w.PushPull(*id, g.data(), out.data()) : w.Push(*id, g.data());
+      Status st = h.Wait(30s);
+      ASSERT_TRUE(st.ok()) << "worker " << w.rank() << " step " << s << ": " << st.ToString();
+      if (sync) {
+        ASSERT_EQ(h.version(), s) << "worker " << w.rank();
+      }
+    }
+    if (dies) {
+      worker::DieWithoutGoodbyeForTest(lc->workers[2]);  // nothing touches `w` after this
+      return;
+    }
+    ASSERT_TRUE(w.Barrier("pushed", 30s).ok());
+    ASSERT_TRUE(w.Pull(*id, out.data()).Wait(30s).ok());
+    for (int64_t i = 0; i < kN; ++i) {
+      double expect = init;
+      for (uint64_t t = 1; t <= kSteps; ++t)
+        for (uint32_t ww = 0; ww < 3; ++ww)
+          if (ww < 2 || t <= kDiesAfter) expect -= Grad(ww, t, i);
+      ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i << " worker " << w.rank();
+    }
+  });
+  for (uint32_t r = 0; r < 2; ++r) EXPECT_TRUE(lc->workers[r]->Finish().ok());
+  EXPECT_TRUE(lc->coordinator->Wait(10s).ok());
+  for (auto& s : lc->servers) EXPECT_TRUE(s->Wait(10s).ok());
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, WorkerLoss,
+                         ::testing::Values(Mode::kSync, Mode::kAsync, Mode::kSsp),
+                         [](const auto& info) { return std::string(ModeName(info.param)); });
+
+// Worker 0 is never removed (it creates the chunks and reports checkpoints): its death still
+// ends the job, naming it and why.
+TEST(WorkerLossLimits, WorkerZerosDeathStillEndsTheJob) {
+  CoordinatorOptions co = Opts(1, 2, Mode::kSync, Aggregate::kSum, kChunkBytes);
+  co.continue_on_worker_loss = true;
+  auto lc = LocalCluster::Start(co);
+  ASSERT_TRUE(lc);
+  worker::DieWithoutGoodbyeForTest(lc->workers[0]);
+  Status job = lc->coordinator->Wait(20s);
+  EXPECT_FALSE(job.ok());
+  EXPECT_NE(job.message().find("worker 0 is never removed"), std::string::npos) << job.ToString();
+}
+
 std::vector<Param> Params() {
   std::vector<Param> p;
   std::vector<std::string> ts = {"tcp", "tcp+nobatch"};
@@ -290,11 +378,17 @@ std::vector<Param> Params() {
     if (b == "ucx") ts.push_back(b);
   for (const auto& t : ts)
     for (Mode m : {Mode::kSync, Mode::kAsync, Mode::kSsp}) p.push_back({t, m});
+  // GPU servers' code path (the device rule, on the host twin): parameters it owns.
+  for (Mode m : {Mode::kSync, Mode::kAsync}) p.push_back({"tcp", m, "twin"});
+  // Node-level reduction: the pusher is a node.
+  for (Mode m : {Mode::kSync, Mode::kAsync}) p.push_back({"tcp", m, "cpu", 2});
   return p;
 }
 
 INSTANTIATE_TEST_SUITE_P(Jobs, Failover, ::testing::ValuesIn(Params()), [](const auto& info) {
-  std::string name = info.param.transport + "_" + ModeName(info.param.mode);
+  std::string name = info.param.transport + "_" + ModeName(info.param.mode) +
+                     (info.param.device == "cpu" ? "" : "_" + info.param.device) +
+                     (info.param.per_node == 1 ? "" : "_nodes");
   std::replace(name.begin(), name.end(), '+', '_');
   return name;
 });

@@ -518,6 +518,54 @@ TEST(ChunkEngine, QuorumPublishesWithTheFirstNPushesAndDropsTheLateOne) {
   EXPECT_EQ(counters[2].pushes.load(), 1u);
 }
 
+// A worker removed from a sync job (it died: docs/fault-tolerance.md): the open step it had
+// not pushed completes with the others, the mean over that step's contributors; a step it had
+// pushed into still waits for every other; later steps need only the others; its pushes are
+// refused from then on.
+TEST(ChunkEngine, ARemovedWorkerNoLongerHoldsSyncStepsAndIsRefused) {
+  Fixture f(Mode::kSync, 3, Aggregate::kMean);
+  f.Push(0, 1, 3.0f, 0);
+  f.Push(1, 1, 6.0f, 1);  // step 1 waits for worker 2
+  f.Push(2, 2, 30.0f, 2);
+  f.Push(2, 1, 1.5f, 3);  // ... which pushes it: step 1 published (3 contributors)
+  EXPECT_EQ(f.engine->version(), 1u);
+  EXPECT_EQ(f.Params(), All(96.5f));  // 100 - (3 + 6 + 1.5) / 3
+  // Step 2 holds worker 2's push; worker 0's comes, then worker 2 is removed.
+  f.Push(0, 2, 6.0f, 4);
+  auto a = f.engine->RemoveWorker(2);
+  EXPECT_TRUE(a.acks.empty());  // step 2 still waits for worker 1
+  EXPECT_EQ(f.engine->version(), 1u);
+  a = f.Push(1, 2, 9.0f, 5);
+  ASSERT_EQ(a.acks.size(), 3u);
+  EXPECT_EQ(f.engine->version(), 2u);
+  EXPECT_EQ(f.Params(), All(81.5f));  // 96.5 - (30 + 6 + 9) / 3
+  // Step 3: the two others publish it, the mean over them.
+  f.Push(0, 3, 2.0f, 6);
+  a = f.Push(1, 3, 4.0f, 7);
+  ASSERT_EQ(a.acks.size(), 2u);
+  EXPECT_EQ(f.engine->version(), 3u);
+  EXPECT_EQ(f.Params(), All(78.5f));  // 81.5 - (2 + 4) / 2
+  // A removed worker that comes back is fenced.
+  a = f.Push(2, 3, 1000.0f, 8);
+  ASSERT_EQ(a.acks.size(), 1u);
+  EXPECT_TRUE(a.acks[0].status.IsAborted()) << a.acks[0].status.ToString();
+  EXPECT_EQ(a.release, std::vector<uint32_t>{8});
+  EXPECT_EQ(f.Params(), All(78.5f));
+  // Removing it again changes nothing.
+  EXPECT_TRUE(f.engine->RemoveWorker(2).acks.empty());
+}
+
+// The removal of the last worker a step waits for publishes it at once.
+TEST(ChunkEngine, RemovingTheWorkerAStepWaitsForPublishesIt) {
+  Fixture f(Mode::kSync, 3);
+  f.Push(0, 1, 1.0f, 0);
+  f.Push(1, 1, 2.0f, 1);
+  auto a = f.engine->RemoveWorker(2);
+  ASSERT_EQ(a.acks.size(), 2u);
+  for (auto& ack : a.acks) EXPECT_EQ(ack.version, 1u);
+  EXPECT_EQ(f.Params(), All(97.0f));
+}
+
 TEST(ChunkEngine, QuorumLateWorkerSkipsTheStepsPublishedWithoutIt) {
   EngineConfig c = Fixture::Config(Mode::kSync, 3);
   c.quorum = 2;
