@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -76,6 +77,9 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
                   "kill (SIGKILL), or stop (SIGSTOP, then SIGCONT once that iteration completed: "
                   "a server that comes back after it was replaced)")
       ->check(CLI::IsMember({"kill", "stop"}));
+  app->add_option("--kill-worker-at", b->kill_worker_at,
+                  "the last worker kills itself (SIGKILL) before this iteration, counting the "
+                  "warm-up: with --on-worker-loss continue the others go on without it");
   app->add_option("--compression", b->compression,
                   "gradient compression (none, fp16, bf16, int8, onebit, topk; see "
                   "docs/compression.md)");
@@ -262,6 +266,12 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                  "job without backups ends when a server dies)\n");
     return 2;
   }
+  if (b.kill_worker_at > 0 && (job.workers < 2 || job.on_worker_loss != "continue")) {
+    std::fprintf(stderr,
+                 "shardps bench: --kill-worker-at needs --workers 2 or more and --on-worker-loss "
+                 "continue (otherwise a worker's death ends the job)\n");
+    return 2;
+  }
   if (!env.Has(tunables::kCoordinator.env)) {
     // Standalone: launch a local cluster whose workers are this same benchmark.
     std::vector<std::string> program = {SelfExe(), "bench"};
@@ -343,12 +353,20 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   }
   bool push = b.op != "pull", pull = b.op != "push";
   std::vector<float> grad(n), out(static_cast<size_t>(n) * b.tensors);
-  // Expected parameter after `steps` of everyone's pushes, element i (exact integers).
+  // --kill-worker-at: the last worker pushes the steps before it, then dies.
+  const uint32_t dies = b.kill_worker_at > 0 ? W - 1 : W;
+  auto pushed = [&](uint32_t ww, uint64_t s) { return ww != dies || s < b.kill_worker_at; };
+  // Expected parameter after `steps` of everyone's pushes, element i (exact integers); a sync
+  // mean is over each step's contributors.
   auto expected = [&](uint64_t steps, uint64_t i) {
     double v = init;
-    for (uint64_t s = 1; s <= steps; ++s)
+    for (uint64_t s = 1; s <= steps; ++s) {
+      uint32_t contributors = 0;
+      for (uint32_t ww = 0; ww < W; ++ww) contributors += pushed(ww, s) ? 1 : 0;
       for (uint32_t ww = 0; ww < W; ++ww)
-        v -= Grad(ww, s, i, W) / ((sum || async) ? 1.0 : static_cast<double>(W));
+        if (pushed(ww, s))
+          v -= Grad(ww, s, i, W) / ((sum || async) ? 1.0 : static_cast<double>(contributors));
+    }
     return static_cast<float>(v);
   };
   int mismatches = 0;
@@ -392,6 +410,11 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       float g[13];
       for (uint64_t r = 0; r < 13; ++r) g[r] = Grad(w.rank(), step, r, W);
       FillPeriodic13(grad.data(), n, g);
+    }
+    if (w.rank() == dies && it + 1 == b.kill_worker_at) {
+      std::printf("worker %u: killing itself (SIGKILL) before iteration %u\n", w.rank(), it + 1);
+      std::fflush(stdout);
+      raise(SIGKILL);
     }
     const bool kill_now = w.rank() == 0 && it + 1 == b.kill_server_at && w.num_servers() > 1;
     if (kill_now) {

@@ -32,6 +32,10 @@ struct BenchFlags {
   // kill: SIGKILL; stop: SIGSTOP, and SIGCONT once that iteration completed (a paused server
   // that comes back after it was replaced: fenced).
   std::string kill_server_how = "kill";
+  // The last worker SIGKILLs itself before this iteration (counting the warm-up ones from 1); 0:
+  // no (--on-worker-loss continue: docs/fault-tolerance.md). --verify then expects its pushes
+  // until it died and, in sync mode, each step's mean over its contributors.
+  uint32_t kill_worker_at = 0;
 };
 
 void AddBenchFlags(CLI::App* app, BenchFlags* b);

@@ -291,6 +291,58 @@ TEST(Launch, AServerPausedPastTheTimeoutIsReplacedAndFenced) {
   }
 }
 
+// --on-worker-loss continue with real processes: the last of 3 workers SIGKILLs itself before
+// iteration 8; the coordinator removes it and the two others go on. Every value they pull is
+// exact: its pushes until it died, and in sync mode each step's mean over its contributors
+// (3, then 2). ssp:1 as well.
+TEST(Launch, AKilledWorkerIsRemovedAndTheOthersVerify) {
+  for (const std::string mode : {"sync", "async", "ssp:1"}) {
+    SCOPED_TRACE(mode);
+    auto r = RunCommand({kShardps,
+                         "bench",
+                         "--servers",
+                         "2",
+                         "--workers",
+                         "3",
+                         "--mode",
+                         mode,
+                         "--aggregate",
+                         mode == "sync" ? "mean" : "sum",
+                         "--chunk-size",
+                         "4KiB",
+                         "--size",
+                         "40000",
+                         "--tensors",
+                         "2",
+                         "--iters",
+                         "20",
+                         "--warmup",
+                         "0",
+                         "--verify",
+                         "--on-worker-loss",
+                         "continue",
+                         "--kill-worker-at",
+                         "8"},
+                        120s);
+    ASSERT_FALSE(r.timed_out) << r.output;
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+    EXPECT_NE(r.output.find("worker 2: killing itself"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("removed from the job"), std::string::npos) << r.output;
+  }
+}
+
+// --kill-worker-at says what it needs.
+TEST(Launch, KillWorkerAtNeedsOnWorkerLossContinue) {
+  auto r = RunCommand(
+      {kShardps, "bench", "--workers", "2", "--kill-worker-at", "3", "--size", "4KiB"}, 60s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--kill-worker-at needs --workers 2 or more and --on-worker-loss"),
+            std::string::npos)
+      << r.output;
+}
+
 // Without replicas a killed server still ends the job, naming it; --kill-server-at says what it
 // needs.
 TEST(Launch, KillServerAtNeedsReplicas) {
