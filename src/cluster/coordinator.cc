@@ -375,11 +375,7 @@ class CoordinatorImpl final : public Coordinator {
     if (b.arrived.empty()) b.deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
     b.arrived.insert(node.rank);
     b.waiters.emplace_back(c, req);
-    if (BarrierDone(b)) {
-      for (auto& [conn, id] : b.waiters) Reply(*conn, id, Status::OK());
-      barriers_done_++;
-      barriers_.erase(name);
-    }
+    if (Release(b)) barriers_.erase(name);
   }
 
   void HandleDeclare(const std::shared_ptr<transport::Connection>& c, uint64_t req,
@@ -510,13 +506,7 @@ class CoordinatorImpl final : public Coordinator {
     n.conn->Close();
     for (auto it = barriers_.begin(); it != barriers_.end();) {
       it->second.arrived.erase(n.rank);
-      if (BarrierDone(it->second)) {
-        for (auto& [conn, id] : it->second.waiters) Reply(*conn, id, Status::OK());
-        barriers_done_++;
-        it = barriers_.erase(it);
-      } else {
-        ++it;
-      }
+      it = Release(it->second) ? barriers_.erase(it) : std::next(it);
     }
     MaybeFinish();
   }
@@ -541,9 +531,13 @@ class CoordinatorImpl final : public Coordinator {
     return live;
   }
 
-  // Every live worker reached the barrier (and at least one did).
-  bool BarrierDone(const Barrier& b) const {
-    return !b.arrived.empty() && b.arrived.size() >= LiveWorkers();
+  // When every live worker reached barrier `b` (and at least one did), answers its waiters and
+  // returns true: the caller erases it.
+  bool Release(Barrier& b) {
+    if (b.arrived.empty() || b.arrived.size() < LiveWorkers()) return false;
+    for (auto& [conn, id] : b.waiters) Reply(*conn, id, Status::OK());
+    barriers_done_++;
+    return true;
   }
 
   void Tick() {
