@@ -362,7 +362,9 @@ class Batcher {
   // `window` steps ahead of the newest version the worker knows of its chunk, or behind one
   // that is, waits here instead (Release sends it once an answer raised that version): the
   // server would have to park it, holding the batch's bytes, where a grant would have waited
-  // holding nothing.
+  // holding nothing. It waits only while an operation on its chunk is in flight here, whose
+  // answer runs Release: a version known from long ago (a worker that attached while the
+  // others were some steps in, then pushed nothing) would otherwise hold it for ever.
   bool Add(Item item, const BatchEntry& e, const void* grad, uint64_t fuse_bytes, uint64_t window) {
     if (keep_) {
       item.entry = e;
@@ -386,7 +388,7 @@ class Batcher {
     if (e.push && window > 0) {
       auto it = deferred_.find(item.ref);
       if ((it != deferred_.end() && !it->second.empty()) ||
-          e.seq > item.ref->known_version.load() + window) {
+          (e.seq > item.ref->known_version.load() + window && InFlight(item.ref))) {
         const auto* g = static_cast<const uint8_t*>(grad);
         deferred_[item.ref].push_back({std::move(item), e, Bytes(g, g + e.bytes)});
         return false;
@@ -406,7 +408,8 @@ class Batcher {
     if (it == deferred_.end()) return false;
     auto& q = it->second;
     bool joined = false;
-    while (!q.empty() && (all || q.front().entry.seq <= ref->known_version.load() + window)) {
+    while (!q.empty() &&
+           (all || q.front().entry.seq <= ref->known_version.load() + window || !InFlight(ref))) {
       Deferred d = std::move(q.front());
       q.pop_front();
       if (AddLocked(std::move(d.item), d.entry, d.grad.data(), fuse_bytes)) {
@@ -480,6 +483,8 @@ class Batcher {
     at = 0;
     for (const BatchResult& x : a.results) {
       b.answered[x.entry] = true;
+      auto n = inflight_.find(b.items[x.entry].ref);
+      if (n != inflight_.end() && --n->second == 0) inflight_.erase(n);
       out->push_back({b.items[x.entry], x, payload.data() + at});
       at += x.pulled_bytes;
     }
@@ -509,6 +514,7 @@ class Batcher {
       for (auto& [ref, q] : deferred_)
         for (auto& d : q) fail.push_back(std::move(d.item));
       deferred_.clear();
+      inflight_.clear();
     }
     for (auto& item : fail) {
       if (resend && keep_) {
@@ -535,6 +541,7 @@ class Batcher {
       gradient_bytes_ += e.bytes;
     }
     if (e.pull) pull_bytes_ += item.ref->layout.data_bytes;
+    inflight_[item.ref]++;
     entries_.push_back(e);
     items_.push_back(std::move(item));
     return payload_.size() + pull_bytes_ >= fuse_bytes || items_.size() >= kMaxBatchEntries ||
@@ -582,6 +589,9 @@ class Batcher {
     Bytes grad;
   };
   std::unordered_map<ChunkRef*, std::deque<Deferred>> deferred_;  // sync: pushes too far ahead
+  // Per chunk: its operations in the batch or sent and not answered yet (each answer releases).
+  std::unordered_map<ChunkRef*, uint32_t> inflight_;
+  bool InFlight(ChunkRef* ref) const { return inflight_.count(ref) > 0; }
   Status failed_;
   const bool keep_;
   std::function<void(Item)> resend_;  // replication: where items added after Fail go

@@ -139,7 +139,7 @@ TEST(ClusterSync, MeanAggregationAndPullAfterPush) {
     std::vector<float> g(10, w.rank() == 0 ? 2.0f : 4.0f), out(10);
     ASSERT_TRUE(w.Push(*id, g.data()).Wait(10s).ok());
     auto h = w.Pull(*id, out.data());
-    ASSERT_TRUE(h.Wait(10s).ok());
+    ASSERT_TRUE(h.Wait(10s).ok()) << h.Wait(0ms).ToString();
     EXPECT_EQ(h.version(), 1u);
     for (float v : out) EXPECT_EQ(v, -3.0f);  // mean of 2 and 4, lr 1
   });
@@ -159,13 +159,13 @@ TEST_P(ClusterOver, AsyncEndsWithExactlyTheSumOfAllPushes) {
     for (int s = 1; s <= kSteps; ++s) {
       for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
       auto h = w.PushPull(*id, g.data(), out.data());
-      ASSERT_TRUE(h.Wait(30s).ok());
+      ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
       EXPECT_GE(h.version(), last_version);  // versions seen never go back
       last_version = h.version();
     }
     ASSERT_TRUE(w.Barrier("pushed", 30s).ok());
     auto h = w.Pull(*id, out.data());
-    ASSERT_TRUE(h.Wait(30s).ok());
+    ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
     EXPECT_EQ(h.version(), 3u * kSteps);
     for (int64_t i = 0; i < kN; ++i) {
       double expect = 0;
@@ -204,7 +204,7 @@ TEST_P(ClusterOver, PullsRacingWithUpdatesAreNeverTorn) {
       while (last < kPushes) {
         ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "stuck at version " << last;
         auto h = w.Pull(*id, out.data());
-        ASSERT_TRUE(h.Wait(30s).ok());
+        ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
         uint64_t v = h.version();
         ASSERT_GE(v, last);  // never goes back
         last = v;
@@ -248,7 +248,7 @@ TEST_P(ClusterOver, UpdatesSplitOverApplyThreadsStayExact) {
       }
       ASSERT_TRUE(w.Barrier("pushed", 60s).ok());
       auto h = w.Pull(*id, out.data());
-      ASSERT_TRUE(h.Wait(60s).ok());
+      ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
       EXPECT_EQ(h.version(), mode == Mode::kSync ? kSteps : 3 * kSteps);
       for (int64_t i = 0; i < kN; ++i) {
         double expect = 50.0;
@@ -607,7 +607,7 @@ TEST_P(ClusterOver, MetricsOfEveryRoleCountWhatTheJobDid) {
       ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
     }
     auto h = w.Pull(*id, out.data());
-    ASSERT_TRUE(h.Wait(60s).ok());
+    ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
     EXPECT_EQ(out[0], 1.0f - 2.0f * kSteps);
   });
   using shardps::testing::HttpGet;
@@ -748,7 +748,7 @@ TEST_P(ClusterOver, CompressedPushesAggregateAsTheirDecodedValues) {
             }
         std::vector<float> out(n);
         auto h = w.Pull((*ids)[t], out.data());
-        ASSERT_TRUE(h.Wait(30s).ok());
+        ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
         EXPECT_EQ(h.version(), steps * (mode == Mode::kSync ? 1 : 3));
         for (int64_t i = 0; i < n; ++i)
           ASSERT_EQ(out[i], static_cast<float>(expect[i]))
@@ -811,7 +811,7 @@ TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
       for (uint64_t s = 1; s <= kSteps; ++s) {
         fill(w.rank(), s);
         auto h = w.PushPull(*id, g.data(), out.data());
-        ASSERT_TRUE(h.Wait(30s).ok());
+        ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
         ASSERT_FALSE(h.late());
         for (int64_t i = 0; i < kN; ++i)
           ASSERT_EQ(out[i], static_cast<float>(expect_after(s, i))) << "step " << s;
@@ -822,7 +822,15 @@ TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
       ASSERT_TRUE(fast_done.Wait(60s));
       fill(2, 1);
       auto h = w.PushPull(*id, g.data(), out.data());
-      ASSERT_TRUE(h.Wait(30s).ok());
+      Status st = h.Wait(30s);
+      if (!st.ok()) {
+        for (uint32_t srv = 0; srv < 2; ++srv) {  // what the servers saw (a hang over verbs)
+          auto stats = lc->workers[0]->ServerStats(srv);
+          ADD_FAILURE() << "server " << srv << ": "
+                        << (stats.ok() ? *stats : stats.status().ToString());
+        }
+      }
+      ASSERT_TRUE(st.ok()) << st.ToString();
       EXPECT_TRUE(h.late());
       EXPECT_EQ(h.version(), kSteps);
       EXPECT_EQ(w.steps(*id), kSteps);  // its next push is step 21
@@ -830,7 +838,7 @@ TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
       fill(2, 21);
       h = w.PushPull(*id, g.data(), out.data());  // step 21: completes once worker 0 pushed it
       slow_waits.Set();
-      ASSERT_TRUE(h.Wait(30s).ok());
+      ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
       EXPECT_FALSE(h.late());
       EXPECT_EQ(h.version(), kSteps + 1);
       for (int64_t i = 0; i < kN; ++i)
@@ -842,7 +850,7 @@ TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
       ASSERT_TRUE(slow_waits.Wait(60s));
       fill(0, 21);
       auto h = w.PushPull(*id, g.data(), out.data());
-      ASSERT_TRUE(h.Wait(30s).ok());
+      ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
       EXPECT_FALSE(h.late());
       step21_done.Set();
     }
@@ -850,7 +858,7 @@ TEST_P(ClusterOver, SyncQuorumPublishesWithoutTheSlowestWorker) {
       ASSERT_TRUE(step21_done.Wait(60s));
       fill(1, 21);
       auto h = w.PushPull(*id, g.data(), out.data());
-      ASSERT_TRUE(h.Wait(30s).ok());
+      ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
       EXPECT_TRUE(h.late());
       EXPECT_EQ(h.version(), kSteps + 1);
       for (int64_t i = 0; i < kN; ++i)
@@ -894,7 +902,7 @@ TEST_P(ClusterOver, SyncQuorumWithASlowWorkerIsExactOverTheContributors) {
       if (w.rank() == 2) std::this_thread::sleep_for(50ms);
       for (int64_t i = 0; i < kN; ++i) g[i] = 2.0f * Grad(w.rank(), s, i);
       auto h = w.PushPull(*id, g.data(), out.data());
-      ASSERT_TRUE(h.Wait(30s).ok());
+      ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
       std::lock_guard<std::mutex> lock(mu);
       if (h.late()) {
         late_total++;
@@ -911,7 +919,7 @@ TEST_P(ClusterOver, SyncQuorumWithASlowWorkerIsExactOverTheContributors) {
   ASSERT_EQ(contributed.size(), 2 * kSteps);
   std::vector<float> out(kN);
   auto h = lc->workers[0]->Pull(0, out.data());
-  ASSERT_TRUE(h.Wait(30s).ok());
+  ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
   EXPECT_EQ(h.version(), kSteps);
   for (int64_t i = 0; i < kN; ++i) {
     double e = 100.0;
@@ -961,7 +969,7 @@ TEST_P(ClusterOver, SyncQuorumMultiChunkTensorsNeverWaitForAStepNobodyPushes) {
   EXPECT_LE(late, 2u * 4 * kSteps);
   std::vector<float> out(kN);
   auto h = lc->workers[0]->Pull(0, out.data());
-  ASSERT_TRUE(h.Wait(30s).ok());
+  ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
   EXPECT_EQ(h.version(), kSteps);
   for (float v : out) ASSERT_EQ(v, 1.0f - kSteps);  // the mean of 1s, each step
   lc->Finish();
@@ -1036,7 +1044,7 @@ TEST_P(ClusterOver, SspStaysWithinItsBoundAndEndsExact) {
       for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
       auto hb = w.Push((*ids)[1], g.data());
       auto h = w.PushPull((*ids)[0], one_hot.data(), clocks.data());
-      ASSERT_TRUE(h.Wait(30s).ok());
+      ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
       ASSERT_TRUE(hb.Wait(30s).ok());
       int64_t sum = 0;
       for (int j = 0; j < 3; ++j) {
@@ -1123,7 +1131,7 @@ TEST(ClusterSync, ThousandSmallTensors) {
         out[k].assign(1 + k % 100, -1.0f);
         hs.push_back(w.PushPull((*ids)[k], g[k].data(), out[k].data()));
       }
-      for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok());
+      for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
       for (int k = 0; k < 1000; ++k) {
         // init k, minus per step (rank0 + step) + (rank1 + step) = 1 + 2 step
         float expect = static_cast<float>(k);
@@ -1167,16 +1175,16 @@ TEST(ClusterSync, SmallTensorsTravelInBatchesExactly) {
       for (int s = 0; s < kSteps; ++s) {
         for (int k = 0; k < kTensors; ++k) hs.push_back(w.Push((*ids)[k], g[s][k].data()));
         if (w.rank() == 1) {  // step by step; worker 0 issues all six steps at once
-          for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok());
+          for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
           hs.clear();
         }
       }
-      for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok());
+      for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
       // Step t subtracts t + (1 + t) from every element.
       for (int k = 0; k < kTensors; ++k) {
         std::vector<float> out(1 + k % 50, -1.0f);
         auto h = w.Pull((*ids)[k], out.data());
-        ASSERT_TRUE(h.Wait(60s).ok());
+        ASSERT_TRUE(h.Wait(60s).ok()) << h.Wait(0ms).ToString();
         EXPECT_EQ(h.version(), static_cast<uint64_t>(kSteps));
         float expect = static_cast<float>(k);
         for (int t = 1; t <= kSteps; ++t) expect -= static_cast<float>(1 + 2 * t);
@@ -1259,13 +1267,13 @@ TEST(ClusterSync, PipelinedPushesAheadOfTheStepStayExact) {
     if (w.rank() == 0) {
       std::vector<Handle> hs;  // four steps in flight at once
       for (int s = 0; s < 4; ++s) hs.push_back(w.Push(*id, g[s].data()));
-      for (auto& h : hs) ASSERT_TRUE(h.Wait(30s).ok());
+      for (auto& h : hs) ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
     } else {
       for (int s = 0; s < 4; ++s) ASSERT_TRUE(w.Push(*id, g[s].data()).Wait(30s).ok());
     }
     std::vector<float> out(kN);
     auto h = w.Pull(*id, out.data());
-    ASSERT_TRUE(h.Wait(30s).ok());
+    ASSERT_TRUE(h.Wait(30s).ok()) << h.Wait(0ms).ToString();
     EXPECT_EQ(h.version(), 4u);
     for (int64_t i = 0; i < kN; ++i) {
       double expect = 0;
