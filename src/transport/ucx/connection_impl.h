@@ -261,9 +261,7 @@ class UcxConnection final : public Connection, public std::enable_shared_from_th
       uint64_t token = 0;
       if (!r.Get(&token))
         return Fail(Status::ProtocolError("malformed revocation ack from " + peer_));
-      std::lock_guard<std::mutex> lock(shared_->mu);
-      auto it = shared_->revoke_waits.find(token);
-      if (it != shared_->revoke_waits.end() && --it->second <= 0) shared_->revoke_cv.notify_all();
+      shared_->revocations.Answered(token);
       return;
     }
     Fail(Status::ProtocolError(fmt::format(

@@ -27,31 +27,11 @@ UcxRegion::~UcxRegion() {
 
 void Shared::Revoke(uint64_t region) {
   std::vector<std::shared_ptr<UcxConnection>> live;
-  uint64_t token;
   {
     std::lock_guard<std::mutex> lock(mu);
-    for (auto it = conns.begin(); it != conns.end();) {
-      auto c = it->lock();
-      if (!c || c->closed()) {
-        it = conns.erase(it);
-        continue;
-      }
-      live.push_back(std::move(c));
-      ++it;
-    }
-    if (live.empty()) return;
-    token = next_token++;
-    revoke_waits[token] = static_cast<int>(live.size());
+    live = LiveConnections(&conns);
   }
-  Bytes meta;
-  Writer w(&meta);
-  w.Put(region);
-  w.Put(token);
-  for (auto& c : live) c->SendRaw(kRevoke, meta);
-  std::unique_lock<std::mutex> lock(mu);
-  // Bounded: a peer that does not answer (dead, hung) does not hold the owner up for long.
-  revoke_cv.wait_for(lock, kRevokeWait, [&] { return revoke_waits[token] <= 0; });
-  revoke_waits.erase(token);
+  revocations.Revoke(live, kRevoke, region, kRevokeWait);
 }
 
 namespace {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "transport/context.h"
+#include "transport/revocation.h"
 #include "transport/ucx/loop.h"
 
 namespace shardps::transport::ucx {
@@ -52,9 +53,7 @@ struct Shared {
   std::vector<std::weak_ptr<UcxConnection>> conns;                   // guarded by mu
   uint64_t next_conn = 1;                                            // guarded by mu
   std::unordered_map<uint64_t, std::weak_ptr<UcxConnection>> by_id;  // guarded by mu
-  uint64_t next_token = 1;                                           // guarded by mu
-  std::map<uint64_t, int> revoke_waits;  // token -> acks missing; guarded by mu
-  std::condition_variable revoke_cv;
+  Revocations revocations;
 
   ~Shared() {
     if (ctx) ucp_cleanup(ctx);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "transport/context.h"
+#include "transport/revocation.h"
 #include "transport/task_queue.h"
 
 namespace shardps::transport::verbs {
@@ -100,10 +101,9 @@ struct Shared {
     size_t size;
     std::shared_ptr<Registration> reg;
   };
-  std::map<uintptr_t, Local> locals;     // guarded by mu
-  uint64_t next_token = 1;               // guarded by mu
-  std::map<uint64_t, int> revoke_waits;  // token -> acks missing; guarded by mu
-  std::condition_variable revoke_cv;
+  std::map<uintptr_t, Local> locals;  // guarded by mu
+  uint64_t next_token = 1;            // guarded by mu: connection tokens
+  Revocations revocations;
 
   ~Shared();
   bool Post(std::function<void()> fn);
