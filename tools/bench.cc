@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <thread>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -59,6 +60,41 @@ void FillPeriodic13(float* out, uint64_t n, const float (&p)[13]) {
   }
 }
 
+// --kill-second-server-at: every worker meets before `iteration` (none has started it, so no
+// sync step is open and every chunk can be copied to its new backup); worker 0 waits until no
+// live server has a chunk without a backup, then SIGKILLs server 1; they meet again.
+Status KillSecondServer(Worker& w, uint32_t iteration) {
+  SHARDPS_RETURN_IF_ERROR(w.Barrier("bench.second-kill", 120s));
+  if (w.rank() == 0) {
+    const auto start = Clock::now();
+    for (;;) {
+      uint64_t unbacked = 0;
+      for (uint32_t s = 1; s < w.num_servers(); ++s) {
+        auto js = w.ServerStats(s);
+        if (!js.ok()) return js.status().WithContext(fmt::format("stats of server {}", s));
+        auto j = nlohmann::json::parse(*js, nullptr, false);
+        if (j.is_discarded() || !j.contains("unbacked_chunks"))
+          return Status::Internal(fmt::format("server {} did not say its unbacked chunks", s));
+        unbacked += j["unbacked_chunks"].get<uint64_t>();
+      }
+      if (unbacked == 0) break;
+      if (Clock::now() - start > 60s)
+        return Status::Timeout(
+            fmt::format("{} chunks still have one copy 60 s into iteration {}: no new backups",
+                        unbacked, iteration));
+      std::this_thread::sleep_for(10ms);
+    }
+    auto pid = KillServerProcess(w, 1, SIGKILL);
+    if (!pid.ok()) return pid.status();
+    std::printf(
+        "worker 0: every chunk had a backup again (waited %.0f ms at iteration %u); killed server "
+        "1 (pid %d)\n",
+        std::chrono::duration<double, std::milli>(Clock::now() - start).count(), iteration, *pid);
+    std::fflush(stdout);
+  }
+  return w.Barrier("bench.second-killed", 120s);
+}
+
 }  // namespace
 
 void AddBenchFlags(CLI::App* app, BenchFlags* b) {
@@ -73,6 +109,10 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
                   "worker 0 kills server 0 (SIGKILL; it must run on this host) before this "
                   "iteration, counting the warm-up: with --replicas 1 the job goes on "
                   "(docs/fault-tolerance.md)");
+  app->add_option("--kill-second-server-at", b->kill_second_server_at,
+                  "after --kill-server-at: every worker meets before this iteration, worker 0 "
+                  "waits until every chunk has a backup again (at most 60 s), then kills server 1 "
+                  "(needs --servers 3 or more)");
   app->add_option("--kill-server-how", b->kill_server_how,
                   "kill (SIGKILL), or stop (SIGSTOP, then SIGCONT once that iteration completed: "
                   "a server that comes back after it was replaced)")
@@ -266,6 +306,14 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                  "job without backups ends when a server dies)\n");
     return 2;
   }
+  if (b.kill_second_server_at > 0 &&
+      (job.servers < 3 || b.kill_server_at == 0 || b.kill_second_server_at <= b.kill_server_at)) {
+    std::fprintf(stderr,
+                 "shardps bench: --kill-second-server-at needs --servers 3 or more and "
+                 "--kill-server-at at an earlier iteration (the second death is survived once "
+                 "the first one's chunks have new backups)\n");
+    return 2;
+  }
   if (b.kill_worker_at > 0 && (job.workers < 2 || job.on_worker_loss != "continue")) {
     std::fprintf(stderr,
                  "shardps bench: --kill-worker-at needs --workers 2 or more and --on-worker-loss "
@@ -415,6 +463,12 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       std::printf("worker %u: killing itself (SIGKILL) before iteration %u\n", w.rank(), it + 1);
       std::fflush(stdout);
       raise(SIGKILL);
+    }
+    if (it + 1 == b.kill_second_server_at) {
+      if (Status st = KillSecondServer(w, it + 1); !st.ok()) {
+        std::fprintf(stderr, "shardps bench: worker %u: %s\n", w.rank(), st.ToString().c_str());
+        return 1;
+      }
     }
     const bool kill_now = w.rank() == 0 && it + 1 == b.kill_server_at && w.num_servers() > 1;
     if (kill_now) {

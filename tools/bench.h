@@ -32,6 +32,9 @@ struct BenchFlags {
   // kill: SIGKILL; stop: SIGSTOP, and SIGCONT once that iteration completed (a paused server
   // that comes back after it was replaced: fenced).
   std::string kill_server_how = "kill";
+  // After --kill-server-at: every worker meets before this iteration; worker 0 waits until every
+  // chunk has a backup again (new backups: docs/fault-tolerance.md), then SIGKILLs server 1.
+  uint32_t kill_second_server_at = 0;
   // The last worker SIGKILLs itself before this iteration (counting the warm-up ones from 1); 0:
   // no (--on-worker-loss continue: docs/fault-tolerance.md). --verify then expects its pushes
   // until it died and, in sync mode, each step's mean over its contributors.

@@ -97,6 +97,11 @@ struct ServerStats {
   uint64_t replicated_pushes = 0;
   uint64_t replica_pushes = 0;
   uint64_t promoted_chunks = 0;
+  uint64_t backups_rebuilt = 0;     // chunks of which this server made a new backup (a failover)
+  uint64_t replicas_installed = 0;  // chunks this server became the new backup of
+  // With replication: chunks served here that have no backup now (one copy left), and those
+  // whose new backup is being made.
+  uint64_t unbacked_chunks = 0;
   uint64_t replica_links_reopened = 0;  // connections to a live backup reopened after they closed
   uint64_t shard_map_epoch = 0;
   uint64_t pid = 0;  // the server's process and host (shardps bench/train --kill-server-at)

@@ -200,6 +200,12 @@ class CoordinatorImpl final : public Coordinator {
         spdlog::info("coordinator: {} finished", node->Name());
         return MaybeFinish();
       }
+      case kBackupRebuilt: {
+        BackupRebuilt b;
+        if (!b.Decode(&r) || !r.done() || !node || node->role != Role::kServer)
+          return Drop(c, "malformed backup report");
+        return OnBackupRebuilt(*node, b);
+      }
       case kReportFailure: {
         std::string why;
         if (!r.GetString(&why, 4096) || !node) return Drop(c, "malformed failure report");
@@ -464,9 +470,19 @@ class CoordinatorImpl final : public Coordinator {
       for (const auto& p : rec.placement.chunks)
         if (p.server == n.rank && p.backup == kNoServer)
           return Fail(Status::Unavailable(fmt::format(
-              "{}; chunk {} of tensor '{}' has no live copy left (its backup was lost before, and "
-              "this version does not build new backups)",
-              why, p.chunk_id, name)));
+              "{}; chunk {} of tensor '{}' has no live copy left (its backup was lost before{})",
+              why, p.chunk_id, name,
+              rebuilding_.count(p.chunk_id) ? ", and its new one was not whole yet"
+                                            : ", and no other live server could take a new one")));
+    // New backups being built on it are lost with it (their chunks get others below).
+    for (auto it = rebuilding_.begin(); it != rebuilding_.end();) {
+      if (it->second != n.rank) {
+        ++it;
+        continue;
+      }
+      if (const ChunkPlacement* p = FindChunk(it->first)) server_bytes_[n.rank] -= p->numel * 4;
+      it = rebuilding_.erase(it);
+    }
     uint32_t moved = 0, orphaned = 0;
     for (auto& [name, rec] : tensors_)
       for (auto& p : rec.placement.chunks) {
@@ -490,6 +506,64 @@ class CoordinatorImpl final : public Coordinator {
         why, epoch_, moved, orphaned);
     Notify(kServerDown, ServerDown{epoch_, n.rank}, [](const Node&) { return true; });
     n.conn->Close();
+    RebuildBackups();
+  }
+
+  ChunkPlacement* FindChunk(uint64_t id) {
+    for (auto& [name, rec] : tensors_)
+      for (auto& p : rec.placement.chunks)
+        if (p.chunk_id == id) return &p;
+    return nullptr;
+  }
+
+  // After a failover (docs/fault-tolerance.md, "New backups"): every chunk left with one copy
+  // gets a new backup on the least loaded other live server. Its primary copies it there
+  // (kRebuildBackups) and says when the copy is whole (kBackupRebuilt); until then a death of
+  // the primary still ends the job.
+  void RebuildBackups() {
+    std::map<uint32_t, BackupOrders> orders;  // by primary
+    for (auto& [name, rec] : tensors_)
+      for (auto& p : rec.placement.chunks) {
+        if (p.backup != kNoServer || rebuilding_.count(p.chunk_id)) continue;
+        const uint32_t b = LeastLoaded(p.server);
+        if (b == kNoServer) continue;  // one live server: nowhere to put a copy
+        server_bytes_[b] += p.numel * 4;
+        rebuilding_[p.chunk_id] = b;
+        orders[p.server].items.push_back({p.chunk_id, b});
+      }
+    for (auto& [primary, o] : orders) {
+      o.epoch = epoch_;
+      spdlog::info("coordinator: server {} copies {} chunks to new backups", primary,
+                   o.items.size());
+      Notify(kRebuildBackups, o,
+             [s = primary](const Node& n) { return n.role == Role::kServer && n.rank == s; });
+    }
+  }
+
+  // Server `n`, a chunk's primary, reports how building its new backup ended. A whole copy
+  // becomes the chunk's backup (the workers hear it: kBackupsAdded); a failed one is dropped,
+  // and the chunk stays with one copy.
+  void OnBackupRebuilt(const Node& n, const BackupRebuilt& b) {
+    auto it = rebuilding_.find(b.chunk_id);
+    ChunkPlacement* p = FindChunk(b.chunk_id);
+    // A report about a copy the coordinator no longer waits for (its server died meanwhile, and
+    // the chunk was given another) is stale.
+    if (it == rebuilding_.end() || it->second != b.backup || !p || p->server != n.rank) return;
+    rebuilding_.erase(it);
+    if (!b.error.empty() || server_dead_[b.backup]) {
+      server_bytes_[b.backup] -= p->numel * 4;
+      spdlog::warn("coordinator: chunk {} has no new backup on server {}: {}", b.chunk_id, b.backup,
+                   b.error.empty() ? "that server died" : b.error);
+      return;
+    }
+    p->backup = b.backup;
+    ++backups_rebuilt_;
+    BackupOrders added;
+    added.epoch = epoch_;
+    added.items.push_back({b.chunk_id, b.backup});
+    Notify(kBackupsAdded, added, [](const Node& w) { return w.role == Role::kWorker; });
+    if (rebuilding_.empty())
+      spdlog::info("coordinator: every chunk has a backup again (epoch {})", epoch_);
   }
 
   // --on-worker-loss continue: worker `n` died; the others go on without it. Every live server
@@ -636,6 +710,10 @@ class CoordinatorImpl final : public Coordinator {
     f.Gauge("shardps_coordinator_shard_map_epoch",
             "the shard map's epoch: servers replaced by their chunks' backups so far",
             static_cast<double>(epoch_));
+    f.Counter("shardps_coordinator_backups_rebuilt_total",
+              "chunks given a new backup after a failover", static_cast<double>(backups_rebuilt_));
+    f.Gauge("shardps_coordinator_backups_rebuilding", "chunks whose new backup is being copied",
+            static_cast<double>(rebuilding_.size()));
     f.Gauge("shardps_coordinator_tensors", "tensors declared",
             static_cast<double>(tensors_.size()));
     uint64_t placed = 0;
@@ -695,6 +773,9 @@ class CoordinatorImpl final : public Coordinator {
   uint64_t barriers_done_ = 0;    // guarded by mu_
   bool grouped_ = false;          // guarded by mu_: node-level reduction (workers push as nodes)
   uint64_t workers_removed_ = 0;  // guarded by mu_: --on-worker-loss continue
+  // guarded by mu_: chunks whose new backup is being copied, and on which server
+  std::map<uint64_t, uint32_t> rebuilding_;
+  uint64_t backups_rebuilt_ = 0;  // guarded by mu_
   metrics::RoleMetrics metrics_;
 };
 

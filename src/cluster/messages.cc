@@ -89,6 +89,56 @@ void WorkerDown::Encode(Writer* w) const { w->Put(rank); }
 
 bool WorkerDown::Decode(Reader* r) { return r->Get(&rank); }
 
+void BackupOrders::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(static_cast<uint32_t>(items.size()));
+  for (const auto& it : items) {
+    w->Put(it.chunk_id);
+    w->Put(it.backup);
+  }
+}
+
+bool BackupOrders::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->Get(&epoch) || !r->Get(&n) || n > r->remaining() / 12) return false;
+  items.resize(n);
+  for (auto& it : items)
+    if (!r->Get(&it.chunk_id) || !r->Get(&it.backup)) return false;
+  return true;
+}
+
+void BackupRebuilt::Encode(Writer* w) const {
+  w->Put(chunk_id);
+  w->Put(backup);
+  w->PutString(error);
+}
+
+bool BackupRebuilt::Decode(Reader* r) {
+  return r->Get(&chunk_id) && r->Get(&backup) && r->GetString(&error, 4096);
+}
+
+void InstallReplica::Encode(Writer* w) const {
+  w->Put(epoch);
+  item.Encode(w);
+  w->Put(version);
+  w->Put(steps);
+  w->Put(static_cast<uint32_t>(last_seq.size()));
+  for (uint64_t s : last_seq) w->Put(s);
+  w->Put(m_floats);
+  w->Put(v_floats);
+}
+
+bool InstallReplica::Decode(Reader* r, uint32_t pushers) {
+  uint32_t n = 0;
+  if (!r->Get(&epoch) || !item.Decode(r) || !r->Get(&version) || !r->Get(&steps) || !r->Get(&n) ||
+      n > pushers || n > r->remaining() / 8)
+    return false;
+  last_seq.resize(n);
+  for (auto& s : last_seq)
+    if (!r->Get(&s)) return false;
+  return r->Get(&m_floats) && r->Get(&v_floats);
+}
+
 void RegisterRequest::Encode(Writer* w) const {
   w->Put<uint8_t>(static_cast<uint8_t>(role));
   w->Put(rank);

@@ -24,11 +24,14 @@ enum Tag : uint32_t {
   kDeclare = 13,
   kGoodbye = 14,
   kReportFailure = 15,
+  kBackupRebuilt = 16,  // BackupRebuilt (server, request id 0): a new backup of a chunk is whole
   // coordinator -> node (request id 0, no reply)
   kNodeFailed = 20,
   kShutdown = 21,
-  kServerDown = 22,  // ServerDown: a server was replaced by its chunks' backups
-  kWorkerDown = 23,  // WorkerDown (to servers): a worker was removed from the job
+  kServerDown = 22,      // ServerDown: a server was replaced by its chunks' backups
+  kWorkerDown = 23,      // WorkerDown (to servers): a worker was removed from the job
+  kRebuildBackups = 24,  // BackupOrders (to a chunk's primary): copy these chunks to new backups
+  kBackupsAdded = 25,    // BackupOrders (to workers): these chunks have a new backup
   // worker -> server
   kCreateChunks = 30,
   kGrant = 31,
@@ -42,6 +45,8 @@ enum Tag : uint32_t {
   // server -> server: a push to a chunk, for its backup (a PushDone whose `worker` is the
   // pusher and whose bytes are the payload); the reply is a PushAck (docs/fault-tolerance.md)
   kReplicate = 37,
+  // server -> server: become the backup of a chunk (InstallReplica; the reply is a status)
+  kInstallReplica = 38,
 };
 
 // No server: a chunk without a backup.
@@ -170,6 +175,47 @@ struct WorkerDown {
   uint32_t rank = 0;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kRebuildBackups (coordinator -> a chunk's primary) and kBackupsAdded (coordinator -> every
+// live worker), request id 0 (docs/fault-tolerance.md, "New backups"): chunk `chunk_id` gets
+// (or got) a new backup on server `backup`, at shard map epoch `epoch`.
+struct BackupOrder {
+  uint64_t chunk_id = 0;
+  uint32_t backup = 0;
+};
+struct BackupOrders {
+  uint64_t epoch = 0;
+  std::vector<BackupOrder> items;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kBackupRebuilt (a chunk's primary -> coordinator, request id 0): the new backup `backup` of
+// chunk `chunk_id` holds it whole (an empty `error`), or could not be made (why).
+struct BackupRebuilt {
+  uint64_t chunk_id = 0;
+  uint32_t backup = 0;
+  std::string error;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kInstallReplica (primary -> new backup): the chunk as `item` describes it (its primary and
+// backup: the sender and the receiver), and its state at one moment between updates: published
+// version, optimizer steps and per-pusher sequence table in the metadata; the payload is the
+// fp32 parameters followed by the optimizer's state vectors (m, then v; `state_floats` each).
+struct InstallReplica {
+  uint64_t epoch = 0;
+  CreateChunkItem item;
+  uint64_t version = 0;
+  uint64_t steps = 0;
+  std::vector<uint64_t> last_seq;
+  uint64_t m_floats = 0;
+  uint64_t v_floats = 0;
+  void Encode(Writer* w) const;
+  // `pushers`: a sequence table longer than that is refused.
+  [[nodiscard]] bool Decode(Reader* r, uint32_t pushers = 1u << 20);
 };
 
 // kBarrier: wait until every worker reached `name`, at most `timeout_ms`.

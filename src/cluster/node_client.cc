@@ -27,8 +27,9 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
   auto rpc_slot = std::make_shared<std::shared_ptr<RpcChannel>>();
   transport::ConnectionHandlers h;
   h.on_message = [events, rpc_slot, down = options.on_server_down,
-                  worker_down = options.on_worker_down](
-                     const std::shared_ptr<transport::Connection>& c, transport::Message m) {
+                  worker_down = options.on_worker_down, rebuild = options.on_rebuild_backups,
+                  added = options.on_backups_added](const std::shared_ptr<transport::Connection>& c,
+                                                    transport::Message m) {
     auto rpc = *rpc_slot;
     if (m.tag == kReply) {
       if (rpc && !rpc->OnReply(m)) {
@@ -62,6 +63,17 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
         return;
       }
       if (worker_down) worker_down(d);
+      return;
+    }
+    if (m.tag == kRebuildBackups || m.tag == kBackupsAdded) {
+      BackupOrders o;
+      if (!r.Get(&req) || !o.Decode(&r) || !r.done()) {
+        spdlog::error("malformed backup orders from the coordinator; closing");
+        c->Close();
+        return;
+      }
+      const auto& fn = m.tag == kRebuildBackups ? rebuild : added;
+      if (fn) fn(o);
       return;
     }
     if (!r.Get(&req) || !r.GetString(&why, 65536)) {
@@ -231,6 +243,14 @@ void NodeClient::ReportFailure(const std::string& why) {
   w.Put<uint64_t>(0);
   w.PutString(why);
   rpc_->connection().Send(kReportFailure, std::move(meta), {}, nullptr);
+}
+
+void NodeClient::ReportBackupRebuilt(const BackupRebuilt& b) {
+  Bytes meta;
+  Writer w(&meta);
+  w.Put<uint64_t>(0);
+  b.Encode(&w);
+  rpc_->connection().Send(kBackupRebuilt, std::move(meta), {}, nullptr);
 }
 
 }  // namespace shardps::cluster

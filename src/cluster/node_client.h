@@ -37,6 +37,11 @@ struct NodeClientOptions {
   std::function<void(const ServerDown&)> on_server_down;
   // Servers: worker `rank` was removed from the job (kWorkerDown; docs/fault-tolerance.md).
   std::function<void(const WorkerDown&)> on_worker_down;
+  // Servers: copy these chunks, of which this server is the primary, to new backups
+  // (kRebuildBackups). Workers: these chunks have a new backup (kBackupsAdded). Both in order,
+  // on the same transport thread as on_server_down.
+  std::function<void(const BackupOrders&)> on_rebuild_backups;
+  std::function<void(const BackupOrders&)> on_backups_added;
 };
 
 class NodeClient {
@@ -61,6 +66,8 @@ class NodeClient {
   Status Goodbye();
   // Tells the coordinator this node failed (the job then fails, naming it).
   void ReportFailure(const std::string& why);
+  // Servers: tells the coordinator how rebuilding a chunk's backup ended (kBackupRebuilt).
+  void ReportBackupRebuilt(const BackupRebuilt& b);
   // The failure seen so far (OK while the job is healthy).
   Status failure() const;
   // Heartbeats sent so far.

@@ -33,6 +33,10 @@ ChunkEngine::ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> ru
       last_seq_(cfg.num_workers, cfg.mode == Mode::kSync ? cfg.initial_version : 0),
       conn_of_(cfg.num_workers, nullptr),
       departed_(cfg.num_workers, false) {
+  if (cfg.initial_last_seq.size() == cfg.num_workers) {
+    last_seq_ = cfg.initial_last_seq;
+    UpdateSlowest();
+  }
   version_.store(cfg.initial_version, std::memory_order_release);
   Stamp(Slot(cfg.initial_version), cfg.initial_version + 1);
 }
@@ -277,11 +281,24 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
     return false;
   }
   if (cfg_.mode == Mode::kSync) {
+    if (hold_new_steps_ && !steps_.count(p.seq)) return false;  // parked until ReleaseHold
     ProcessSync(p, out);
   } else {
     ProcessAsync(p, out);
   }
   return true;
+}
+
+EngineActions ChunkEngine::ReleaseHold() {
+  EngineActions out;
+  hold_new_steps_ = false;
+  Drain(&out);
+  return out;
+}
+
+void ChunkEngine::ForEachWaiting(const std::function<void(LandedPush&)>& fn) {
+  for (auto& [key, p] : parked_) fn(p);
+  for (auto& p : queued_) fn(p);
 }
 
 void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {

@@ -83,6 +83,9 @@ struct EngineConfig {
   // every pusher's sequence number at it in sync mode (its next push is of step version + 1)
   // and at 0 otherwise (a new job's workers count their pushes from 1).
   uint64_t initial_version = 0;
+  // Per pusher, the last sequence number applied (a new backup's copy: docs/fault-tolerance.md);
+  // empty: none yet (sync: initial_version).
+  std::vector<uint64_t> initial_last_seq;
 };
 
 // A batch request being answered (the server's; cluster::BatchRequest).
@@ -202,6 +205,16 @@ class ChunkEngine {
   // Owner thread: whether an update or queued pushes are pending (a checkpoint waits for none).
   bool busy() const { return updating_ || !queued_.empty(); }
 
+  // A copy for a new backup (docs/fault-tolerance.md, "New backups") is taken when the chunk is
+  // quiet: no update in flight, nothing queued, no sync step open (its sum would not be in the
+  // copy). Owner thread. While `HoldNewSteps` is on, a sync push that would open a step is
+  // parked, so the open steps drain; `ReleaseHold` lets the parked pushes go on.
+  bool Quiet() const { return !busy() && steps_.empty(); }
+  void HoldNewSteps() { hold_new_steps_ = true; }
+  EngineActions ReleaseHold();
+  // Owner thread: each push parked or queued here (not in a copy taken now, to be sent along).
+  void ForEachWaiting(const std::function<void(LandedPush&)>& fn);
+
  private:
   struct PendingAck {
     ReplyTo to;
@@ -272,6 +285,7 @@ class ChunkEngine {
   uint32_t live_workers_;           // workers not removed (RemoveWorker)
   std::vector<bool> removed_;       // per worker
   std::vector<uint64_t> last_seq_;  // per worker
+  bool hold_new_steps_ = false;     // HoldNewSteps
   std::vector<const transport::Connection*> conn_of_;           // per worker: its last push's
   std::vector<bool> departed_;                                  // per worker: connection closed
   std::atomic<uint64_t> slowest_{0};                            // ssp: min clock, live workers

@@ -77,6 +77,9 @@ std::string ServerStats::ToJson() const {
                       {"replicated_pushes", replicated_pushes},
                       {"replica_pushes", replica_pushes},
                       {"promoted_chunks", promoted_chunks},
+                      {"backups_rebuilt", backups_rebuilt},
+                      {"replicas_installed", replicas_installed},
+                      {"unbacked_chunks", unbacked_chunks},
                       {"replica_links_reopened", replica_links_reopened},
                       {"shard_map_epoch", shard_map_epoch},
                       {"pid", pid},
@@ -117,6 +120,24 @@ struct BatchInFlight {
   bool queued = false;         // in the server's list of answers to send
 };
 
+namespace {
+struct Chunk;
+}  // namespace
+
+// A new backup being made for a chunk after a failover (docs/fault-tolerance.md, "New
+// backups"): the chunk's copy went to `backup`, and the pushes applied here since were sent
+// after it. It becomes the chunk's backup once the copy was installed and every such push was
+// answered; any refusal or lost connection fails it (the chunk then keeps one copy).
+struct Rebuild {
+  Chunk* chunk = nullptr;
+  uint32_t backup = 0;
+  std::mutex mu;
+  bool installed = false;    // the new backup installed the copy
+  Status failed;             // why it cannot be the backup
+  uint64_t provisional = 0;  // pushes sent to it and not answered yet
+  bool done = false;         // ended (and reported to the coordinator)
+};
+
 // A push forwarded to its chunk's backup: the worker is acknowledged once the chunk's engine
 // here acknowledged it (`local`) and the backup did (`remote`), or the backup was declared dead.
 struct ReplicaJoin {
@@ -133,6 +154,9 @@ struct ReplicaJoin {
   Bytes meta;
   transport::Payload payload;
   std::chrono::steady_clock::time_point orphaned_at{};
+  // Sent to a new backup before it was whole (Rebuild): its answer counts for the rebuild, and
+  // the worker is acknowledged on this server's word.
+  std::shared_ptr<Rebuild> rebuild;
 
   // Records one side; the acknowledgement to send when it was the second, with the backup's
   // refusal (this server was replaced and is fenced) in place of this server's success.
@@ -208,12 +232,20 @@ struct Chunk {
   bool inline_apply = false;  // owned by the data loop thread rather than an apply thread
   OptimizerKind optimizer = OptimizerKind::kSgd;
   std::unique_ptr<ChunkEngine> engine;
+  CreateChunkItem create;  // as it was created (a new backup is made from it)
   // Replication (docs/fault-tolerance.md): the server rank of its primary; the rank of its
   // backup while this server is its primary and the backup lives (kNoServer: none); whether this
   // server holds it as the backup (until the primary is declared dead: then it serves it).
   std::atomic<uint32_t> primary{0};
   std::atomic<uint32_t> backup{kNoServer};
   std::atomic<bool> is_backup{false};
+  // A new backup being made (owner thread): the one in progress, whether its copy was taken
+  // (pushes applied from then on go to it too), and an order that waits for it to end.
+  std::shared_ptr<Rebuild> rebuild;
+  bool rebuild_copied = false;
+  uint32_t next_rebuild = kNoServer;
+  // failover_mu_: the rebuild whose copy was sent, to which Forward sends landed pushes.
+  std::shared_ptr<Rebuild> rebuild_link;
 };
 
 class ServerImpl final : public Server {
@@ -331,6 +363,7 @@ class ServerImpl final : public Server {
     no.register_timeout = opt_.register_timeout;
     no.on_server_down = [this](const ServerDown& d) { OnServerDown(d); };
     no.on_worker_down = [this](const WorkerDown& d) { OnWorkerDown(d); };
+    no.on_rebuild_backups = [this](const BackupOrders& o) { OnRebuildBackups(o); };
     auto done = done_;
     auto node = NodeClient::Connect(control_ctx_.get(), no, [done](Status why, bool shutdown) {
       std::lock_guard<std::mutex> lock(done->mu);
@@ -433,6 +466,15 @@ class ServerImpl final : public Server {
               d(s.replica_pushes));
     f.Counter("shardps_server_promoted_chunks_total",
               "chunks served since their primary was declared dead", d(s.promoted_chunks));
+    f.Counter("shardps_server_backups_rebuilt_total",
+              "chunks of which this server made a new backup after a failover",
+              d(s.backups_rebuilt));
+    f.Counter("shardps_server_replicas_installed_total",
+              "chunks this server became the new backup of after a failover",
+              d(s.replicas_installed));
+    f.Gauge("shardps_server_unbacked_chunks",
+            "chunks served here with no backup now (replication: one copy left)",
+            d(s.unbacked_chunks));
     f.Counter("shardps_server_replica_links_reopened_total",
               "connections to a live backup that closed and were reopened (their waiting pushes "
               "sent again)",
@@ -507,7 +549,11 @@ class ServerImpl final : public Server {
       std::shared_lock<std::shared_mutex> lock(chunks_mu_);
       s.device = device_ ? device_->name() : "cpu";
       s.chunks = chunks_.size();
-      for (auto& [id, c] : chunks_) s.parameter_bytes += c->numel * 4;
+      for (auto& [id, c] : chunks_) {
+        s.parameter_bytes += c->numel * 4;
+        if (view_.replicas > 0 && !c->is_backup.load() && c->backup.load() == kNoServer)
+          s.unbacked_chunks++;
+      }
       s.grants_parked = grants_parked_.load();
     }
     s.pushes_applied = pushes_applied_.load();
@@ -544,6 +590,8 @@ class ServerImpl final : public Server {
     s.replicated_pushes = replicated_pushes_.load(std::memory_order_relaxed);
     s.replica_pushes = replica_pushes_.load(std::memory_order_relaxed);
     s.promoted_chunks = promoted_chunks_.load(std::memory_order_relaxed);
+    s.backups_rebuilt = backups_rebuilt_.load(std::memory_order_relaxed);
+    s.replicas_installed = replicas_installed_.load(std::memory_order_relaxed);
     s.replica_links_reopened = reopened_links_.load(std::memory_order_relaxed);
     s.shard_map_epoch = epoch_.load();
     s.pid = static_cast<uint64_t>(getpid());
@@ -779,16 +827,34 @@ class ServerImpl final : public Server {
   // acknowledgement wait for the backup's. The bytes are copied: the landing buffer goes back
   // to the pool once this server applied the push, which may be before they left.
   void Forward(Chunk& ch, LandedPush& p) {
-    const uint32_t b = ch.backup.load();
-    if (b == kNoServer) return;
+    uint32_t b = ch.backup.load();
     std::shared_ptr<RpcChannel> peer;
+    std::shared_ptr<Rebuild> r;
     {
       std::lock_guard<std::mutex> lock(failover_mu_);
+      if (b == kNoServer) r = ch.rebuild_link;  // a new backup being made: sent after its copy
+      if (r) b = r->backup;
       if (b < peers_.size()) peer = peers_[b];
     }
-    if (!peer) return;
+    if (!peer || (r && !Provisional(r))) return;
+    SendReplica(*peer, Join(ch, p, b, std::move(r)));
+  }
+
+  // Counts a push sent to the new backup `r` before it is whole; false when `r` ended already.
+  static bool Provisional(const std::shared_ptr<Rebuild>& r) {
+    std::lock_guard<std::mutex> lock(r->mu);
+    if (r->done) return false;
+    r->provisional++;
+    return true;
+  }
+
+  // Makes push `p` of `ch` wait for backup `b`'s answer too (`r`: a new backup being made, whose
+  // answer counts for it instead): what to send it, the bytes copied.
+  std::shared_ptr<ReplicaJoin> Join(Chunk& ch, LandedPush& p, uint32_t b,
+                                    std::shared_ptr<Rebuild> r) {
     auto join = std::make_shared<ReplicaJoin>();
     join->backup = b;
+    join->rebuild = std::move(r);
     join->deliver = [this, chp = &ch](EngineActions::Ack a) { AckNow(*chp, a); };
     p.reply.join = join;
     Bytes meta;
@@ -806,7 +872,7 @@ class ServerImpl final : public Server {
     replicated_pushes_.fetch_add(1, std::memory_order_relaxed);
     join->meta = std::move(meta);
     join->payload = transport::Payload::Own(Bytes(g, g + p.grad.bytes));
-    SendReplica(*peer, join);
+    return join;
   }
 
   // A forwarded push again, over the backup's connection as it is now.
@@ -816,6 +882,9 @@ class ServerImpl final : public Server {
       std::lock_guard<std::mutex> lock(failover_mu_);
       if (join->backup < peers_.size() && !dead_[join->backup]) peer = peers_[join->backup];
     }
+    if (!peer && join->rebuild)
+      return RebuildPushAnswered(
+          join, Status::Unavailable(fmt::format("server {} was declared dead", join->backup)));
     if (!peer) return RemoteDone(join, Status::OK());  // the backup was declared dead
     SendReplica(*peer, join);
   }
@@ -832,6 +901,9 @@ class ServerImpl final : public Server {
 
   // The backup answered (`answered`: its reply), or the transport failed the call.
   void OnReplicaAnswer(const std::shared_ptr<ReplicaJoin>& join, const Status& st, bool answered) {
+    if (join->rebuild)
+      return RebuildPushAnswered(
+          join, answered || !st.ok() ? st : Status::Unavailable("no answer from the new backup"));
     // An answer (an acknowledgement, or a refusal: a fenced primary's) goes to the worker.
     if (answered) return RemoteDone(join, st);
     // The backup is gone: acknowledged on this server's word once the coordinator declared it
@@ -852,6 +924,247 @@ class ServerImpl final : public Server {
 
   void RemoteDone(const std::shared_ptr<ReplicaJoin>& join, const Status& st) {
     if (auto a = join->Remote(st)) join->deliver(std::move(*a));
+  }
+
+  // New backups (docs/fault-tolerance.md, "New backups").
+
+  // kRebuildBackups, on the control loop: the coordinator asks this server, the primary of each
+  // chunk named, to copy it to a new backup. Each is made on the chunk's owner thread.
+  void OnRebuildBackups(const BackupOrders& o) {
+    if (stopping_.load()) return;
+    for (const auto& it : o.items) {
+      Chunk* ch = FindChunk(it.chunk_id);
+      std::string why;
+      {
+        std::lock_guard<std::mutex> lock(failover_mu_);
+        if (!ch) {
+          why = "this server does not hold it";
+        } else if (ch->is_backup.load()) {
+          why = "this server is not its primary";
+        } else if (it.backup == rank_ || it.backup >= peers_.size() || !peers_[it.backup] ||
+                   dead_[it.backup]) {
+          why = fmt::format("server {} cannot be reached from server {}", it.backup, rank_);
+        }
+      }
+      if (!why.empty()) {
+        ReportRebuilt(it.chunk_id, it.backup, Status::InvalidArgument(why));
+        continue;
+      }
+      OnOwner(*ch, [this, ch, b = it.backup] { BeginRebuild(*ch, b); });
+    }
+  }
+
+  void ReportRebuilt(uint64_t chunk, uint32_t backup, const Status& st) {
+    if (st.ok()) {
+      spdlog::info("server {}: chunk {} has a new backup on server {}", rank_, chunk, backup);
+    } else {
+      spdlog::warn("server {}: no new backup of chunk {} on server {}: {}", rank_, chunk, backup,
+                   st.ToString());
+    }
+    if (node_)
+      node_->ReportBackupRebuilt(BackupRebuilt{chunk, backup, st.ok() ? "" : st.ToString()});
+  }
+
+  // Owner thread. New sync steps wait while the open ones drain (their sums would not be in the
+  // copy); the copy is taken once the chunk is quiet (TakeBackupCopy, also run after each of the
+  // engine's actions).
+  void BeginRebuild(Chunk& ch, uint32_t b) {
+    if (ch.rebuild) {
+      ch.next_rebuild = b;  // one in progress (to a server that died): this one goes after it
+      return;
+    }
+    if (ch.backup.load() != kNoServer)
+      return ReportRebuilt(ch.id, b,
+                           Status::AlreadyExists(fmt::format("chunk {} has a backup", ch.id)));
+    auto r = std::make_shared<Rebuild>();
+    r->chunk = &ch;
+    r->backup = b;
+    ch.rebuild = r;
+    ch.rebuild_copied = false;
+    ch.engine->HoldNewSteps();
+    TakeBackupCopy(ch);
+  }
+
+  // Owner thread: once the chunk is quiet, its state (parameters, optimizer state, version,
+  // sequence tables) goes to the new backup, and the pushes waiting here after it; then every
+  // push applied here is sent there too (Forward on landing, or ApplyPush).
+  void TakeBackupCopy(Chunk& ch) {
+    if (!ch.rebuild || ch.rebuild_copied || !ch.engine->Quiet()) return;
+    std::shared_ptr<Rebuild> r = ch.rebuild;
+    ch.rebuild_copied = true;
+    ChunkState s;
+    Status st = Snapshot(ch, &s);
+    if (!st.ok()) {
+      {
+        std::lock_guard<std::mutex> lock(r->mu);
+        r->failed = st;
+      }
+      Execute(ch, ch.engine->ReleaseHold());
+      data_ctx_->RunInLoop([this, r] { FinishRebuild(r); });
+      return;
+    }
+    InstallReplica in;
+    in.epoch = epoch_.load();
+    in.item = ch.create;
+    in.item.primary = rank_;
+    in.item.backup = r->backup;
+    in.version = s.version;
+    in.steps = s.steps;
+    in.last_seq = s.last_seq;
+    in.m_floats = s.m.size();
+    in.v_floats = s.v.size();
+    Bytes meta;
+    Writer w(&meta);
+    in.Encode(&w);
+    Bytes payload((s.params.size() + s.m.size() + s.v.size()) * 4);
+    uint8_t* at = payload.data();
+    for (const auto* v : {&s.params, &s.m, &s.v}) {
+      if (!v->empty()) std::memcpy(at, v->data(), v->size() * 4);
+      at += v->size() * 4;
+    }
+    std::vector<std::shared_ptr<ReplicaJoin>> waiting;
+    // (One forwarded to the backup that died is sent again: that backup's answer no longer
+    // counts.)
+    ch.engine->ForEachWaiting([&](LandedPush& p) {
+      if ((!p.reply.join || p.reply.join->backup != r->backup) && Provisional(r))
+        waiting.push_back(Join(ch, p, r->backup, r));
+    });
+    spdlog::info("server {}: copying chunk {} (version {}) to server {}, its new backup", rank_,
+                 ch.id, s.version, r->backup);
+    // On the loop, in this order on the link: the copy, the pushes that waited, then every push
+    // that lands (Forward).
+    data_ctx_->RunInLoop([this, r, meta = std::move(meta), payload = std::move(payload),
+                          waiting = std::move(waiting)]() mutable {
+      std::shared_ptr<RpcChannel> peer;
+      {
+        std::lock_guard<std::mutex> lock(failover_mu_);
+        if (r->backup < peers_.size() && !dead_[r->backup]) peer = peers_[r->backup];
+        if (peer) r->chunk->rebuild_link = r;
+      }
+      if (!peer) {
+        {
+          std::lock_guard<std::mutex> lock(r->mu);
+          if (r->failed.ok())
+            r->failed = Status::Unavailable(fmt::format("server {} is gone", r->backup));
+        }
+        for (auto& j : waiting) SendToBackup(j);  // answered as failed
+        return FinishRebuild(r);
+      }
+      peer->Call(kInstallReplica, meta, transport::Payload::Own(std::move(payload)),
+                 [this, r](Status st, Reader& rd, transport::Message&) {
+                   if (st.ok() && !rd.done())
+                     st = Status::ProtocolError("malformed answer to a replica install");
+                   {
+                     std::lock_guard<std::mutex> lock(r->mu);
+                     if (st.ok()) r->installed = true;
+                     if (!st.ok() && r->failed.ok()) r->failed = st;
+                   }
+                   FinishRebuild(r);
+                 });
+      for (auto& j : waiting) SendReplica(*peer, j);
+      SendAnswers();
+    });
+    Execute(ch, ch.engine->ReleaseHold());
+  }
+
+  // A push sent to a new backup was answered (or could not be): a refusal or a lost connection
+  // fails the rebuild. The worker is acknowledged on this server's word: the coordinator counts
+  // the new backup only once it is whole.
+  void RebuildPushAnswered(const std::shared_ptr<ReplicaJoin>& join, const Status& st) {
+    const std::shared_ptr<Rebuild>& r = join->rebuild;
+    {
+      std::lock_guard<std::mutex> lock(r->mu);
+      r->provisional--;
+      if (!st.ok() && r->failed.ok())
+        r->failed = st.WithContext("a push sent to the new backup after its copy");
+    }
+    RemoteDone(join, Status::OK());
+    FinishRebuild(r);
+  }
+
+  // Ends rebuild `r` once it failed, or its copy is installed and every push sent after it was
+  // answered: the new backup becomes the chunk's backup (or the chunk keeps one copy), and the
+  // coordinator hears it.
+  void FinishRebuild(const std::shared_ptr<Rebuild>& r) {
+    Status failed;
+    {
+      std::lock_guard<std::mutex> lock(r->mu);
+      if (r->done || (r->failed.ok() && (!r->installed || r->provisional > 0))) return;
+      r->done = true;
+      failed = r->failed;
+    }
+    Chunk& ch = *r->chunk;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (ch.rebuild_link == r) ch.rebuild_link.reset();
+      if (failed.ok() && dead_[r->backup])
+        failed = Status::Unavailable(fmt::format("server {} was declared dead", r->backup));
+      if (failed.ok()) ch.backup.store(r->backup);
+    }
+    if (failed.ok()) backups_rebuilt_.fetch_add(1, std::memory_order_relaxed);
+    ReportRebuilt(ch.id, r->backup, failed);
+    OnOwner(ch, [this, chp = &ch, r] {
+      if (chp->rebuild != r) return;
+      chp->rebuild.reset();
+      chp->rebuild_copied = false;
+      if (chp->next_rebuild != kNoServer) {
+        const uint32_t b = chp->next_rebuild;
+        chp->next_rebuild = kNoServer;
+        BeginRebuild(*chp, b);
+      }
+    });
+  }
+
+  // kInstallReplica: this server becomes the backup of a chunk, from its primary's copy of it
+  // (the primary then sends the pushes it applies after the copy, as kReplicate).
+  void OnInstallReplica(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r,
+                        transport::Message& m) {
+    InstallReplica in;
+    if (!in.Decode(&r, view_.num_pushers()) || !r.done())
+      return Drop(c, "malformed replica install");
+    const CreateChunkItem& it = in.item;
+    if (Status v = CheckItem(it); !v.ok()) return Reply(*c, req, v);
+    if (in.m_floats > it.numel || in.v_floats > it.numel ||
+        m.payload.size() != (it.numel + in.m_floats + in.v_floats) * 4 ||
+        in.last_seq.size() != view_.num_pushers())
+      return Reply(*c, req,
+                   Status::InvalidArgument(fmt::format(
+                       "the copy of chunk {} ({} elements, {} bytes, {} sequence numbers) does "
+                       "not add up",
+                       it.chunk_id, it.numel, m.payload.size(), in.last_seq.size())));
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (it.backup != rank_ || it.primary == rank_ || it.primary >= dead_.size() ||
+          dead_[it.primary])
+        return Reply(*c, req,
+                     Status::Aborted(fmt::format("server {} does not take chunk {} as the backup "
+                                                 "of server {} (shard map epoch {})",
+                                                 rank_, it.chunk_id, it.primary, epoch_.load())));
+    }
+    if (FindChunk(it.chunk_id))
+      return Reply(
+          *c, req,
+          Status::AlreadyExists(fmt::format("server {} holds chunk {}", rank_, it.chunk_id)));
+    ChunkState s;
+    s.tensor = it.tensor;
+    s.chunk_id = it.chunk_id;
+    s.offset = it.offset;
+    s.numel = it.numel;
+    s.version = in.version;
+    s.optimizer = static_cast<uint8_t>(it.optimizer.kind);
+    s.steps = in.steps;
+    s.last_seq = std::move(in.last_seq);
+    const auto* f = reinterpret_cast<const float*>(m.payload.data());
+    s.params.assign(f, f + it.numel);
+    s.m.assign(f + it.numel, f + it.numel + in.m_floats);
+    s.v.assign(f + it.numel + in.m_floats, f + it.numel + in.m_floats + in.v_floats);
+    auto made = MakeChunk(it, s.params.data(), &s);
+    if (!made.ok()) return Reply(*c, req, made.status());
+    replicas_installed_.fetch_add(1, std::memory_order_relaxed);
+    spdlog::info("server {}: now the backup of chunk {} of '{}' (version {}), for server {}", rank_,
+                 it.chunk_id, it.tensor, s.version, it.primary);
+    AnswerAttaches();  // workers attaching to the new backup
+    Reply(*c, req, Status::OK());
   }
 
   // kReplicate: a push to a chunk this server is the backup of, from the chunk's primary. It
@@ -1113,6 +1426,8 @@ class ServerImpl final : public Server {
         return OnSaveChunks(c, req, r);
       case kReplicate:
         return OnReplicate(c, req, r, m);
+      case kInstallReplica:
+        return OnInstallReplica(c, req, r, m);
       case kStats: {
         if (!r.done()) return Drop(c, "malformed stats request");
         std::string json = stats().ToJson();
@@ -1136,16 +1451,7 @@ class ServerImpl final : public Server {
     std::vector<CreateChunkItem>& items = rq.items;
     uint64_t total = 0;
     for (const auto& it : items) {
-      if (it.numel == 0 || it.numel > view_.chunk_bytes / 4)
-        return Reply(*c, req,
-                     Status::InvalidArgument(
-                         fmt::format("chunk {} of '{}' has {} elements; the bound is {}",
-                                     it.chunk_id, it.tensor, it.numel, view_.chunk_bytes / 4)));
-      Status v = it.optimizer.Validate();
-      if (v.ok() && (it.push_block == 0 || it.push_block > (1u << 20)))
-        v = Status::InvalidArgument(
-            fmt::format("compression block {} outside [1, 1048576]", it.push_block));
-      if (!v.ok()) return Reply(*c, req, v.WithContext("tensor '" + it.tensor + "'"));
+      if (Status v = CheckItem(it); !v.ok()) return Reply(*c, req, v);
       total += it.numel * 4;
     }
     bool attach = m.payload.size() == 0;
@@ -1163,6 +1469,20 @@ class ServerImpl final : public Server {
     }
     attaches_.push_back(Attach{c, req, std::move(items)});
     AnswerAttaches();
+  }
+
+  // A chunk's description as a worker or a primary sends it: its size within the job's chunk
+  // size, its optimizer's settings, its compression block.
+  Status CheckItem(const CreateChunkItem& it) const {
+    if (it.numel == 0 || it.numel > view_.chunk_bytes / 4)
+      return Status::InvalidArgument(
+          fmt::format("chunk {} of '{}' has {} elements; the bound is {}", it.chunk_id, it.tensor,
+                      it.numel, view_.chunk_bytes / 4));
+    Status v = it.optimizer.Validate();
+    if (v.ok() && (it.push_block == 0 || it.push_block > (1u << 20)))
+      v = Status::InvalidArgument(
+          fmt::format("compression block {} outside [1, 1048576]", it.push_block));
+    return v.WithContext("tensor '" + it.tensor + "'");
   }
 
   // Loop thread: answers every create/attach whose chunks all exist.
@@ -1210,8 +1530,11 @@ class ServerImpl final : public Server {
     }
   }
 
-  Result<Chunk*> MakeChunk(const CreateChunkItem& it, const float* init) {
+  // `copy`: a new backup's chunk, as its primary sent it (its state and sequence tables).
+  Result<Chunk*> MakeChunk(const CreateChunkItem& it, const float* init,
+                           const ChunkState* copy = nullptr) {
     auto ch = std::make_unique<Chunk>();
+    ch->create = it;
     ch->id = it.chunk_id;
     ch->tensor = it.tensor;
     ch->offset = it.offset;
@@ -1239,8 +1562,8 @@ class ServerImpl final : public Server {
             name, need, device_->name(), *free_bytes));
     }
     // --restore: the chunk's saved state, when the checkpoint holds its tensor.
-    const ChunkState* saved = nullptr;
-    if (restore_) {
+    const ChunkState* saved = copy;
+    if (restore_ && !copy) {
       SHARDPS_ASSIGN_OR_RETURN(saved, Saved(it, name));
     }
     if (saved) init = saved->params.data();
@@ -1275,7 +1598,8 @@ class ServerImpl final : public Server {
       rs.steps = saved->steps;
       rs.m = saved->m;
       rs.v = saved->v;
-      SHARDPS_RETURN_IF_ERROR(rule->LoadState(rs).WithContext("restoring from " + restore_->dir));
+      SHARDPS_RETURN_IF_ERROR(rule->LoadState(rs).WithContext(
+          copy ? std::string("installing the primary's copy") : "restoring from " + restore_->dir));
     }
     EngineConfig ec;
     ec.mode = view_.mode;
@@ -1289,6 +1613,7 @@ class ServerImpl final : public Server {
     ec.weight_rule = view_.weight_rule;
     ec.counters = counters_.get();
     ec.initial_version = version;
+    if (copy) ec.initial_last_seq = copy->last_seq;  // a checkpoint's workers start afresh
     // Its place in the shard map: a backup here takes the primary's forwarded pushes; a primary
     // here forwards to a backup that is alive. Decided and published under failover_mu_, so a
     // server declared dead meanwhile (OnServerDown) finds the chunk in its role.
@@ -1422,6 +1747,7 @@ class ServerImpl final : public Server {
 
   // The chunk's owner thread: hands a push to the engine and carries out what it decided.
   void ApplyPush(Chunk& ch, LandedPush p) {
+    ForwardLate(ch, p);
     const auto start = std::chrono::steady_clock::now();
     const uint32_t worker = p.worker;
     const uint64_t seq = p.seq;
@@ -1588,6 +1914,25 @@ class ServerImpl final : public Server {
 
   // Carries out what the engine decided: buffers back to the pool first (an admitted grant or
   // a grant ahead may take them), then admitted grants, then acknowledgements.
+  // Owner thread: push `p` landed before its chunk had the backup it has now (a new one being
+  // made, or made meanwhile: it was forwarded to none, or to the backup that died) and is
+  // applied now: it goes there too, after the chunk's copy.
+  void ForwardLate(Chunk& ch, LandedPush& p) {
+    uint32_t b = ch.backup.load();
+    if (b == kNoServer && ch.rebuild && ch.rebuild_copied) b = ch.rebuild->backup;
+    if (b == kNoServer || (p.reply.join && p.reply.join->backup == b)) return;
+    std::shared_ptr<Rebuild> r;
+    if (ch.backup.load() != b) {
+      if (!Provisional(ch.rebuild)) return;  // it ended (failed) meanwhile
+      r = ch.rebuild;
+    }
+    auto join = Join(ch, p, b, std::move(r));
+    data_ctx_->RunInLoop([this, join] {
+      SendToBackup(join);
+      SendAnswers();
+    });
+  }
+
   void Execute(Chunk& ch, EngineActions a) {
     pool_.AddParked(a.parked_buffers_delta);
     for (uint32_t b : a.release)
@@ -1601,6 +1946,7 @@ class ServerImpl final : public Server {
     duplicates_ += a.duplicates;
     late_ += a.late;
     versions_ += a.published;
+    if (ch.rebuild && !ch.rebuild_copied) TakeBackupCopy(ch);  // the chunk may be quiet now
   }
 
   // The acknowledgement carries a landing buffer granted ahead for the worker's next push
@@ -1721,10 +2067,12 @@ class ServerImpl final : public Server {
   std::condition_variable link_cv_;
   std::thread link_thread_;  // ReplicaLinkLoop, with replication
   std::atomic<uint64_t> reopened_links_{0};
-  std::atomic<uint64_t> epoch_{0};              // the shard map's, as last heard
-  std::atomic<uint64_t> replicated_pushes_{0};  // forwarded to a backup
-  std::atomic<uint64_t> replica_pushes_{0};     // taken as a backup
-  std::atomic<uint64_t> promoted_chunks_{0};    // served since their primary was declared dead
+  std::atomic<uint64_t> epoch_{0};               // the shard map's, as last heard
+  std::atomic<uint64_t> replicated_pushes_{0};   // forwarded to a backup
+  std::atomic<uint64_t> replica_pushes_{0};      // taken as a backup
+  std::atomic<uint64_t> promoted_chunks_{0};     // served since their primary was declared dead
+  std::atomic<uint64_t> backups_rebuilt_{0};     // chunks of which a new backup was made
+  std::atomic<uint64_t> replicas_installed_{0};  // chunks this server became a new backup of
 };
 
 }  // namespace

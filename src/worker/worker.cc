@@ -276,19 +276,36 @@ struct ChunkRef {
   // The server that serves it now: its primary, or once the primary was declared dead its
   // backup (docs/fault-tolerance.md).
   std::atomic<uint32_t> server{0};
-  uint32_t backup = kNoServer;  // its backup when declared, if it has one
+  // Its backup, if it has one (docs/fault-tolerance.md): as declared, or a new one made after a
+  // failover; kNoServer once it moved to it.
+  std::atomic<uint32_t> backup{kNoServer};
+  CreateChunkItem create;  // as declared: what attaching to a new backup names
   uint64_t offset = 0;
   uint64_t numel = 0;
   compress::ChunkCodec codec;   // how its pushes are encoded
   uint64_t encoded_offset = 0;  // where its encoding starts in the tensor's staging buffer
   uint64_t encoded_bytes = 0;
   Codec pull_codec = Codec::kNone;
-  ChunkSlots slots;         // on its primary
-  ChunkSlots backup_slots;  // on its backup
-  std::atomic<bool> on_backup{false};
-  // Its slots on `server`, its primary or its backup.
-  const ChunkSlots& SlotsOn(uint32_t server) const {
-    return backup != kNoServer && server == backup ? backup_slots : slots;
+  // Its slots on each server that held a copy of it: its primary and backup as declared, then
+  // each new backup. Appended to (under the failover mutex, or while declaring), never changed,
+  // so that an operation reading one never sees it change.
+  static constexpr uint32_t kMaxCopies = 16;
+  std::array<uint32_t, kMaxCopies> copy_server{};
+  std::array<ChunkSlots, kMaxCopies> copy_slots;
+  std::atomic<uint32_t> copies{0};
+  bool AddCopy(uint32_t on, ChunkSlots s) {
+    const uint32_t n = copies.load(std::memory_order_relaxed);
+    if (n == kMaxCopies) return false;
+    copy_server[n] = on;
+    copy_slots[n] = std::move(s);
+    copies.store(n + 1, std::memory_order_release);
+    return true;
+  }
+  // Its slots on `server` (the newest copy there).
+  const ChunkSlots& SlotsOn(uint32_t on) const {
+    for (uint32_t i = copies.load(std::memory_order_acquire); i-- > 0;)
+      if (copy_server[i] == on) return copy_slots[i];
+    return copy_slots[0];
   }
   SlotLayout layout;
   std::atomic<uint64_t> known_version{0};
@@ -863,6 +880,7 @@ class WorkerImpl final : public Worker {
     no.register_timeout = opt_.register_timeout;
     no.rpc_timeout = opt_.rpc_timeout;
     no.on_server_down = [this](const ServerDown& d) { OnServerDown(d); };
+    no.on_backups_added = [this](const BackupOrders& o) { OnBackupsAdded(o); };
     auto servers_failed = failed_servers_;
     auto failover = failover_;
     auto node =
@@ -1120,7 +1138,7 @@ class WorkerImpl final : public Worker {
         ref->tensor_step = &info->next_step;
         ref->chunk_id = p.chunk_id;
         ref->server = p.server;
-        ref->backup = p.backup;
+        ref->backup.store(p.backup);
         ref->offset = p.offset;
         ref->numel = p.numel;
         ref->codec = compress::ForChunk(info->compression, info->numel, p.offset, p.numel);
@@ -1155,6 +1173,7 @@ class WorkerImpl final : public Worker {
                              specs[i].pull_codec,
                              p.server,
                              p.backup};
+          ref->create = ci;
           Writer w(&ps.body);
           ci.Encode(&w);
           ps.count++;
@@ -1195,20 +1214,17 @@ class WorkerImpl final : public Worker {
           return Status::ProtocolError("malformed create reply");
         for (size_t k = 0; k < b.refs.size(); ++k) {
           ChunkRef* ref = b.refs[k];
-          if (b.backup[k]) {
-            ref->backup_slots = std::move(reply.chunks[k]);
-            if (ref->backup_slots.slot_stride != ref->layout.stride)
-              return Status::ProtocolError("malformed create reply");
-            continue;
-          }
-          ref->slots = std::move(reply.chunks[k]);
-          if (ref->slots.slot_stride != ref->layout.stride)
+          const ChunkSlots& got = reply.chunks[k];
+          if (got.slot_stride != ref->layout.stride)
             return Status::ProtocolError("malformed create reply");
-          ref->known_version = ref->slots.version;
+          const uint64_t version = got.version;
+          ref->AddCopy(static_cast<uint32_t>(s), std::move(reply.chunks[k]));
+          if (b.backup[k]) continue;
+          ref->known_version = version;
           // A chunk restored from a checkpoint (docs/fault-tolerance.md) is at its saved
           // version: in sync mode the tensor's pushes go on with the step after it.
-          if (view_.mode == Mode::kSync && ref->tensor_step->load() <= ref->slots.version)
-            ref->tensor_step->store(ref->slots.version + 1);
+          if (view_.mode == Mode::kSync && ref->tensor_step->load() <= version)
+            ref->tensor_step->store(version + 1);
         }
       }
     }
@@ -1456,11 +1472,64 @@ class WorkerImpl final : public Worker {
   // Under failover_->mu: moves `ref` to its backup when its server was declared dead; false
   // when it is left on a dead server (no backup, or that died too).
   bool RerouteLocked(ChunkRef* ref) {
-    if (failover_->Dead(ref->server.load()) && ref->backup != kNoServer && !ref->on_backup.load()) {
-      ref->on_backup.store(true);
-      ref->server.store(ref->backup);
+    const uint32_t b = ref->backup.load();
+    if (failover_->Dead(ref->server.load()) && b != kNoServer && !failover_->Dead(b)) {
+      ref->server.store(b);
+      ref->backup.store(kNoServer);
     }
     return !failover_->Dead(ref->server.load());
+  }
+
+  // kBackupsAdded: chunks that got a new backup after a failover (docs/fault-tolerance.md, "New
+  // backups"). The worker attaches to each (its slots there) and from then on moves the chunk
+  // to it if its server dies. Control loop; the attach is answered on the data loop.
+  void OnBackupsAdded(const BackupOrders& o) {
+    for (const auto& it : o.items) {
+      ChunkRef* ref = nullptr;
+      {
+        std::lock_guard<std::mutex> tl(tensors_mu_);
+        for (auto& t : tensors_)
+          for (auto& c : t->chunks)
+            if (c->chunk_id == it.chunk_id) ref = c.get();
+      }
+      std::shared_ptr<RpcChannel> rpc;
+      {
+        std::lock_guard<std::mutex> lock(failover_->mu);
+        if (!failover_->ready || it.backup >= servers_.size() || failover_->Dead(it.backup))
+          continue;
+        rpc = servers_[it.backup];
+      }
+      if (!ref) continue;  // a tensor this worker has not declared: nothing to attach
+      CreateChunkItem ci = ref->create;
+      ci.primary = ref->server.load();
+      ci.backup = it.backup;
+      Bytes body;
+      Writer w(&body);
+      w.Put<uint32_t>(1);
+      ci.Encode(&w);
+      const uint64_t id = it.chunk_id;
+      rpc->Call(kCreateChunks, body, transport::Payload::Own(Bytes{}),
+                [this, fo = failover_, ref, id, b = it.backup](Status st, Reader& r,
+                                                               transport::Message&) {
+                  CreateChunksReply reply;
+                  if (st.ok() && (!reply.Decode(&r) || !r.done() || reply.chunks.size() != 1))
+                    st = Status::ProtocolError("malformed create reply");
+                  std::lock_guard<std::mutex> lock(fo->mu);
+                  if (fo->stop) return;
+                  if (st.ok() && reply.chunks[0].slot_stride != ref->layout.stride)
+                    st = Status::ProtocolError("malformed create reply");
+                  if (st.ok() && !ref->AddCopy(b, std::move(reply.chunks[0])))
+                    st = Status::ResourceExhausted(
+                        fmt::format("it had {} copies already", ChunkRef::kMaxCopies));
+                  if (!st.ok()) {
+                    spdlog::warn("worker {}: cannot use server {} as chunk {}'s new backup: {}",
+                                 rank_, b, id, st.ToString());
+                    return;
+                  }
+                  if (fo->Dead(b) || ref->server.load() == b) return;
+                  ref->backup.store(b);
+                });
+    }
   }
 
   // kServerDown: server `d.rank` was replaced by its chunks' backups. The chunks it served move

@@ -65,7 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t which = data[0];
   data++;
   size--;
-  switch (which % 22) {
+  switch (which % 25) {
     case 0:
       RoundTrip<ClusterView>(data, size);
       break;
@@ -128,6 +128,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 21:
       RoundTrip<WorkerDown>(data, size);
+      break;
+    case 22:
+      RoundTrip<BackupOrders>(data, size);
+      break;
+    case 23:
+      RoundTrip<BackupRebuilt>(data, size);
+      break;
+    case 24:
+      RoundTrip<InstallReplica>(data, size);
       break;
     case 12: {
       // Counts read off the wire before vectors are sized.

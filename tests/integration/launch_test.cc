@@ -207,56 +207,68 @@ TEST(LaunchUcx, SyncAndAsyncBenchVerifyOverUcx) {
   }
 }
 
-// Replication (docs/fault-tolerance.md) with real processes: worker 0 SIGKILLs server 1 in the
-// middle of a verified bench, in sync and async mode, over tcp and ucx (where built): the job
-// goes on with the chunks' backups and ends with exact values; small chunks travel in batches,
-// 64 KiB ones through landing buffers.
-TEST(Launch, KilledServerWithReplicasLosesNoPush) {
+// A verified bench of 3 servers with replicas and 2 workers over `transport` in `mode`, `chunk`
+// chunks (4 KiB ones travel in batches, 64 KiB ones through landing buffers), `iters`
+// iterations, with `kills` (its --kill-... flags): it must end with every value verified.
+CommandResult RunKillBench(const std::string& transport, const std::string& mode,
+                           const std::string& chunk, const std::string& iters,
+                           const std::vector<std::string>& kills) {
+  std::vector<std::string> cmd = {
+      kShardps,     "bench",  "--transport", transport, "--servers",   "3",   "--workers",    "2",
+      "--replicas", "1",      "--mode",      mode,      "--aggregate", "sum", "--chunk-size", chunk,
+      "--size",     "200000", "--tensors",   "2",       "--iters",     iters, "--warmup",     "0",
+      "--verify"};
+  cmd.insert(cmd.end(), kills.begin(), kills.end());
+  auto r = RunCommand(cmd, 120s, {"UCX_TLS=shm,self"});
+  EXPECT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+  return r;
+}
+
+// tcp, and ucx where it is built.
+std::vector<std::string> BenchTransports() {
   auto probe = RunCommand(
       {kShardps, "bench", "--transport", "ucx", "--size", "4KiB", "--iters", "1", "--warmup", "0"},
       60s);
   std::vector<std::string> transports = {"tcp"};
   if (probe.output.find("no ucx transport") == std::string::npos) transports.push_back("ucx");
-  for (const std::string& transport : transports)
+  return transports;
+}
+
+// Replication (docs/fault-tolerance.md) with real processes: worker 0 SIGKILLs server 0 in the
+// middle of a verified bench, in sync and async mode, over tcp and ucx (where built): the job
+// goes on with the chunks' backups and ends with exact values.
+TEST(Launch, KilledServerWithReplicasLosesNoPush) {
+  for (const std::string& transport : BenchTransports())
     for (const std::string mode : {"sync", "async"})
       for (const std::string chunk : {"4KiB", "64KiB"}) {
         SCOPED_TRACE(transport + " " + mode + " " + chunk);
-        auto r = RunCommand({kShardps,
-                             "bench",
-                             "--transport",
-                             transport,
-                             "--servers",
-                             "3",
-                             "--workers",
-                             "2",
-                             "--replicas",
-                             "1",
-                             "--mode",
-                             mode,
-                             "--aggregate",
-                             "sum",
-                             "--chunk-size",
-                             chunk,
-                             "--size",
-                             "200000",
-                             "--tensors",
-                             "2",
-                             "--iters",
-                             "30",
-                             "--warmup",
-                             "0",
-                             "--verify",
-                             "--kill-server-at",
-                             "10"},
-                            120s, {"UCX_TLS=shm,self"});
-        ASSERT_FALSE(r.timed_out) << r.output;
-        EXPECT_EQ(r.exit_code, 0) << r.output;
-        EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+        auto r = RunKillBench(transport, mode, chunk, "30", {"--kill-server-at", "10"});
         EXPECT_NE(r.output.find("killed server 0"), std::string::npos) << r.output;
         EXPECT_NE(r.output.find("declared dead; shard map epoch 1"), std::string::npos) << r.output;
         EXPECT_NE(r.output.find("the job goes on with its chunks' backups"), std::string::npos)
             << r.output;
         EXPECT_NE(r.output.find("completed"), std::string::npos) << r.output;
+      }
+}
+
+// Two servers SIGKILLed one after the other (docs/fault-tolerance.md, "New backups"): after the
+// first death the survivors make new backups of the chunks left with one copy; the workers meet,
+// worker 0 waits until no live server has a chunk without a backup, and kills server 1. Both
+// workers verify every value; the last server serves every chunk.
+TEST(Launch, TwoServersKilledOneAfterTheOtherLoseNoPush) {
+  for (const std::string& transport : BenchTransports())
+    for (const std::string mode : {"sync", "async"})
+      for (const std::string chunk : {"4KiB", "64KiB"}) {
+        SCOPED_TRACE(transport + " " + mode + " " + chunk);
+        auto r = RunKillBench(transport, mode, chunk, "24",
+                              {"--kill-server-at", "5", "--kill-second-server-at", "14"});
+        EXPECT_NE(r.output.find("declared dead; shard map epoch 1"), std::string::npos) << r.output;
+        EXPECT_NE(r.output.find("every chunk has a backup again (epoch 1)"), std::string::npos)
+            << r.output;
+        EXPECT_NE(r.output.find("killed server 1"), std::string::npos) << r.output;
+        EXPECT_NE(r.output.find("declared dead; shard map epoch 2"), std::string::npos) << r.output;
       }
 }
 
