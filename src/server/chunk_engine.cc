@@ -54,6 +54,18 @@ bool ChunkEngine::Admissible(uint64_t seq) const {
   return true;
 }
 
+bool ChunkEngine::GrantAdmissible(uint64_t seq) const {
+  if (cfg_.mode == Mode::kSync && hold_new_steps_.load(std::memory_order_acquire) &&
+      seq > version() + 1)
+    return false;
+  return Admissible(seq);
+}
+
+bool ChunkEngine::HeldForCopy(const LandedPush& p) const {
+  return cfg_.mode == Mode::kSync && hold_new_steps_.load(std::memory_order_relaxed) &&
+         !steps_.count(p.seq);
+}
+
 bool ChunkEngine::HeldBack(const LandedPush& p) const {
   // A backup's copy in ssp mode (pushes its primary forwarded) does not wait for the slowest
   // worker: the primary holds each push back itself and acknowledges it only once the backup
@@ -116,7 +128,7 @@ Result<bool> ChunkEngine::Admit(const ParkedGrant& g) {
   std::lock_guard<std::mutex> lock(grants_mu_);
   // The version is read under the lock that AdmitGrants takes after publishing, so a grant is
   // either admitted here or parked where the next publication finds it.
-  if (Admissible(g.seq)) return true;
+  if (GrantAdmissible(g.seq)) return true;
   if (grants_.size() >= cfg_.max_parked_grants)
     return Status::ResourceExhausted(
         fmt::format("{} grant requests already wait for this chunk", grants_.size()));
@@ -135,7 +147,7 @@ void ChunkEngine::AdmitGrants(EngineActions* out) {
   if (grants_.empty()) return;
   std::deque<ParkedGrant> keep;
   for (auto& g : grants_) {
-    if (Admissible(g.seq)) {
+    if (GrantAdmissible(g.seq)) {
       out->admit.push_back(std::move(g));
     } else {
       keep.push_back(std::move(g));
@@ -259,6 +271,7 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
   if (p.seq <= last) {
     // A resent push: acknowledged, never applied twice. In sync mode a resend of a step that is
     // not published yet is answered when it is.
+    Take(p);
     out->duplicates++;
     out->release.push_back(p.buffer);
     auto pending = steps_.find(p.seq);
@@ -273,6 +286,7 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
   // steps that were published without it.
   if (p.seq != last + 1 && !SkipsPublished(p.seq)) return false;
   if (backups_ && p.seq <= version()) {
+    Take(p);
     DropLate(p, out);
     return true;
   }
@@ -280,8 +294,9 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
     if (WorkerCounters* c = Counters(p.worker)) c->waits.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
+  if (HeldForCopy(p)) return false;  // parked until ReleaseHold
+  Take(p);
   if (cfg_.mode == Mode::kSync) {
-    if (hold_new_steps_ && !steps_.count(p.seq)) return false;  // parked until ReleaseHold
     ProcessSync(p, out);
   } else {
     ProcessAsync(p, out);
@@ -291,14 +306,9 @@ bool ChunkEngine::TryProcess(LandedPush& p, EngineActions* out) {
 
 EngineActions ChunkEngine::ReleaseHold() {
   EngineActions out;
-  hold_new_steps_ = false;
+  hold_new_steps_.store(false, std::memory_order_release);
   Drain(&out);
   return out;
-}
-
-void ChunkEngine::ForEachWaiting(const std::function<void(LandedPush&)>& fn) {
-  for (auto& [key, p] : parked_) fn(p);
-  for (auto& p : queued_) fn(p);
 }
 
 void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {
@@ -409,14 +419,14 @@ void ChunkEngine::Drain(EngineActions* out) {
       const uint64_t seq = it->first.second;
       const bool skips = SkipsPublished(seq);
       if (seq != last_seq_[w] + 1 && !skips) continue;
-      if (!skips && HeldBack(it->second)) continue;
+      if (!skips && (HeldBack(it->second) || HeldForCopy(it->second))) continue;
       LandedPush p = std::move(it->second);
       parked_.erase(it);
       out->parked_buffers_delta -= p.holds_buffer();
       if (!TryProcess(p, out)) {  // not expected (next in line and admissible): parked again
         out->parked_buffers_delta += p.holds_buffer();
         parked_.emplace(std::make_pair(p.worker, p.seq), std::move(p));
-        break;
+        continue;  // the other workers' pushes may go
       }
     }
     if (!updating_ && !queued_.empty()) {

@@ -63,6 +63,8 @@ struct WorkerCounters {
   std::atomic<uint64_t> behind_max{0};
 };
 
+struct LandedPush;
+
 struct EngineConfig {
   Mode mode = Mode::kSync;
   // The pushers: every worker, or with node-level reduction every node, whose push is its
@@ -86,6 +88,10 @@ struct EngineConfig {
   // Per pusher, the last sequence number applied (a new backup's copy: docs/fault-tolerance.md);
   // empty: none yet (sync: initial_version).
   std::vector<uint64_t> initial_last_seq;
+  // Owner thread: called with each push the engine takes (applies, folds into a step, drops as
+  // late or as a duplicate), in the order it takes them, before it is answered (a new backup is
+  // sent pushes in that order: docs/fault-tolerance.md, "New backups").
+  std::function<void(LandedPush&)> on_take;
 };
 
 // A batch request being answered (the server's; cluster::BatchRequest).
@@ -209,11 +215,11 @@ class ChunkEngine {
   // quiet: no update in flight, nothing queued, no sync step open (its sum would not be in the
   // copy). Owner thread. While `HoldNewSteps` is on, a sync push that would open a step is
   // parked, so the open steps drain; `ReleaseHold` lets the parked pushes go on.
+  // Meanwhile grants go only to pushes of the next step, so that held pushes do not take the
+  // landing buffers the open steps' pushes need.
   bool Quiet() const { return !busy() && steps_.empty(); }
-  void HoldNewSteps() { hold_new_steps_ = true; }
+  void HoldNewSteps() { hold_new_steps_.store(true, std::memory_order_release); }
   EngineActions ReleaseHold();
-  // Owner thread: each push parked or queued here (not in a copy taken now, to be sent along).
-  void ForEachWaiting(const std::function<void(LandedPush&)>& fn);
 
  private:
   struct PendingAck {
@@ -238,6 +244,11 @@ class ChunkEngine {
   uint32_t Needed(const Step& st) const { return quorum_ + st.removed_pushes; }
 
   bool Admissible(uint64_t seq) const;
+  bool GrantAdmissible(uint64_t seq) const;     // Admissible, and within a hold's bound
+  bool HeldForCopy(const LandedPush& p) const;  // HoldNewSteps: it would open a step
+  void Take(LandedPush& p) {
+    if (cfg_.on_take) cfg_.on_take(p);
+  }
   bool HeldBack(const LandedPush& p) const;  // Admissible, but for a backup's pushes (ssp)
   // Backup workers: every step before `seq` is published, so a push of `seq` need not wait for
   // the worker's pushes of them (they were, or would be, late).
@@ -285,11 +296,11 @@ class ChunkEngine {
   uint32_t live_workers_;           // workers not removed (RemoveWorker)
   std::vector<bool> removed_;       // per worker
   std::vector<uint64_t> last_seq_;  // per worker
-  bool hold_new_steps_ = false;     // HoldNewSteps
-  std::vector<const transport::Connection*> conn_of_;           // per worker: its last push's
-  std::vector<bool> departed_;                                  // per worker: connection closed
-  std::atomic<uint64_t> slowest_{0};                            // ssp: min clock, live workers
-  std::map<uint64_t, Step> steps_;                              // sync: open steps
+  std::atomic<bool> hold_new_steps_{false};            // HoldNewSteps (read by Admit: any thread)
+  std::vector<const transport::Connection*> conn_of_;  // per worker: its last push's
+  std::vector<bool> departed_;                         // per worker: connection closed
+  std::atomic<uint64_t> slowest_{0};                   // ssp: min clock, live workers
+  std::map<uint64_t, Step> steps_;                     // sync: open steps
   std::map<std::pair<uint32_t, uint64_t>, LandedPush> parked_;  // (worker, seq)
   std::deque<LandedPush> queued_;  // arrived while an update was in flight
   std::vector<std::unique_ptr<Accumulator>> spare_;

@@ -244,8 +244,10 @@ struct Chunk {
   std::shared_ptr<Rebuild> rebuild;
   bool rebuild_copied = false;
   uint32_t next_rebuild = kNoServer;
-  // failover_mu_: the rebuild whose copy was sent, to which Forward sends landed pushes.
-  std::shared_ptr<Rebuild> rebuild_link;
+  // Once a new backup was begun for it: pushes go to its backup as its engine takes them (in
+  // that order: ForwardTaken), no longer as they land (Forward), so that the new backup's engine
+  // takes them in the same order from a copy taken in between.
+  std::atomic<bool> forward_on_take{false};
 };
 
 class ServerImpl final : public Server {
@@ -827,17 +829,39 @@ class ServerImpl final : public Server {
   // acknowledgement wait for the backup's. The bytes are copied: the landing buffer goes back
   // to the pool once this server applied the push, which may be before they left.
   void Forward(Chunk& ch, LandedPush& p) {
-    uint32_t b = ch.backup.load();
+    const uint32_t b = ch.backup.load();
+    if (b == kNoServer || ch.forward_on_take.load(std::memory_order_relaxed)) return;
     std::shared_ptr<RpcChannel> peer;
-    std::shared_ptr<Rebuild> r;
     {
       std::lock_guard<std::mutex> lock(failover_mu_);
-      if (b == kNoServer) r = ch.rebuild_link;  // a new backup being made: sent after its copy
-      if (r) b = r->backup;
       if (b < peers_.size()) peer = peers_[b];
     }
-    if (!peer || (r && !Provisional(r))) return;
-    SendReplica(*peer, Join(ch, p, b, std::move(r)));
+    if (!peer) return;
+    SendReplica(*peer, Join(ch, p, b, nullptr));
+  }
+
+  // Owner thread, as the chunk's engine takes push `p` (EngineConfig::on_take), for a chunk that
+  // was given a new backup: it goes to the backup, or to the new one being made once its copy
+  // was taken (provisional), after everything taken before it.
+  void ForwardTaken(Chunk& ch, LandedPush& p) {
+    if (!ch.forward_on_take.load(std::memory_order_relaxed)) return;
+    uint32_t b = ch.backup.load();
+    std::shared_ptr<Rebuild> r;
+    if (b == kNoServer && ch.rebuild && ch.rebuild_copied) {
+      if (Provisional(ch.rebuild)) {
+        r = ch.rebuild;
+        b = r->backup;
+      } else {
+        b = ch.backup.load();  // it ended meanwhile: whole (the chunk's backup now), or failed
+      }
+    }
+    // (A push forwarded to the backup that died goes to this one too.)
+    if (b == kNoServer || (p.reply.join && p.reply.join->backup == b && !r)) return;
+    auto join = Join(ch, p, b, std::move(r));
+    data_ctx_->RunInLoop([this, join] {
+      SendToBackup(join);
+      SendAnswers();
+    });
   }
 
   // Counts a push sent to the new backup `r` before it is whole; false when `r` ended already.
@@ -981,6 +1005,7 @@ class ServerImpl final : public Server {
     r->backup = b;
     ch.rebuild = r;
     ch.rebuild_copied = false;
+    ch.forward_on_take.store(true);
     ch.engine->HoldNewSteps();
     TakeBackupCopy(ch);
   }
@@ -1022,24 +1047,15 @@ class ServerImpl final : public Server {
       if (!v->empty()) std::memcpy(at, v->data(), v->size() * 4);
       at += v->size() * 4;
     }
-    std::vector<std::shared_ptr<ReplicaJoin>> waiting;
-    // (One forwarded to the backup that died is sent again: that backup's answer no longer
-    // counts.)
-    ch.engine->ForEachWaiting([&](LandedPush& p) {
-      if ((!p.reply.join || p.reply.join->backup != r->backup) && Provisional(r))
-        waiting.push_back(Join(ch, p, r->backup, r));
-    });
     spdlog::info("server {}: copying chunk {} (version {}) to server {}, its new backup", rank_,
                  ch.id, s.version, r->backup);
-    // On the loop, in this order on the link: the copy, the pushes that waited, then every push
-    // that lands (Forward).
-    data_ctx_->RunInLoop([this, r, meta = std::move(meta), payload = std::move(payload),
-                          waiting = std::move(waiting)]() mutable {
+    // On the loop, and so on the link before the pushes the engine takes from now on
+    // (ForwardTaken posts each to the loop after this).
+    data_ctx_->RunInLoop([this, r, meta = std::move(meta), payload = std::move(payload)]() mutable {
       std::shared_ptr<RpcChannel> peer;
       {
         std::lock_guard<std::mutex> lock(failover_mu_);
         if (r->backup < peers_.size() && !dead_[r->backup]) peer = peers_[r->backup];
-        if (peer) r->chunk->rebuild_link = r;
       }
       if (!peer) {
         {
@@ -1047,7 +1063,6 @@ class ServerImpl final : public Server {
           if (r->failed.ok())
             r->failed = Status::Unavailable(fmt::format("server {} is gone", r->backup));
         }
-        for (auto& j : waiting) SendToBackup(j);  // answered as failed
         return FinishRebuild(r);
       }
       peer->Call(kInstallReplica, meta, transport::Payload::Own(std::move(payload)),
@@ -1061,8 +1076,6 @@ class ServerImpl final : public Server {
                    }
                    FinishRebuild(r);
                  });
-      for (auto& j : waiting) SendReplica(*peer, j);
-      SendAnswers();
     });
     Execute(ch, ch.engine->ReleaseHold());
   }
@@ -1087,19 +1100,20 @@ class ServerImpl final : public Server {
   // coordinator hears it.
   void FinishRebuild(const std::shared_ptr<Rebuild>& r) {
     Status failed;
+    Chunk& ch = *r->chunk;
     {
       std::lock_guard<std::mutex> lock(r->mu);
       if (r->done || (r->failed.ok() && (!r->installed || r->provisional > 0))) return;
-      r->done = true;
       failed = r->failed;
-    }
-    Chunk& ch = *r->chunk;
-    {
-      std::lock_guard<std::mutex> lock(failover_mu_);
-      if (ch.rebuild_link == r) ch.rebuild_link.reset();
-      if (failed.ok() && dead_[r->backup])
-        failed = Status::Unavailable(fmt::format("server {} was declared dead", r->backup));
-      if (failed.ok()) ch.backup.store(r->backup);
+      {
+        // The chunk's backup before `done`: a push taken meanwhile that finds the rebuild over
+        // finds the backup (ForwardTaken).
+        std::lock_guard<std::mutex> roles(failover_mu_);
+        if (failed.ok() && dead_[r->backup])
+          failed = Status::Unavailable(fmt::format("server {} was declared dead", r->backup));
+        if (failed.ok()) ch.backup.store(r->backup);
+      }
+      r->done = true;
     }
     if (failed.ok()) backups_rebuilt_.fetch_add(1, std::memory_order_relaxed);
     ReportRebuilt(ch.id, r->backup, failed);
@@ -1613,6 +1627,7 @@ class ServerImpl final : public Server {
     ec.weight_rule = view_.weight_rule;
     ec.counters = counters_.get();
     ec.initial_version = version;
+    ec.on_take = [this, raw = ch.get()](LandedPush& p) { ForwardTaken(*raw, p); };
     if (copy) ec.initial_last_seq = copy->last_seq;  // a checkpoint's workers start afresh
     // Its place in the shard map: a backup here takes the primary's forwarded pushes; a primary
     // here forwards to a backup that is alive. Decided and published under failover_mu_, so a
@@ -1747,7 +1762,6 @@ class ServerImpl final : public Server {
 
   // The chunk's owner thread: hands a push to the engine and carries out what it decided.
   void ApplyPush(Chunk& ch, LandedPush p) {
-    ForwardLate(ch, p);
     const auto start = std::chrono::steady_clock::now();
     const uint32_t worker = p.worker;
     const uint64_t seq = p.seq;
@@ -1914,25 +1928,6 @@ class ServerImpl final : public Server {
 
   // Carries out what the engine decided: buffers back to the pool first (an admitted grant or
   // a grant ahead may take them), then admitted grants, then acknowledgements.
-  // Owner thread: push `p` landed before its chunk had the backup it has now (a new one being
-  // made, or made meanwhile: it was forwarded to none, or to the backup that died) and is
-  // applied now: it goes there too, after the chunk's copy.
-  void ForwardLate(Chunk& ch, LandedPush& p) {
-    uint32_t b = ch.backup.load();
-    if (b == kNoServer && ch.rebuild && ch.rebuild_copied) b = ch.rebuild->backup;
-    if (b == kNoServer || (p.reply.join && p.reply.join->backup == b)) return;
-    std::shared_ptr<Rebuild> r;
-    if (ch.backup.load() != b) {
-      if (!Provisional(ch.rebuild)) return;  // it ended (failed) meanwhile
-      r = ch.rebuild;
-    }
-    auto join = Join(ch, p, b, std::move(r));
-    data_ctx_->RunInLoop([this, join] {
-      SendToBackup(join);
-      SendAnswers();
-    });
-  }
-
   void Execute(Chunk& ch, EngineActions a) {
     pool_.AddParked(a.parked_buffers_delta);
     for (uint32_t b : a.release)

@@ -1265,13 +1265,23 @@ class WorkerImpl final : public Worker {
                                   .WithContext("node-level reduction"));
     }
     std::vector<TensorId> ids;
-    std::lock_guard<std::mutex> lock(tensors_mu_);
-    for (auto& info : infos) {
-      TensorId id = static_cast<TensorId>(tensors_.size());
-      by_name_[info->name] = id;
-      tensors_.push_back(std::move(info));
-      ids.push_back(id);
+    BackupOrders missed;  // new backups announced while these were being declared
+    {
+      std::lock_guard<std::mutex> lock(tensors_mu_);
+      for (auto& info : infos) {
+        for (auto& c : info->chunks) {
+          auto it = unattached_backups_.find(c->chunk_id);
+          if (it == unattached_backups_.end()) continue;
+          missed.items.push_back({c->chunk_id, it->second});
+          unattached_backups_.erase(it);
+        }
+        TensorId id = static_cast<TensorId>(tensors_.size());
+        by_name_[info->name] = id;
+        tensors_.push_back(std::move(info));
+        ids.push_back(id);
+      }
     }
+    if (!missed.items.empty()) OnBackupsAdded(missed);
     return ids;
   }
 
@@ -1491,6 +1501,8 @@ class WorkerImpl final : public Worker {
         for (auto& t : tensors_)
           for (auto& c : t->chunks)
             if (c->chunk_id == it.chunk_id) ref = c.get();
+        // Not declared here (yet): attached if it is declared later (Declare).
+        if (!ref) unattached_backups_[it.chunk_id] = it.backup;
       }
       std::shared_ptr<RpcChannel> rpc;
       {
@@ -1499,7 +1511,7 @@ class WorkerImpl final : public Worker {
           continue;
         rpc = servers_[it.backup];
       }
-      if (!ref) continue;  // a tensor this worker has not declared: nothing to attach
+      if (!ref) continue;
       CreateChunkItem ci = ref->create;
       ci.primary = ref->server.load();
       ci.backup = it.backup;
@@ -2391,6 +2403,8 @@ class WorkerImpl final : public Worker {
   metrics::RoleMetrics metrics_;
   mutable std::mutex tensors_mu_;
   std::vector<std::unique_ptr<TensorInfo>> tensors_;
+  // tensors_mu_: new backups of chunks this worker has not declared (kBackupsAdded), by chunk.
+  std::map<uint64_t, uint32_t> unattached_backups_;
   std::map<std::string, TensorId> by_name_;
 };
 

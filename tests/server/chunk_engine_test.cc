@@ -118,6 +118,45 @@ TEST(ChunkEngine, SyncPublishesWhenEveryWorkerPushedAndAcksThenWithTheVersion) {
   EXPECT_EQ(f.engine->steps_open(), 0u);
 }
 
+// A copy for a new backup (docs/fault-tolerance.md, "New backups"): while the hold is on, a
+// push that would open a step waits and the open one drains, whatever the order the pushes
+// came in (worker 1's step 2 before its step 1); the engine is then quiet at version 1, grants
+// go only to step 2, and once released the waiting pushes are taken, in order, and step 2 is
+// published. on_take sees every push as the engine takes it, in that order.
+TEST(ChunkEngine, HoldNewStepsDrainsTheOpenStepAndTakesTheRestOnRelease) {
+  EngineConfig c = Fixture::Config(Mode::kSync, 2);
+  std::vector<std::pair<uint32_t, uint64_t>> taken;
+  c.on_take = [&](LandedPush& p) { taken.emplace_back(p.worker, p.seq); };
+  Fixture f(c);
+  f.Push(0, 1, 1.0f, 0);  // step 1 open
+  f.engine->HoldNewSteps();
+  EXPECT_FALSE(f.engine->Quiet());
+  auto a = f.Push(0, 2, 2.0f, 1);  // would open step 2: held
+  EXPECT_TRUE(a.acks.empty());
+  a = f.Push(1, 2, 4.0f, 2);  // its step 1 is missing: parked
+  EXPECT_TRUE(a.acks.empty());
+  a = f.Push(1, 1, 3.0f, 3);  // step 1 complete: published; both step-2 pushes held
+  EXPECT_EQ(a.published, 1u);
+  EXPECT_EQ(f.engine->version(), 1u);
+  EXPECT_EQ(f.engine->parked_pushes(), 2u);
+  EXPECT_TRUE(f.engine->Quiet());
+  EXPECT_EQ(f.Params(), All(96.0f));
+  auto g2 = f.engine->Admit(ParkedGrant{{}, nullptr, 7, 0, 2});
+  ASSERT_TRUE(g2.ok());
+  EXPECT_TRUE(*g2);  // the next step
+  auto g3 = f.engine->Admit(ParkedGrant{{}, nullptr, 8, 0, 3});
+  ASSERT_TRUE(g3.ok());
+  EXPECT_FALSE(*g3);  // beyond it: waits, holding no buffer
+  a = f.engine->ReleaseHold();
+  EXPECT_EQ(a.published, 1u);
+  EXPECT_EQ(a.acks.size(), 2u);
+  EXPECT_EQ(f.engine->version(), 2u);
+  EXPECT_EQ(a.admit.size(), 1u);  // step 3's grant, within the steps ahead again
+  EXPECT_EQ(f.Params(), All(90.0f));
+  const std::vector<std::pair<uint32_t, uint64_t>> want = {{0, 1}, {1, 1}, {0, 2}, {1, 2}};
+  EXPECT_EQ(taken, want);
+}
+
 TEST(ChunkEngine, MeanAggregationScalesByTheNumberOfWorkers) {
   Fixture f(Mode::kSync, 2, Aggregate::kMean);
   f.Push(0, 1, 4.0f);

@@ -41,7 +41,7 @@ class UcxContext final : public Context {
   explicit UcxContext(std::shared_ptr<Shared> s) : shared_(std::move(s)) {}
   ~UcxContext() override {
     // The tcp side closes every connection; their shutdowns run on the progress thread.
-    shared_->tcp.reset();
+    shared_->tcp.Reset();
     shared_->progress.Stop();
     std::vector<std::weak_ptr<UcxConnection>> conns;
     {
@@ -106,9 +106,7 @@ class UcxContext final : public Context {
   std::shared_ptr<void> HoldPolling() override { return shared_->progress.HoldPolling(); }
   std::chrono::microseconds busy_poll() const override { return shared_->options.busy_poll; }
   // The control connections are tcp and carry the handshake (transport/auth.h).
-  uint64_t refused_peers() const override {
-    return shared_->tcp ? shared_->tcp->refused_peers() : 0;
-  }
+  uint64_t refused_peers() const override { return shared_->tcp.refused_peers(); }
 
   bool CanRegisterGpuMemory() const override {
     ucp_context_attr_t a{};
@@ -212,7 +210,7 @@ Result<std::unique_ptr<Context>> CreateUcxContext(const ContextOptions& options)
   tcp_opts.name = options.name + "-ctl";
   auto tcp = CreateContext("tcp", tcp_opts);
   if (!tcp.ok()) return tcp.status();
-  s->tcp = std::move(tcp).value();
+  s->tcp.Set(std::move(tcp).value());
   return std::unique_ptr<Context>(new UcxContext(std::move(s)));
 }
 

@@ -15,6 +15,7 @@
 
 #include "transport/context.h"
 #include "transport/revocation.h"
+#include "transport/tcp_side.h"
 #include "transport/ucx/loop.h"
 
 namespace shardps::transport::ucx {
@@ -46,7 +47,7 @@ struct Shared {
   ContextOptions options;
   ucp_context_h ctx = nullptr;
   Progress progress;
-  std::unique_ptr<Context> tcp;
+  TcpSide tcp;
 
   std::mutex mu;
   uint64_t next_region = 1;                                          // guarded by mu

@@ -304,7 +304,7 @@ class VerbsContext final : public Context {
   explicit VerbsContext(std::shared_ptr<Shared> s) : shared_(std::move(s)) {}
   ~VerbsContext() override {
     // The tcp side closes every connection; their shutdowns run on the loop, which then stops.
-    shared_->tcp.reset();
+    shared_->tcp.Reset();
     shared_->tasks.Close();
     shared_->stop = true;
     shared_->Wake();
@@ -425,9 +425,7 @@ class VerbsContext final : public Context {
   bool InLoopThread() const override { return shared_->InThread(); }
   bool RunInLoop(std::function<void()> fn) override { return shared_->Post(std::move(fn)); }
   std::chrono::microseconds busy_poll() const override { return shared_->options.busy_poll; }
-  uint64_t refused_peers() const override {
-    return shared_->tcp ? shared_->tcp->refused_peers() : 0;
-  }
+  uint64_t refused_peers() const override { return shared_->tcp.refused_peers(); }
 
  private:
   Result<std::unique_ptr<MemoryRegion>> Register(void* ptr, size_t size, void* mapped,
@@ -586,7 +584,7 @@ Result<std::unique_ptr<Context>> CreateVerbsContext(const ContextOptions& option
   tcp_opts.backend_settings.clear();
   auto tcp = CreateContext("tcp", tcp_opts);
   if (!tcp.ok()) return tcp.status();
-  s->tcp = std::move(tcp).value();
+  s->tcp.Set(std::move(tcp).value());
   Shared* raw = s.get();
   s->thread = std::thread([raw, name = options.name] {
     raw->thread_id.MarkCurrent();

@@ -26,6 +26,7 @@
 #include "transport/context.h"
 #include "transport/revocation.h"
 #include "transport/task_queue.h"
+#include "transport/tcp_side.h"
 
 namespace shardps::transport::verbs {
 
@@ -76,7 +77,7 @@ struct Shared {
   std::shared_ptr<Registration> recv_block;
   uint8_t* recv_buffers = nullptr;
   uint32_t max_inline = 0;  // inline bytes a SEND may carry (the queue pairs' max_inline_data)
-  std::unique_ptr<Context> tcp;
+  TcpSide tcp;
 
   // Loop thread.
   std::thread thread;
