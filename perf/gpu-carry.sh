@@ -8,6 +8,9 @@
 #                            runs perf/gpu.sh on those binaries, then the kernels' tests under
 #                            compute-sanitizer (memcheck, racecheck), and copies the reports and
 #                            the log to $OUT (or perf/results/carry when OUT is not set)
+#   perf/gpu-carry.sh failover   there: replication with GPU servers, two servers killed one
+#                            after the other with new backups made in between, sync and async,
+#                            every value verified (docs/fault-tolerance.md)
 # glibc is not carried: the binaries need the GPU machine's to be at least as new as the build's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,9 +38,8 @@ pack() {
   du -sh "$CARRY"
 }
 
-run() {
-  local out=${OUT:-perf/results/carry}
-  mkdir -p "$out"
+# The loader pointed at what `pack` carried, and at the CUDA runtime of the machine.
+carry_env() {
   export LD_LIBRARY_PATH="$PWD/$CARRY/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export UCX_MODULE_DIR="$PWD/$CARRY/ucx"
   # The CUDA runtime and NCCL are the machine's own (loaded by dlopen, src/gpu/cuda.cc): where
@@ -52,6 +54,28 @@ run() {
       done
     fi
   done
+}
+
+failover() {
+  local out=${OUT:-perf/results/carry} dev=${1:-cuda:0} rc=0 mode
+  mkdir -p "$out"
+  carry_env
+  for mode in sync async; do
+    echo "== $mode: 3 servers on $dev with --replicas 1; server 0 killed, new backups, server 1 killed =="
+    timeout 180 "$CARRY/bin/shardps" bench --servers 3 --workers 2 --replicas 1 --device "$dev" \
+      --mode "$mode" --aggregate sum --op pushpull --size 4MiB --tensors 2 --chunk-size 256KiB \
+      --iters 30 --warmup 0 --no-baseline --verify --kill-server-at 5 --kill-second-server-at 15 \
+      >"$out/failover-$mode.log" 2>&1 || rc=$((rc == 0 ? 6 : rc))
+    grep -E "worker 0:|every chunk has|declared dead|verified|rror" "$out/failover-$mode.log" |
+      grep -v "no cluster secret" | cut -c1-200
+  done
+  return "$rc"
+}
+
+run() {
+  local out=${OUT:-perf/results/carry}
+  mkdir -p "$out"
+  carry_env
   { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv ||
     echo "no nvidia-smi"; } | tee "$out/device.txt"
   local rc=0
@@ -93,5 +117,6 @@ run() {
 case "${1:-}" in
   pack) pack ;;
   run) shift; run "$@" ;;
-  *) echo "usage: perf/gpu-carry.sh pack | run [cuda:N]" >&2; exit 2 ;;
+  failover) shift; failover "$@" ;;
+  *) echo "usage: perf/gpu-carry.sh pack | run [cuda:N] | failover [cuda:N]" >&2; exit 2 ;;
 esac
