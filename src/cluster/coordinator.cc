@@ -546,14 +546,14 @@ class CoordinatorImpl final : public Coordinator {
   void OnBackupRebuilt(const Node& n, const BackupRebuilt& b) {
     auto it = rebuilding_.find(b.chunk_id);
     ChunkPlacement* p = FindChunk(b.chunk_id);
-    // A report about a copy the coordinator no longer waits for (its server died meanwhile, and
-    // the chunk was given another) is stale.
+    // A report about a copy the coordinator no longer waits for is stale: its server died
+    // meanwhile (Lost dropped the entry; the chunk may have been given another).
     if (it == rebuilding_.end() || it->second != b.backup || !p || p->server != n.rank) return;
     rebuilding_.erase(it);
-    if (!b.error.empty() || server_dead_[b.backup]) {
+    if (!b.error.empty()) {
       server_bytes_[b.backup] -= p->numel * 4;
       spdlog::warn("coordinator: chunk {} has no new backup on server {}: {}", b.chunk_id, b.backup,
-                   b.error.empty() ? "that server died" : b.error);
+                   b.error);
       return;
     }
     p->backup = b.backup;

@@ -207,23 +207,31 @@ TEST(LaunchUcx, SyncAndAsyncBenchVerifyOverUcx) {
   }
 }
 
-// A verified bench of 3 servers with replicas and 2 workers over `transport` in `mode`, `chunk`
-// chunks (4 KiB ones travel in batches, 64 KiB ones through landing buffers), `iters`
-// iterations, with `kills` (its --kill-... flags): it must end with every value verified.
-CommandResult RunKillBench(const std::string& transport, const std::string& mode,
-                           const std::string& chunk, const std::string& iters,
-                           const std::vector<std::string>& kills) {
-  std::vector<std::string> cmd = {
-      kShardps,     "bench",  "--transport", transport, "--servers",   "3",   "--workers",    "2",
-      "--replicas", "1",      "--mode",      mode,      "--aggregate", "sum", "--chunk-size", chunk,
-      "--size",     "200000", "--tensors",   "2",       "--iters",     iters, "--warmup",     "0",
-      "--verify"};
-  cmd.insert(cmd.end(), kills.begin(), kills.end());
-  auto r = RunCommand(cmd, 120s, {"UCX_TLS=shm,self"});
+// `shardps bench --tensors 2 --warmup 0 --verify` with `args` (its job and what it kills): the
+// two workers left at the end must have verified every value.
+CommandResult RunVerifiedBench(const std::vector<std::string>& args,
+                               const std::vector<std::string>& env = {}) {
+  std::vector<std::string> cmd = {kShardps, "bench", "--tensors", "2", "--warmup", "0", "--verify"};
+  cmd.insert(cmd.end(), args.begin(), args.end());
+  auto r = RunCommand(cmd, 120s, env);
   EXPECT_FALSE(r.timed_out) << r.output;
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
   return r;
+}
+
+// A verified bench of 3 servers with replicas and 2 workers over `transport` in `mode`, `chunk`
+// chunks (4 KiB ones travel in batches, 64 KiB ones through landing buffers), `iters`
+// iterations, with `kills` (its --kill-... flags).
+CommandResult RunKillBench(const std::string& transport, const std::string& mode,
+                           const std::string& chunk, const std::string& iters,
+                           const std::vector<std::string>& kills) {
+  std::vector<std::string> args = {
+      "--transport",  transport, "--servers", "3",      "--workers",   "2",
+      "--replicas",   "1",       "--mode",    mode,     "--aggregate", "sum",
+      "--chunk-size", chunk,     "--size",    "200000", "--iters",     iters};
+  args.insert(args.end(), kills.begin(), kills.end());
+  return RunVerifiedBench(args, {"UCX_TLS=shm,self"});
 }
 
 // tcp, and ucx where it is built.
@@ -278,26 +286,30 @@ TEST(Launch, TwoServersKilledOneAfterTheOtherLoseNoPush) {
 TEST(Launch, AServerPausedPastTheTimeoutIsReplacedAndFenced) {
   for (const std::string mode : {"sync", "async"}) {
     SCOPED_TRACE(mode);
-    auto r = RunCommand({kShardps,       "bench",
-                         "--servers",    "3",
-                         "--workers",    "2",
-                         "--replicas",   "1",
-                         "--mode",       mode,
-                         "--aggregate",  "sum",
-                         "--chunk-size", "4KiB",
-                         "--size",       "40000",
-                         "--tensors",    "2",
-                         "--iters",      "30",
-                         "--warmup",     "0",
-                         "--verify",     "--kill-server-at",
-                         "10",           "--kill-server-how",
-                         "stop",         "--heartbeat-interval-ms",
-                         "200",          "--failover-timeout-ms",
-                         "1000"},
-                        120s);
-    ASSERT_FALSE(r.timed_out) << r.output;
-    EXPECT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+    auto r = RunVerifiedBench({"--servers",
+                               "3",
+                               "--workers",
+                               "2",
+                               "--replicas",
+                               "1",
+                               "--mode",
+                               mode,
+                               "--aggregate",
+                               "sum",
+                               "--chunk-size",
+                               "4KiB",
+                               "--size",
+                               "40000",
+                               "--iters",
+                               "30",
+                               "--kill-server-at",
+                               "10",
+                               "--kill-server-how",
+                               "stop",
+                               "--heartbeat-interval-ms",
+                               "200",
+                               "--failover-timeout-ms",
+                               "1000"});
     EXPECT_NE(r.output.find("sent no heartbeat"), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("server 0 resumed"), std::string::npos) << r.output;
   }
@@ -310,35 +322,10 @@ TEST(Launch, AServerPausedPastTheTimeoutIsReplacedAndFenced) {
 TEST(Launch, AKilledWorkerIsRemovedAndTheOthersVerify) {
   for (const std::string mode : {"sync", "async", "ssp:1"}) {
     SCOPED_TRACE(mode);
-    auto r = RunCommand({kShardps,
-                         "bench",
-                         "--servers",
-                         "2",
-                         "--workers",
-                         "3",
-                         "--mode",
-                         mode,
-                         "--aggregate",
-                         mode == "sync" ? "mean" : "sum",
-                         "--chunk-size",
-                         "4KiB",
-                         "--size",
-                         "40000",
-                         "--tensors",
-                         "2",
-                         "--iters",
-                         "20",
-                         "--warmup",
-                         "0",
-                         "--verify",
-                         "--on-worker-loss",
-                         "continue",
-                         "--kill-worker-at",
-                         "8"},
-                        120s);
-    ASSERT_FALSE(r.timed_out) << r.output;
-    EXPECT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
+    auto r = RunVerifiedBench({"--servers", "2", "--workers", "3", "--mode", mode, "--aggregate",
+                               mode == "sync" ? "mean" : "sum", "--chunk-size", "4KiB", "--size",
+                               "40000", "--iters", "20", "--on-worker-loss", "continue",
+                               "--kill-worker-at", "8"});
     EXPECT_NE(r.output.find("worker 2: killing itself"), std::string::npos) << r.output;
     EXPECT_NE(r.output.find("removed from the job"), std::string::npos) << r.output;
   }
