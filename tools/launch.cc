@@ -30,6 +30,7 @@ using Clock = std::chrono::steady_clock;
 struct Child {
   std::string name;  // "server 0", "worker 2"
   bool is_worker = false;
+  std::vector<std::string> env;  // a worker's own variables: it is started again with them
   pid_t pid = -1;
   int out = -1;  // read end of its stdout+stderr
   std::string partial;
@@ -119,6 +120,11 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   lo.device = job.device;
   lo.restore = job.restore;
   lo.busy_poll_us = job.busy_poll_us;
+  lo.restart_workers = job.restart_workers;
+  if (lo.restart_workers > 0 && !lo.coordinator.continue_on_worker_loss)
+    return Status::InvalidArgument(
+        "--restart-workers needs --on-worker-loss continue (otherwise a worker's death ends the "
+        "job before it could rejoin)");
   SHARDPS_RETURN_IF_ERROR(
       job.InboundBytes(&lo.connection_inbound_bytes, &lo.process_inbound_bytes));
   lo.program = std::move(program);
@@ -299,10 +305,12 @@ int RunLaunch(const LaunchOptions& opt) {
       env.push_back(fmt::format("{}={}/node{}", kNode.env, host, i / k));
     }
     auto c = Spawn(fmt::format("worker {}", i), true, opt.program, opt.parent_env, env);
-    if (c.ok())
+    if (c.ok()) {
+      c->env = env;
       children.push_back(std::move(c).value());
-    else
+    } else {
       spawn_error = c.status();
+    }
   }
 
   int exit_code = 0;
@@ -324,6 +332,7 @@ int RunLaunch(const LaunchOptions& opt) {
   }
   Clock::time_point workers_done{};
   bool all_workers_done = false;
+  uint32_t restarts_left = opt.restart_workers;
   for (;;) {
     std::vector<pollfd> pfds;
     std::vector<Child*> owners;
@@ -359,6 +368,7 @@ int RunLaunch(const LaunchOptions& opt) {
       }
     }
     // Reap.
+    std::vector<size_t> restart;  // workers started again once the loop is done
     for (auto& c : children) {
       if (c.exited) continue;
       int st = 0;
@@ -379,9 +389,19 @@ int RunLaunch(const LaunchOptions& opt) {
       }
       if (c.is_worker && !ok && !job_done && opt.coordinator.continue_on_worker_loss &&
           c.name != "worker 0") {
-        // The coordinator removes it and the others go on, or fails the job (seen below).
-        std::fprintf(stderr, "[launch] %s %s; the job goes on without it (--on-worker-loss)\n",
-                     c.name.c_str(), Describe(st).c_str());
+        // The coordinator removes it and the others go on, or fails the job (seen below); with
+        // --restart-workers a new process takes its rank and rejoins.
+        if (restarts_left > 0) {
+          --restarts_left;
+          std::fprintf(stderr,
+                       "[launch] %s %s; starting it again (%u restart(s) left): it rejoins the "
+                       "job\n",
+                       c.name.c_str(), Describe(st).c_str(), restarts_left);
+          restart.push_back(static_cast<size_t>(&c - children.data()));
+        } else {
+          std::fprintf(stderr, "[launch] %s %s; the job goes on without it (--on-worker-loss)\n",
+                       c.name.c_str(), Describe(st).c_str());
+        }
         continue;
       }
       if (!ok || (!c.is_worker && !job_done)) {
@@ -391,6 +411,25 @@ int RunLaunch(const LaunchOptions& opt) {
         terminate_all(SIGTERM);
         term_sent = Clock::now();
       }
+    }
+    for (size_t i : restart) {
+      Child& old = children[i];
+      if (old.out >= 0) {  // what it wrote last still shows, before the new one's lines
+        Forward(old, true);
+        close(old.out);
+        old.out = -1;
+      }
+      auto c = Spawn(old.name, true, opt.program, opt.parent_env, old.env);
+      if (!c.ok()) {
+        stop_reason = c.status().ToString();
+        exit_code = 1;
+        terminating = true;
+        terminate_all(SIGTERM);
+        term_sent = Clock::now();
+        break;
+      }
+      c->env = old.env;
+      children.push_back(std::move(c).value());
     }
     if (!terminating) {
       Status job = (*coord)->Wait(std::chrono::milliseconds(0));

@@ -26,6 +26,9 @@ struct LaunchOptions {
   std::vector<std::string> parent_env;
   std::vector<std::string> env;
   std::chrono::milliseconds grace{3000};  // SIGTERM -> SIGKILL
+  // --restart-workers: a worker process that dies (other than worker 0) is started again with its
+  // rank, this many times in all; with --on-worker-loss continue it rejoins the job.
+  uint32_t restart_workers = 0;
   // --timeline: each server and worker writes FILE.server<i>.json / FILE.worker<r>.json, merged
   // into FILE when the job ends.
   std::string timeline;

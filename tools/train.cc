@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -479,11 +480,22 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
         wo->local_size > 1
             ? fmt::format(", {} workers per node reduce before they push", wo->local_size)
             : std::string());
-  if (Status st = w.Barrier("train.start", kBarrierTimeout); !st.ok()) return Fail(st);
+  // A worker that rejoined the run (a new process in the place of one that died) finds the
+  // others past the start: it pulls the current parameters, and the loop below skips the steps
+  // up to where its tensors go on.
+  if (!w.rejoined())
+    if (Status st = w.Barrier("train.start", kBarrierTimeout); !st.ok()) return Fail(st);
   // Servers restored from a checkpoint (--restore) hold its parameters (at version > 0): this
   // worker starts from them, and in sync mode the loop below skips the steps up to it.
   const std::string restored_from = env.Get(tunables::kRestore.env).value_or("");
-  if (!restored_from.empty()) {
+  if (w.rejoined()) {
+    std::vector<Handle> hs;
+    for (size_t k = 0; k < params.size(); ++k) hs.push_back(w.Pull((*ids)[k], params[k].data()));
+    if (Status st = wait_all(hs); !st.ok()) return Fail(st);
+    Say("train: worker {} rejoined the run: parameters at version {}, training goes on from "
+        "step {}",
+        w.rank(), hs[0].version(), w.steps((*ids)[0]) + 1);
+  } else if (!restored_from.empty()) {
     std::vector<Handle> hs;
     for (size_t k = 0; k < params.size(); ++k) hs.push_back(w.Pull((*ids)[k], params[k].data()));
     if (Status st = wait_all(hs); !st.ok()) return Fail(st);
@@ -532,6 +544,10 @@ int RunWorker(const TrainFlags& t, const Environment& env) {
         continue;
       }
       if (slow_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(slow_ms));
+      if (global == t.kill_worker_at && w.rank() + 1 == w.num_workers() && !w.rejoined()) {
+        Say("train: worker {} kills itself (SIGKILL) before step {}", w.rank(), global);
+        raise(SIGKILL);
+      }
       const bool kill_now = rank0 && global == t.kill_server_at && w.num_servers() > 1;
       const auto killed_at = Clock::now();
       if (kill_now) {
@@ -639,6 +655,10 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
   app->add_option("--kill-server-at", t->kill_server_at,
                   "worker 0 kills server 0 (SIGKILL; on this host) before this global step: with "
                   "--replicas 1 the run goes on with its backups (docs/fault-tolerance.md)");
+  app->add_option("--kill-worker-at", t->kill_worker_at,
+                  "the last worker kills itself (SIGKILL) before this global step: with "
+                  "--on-worker-loss continue the run goes on without it, and with "
+                  "--restart-workers 1 its new process rejoins (docs/fault-tolerance.md)");
   app->add_flag("--baseline", t->baseline,
                 "also train the same model in one process without the parameter server");
 }
@@ -649,6 +669,10 @@ int RunTrain(const TrainFlags& t, const JobFlags& job, const std::vector<std::st
   // Standalone: check everything here, so that an error shows once and fast, then launch a
   // local cluster whose workers are this same command.
   if (Status st = CheckFlags(t, job.workers); !st.ok()) return Fail(st, 2);
+  if (t.kill_worker_at > 0 && (job.workers < 2 || job.on_worker_loss != "continue"))
+    return Fail(Impossible("--kill-worker-at needs --workers 2 or more and --on-worker-loss "
+                           "continue (otherwise a worker's death ends the run)"),
+                2);
   if (t.kill_server_at > 0 && (job.servers < 2 || job.replicas == 0))
     return Fail(Impossible("--kill-server-at needs --servers 2 or more and --replicas 1 (a run "
                            "without backups ends when a server dies)"),

@@ -50,6 +50,9 @@ struct TrainFlags {
   // Worker 0 SIGKILLs server 0 before this global step (replication: docs/fault-tolerance.md);
   // 0: no.
   uint64_t kill_server_at = 0;
+  // The last worker kills itself (SIGKILL) before this global step; with --restart-workers its
+  // new process rejoins the run (docs/fault-tolerance.md).
+  uint64_t kill_worker_at = 0;
   std::string checkpoint_dir;
 };
 

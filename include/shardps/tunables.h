@@ -68,6 +68,15 @@ inline constexpr Tunable kOnWorkerLoss{
     "job ends, naming it) or continue (it is removed: sync steps complete with the others, the "
     "mean over each step's contributors; worker 0 and node-level reduction still fail)",
     "coordinator, launch, bench, train"};
+inline constexpr Tunable kRestartWorkers{
+    "restart-workers",
+    "SHARDPS_RESTART_WORKERS",
+    "0",
+    0,
+    "launch: a worker process that dies (not worker 0) is started again with its rank, up to N "
+    "times in all; with --on-worker-loss continue it rejoins the job in its place "
+    "(docs/fault-tolerance.md)",
+    "launch, bench, train"};
 inline constexpr Tunable kWorkerWeights{
     "worker-weights",
     "SHARDPS_WORKER_WEIGHTS",
@@ -325,6 +334,7 @@ inline constexpr const Tunable* kAll[] = {
     &kSyncQuorum,
     &kReplicas,
     &kOnWorkerLoss,
+    &kRestartWorkers,
     &kWorkerWeights,
     &kWeightRule,
     &kTransport,

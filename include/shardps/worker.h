@@ -131,6 +131,11 @@ class Worker {
   virtual ~Worker() = default;  // closes connections; pending operations fail
 
   virtual uint32_t rank() const = 0;
+  // Whether this worker joined a running job in the place of one that was removed (it died:
+  // --on-worker-loss continue; docs/fault-tolerance.md, "A worker that rejoins"). Its tensors'
+  // pushes go on from where the job is: it pulls the current parameters and carries on; the
+  // others are past the barriers the job began with.
+  virtual bool rejoined() const = 0;
   virtual uint32_t num_workers() const = 0;
   virtual uint32_t num_servers() const = 0;
   virtual Mode mode() const = 0;

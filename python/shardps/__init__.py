@@ -82,6 +82,13 @@ class Worker:
         return self._w.rank
 
     @property
+    def rejoined(self):
+        """True when this worker took the place of one that died (--on-worker-loss continue,
+        restarted with its rank): the others are past the job's first barriers; pull the current
+        parameters and go on from steps(name) (docs/fault-tolerance.md)."""
+        return self._w.rejoined
+
+    @property
     def num_workers(self):
         return self._w.num_workers
 

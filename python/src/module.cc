@@ -284,6 +284,7 @@ PYBIND11_MODULE(_shardps, m) {
       .def("numel", &PyWorker::Numel)
       .def("steps", &PyWorker::Steps)
       .def_property_readonly("rank", [](PyWorker& w) { return w.worker().rank(); })
+      .def_property_readonly("rejoined", [](PyWorker& w) { return w.worker().rejoined(); })
       .def_property_readonly("num_workers", [](PyWorker& w) { return w.worker().num_workers(); })
       .def_property_readonly("num_servers", [](PyWorker& w) { return w.worker().num_servers(); })
       .def_property_readonly("mode", [](PyWorker& w) { return ModeName(w.worker().mode()); });

@@ -78,6 +78,13 @@ struct Node {
   Clock::time_point last_seen;
   bool goodbye = false;
   bool dead = false;  // a server declared dead and replaced by its chunks' backups
+  // A worker rejoining the job (docs/fault-tolerance.md, "A worker that rejoins"): registered,
+  // waiting until every live server in `awaiting` (ranks) has its chunks wait for it again;
+  // until `rejoin_deadline`.
+  bool rejoining = false;
+  bool rejoin_told = false;  // the servers were told (kWorkerUp): the rank's old node is removed
+  std::set<uint32_t> awaiting;
+  Clock::time_point rejoin_deadline;
   std::string Name() const {
     return fmt::format("{} {} (node {}, pid {})", RoleName(role), rank, id, pid);
   }
@@ -200,6 +207,14 @@ class CoordinatorImpl final : public Coordinator {
         spdlog::info("coordinator: {} finished", node->Name());
         return MaybeFinish();
       }
+      case kWorkerRestored: {
+        WorkerUp u;
+        if (!u.Decode(&r) || !r.done() || !node || node->role != Role::kServer)
+          return Drop(c, "malformed worker-restored report");
+        for (auto& n : nodes_)
+          if (n.rejoining && n.rank == u.rank) n.awaiting.erase(node->rank);
+        return AdvanceRejoins();
+      }
       case kBackupRebuilt: {
         BackupRebuilt b;
         if (!b.Decode(&r) || !r.done() || !node || node->role != Role::kServer)
@@ -232,6 +247,7 @@ class CoordinatorImpl final : public Coordinator {
                       const RegisterRequest& rq) {
     if (FindNode(c)) return Reply(*c, req, Status::AlreadyExists("already registered"));
     if (finished_) return Reply(*c, req, Status::Unavailable("the job has ended"));
+    if (complete_ && rq.role == Role::kWorker) return HandleRejoin(c, req, rq);
     uint32_t limit = rq.role == Role::kServer ? opt_.num_servers : opt_.num_workers;
     std::set<uint32_t> taken;
     for (auto& n : nodes_)
@@ -273,6 +289,122 @@ class CoordinatorImpl final : public Coordinator {
     spdlog::info("coordinator: {} registered from {}", n.Name(), c->peer());
     nodes_.push_back(std::move(n));
     if (nodes_.size() == opt_.num_servers + opt_.num_workers) Complete();
+  }
+
+  // A worker that registers once the job runs: a restarted worker in the place of one that was
+  // removed (--on-worker-loss continue). Every live server is told (kWorkerUp); once each
+  // answered that its chunks wait for the worker again (kWorkerRestored), it is let in with the
+  // job's view (AdvanceRejoins).
+  void HandleRejoin(const std::shared_ptr<transport::Connection>& c, uint64_t req,
+                    const RegisterRequest& rq) {
+    auto refuse = [&](const std::string& why) { Reply(*c, req, Status::InvalidArgument(why)); };
+    if (!opt_.continue_on_worker_loss || grouped_)
+      return refuse(fmt::format(
+          "the job already has all its {} workers (a worker that was removed may rejoin only a "
+          "job run with --on-worker-loss continue, without node-level reduction)",
+          opt_.num_workers));
+    std::set<uint32_t> live, coming;
+    for (const auto& n : nodes_)
+      if (n.role == Role::kWorker && !n.dead) (n.rejoining ? coming : live).insert(n.rank);
+    uint32_t rank = 0;
+    if (rq.rank >= 0) {
+      // A rank still held waits for its worker to be removed (a restarted process may register
+      // before its old one was found dead), until the deadline (AdvanceRejoins).
+      rank = static_cast<uint32_t>(rq.rank);
+      if (rank >= opt_.num_workers || coming.count(rank))
+        return refuse(
+            fmt::format("worker rank {} is out of range or being taken by another process", rank));
+    } else {
+      for (uint32_t r : coming) live.insert(r);
+      while (rank < opt_.num_workers && live.count(rank)) ++rank;
+      if (rank == opt_.num_workers)
+        return refuse(fmt::format("the job already has all its {} workers", opt_.num_workers));
+    }
+    if (rq.transport != opt_.transport)
+      return refuse(fmt::format("this job uses transport '{}', the worker asked for '{}'",
+                                opt_.transport, rq.transport));
+    if (rq.local_size > 1) return refuse("a worker rejoins alone (workers per node 1)");
+    if (std::find(server_dead_.begin(), server_dead_.end(), true) != server_dead_.end())
+      return refuse(
+          "a worker cannot rejoin a job that lost a server yet (docs/fault-tolerance.md, known "
+          "limits)");
+    Node n;
+    n.id = next_node_id_++;
+    n.role = Role::kWorker;
+    n.rank = rank;
+    n.pid = rq.pid;
+    n.host = rq.host;
+    n.node = rq.node.empty() ? rq.host : rq.node;
+    n.local_rank = rq.local_rank;
+    n.local_size = 1;
+    n.conn = c;
+    n.register_request = req;
+    n.last_seen = Clock::now();
+    n.rejoining = true;
+    n.rejoin_deadline = n.last_seen + RejoinWait();
+    spdlog::info("coordinator: {} registered from {}: it rejoins the job{}", n.Name(), c->peer(),
+                 live.count(rank) ? " once the worker of that rank is removed" : "");
+    nodes_.push_back(std::move(n));
+    AdvanceRejoins();
+  }
+
+  // Lets in each rejoining worker that every live server answered for; one that waited past its
+  // deadline is refused and removed again.
+  void AdvanceRejoins() {
+    const auto now = Clock::now();
+    for (auto& n : nodes_) {
+      if (!n.rejoining || n.dead) continue;
+      if (!n.rejoin_told) {
+        const bool held = std::any_of(nodes_.begin(), nodes_.end(), [&](const Node& o) {
+          return o.role == Role::kWorker && !o.dead && !o.rejoining && o.rank == n.rank;
+        });
+        if (held && now < n.rejoin_deadline) continue;
+        if (held) {
+          Reply(*n.conn, n.register_request,
+                Status::InvalidArgument(fmt::format(
+                    "worker rank {} is alive: only the rank of a removed worker can be taken "
+                    "again (waited {} ms for it to be removed)",
+                    n.rank, RejoinWait().count())));
+          n.dead = true;
+          n.rejoining = false;
+          n.conn->Close();
+          continue;
+        }
+        n.rejoin_told = true;
+        for (const auto& other : nodes_)
+          if (other.role == Role::kServer && !other.dead) n.awaiting.insert(other.rank);
+        Notify(kWorkerUp, WorkerUp{n.rank},
+               [](const Node& other) { return other.role == Role::kServer; });
+      }
+      std::erase_if(n.awaiting,
+                    [&](uint32_t s) { return s < server_dead_.size() && server_dead_[s]; });
+      if (!n.awaiting.empty() && now < n.rejoin_deadline) continue;
+      n.rejoining = false;
+      n.last_seen = now;
+      if (!n.awaiting.empty()) {
+        const std::string why = fmt::format(
+            "{} could not rejoin: server(s) {} did not make their chunks wait for it within {} ms",
+            n.Name(), fmt::join(n.awaiting, ", "), RejoinWait().count());
+        Reply(*n.conn, n.register_request, Status::Unavailable(why));
+        RemoveWorker(n, why);
+        return;  // nodes_ may have changed
+      }
+      RegisterReply rep;
+      rep.node_id = n.id;
+      rep.rank = n.rank;
+      rep.view = view_;
+      rep.rejoined = true;
+      Bytes body;
+      Writer w(&body);
+      rep.Encode(&w);
+      Reply(*n.conn, n.register_request, Status::OK(), body);
+      ++workers_rejoined_;
+      spdlog::info("coordinator: {} rejoined the job; {} workers now", n.Name(), LiveWorkers());
+    }
+  }
+
+  std::chrono::milliseconds RejoinWait() const {
+    return std::max(opt_.heartbeat_timeout * 2, std::chrono::milliseconds(1000));
   }
 
   // Node-level reduction: the workers that said they share a node (local_size above 1) are
@@ -359,6 +491,7 @@ class CoordinatorImpl final : public Coordinator {
       return;
     }
     complete_ = true;
+    view_ = view;
     grouped_ = !view.worker_nodes.empty();
     for (auto& n : nodes_) {
       RegisterReply rep;
@@ -455,6 +588,14 @@ class CoordinatorImpl final : public Coordinator {
   // now on, the shard map's epoch goes up, and every live node hears it (kServerDown); the dead
   // server's connection is closed, so one that was only paused finds itself fenced.
   void Lost(Node& n, const std::string& why) {
+    if (n.rejoining && !n.rejoin_told) {
+      // A worker waiting to take a rank still held: the job never counted it.
+      spdlog::warn("coordinator: {} (waiting to rejoin) left: {}", n.Name(), why);
+      n.dead = true;
+      n.rejoining = false;
+      n.conn->Close();
+      return;
+    }
     if (n.role == Role::kWorker && opt_.continue_on_worker_loss && complete_) {
       if (n.rank == 0)
         return Fail(Status::Unavailable(
@@ -601,7 +742,7 @@ class CoordinatorImpl final : public Coordinator {
   uint32_t LiveWorkers() const {
     uint32_t live = 0;
     for (const auto& n : nodes_)
-      if (n.role == Role::kWorker && !n.dead) ++live;
+      if (n.role == Role::kWorker && !n.dead && !n.rejoining) ++live;
     return live;
   }
 
@@ -635,8 +776,9 @@ class CoordinatorImpl final : public Coordinator {
                                          opt_.register_timeout.count(), fmt::join(missing, ", "))));
         continue;
       }
+      AdvanceRejoins();
       for (auto& n : nodes_) {
-        if (n.goodbye || n.dead) continue;
+        if (n.goodbye || n.dead || n.rejoining) continue;
         // With replicas a silent server is replaced after the failover timeout.
         const auto limit = n.role == Role::kServer && Replicated() ? opt_.failover_timeout
                                                                    : opt_.heartbeat_timeout;
@@ -667,10 +809,15 @@ class CoordinatorImpl final : public Coordinator {
   }
 
   void MaybeFinish() {
-    uint32_t done = 0;
-    for (auto& n : nodes_)
-      if (n.role == Role::kWorker && (n.goodbye || n.dead)) ++done;
-    if (done < opt_.num_workers) return;
+    // Every worker rank is done: said goodbye, or was removed and not taken again (a rank's
+    // earlier nodes are dead when a rejoined worker holds it).
+    for (const auto& n : nodes_)
+      if (n.role == Role::kWorker && !n.goodbye && !n.dead) return;
+    uint32_t ranks = 0;
+    std::set<uint32_t> seen;
+    for (const auto& n : nodes_)
+      if (n.role == Role::kWorker && seen.insert(n.rank).second) ++ranks;
+    if (ranks < opt_.num_workers) return;
     for (auto& n : nodes_)
       if (n.role == Role::kServer && !n.dead) {
         Bytes meta;
@@ -707,6 +854,9 @@ class CoordinatorImpl final : public Coordinator {
     f.Counter("shardps_coordinator_workers_removed_total",
               "workers that died and were removed from the job (--on-worker-loss continue)",
               static_cast<double>(workers_removed_));
+    f.Counter("shardps_coordinator_workers_rejoined_total",
+              "removed workers whose place a new worker process took (it rejoined the job)",
+              static_cast<double>(workers_rejoined_));
     f.Gauge("shardps_coordinator_shard_map_epoch",
             "the shard map's epoch: servers replaced by their chunks' backups so far",
             static_cast<double>(epoch_));
@@ -769,10 +919,12 @@ class CoordinatorImpl final : public Coordinator {
   std::vector<bool> server_dead_;  // by server rank: declared dead (Lost)
   uint64_t epoch_ = 0;             // the shard map's: one more per server declared dead
   uint64_t next_chunk_id_ = 1;
-  uint64_t heartbeats_ = 0;       // guarded by mu_
-  uint64_t barriers_done_ = 0;    // guarded by mu_
-  bool grouped_ = false;          // guarded by mu_: node-level reduction (workers push as nodes)
-  uint64_t workers_removed_ = 0;  // guarded by mu_: --on-worker-loss continue
+  uint64_t heartbeats_ = 0;        // guarded by mu_
+  uint64_t barriers_done_ = 0;     // guarded by mu_
+  bool grouped_ = false;           // guarded by mu_: node-level reduction (workers push as nodes)
+  uint64_t workers_removed_ = 0;   // guarded by mu_: --on-worker-loss continue
+  uint64_t workers_rejoined_ = 0;  // guarded by mu_
+  ClusterView view_;               // guarded by mu_: the job's, once complete (rejoining workers)
   // guarded by mu_: chunks whose new backup is being copied, and on which server
   std::map<uint64_t, uint32_t> rebuilding_;
   uint64_t backups_rebuilt_ = 0;  // guarded by mu_

@@ -89,6 +89,27 @@ void WorkerDown::Encode(Writer* w) const { w->Put(rank); }
 
 bool WorkerDown::Decode(Reader* r) { return r->Get(&rank); }
 
+void WorkerUp::Encode(Writer* w) const { w->Put(rank); }
+
+bool WorkerUp::Decode(Reader* r) { return r->Get(&rank); }
+
+void ReplicaMembership::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(chunk_id);
+  w->Put(pusher);
+  w->Put<uint8_t>(static_cast<uint8_t>(change));
+  w->Put(from);
+}
+
+bool ReplicaMembership::Decode(Reader* r) {
+  uint8_t c = 0;
+  if (!r->Get(&epoch) || !r->Get(&chunk_id) || !r->Get(&pusher) || !r->Get(&c) || c > 2 ||
+      !r->Get(&from))
+    return false;
+  change = static_cast<MembershipChange>(c);
+  return true;
+}
+
 void BackupOrders::Encode(Writer* w) const {
   w->Put(epoch);
   w->Put(static_cast<uint32_t>(items.size()));
@@ -124,6 +145,8 @@ void InstallReplica::Encode(Writer* w) const {
   w->Put(steps);
   w->Put(static_cast<uint32_t>(last_seq.size()));
   for (uint64_t s : last_seq) w->Put(s);
+  w->Put(static_cast<uint32_t>(removed.size()));
+  for (uint32_t p : removed) w->Put(p);
   w->Put(m_floats);
   w->Put(v_floats);
 }
@@ -136,6 +159,10 @@ bool InstallReplica::Decode(Reader* r, uint32_t pushers) {
   last_seq.resize(n);
   for (auto& s : last_seq)
     if (!r->Get(&s)) return false;
+  if (!r->Get(&n) || n > pushers || n > r->remaining() / 4) return false;
+  removed.resize(n);
+  for (auto& p : removed)
+    if (!r->Get(&p)) return false;
   return r->Get(&m_floats) && r->Get(&v_floats);
 }
 
@@ -164,10 +191,14 @@ void RegisterReply::Encode(Writer* w) const {
   w->Put(node_id);
   w->Put(rank);
   view.Encode(w);
+  w->Put<uint8_t>(rejoined ? 1 : 0);
 }
 
 bool RegisterReply::Decode(Reader* r) {
-  return r->Get(&node_id) && r->Get(&rank) && view.Decode(r);
+  uint8_t j = 0;
+  if (!r->Get(&node_id) || !r->Get(&rank) || !view.Decode(r) || !r->Get(&j) || j > 1) return false;
+  rejoined = j == 1;
+  return true;
 }
 
 void EncodeOptimizer(const OptimizerConfig& o, Writer* w) {
@@ -229,10 +260,11 @@ void ChunkSlots::Encode(Writer* w) const {
   key.Encode(w);
   w->Put(slot_stride);
   w->Put(version);
+  w->Put(next_seq);
 }
 
 bool ChunkSlots::Decode(Reader* r) {
-  return key.Decode(r) && r->Get(&slot_stride) && r->Get(&version);
+  return key.Decode(r) && r->Get(&slot_stride) && r->Get(&version) && r->Get(&next_seq);
 }
 
 void LandingGrant::Encode(Writer* w, uint32_t buffer, uint64_t offset,
@@ -302,6 +334,9 @@ bool DeclareReply::Decode(Reader* r, uint32_t servers) {
 void CreateChunksRequest::Encode(Writer* w) const {
   w->Put<uint32_t>(static_cast<uint32_t>(items.size()));
   for (const auto& it : items) it.Encode(w);
+  w->Put(rejoined_worker);
+  w->Put(static_cast<uint32_t>(rejoin_from.size()));
+  for (uint64_t f : rejoin_from) w->Put(f);
 }
 
 bool CreateChunksRequest::Decode(Reader* r) {
@@ -311,6 +346,11 @@ bool CreateChunksRequest::Decode(Reader* r) {
   items.clear();
   for (uint32_t k = 0; k < n; ++k)
     if (!items.emplace_back().Decode(r)) return false;
+  if (!r->Get(&rejoined_worker) || rejoined_worker < -1 || !r->Get(&n) || n > items.size())
+    return false;
+  rejoin_from.resize(n);
+  for (auto& f : rejoin_from)
+    if (!r->Get(&f)) return false;
   return true;
 }
 

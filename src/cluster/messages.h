@@ -24,7 +24,8 @@ enum Tag : uint32_t {
   kDeclare = 13,
   kGoodbye = 14,
   kReportFailure = 15,
-  kBackupRebuilt = 16,  // BackupRebuilt (server, request id 0): a new backup of a chunk is whole
+  kBackupRebuilt = 16,   // BackupRebuilt (server, request id 0): a new backup of a chunk is whole
+  kWorkerRestored = 17,  // WorkerUp (server, request id 0): its chunks wait for a rejoined worker
   // coordinator -> node (request id 0, no reply)
   kNodeFailed = 20,
   kShutdown = 21,
@@ -32,6 +33,7 @@ enum Tag : uint32_t {
   kWorkerDown = 23,      // WorkerDown (to servers): a worker was removed from the job
   kRebuildBackups = 24,  // BackupOrders (to a chunk's primary): copy these chunks to new backups
   kBackupsAdded = 25,    // BackupOrders (to workers): these chunks have a new backup
+  kWorkerUp = 26,        // WorkerUp (to servers): a removed worker rejoins the job
   // worker -> server
   kCreateChunks = 30,
   kGrant = 31,
@@ -47,6 +49,9 @@ enum Tag : uint32_t {
   kReplicate = 37,
   // server -> server: become the backup of a chunk (InstallReplica; the reply is a status)
   kInstallReplica = 38,
+  // ReplicaMembership (primary -> backup): a pusher of a chunk was removed or rejoined, at this
+  // point of the chunk's stream of replicated pushes.
+  kReplicaMembership = 39,
 };
 
 // No server: a chunk without a backup.
@@ -117,6 +122,9 @@ struct RegisterReply {
   uint32_t node_id = 0;
   uint32_t rank = 0;
   ClusterView view;
+  // A worker that rejoins a running job in the place of one removed (docs/fault-tolerance.md):
+  // the chunks exist, and each tells it at attach where its pushes go on.
+  bool rejoined = false;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };
@@ -177,6 +185,30 @@ struct WorkerDown {
   [[nodiscard]] bool Decode(Reader* r);
 };
 
+// kWorkerUp (coordinator -> every live server, request id 0): removed worker `rank` rejoins
+// the job (a restarted process). Each server's chunks wait for it again, and their next
+// sequence numbers for it are set; then the server answers with kWorkerRestored (the same
+// message, request id 0), and only once every live server did is the worker let in.
+struct WorkerUp {
+  uint32_t rank = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kReplicaMembership (a chunk's primary -> its backup): pusher `pusher` was removed from the job,
+// rejoined it, or (kJoinAt) starts its pushes at sequence number `from`, at this point of the
+// chunk's replicated pushes, so that the backup's engine changes where the primary's did.
+enum class MembershipChange : uint8_t { kRemoved = 0, kRejoined = 1, kJoinAt = 2 };
+struct ReplicaMembership {
+  uint64_t epoch = 0;
+  uint64_t chunk_id = 0;
+  uint32_t pusher = 0;
+  MembershipChange change = MembershipChange::kRemoved;
+  uint64_t from = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
 // kRebuildBackups (coordinator -> a chunk's primary) and kBackupsAdded (coordinator -> every
 // live worker), request id 0 (docs/fault-tolerance.md, "New backups"): chunk `chunk_id` gets
 // (or got) a new backup on server `backup`, at shard map epoch `epoch`.
@@ -211,6 +243,7 @@ struct InstallReplica {
   uint64_t version = 0;
   uint64_t steps = 0;
   std::vector<uint64_t> last_seq;
+  std::vector<uint32_t> removed;  // the pushers removed from the job, in the primary's engine
   uint64_t m_floats = 0;
   uint64_t v_floats = 0;
   void Encode(Writer* w) const;
@@ -243,6 +276,11 @@ struct DeclareReply {
 // an empty payload, to attach to.
 struct CreateChunksRequest {
   std::vector<CreateChunkItem> items;
+  // An attach by a worker that rejoined the job: its rank, so that the reply says where its
+  // pushes go on (ChunkSlots::next_seq); -1 otherwise. With `rejoin_from` (one per item, or
+  // empty), the chunks must exist: its pushes to each start there (ChunkEngine::JoinAt).
+  int32_t rejoined_worker = -1;
+  std::vector<uint64_t> rejoin_from;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };
@@ -255,6 +293,9 @@ struct ChunkSlots {
   transport::RemoteKey key;
   uint64_t slot_stride = 0;  // bytes from slot 0 to slot 1
   uint64_t version = 0;      // latest published version when created
+  // To a worker that rejoined (CreateChunksRequest::rejoined_worker): the sequence number of its
+  // next push to the chunk; 0 otherwise.
+  uint64_t next_seq = 0;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };

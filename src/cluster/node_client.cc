@@ -27,9 +27,9 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
   auto rpc_slot = std::make_shared<std::shared_ptr<RpcChannel>>();
   transport::ConnectionHandlers h;
   h.on_message = [events, rpc_slot, down = options.on_server_down,
-                  worker_down = options.on_worker_down, rebuild = options.on_rebuild_backups,
-                  added = options.on_backups_added](const std::shared_ptr<transport::Connection>& c,
-                                                    transport::Message m) {
+                  worker_down = options.on_worker_down, worker_up = options.on_worker_up,
+                  rebuild = options.on_rebuild_backups, added = options.on_backups_added](
+                     const std::shared_ptr<transport::Connection>& c, transport::Message m) {
     auto rpc = *rpc_slot;
     if (m.tag == kReply) {
       if (rpc && !rpc->OnReply(m)) {
@@ -63,6 +63,16 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
         return;
       }
       if (worker_down) worker_down(d);
+      return;
+    }
+    if (m.tag == kWorkerUp) {
+      WorkerUp u;
+      if (!r.Get(&req) || !u.Decode(&r) || !r.done()) {
+        spdlog::error("malformed worker-up notice from the coordinator; closing");
+        c->Close();
+        return;
+      }
+      if (worker_up) worker_up(u);
       return;
     }
     if (m.tag == kRebuildBackups || m.tag == kBackupsAdded) {
@@ -251,6 +261,14 @@ void NodeClient::ReportBackupRebuilt(const BackupRebuilt& b) {
   w.Put<uint64_t>(0);
   b.Encode(&w);
   rpc_->connection().Send(kBackupRebuilt, std::move(meta), {}, nullptr);
+}
+
+void NodeClient::ReportWorkerRestored(uint32_t rank) {
+  Bytes meta;
+  Writer w(&meta);
+  w.Put<uint64_t>(0);
+  WorkerUp{rank}.Encode(&w);
+  rpc_->connection().Send(kWorkerRestored, std::move(meta), {}, nullptr);
 }
 
 }  // namespace shardps::cluster

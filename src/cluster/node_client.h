@@ -37,6 +37,9 @@ struct NodeClientOptions {
   std::function<void(const ServerDown&)> on_server_down;
   // Servers: worker `rank` was removed from the job (kWorkerDown; docs/fault-tolerance.md).
   std::function<void(const WorkerDown&)> on_worker_down;
+  // Servers: removed worker `rank` rejoins the job (kWorkerUp); the server answers with
+  // ReportWorkerRestored once its chunks wait for it. In order with on_worker_down.
+  std::function<void(const WorkerUp&)> on_worker_up;
   // Servers: copy these chunks, of which this server is the primary, to new backups
   // (kRebuildBackups). Workers: these chunks have a new backup (kBackupsAdded). Both in order,
   // on the same transport thread as on_server_down.
@@ -68,6 +71,8 @@ class NodeClient {
   void ReportFailure(const std::string& why);
   // Servers: tells the coordinator how rebuilding a chunk's backup ended (kBackupRebuilt).
   void ReportBackupRebuilt(const BackupRebuilt& b);
+  // Servers: this server's chunks wait for rejoined worker `rank` again (kWorkerRestored).
+  void ReportWorkerRestored(uint32_t rank);
   // The failure seen so far (OK while the job is healthy).
   Status failure() const;
   // Heartbeats sent so far.

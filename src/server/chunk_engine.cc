@@ -26,11 +26,13 @@ ChunkEngine::ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> ru
       slots_(slots),
       to_owner_(std::move(to_owner)),
       later_(std::move(later)),
-      quorum_(cfg.quorum == 0 ? cfg.num_workers : std::min(cfg.quorum, cfg.num_workers)),
+      configured_quorum_(cfg.quorum == 0 ? cfg.num_workers : std::min(cfg.quorum, cfg.num_workers)),
+      quorum_(configured_quorum_),
       backups_(cfg.mode == Mode::kSync && quorum_ < cfg.num_workers),
       live_workers_(cfg.num_workers),
       removed_(cfg.num_workers, false),
       last_seq_(cfg.num_workers, cfg.mode == Mode::kSync ? cfg.initial_version : 0),
+      join_from_(cfg.num_workers, 0),
       conn_of_(cfg.num_workers, nullptr),
       departed_(cfg.num_workers, false) {
   if (cfg.initial_last_seq.size() == cfg.num_workers) {
@@ -233,6 +235,8 @@ EngineActions ChunkEngine::RemoveWorker(uint32_t worker) {
   removed_[worker] = true;
   departed_[worker] = true;
   --live_workers_;
+  join_from_[worker] = 0;
+  std::erase(joiners_, worker);
   if (cfg_.mode == Mode::kSync) {
     // The others publish each step from now on; a step that already has their pushes goes now.
     // Its pushes in open steps stay (folded in), and those steps wait for the others still.
@@ -243,7 +247,101 @@ EngineActions ChunkEngine::RemoveWorker(uint32_t worker) {
         step.removed_pushes++;
   }
   if (cfg_.mode == Mode::kSsp) UpdateSlowest();
+  // What it left parked or queued is refused now: a push of the worker after it rejoins is of
+  // its new process, and must not find an old one in line before it.
+  const Status refused = Status::Aborted(fmt::format(
+      "worker {} was removed from the job (declared dead): its pushes are refused", worker));
+  for (auto it = parked_.begin(); it != parked_.end();) {
+    if (it->first.first != worker) {
+      ++it;
+      continue;
+    }
+    out.acks.push_back({std::move(it->second.reply), refused, version()});
+    out.release.push_back(it->second.buffer);
+    out.parked_buffers_delta -= it->second.holds_buffer();
+    it = parked_.erase(it);
+  }
+  for (auto it = queued_.begin(); it != queued_.end();) {
+    if (it->worker != worker) {
+      ++it;
+      continue;
+    }
+    out.acks.push_back({std::move(it->reply), refused, version()});
+    out.release.push_back(it->buffer);
+    it = queued_.erase(it);
+  }
   Drain(&out);
+  return out;
+}
+
+EngineActions ChunkEngine::RestoreWorker(uint32_t worker, uint64_t* next_seq) {
+  EngineActions out;
+  *next_seq = 0;
+  if (worker >= cfg_.num_workers || !removed_[worker]) return out;
+  removed_[worker] = false;
+  conn_of_[worker] = nullptr;
+  ++live_workers_;
+  uint64_t& last = last_seq_[worker];
+  switch (cfg_.mode) {
+    case Mode::kSync:
+      // Every step not published yet waits for it again; its pushes folded into open steps
+      // count as a live worker's again.
+      quorum_ = std::min(configured_quorum_, live_workers_);
+      for (auto& [seq, step] : steps_)
+        if (std::find(step.pushers.begin(), step.pushers.end(), worker) != step.pushers.end())
+          step.removed_pushes--;
+      last = std::max(last, version());
+      join_from_[worker] = last + 1;
+      if (std::find(joiners_.begin(), joiners_.end(), worker) == joiners_.end())
+        joiners_.push_back(worker);
+      break;
+    case Mode::kSsp: {
+      // Its clock starts at the slowest live worker's (it left: departed_ is set, so that is
+      // the others').
+      const uint64_t slowest = slowest_.load(std::memory_order_relaxed);
+      if (slowest < (uint64_t{1} << 62)) last = std::max(last, slowest);
+      break;
+    }
+    case Mode::kAsync:
+      break;
+  }
+  // ssp: it holds nobody back until its first push (it is still `departed_`), which then starts
+  // its clock where the others are.
+  *next_seq = last + 1;
+  Drain(&out);
+  return out;
+}
+
+EngineActions ChunkEngine::JoinAt(uint32_t worker, uint64_t from, uint64_t* next_seq) {
+  EngineActions out;
+  *next_seq = 0;
+  if (worker >= cfg_.num_workers || removed_[worker]) return out;
+  uint64_t& last = last_seq_[worker];
+  const uint64_t at = std::max(from, last + 1);
+  last = at - 1;
+  if (cfg_.mode == Mode::kSync) {
+    join_from_[worker] = at;
+    if (std::find(joiners_.begin(), joiners_.end(), worker) == joiners_.end())
+      joiners_.push_back(worker);
+  }
+  *next_seq = at;
+  Drain(&out);
+  return out;
+}
+
+uint32_t ChunkEngine::Needed(uint64_t t, const Step& st) const {
+  uint32_t skip = 0;
+  for (uint32_t w : joiners_)
+    if (join_from_[w] > t && std::find(st.pushers.begin(), st.pushers.end(), w) == st.pushers.end())
+      ++skip;
+  const uint32_t live = live_workers_ > skip ? live_workers_ - skip : 1;
+  return std::min(quorum_, live) + st.removed_pushes;
+}
+
+std::vector<uint32_t> ChunkEngine::removed_workers() const {
+  std::vector<uint32_t> out;
+  for (uint32_t w = 0; w < cfg_.num_workers; ++w)
+    if (removed_[w]) out.push_back(w);
   return out;
 }
 
@@ -334,7 +432,8 @@ void ChunkEngine::ProcessAsync(LandedPush& p, EngineActions* out) {
 void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
   uint64_t seq = p.seq;
   auto open = steps_.find(seq);
-  if (open != steps_.end() && open->second.count >= Needed(open->second)) return DropLate(p, out);
+  if (open != steps_.end() && open->second.count >= Needed(seq, open->second))
+    return DropLate(p, out);
   last_seq_[p.worker] = p.seq;
   out->applied++;
   uint64_t staleness = 0;
@@ -348,7 +447,7 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
     step.lr = p.lr;
   }
   bool next_in_line = seq == version() + 1;
-  if (step.count + 1 == Needed(step) && next_in_line) {
+  if (step.count + 1 == Needed(seq, step) && next_in_line) {
     // The step's last push is folded straight into the update (no accumulator pass): it is
     // the gradient (decoded as the update goes, when compressed) and the others' sum the extra.
     GradientView sum = SumView(step.sum);
@@ -392,7 +491,9 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
 
 void ChunkEngine::PublishReadySteps(EngineActions* out) {
   auto it = steps_.find(version() + 1);
-  if (it == steps_.end() || it->second.count < Needed(it->second)) return;
+  // Rejoined workers whose first step is past: no step skips them any more.
+  std::erase_if(joiners_, [&](uint32_t w) { return join_from_[w] <= version() + 1; });
+  if (it == steps_.end() || it->second.count < Needed(it->first, it->second)) return;
   uint64_t seq = it->first;
   Update(
       SumView(it->second.sum), nullptr, Scale(it->second.count), it->second.lr,

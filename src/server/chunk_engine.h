@@ -197,6 +197,22 @@ class ChunkEngine {
   // pushes already folded into an open step stay in it. ssp: its clock holds nobody back. Its
   // later pushes are refused (a paused worker that comes back is fenced).
   EngineActions RemoveWorker(uint32_t worker);
+  // Owner thread: removed pusher `worker` rejoins the job (a restarted worker:
+  // docs/fault-tolerance.md, "A worker that rejoins"). Sets `next_seq` to the sequence number
+  // its next push to this chunk would have (0: it was not removed) and makes that push next in
+  // line: sync, the step after the published version (or after its last push folded into an open
+  // step, which counts for it again), every step from then on waiting for it again; ssp, the
+  // slowest live worker's clock (it holds nobody back until it pushes); async, the one after its
+  // last.
+  EngineActions RestoreWorker(uint32_t worker, uint64_t* next_seq);
+  // Owner thread: a rejoined worker's pushes start at `from` (the furthest `next_seq` of its
+  // tensor's chunks, so that they share its steps), or after its last push if that is later:
+  // `next_seq` is set to where. sync: the steps before it no longer wait for the worker.
+  // FailedPrecondition for a removed worker.
+  EngineActions JoinAt(uint32_t worker, uint64_t from, uint64_t* next_seq);
+  bool removed(uint32_t worker) const { return worker < removed_.size() && removed_[worker]; }
+  // Owner thread: the pushers removed (a new backup's copy carries them).
+  std::vector<uint32_t> removed_workers() const;
 
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
   size_t parked_pushes() const { return parked_.size(); }
@@ -240,8 +256,10 @@ class ChunkEngine {
     uint32_t removed_pushes = 0;
     std::vector<uint32_t> pushers;  // the workers whose pushes are in it
   };
-  // Pushes that complete `st`.
-  uint32_t Needed(const Step& st) const { return quorum_ + st.removed_pushes; }
+  // Pushes that complete step `t`: the quorum (no more than the live workers that do not skip
+  // it: a rejoined worker skips the steps before its first, JoinAt) and the pushes of workers
+  // removed since they pushed into it.
+  uint32_t Needed(uint64_t t, const Step& st) const;
 
   bool Admissible(uint64_t seq) const;
   bool GrantAdmissible(uint64_t seq) const;     // Admissible, and within a hold's bound
@@ -291,11 +309,16 @@ class ChunkEngine {
 
   std::atomic<uint64_t> version_{0};
   // Owner thread.
-  uint32_t quorum_;                 // sync: pushes that publish a step
-  bool backups_;                    // sync with a quorum below the workers (or one removed)
-  uint32_t live_workers_;           // workers not removed (RemoveWorker)
-  std::vector<bool> removed_;       // per worker
-  std::vector<uint64_t> last_seq_;  // per worker
+  const uint32_t configured_quorum_;  // sync: the quorum with every worker live
+  uint32_t quorum_;                   // sync: pushes that publish a step
+  bool backups_;                      // sync with a quorum below the workers (or one removed)
+  uint32_t live_workers_;             // workers not removed (RemoveWorker)
+  std::vector<bool> removed_;         // per worker
+  std::vector<uint64_t> last_seq_;    // per worker
+  // sync, per worker: its first step after it rejoined (RestoreWorker, JoinAt); the workers with
+  // one some open step may be before (usually none).
+  std::vector<uint64_t> join_from_;
+  std::vector<uint32_t> joiners_;
   std::atomic<bool> hold_new_steps_{false};            // HoldNewSteps (read by Admit: any thread)
   std::vector<const transport::Connection*> conn_of_;  // per worker: its last push's
   std::vector<bool> departed_;                         // per worker: connection closed

@@ -248,6 +248,10 @@ struct Chunk {
   // that order: ForwardTaken), no longer as they land (Forward), so that the new backup's engine
   // takes them in the same order from a copy taken in between.
   std::atomic<bool> forward_on_take{false};
+  // Per worker that rejoined the job (docs/fault-tolerance.md, "A worker that rejoins"): the
+  // sequence number its next push must have, which its attach is told.
+  std::mutex rejoin_mu;
+  std::map<uint32_t, uint64_t> rejoin_next;  // guarded by rejoin_mu
 };
 
 class ServerImpl final : public Server {
@@ -365,6 +369,7 @@ class ServerImpl final : public Server {
     no.register_timeout = opt_.register_timeout;
     no.on_server_down = [this](const ServerDown& d) { OnServerDown(d); };
     no.on_worker_down = [this](const WorkerDown& d) { OnWorkerDown(d); };
+    no.on_worker_up = [this](const WorkerUp& u) { OnWorkerUp(u); };
     no.on_rebuild_backups = [this](const BackupOrders& o) { OnRebuildBackups(o); };
     auto done = done_;
     auto node = NodeClient::Connect(control_ctx_.get(), no, [done](Status why, bool shutdown) {
@@ -758,24 +763,179 @@ class ServerImpl final : public Server {
     }
   }
 
-  // kWorkerDown, on the control loop: worker `d.rank` died and was removed from the job. Each
-  // chunk's engine stops waiting for it (on the chunk's owner thread); chunks created later
-  // learn it as they are made.
+  // kWorkerDown, on the control loop: worker `d.rank` died and was removed from the job. Its
+  // connections are closed (a process that was only paused can push nothing more, nor can it
+  // after a new one took its place), and each chunk's engine stops waiting for it; chunks created
+  // later learn it as they are made.
   void OnWorkerDown(const WorkerDown& d) {
     if (stopping_.load()) return;
-    std::vector<Chunk*> all;
     {
       std::lock_guard<std::mutex> lock(failover_mu_);
-      if (d.rank >= 65536 || !removed_workers_.insert(d.rank).second) return;
-      std::shared_lock<std::shared_mutex> chunks(chunks_mu_);
-      for (auto& [id, ch] : chunks_) all.push_back(ch.get());
+      if (d.rank >= view_.num_workers || !removed_workers_.insert(d.rank).second) return;
     }
     spdlog::warn("server {}: worker {} was removed from the job: steps complete without it", rank_,
                  d.rank);
-    for (Chunk* ch : all)
-      OnOwner(*ch, [this, ch, w = d.rank] {
-        Execute(*ch, ch->engine->RemoveWorker(view_.PusherOf(w)));
+    data_ctx_->RunInLoop([this, w = d.rank] {
+      CloseWorkerConnections(w);
+      ChangeMembership(w, false, nullptr);
+      SendAnswers();  // batch entries the small chunks' steps completed
+    });
+  }
+
+  // kWorkerUp, on the control loop: removed worker `u.rank` rejoins (a new process). Once every
+  // chunk's engine waits for it again and knows where its pushes go on, the coordinator hears
+  // it (kWorkerRestored), and lets the worker in.
+  void OnWorkerUp(const WorkerUp& u) {
+    if (stopping_.load()) return;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (u.rank >= view_.num_workers) return;
+      removed_workers_.erase(u.rank);
+    }
+    spdlog::info("server {}: worker {} rejoins the job", rank_, u.rank);
+    data_ctx_->RunInLoop([this, w = u.rank] {
+      ChangeMembership(w, true, [this, w] {
+        if (node_) node_->ReportWorkerRestored(w);
       });
+      SendAnswers();
+    });
+  }
+
+  // Data loop: the connection carries the data-plane messages of worker `w` (noted at the
+  // first), so that they can be closed when it is removed.
+  void NoteWorkerConnection(const std::shared_ptr<Connection>& c, uint32_t w) {
+    if (c->user_data) return;
+    c->user_data = std::make_shared<uint32_t>(w);
+    auto& conns = worker_conns_[w];
+    std::erase_if(conns, [](const std::weak_ptr<Connection>& k) { return k.expired(); });
+    conns.push_back(c);
+  }
+
+  void CloseWorkerConnections(uint32_t w) {
+    auto it = worker_conns_.find(w);
+    if (it == worker_conns_.end()) return;
+    for (auto& k : it->second)
+      if (auto c = k.lock()) c->Close();
+    worker_conns_.erase(it);
+  }
+
+  // Data loop: worker `w` was removed from the job, or rejoined it, in every chunk this server
+  // is the primary of (or the only holder). A backup's engine changes where its primary's did,
+  // in the stream of pushes the primary sends it (kReplicaMembership, sent here before any push
+  // that lands after it, or for a chunk whose pushes go as they are taken, as it is taken), so
+  // the two copies make the same decisions. `done` runs once every engine changed.
+  void ChangeMembership(uint32_t w, bool rejoined, std::function<void()> done) {
+    const MembershipChange change =
+        rejoined ? MembershipChange::kRejoined : MembershipChange::kRemoved;
+    std::vector<Chunk*> all;
+    {
+      std::shared_lock<std::shared_mutex> chunks(chunks_mu_);
+      for (auto& [id, ch] : chunks_) all.push_back(ch.get());
+    }
+    auto left = std::make_shared<std::atomic<size_t>>(all.size() + 1);
+    auto finish = [left, done = std::move(done)] {
+      if (left->fetch_sub(1) == 1 && done) done();
+    };
+    for (Chunk* ch : all) {
+      if (ch->is_backup.load()) {  // its primary says when (OnServerDown: if it cannot)
+        finish();
+        continue;
+      }
+      ChangeChunkMembership(*ch, w, change, 0, [finish](uint64_t) { finish(); });
+    }
+    finish();
+  }
+
+  // Data loop: one chunk's side of a membership change, its backup told first (or, for a chunk
+  // whose pushes go to it as they are taken, as the change is made); `done` gets the sequence
+  // number the worker's next push must have (RestoreWorker, JoinAt), on the owner thread.
+  void ChangeChunkMembership(Chunk& ch, uint32_t w, MembershipChange change, uint64_t from,
+                             std::function<void(uint64_t)> done) {
+    const uint32_t pusher = view_.PusherOf(w);
+    if (!ch.forward_on_take.load()) SendMembership(ch, ch.backup.load(), pusher, change, from);
+    OnOwner(ch, [this, chp = &ch, w, pusher, change, from, done = std::move(done)] {
+      Chunk& c = *chp;
+      uint64_t next = 0;
+      Execute(c, Membership(c, w, pusher, change, from, &next));
+      if (c.forward_on_take.load(std::memory_order_relaxed)) {
+        // After the pushes it took before (ForwardTaken), to its backup and to a new one being
+        // made from a copy taken before.
+        std::vector<uint32_t> to;
+        if (c.backup.load() != kNoServer) to.push_back(c.backup.load());
+        if (c.rebuild && c.rebuild_copied) to.push_back(c.rebuild->backup);
+        data_ctx_->RunInLoop([this, chp, to, pusher, change, from] {
+          for (uint32_t b : to) SendMembership(*chp, b, pusher, change, from);
+        });
+      }
+      done(next);
+    });
+  }
+
+  // Owner thread: the engine's side of a membership change (and of its record on a backup).
+  EngineActions Membership(Chunk& ch, uint32_t w, uint32_t pusher, MembershipChange change,
+                           uint64_t from, uint64_t* next) {
+    *next = 0;
+    EngineActions a;
+    switch (change) {
+      case MembershipChange::kRemoved:
+        a = ch.engine->RemoveWorker(pusher);
+        break;
+      case MembershipChange::kRejoined:
+        a = ch.engine->RestoreWorker(pusher, next);
+        break;
+      case MembershipChange::kJoinAt:
+        a = ch.engine->JoinAt(pusher, from, next);
+        break;
+    }
+    std::lock_guard<std::mutex> lock(ch.rejoin_mu);
+    if (*next != 0) {
+      ch.rejoin_next[w] = *next;
+    } else {
+      ch.rejoin_next.erase(w);
+    }
+    return a;
+  }
+
+  // Data loop: tells backup `b` of `ch` (if it has one) of a membership change.
+  void SendMembership(Chunk& ch, uint32_t b, uint32_t pusher, MembershipChange change,
+                      uint64_t from) {
+    if (b == kNoServer) return;
+    std::shared_ptr<RpcChannel> peer;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (b < peers_.size() && !dead_[b]) peer = peers_[b];
+    }
+    if (!peer) return;
+    Bytes meta;
+    Writer w(&meta);
+    ReplicaMembership{epoch_.load(), ch.id, pusher, change, from}.Encode(&w);
+    peer->Call(kReplicaMembership, std::move(meta), {},
+               [this, id = ch.id, b](Status st, Reader&, transport::Message&) {
+                 if (!st.ok())
+                   spdlog::warn("server {}: backup {} of chunk {} refused a membership change: {}",
+                                rank_, b, id, st.ToString());
+               });
+  }
+
+  // kReplicaMembership: the primary of a chunk this server backs up removed a pusher, or let one
+  // rejoin, at this point of the pushes it sent.
+  void OnReplicaMembership(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
+    ReplicaMembership rm;
+    if (!rm.Decode(&r) || !r.done()) return Drop(c, "malformed membership change");
+    Chunk* ch = FindChunk(rm.chunk_id);
+    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", rm.chunk_id)));
+    if (!ch->is_backup.load())
+      return Reply(*c, req,
+                   Status::Aborted(fmt::format("server {} serves chunk {} itself (shard map epoch "
+                                               "{}; the sender's {}): the sender was replaced",
+                                               rank_, rm.chunk_id, epoch_.load(), rm.epoch)));
+    if (rm.pusher >= view_.num_pushers())
+      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown pusher {}", rm.pusher)));
+    OnOwner(*ch, [this, ch, rm] {
+      uint64_t next = 0;
+      Execute(*ch, Membership(*ch, rm.pusher, rm.pusher, rm.change, rm.from, &next));
+    });
+    Reply(*c, req, Status::OK());
   }
 
   // kServerDown, on the control loop: server `d.rank` was replaced. Chunks it was the primary of
@@ -799,6 +959,19 @@ class ServerImpl final : public Server {
             ch->primary.store(rank_);
             ch->is_backup.store(false);
             ++promoted;
+            // Its engine followed the dead primary's membership changes; any it did not hear
+            // of are made now, as the coordinator told this server.
+            OnOwner(*ch, [this, raw = ch.get(), removed = removed_workers_] {
+              for (uint32_t w = 0; w < view_.num_workers; ++w) {
+                const uint32_t p = view_.PusherOf(w);
+                uint64_t next = 0;
+                if (removed.count(w) != raw->engine->removed(p))
+                  Execute(*raw, Membership(*raw, w, p,
+                                           removed.count(w) ? MembershipChange::kRemoved
+                                                            : MembershipChange::kRejoined,
+                                           0, &next));
+              }
+            });
           }
           if (ch->backup.load() == d.rank) {
             ch->backup.store(kNoServer);
@@ -1036,6 +1209,7 @@ class ServerImpl final : public Server {
     in.version = s.version;
     in.steps = s.steps;
     in.last_seq = s.last_seq;
+    in.removed = ch.engine->removed_workers();
     in.m_floats = s.m.size();
     in.v_floats = s.v.size();
     Bytes meta;
@@ -1172,7 +1346,10 @@ class ServerImpl final : public Server {
     s.params.assign(f, f + it.numel);
     s.m.assign(f + it.numel, f + it.numel + in.m_floats);
     s.v.assign(f + it.numel + in.m_floats, f + it.numel + in.m_floats + in.v_floats);
-    auto made = MakeChunk(it, s.params.data(), &s);
+    for (uint32_t p : in.removed)
+      if (p >= view_.num_pushers())
+        return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown pusher {}", p)));
+    auto made = MakeChunk(it, s.params.data(), &s, &in.removed);
     if (!made.ok()) return Reply(*c, req, made.status());
     replicas_installed_.fetch_add(1, std::memory_order_relaxed);
     spdlog::info("server {}: now the backup of chunk {} of '{}' (version {}), for server {}", rank_,
@@ -1442,6 +1619,8 @@ class ServerImpl final : public Server {
         return OnReplicate(c, req, r, m);
       case kInstallReplica:
         return OnInstallReplica(c, req, r, m);
+      case kReplicaMembership:
+        return OnReplicaMembership(c, req, r);
       case kStats: {
         if (!r.done()) return Drop(c, "malformed stats request");
         std::string json = stats().ToJson();
@@ -1481,8 +1660,64 @@ class ServerImpl final : public Server {
         init += it.numel * 4;
       }
     }
-    attaches_.push_back(Attach{c, req, std::move(items)});
+    if (rq.rejoined_worker >= static_cast<int64_t>(view_.num_workers))
+      return Reply(*c, req,
+                   Status::InvalidArgument(fmt::format("unknown worker {}", rq.rejoined_worker)));
+    if (rq.rejoined_worker >= 0) NoteWorkerConnection(c, static_cast<uint32_t>(rq.rejoined_worker));
+    if (!rq.rejoin_from.empty()) return OnJoinAt(c, req, rq, attach);
+    attaches_.push_back(Attach{c, req, std::move(items), rq.rejoined_worker});
     AnswerAttaches();
+  }
+
+  // A rejoined worker's second attach: its pushes to each chunk start at the step of its tensor
+  // (ChunkEngine::JoinAt, each chunk's backup told first); answered, with where each starts,
+  // once every chunk's engine took it.
+  void OnJoinAt(const std::shared_ptr<Connection>& c, uint64_t req, CreateChunksRequest& rq,
+                bool attach) {
+    if (!attach || rq.rejoined_worker < 0 || rq.rejoin_from.size() != rq.items.size())
+      return Reply(*c, req,
+                   Status::InvalidArgument("a rejoined worker's start names one step per chunk"));
+    const auto w = static_cast<uint32_t>(rq.rejoined_worker);
+    std::vector<Chunk*> chunks;
+    for (const auto& it : rq.items) {
+      Chunk* ch = FindChunk(it.chunk_id);
+      if (!ch || ch->is_backup.load())
+        return Reply(*c, req,
+                     Status::NotFound(fmt::format("server {} is not the primary of chunk {}", rank_,
+                                                  it.chunk_id)));
+      chunks.push_back(ch);
+    }
+    struct Pending {
+      std::mutex mu;
+      CreateChunksReply reply;
+      size_t left = 0;
+    };
+    auto p = std::make_shared<Pending>();
+    p->left = chunks.size();
+    p->reply.chunks.resize(chunks.size());
+    for (size_t k = 0; k < chunks.size(); ++k) {
+      Chunk* ch = chunks[k];
+      ChunkSlots& slots = p->reply.chunks[k];
+      slots.key = ch->slots->remote_key();
+      slots.slot_stride = ch->layout.stride;
+      std::weak_ptr<Connection> weak = c;
+      ChangeChunkMembership(*ch, w, MembershipChange::kJoinAt, rq.rejoin_from[k],
+                            [this, p, k, ch, weak, req](uint64_t next) {
+                              std::unique_lock<std::mutex> lock(p->mu);
+                              p->reply.chunks[k].next_seq = next;
+                              p->reply.chunks[k].version = ch->engine->version();
+                              if (--p->left != 0) return;
+                              lock.unlock();
+                              data_ctx_->RunInLoop([this, p, weak, req] {
+                                auto conn = weak.lock();
+                                if (!conn) return;
+                                Bytes body;
+                                Writer wr(&body);
+                                p->reply.Encode(&wr);
+                                Reply(*conn, req, Status::OK(), body);
+                              });
+                            });
+    }
   }
 
   // A chunk's description as a worker or a primary sends it: its size within the job's chunk
@@ -1531,6 +1766,11 @@ class ServerImpl final : public Server {
         slots.key = ch->slots->remote_key();
         slots.slot_stride = ch->layout.stride;
         slots.version = ch->engine->version();
+        if (it->rejoined_worker >= 0) {
+          std::lock_guard<std::mutex> lock(ch->rejoin_mu);
+          auto n = ch->rejoin_next.find(static_cast<uint32_t>(it->rejoined_worker));
+          if (n != ch->rejoin_next.end()) slots.next_seq = n->second;
+        }
       }
       Bytes body;
       Writer w(&body);
@@ -1545,8 +1785,11 @@ class ServerImpl final : public Server {
   }
 
   // `copy`: a new backup's chunk, as its primary sent it (its state and sequence tables).
+  // `removed`: the pushers a new backup's primary had removed (else the workers the coordinator
+  // removed).
   Result<Chunk*> MakeChunk(const CreateChunkItem& it, const float* init,
-                           const ChunkState* copy = nullptr) {
+                           const ChunkState* copy = nullptr,
+                           const std::vector<uint32_t>* removed = nullptr) {
     auto ch = std::make_unique<Chunk>();
     ch->create = it;
     ch->id = it.chunk_id;
@@ -1647,7 +1890,11 @@ class ServerImpl final : public Server {
                    ch->master.empty() ? nullptr : ch->master.data()},
         [this, raw](std::function<void()> fn) { OnOwner(*raw, std::move(fn)); },
         [this, raw](EngineActions a) { Execute(*raw, std::move(a)); });
-    for (uint32_t w : removed_workers_) (void)ch->engine->RemoveWorker(view_.PusherOf(w));
+    if (removed) {
+      for (uint32_t p : *removed) (void)ch->engine->RemoveWorker(p);
+    } else {
+      for (uint32_t w : removed_workers_) (void)ch->engine->RemoveWorker(view_.PusherOf(w));
+    }
     versions_++;  // version 0
     std::unique_lock<std::shared_mutex> lock(chunks_mu_);
     chunks_.emplace(it.chunk_id, std::move(ch));
@@ -1678,6 +1925,7 @@ class ServerImpl final : public Server {
     if (Status st = CheckPushBytes(*ch, g.bytes); !st.ok()) return Reply(*c, req, st);
     if (g.worker >= view_.num_workers)
       return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", g.worker)));
+    NoteWorkerConnection(c, g.worker);
     grant_requests_++;
     auto admitted =
         ch->engine->Admit(ParkedGrant{c, c.get(), req, view_.PusherOf(g.worker), g.seq});
@@ -1730,6 +1978,7 @@ class ServerImpl final : public Server {
     if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", d.chunk_id)));
     if (d.worker >= view_.num_workers)
       return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", d.worker)));
+    NoteWorkerConnection(c, d.worker);
     if (!pool_.Claim(d.buffer, c.get(), d.chunk_id, d.seq))
       return Drop(c, fmt::format("push of step {} of chunk {} names landing buffer {} that it "
                                  "does not hold for it",
@@ -1829,6 +2078,7 @@ class ServerImpl final : public Server {
       for (size_t i = 0; i < n; ++i) Answer(answer, i, whole, 0, false, nullptr);
       return;
     }
+    NoteWorkerConnection(c, b.worker);
     std::shared_ptr<BatchBytes> held;
     if (pushed > 0) {
       held = std::make_shared<BatchBytes>(inbound_);
@@ -2024,8 +2274,11 @@ class ServerImpl final : public Server {
     std::shared_ptr<Connection> conn;
     uint64_t request = 0;
     std::vector<CreateChunkItem> items;
+    int32_t rejoined_worker = -1;
   };
-  std::vector<Attach> attaches_;                         // loop thread only
+  // Per worker: the connections that carried its data-plane messages (NoteWorkerConnection).
+  std::map<uint32_t, std::vector<std::weak_ptr<Connection>>> worker_conns_;  // loop thread only
+  std::vector<Attach> attaches_;                                             // loop thread only
   std::vector<std::shared_ptr<BatchInFlight>> answers_;  // loop thread only: to send
 
   mutable std::shared_mutex chunks_mu_;

@@ -312,6 +312,11 @@ struct ChunkRef {
   std::atomic<uint64_t> pulled_version{0};  // the newest version pulled: a push's base
   // The tensor's next push step (TensorInfo::next_step), shared by its chunks.
   std::atomic<uint64_t>* tensor_step = nullptr;
+  // A worker that rejoined the job (docs/fault-tolerance.md): its push of tensor step t is the
+  // chunk's sequence number t - seq_lag, so that each chunk's pushes go on where its server said
+  // (ChunkSlots::next_seq) while the tensor's chunks share one step. 0 otherwise.
+  uint64_t seq_lag = 0;
+  uint64_t rejoin_next = 0;  // what the chunk's primary said at attach
   // Node-level reduction: the local rank that pushes it for the node.
   uint32_t owner = 0;
 };
@@ -901,6 +906,9 @@ class WorkerImpl final : public Worker {
     node_ = std::move(node).value();
     view_ = node_->info().view;
     rank_ = node_->info().rank;
+    rejoined_ = node_->info().rejoined;
+    if (rejoined_)
+      spdlog::info("worker {}: rejoins the job in the place of the worker that was removed", rank_);
 
     co.name = "worker-data";
     co.busy_poll = opt_.busy_poll;
@@ -1053,6 +1061,7 @@ class WorkerImpl final : public Worker {
   }
 
   uint32_t rank() const override { return rank_; }
+  bool rejoined() const override { return rejoined_; }
   uint32_t num_workers() const override { return view_.num_workers; }
   uint32_t num_servers() const override { return view_.num_servers; }
   Mode mode() const override { return view_.mode; }
@@ -1204,6 +1213,8 @@ class WorkerImpl final : public Worker {
         Writer w(&body);
         w.Put(b.count);
         w.PutRaw(b.body.data(), b.body.size());
+        w.Put<int32_t>(rejoined_ ? static_cast<int32_t>(rank_) : -1);
+        w.Put<uint32_t>(0);  // no rejoin_from
         // Sent as a message whose payload is the initial values.
         auto rep = CallCreate(*servers_[s], body, std::move(b.init));
         if (!rep.ok())
@@ -1218,9 +1229,11 @@ class WorkerImpl final : public Worker {
           if (got.slot_stride != ref->layout.stride)
             return Status::ProtocolError("malformed create reply");
           const uint64_t version = got.version;
+          const uint64_t next_seq = got.next_seq;
           ref->AddCopy(static_cast<uint32_t>(s), std::move(reply.chunks[k]));
           if (b.backup[k]) continue;
           ref->known_version = version;
+          ref->rejoin_next = next_seq;
           // A chunk restored from a checkpoint (docs/fault-tolerance.md) is at its saved
           // version: in sync mode the tensor's pushes go on with the step after it.
           if (view_.mode == Mode::kSync && ref->tensor_step->load() <= version)
@@ -1228,6 +1241,7 @@ class WorkerImpl final : public Worker {
         }
       }
     }
+    if (rejoined_) SHARDPS_RETURN_IF_ERROR(JoinAtTensorSteps(infos));
     if (reducer_) {
       std::vector<uint64_t> chunk_numels;
       // What was declared, as the node's workers must agree on it: names and chunks.
@@ -1519,6 +1533,8 @@ class WorkerImpl final : public Worker {
       Writer w(&body);
       w.Put<uint32_t>(1);
       ci.Encode(&w);
+      w.Put<int32_t>(-1);
+      w.Put<uint32_t>(0);
       const uint64_t id = it.chunk_id;
       rpc->Call(kCreateChunks, body, transport::Payload::Own(Bytes{}),
                 [this, fo = failover_, ref, id, b = it.backup](Status st, Reader& r,
@@ -1623,6 +1639,55 @@ class WorkerImpl final : public Worker {
                         0);
       lock.lock();
     }
+  }
+
+  // A worker that rejoined the job (docs/fault-tolerance.md, "A worker that rejoins"): each
+  // chunk's primary said at attach where its pushes go on (its engine waits for it from there);
+  // each tensor's pushes start at the furthest of its chunks', so that they share its steps.
+  // Each primary is told (a second attach: ChunkEngine::JoinAt) and answers where each starts.
+  Status JoinAtTensorSteps(std::vector<std::unique_ptr<TensorInfo>>& infos) {
+    std::map<uint32_t, std::vector<std::pair<ChunkRef*, uint64_t>>> per;
+    for (auto& info : infos) {
+      uint64_t top = 0;
+      for (auto& c : info->chunks) top = std::max(top, c->rejoin_next);
+      if (top == 0) continue;  // declared after this worker rejoined: from the start
+      if (info->next_step.load() < top) info->next_step.store(top);
+      const uint64_t at = info->next_step.load();
+      for (auto& c : info->chunks)
+        if (c->rejoin_next != 0) per[c->server.load()].emplace_back(c.get(), at);
+    }
+    for (auto& [s, refs] : per) {
+      CreateChunksRequest rq;
+      rq.rejoined_worker = static_cast<int32_t>(rank_);
+      for (auto& [ref, at] : refs) {
+        rq.items.push_back(ref->create);
+        rq.rejoin_from.push_back(at);
+      }
+      Bytes body;
+      Writer w(&body);
+      rq.Encode(&w);
+      auto rep = CallCreate(*servers_[s], body, Bytes{});
+      if (!rep.ok())
+        return rep.status().WithContext(fmt::format("rejoining the chunks of server {}", s));
+      Reader r(rep->data(), rep->size());
+      CreateChunksReply reply;
+      if (!reply.Decode(&r) || !r.done() || reply.chunks.size() != refs.size())
+        return Status::ProtocolError("malformed rejoin reply");
+      for (size_t k = 0; k < refs.size(); ++k) {
+        auto [ref, at] = refs[k];
+        const uint64_t next = reply.chunks[k].next_seq;
+        // Where its last push was later than the tensor's step (not expected: the step is the
+        // furthest), the chunk's sequence numbers trail the tensor's steps.
+        if (next == 0 || next > at)
+          return Status::ProtocolError(fmt::format(
+              "server {} starts this worker's pushes to chunk {} at {}, past the tensor's step {}",
+              s, ref->chunk_id, next, at));
+        ref->rejoin_next = next;
+        ref->seq_lag = at - next;
+        RaiseTo(ref->known_version, reply.chunks[k].version);
+      }
+    }
+    return Status::OK();
   }
 
   Result<Bytes> CallCreate(RpcChannel& rpc, const Bytes& body, Bytes init) {
@@ -1827,7 +1892,7 @@ class WorkerImpl final : public Worker {
         e.pull = out != nullptr;
         const void* bytes = nullptr;
         if (grad) {
-          e.seq = step;
+          e.seq = step - ref->seq_lag;
           e.base_version = ref->pulled_version.load();
           e.lr = lr;
           if (staged) {
@@ -1844,7 +1909,7 @@ class WorkerImpl final : public Worker {
       }
       auto rpc = servers_[ref->server.load()];
       if (grad) {
-        const uint64_t seq = step;
+        const uint64_t seq = step - ref->seq_lag;
         PushSource src;
         src.lr = lr;
         if (staged) {
@@ -2238,7 +2303,7 @@ class WorkerImpl final : public Worker {
     // them, so no chunk is ever pushed a step that the others will not push too.
     std::lock_guard<std::mutex> lock(op.mu);
     op.late = op.late || late;
-    op.ack_min = std::min(op.ack_min, v);
+    op.ack_min = std::min(op.ack_min, v + ref->seq_lag);  // in the tensor's steps
     if (--op.acks_left == 0 && op.late) RaiseTo(*ref->tensor_step, op.ack_min + 1);
   }
 
@@ -2369,6 +2434,7 @@ class WorkerImpl final : public Worker {
   std::unique_ptr<NodeClient> node_;
   ClusterView view_;
   uint32_t rank_ = 0;
+  bool rejoined_ = false;  // took the place of a removed worker (RegisterReply::rejoined)
   std::atomic<uint64_t> checkpoints_{0};  // Checkpoint calls, naming their barriers
   std::vector<std::shared_ptr<RpcChannel>> servers_;
   std::vector<std::unique_ptr<Credits>> credits_;   // by server

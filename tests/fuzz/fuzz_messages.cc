@@ -65,7 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t which = data[0];
   data++;
   size--;
-  switch (which % 25) {
+  switch (which % 27) {
     case 0:
       RoundTrip<ClusterView>(data, size);
       break;
@@ -137,6 +137,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 24:
       RoundTrip<InstallReplica>(data, size);
+      break;
+    case 25:
+      RoundTrip<WorkerUp>(data, size);
+      break;
+    case 26:
+      RoundTrip<ReplicaMembership>(data, size);
       break;
     case 12: {
       // Counts read off the wire before vectors are sized.

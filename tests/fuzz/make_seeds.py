@@ -49,10 +49,11 @@ MESSAGES = {
     "register_request_node": (1, u8(2) + i32(-1) + string(b"") + string(b"host") + u32(123) + string(b"tcp") +
                               string(b"host/node1") + i32(1) + u32(2)),
     "cluster_view_nodes": (0, view((0, 0, 1))),
-    "register_reply": (2, u32(7) + u32(1) + view()),
+    "register_reply": (2, u32(7) + u32(1) + view() + u8(0)),
+    "register_reply_rejoined": (2, u32(7) + u32(2) + view() + u8(1)),
     "create_chunk_item": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs()),
     "create_chunk_item_topk": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(5, 256, 2)),
-    "chunk_slots": (4, remote_key() + u64(4160) + u64(0)),
+    "chunk_slots": (4, remote_key() + u64(4160) + u64(0) + u64(0)),
     "landing_grant": (5, grant()),
     "grant_request": (6, u64(0) + u64(1) + u64(4096) + u32(0) + u64(1)),
     "push_done": (7, u64(0) + u64(1) + u32(3) + u32(0) + u64(1) + u64(4096)),
@@ -65,8 +66,12 @@ MESSAGES = {
     "barrier": (13, string(b"step-7") + u64(30000)),
     "declare": (14, u32(2) + string(b"fc1.weight") + u64(200704) + string(b"fc1.bias") + u64(256)),
     "declare_reply": (15, u32(1) + u32(2) + u64(1) + u32(0) + u32(1) + u64(0) + u64(1024) + u64(2) + u32(1) + u32(0xffffffff) + u64(1024) + u64(10)),
-    "create_chunks": (16, u32(1) + u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(3, 256, 1)),
-    "create_chunks_reply": (17, u32(1) + remote_key() + u64(4160) + u64(0)),
+    "create_chunks": (16, u32(1) + u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(3, 256, 1)
+                      + i32(-1) + u32(0)),
+    "create_chunks_rejoin": (16, u32(1) + u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(3, 256, 1)
+                             + i32(2) + u32(1) + u64(9)),
+    "create_chunks_reply": (17, u32(1) + remote_key() + u64(4160) + u64(0) + u64(0)),
+    "create_chunks_reply_rejoin": (17, u32(1) + remote_key() + u64(4160) + u64(8) + u64(9)),
     "batch": (18, u64(0) + u32(1) + u32(3)
               + u64(1) + u8(3) + u64(1) + u64(32) + u64(0)
               + u64(2) + u8(2)
@@ -80,7 +85,9 @@ MESSAGES = {
     "backup_rebuilt": (23, u64(3) + u32(0) + string(b"")),
     "backup_rebuilt_error": (23, u64(3) + u32(0) + string(b"server 0 was declared dead")),
     "install_replica": (24, u64(1) + u64(3) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs()
-                        + u64(7) + u64(7) + u32(2) + u64(7) + u64(6) + u64(1024) + u64(1024)),
+                        + u64(7) + u64(7) + u32(2) + u64(7) + u64(6) + u32(1) + u32(1) + u64(1024) + u64(1024)),
+    "worker_up": (25, u32(2)),
+    "replica_membership": (26, u64(1) + u64(3) + u32(2) + u8(2) + u64(9)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
 

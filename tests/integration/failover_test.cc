@@ -5,6 +5,7 @@
 // and nothing was applied twice.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <string>
@@ -419,6 +420,201 @@ TEST(WorkerLossLimits, WorkerZerosDeathStillEndsTheJob) {
   EXPECT_FALSE(job.ok());
   EXPECT_NE(job.message().find("worker 0 is never removed"), std::string::npos) << job.ToString();
 }
+
+// A worker that died rejoins: a new process of its rank registers once it was removed, pulls the
+// current parameters and pushes from where the job is (sync: the next step, which the others'
+// steps wait for again; ssp: the slowest clock; async: after its last push). Worker 2 pushes 4
+// steps and dies; the others push 8 and wait until the new worker 2 is in, then go on to 16; the
+// new worker 2 pushes until its step 16. Integer-valued: the final parameters equal exactly the
+// initial ones minus every acknowledged push (its old process's and its new one's), with and
+// without replicas, both push paths (batches; landing buffers with tcp+nobatch).
+struct RejoinParam {
+  std::string transport;
+  Mode mode;
+  uint32_t replicas = 0;
+};
+
+class WorkerRejoin : public ::testing::TestWithParam<RejoinParam> {
+ protected:
+  void SetUp() override {
+    const std::string& t = GetParam().transport;
+    auto v = transport::CheckViability(t.substr(0, t.find('+')));
+    if (!v.viable) GTEST_SKIP() << t << ": " << v.reason;
+  }
+};
+
+TEST_P(WorkerRejoin, ARestartedWorkerRejoinsAndEveryAcknowledgedPushCounts) {
+  CoordinatorOptions co = Opts(2, 3, GetParam().mode, Aggregate::kSum, kChunkBytes);
+  co.continue_on_worker_loss = true;
+  co.replicas = GetParam().replicas;
+  co.heartbeat_timeout = 2s;
+  if (co.mode == Mode::kSsp) co.staleness = 1;
+  auto lc = LocalCluster::Start(co, 16, GetParam().transport);
+  ASSERT_TRUE(lc);
+  constexpr uint64_t kDiesAfter = 4, kWaitAt = 8, kSteps = 16;
+  const float init = 100.0f;
+  std::atomic<bool> back{false};
+  std::unique_ptr<Worker> again;
+  // Per tensor, the steps the new worker 2 pushed, acknowledged (each tensor goes on from its
+  // own step: its chunks' versions were where they were when it rejoined).
+  std::vector<std::vector<uint64_t>> again_steps(kSizes.size());
+  auto declare = [&](Worker& w) {
+    std::vector<TensorSpec> specs;
+    for (size_t k = 0; k < kSizes.size(); ++k)
+      specs.push_back(Sgd1("t" + std::to_string(k), kSizes[k], init));
+    return w.Declare(specs);
+  };
+  // Pushes step s of every tensor not past it (push_pull in sync mode); false after a failure.
+  auto push = [&](Worker& w, const std::vector<TensorId>& ids, uint64_t s) {
+    const bool sync = w.mode() == Mode::kSync;
+    std::vector<Handle> hs;
+    std::vector<std::vector<float>> g(ids.size()), out(ids.size());
+    for (size_t k = 0; k < ids.size(); ++k) {
+      if (w.steps(ids[k]) >= s) continue;
+      if (&w == again.get()) again_steps[k].push_back(s);
+      g[k].resize(kSizes[k]);
+      out[k].resize(kSizes[k]);
+      for (int64_t i = 0; i < kSizes[k]; ++i) g[k][i] = Grad(w.rank(), s, i + 7 * k);
+      hs.push_back(sync ? w.PushPull(ids[k], g[k].data(), out[k].data())
+                        : w.Push(ids[k], g[k].data()));
+    }
+    for (auto& h : hs) {
+      Status st = h.Wait(30s);
+      EXPECT_TRUE(st.ok()) << "worker " << w.rank() << " step " << s << ": " << st.ToString();
+      EXPECT_FALSE(h.late());
+      if (!st.ok()) return false;
+    }
+    return true;
+  };
+  auto check = [&](Worker& w, const std::vector<TensorId>& ids) {
+    for (size_t k = 0; k < ids.size(); ++k) {
+      std::vector<float> out(kSizes[k]);
+      ASSERT_TRUE(w.Pull(ids[k], out.data()).Wait(30s).ok());
+      for (int64_t i = 0; i < kSizes[k]; ++i) {
+        double expect = init;
+        for (uint64_t t = 1; t <= kSteps; ++t)
+          for (uint32_t ww = 0; ww < 2; ++ww) expect -= Grad(ww, t, i + 7 * k);
+        for (uint64_t t = 1; t <= kDiesAfter; ++t) expect -= Grad(2, t, i + 7 * k);
+        for (uint64_t t : again_steps[k]) expect -= Grad(2, t, i + 7 * k);
+        ASSERT_EQ(out[i], static_cast<float>(expect))
+            << "tensor " << k << " element " << i << " worker " << w.rank();
+      }
+    }
+  };
+  lc->ForEachWorker([&](Worker& w) {
+    auto ids = declare(w);
+    ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+    if (w.rank() == 2) {
+      for (uint64_t s = 1; s <= kDiesAfter; ++s)
+        if (!push(w, *ids, s)) return;
+      worker::DieWithoutGoodbyeForTest(lc->workers[2]);  // nothing touches `w` after this
+      // A new process of rank 2: refused while the coordinator has not removed the old one.
+      const auto deadline = std::chrono::steady_clock::now() + 20s;
+      for (;;) {
+        auto r = lc->connect_worker(2);
+        if (r.ok()) {
+          again = std::move(r).value();
+          break;
+        }
+        ASSERT_LT(std::chrono::steady_clock::now(), deadline) << r.status().ToString();
+        std::this_thread::sleep_for(100ms);
+      }
+      ASSERT_TRUE(again->rejoined());
+      auto ids2 = declare(*again);
+      ASSERT_TRUE(ids2.ok()) << ids2.status().ToString();
+      back = true;
+      // It pulls the current parameters and pushes from where the job is.
+      std::vector<float> cur(kSizes[0]);
+      ASSERT_TRUE(again->Pull((*ids2)[0], cur.data()).Wait(30s).ok());
+      uint64_t first = kSteps;
+      for (TensorId id : *ids2) first = std::min(first, again->steps(id) + 1);
+      EXPECT_GT(first, kDiesAfter);
+      for (uint64_t s = first; s <= kSteps; ++s)
+        if (!push(*again, *ids2, s)) return;
+      for (TensorId id : *ids2) EXPECT_EQ(again->steps(id), kSteps);
+      ASSERT_TRUE(again->Barrier("pushed", 30s).ok());
+      check(*again, *ids2);
+      return;
+    }
+    for (uint64_t s = 1; s <= kSteps; ++s) {
+      if (s == kWaitAt + 1) {
+        const auto deadline = std::chrono::steady_clock::now() + 30s;
+        while (!back && std::chrono::steady_clock::now() < deadline)
+          std::this_thread::sleep_for(10ms);
+        ASSERT_TRUE(back) << "worker 2 did not rejoin";
+      }
+      if (!push(w, *ids, s)) return;
+    }
+    ASSERT_TRUE(w.Barrier("pushed", 30s).ok());
+    check(w, *ids);
+  });
+  ASSERT_TRUE(again);
+  EXPECT_FALSE(again_steps[0].empty());
+  for (uint32_t r = 0; r < 2; ++r) EXPECT_TRUE(lc->workers[r]->Finish().ok());
+  EXPECT_TRUE(again->Finish().ok());
+  EXPECT_TRUE(lc->coordinator->Wait(10s).ok());
+  for (auto& s : lc->servers) EXPECT_TRUE(s->Wait(10s).ok());
+}
+
+// A rejoin is refused, saying why, where it cannot be: a job that ends when a worker dies (no
+// --on-worker-loss continue), and a rank whose worker is alive (waited for twice the heartbeat
+// timeout, in case it was about to be found dead). The job goes on unharmed.
+TEST(WorkerRejoinLimits, ARejoinIsRefusedWhereItCannotBe) {
+  {
+    CoordinatorOptions co = Opts(1, 2, Mode::kSync, Aggregate::kSum, kChunkBytes);
+    auto lc = LocalCluster::Start(co);
+    ASSERT_TRUE(lc);
+    auto r = lc->connect_worker(1);
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find("--on-worker-loss continue"), std::string::npos)
+        << r.status().ToString();
+    lc->Finish();
+  }
+  {
+    CoordinatorOptions co = Opts(1, 2, Mode::kSync, Aggregate::kSum, kChunkBytes);
+    co.continue_on_worker_loss = true;
+    co.heartbeat_interval = 200ms;
+    co.heartbeat_timeout = 500ms;
+    auto lc = LocalCluster::Start(co);
+    ASSERT_TRUE(lc);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto r = lc->connect_worker(1);
+    ASSERT_FALSE(r.ok());
+    EXPECT_NE(r.status().message().find("worker rank 1 is alive"), std::string::npos)
+        << r.status().ToString();
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, 900ms);
+    // The job is unharmed: a step of both workers, then a clean end.
+    lc->ForEachWorker([&](Worker& w) {
+      auto id = w.Declare(Sgd1("t", 100, 0.0f));
+      ASSERT_TRUE(id.ok()) << id.status().ToString();
+      std::vector<float> g(100, 1.0f), out(100);
+      Handle h = w.PushPull(*id, g.data(), out.data());
+      ASSERT_TRUE(h.Wait(30s).ok());
+      EXPECT_EQ(out[0], -2.0f);
+    });
+    lc->Finish();
+  }
+}
+
+std::vector<RejoinParam> RejoinParams() {
+  std::vector<RejoinParam> p;
+  std::vector<std::string> ts = {"tcp", "tcp+nobatch"};
+  for (const auto& b : transport::BackendNames())
+    if (b == "ucx") ts.push_back(b);
+  for (const auto& t : ts)
+    for (Mode m : {Mode::kSync, Mode::kAsync, Mode::kSsp})
+      for (uint32_t r : {0u, 1u}) p.push_back({t, m, r});
+  return p;
+}
+
+INSTANTIATE_TEST_SUITE_P(Jobs, WorkerRejoin, ::testing::ValuesIn(RejoinParams()),
+                         [](const auto& info) {
+                           std::string name = info.param.transport + "_" +
+                                              ModeName(info.param.mode) +
+                                              (info.param.replicas ? "_replicas" : "");
+                           std::replace(name.begin(), name.end(), '+', '_');
+                           return name;
+                         });
 
 std::vector<Param> Params() {
   std::vector<Param> p;

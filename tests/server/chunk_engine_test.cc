@@ -605,6 +605,153 @@ TEST(ChunkEngine, RemovingTheWorkerAStepWaitsForPublishesIt) {
   EXPECT_EQ(f.Params(), All(97.0f));
 }
 
+// A removed worker that rejoins (a restarted process): every step not yet published waits for
+// it again, its next push is the step after the published one, and the mean is over 3 again.
+TEST(ChunkEngine, ARejoinedWorkerIsWaitedForFromTheNextStep) {
+  Fixture f(Mode::kSync, 3);
+  uint32_t b = 0;
+  for (uint32_t w = 0; w < 3; ++w) f.Push(w, 1, 1.0f, b++);
+  EXPECT_EQ(f.engine->version(), 1u);
+  // Worker 2 pushes step 2 and a step 4 that waits for its step 3, then dies.
+  f.Push(2, 2, 10.0f, b++);
+  auto a = f.Push(2, 4, 1000.0f, 77);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(f.engine->parked_pushes(), 1u);
+  a = f.engine->RemoveWorker(2);
+  ASSERT_EQ(a.acks.size(), 1u);  // the parked step 4 is refused, its buffer released
+  EXPECT_TRUE(a.acks[0].status.IsAborted()) << a.acks[0].status.ToString();
+  EXPECT_EQ(a.acks[0].to.request, 402u);
+  EXPECT_EQ(a.release, std::vector<uint32_t>{77});
+  EXPECT_EQ(f.engine->parked_pushes(), 0u);
+  // Step 2 keeps its push; steps 2 and 3 publish with the two others.
+  for (uint64_t s = 2; s <= 3; ++s)
+    for (uint32_t w = 0; w < 2; ++w) f.Push(w, s, 1.0f, b++);
+  EXPECT_EQ(f.engine->version(), 3u);
+  EXPECT_EQ(f.Params(), All(100.0f - 3.0f - 12.0f - 2.0f));
+  // Worker 0 pushes step 4 before worker 2 rejoins: step 4 then waits for worker 2 too.
+  f.Push(0, 4, 1.0f, b++);
+  uint64_t next = 0;
+  a = f.engine->RestoreWorker(2, &next);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(next, 4u);
+  EXPECT_FALSE(f.engine->removed(2));
+  a = f.Push(1, 4, 1.0f, b++);
+  EXPECT_TRUE(a.acks.empty());
+  EXPECT_EQ(f.engine->version(), 3u);
+  a = f.Push(2, 4, 5.0f, b++);
+  ASSERT_EQ(a.acks.size(), 3u);
+  for (auto& ack : a.acks) EXPECT_TRUE(ack.status.ok());
+  EXPECT_EQ(f.engine->version(), 4u);
+  EXPECT_EQ(f.Params(), All(83.0f - 7.0f));
+  // Restoring a worker that is not removed changes nothing.
+  EXPECT_TRUE(f.engine->RestoreWorker(2, &next).acks.empty());
+  EXPECT_EQ(next, 0u);
+}
+
+// A rejoined worker whose tensor's other chunks are further on starts at their step (JoinAt):
+// the steps before it no longer wait for it, and those from it do.
+TEST(ChunkEngine, ARejoinedWorkerJoinsAtItsTensorsStep) {
+  Fixture f(Mode::kSync, 3);
+  uint32_t b = 0;
+  for (uint32_t w = 0; w < 3; ++w) f.Push(w, 1, 1.0f, b++);
+  f.engine->RemoveWorker(2);
+  f.Push(0, 2, 1.0f, b++);
+  f.Push(1, 2, 1.0f, b++);
+  EXPECT_EQ(f.engine->version(), 2u);
+  uint64_t next = 0;
+  f.engine->RestoreWorker(2, &next);
+  EXPECT_EQ(next, 3u);
+  f.Push(0, 3, 1.0f, b++);
+  auto a = f.Push(1, 3, 1.0f, b++);
+  EXPECT_TRUE(a.acks.empty());  // step 3 waits for worker 2 ...
+  a = f.engine->JoinAt(2, 5, &next);
+  EXPECT_EQ(next, 5u);
+  ASSERT_EQ(a.acks.size(), 2u);  // ... until it says it starts at step 5
+  EXPECT_EQ(f.engine->version(), 3u);
+  f.Push(0, 4, 1.0f, b++);
+  a = f.Push(1, 4, 1.0f, b++);
+  ASSERT_EQ(a.acks.size(), 2u);
+  EXPECT_EQ(f.engine->version(), 4u);
+  f.Push(0, 5, 1.0f, b++);
+  a = f.Push(1, 5, 1.0f, b++);
+  EXPECT_TRUE(a.acks.empty());  // step 5 is its
+  a = f.Push(2, 5, 10.0f, b++);
+  ASSERT_EQ(a.acks.size(), 3u);
+  EXPECT_EQ(f.engine->version(), 5u);
+  EXPECT_EQ(f.Params(), All(100.0f - 3.0f - 2.0f * 3 - 12.0f));
+  // Not before its last push; nothing for a removed worker.
+  f.engine->JoinAt(2, 2, &next);
+  EXPECT_EQ(next, 6u);
+  f.engine->RemoveWorker(2);
+  f.engine->JoinAt(2, 9, &next);
+  EXPECT_EQ(next, 0u);
+}
+
+// Removed while its push is folded into an open step, and back before that step is published:
+// the push counts for it (its next push is the step after), and the mean is over 3.
+TEST(ChunkEngine, ARejoinedWorkersPushInAnOpenStepCountsForIt) {
+  Fixture f(Mode::kSync, 3, Aggregate::kMean);
+  f.Push(2, 1, 6.0f, 0);
+  f.engine->RemoveWorker(2);
+  uint64_t next = 0;
+  f.engine->RestoreWorker(2, &next);
+  EXPECT_EQ(next, 2u);
+  f.Push(0, 1, 3.0f, 1);
+  auto a = f.Push(1, 1, 3.0f, 2);
+  ASSERT_EQ(a.acks.size(), 3u);
+  EXPECT_EQ(f.Params(), All(96.0f));  // 100 - 12 / 3
+  // A push of the step by its new process is a resend: never applied twice.
+  a = f.Push(2, 1, 1000.0f, 3);
+  EXPECT_EQ(a.applied, 0u);
+  EXPECT_EQ(f.Params(), All(96.0f));
+}
+
+// async and ssp: the rejoined worker's pushes go on from its last (async) or from the slowest
+// live worker's clock (ssp), so it neither replays nor holds the others back for long.
+TEST(ChunkEngine, ARejoinedWorkerGoesOnFromItsLastPushOrTheSlowestClock) {
+  {
+    Fixture f(Mode::kAsync, 2);
+    f.Push(1, 1, 1.0f, 0);
+    f.Push(1, 2, 1.0f, 1);
+    f.engine->RemoveWorker(1);
+    auto a = f.Push(1, 3, 50.0f, 2);
+    ASSERT_EQ(a.acks.size(), 1u);
+    EXPECT_TRUE(a.acks[0].status.IsAborted());
+    uint64_t next = 0;
+    f.engine->RestoreWorker(1, &next);
+    EXPECT_EQ(next, 3u);
+    a = f.Push(1, 3, 4.0f, 3);
+    ASSERT_EQ(a.acks.size(), 1u);
+    EXPECT_TRUE(a.acks[0].status.ok());
+    EXPECT_EQ(f.Params(), All(94.0f));
+  }
+  {
+    EngineConfig c = Fixture::Config(Mode::kSsp, 3);
+    c.staleness = 1;
+    Fixture f(c);
+    uint32_t b = 0;
+    f.Push(2, 1, 1.0f, b++);
+    f.engine->RemoveWorker(2);
+    for (uint64_t s = 1; s <= 4; ++s)
+      for (uint32_t w = 0; w < 2; ++w) f.Push(w, s, 1.0f, b++);
+    EXPECT_EQ(f.engine->slowest_clock(), 4u);
+    uint64_t next = 0;
+    f.engine->RestoreWorker(2, &next);
+    EXPECT_EQ(next, 5u);
+    // Until it pushes it holds nobody back; its push of 5 is admissible now.
+    EXPECT_EQ(f.engine->slowest_clock(), 4u);
+    auto a = f.Push(2, 5, 1.0f, b++);
+    ASSERT_EQ(a.acks.size(), 1u);
+    EXPECT_TRUE(a.acks[0].status.ok());
+    EXPECT_EQ(f.Params(), All(100.0f - 10.0f));
+    // From then on its clock counts with the others'.
+    f.Push(0, 5, 1.0f, b++);
+    EXPECT_EQ(f.engine->slowest_clock(), 4u);
+    f.Push(1, 5, 1.0f, b++);
+    EXPECT_EQ(f.engine->slowest_clock(), 5u);
+  }
+}
+
 TEST(ChunkEngine, QuorumLateWorkerSkipsTheStepsPublishedWithoutIt) {
   EngineConfig c = Fixture::Config(Mode::kSync, 3);
   c.quorum = 2;

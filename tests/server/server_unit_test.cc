@@ -689,6 +689,7 @@ TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
       {cluster::kGrant, U64s({1})},                     // request id only: fields missing
       {cluster::kPushDone, U64s({1, 1})},               // truncated notification
       {cluster::kCreateChunks, U64s({1, 1ull << 40})},  // absurd count
+      {cluster::kReplicaMembership, U64s({1, 0, 1})},   // truncated membership change
       {999, U64s({1})},                                 // unknown tag
       {cluster::kGrant, {}},                            // no request id at all
   };
@@ -716,6 +717,23 @@ TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
     auto unknown = raw.Call(cluster::kGrant, GrantAsk(777, 32));
     EXPECT_FALSE(unknown.ok());
     EXPECT_NE(unknown.status().message().find("unknown chunk 777"), std::string::npos);
+    EXPECT_TRUE(raw.Call(cluster::kGrant, GrantAsk(1, 32)).ok());  // still served
+  }
+  // A membership change for a chunk this server is not the backup of is refused (a replaced
+  // primary's is), and one for an unknown chunk is answered so; the connection stays.
+  {
+    RawClient raw(lc_->servers[0]->address());
+    auto change = [](uint64_t chunk) {
+      Bytes b;
+      Writer w(&b);
+      cluster::ReplicaMembership{0, chunk, 0, cluster::MembershipChange::kRemoved, 0}.Encode(&w);
+      return b;
+    };
+    auto not_backup = raw.Call(cluster::kReplicaMembership, change(1));
+    EXPECT_TRUE(not_backup.status().IsAborted()) << not_backup.status().ToString();
+    auto unknown = raw.Call(cluster::kReplicaMembership, change(777));
+    EXPECT_NE(unknown.status().message().find("unknown chunk 777"), std::string::npos)
+        << unknown.status().ToString();
     EXPECT_TRUE(raw.Call(cluster::kGrant, GrantAsk(1, 32)).ok());  // still served
   }
   // The real worker is unaffected.

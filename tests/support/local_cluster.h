@@ -22,6 +22,8 @@ struct LocalCluster {
   std::unique_ptr<Coordinator> coordinator;
   std::vector<std::unique_ptr<Server>> servers;
   std::vector<std::unique_ptr<Worker>> workers;  // indexed by rank
+  // Connects one more worker of rank `rank` (as Start did each): a restarted worker.
+  std::function<Result<std::unique_ptr<Worker>>(uint32_t rank)> connect_worker;
 
   // `transport` names the job's transport; "X+nobatch" runs X with the workers' batches off
   // (fuse_bytes 0), so that small chunks take the landing-buffer path too.
@@ -64,24 +66,26 @@ struct LocalCluster {
         if (server_tweak) server_tweak(so);
         return Server::Start(so);
       }));
+    lc->connect_worker = [addr, transport, co, batches, worker_tweak](uint32_t i) {
+      WorkerOptions wo;
+      if (!batches) wo.fuse_bytes = 0;
+      wo.coordinator = addr;
+      wo.rank = static_cast<int32_t>(i);
+      wo.transport = transport;
+      wo.register_timeout = std::chrono::milliseconds(20000);
+      wo.rpc_timeout = std::chrono::milliseconds(20000);
+      wo.secret_file = co.secret_file;
+      wo.metrics_listen = co.metrics_listen;
+      wo.tls_cert = co.tls_cert;
+      wo.tls_key = co.tls_key;
+      wo.tls_ca = co.tls_ca;
+      if (worker_tweak) worker_tweak(wo);
+      return Worker::Connect(wo);
+    };
     std::vector<std::future<Result<std::unique_ptr<Worker>>>> wf;
     for (uint32_t i = 0; i < co.num_workers; ++i)
-      wf.push_back(std::async(std::launch::async, [addr, i, transport, co, batches, worker_tweak] {
-        WorkerOptions wo;
-        if (!batches) wo.fuse_bytes = 0;
-        wo.coordinator = addr;
-        wo.rank = static_cast<int32_t>(i);
-        wo.transport = transport;
-        wo.register_timeout = std::chrono::milliseconds(20000);
-        wo.rpc_timeout = std::chrono::milliseconds(20000);
-        wo.secret_file = co.secret_file;
-        wo.metrics_listen = co.metrics_listen;
-        wo.tls_cert = co.tls_cert;
-        wo.tls_key = co.tls_key;
-        wo.tls_ca = co.tls_ca;
-        if (worker_tweak) worker_tweak(wo);
-        return Worker::Connect(wo);
-      }));
+      wf.push_back(
+          std::async(std::launch::async, [connect = lc->connect_worker, i] { return connect(i); }));
     bool ok = true;
     for (auto& f : sf) {
       auto s = f.get();

@@ -193,6 +193,58 @@ TEST_F(TrainCli, ARunRestoredFromItsCheckpointEndsAsTheRunWithoutABreak) {
   EXPECT_NE(d.output.find("MANIFEST is missing"), std::string::npos) << d.output;
 }
 
+// A worker killed mid-run (SIGKILL) is started again by the launcher (--restart-workers 1) and
+// rejoins: it pulls the current parameters and trains from where the run is; the run ends
+// normally and learns the problem, in sync and async mode.
+TEST_F(TrainCli, AKilledWorkerIsRestartedAndRejoinsTheRun) {
+  WriteSyntheticDataset(dir_.string(), 240, 60);
+  for (std::string mode : {"sync", "async"}) {
+    SCOPED_TRACE(mode);
+    const std::string report = Path(mode + "-rejoin.json");
+    auto r = RunCommand({kShardps,
+                         "train",
+                         "--data-dir",
+                         dir_.string(),
+                         "--servers",
+                         "2",
+                         "--workers",
+                         "3",
+                         "--batch",
+                         "30",
+                         "--epochs",
+                         "3",
+                         "--mode",
+                         mode,
+                         "--lr",
+                         "0.01",
+                         "--on-worker-loss",
+                         "continue",
+                         "--restart-workers",
+                         "1",
+                         "--kill-worker-at",
+                         "10",
+                         "--report",
+                         report},
+                        120s);
+    ASSERT_FALSE(r.timed_out) << r.output;
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NE(r.output.find("worker 2 kills itself (SIGKILL) before step 10"), std::string::npos)
+        << r.output;
+    EXPECT_NE(r.output.find("starting it again"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("worker 2 rejoined the run"), std::string::npos) << r.output;
+    auto j = ReadJson(report);
+    ASSERT_FALSE(j.is_discarded()) << r.output;
+    EXPECT_GT(j["test_accuracy"].get<double>(), 0.9) << r.output;
+  }
+  // Without --on-worker-loss continue a restart could not rejoin: refused before launching.
+  auto r = RunCommand({kShardps, "train", "--data-dir", dir_.string(), "--workers", "2", "--batch",
+                       "30", "--restart-workers", "1"},
+                      30s);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--restart-workers needs --on-worker-loss continue"), std::string::npos)
+      << r.output;
+}
+
 TEST_F(TrainCli, TruncatedOrWrongMagicDatasetIsAClearError) {
   WriteSyntheticDataset(dir_.string(), 100, 20);
   const std::string images = Path("train-images-idx3-ubyte");
