@@ -314,6 +314,16 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
                  "the first one's chunks have new backups)\n");
     return 2;
   }
+  if (job.restart_workers > 0) {
+    // Its workers run a fixed number of iterations from a shared start barrier and verify
+    // each step's values, which a worker joining midway would not fit.
+    std::fprintf(
+        stderr,
+        "shardps bench: --restart-workers is not for bench (its workers measure and verify "
+        "a fixed run from a common start); shardps train --kill-worker-at N "
+        "--restart-workers 1 shows a worker rejoining\n");
+    return 2;
+  }
   if (b.kill_worker_at > 0 && (job.workers < 2 || job.on_worker_loss != "continue")) {
     std::fprintf(stderr,
                  "shardps bench: --kill-worker-at needs --workers 2 or more and --on-worker-loss "

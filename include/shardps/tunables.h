@@ -76,7 +76,7 @@ inline constexpr Tunable kRestartWorkers{
     "launch: a worker process that dies (not worker 0) is started again with its rank, up to N "
     "times in all; with --on-worker-loss continue it rejoins the job in its place "
     "(docs/fault-tolerance.md)",
-    "launch, bench, train"};
+    "launch, train"};
 inline constexpr Tunable kWorkerWeights{
     "worker-weights",
     "SHARDPS_WORKER_WEIGHTS",

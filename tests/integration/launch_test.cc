@@ -331,6 +331,16 @@ TEST(Launch, AKilledWorkerIsRemovedAndTheOthersVerify) {
   }
 }
 
+// bench refuses --restart-workers, pointing at train.
+TEST(Launch, BenchRefusesRestartWorkers) {
+  auto r = RunCommand({kShardps, "bench", "--workers", "2", "--on-worker-loss", "continue",
+                       "--restart-workers", "1", "--size", "4KiB"},
+                      60s);
+  ASSERT_FALSE(r.timed_out) << r.output;
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_NE(r.output.find("--restart-workers is not for bench"), std::string::npos) << r.output;
+}
+
 // --kill-worker-at says what it needs.
 TEST(Launch, KillWorkerAtNeedsOnWorkerLossContinue) {
   auto r = RunCommand(
