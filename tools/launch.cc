@@ -31,6 +31,7 @@ struct Child {
   std::string name;  // "server 0", "worker 2"
   bool is_worker = false;
   std::vector<std::string> env;  // a worker's own variables: it is started again with them
+  bool restarted = false;        // started again (--restart-workers) after its first process died
   pid_t pid = -1;
   int out = -1;  // read end of its stdout+stderr
   std::string partial;
@@ -387,6 +388,12 @@ int RunLaunch(const LaunchOptions& opt) {
                      c.name.c_str(), Describe(st).c_str());
         continue;
       }
+      if (c.is_worker && c.restarted && !ok && job_done) {
+        // Started again as the others finished: the job had ended before it could rejoin.
+        std::fprintf(stderr, "[launch] %s (started again) %s: the job had ended\n", c.name.c_str(),
+                     Describe(st).c_str());
+        continue;
+      }
       if (c.is_worker && !ok && !job_done && opt.coordinator.continue_on_worker_loss &&
           c.name != "worker 0") {
         // The coordinator removes it and the others go on, or fails the job (seen below); with
@@ -412,6 +419,7 @@ int RunLaunch(const LaunchOptions& opt) {
         term_sent = Clock::now();
       }
     }
+    if (terminating) restart.clear();  // the job is being stopped: nothing starts again
     for (size_t i : restart) {
       Child& old = children[i];
       if (old.out >= 0) {  // what it wrote last still shows, before the new one's lines
@@ -429,6 +437,7 @@ int RunLaunch(const LaunchOptions& opt) {
         break;
       }
       c->env = old.env;
+      c->restarted = true;
       children.push_back(std::move(c).value());
     }
     if (!terminating) {

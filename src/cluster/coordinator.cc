@@ -368,6 +368,8 @@ class CoordinatorImpl final : public Coordinator {
           n.dead = true;
           n.rejoining = false;
           n.conn->Close();
+          MaybeFinish();
+          if (finished_) return;
           continue;
         }
         n.rejoin_told = true;
@@ -376,15 +378,22 @@ class CoordinatorImpl final : public Coordinator {
         Notify(kWorkerUp, WorkerUp{n.rank},
                [](const Node& other) { return other.role == Role::kServer; });
       }
-      std::erase_if(n.awaiting,
-                    [&](uint32_t s) { return s < server_dead_.size() && server_dead_[s]; });
-      if (!n.awaiting.empty() && now < n.rejoin_deadline) continue;
+      const bool lost_server =
+          std::find(server_dead_.begin(), server_dead_.end(), true) != server_dead_.end();
+      if (!lost_server && !n.awaiting.empty() && now < n.rejoin_deadline) continue;
       n.rejoining = false;
       n.last_seen = now;
-      if (!n.awaiting.empty()) {
-        const std::string why = fmt::format(
-            "{} could not rejoin: server(s) {} did not make their chunks wait for it within {} ms",
-            n.Name(), fmt::join(n.awaiting, ", "), RejoinWait().count());
+      if (lost_server || !n.awaiting.empty()) {
+        // (A server that died meanwhile: the view it would be given names it.)
+        const std::string why =
+            lost_server ? fmt::format(
+                              "{} could not rejoin: a server died while it was let in (a worker "
+                              "cannot rejoin a job that lost a server yet)",
+                              n.Name())
+                        : fmt::format(
+                              "{} could not rejoin: server(s) {} did not make their chunks wait "
+                              "for it within {} ms",
+                              n.Name(), fmt::join(n.awaiting, ", "), RejoinWait().count());
         Reply(*n.conn, n.register_request, Status::Unavailable(why));
         RemoveWorker(n, why);
         return;  // nodes_ may have changed
@@ -594,6 +603,7 @@ class CoordinatorImpl final : public Coordinator {
       n.dead = true;
       n.rejoining = false;
       n.conn->Close();
+      MaybeFinish();
       return;
     }
     if (n.role == Role::kWorker && opt_.continue_on_worker_loss && complete_) {
@@ -809,6 +819,7 @@ class CoordinatorImpl final : public Coordinator {
   }
 
   void MaybeFinish() {
+    if (finished_) return;
     // Every worker rank is done: said goodbye, or was removed and not taken again (a rank's
     // earlier nodes are dead when a rejoined worker holds it).
     for (const auto& n : nodes_)

@@ -147,6 +147,8 @@ void InstallReplica::Encode(Writer* w) const {
   for (uint64_t s : last_seq) w->Put(s);
   w->Put(static_cast<uint32_t>(removed.size()));
   for (uint32_t p : removed) w->Put(p);
+  w->Put(static_cast<uint32_t>(join_from.size()));
+  for (uint64_t f : join_from) w->Put(f);
   w->Put(m_floats);
   w->Put(v_floats);
 }
@@ -163,6 +165,10 @@ bool InstallReplica::Decode(Reader* r, uint32_t pushers) {
   removed.resize(n);
   for (auto& p : removed)
     if (!r->Get(&p)) return false;
+  if (!r->Get(&n) || n > pushers || n > r->remaining() / 8) return false;
+  join_from.resize(n);
+  for (auto& f : join_from)
+    if (!r->Get(&f)) return false;
   return r->Get(&m_floats) && r->Get(&v_floats);
 }
 

@@ -244,6 +244,8 @@ struct InstallReplica {
   uint64_t steps = 0;
   std::vector<uint64_t> last_seq;
   std::vector<uint32_t> removed;  // the pushers removed from the job, in the primary's engine
+  // Per pusher, a rejoined worker's first sync step (ChunkEngine::JoinAt), or empty.
+  std::vector<uint64_t> join_from;
   uint64_t m_floats = 0;
   uint64_t v_floats = 0;
   void Encode(Writer* w) const;

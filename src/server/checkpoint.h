@@ -28,6 +28,9 @@ struct ChunkState {
   std::vector<uint64_t> last_seq;  // per pusher: the last sequence number applied
   std::vector<float> params;       // fp32
   std::vector<float> m, v;         // optimizer state (as the optimizer has it)
+  // A new backup's copy only (not in checkpoint files): per pusher, the first step of a worker
+  // that rejoined (ChunkEngine::JoinAt), 0 for none.
+  std::vector<uint64_t> join_from;
 };
 
 // A file of a checkpoint, as the manifest lists it.

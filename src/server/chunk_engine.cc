@@ -39,6 +39,11 @@ ChunkEngine::ChunkEngine(const EngineConfig& cfg, std::unique_ptr<UpdateRule> ru
     last_seq_ = cfg.initial_last_seq;
     UpdateSlowest();
   }
+  if (cfg.mode == Mode::kSync && cfg.initial_join_from.size() == cfg.num_workers) {
+    join_from_ = cfg.initial_join_from;
+    for (uint32_t w = 0; w < cfg.num_workers; ++w)
+      if (join_from_[w] > cfg.initial_version + 1) joiners_.push_back(w);
+  }
   version_.store(cfg.initial_version, std::memory_order_release);
   Stamp(Slot(cfg.initial_version), cfg.initial_version + 1);
 }

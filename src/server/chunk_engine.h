@@ -88,6 +88,8 @@ struct EngineConfig {
   // Per pusher, the last sequence number applied (a new backup's copy: docs/fault-tolerance.md);
   // empty: none yet (sync: initial_version).
   std::vector<uint64_t> initial_last_seq;
+  // Per pusher, a rejoined worker's first sync step (JoinAt) in a new backup's copy; empty: none.
+  std::vector<uint64_t> initial_join_from;
   // Owner thread: called with each push the engine takes (applies, folds into a step, drops as
   // late or as a duplicate), in the order it takes them, before it is answered (a new backup is
   // sent pushes in that order: docs/fault-tolerance.md, "New backups").
@@ -211,8 +213,10 @@ class ChunkEngine {
   // FailedPrecondition for a removed worker.
   EngineActions JoinAt(uint32_t worker, uint64_t from, uint64_t* next_seq);
   bool removed(uint32_t worker) const { return worker < removed_.size() && removed_[worker]; }
-  // Owner thread: the pushers removed (a new backup's copy carries them).
+  // Owner thread: the pushers removed, and each pusher's first step after it rejoined (a new
+  // backup's copy carries them).
   std::vector<uint32_t> removed_workers() const;
+  const std::vector<uint64_t>& join_froms() const { return join_from_; }
 
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
   size_t parked_pushes() const { return parked_.size(); }

@@ -153,6 +153,9 @@ struct ReplicaJoin {
   // when that first failed (the bound on the wait for the backup: ReplicaLinkLoop).
   Bytes meta;
   transport::Payload payload;
+  // kReplicate, or kReplicaMembership: a membership change (no worker waits for its answer),
+  // kept and sent again in order with the pushes, like them.
+  uint32_t tag = cluster::kReplicate;
   std::chrono::steady_clock::time_point orphaned_at{};
   // Sent to a new backup before it was whole (Rebuild): its answer counts for the rebuild, and
   // the worker is acknowledged on this server's word.
@@ -887,11 +890,12 @@ class ServerImpl final : public Server {
         a = ch.engine->JoinAt(pusher, from, next);
         break;
     }
+    // A restore or start that changed nothing (the chunk had it already) leaves what it said.
     std::lock_guard<std::mutex> lock(ch.rejoin_mu);
-    if (*next != 0) {
-      ch.rejoin_next[w] = *next;
-    } else {
+    if (change == MembershipChange::kRemoved) {
       ch.rejoin_next.erase(w);
+    } else if (*next != 0) {
+      ch.rejoin_next[w] = *next;
     }
     return a;
   }
@@ -906,15 +910,15 @@ class ServerImpl final : public Server {
       if (b < peers_.size() && !dead_[b]) peer = peers_[b];
     }
     if (!peer) return;
-    Bytes meta;
-    Writer w(&meta);
+    // Like a forwarded push (ReplicaJoin): sent again, in order with them, if the link to the
+    // backup closes and is reopened.
+    auto join = std::make_shared<ReplicaJoin>();
+    join->backup = b;
+    join->tag = kReplicaMembership;
+    join->deliver = [](EngineActions::Ack) {};
+    Writer w(&join->meta);
     ReplicaMembership{epoch_.load(), ch.id, pusher, change, from}.Encode(&w);
-    peer->Call(kReplicaMembership, std::move(meta), {},
-               [this, id = ch.id, b](Status st, Reader&, transport::Message&) {
-                 if (!st.ok())
-                   spdlog::warn("server {}: backup {} of chunk {} refused a membership change: {}",
-                                rank_, b, id, st.ToString());
-               });
+    SendReplica(*peer, join);
   }
 
   // kReplicaMembership: the primary of a chunk this server backs up removed a pusher, or let one
@@ -1087,11 +1091,14 @@ class ServerImpl final : public Server {
   }
 
   void SendReplica(RpcChannel& peer, const std::shared_ptr<ReplicaJoin>& join) {
-    peer.Call(kReplicate, join->meta, join->payload,
+    peer.Call(join->tag, join->meta, join->payload,
               [this, join](Status st, Reader& r, transport::Message& m) {
                 PushAck ack;
-                if (st.ok() && (!ack.Decode(&r) || !r.done()))
+                if (st.ok() && join->tag == kReplicate && (!ack.Decode(&r) || !r.done()))
                   st = Status::ProtocolError("malformed replica acknowledgement");
+                if (join->tag == kReplicaMembership && m.tag == kReply && !st.ok())
+                  spdlog::warn("server {}: backup {} refused a membership change: {}", rank_,
+                               join->backup, st.ToString());
                 OnReplicaAnswer(join, st, m.tag == kReply);
               });
   }
@@ -1210,6 +1217,7 @@ class ServerImpl final : public Server {
     in.steps = s.steps;
     in.last_seq = s.last_seq;
     in.removed = ch.engine->removed_workers();
+    in.join_from = ch.engine->join_froms();
     in.m_floats = s.m.size();
     in.v_floats = s.v.size();
     Bytes meta;
@@ -1349,6 +1357,9 @@ class ServerImpl final : public Server {
     for (uint32_t p : in.removed)
       if (p >= view_.num_pushers())
         return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown pusher {}", p)));
+    if (!in.join_from.empty() && in.join_from.size() != view_.num_pushers())
+      return Reply(*c, req, Status::InvalidArgument("the copy's start steps do not add up"));
+    s.join_from = std::move(in.join_from);
     auto made = MakeChunk(it, s.params.data(), &s, &in.removed);
     if (!made.ok()) return Reply(*c, req, made.status());
     replicas_installed_.fetch_add(1, std::memory_order_relaxed);
@@ -1872,6 +1883,7 @@ class ServerImpl final : public Server {
     ec.initial_version = version;
     ec.on_take = [this, raw = ch.get()](LandedPush& p) { ForwardTaken(*raw, p); };
     if (copy) ec.initial_last_seq = copy->last_seq;  // a checkpoint's workers start afresh
+    if (copy) ec.initial_join_from = copy->join_from;
     // Its place in the shard map: a backup here takes the primary's forwarded pushes; a primary
     // here forwards to a backup that is alive. Decided and published under failover_mu_, so a
     // server declared dead meanwhile (OnServerDown) finds the chunk in its role.

@@ -85,7 +85,7 @@ MESSAGES = {
     "backup_rebuilt": (23, u64(3) + u32(0) + string(b"")),
     "backup_rebuilt_error": (23, u64(3) + u32(0) + string(b"server 0 was declared dead")),
     "install_replica": (24, u64(1) + u64(3) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs()
-                        + u64(7) + u64(7) + u32(2) + u64(7) + u64(6) + u32(1) + u32(1) + u64(1024) + u64(1024)),
+                        + u64(7) + u64(7) + u32(2) + u64(7) + u64(6) + u32(1) + u32(1) + u32(2) + u64(0) + u64(9) + u64(1024) + u64(1024)),
     "worker_up": (25, u32(2)),
     "replica_membership": (26, u64(1) + u64(3) + u32(2) + u8(2) + u64(9)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),

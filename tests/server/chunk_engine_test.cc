@@ -687,6 +687,28 @@ TEST(ChunkEngine, ARejoinedWorkerJoinsAtItsTensorsStep) {
   EXPECT_EQ(next, 0u);
 }
 
+// A new backup's copy taken while a rejoined worker's first step was ahead carries it: the copy's
+// engine does not wait for the worker in the steps before it either.
+TEST(ChunkEngine, ACopysStartStepsAreKept) {
+  EngineConfig c = Fixture::Config(Mode::kSync, 3);
+  c.initial_version = 2;
+  c.initial_last_seq = {2, 2, 4};
+  c.initial_join_from = {0, 0, 5};
+  Fixture f(c);
+  uint32_t b = 0;
+  for (uint64_t s = 3; s <= 4; ++s) {
+    f.Push(0, s, 1.0f, b++);
+    auto a = f.Push(1, s, 1.0f, b++);
+    ASSERT_EQ(a.acks.size(), 2u) << "step " << s;
+  }
+  f.Push(0, 5, 1.0f, b++);
+  auto a = f.Push(1, 5, 1.0f, b++);
+  EXPECT_TRUE(a.acks.empty());  // step 5 is worker 2's first
+  a = f.Push(2, 5, 1.0f, b++);
+  ASSERT_EQ(a.acks.size(), 3u);
+  EXPECT_EQ(f.engine->version(), 5u);
+}
+
 // Removed while its push is folded into an open step, and back before that step is published:
 // the push counts for it (its next push is the step after), and the mean is over 3.
 TEST(ChunkEngine, ARejoinedWorkersPushInAnOpenStepCountsForIt) {
