@@ -340,7 +340,7 @@ bool DeclareReply::Decode(Reader* r, uint32_t servers) {
 void CreateChunksRequest::Encode(Writer* w) const {
   w->Put<uint32_t>(static_cast<uint32_t>(items.size()));
   for (const auto& it : items) it.Encode(w);
-  w->Put(rejoined_worker);
+  w->Put(worker);
   w->Put(static_cast<uint32_t>(rejoin_from.size()));
   for (uint64_t f : rejoin_from) w->Put(f);
 }
@@ -352,7 +352,7 @@ bool CreateChunksRequest::Decode(Reader* r) {
   items.clear();
   for (uint32_t k = 0; k < n; ++k)
     if (!items.emplace_back().Decode(r)) return false;
-  if (!r->Get(&rejoined_worker) || rejoined_worker < -1 || !r->Get(&n) || n > items.size())
+  if (!r->Get(&worker) || worker < -1 || !r->Get(&n) || n > items.size())
     return false;
   rejoin_from.resize(n);
   for (auto& f : rejoin_from)

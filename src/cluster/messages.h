@@ -278,10 +278,11 @@ struct DeclareReply {
 // an empty payload, to attach to.
 struct CreateChunksRequest {
   std::vector<CreateChunkItem> items;
-  // An attach by a worker that rejoined the job: its rank, so that the reply says where its
-  // pushes go on (ChunkSlots::next_seq); -1 otherwise. With `rejoin_from` (one per item, or
-  // empty), the chunks must exist: its pushes to each start there (ChunkEngine::JoinAt).
-  int32_t rejoined_worker = -1;
+  // The sending worker's rank (-1: not said): the server closes the connection if that worker is
+  // removed from the job, and tells a worker that rejoined where its pushes go on
+  // (ChunkSlots::next_seq). With `rejoin_from` (one per item, or empty: a rejoined worker's
+  // second attach), the chunks must exist: its pushes to each start there (ChunkEngine::JoinAt).
+  int32_t worker = -1;
   std::vector<uint64_t> rejoin_from;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
@@ -295,7 +296,7 @@ struct ChunkSlots {
   transport::RemoteKey key;
   uint64_t slot_stride = 0;  // bytes from slot 0 to slot 1
   uint64_t version = 0;      // latest published version when created
-  // To a worker that rejoined (CreateChunksRequest::rejoined_worker): the sequence number of its
+  // To a worker that rejoined (CreateChunksRequest::worker): the sequence number of its
   // next push to the chunk; 0 otherwise.
   uint64_t next_seq = 0;
   void Encode(Writer* w) const;

@@ -1671,12 +1671,11 @@ class ServerImpl final : public Server {
         init += it.numel * 4;
       }
     }
-    if (rq.rejoined_worker >= static_cast<int64_t>(view_.num_workers))
-      return Reply(*c, req,
-                   Status::InvalidArgument(fmt::format("unknown worker {}", rq.rejoined_worker)));
-    if (rq.rejoined_worker >= 0) NoteWorkerConnection(c, static_cast<uint32_t>(rq.rejoined_worker));
+    if (rq.worker >= static_cast<int64_t>(view_.num_workers))
+      return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown worker {}", rq.worker)));
+    if (rq.worker >= 0) NoteWorkerConnection(c, static_cast<uint32_t>(rq.worker));
     if (!rq.rejoin_from.empty()) return OnJoinAt(c, req, rq, attach);
-    attaches_.push_back(Attach{c, req, std::move(items), rq.rejoined_worker});
+    attaches_.push_back(Attach{c, req, std::move(items), rq.worker});
     AnswerAttaches();
   }
 
@@ -1685,10 +1684,10 @@ class ServerImpl final : public Server {
   // once every chunk's engine took it.
   void OnJoinAt(const std::shared_ptr<Connection>& c, uint64_t req, CreateChunksRequest& rq,
                 bool attach) {
-    if (!attach || rq.rejoined_worker < 0 || rq.rejoin_from.size() != rq.items.size())
+    if (!attach || rq.worker < 0 || rq.rejoin_from.size() != rq.items.size())
       return Reply(*c, req,
                    Status::InvalidArgument("a rejoined worker's start names one step per chunk"));
-    const auto w = static_cast<uint32_t>(rq.rejoined_worker);
+    const auto w = static_cast<uint32_t>(rq.worker);
     std::vector<Chunk*> chunks;
     for (const auto& it : rq.items) {
       Chunk* ch = FindChunk(it.chunk_id);
@@ -1777,9 +1776,9 @@ class ServerImpl final : public Server {
         slots.key = ch->slots->remote_key();
         slots.slot_stride = ch->layout.stride;
         slots.version = ch->engine->version();
-        if (it->rejoined_worker >= 0) {
+        if (it->worker >= 0) {
           std::lock_guard<std::mutex> lock(ch->rejoin_mu);
-          auto n = ch->rejoin_next.find(static_cast<uint32_t>(it->rejoined_worker));
+          auto n = ch->rejoin_next.find(static_cast<uint32_t>(it->worker));
           if (n != ch->rejoin_next.end()) slots.next_seq = n->second;
         }
       }
@@ -2286,7 +2285,7 @@ class ServerImpl final : public Server {
     std::shared_ptr<Connection> conn;
     uint64_t request = 0;
     std::vector<CreateChunkItem> items;
-    int32_t rejoined_worker = -1;
+    int32_t worker = -1;
   };
   // Per worker: the connections that carried its data-plane messages (NoteWorkerConnection).
   std::map<uint32_t, std::vector<std::weak_ptr<Connection>>> worker_conns_;  // loop thread only

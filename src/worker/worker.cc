@@ -1213,7 +1213,7 @@ class WorkerImpl final : public Worker {
         Writer w(&body);
         w.Put(b.count);
         w.PutRaw(b.body.data(), b.body.size());
-        w.Put<int32_t>(rejoined_ ? static_cast<int32_t>(rank_) : -1);
+        w.Put<int32_t>(static_cast<int32_t>(rank_));
         w.Put<uint32_t>(0);  // no rejoin_from
         // Sent as a message whose payload is the initial values.
         auto rep = CallCreate(*servers_[s], body, std::move(b.init));
@@ -1533,7 +1533,7 @@ class WorkerImpl final : public Worker {
       Writer w(&body);
       w.Put<uint32_t>(1);
       ci.Encode(&w);
-      w.Put<int32_t>(-1);
+      w.Put<int32_t>(static_cast<int32_t>(rank_));
       w.Put<uint32_t>(0);
       const uint64_t id = it.chunk_id;
       rpc->Call(kCreateChunks, body, transport::Payload::Own(Bytes{}),
@@ -1658,7 +1658,7 @@ class WorkerImpl final : public Worker {
     }
     for (auto& [s, refs] : per) {
       CreateChunksRequest rq;
-      rq.rejoined_worker = static_cast<int32_t>(rank_);
+      rq.worker = static_cast<int32_t>(rank_);
       for (auto& [ref, at] : refs) {
         rq.items.push_back(ref->create);
         rq.rejoin_from.push_back(at);
