@@ -352,8 +352,7 @@ bool CreateChunksRequest::Decode(Reader* r) {
   items.clear();
   for (uint32_t k = 0; k < n; ++k)
     if (!items.emplace_back().Decode(r)) return false;
-  if (!r->Get(&worker) || worker < -1 || !r->Get(&n) || n > items.size())
-    return false;
+  if (!r->Get(&worker) || worker < -1 || !r->Get(&n) || n > items.size()) return false;
   rejoin_from.resize(n);
   for (auto& f : rejoin_from)
     if (!r->Get(&f)) return false;
