@@ -45,46 +45,28 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
     Reader r(m.meta.data(), m.meta.size());
     uint64_t req = 0;
     std::string why;
-    if (m.tag == kServerDown) {
-      ServerDown d;
-      if (!r.Get(&req) || !d.Decode(&r) || !r.done()) {
-        spdlog::error("malformed server-down notice from the coordinator; closing");
+    // A notice (request id 0) decoded and handed to its handler, or the connection closed.
+    auto notice = [&](auto msg, const char* what, const auto& fn) {
+      if (!r.Get(&req) || !msg.Decode(&r) || !r.done()) {
+        spdlog::error("malformed {} from the coordinator; closing", what);
         c->Close();
         return;
       }
-      if (down) down(d);
-      return;
-    }
-    if (m.tag == kWorkerDown) {
-      WorkerDown d;
-      if (!r.Get(&req) || !d.Decode(&r) || !r.done()) {
-        spdlog::error("malformed worker-down notice from the coordinator; closing");
-        c->Close();
-        return;
-      }
-      if (worker_down) worker_down(d);
-      return;
-    }
-    if (m.tag == kWorkerUp) {
-      WorkerUp u;
-      if (!r.Get(&req) || !u.Decode(&r) || !r.done()) {
-        spdlog::error("malformed worker-up notice from the coordinator; closing");
-        c->Close();
-        return;
-      }
-      if (worker_up) worker_up(u);
-      return;
-    }
-    if (m.tag == kRebuildBackups || m.tag == kBackupsAdded) {
-      BackupOrders o;
-      if (!r.Get(&req) || !o.Decode(&r) || !r.done()) {
-        spdlog::error("malformed backup orders from the coordinator; closing");
-        c->Close();
-        return;
-      }
-      const auto& fn = m.tag == kRebuildBackups ? rebuild : added;
-      if (fn) fn(o);
-      return;
+      if (fn) fn(msg);
+    };
+    switch (m.tag) {
+      case kServerDown:
+        return notice(ServerDown{}, "server-down notice", down);
+      case kWorkerDown:
+        return notice(WorkerDown{}, "worker-down notice", worker_down);
+      case kWorkerUp:
+        return notice(WorkerUp{}, "worker-up notice", worker_up);
+      case kRebuildBackups:
+        return notice(BackupOrders{}, "backup orders", rebuild);
+      case kBackupsAdded:
+        return notice(BackupOrders{}, "backup orders", added);
+      default:
+        break;
     }
     if (!r.Get(&req) || !r.GetString(&why, 65536)) {
       c->Close();

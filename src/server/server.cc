@@ -251,7 +251,7 @@ struct Chunk {
   // that order: ForwardTaken), no longer as they land (Forward), so that the new backup's engine
   // takes them in the same order from a copy taken in between.
   std::atomic<bool> forward_on_take{false};
-  // Per worker that rejoined the job (docs/fault-tolerance.md, "A worker that rejoins"): the
+  // Per pusher that rejoined the job (docs/fault-tolerance.md, "A worker that rejoins"): the
   // sequence number its next push must have, which its attach is told.
   std::mutex rejoin_mu;
   std::map<uint32_t, uint64_t> rejoin_next;  // guarded by rejoin_mu
@@ -856,10 +856,10 @@ class ServerImpl final : public Server {
                              std::function<void(uint64_t)> done) {
     const uint32_t pusher = view_.PusherOf(w);
     if (!ch.forward_on_take.load()) SendMembership(ch, ch.backup.load(), pusher, change, from);
-    OnOwner(ch, [this, chp = &ch, w, pusher, change, from, done = std::move(done)] {
+    OnOwner(ch, [this, chp = &ch, pusher, change, from, done = std::move(done)] {
       Chunk& c = *chp;
       uint64_t next = 0;
-      Execute(c, Membership(c, w, pusher, change, from, &next));
+      Execute(c, Membership(c, pusher, change, from, &next));
       if (c.forward_on_take.load(std::memory_order_relaxed)) {
         // After the pushes it took before (ForwardTaken), to its backup and to a new one being
         // made from a copy taken before.
@@ -875,8 +875,8 @@ class ServerImpl final : public Server {
   }
 
   // Owner thread: the engine's side of a membership change (and of its record on a backup).
-  EngineActions Membership(Chunk& ch, uint32_t w, uint32_t pusher, MembershipChange change,
-                           uint64_t from, uint64_t* next) {
+  EngineActions Membership(Chunk& ch, uint32_t pusher, MembershipChange change, uint64_t from,
+                           uint64_t* next) {
     *next = 0;
     EngineActions a;
     switch (change) {
@@ -893,9 +893,9 @@ class ServerImpl final : public Server {
     // A restore or start that changed nothing (the chunk had it already) leaves what it said.
     std::lock_guard<std::mutex> lock(ch.rejoin_mu);
     if (change == MembershipChange::kRemoved) {
-      ch.rejoin_next.erase(w);
+      ch.rejoin_next.erase(pusher);
     } else if (*next != 0) {
-      ch.rejoin_next[w] = *next;
+      ch.rejoin_next[pusher] = *next;
     }
     return a;
   }
@@ -928,16 +928,12 @@ class ServerImpl final : public Server {
     if (!rm.Decode(&r) || !r.done()) return Drop(c, "malformed membership change");
     Chunk* ch = FindChunk(rm.chunk_id);
     if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", rm.chunk_id)));
-    if (!ch->is_backup.load())
-      return Reply(*c, req,
-                   Status::Aborted(fmt::format("server {} serves chunk {} itself (shard map epoch "
-                                               "{}; the sender's {}): the sender was replaced",
-                                               rank_, rm.chunk_id, epoch_.load(), rm.epoch)));
+    if (!ch->is_backup.load()) return Reply(*c, req, ServedHere(rm.chunk_id, rm.epoch));
     if (rm.pusher >= view_.num_pushers())
       return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown pusher {}", rm.pusher)));
     OnOwner(*ch, [this, ch, rm] {
       uint64_t next = 0;
-      Execute(*ch, Membership(*ch, rm.pusher, rm.pusher, rm.change, rm.from, &next));
+      Execute(*ch, Membership(*ch, rm.pusher, rm.change, rm.from, &next));
     });
     Reply(*c, req, Status::OK());
   }
@@ -970,7 +966,7 @@ class ServerImpl final : public Server {
                 const uint32_t p = view_.PusherOf(w);
                 uint64_t next = 0;
                 if (removed.count(w) != raw->engine->removed(p))
-                  Execute(*raw, Membership(*raw, w, p,
+                  Execute(*raw, Membership(*raw, p,
                                            removed.count(w) ? MembershipChange::kRemoved
                                                             : MembershipChange::kRejoined,
                                            0, &next));
@@ -1369,6 +1365,15 @@ class ServerImpl final : public Server {
     Reply(*c, req, Status::OK());
   }
 
+  // What a replaced primary hears from the server that serves its chunk since it was declared
+  // dead (fencing), whatever it sends it for the chunk.
+  Status ServedHere(uint64_t chunk, uint64_t sender_epoch) const {
+    return Status::Aborted(fmt::format(
+        "server {} serves chunk {} itself since its primary was declared dead (shard map epoch "
+        "{}; the sender's {}): the sender was replaced",
+        rank_, chunk, epoch_.load(), sender_epoch));
+  }
+
   // kReplicate: a push to a chunk this server is the backup of, from the chunk's primary. It
   // goes through the chunk's engine like any push, so the copies hold the same versions and
   // sequence tables; the answer is the engine's acknowledgement.
@@ -1381,12 +1386,7 @@ class ServerImpl final : public Server {
     // Fencing: once this server serves the chunk (its primary was declared dead), a primary
     // that was only paused cannot make it apply anything more; it hears the refusal and
     // acknowledges nothing (the shard map's epoch is in the message for the log).
-    if (!ch->is_backup.load())
-      return Reply(*c, req,
-                   Status::Aborted(fmt::format(
-                       "server {} serves chunk {} itself since its primary was declared dead "
-                       "(shard map epoch {}; the sender's {}): the sender was replaced",
-                       rank_, d.chunk_id, epoch_.load(), d.epoch)));
+    if (!ch->is_backup.load()) return Reply(*c, req, ServedHere(d.chunk_id, d.epoch));
     if (d.worker >= view_.num_pushers())
       return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown pusher {}", d.worker)));
     if (d.bytes != m.payload.size())
@@ -1778,7 +1778,7 @@ class ServerImpl final : public Server {
         slots.version = ch->engine->version();
         if (it->worker >= 0) {
           std::lock_guard<std::mutex> lock(ch->rejoin_mu);
-          auto n = ch->rejoin_next.find(static_cast<uint32_t>(it->worker));
+          auto n = ch->rejoin_next.find(view_.PusherOf(static_cast<uint32_t>(it->worker)));
           if (n != ch->rejoin_next.end()) slots.next_seq = n->second;
         }
       }

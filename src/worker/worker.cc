@@ -312,11 +312,9 @@ struct ChunkRef {
   std::atomic<uint64_t> pulled_version{0};  // the newest version pulled: a push's base
   // The tensor's next push step (TensorInfo::next_step), shared by its chunks.
   std::atomic<uint64_t>* tensor_step = nullptr;
-  // A worker that rejoined the job (docs/fault-tolerance.md): its push of tensor step t is the
-  // chunk's sequence number t - seq_lag, so that each chunk's pushes go on where its server said
-  // (ChunkSlots::next_seq) while the tensor's chunks share one step. 0 otherwise.
-  uint64_t seq_lag = 0;
-  uint64_t rejoin_next = 0;  // what the chunk's primary said at attach
+  // A worker that rejoined the job (docs/fault-tolerance.md): the sequence number its primary
+  // said at attach its next push must have (ChunkSlots::next_seq); 0 otherwise.
+  uint64_t rejoin_next = 0;
   // Node-level reduction: the local rank that pushes it for the node.
   uint32_t owner = 0;
 };
@@ -1531,10 +1529,7 @@ class WorkerImpl final : public Worker {
       ci.backup = it.backup;
       Bytes body;
       Writer w(&body);
-      w.Put<uint32_t>(1);
-      ci.Encode(&w);
-      w.Put<int32_t>(static_cast<int32_t>(rank_));
-      w.Put<uint32_t>(0);
+      CreateChunksRequest{{ci}, static_cast<int32_t>(rank_), {}}.Encode(&w);
       const uint64_t id = it.chunk_id;
       rpc->Call(kCreateChunks, body, transport::Payload::Own(Bytes{}),
                 [this, fo = failover_, ref, id, b = it.backup](Status st, Reader& r,
@@ -1676,14 +1671,13 @@ class WorkerImpl final : public Worker {
       for (size_t k = 0; k < refs.size(); ++k) {
         auto [ref, at] = refs[k];
         const uint64_t next = reply.chunks[k].next_seq;
-        // Where its last push was later than the tensor's step (not expected: the step is the
-        // furthest), the chunk's sequence numbers trail the tensor's steps.
-        if (next == 0 || next > at)
+        // The engine starts it at the step asked for, the furthest of the tensor's chunks (no
+        // later push of it is there): the tensor's chunks share its steps.
+        if (next != at)
           return Status::ProtocolError(fmt::format(
-              "server {} starts this worker's pushes to chunk {} at {}, past the tensor's step {}",
+              "server {} starts this worker's pushes to chunk {} at {}, not the tensor's step {}",
               s, ref->chunk_id, next, at));
         ref->rejoin_next = next;
-        ref->seq_lag = at - next;
         RaiseTo(ref->known_version, reply.chunks[k].version);
       }
     }
@@ -1892,7 +1886,7 @@ class WorkerImpl final : public Worker {
         e.pull = out != nullptr;
         const void* bytes = nullptr;
         if (grad) {
-          e.seq = step - ref->seq_lag;
+          e.seq = step;
           e.base_version = ref->pulled_version.load();
           e.lr = lr;
           if (staged) {
@@ -1909,7 +1903,7 @@ class WorkerImpl final : public Worker {
       }
       auto rpc = servers_[ref->server.load()];
       if (grad) {
-        const uint64_t seq = step - ref->seq_lag;
+        const uint64_t seq = step;
         PushSource src;
         src.lr = lr;
         if (staged) {
@@ -2303,7 +2297,7 @@ class WorkerImpl final : public Worker {
     // them, so no chunk is ever pushed a step that the others will not push too.
     std::lock_guard<std::mutex> lock(op.mu);
     op.late = op.late || late;
-    op.ack_min = std::min(op.ack_min, v + ref->seq_lag);  // in the tensor's steps
+    op.ack_min = std::min(op.ack_min, v);
     if (--op.acks_left == 0 && op.late) RaiseTo(*ref->tensor_step, op.ack_min + 1);
   }
 
