@@ -1,6 +1,7 @@
 #include "cli.h"
 
 #include <charconv>
+#include <filesystem>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -29,6 +30,9 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kApplyThreads, &apply_threads)->check(CLI::Range(1u, 64u));
   AddTunable(app, kDevice, &device);
   AddTunable(app, kRestore, &restore);
+  AddTunable(app, kCheckpointIntervalS, &checkpoint_interval_s)
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  AddTunable(app, kCheckpointDir, &checkpoint_dir);
   AddTunable(app, kBusyPollUs, &busy_poll_us)->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   AddTunable(app, kRegisterTimeoutMs, &register_timeout_ms)->check(CLI::PositiveNumber);
   AddTunable(app, kHeartbeatIntervalMs, &heartbeat_interval_ms)->check(CLI::PositiveNumber);
@@ -83,6 +87,10 @@ Result<CoordinatorOptions> JobFlags::ToCoordinator() const {
   co.heartbeat_interval = std::chrono::milliseconds(heartbeat_interval_ms);
   co.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
   co.failover_timeout = std::chrono::milliseconds(failover_timeout_ms);
+  co.checkpoint_interval = std::chrono::seconds(checkpoint_interval_s);
+  co.checkpoint_dir = checkpoint_dir;
+  if (!co.checkpoint_dir.empty())
+    co.checkpoint_dir = std::filesystem::absolute(co.checkpoint_dir).lexically_normal().string();
   co.secret_file = secret_file;
   co.metrics_listen = metrics_listen;
   co.tls_cert = tls_cert;

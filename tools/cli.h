@@ -41,6 +41,8 @@ struct JobFlags {
   uint32_t apply_threads = static_cast<uint32_t>(tunables::kApplyThreads.number);
   std::string device{tunables::kDevice.default_value};
   std::string restore{tunables::kRestore.default_value};
+  int64_t checkpoint_interval_s = tunables::kCheckpointIntervalS.number;
+  std::string checkpoint_dir{tunables::kCheckpointDir.default_value};
   int64_t busy_poll_us = tunables::kBusyPollUs.number;
   int64_t register_timeout_ms = tunables::kRegisterTimeoutMs.number;
   int64_t heartbeat_interval_ms = tunables::kHeartbeatIntervalMs.number;

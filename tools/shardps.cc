@@ -1,4 +1,4 @@
-// The `shardps` command: coordinator, server, launch, run, bench, train, doctor.
+// The `shardps` command: coordinator, server, launch, run, bench, train, checkpoint, doctor.
 #include <csignal>
 #include <cstdio>
 #include <string>
@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 
 #include "bench.h"
+#include "checkpoint.h"
 #include "cli.h"
 #include "core/environment.h"
 #include "doctor/doctor.h"
@@ -118,6 +119,12 @@ int Main(int argc, char** argv, char** envp) {
   TrainFlags tflags;
   AddTrainFlags(train, &tflags);
 
+  // checkpoint
+  auto* ckpt = app.add_subcommand(
+      "checkpoint", "checkpoint a running job into a directory: its coordinator takes it");
+  CheckpointFlags ckflags;
+  AddCheckpointFlags(ckpt, &ckflags);
+
   // doctor
   auto* doctor = app.add_subcommand("doctor", "check this machine's RDMA, UCX and GPU set-up");
   bool doctor_json = false;
@@ -193,6 +200,7 @@ int Main(int argc, char** argv, char** envp) {
     if (!env.Has(kCoordinator.env)) LogEffectiveConfig(*bench);
     return RunBench(bflags, bjob, ArgsAfter(argc, argv, "bench"), env);
   }
+  if (*ckpt) return RunCheckpoint(ckflags);
   if (*doctor) {
     auto bytes = ParseBytes(doctor_shard);
     if (!bytes.ok()) {
@@ -213,6 +221,7 @@ int Main(int argc, char** argv, char** envp) {
   }
   if (*train) {
     if (!env.Has(kCoordinator.env)) LogEffectiveConfig(*train);
+    tflags.checkpoint_dir = tjob.checkpoint_dir;
     return RunTrain(tflags, tjob, ArgsAfter(argc, argv, "train"), env);
   }
   if (*tun) {

@@ -96,8 +96,8 @@ Status CheckFlags(const TrainFlags& t, uint32_t workers) {
         "--batch {} is not divisible by --workers {} (--batch is the global batch; each worker "
         "uses batch / workers samples per step)",
         t.batch, workers));
-  if ((t.checkpoint_every > 0) != !t.checkpoint_dir.empty())
-    return Impossible("--checkpoint-every and --checkpoint-dir go together");
+  if (t.checkpoint_every > 0 && t.checkpoint_dir.empty())
+    return Impossible("--checkpoint-every needs --checkpoint-dir: where the checkpoints go");
   auto k = ParseOptimizer(t.optimizer);
   if (!k.ok()) return k.status().WithContext("--optimizer");
   auto c = Compression::Parse(t.compression);
@@ -651,7 +651,6 @@ void AddTrainFlags(CLI::App* app, TrainFlags* t) {
   app->add_option("--checkpoint-every", t->checkpoint_every,
                   "write a checkpoint every N global steps into --checkpoint-dir (0: never); "
                   "--restore DIR starts a run from one");
-  app->add_option("--checkpoint-dir", t->checkpoint_dir, "where --checkpoint-every writes");
   app->add_option("--kill-server-at", t->kill_server_at,
                   "worker 0 kills server 0 (SIGKILL; on this host) before this global step: with "
                   "--replicas 1 the run goes on with its backups (docs/fault-tolerance.md)");

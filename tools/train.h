@@ -53,7 +53,7 @@ struct TrainFlags {
   // The last worker kills itself (SIGKILL) before this global step; with --restart-workers its
   // new process rejoins the run (docs/fault-tolerance.md).
   uint64_t kill_worker_at = 0;
-  std::string checkpoint_dir;
+  std::string checkpoint_dir;  // the job flag --checkpoint-dir (JobFlags::checkpoint_dir)
 };
 
 void AddTrainFlags(CLI::App* app, TrainFlags* t);

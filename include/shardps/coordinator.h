@@ -58,6 +58,12 @@ struct CoordinatorOptions {
   // TLS on tcp connections (docs/security.md): this node's PEM certificate and key, and the CA
   // that signs every node's. All three or none.
   std::string tls_cert, tls_key, tls_ca;
+  // Checkpoints of the running job taken by the coordinator (docs/fault-tolerance.md,
+  // "Checkpoints of a running job"): one into `checkpoint_dir` every `checkpoint_interval`
+  // (0: none), each within `checkpoint_timeout`.
+  std::chrono::milliseconds checkpoint_interval{tunables::kCheckpointIntervalS.number * 1000};
+  std::string checkpoint_dir;
+  std::chrono::milliseconds checkpoint_timeout{120000};
 
   Status Validate() const;
 };
@@ -75,6 +81,13 @@ class Coordinator {
   // shut down); an error naming the node when one failed, went silent or never showed up.
   // Timeout when `timeout` passed first (the job goes on). Thread-safe.
   virtual Status Wait(std::chrono::milliseconds timeout) = 0;
+  // Checkpoints the running job into `dir` (docs/fault-tolerance.md, "Checkpoints of a running
+  // job"): every worker holds its new pushes, each chunk is written once it holds every push
+  // issued before, at one cut across all servers; then the workers go on. Blocks until written
+  // (a line saying what was) or failed, within `timeout`. The workers' code takes no part.
+  // Thread-safe; one at a time (AlreadyExists while another is taken).
+  virtual Result<std::string> Checkpoint(const std::string& dir,
+                                         std::chrono::milliseconds timeout) = 0;
   // Where its Prometheus metrics are served ("127.0.0.1:9400"); empty when not asked for.
   virtual std::string metrics_address() const = 0;
 };

@@ -134,6 +134,22 @@ inline constexpr Tunable kRestore{
     "start the servers' chunks from the checkpoint in this directory (docs/fault-tolerance.md): "
     "parameters, optimizer state and versions, checked against its manifest",
     "server, launch, bench, train"};
+inline constexpr Tunable kCheckpointIntervalS{
+    "checkpoint-interval",
+    "SHARDPS_CHECKPOINT_INTERVAL",
+    "0",
+    0,
+    "the coordinator checkpoints the running job into --checkpoint-dir every N seconds, with no "
+    "part taken by the workers' code (docs/fault-tolerance.md); 0: never",
+    "coordinator, launch, bench, train"};
+inline constexpr Tunable kCheckpointDir{
+    "checkpoint-dir",
+    "SHARDPS_CHECKPOINT_DIR",
+    "",
+    0,
+    "where checkpoints are written (--checkpoint-interval; train's --checkpoint-every): a "
+    "directory the servers and the coordinator (or worker 0) share",
+    "coordinator, launch, bench, train"};
 inline constexpr Tunable kBusyPollUs{
     "busy-poll-us",
     "SHARDPS_BUSY_POLL_US",
@@ -343,6 +359,8 @@ inline constexpr const Tunable* kAll[] = {
     &kApplyThreads,
     &kDevice,
     &kRestore,
+    &kCheckpointIntervalS,
+    &kCheckpointDir,
     &kBusyPollUs,
     &kRegisterTimeoutMs,
     &kHeartbeatIntervalMs,

@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -35,6 +36,11 @@ Status CoordinatorOptions::Validate() const {
     return Status::InvalidArgument(
         fmt::format("failover timeout ({} ms) must exceed the heartbeat interval ({} ms)",
                     failover_timeout.count(), heartbeat_interval.count()));
+  if (checkpoint_interval.count() < 0 || checkpoint_timeout.count() <= 0)
+    return Status::InvalidArgument("the checkpoint interval and timeout must be positive");
+  if (checkpoint_interval.count() > 0 && checkpoint_dir.empty())
+    return Status::InvalidArgument(
+        "--checkpoint-interval needs --checkpoint-dir: where the checkpoints go");
   if (mode != Mode::kSsp && staleness != 0)
     return Status::InvalidArgument("a staleness bound is for ssp:K mode only");
   if (sync_quorum != 0 && mode != Mode::kSync)
@@ -111,6 +117,8 @@ class CoordinatorImpl final : public Coordinator {
     }
     cv_.notify_all();
     if (ticker_.joinable()) ticker_.join();
+    if (periodic_.joinable()) periodic_.join();
+    if (requested_.joinable()) requested_.join();
     metrics_.Stop();
     listener_.reset();
     ctx_.reset();
@@ -141,6 +149,7 @@ class CoordinatorImpl final : public Coordinator {
     server_dead_.assign(opt_.num_servers, false);
     started_ = Clock::now();
     ticker_ = std::thread([this] { Tick(); });
+    if (opt_.checkpoint_interval.count() > 0) periodic_ = std::thread([this] { Periodic(); });
     auto m = metrics::RoleMetrics::Start(opt_.metrics_listen, "coordinator", -1,
                                          [this](metrics::Families& f) { Collect(f); });
     if (!m.ok()) return m.status();
@@ -160,6 +169,80 @@ class CoordinatorImpl final : public Coordinator {
     if (!cv_.wait_for(lock, timeout, [&] { return finished_; }))
       return Status::Timeout("the job is still running");
     return result_;
+  }
+
+  // A checkpoint of the running job (docs/fault-tolerance.md, "Checkpoints of a running job"):
+  // the workers hold their new pushes and say what they issued (kCheckpointGate,
+  // kCheckpointCounts); the cuts go out (kCheckpointCuts): each worker pushes up to its bound,
+  // worker 0 has the servers write each chunk once it holds its cut, then the manifest
+  // (kCheckpointDone); the workers go on (kCheckpointRelease), whatever the outcome.
+  Result<std::string> Checkpoint(const std::string& dir,
+                                 std::chrono::milliseconds timeout) override {
+    if (dir.empty() || dir.front() != '/')
+      return Status::InvalidArgument(fmt::format(
+          "checkpoint directory '{}' is not an absolute path (the servers and worker 0 write "
+          "into it, from working directories of their own)",
+          dir));
+    if (timeout.count() <= 0 || timeout > std::chrono::hours(24))
+      return Status::InvalidArgument("a checkpoint's timeout must be between 1 ms and 24 h");
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!complete_) return Status::Unavailable("the job has not started: nodes are missing");
+    if (finished_) return Status::Unavailable("the job has ended");
+    if (grouped_)
+      return Status::InvalidArgument(
+          "the coordinator does not checkpoint a job with node-level reduction: the workers take "
+          "its checkpoints (Worker::Checkpoint, shardps train --checkpoint-every)");
+    if (ckpt_) return Status::AlreadyExists("a checkpoint is being taken already");
+    if (tensors_.empty())
+      return Status::Unavailable("no tensor was declared yet: there is nothing to checkpoint");
+    bool lead = false;
+    for (const auto& n : nodes_) {
+      if (n.role != Role::kWorker || n.dead) continue;
+      if (n.rejoining)
+        return Status::Unavailable(
+            fmt::format("worker {} is rejoining the job: try again once it is in", n.rank));
+      if (n.rank == 0 && !n.goodbye) lead = true;
+    }
+    if (!lead) return Status::Unavailable("worker 0 finished: the job is ending");
+    ckpt_.emplace();
+    CheckpointRun& run = *ckpt_;
+    run.id = ++checkpoints_started_;
+    run.dir = dir;
+    run.deadline = Clock::now() + timeout;
+    for (const auto& n : nodes_)
+      if (Gated(n)) run.awaiting.insert(n.rank);
+    const uint64_t id = run.id;
+    spdlog::info("coordinator: checkpoint {} into {} begins: {} workers hold their new pushes", id,
+                 dir, run.awaiting.size());
+    Notify(kCheckpointGate, CheckpointGate{id, static_cast<uint32_t>(timeout.count())},
+           [](const Node& n) { return Gated(n); });
+    cv_.wait_until(lock, run.deadline, [&] { return run.done || finished_ || stopping_; });
+    Status st = run.result;
+    if (!run.done) {
+      if (finished_ || stopping_) {
+        st = Status::Aborted("the job ended during the checkpoint");
+      } else if (!run.awaiting.empty()) {
+        st = Status::Timeout(fmt::format("worker(s) {} did not say what they pushed within {} ms",
+                                         fmt::join(run.awaiting, ", "), timeout.count()));
+      } else {
+        st = Status::Timeout(
+            fmt::format("the chunks were not written within {} ms (worker 0 and the servers)",
+                        timeout.count()));
+      }
+    }
+    std::string about = std::move(run.about);
+    ckpt_.reset();
+    // The held pushes go, whatever the outcome.
+    Notify(kCheckpointRelease, CheckpointGate{id, 0}, [](const Node& n) { return Gated(n); });
+    if (!st.ok()) {
+      ++checkpoints_failed_;
+      st = st.WithContext(fmt::format("checkpoint into {}", dir));
+      spdlog::error("coordinator: {}", st.ToString());
+      return st;
+    }
+    ++checkpoints_written_;
+    spdlog::info("coordinator: checkpoint {} written: {}", id, about);
+    return about;
   }
 
  private:
@@ -221,6 +304,24 @@ class CoordinatorImpl final : public Coordinator {
           return Drop(c, "malformed backup report");
         return OnBackupRebuilt(*node, b);
       }
+      case kCheckpointCounts: {
+        CheckpointCounts cc;
+        if (!cc.Decode(&r) || !r.done() || !node || node->role != Role::kWorker)
+          return Drop(c, "malformed checkpoint counts");
+        return OnCheckpointCounts(*node, cc);
+      }
+      case kCheckpointDone: {
+        CheckpointDone d;
+        if (!d.Decode(&r) || !r.done() || !node || node->role != Role::kWorker || node->rank != 0)
+          return Drop(c, "malformed checkpoint report");
+        if (ckpt_ && ckpt_->id == d.id && ckpt_->cutting) EndCheckpoint(d.status, d.about);
+        return;
+      }
+      case kTakeCheckpoint: {
+        TakeCheckpoint t;
+        if (!t.Decode(&r) || !r.done()) return Drop(c, "malformed checkpoint request");
+        return HandleTakeCheckpoint(c, req, t);
+      }
       case kReportFailure: {
         std::string why;
         if (!r.GetString(&why, 4096) || !node) return Drop(c, "malformed failure report");
@@ -228,6 +329,87 @@ class CoordinatorImpl final : public Coordinator {
       }
       default:
         return Drop(c, fmt::format("unexpected message tag {}", m.tag));
+    }
+  }
+
+  // The workers a checkpoint of the running job holds: live, in the job, still pushing.
+  static bool Gated(const Node& n) {
+    return n.role == Role::kWorker && !n.dead && !n.rejoining && !n.goodbye;
+  }
+
+  // A worker said what it issued: once every held worker did, the cuts go out.
+  void OnCheckpointCounts(const Node& n, const CheckpointCounts& cc) {
+    if (!ckpt_ || ckpt_->id != cc.id || ckpt_->cutting) return;  // a late answer
+    CheckpointRun& run = *ckpt_;
+    for (const auto& [tensor, seq] : cc.tensors) {
+      auto& issued = run.issued[tensor];
+      issued.resize(opt_.num_workers, 0);
+      if (n.rank < issued.size()) issued[n.rank] = seq;
+    }
+    run.awaiting.erase(n.rank);
+    if (!run.awaiting.empty()) return;
+    run.cutting = true;
+    CheckpointCuts cuts;
+    cuts.id = run.id;
+    cuts.mode = opt_.mode;
+    cuts.dir = run.dir;
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(run.deadline - Clock::now());
+    cuts.timeout_ms = static_cast<uint32_t>(std::max<int64_t>(1, left.count()));
+    // sync: the step any worker began is completed, of every tensor a step behind the furthest
+    // too (a step the workers were in the middle of). Tensors further behind are pushed less
+    // often: they are taken as they are.
+    uint64_t furthest = 0;
+    for (const auto& [tensor, issued] : run.issued)
+      for (uint64_t s : issued) furthest = std::max(furthest, s);
+    for (auto& [tensor, issued] : run.issued) {
+      CheckpointCut cut{tensor, issued, 0};
+      const uint64_t most = cut.Bound(Mode::kSsp, 0);
+      if (opt_.mode == Mode::kSync) cut.step = most + 1 == furthest ? furthest : most;
+      cuts.cuts.push_back(std::move(cut));
+    }
+    Notify(kCheckpointCuts, cuts, [](const Node& other) { return Gated(other); });
+  }
+
+  void EndCheckpoint(const Status& st, const std::string& about = {}) {
+    if (!ckpt_ || ckpt_->done) return;
+    ckpt_->done = true;
+    ckpt_->result = st;
+    ckpt_->about = about;
+    cv_.notify_all();
+  }
+
+  // `shardps checkpoint`: taken on a thread of its own (one at a time), which answers.
+  void HandleTakeCheckpoint(const std::shared_ptr<transport::Connection>& c, uint64_t req,
+                            const TakeCheckpoint& t) {
+    if (requesting_ || ckpt_)
+      return Reply(*c, req, Status::AlreadyExists("a checkpoint is being taken already"));
+    if (requested_.joinable()) requested_.join();  // the last one, done
+    requesting_ = true;
+    requested_ = std::thread([this, c, req, t] {
+      auto r = Checkpoint(t.dir, std::chrono::milliseconds(t.timeout_ms));
+      Bytes body;
+      Writer w(&body);
+      w.PutString(r.ok() ? *r : std::string());
+      Reply(*c, req, r.status(), body);
+      std::lock_guard<std::mutex> lock(mu_);
+      requesting_ = false;
+    });
+  }
+
+  // --checkpoint-interval: a checkpoint every interval while the job runs.
+  void Periodic() {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto next = Clock::now() + opt_.checkpoint_interval;
+    while (!stopping_ && !finished_) {
+      cv_.wait_until(lock, next, [&] { return stopping_ || finished_; });
+      if (stopping_ || finished_) break;
+      next = Clock::now() + opt_.checkpoint_interval;
+      if (!complete_ || ckpt_ || tensors_.empty()) continue;
+      lock.unlock();
+      auto r = Checkpoint(opt_.checkpoint_dir, opt_.checkpoint_timeout);
+      if (!r.ok()) spdlog::warn("coordinator: periodic checkpoint failed; the job goes on");
+      lock.lock();
     }
   }
 
@@ -297,6 +479,7 @@ class CoordinatorImpl final : public Coordinator {
   // job's view (AdvanceRejoins).
   void HandleRejoin(const std::shared_ptr<transport::Connection>& c, uint64_t req,
                     const RegisterRequest& rq) {
+    EndCheckpoint(Status::Aborted(fmt::format("worker {} rejoined the job during it", rq.rank)));
     auto refuse = [&](const std::string& why) { Reply(*c, req, Status::InvalidArgument(why)); };
     if (!opt_.continue_on_worker_loss || grouped_)
       return refuse(fmt::format(
@@ -625,6 +808,7 @@ class CoordinatorImpl final : public Coordinator {
               why, p.chunk_id, name,
               rebuilding_.count(p.chunk_id) ? ", and its new one was not whole yet"
                                             : ", and no other live server could take a new one")));
+    EndCheckpoint(Status::Aborted(fmt::format("server {} died during it", n.rank)));
     // New backups being built on it are lost with it (their chunks get others below).
     for (auto it = rebuilding_.begin(); it != rebuilding_.end();) {
       if (it->second != n.rank) {
@@ -722,6 +906,7 @@ class CoordinatorImpl final : public Coordinator {
   // on); barriers and the end of the job count the live workers only; its connection is closed.
   void RemoveWorker(Node& n, const std::string& why) {
     n.dead = true;
+    EndCheckpoint(Status::Aborted(fmt::format("worker {} left the job during it", n.rank)));
     ++workers_removed_;
     spdlog::warn(
         "coordinator: {}: removed from the job (--on-worker-loss continue); {} workers go on", why,
@@ -868,6 +1053,12 @@ class CoordinatorImpl final : public Coordinator {
     f.Counter("shardps_coordinator_workers_rejoined_total",
               "removed workers whose place a new worker process took (it rejoined the job)",
               static_cast<double>(workers_rejoined_));
+    f.Counter("shardps_coordinator_checkpoints_total",
+              "checkpoints of the running job written (shardps checkpoint, --checkpoint-interval)",
+              static_cast<double>(checkpoints_written_), {{"result", "written"}});
+    f.Counter("shardps_coordinator_checkpoints_total",
+              "checkpoints of the running job written (shardps checkpoint, --checkpoint-interval)",
+              static_cast<double>(checkpoints_failed_), {{"result", "failed"}});
     f.Gauge("shardps_coordinator_shard_map_epoch",
             "the shard map's epoch: servers replaced by their chunks' backups so far",
             static_cast<double>(epoch_));
@@ -939,6 +1130,25 @@ class CoordinatorImpl final : public Coordinator {
   // guarded by mu_: chunks whose new backup is being copied, and on which server
   std::map<uint64_t, uint32_t> rebuilding_;
   uint64_t backups_rebuilt_ = 0;  // guarded by mu_
+  // Checkpoints of the running job (Checkpoint), guarded by mu_: the one being taken, and counts.
+  struct CheckpointRun {
+    uint64_t id = 0;
+    std::string dir;
+    Clock::time_point deadline;
+    std::set<uint32_t> awaiting;  // worker ranks yet to say what they issued
+    std::map<std::string, std::vector<uint64_t>> issued;  // tensor -> by worker rank
+    bool cutting = false;                                 // the cuts went out
+    bool done = false;
+    Status result;
+    std::string about;
+  };
+  std::optional<CheckpointRun> ckpt_;
+  uint64_t checkpoints_started_ = 0;
+  uint64_t checkpoints_written_ = 0;
+  uint64_t checkpoints_failed_ = 0;
+  std::thread periodic_;   // --checkpoint-interval
+  std::thread requested_;  // answering a kTakeCheckpoint
+  bool requesting_ = false;
   metrics::RoleMetrics metrics_;
 };
 

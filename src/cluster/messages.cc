@@ -93,6 +93,128 @@ void WorkerUp::Encode(Writer* w) const { w->Put(rank); }
 
 bool WorkerUp::Decode(Reader* r) { return r->Get(&rank); }
 
+void CheckpointGate::Encode(Writer* w) const {
+  w->Put(id);
+  w->Put(timeout_ms);
+}
+
+bool CheckpointGate::Decode(Reader* r) { return r->Get(&id) && r->Get(&timeout_ms); }
+
+namespace {
+constexpr uint32_t kMaxCheckpointTensors = 1 << 20;
+constexpr size_t kMaxTensorName = 1024;
+constexpr uint32_t kMaxWorkers = 65536;
+}  // namespace
+
+void CheckpointCounts::Encode(Writer* w) const {
+  w->Put(id);
+  w->Put(static_cast<uint32_t>(tensors.size()));
+  for (const auto& [name, seq] : tensors) {
+    w->PutString(name);
+    w->Put(seq);
+  }
+}
+
+bool CheckpointCounts::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->Get(&id) || !r->Get(&n) || n > kMaxCheckpointTensors || n > r->remaining() / 12)
+    return false;
+  tensors.resize(n);
+  for (auto& [name, seq] : tensors)
+    if (!r->GetString(&name, kMaxTensorName) || !r->Get(&seq)) return false;
+  return true;
+}
+
+uint64_t CheckpointCut::Bound(Mode mode, uint32_t w) const {
+  if (mode == Mode::kAsync) return w < issued.size() ? issued[w] : 0;
+  uint64_t most = mode == Mode::kSync ? step : 0;
+  for (uint64_t s : issued) most = std::max(most, s);
+  return most;
+}
+
+void CheckpointCut::Encode(Writer* w) const {
+  w->PutString(tensor);
+  w->Put(static_cast<uint32_t>(issued.size()));
+  for (uint64_t s : issued) w->Put(s);
+  w->Put(step);
+}
+
+bool CheckpointCut::Decode(Reader* r) {
+  uint32_t n = 0;
+  if (!r->GetString(&tensor, kMaxTensorName) || !r->Get(&n) || n > kMaxWorkers ||
+      n > r->remaining() / 8)
+    return false;
+  issued.resize(n);
+  for (auto& s : issued)
+    if (!r->Get(&s)) return false;
+  return r->Get(&step);
+}
+
+namespace {
+void EncodeCuts(Writer* w, const std::vector<CheckpointCut>& cuts) {
+  w->Put(static_cast<uint32_t>(cuts.size()));
+  for (const auto& c : cuts) c.Encode(w);
+}
+
+bool DecodeCuts(Reader* r, std::vector<CheckpointCut>* cuts) {
+  uint32_t n = 0;
+  if (!r->Get(&n) || n > kMaxCheckpointTensors || n > r->remaining() / 8) return false;
+  cuts->resize(n);
+  for (auto& c : *cuts)
+    if (!c.Decode(r)) return false;
+  return true;
+}
+}  // namespace
+
+void CheckpointCuts::Encode(Writer* w) const {
+  w->Put(id);
+  w->Put<uint8_t>(static_cast<uint8_t>(mode));
+  w->PutString(dir);
+  w->Put(timeout_ms);
+  EncodeCuts(w, cuts);
+}
+
+bool CheckpointCuts::Decode(Reader* r) {
+  uint8_t m = 0;
+  if (!r->Get(&id) || !r->Get(&m) || m > static_cast<uint8_t>(Mode::kSsp)) return false;
+  mode = static_cast<Mode>(m);
+  return r->GetString(&dir, 4096) && !dir.empty() && dir.front() == '/' && r->Get(&timeout_ms) &&
+         DecodeCuts(r, &cuts);
+}
+
+void CheckpointDone::Encode(Writer* w) const {
+  w->Put(id);
+  EncodeStatus(w, status);
+  w->PutString(about);
+}
+
+bool CheckpointDone::Decode(Reader* r) {
+  return r->Get(&id) && DecodeStatus(r, &status) && r->GetString(&about, 65536);
+}
+
+void TakeCheckpoint::Encode(Writer* w) const {
+  w->PutString(dir);
+  w->Put(timeout_ms);
+}
+
+bool TakeCheckpoint::Decode(Reader* r) {
+  return r->GetString(&dir, 4096) && !dir.empty() && dir.front() == '/' && r->Get(&timeout_ms);
+}
+
+void SaveChunksRequest::Encode(Writer* w) const {
+  w->PutString(dir);
+  w->PutString(name);
+  w->Put(wait_ms);
+  EncodeCuts(w, cuts);
+}
+
+bool SaveChunksRequest::Decode(Reader* r) {
+  // A file name of its own in an absolute directory.
+  return r->GetString(&dir, 4096) && !dir.empty() && dir.front() == '/' &&
+         r->GetString(&name, 256) && !name.empty() && name.find('/') == std::string::npos &&
+         name != "." && name != ".." && r->Get(&wait_ms) && DecodeCuts(r, &cuts);
+}
+
 void ReplicaMembership::Encode(Writer* w) const {
   w->Put(epoch);
   w->Put(chunk_id);

@@ -17,6 +17,9 @@ namespace shardps::cluster {
 
 enum Tag : uint32_t {
   kReply = 1,
+  // a client (`shardps checkpoint`) -> coordinator: TakeCheckpoint; the reply's body is a
+  // string saying what was written (docs/fault-tolerance.md, "Checkpoints of a running job")
+  kTakeCheckpoint = 9,
   // node -> coordinator
   kRegister = 10,
   kHeartbeat = 11,
@@ -24,8 +27,10 @@ enum Tag : uint32_t {
   kDeclare = 13,
   kGoodbye = 14,
   kReportFailure = 15,
-  kBackupRebuilt = 16,   // BackupRebuilt (server, request id 0): a new backup of a chunk is whole
-  kWorkerRestored = 17,  // WorkerUp (server, request id 0): its chunks wait for a rejoined worker
+  kBackupRebuilt = 16,     // BackupRebuilt (server, request id 0): a new backup of a chunk is whole
+  kWorkerRestored = 17,    // WorkerUp (server, request id 0): its chunks wait for a rejoined worker
+  kCheckpointCounts = 18,  // CheckpointCounts (worker, request id 0): its pushes issued so far
+  kCheckpointDone = 19,    // CheckpointDone (worker 0, request id 0): how the checkpoint ended
   // coordinator -> node (request id 0, no reply)
   kNodeFailed = 20,
   kShutdown = 21,
@@ -34,6 +39,12 @@ enum Tag : uint32_t {
   kRebuildBackups = 24,  // BackupOrders (to a chunk's primary): copy these chunks to new backups
   kBackupsAdded = 25,    // BackupOrders (to workers): these chunks have a new backup
   kWorkerUp = 26,        // WorkerUp (to servers): a removed worker rejoins the job
+  // Checkpoints of a running job (to workers): CheckpointGate (hold new pushes, say what was
+  // issued), CheckpointCuts (push up to the cut; worker 0 writes the checkpoint), and
+  // CheckpointGate again (timeout 0) to release the held pushes.
+  kCheckpointGate = 27,
+  kCheckpointCuts = 28,
+  kCheckpointRelease = 29,
   // worker -> server
   kCreateChunks = 30,
   kGrant = 31,
@@ -441,6 +452,85 @@ struct BatchAnswer {
 // A Status on the wire: i32 code, string message.
 void EncodeStatus(Writer* w, const Status& st);
 [[nodiscard]] bool DecodeStatus(Reader* r, Status* st);
+
+// Checkpoints of a running job (docs/fault-tolerance.md, "Checkpoints of a running job").
+// kCheckpointGate / kCheckpointRelease (coordinator -> every live worker): checkpoint `id`
+// begins (each worker holds its new pushes for at most `timeout_ms` and answers with
+// kCheckpointCounts) or is over (`timeout_ms` 0: the held pushes go).
+struct CheckpointGate {
+  uint64_t id = 0;
+  uint32_t timeout_ms = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kCheckpointCounts (worker -> coordinator): for each of its tensors that it pushed, the
+// sequence number of the last push it issued.
+struct CheckpointCounts {
+  uint64_t id = 0;
+  std::vector<std::pair<std::string, uint64_t>> tensors;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// One tensor's cut: the last sequence number each worker (by rank) had issued, and in sync mode
+// the step the checkpoint holds the tensor at (at least the furthest worker's: a step is whole
+// once every worker pushed it; one more when other tensors are a step further: the workers were
+// in the middle of a step).
+struct CheckpointCut {
+  std::string tensor;
+  std::vector<uint64_t> issued;
+  uint64_t step = 0;
+  // The last push of worker `w` the checkpoint holds: sync, `step` (or the furthest worker's);
+  // ssp, the furthest worker's (the others catch up); async, its own.
+  uint64_t Bound(Mode mode, uint32_t w) const;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kCheckpointCuts (coordinator -> every live worker): each worker may push up to its bound and
+// holds the rest; worker 0 has every live server write the chunks into `dir` once each chunk
+// holds the cut's pushes (kSaveChunks), writes the manifest and answers kCheckpointDone.
+struct CheckpointCuts {
+  uint64_t id = 0;
+  Mode mode = Mode::kSync;  // the job's (CheckpointCut::Bound)
+  std::string dir;
+  uint32_t timeout_ms = 0;
+  std::vector<CheckpointCut> cuts;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kCheckpointDone (worker 0 -> coordinator): how checkpoint `id` ended; `about` says what was
+// written.
+struct CheckpointDone {
+  uint64_t id = 0;
+  Status status;
+  std::string about;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kTakeCheckpoint (a client -> coordinator): checkpoint the running job into `dir` within
+// `timeout_ms`.
+struct TakeCheckpoint {
+  std::string dir;
+  uint32_t timeout_ms = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kSaveChunks (worker 0 -> server): write this server's chunks into `dir`/`name`. With cuts (a
+// checkpoint of a running job), each chunk is written once it holds every push of the cut,
+// waiting at most `wait_ms`.
+struct SaveChunksRequest {
+  std::string dir;
+  std::string name;
+  uint32_t wait_ms = 0;
+  std::vector<CheckpointCut> cuts;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
 
 // Byte layout of a chunk's two published slots: [parameters][pad to 64][u64 tag][pad to 64],
 // the parameters as fp32, or encoded with the chunk's pull codec (fp16, bf16: 2 bytes each).

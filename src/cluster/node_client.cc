@@ -6,6 +6,18 @@
 #include <spdlog/spdlog.h>
 
 namespace shardps::cluster {
+
+namespace {
+// A notice (request id 0, no reply) to the coordinator.
+template <typename Msg>
+void SendNotice(const std::shared_ptr<transport::Connection>& c, uint32_t tag, const Msg& msg) {
+  Bytes meta;
+  Writer w(&meta);
+  w.Put<uint64_t>(0);
+  msg.Encode(&w);
+  c->Send(tag, std::move(meta), {}, nullptr);
+}
+}  // namespace
 namespace {
 
 int64_t SteadyNanos() {
@@ -28,7 +40,9 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
   transport::ConnectionHandlers h;
   h.on_message = [events, rpc_slot, down = options.on_server_down,
                   worker_down = options.on_worker_down, worker_up = options.on_worker_up,
-                  rebuild = options.on_rebuild_backups, added = options.on_backups_added](
+                  rebuild = options.on_rebuild_backups, added = options.on_backups_added,
+                  gate = options.on_checkpoint_gate, cuts = options.on_checkpoint_cuts,
+                  release = options.on_checkpoint_release](
                      const std::shared_ptr<transport::Connection>& c, transport::Message m) {
     auto rpc = *rpc_slot;
     if (m.tag == kReply) {
@@ -65,6 +79,22 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
         return notice(BackupOrders{}, "backup orders", rebuild);
       case kBackupsAdded:
         return notice(BackupOrders{}, "backup orders", added);
+      case kCheckpointGate: {
+        std::function<void(const CheckpointGate&)> answer;
+        if (gate)
+          answer = [&](const CheckpointGate& g) { SendNotice(c, kCheckpointCounts, gate(g)); };
+        return notice(CheckpointGate{}, "checkpoint notice", answer);
+      }
+      case kCheckpointCuts: {
+        std::function<void(const CheckpointCuts&)> take;
+        if (cuts)
+          take = [&](const CheckpointCuts& k) {
+            cuts(k, [conn = c](const CheckpointDone& d) { SendNotice(conn, kCheckpointDone, d); });
+          };
+        return notice(CheckpointCuts{}, "checkpoint cuts", take);
+      }
+      case kCheckpointRelease:
+        return notice(CheckpointGate{}, "checkpoint release", release);
       default:
         break;
     }

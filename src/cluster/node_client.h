@@ -45,6 +45,13 @@ struct NodeClientOptions {
   // on the same transport thread as on_server_down.
   std::function<void(const BackupOrders&)> on_rebuild_backups;
   std::function<void(const BackupOrders&)> on_backups_added;
+  // Workers: a checkpoint of the running job begins (kCheckpointGate: the answer is sent back as
+  // kCheckpointCounts), its cuts are known (kCheckpointCuts; worker 0 reports how it ended with
+  // `report`, from any thread), it is over (kCheckpointRelease). In order, on the same thread.
+  std::function<CheckpointCounts(const CheckpointGate&)> on_checkpoint_gate;
+  std::function<void(const CheckpointCuts&, std::function<void(const CheckpointDone&)> report)>
+      on_checkpoint_cuts;
+  std::function<void(const CheckpointGate&)> on_checkpoint_release;
 };
 
 class NodeClient {
@@ -73,6 +80,7 @@ class NodeClient {
   void ReportBackupRebuilt(const BackupRebuilt& b);
   // Servers: this server's chunks wait for rejoined worker `rank` again (kWorkerRestored).
   void ReportWorkerRestored(uint32_t rank);
+
   // The failure seen so far (OK while the job is healthy).
   Status failure() const;
   // Heartbeats sent so far.

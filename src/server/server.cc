@@ -1502,18 +1502,18 @@ class ServerImpl final : public Server {
   // kSaveChunks (docs/fault-tolerance.md): the chunks are written by a thread of their own, which
   // reads each chunk's state on its owner thread, then answers.
   void OnSaveChunks(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r) {
-    std::string dir, name;
-    if (!r.GetString(&dir, 4096) || !r.GetString(&name, 256) || !r.done() || dir.empty())
-      return Drop(c, "malformed save-chunks request");
+    SaveChunksRequest rq;
+    if (!rq.Decode(&r) || !r.done()) return Drop(c, "malformed save-chunks request");
     std::lock_guard<std::mutex> lock(saver_mu_);
     if (saver_closed_) return Reply(*c, req, Status::Aborted("the server is stopping"));
     if (saving_)
       return Reply(*c, req, Status::AlreadyExists("a checkpoint is being written already"));
     if (saver_.joinable()) saver_.join();  // the last one, done
     saving_ = true;
-    saver_ = std::thread([this, c, req, dir, name] {
+    saver_ = std::thread([this, c, req, rq = std::move(rq)] {
+      const std::string& dir = rq.dir;
       uint64_t chunks = 0;
-      auto file = SaveChunks(dir, name, &chunks);
+      auto file = SaveChunks(rq, &chunks);
       Bytes body;
       if (file.ok()) {
         Writer w(&body);
@@ -1533,8 +1533,9 @@ class ServerImpl final : public Server {
     });
   }
 
-  Result<CheckpointFile> SaveChunks(const std::string& dir, const std::string& name,
-                                    uint64_t* count) {
+  // Each chunk's state, read on its owner thread once it holds its cut (a checkpoint of the
+  // running job: every push of it that a worker had issued, rq.cuts), then the file.
+  Result<CheckpointFile> SaveChunks(const SaveChunksRequest& rq, uint64_t* count) {
     std::vector<Chunk*> all;
     {
       std::shared_lock<std::shared_mutex> lock(chunks_mu_);
@@ -1550,25 +1551,90 @@ class ServerImpl final : public Server {
       Status failed;
       std::vector<ChunkState> states;
     };
+    std::unordered_map<std::string, const CheckpointCut*> cut_of;
+    for (const auto& c : rq.cuts) cut_of[c.tensor] = &c;
+    const auto deadline =
+        std::chrono::steady_clock::now() + (rq.cuts.empty() || rq.wait_ms == 0
+                                                ? kSnapshotTimeout
+                                                : std::chrono::milliseconds(rq.wait_ms));
     auto p = std::make_shared<Pending>();
     p->states.resize(all.size());
-    for (size_t i = 0; i < all.size(); ++i) {
-      Chunk* ch = all[i];
-      OnOwner(*ch, [this, p, ch, i] {
-        Status st = Snapshot(*ch, &p->states[i]);
+    std::vector<size_t> left(all.size());
+    for (size_t i = 0; i < all.size(); ++i) left[i] = i;
+    std::vector<std::string> behind;  // of the last round: the chunks short of their cut
+    while (!left.empty()) {
+      auto waiting = std::make_shared<std::vector<std::string>>();
+      {
         std::lock_guard<std::mutex> lock(p->mu);
-        if (!st.ok() && p->failed.ok()) p->failed = st;
-        p->done++;
-        p->cv.notify_all();
-      });
+        p->done = 0;
+      }
+      auto unmet = std::make_shared<std::vector<size_t>>();
+      for (size_t i : left) {
+        Chunk* ch = all[i];
+        auto it = cut_of.find(ch->tensor);
+        const CheckpointCut* cut = it == cut_of.end() ? nullptr : it->second;
+        OnOwner(*ch, [this, p, ch, i, cut, unmet, waiting] {
+          std::string why;
+          Status st = HoldsCut(*ch, cut, &why) ? Snapshot(*ch, &p->states[i]) : Status::OK();
+          std::lock_guard<std::mutex> lock(p->mu);
+          if (!why.empty()) {
+            unmet->push_back(i);
+            waiting->push_back(std::move(why));
+          }
+          if (!st.ok() && p->failed.ok()) p->failed = st;
+          p->done++;
+          p->cv.notify_all();
+        });
+      }
+      std::unique_lock<std::mutex> lock(p->mu);
+      if (!p->cv.wait_until(lock, deadline, [&] { return p->done == left.size(); }))
+        return Status::Timeout("the chunks' owners did not answer in time");
+      SHARDPS_RETURN_IF_ERROR(p->failed);
+      left = *unmet;
+      behind = *waiting;
+      lock.unlock();
+      if (left.empty()) break;
+      if (std::chrono::steady_clock::now() >= deadline)
+        return Status::Timeout(fmt::format(
+            "{} chunk(s) did not receive the pushes issued before the checkpoint in time: {}",
+            left.size(),
+            fmt::join(behind.begin(), behind.begin() + std::min<size_t>(3, behind.size()), "; ")));
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    std::unique_lock<std::mutex> lock(p->mu);
-    if (!p->cv.wait_for(lock, kSnapshotTimeout, [&] { return p->done == all.size(); }))
-      return Status::Timeout(
-          fmt::format("the chunks' owners did not answer within {} ms", kSnapshotTimeout.count()));
-    SHARDPS_RETURN_IF_ERROR(p->failed);
     *count = all.size();
-    return WriteServerFile(dir, name, p->states);
+    return WriteServerFile(rq.dir, rq.name, p->states);
+  }
+
+  // Owner thread: whether `ch` holds every push of `cut` (none: it is taken as it is) with no
+  // update in flight; `why` says what it waits for otherwise.
+  bool HoldsCut(const Chunk& ch, const CheckpointCut* cut, std::string* why) const {
+    if (cut == nullptr) return true;
+    const ChunkEngine& e = *ch.engine;
+    const Mode mode = view_.mode;
+    if (mode == Mode::kSync) {
+      const uint64_t want = cut->Bound(mode, 0);
+      if (e.version() < want || e.busy()) {
+        *why = fmt::format("tensor '{}' chunk {} is at version {}, the cut at {}", ch.tensor, ch.id,
+                           e.version(), want);
+        return false;
+      }
+      return true;
+    }
+    const auto& last = e.last_seqs();
+    for (uint32_t w = 0; w < cut->issued.size() && w < last.size(); ++w) {
+      if (e.removed(w)) continue;
+      const uint64_t want = cut->Bound(mode, w);
+      if (last[w] < want) {
+        *why = fmt::format("tensor '{}' chunk {} has worker {}'s pushes up to {}, the cut at {}",
+                           ch.tensor, ch.id, w, last[w], want);
+        return false;
+      }
+    }
+    if (e.busy()) {
+      *why = fmt::format("tensor '{}' chunk {} has an update in flight", ch.tensor, ch.id);
+      return false;
+    }
+    return true;
   }
 
   // Owner thread: what a checkpoint keeps of `ch`.

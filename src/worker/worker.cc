@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <future>
 #include <map>
 #include <mutex>
@@ -857,6 +858,7 @@ class WorkerImpl final : public Worker {
     }
     node_.reset();
     for (auto& s : servers_) s->connection().Close();
+    if (lead_thread_.joinable()) lead_thread_.join();  // its calls fail with the connections
     transport::DestroyInPlace(data_ctx_);  // its loop thread reads data_ctx_ until joined
     control_ctx_.reset();
   }
@@ -884,6 +886,12 @@ class WorkerImpl final : public Worker {
     no.rpc_timeout = opt_.rpc_timeout;
     no.on_server_down = [this](const ServerDown& d) { OnServerDown(d); };
     no.on_backups_added = [this](const BackupOrders& o) { OnBackupsAdded(o); };
+    no.on_checkpoint_gate = [this](const CheckpointGate& g) { return CloseGate(g); };
+    no.on_checkpoint_cuts = [this](const CheckpointCuts& k,
+                                   std::function<void(const CheckpointDone&)> report) {
+      OnCheckpointCuts(k, std::move(report));
+    };
+    no.on_checkpoint_release = [this](const CheckpointGate& g) { OpenGate(g.id, nullptr); };
     auto servers_failed = failed_servers_;
     auto failover = failover_;
     auto node =
@@ -979,6 +987,12 @@ class WorkerImpl final : public Worker {
           if (failover_->Dead(s)) dead.push_back(s);
       }
       for (uint32_t s : dead) servers_[s]->connection().Close();
+    }
+    {
+      // Checkpoints of the running job may hold its pushes from now on (CloseGate).
+      std::lock_guard<std::mutex> lock(gate_.mu);
+      gate_.rank = rank_;
+      gate_.ready = true;
     }
     if (auto c = gpu::Cuda::Load(); c.ok()) {
       cuda_ = std::move(c).value();
@@ -1325,7 +1339,9 @@ class WorkerImpl final : public Worker {
     const std::string name = fmt::format("checkpoint {}", n);
     SHARDPS_RETURN_IF_ERROR(Barrier(name + ": begin", timeout));
     Status st;
-    if (rank_ == 0) st = LeadCheckpoint(dir, timeout).WithContext(name + " into " + dir);
+    // The servers write into it from working directories of their own: an absolute path.
+    const std::string where = std::filesystem::absolute(dir).lexically_normal().string();
+    if (rank_ == 0) st = LeadCheckpoint(where, timeout).WithContext(name + " into " + where);
     // Every worker waits for worker 0 to be done: nobody pushes into a checkpoint being written.
     Status end = Barrier(name + ": end", timeout + opt_.rpc_timeout);
     return st.ok() ? end : st;
@@ -1334,7 +1350,8 @@ class WorkerImpl final : public Worker {
   // Worker 0's part: each server writes its file of a new generation (the last checkpoint in
   // `dir` stays whole meanwhile), then the manifest lists them, replacing the last one. The
   // servers write at once, within one deadline.
-  Status LeadCheckpoint(const std::string& dir, std::chrono::milliseconds timeout) {
+  Status LeadCheckpoint(const std::string& dir, std::chrono::milliseconds timeout,
+                        const std::vector<CheckpointCut>& cuts = {}, std::string* about = nullptr) {
     const uint64_t generation = server::CurrentGeneration(dir) + 1;
     std::vector<server::CheckpointFile> files;
     uint64_t chunks = 0;
@@ -1349,8 +1366,11 @@ class WorkerImpl final : public Worker {
       if (dead[s]) continue;
       Bytes body;
       Writer w(&body);
-      w.PutString(dir);
-      w.PutString(server::ServerFileName(generation, static_cast<uint32_t>(s)));
+      SaveChunksRequest{.dir = dir,
+                        .name = server::ServerFileName(generation, static_cast<uint32_t>(s)),
+                        .wait_ms = static_cast<uint32_t>(timeout.count()),
+                        .cuts = cuts}
+          .Encode(&w);
       replies[s] = std::async(std::launch::async, [this, s, body, timeout] {
         return CallSync(*servers_[s], kSaveChunks, body, timeout,
                         fmt::format("server {} writing its chunks", s));
@@ -1369,12 +1389,110 @@ class WorkerImpl final : public Worker {
       files.push_back(std::move(f));
       chunks += count;
     }
-    nlohmann::json about = {{"job_id", view_.job_id},
-                            {"mode", ModeName(view_.mode)},
-                            {"servers", view_.num_servers},
-                            {"workers", view_.num_workers},
-                            {"chunks", chunks}};
-    return server::WriteManifest(dir, generation, files, about.dump());
+    nlohmann::json info = {{"job_id", view_.job_id},
+                           {"mode", ModeName(view_.mode)},
+                           {"servers", view_.num_servers},
+                           {"workers", view_.num_workers},
+                           {"chunks", chunks}};
+    if (!cuts.empty()) info["taken_by"] = "coordinator";
+    SHARDPS_RETURN_IF_ERROR(server::WriteManifest(dir, generation, files, info.dump()));
+    if (about)
+      *about = fmt::format("generation {} in {}: {} chunks from {} servers", generation, dir,
+                           chunks, files.size());
+    return Status::OK();
+  }
+
+  // Checkpoints of the running job (docs/fault-tolerance.md, "Checkpoints of a running job").
+  // kCheckpointGate: from now on new pushes wait (IssueStep); the answer says, for each tensor,
+  // the sequence number of the last push issued before.
+  CheckpointCounts CloseGate(const CheckpointGate& g) {
+    CheckpointCounts cc;
+    cc.id = g.id;
+    {
+      std::lock_guard<std::mutex> lock(gate_.mu);
+      if (!gate_.ready) return cc;  // still starting: it pushed nothing
+      gate_.id = g.id;
+      gate_.cut = false;
+      gate_.bound.clear();
+      // Held no longer than the checkpoint may take, and the release's way here.
+      gate_.until = std::chrono::steady_clock::now() + std::chrono::milliseconds(g.timeout_ms) +
+                    opt_.rpc_timeout;
+    }
+    gated_.store(true);
+    // A push that took its number before it saw the gate is counted: wait for those.
+    while (issuing_.load() != 0) std::this_thread::yield();
+    std::lock_guard<std::mutex> lock(tensors_mu_);
+    for (const auto& t : tensors_) cc.tensors.emplace_back(t->name, t->next_step.load() - 1);
+    return cc;
+  }
+
+  // kCheckpointCuts: pushes up to this worker's bound go; worker 0 writes the checkpoint.
+  void OnCheckpointCuts(const CheckpointCuts& k,
+                        std::function<void(const CheckpointDone&)> report) {
+    bool lead = false;
+    {
+      std::lock_guard<std::mutex> lock(gate_.mu);
+      if (gate_.id != k.id) return;  // over already, or not this worker's
+      for (const auto& c : k.cuts) gate_.bound[c.tensor] = c.Bound(k.mode, gate_.rank);
+      gate_.cut = true;
+      gate_.until = std::chrono::steady_clock::now() + std::chrono::milliseconds(k.timeout_ms) +
+                    opt_.rpc_timeout;
+      lead = gate_.rank == 0;
+    }
+    gate_.cv.notify_all();
+    if (!lead) return;
+    if (leading_.exchange(true)) {
+      report({k.id, Status::AlreadyExists("worker 0 is still writing the last checkpoint"), {}});
+      return;
+    }
+    if (lead_thread_.joinable()) lead_thread_.join();  // the last one, done
+    lead_thread_ = std::thread([this, k, report = std::move(report)] {
+      std::string about;
+      Status st = LeadCheckpoint(k.dir, std::chrono::milliseconds(k.timeout_ms), k.cuts, &about);
+      report({k.id, st, about});
+      leading_.store(false);
+    });
+  }
+
+  // kCheckpointRelease (or the hold's time is up: `why`): held pushes go.
+  void OpenGate(uint64_t id, const char* why) {
+    {
+      std::lock_guard<std::mutex> lock(gate_.mu);
+      if (gate_.id != id || id == 0) return;
+      if (why) spdlog::warn("worker {}: checkpoint {}: {}; pushes go on", gate_.rank, id, why);
+      gate_.id = 0;
+      gate_.cut = false;
+      gate_.bound.clear();
+      gated_.store(false);
+    }
+    gate_.cv.notify_all();
+  }
+
+  // The sequence number of a new push of `t`: held while a checkpoint of the running job is
+  // taken, unless its cut holds it.
+  uint64_t IssueStep(TensorInfo& t) {
+    issuing_.fetch_add(1);
+    if (!gated_.load()) {
+      const uint64_t step = t.next_step.fetch_add(1);
+      issuing_.fetch_sub(1);
+      return step;
+    }
+    issuing_.fetch_sub(1);
+    std::unique_lock<std::mutex> lock(gate_.mu);
+    while (gate_.id != 0) {
+      if (gate_.cut) {
+        auto it = gate_.bound.find(t.name);
+        if (it != gate_.bound.end() && t.next_step.load() <= it->second) break;
+      }
+      if (gate_.cv.wait_until(lock, gate_.until) == std::cv_status::timeout &&
+          std::chrono::steady_clock::now() >= gate_.until) {
+        const uint64_t id = gate_.id;
+        lock.unlock();
+        OpenGate(id, "no release came in time");
+        lock.lock();
+      }
+    }
+    return t.next_step.fetch_add(1);
   }
 
   Result<std::string> ServerStats(uint32_t server) override {
@@ -1868,7 +1986,7 @@ class WorkerImpl final : public Worker {
     const int kind = grad ? (out ? 2 : 0) : 1;
     if (!share) t->ops[kind].fetch_add(1, std::memory_order_relaxed);
     if (!share && count > 0) Meter(*op, *t, id, kind);
-    const uint64_t step = grad ? t->next_step.fetch_add(1) : 0;
+    const uint64_t step = grad ? IssueStep(*t) : 0;
     if (count == 0) {
       // Nothing of it here (a node's worker that owns none of its chunks): done now.
       if (op->on_done) op->on_done(*op);
@@ -2430,6 +2548,22 @@ class WorkerImpl final : public Worker {
   uint32_t rank_ = 0;
   bool rejoined_ = false;  // took the place of a removed worker (RegisterReply::rejoined)
   std::atomic<uint64_t> checkpoints_{0};  // Checkpoint calls, naming their barriers
+  // Checkpoints of the running job (CloseGate, IssueStep): new pushes wait while one is taken.
+  struct PushGate {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool ready = false;  // Init is done: `rank` is known, pushes may start
+    uint32_t rank = 0;
+    uint64_t id = 0;                                  // the checkpoint holding pushes; 0: none
+    bool cut = false;                                 // its cuts are known: pushes up to `bound` go
+    std::unordered_map<std::string, uint64_t> bound;  // tensor -> last sequence number to push
+    std::chrono::steady_clock::time_point until;      // held no longer than this
+  };
+  PushGate gate_;
+  std::atomic<bool> gated_{false};    // gate_.id != 0, read without the lock
+  std::atomic<uint32_t> issuing_{0};  // pushes taking a number past an open gate
+  std::atomic<bool> leading_{false};  // worker 0: lead_thread_ writes a checkpoint
+  std::thread lead_thread_;
   std::vector<std::shared_ptr<RpcChannel>> servers_;
   std::vector<std::unique_ptr<Credits>> credits_;   // by server
   std::vector<std::shared_ptr<Batcher>> batchers_;  // by server

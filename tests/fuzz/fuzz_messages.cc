@@ -65,7 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t which = data[0];
   data++;
   size--;
-  switch (which % 27) {
+  switch (which % 33) {
     case 0:
       RoundTrip<ClusterView>(data, size);
       break;
@@ -143,6 +143,24 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 26:
       RoundTrip<ReplicaMembership>(data, size);
+      break;
+    case 27:
+      RoundTrip<CheckpointGate>(data, size);
+      break;
+    case 28:
+      RoundTrip<CheckpointCounts>(data, size);
+      break;
+    case 29:
+      RoundTrip<CheckpointCuts>(data, size);
+      break;
+    case 30:
+      RoundTrip<CheckpointDone>(data, size);
+      break;
+    case 31:
+      RoundTrip<TakeCheckpoint>(data, size);
+      break;
+    case 32:
+      RoundTrip<SaveChunksRequest>(data, size);
       break;
     case 12: {
       // Counts read off the wire before vectors are sized.

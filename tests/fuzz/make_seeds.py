@@ -88,6 +88,16 @@ MESSAGES = {
                         + u64(7) + u64(7) + u32(2) + u64(7) + u64(6) + u32(1) + u32(1) + u32(2) + u64(0) + u64(9) + u64(1024) + u64(1024)),
     "worker_up": (25, u32(2)),
     "replica_membership": (26, u64(1) + u64(3) + u32(2) + u8(2) + u64(9)),
+    "checkpoint_gate": (27, u64(3) + u32(60000)),
+    "checkpoint_counts": (28, u64(3) + u32(2) + string(b"fc1.weight") + u64(7) + string(b"fc1.bias") + u64(6)),
+    "checkpoint_cuts": (29, u64(3) + u8(0) + string(b"/ckpt/run1") + u32(60000) + u32(1)
+                        + string(b"fc1.weight") + u32(2) + u64(7) + u64(6) + u64(7)),
+    "checkpoint_done": (30, u64(3) + i32(0) + string(b"") + string(b"generation 2 in /ckpt/run1")),
+    "checkpoint_done_error": (30, u64(3) + i32(5) + string(b"timed out") + string(b"")),
+    "take_checkpoint": (31, string(b"/ckpt/run1") + u32(120000)),
+    "save_chunks": (32, string(b"/ckpt/run1") + string(b"g2-server-0.chunks") + u32(0) + u32(0)),
+    "save_chunks_cuts": (32, string(b"/ckpt/run1") + string(b"g2-server-0.chunks") + u32(60000) + u32(1)
+                         + string(b"fc1.weight") + u32(2) + u64(7) + u64(6) + u64(7)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
 

@@ -1,8 +1,10 @@
 // Checkpoints (docs/fault-tolerance.md): a job checkpointed mid-way and restored into a new job
 // goes on bit for bit as the original did; an incomplete or corrupt checkpoint is refused with
 // an error naming what is wrong.
+#include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -10,6 +12,7 @@
 #include "server/checkpoint.h"
 #include "support/exact_values.h"
 #include "support/local_cluster.h"
+#include "support/running_checkpoint.h"
 
 namespace shardps {
 namespace {
@@ -192,6 +195,116 @@ TEST(Checkpoint, IncompleteOrCorruptCheckpointsAreRefused) {
   EXPECT_TRUE(st.IsNotFound()) << st.ToString();
   EXPECT_NE(st.message().find("MANIFEST is missing"), std::string::npos) << st.ToString();
   std::filesystem::remove_all(top);
+}
+
+}  // namespace
+}  // namespace shardps
+
+namespace shardps {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::CutModel;
+using testing::CutSteps;
+using testing::Expected;
+using testing::ExpectOneCut;
+using testing::Grad;
+using testing::LocalCluster;
+using testing::Opts;
+using testing::Sgd1;
+
+// The coordinator checkpoints a job while its workers push (Coordinator::Checkpoint): the
+// checkpoint is one cut, the job goes on to exactly the sum of all its pushes, and a job
+// restored from it starts at the cut.
+TEST(Checkpoint, TheCoordinatorCheckpointsARunningJobAtOneCut) {
+  for (Mode mode : {Mode::kSync, Mode::kAsync}) {
+    for (std::string transport : {"tcp", "ucx"}) {
+      SCOPED_TRACE(ModeName(mode) + std::string(" over ") + transport);
+      const std::string dir = TempDir("cut");
+      constexpr uint64_t kPause = 12, kLast = 16;
+      uint64_t at = 0;
+      {
+        auto lc = LocalCluster::Start(Opts(2, 2, mode, Aggregate::kSum, 4096), 16, transport);
+        ASSERT_TRUE(lc);
+        std::atomic<uint64_t> progress{0};
+        std::atomic<bool> written{false};
+        std::thread taker([&] {
+          const auto until = std::chrono::steady_clock::now() + 60s;
+          while (progress.load() < 3 && std::chrono::steady_clock::now() < until)
+            std::this_thread::sleep_for(1ms);
+          auto r = lc->coordinator->Checkpoint(dir, 60s);
+          EXPECT_TRUE(r.ok()) << r.status().ToString();
+          if (r.ok()) {
+            EXPECT_NE(r->find("generation 1"), std::string::npos) << *r;
+          }
+          written.store(true);
+        });
+        std::vector<TensorId> ids;
+        lc->ForEachWorker([&](Worker& w) {
+          CutSteps(
+              w, kPause, kLast, [&] { return written.load(); }, &progress,
+              w.rank() == 0 ? &ids : nullptr);
+        });
+        taker.join();
+        // Nothing held was lost or applied twice: the job ends at the sum of every push.
+        const auto model = CutModel();
+        ASSERT_EQ(ids.size(), model.size());
+        for (size_t k = 0; k < model.size(); ++k) {
+          std::vector<float> out(model[k].shape[0]);
+          auto h = lc->workers[0]->Pull(ids[k], out.data());
+          ASSERT_TRUE(h.Wait(60s).ok());
+          for (size_t i = 0; i < out.size(); ++i)
+            ASSERT_EQ(out[i], Expected(model[k].init_value, {kLast, kLast}, i)) << model[k].name;
+        }
+        lc->Finish();
+      }
+      ExpectOneCut(dir, mode, &at);
+      EXPECT_GE(at, 3u);
+      EXPECT_LT(at, kPause);
+      if (mode == Mode::kSync && transport == "tcp") {
+        // Restored: the new job's parameters are the cut's, at its version.
+        auto lc = LocalCluster::Start(Opts(2, 2, mode, Aggregate::kSum, 4096), 16, "tcp", 1,
+                                      [&](ServerOptions& so) { so.restore = dir; });
+        ASSERT_TRUE(lc);
+        const auto model = CutModel();
+        auto ids = lc->workers[0]->Declare(model);
+        ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+        for (size_t k = 0; k < model.size(); ++k) {
+          std::vector<float> out(model[k].shape[0]);
+          auto h = lc->workers[0]->Pull((*ids)[k], out.data());
+          ASSERT_TRUE(h.Wait(60s).ok());
+          EXPECT_EQ(h.version(), at);
+          for (size_t i = 0; i < out.size(); ++i)
+            ASSERT_EQ(out[i], Expected(model[k].init_value, {at, at}, i)) << model[k].name;
+        }
+      }
+      std::filesystem::remove_all(dir);
+    }
+  }
+}
+
+// --checkpoint-interval: the coordinator checkpoints the job on its own while it runs; ssp too.
+TEST(Checkpoint, PeriodicCheckpointsOfARunningJob) {
+  for (Mode mode : {Mode::kSync, Mode::kSsp}) {
+    SCOPED_TRACE(ModeName(mode));
+    const std::string dir = TempDir("periodic");
+    auto co = Opts(2, 2, mode, Aggregate::kSum, 4096);
+    if (mode == Mode::kSsp) co.staleness = 1;
+    co.checkpoint_interval = 100ms;
+    co.checkpoint_dir = dir;
+    {
+      auto lc = LocalCluster::Start(co, 16, "tcp");
+      ASSERT_TRUE(lc);
+      std::atomic<uint64_t> progress{0};
+      lc->ForEachWorker([&](Worker& w) {
+        CutSteps(
+            w, 6, 8, [&] { return std::filesystem::exists(dir + "/MANIFEST"); }, &progress);
+      });
+      lc->Finish();
+    }
+    ExpectOneCut(dir, mode == Mode::kSync ? Mode::kSync : Mode::kAsync, nullptr);
+    std::filesystem::remove_all(dir);
+  }
 }
 
 }  // namespace

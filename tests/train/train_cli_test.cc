@@ -193,6 +193,45 @@ TEST_F(TrainCli, ARunRestoredFromItsCheckpointEndsAsTheRunWithoutABreak) {
   EXPECT_NE(d.output.find("MANIFEST is missing"), std::string::npos) << d.output;
 }
 
+// The coordinator checkpoints a run on its own every second (--checkpoint-interval), at a step
+// the run does not choose; a run restored from the last one (--restore) goes on from that step
+// and ends exactly as the same 3 epochs run without a break. Worker 1 sleeps 300 ms a step, so
+// that the 12 steps of the checkpointed run take at least 3.6 s: several checkpoints fall inside.
+TEST_F(TrainCli, ARunRestoredFromAPeriodicCheckpointEndsAsTheRunWithoutABreak) {
+  WriteSyntheticDataset(dir_.string(), 240, 60);
+  const std::string ckpt = Path("periodic");
+  auto run = [&](std::vector<std::string> extra, const std::string& report) {
+    std::vector<std::string> argv = {kShardps,        "train",    "--data-dir", dir_.string(),
+                                     "--servers",     "2",        "--workers",  "2",
+                                     "--batch",       "40",       "--lr",       "0.01",
+                                     "--lr-schedule", "constant", "--report",   report};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return RunCommand(argv, 120s);
+  };
+  auto a = run({"--epochs", "3"}, Path("a.json"));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  auto b = run({"--epochs", "2", "--checkpoint-interval", "1", "--checkpoint-dir", ckpt,
+                "--slow-worker", "1:300"},
+               Path("b.json"));
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_GE(CountOccurrences(b.output, " written: generation "), 2u) << b.output;
+  auto c = run({"--epochs", "3", "--restore", ckpt}, Path("c.json"));
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  const std::string restored = "train: restored from " + ckpt + " at version ";
+  const size_t at = c.output.find(restored);
+  ASSERT_NE(at, std::string::npos) << c.output;
+  const uint64_t version = std::stoull(c.output.substr(at + restored.size()));
+  EXPECT_GE(version, 1u);
+  EXPECT_LE(version, 12u);
+  EXPECT_NE(c.output.find("training goes on from step " + std::to_string(version + 1)),
+            std::string::npos)
+      << c.output;
+  auto ja = ReadJson(Path("a.json")), jc = ReadJson(Path("c.json"));
+  ASSERT_FALSE(ja.is_discarded() || jc.is_discarded());
+  EXPECT_EQ(ja["test_accuracy"].get<double>(), jc["test_accuracy"].get<double>());
+  EXPECT_EQ(ja["train_loss"].get<double>(), jc["train_loss"].get<double>());
+}
+
 // A worker killed mid-run (SIGKILL) is started again by the launcher (--restart-workers 1) and
 // rejoins: it pulls the current parameters and trains from where the run is; the run ends
 // normally and learns the problem, in sync and async mode.
