@@ -20,6 +20,9 @@ void AddCheckpointFlags(CLI::App* app, CheckpointFlags* f) {
   app->add_option("--timeout-ms", f->timeout_ms,
                   "give up (and let the workers go on) after this long")
       ->check(CLI::Range(int64_t{1}, int64_t{86400000}));
+  app->add_option("--connect-timeout-ms", f->connect_timeout_ms,
+                  "how long to keep trying to reach the coordinator")
+      ->check(CLI::Range(int64_t{1}, int64_t{3600000}));
   AddTunable(app, kSecretFile, &f->secret_file);
   AddTunable(app, kTlsCert, &f->tls_cert);
   AddTunable(app, kTlsKey, &f->tls_key);
@@ -44,7 +47,7 @@ Result<std::string> RequestCheckpoint(const CheckpointFlags& f) {
       (*slot)->FailAll(Status::Unavailable("the coordinator closed the connection" +
                                            (st.ok() ? std::string() : ": " + st.message())));
   };
-  auto conn = (*ctx)->Connect(f.coordinator, h, std::chrono::seconds(10));
+  auto conn = (*ctx)->Connect(f.coordinator, h, std::chrono::milliseconds(f.connect_timeout_ms));
   if (!conn.ok())
     return conn.status().WithContext("cannot reach the coordinator at " + f.coordinator);
   *slot = std::make_shared<RpcChannel>(*conn);

@@ -15,6 +15,7 @@ struct CheckpointFlags {
   std::string coordinator;  // host:port
   std::string dir;
   int64_t timeout_ms = 120000;
+  int64_t connect_timeout_ms = 10000;
   std::string secret_file;
   std::string tls_cert, tls_key, tls_ca;
 };

@@ -48,8 +48,9 @@ TEST(Checkpoint, TheCheckpointCommandAsksARunningJob) {
   auto none = testing::RunCommand({SHARDPS_BIN, "checkpoint", "--coordinator", addr}, 60s);
   EXPECT_NE(none.exit_code, 0);
   EXPECT_NE(none.output.find("dir is required"), std::string::npos) << none.output;
-  auto away =
-      testing::RunCommand({SHARDPS_BIN, "checkpoint", "--coordinator", "127.0.0.1:1", dir}, 60s);
+  auto away = testing::RunCommand({SHARDPS_BIN, "checkpoint", "--coordinator", "127.0.0.1:1",
+                                   "--connect-timeout-ms", "300", dir},
+                                  60s);
   EXPECT_EQ(away.exit_code, 1);
   EXPECT_NE(away.output.find("cannot reach the coordinator at 127.0.0.1:1"), std::string::npos)
       << away.output;
