@@ -216,7 +216,12 @@ class CoordinatorImpl final : public Coordinator {
                  dir, run.awaiting.size());
     Notify(kCheckpointGate, CheckpointGate{id, static_cast<uint32_t>(timeout.count())},
            [](const Node& n) { return Gated(n); });
-    cv_.wait_until(lock, run.deadline, [&] { return run.done || finished_ || stopping_; });
+    auto over = [&] { return run.done || finished_ || stopping_; };
+    cv_.wait_until(lock, run.deadline, over);
+    // Once the cuts went out, worker 0 writes within the same deadline and its report decides:
+    // a checkpoint said to have failed never leaves a manifest. Bounded all the same.
+    if (!over() && run.cutting)
+      cv_.wait_until(lock, run.deadline + timeout + std::chrono::seconds(30), over);
     Status st = run.result;
     if (!run.done) {
       if (finished_ || stopping_) {
@@ -342,8 +347,9 @@ class CoordinatorImpl final : public Coordinator {
     if (!ckpt_ || ckpt_->id != cc.id || ckpt_->cutting) return;  // a late answer
     CheckpointRun& run = *ckpt_;
     for (const auto& [tensor, seq] : cc.tensors) {
+      if (!tensors_.count(tensor)) continue;  // not of this job: nothing of it to hold
       auto& issued = run.issued[tensor];
-      issued.resize(opt_.num_workers, 0);
+      issued.resize(opt_.num_workers, CheckpointCut::kNotHeld);
       if (n.rank < issued.size()) issued[n.rank] = seq;
     }
     run.awaiting.erase(n.rank);
@@ -368,7 +374,18 @@ class CoordinatorImpl final : public Coordinator {
       if (opt_.mode == Mode::kSync) cut.step = most + 1 == furthest ? furthest : most;
       cuts.cuts.push_back(std::move(cut));
     }
-    Notify(kCheckpointCuts, cuts, [](const Node& other) { return Gated(other); });
+    // Worker 0 gets every worker's counts (the servers' part); the others only their bounds.
+    for (auto& n : nodes_) {
+      if (!Gated(n)) continue;
+      CheckpointCuts own = cuts;
+      if (n.rank != 0)
+        for (auto& c : own.cuts) c = {c.tensor, {}, c.Bound(opt_.mode, n.rank)};
+      Bytes meta;
+      Writer w(&meta);
+      w.Put<uint64_t>(0);
+      own.Encode(&w);
+      n.conn->Send(kCheckpointCuts, std::move(meta), {}, nullptr);
+    }
   }
 
   void EndCheckpoint(const Status& st, const std::string& about = {}) {
@@ -382,6 +399,7 @@ class CoordinatorImpl final : public Coordinator {
   // `shardps checkpoint`: taken on a thread of its own (one at a time), which answers.
   void HandleTakeCheckpoint(const std::shared_ptr<transport::Connection>& c, uint64_t req,
                             const TakeCheckpoint& t) {
+    if (stopping_) return Reply(*c, req, Status::Unavailable("the coordinator is stopping"));
     if (requesting_ || ckpt_)
       return Reply(*c, req, Status::AlreadyExists("a checkpoint is being taken already"));
     if (requested_.joinable()) requested_.join();  // the last one, done
@@ -410,6 +428,12 @@ class CoordinatorImpl final : public Coordinator {
       auto r = Checkpoint(opt_.checkpoint_dir, opt_.checkpoint_timeout);
       if (!r.ok()) spdlog::warn("coordinator: periodic checkpoint failed; the job goes on");
       lock.lock();
+      if (grouped_) {
+        spdlog::error(
+            "coordinator: --checkpoint-interval stops: a job with node-level reduction is "
+            "checkpointed by its workers");
+        break;
+      }
     }
   }
 
@@ -479,7 +503,6 @@ class CoordinatorImpl final : public Coordinator {
   // job's view (AdvanceRejoins).
   void HandleRejoin(const std::shared_ptr<transport::Connection>& c, uint64_t req,
                     const RegisterRequest& rq) {
-    EndCheckpoint(Status::Aborted(fmt::format("worker {} rejoined the job during it", rq.rank)));
     auto refuse = [&](const std::string& why) { Reply(*c, req, Status::InvalidArgument(why)); };
     if (!opt_.continue_on_worker_loss || grouped_)
       return refuse(fmt::format(
@@ -511,6 +534,7 @@ class CoordinatorImpl final : public Coordinator {
       return refuse(
           "a worker cannot rejoin a job that lost a server yet (docs/fault-tolerance.md, known "
           "limits)");
+    EndCheckpoint(Status::Aborted(fmt::format("worker {} rejoined the job during it", rank)));
     Node n;
     n.id = next_node_id_++;
     n.role = Role::kWorker;

@@ -126,9 +126,11 @@ bool CheckpointCounts::Decode(Reader* r) {
 }
 
 uint64_t CheckpointCut::Bound(Mode mode, uint32_t w) const {
-  if (mode == Mode::kAsync) return w < issued.size() ? issued[w] : 0;
+  if (issued.empty()) return step;  // a worker's own cuts
+  if (mode == Mode::kAsync) return w < issued.size() && issued[w] != kNotHeld ? issued[w] : 0;
   uint64_t most = mode == Mode::kSync ? step : 0;
-  for (uint64_t s : issued) most = std::max(most, s);
+  for (uint64_t s : issued)
+    if (s != kNotHeld) most = std::max(most, s);
   return most;
 }
 
@@ -142,7 +144,7 @@ void CheckpointCut::Encode(Writer* w) const {
 bool CheckpointCut::Decode(Reader* r) {
   uint32_t n = 0;
   if (!r->GetString(&tensor, kMaxTensorName) || !r->Get(&n) || n > kMaxWorkers ||
-      n > r->remaining() / 8)
+      n > r->remaining() / 8)  // each u64, then the step
     return false;
   issued.resize(n);
   for (auto& s : issued)
@@ -158,7 +160,8 @@ void EncodeCuts(Writer* w, const std::vector<CheckpointCut>& cuts) {
 
 bool DecodeCuts(Reader* r, std::vector<CheckpointCut>* cuts) {
   uint32_t n = 0;
-  if (!r->Get(&n) || n > kMaxCheckpointTensors || n > r->remaining() / 8) return false;
+  // A cut is at least 16 bytes: an empty name, no counts, the step.
+  if (!r->Get(&n) || n > kMaxCheckpointTensors || n > r->remaining() / 16) return false;
   cuts->resize(n);
   for (auto& c : *cuts)
     if (!c.Decode(r)) return false;

@@ -478,8 +478,11 @@ struct CheckpointCounts {
 // once every worker pushed it; one more when other tensors are a step further: the workers were
 // in the middle of a step).
 struct CheckpointCut {
+  // In `issued`: a worker the checkpoint does not hold (finished, or not of the job's tensor):
+  // it pushes no more of it, and nothing waits for it.
+  static constexpr uint64_t kNotHeld = UINT64_MAX;
   std::string tensor;
-  std::vector<uint64_t> issued;
+  std::vector<uint64_t> issued;  // empty: `step` is the one worker's bound (its own cuts)
   uint64_t step = 0;
   // The last push of worker `w` the checkpoint holds: sync, `step` (or the furthest worker's);
   // ssp, the furthest worker's (the others catch up); async, its own.

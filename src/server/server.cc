@@ -1551,8 +1551,10 @@ class ServerImpl final : public Server {
       Status failed;
       std::vector<ChunkState> states;
     };
-    std::unordered_map<std::string, const CheckpointCut*> cut_of;
-    for (const auto& c : rq.cuts) cut_of[c.tensor] = &c;
+    // Owned by the tasks too: one may still run after a timeout returned from here.
+    auto cuts = std::make_shared<const std::vector<CheckpointCut>>(rq.cuts);
+    std::unordered_map<std::string, size_t> cut_of;
+    for (size_t k = 0; k < cuts->size(); ++k) cut_of[(*cuts)[k].tensor] = k;
     const auto deadline =
         std::chrono::steady_clock::now() + (rq.cuts.empty() || rq.wait_ms == 0
                                                 ? kSnapshotTimeout
@@ -1572,10 +1574,12 @@ class ServerImpl final : public Server {
       for (size_t i : left) {
         Chunk* ch = all[i];
         auto it = cut_of.find(ch->tensor);
-        const CheckpointCut* cut = it == cut_of.end() ? nullptr : it->second;
-        OnOwner(*ch, [this, p, ch, i, cut, unmet, waiting] {
+        const size_t k = it == cut_of.end() ? SIZE_MAX : it->second;
+        OnOwner(*ch, [this, p, ch, i, cuts, k, unmet, waiting] {
           std::string why;
-          Status st = HoldsCut(*ch, cut, &why) ? Snapshot(*ch, &p->states[i]) : Status::OK();
+          const CheckpointCut* cut = k == SIZE_MAX ? nullptr : &(*cuts)[k];
+          Status st = HoldsCut(*ch, cut, &why);
+          if (st.ok() && why.empty()) st = Snapshot(*ch, &p->states[i]);
           std::lock_guard<std::mutex> lock(p->mu);
           if (!why.empty()) {
             unmet->push_back(i);
@@ -1605,36 +1609,44 @@ class ServerImpl final : public Server {
     return WriteServerFile(rq.dir, rq.name, p->states);
   }
 
-  // Owner thread: whether `ch` holds every push of `cut` (none: it is taken as it is) with no
-  // update in flight; `why` says what it waits for otherwise.
-  bool HoldsCut(const Chunk& ch, const CheckpointCut* cut, std::string* why) const {
-    if (cut == nullptr) return true;
+  // Owner thread: whether `ch` holds exactly the pushes of `cut` (none: it is taken as it is)
+  // with no update in flight (OK, `why` empty); `why` says what it waits for otherwise. Aborted
+  // when it holds more: the workers' held pushes were let go (the checkpoint was given up), so
+  // it can no longer be taken at the cut.
+  Status HoldsCut(const Chunk& ch, const CheckpointCut* cut, std::string* why) const {
+    if (cut == nullptr) return Status::OK();
     const ChunkEngine& e = *ch.engine;
     const Mode mode = view_.mode;
+    auto past = [&](const std::string& what) {
+      return Status::Aborted(fmt::format(
+          "tensor '{}' chunk {} {}: the workers' pushes were let go before it was written (the "
+          "checkpoint was given up)",
+          ch.tensor, ch.id, what));
+    };
     if (mode == Mode::kSync) {
       const uint64_t want = cut->Bound(mode, 0);
-      if (e.version() < want || e.busy()) {
+      if (e.version() > want) return past(fmt::format("went past the cut's step {}", want));
+      if (e.version() < want || !e.Quiet()) {
         *why = fmt::format("tensor '{}' chunk {} is at version {}, the cut at {}", ch.tensor, ch.id,
                            e.version(), want);
-        return false;
       }
-      return true;
+      return Status::OK();
     }
     const auto& last = e.last_seqs();
     for (uint32_t w = 0; w < cut->issued.size() && w < last.size(); ++w) {
-      if (e.removed(w)) continue;
+      if (e.removed(w) || cut->issued[w] == CheckpointCut::kNotHeld) continue;
       const uint64_t want = cut->Bound(mode, w);
+      if (last[w] > want)
+        return past(fmt::format("holds worker {}'s push {}, past the cut at {}", w, last[w], want));
       if (last[w] < want) {
         *why = fmt::format("tensor '{}' chunk {} has worker {}'s pushes up to {}, the cut at {}",
                            ch.tensor, ch.id, w, last[w], want);
-        return false;
+        return Status::OK();
       }
     }
-    if (e.busy()) {
+    if (e.busy())
       *why = fmt::format("tensor '{}' chunk {} has an update in flight", ch.tensor, ch.id);
-      return false;
-    }
-    return true;
+    return Status::OK();
   }
 
   // Owner thread: what a checkpoint keeps of `ch`.

@@ -858,7 +858,13 @@ class WorkerImpl final : public Worker {
     }
     node_.reset();
     for (auto& s : servers_) s->connection().Close();
-    if (lead_thread_.joinable()) lead_thread_.join();  // its calls fail with the connections
+    std::thread lead;
+    {
+      std::lock_guard<std::mutex> lock(lead_mu_);
+      lead_closing_ = true;
+      lead = std::move(lead_thread_);
+    }
+    if (lead.joinable()) lead.join();      // its calls fail with the connections
     transport::DestroyInPlace(data_ctx_);  // its loop thread reads data_ctx_ until joined
     control_ctx_.reset();
   }
@@ -1350,8 +1356,14 @@ class WorkerImpl final : public Worker {
   // Worker 0's part: each server writes its file of a new generation (the last checkpoint in
   // `dir` stays whole meanwhile), then the manifest lists them, replacing the last one. The
   // servers write at once, within one deadline.
-  Status LeadCheckpoint(const std::string& dir, std::chrono::milliseconds timeout,
-                        const std::vector<CheckpointCut>& cuts = {}, std::string* about = nullptr) {
+  Status LeadCheckpoint(
+      const std::string& dir, std::chrono::milliseconds timeout,
+      const std::vector<CheckpointCut>& cuts = {}, std::string* about = nullptr,
+      const std::function<Status(const std::function<Status()>&)>& commit = nullptr) {
+    // One at a time (the workers' and the coordinator's may meet): each its own generation.
+    std::unique_lock<std::timed_mutex> writing(write_mu_, std::defer_lock);
+    if (!writing.try_lock_for(timeout))
+      return Status::Timeout("another checkpoint was being written all along");
     const uint64_t generation = server::CurrentGeneration(dir) + 1;
     std::vector<server::CheckpointFile> files;
     uint64_t chunks = 0;
@@ -1395,7 +1407,8 @@ class WorkerImpl final : public Worker {
                            {"workers", view_.num_workers},
                            {"chunks", chunks}};
     if (!cuts.empty()) info["taken_by"] = "coordinator";
-    SHARDPS_RETURN_IF_ERROR(server::WriteManifest(dir, generation, files, info.dump()));
+    auto write = [&] { return server::WriteManifest(dir, generation, files, info.dump()); };
+    SHARDPS_RETURN_IF_ERROR(commit ? commit(write) : write());
     if (about)
       *about = fmt::format("generation {} in {}: {} chunks from {} servers", generation, dir,
                            chunks, files.size());
@@ -1409,8 +1422,8 @@ class WorkerImpl final : public Worker {
     CheckpointCounts cc;
     cc.id = g.id;
     {
+      // A worker still starting has no tensors: it answers none, and holds what it pushes later.
       std::lock_guard<std::mutex> lock(gate_.mu);
-      if (!gate_.ready) return cc;  // still starting: it pushed nothing
       gate_.id = g.id;
       gate_.cut = false;
       gate_.bound.clear();
@@ -1437,10 +1450,12 @@ class WorkerImpl final : public Worker {
       gate_.cut = true;
       gate_.until = std::chrono::steady_clock::now() + std::chrono::milliseconds(k.timeout_ms) +
                     opt_.rpc_timeout;
-      lead = gate_.rank == 0;
+      lead = gate_.ready && gate_.rank == 0;
     }
     gate_.cv.notify_all();
     if (!lead) return;
+    std::lock_guard<std::mutex> lock(lead_mu_);
+    if (lead_closing_) return;  // being destroyed
     if (leading_.exchange(true)) {
       report({k.id, Status::AlreadyExists("worker 0 is still writing the last checkpoint"), {}});
       return;
@@ -1448,7 +1463,16 @@ class WorkerImpl final : public Worker {
     if (lead_thread_.joinable()) lead_thread_.join();  // the last one, done
     lead_thread_ = std::thread([this, k, report = std::move(report)] {
       std::string about;
-      Status st = LeadCheckpoint(k.dir, std::chrono::milliseconds(k.timeout_ms), k.cuts, &about);
+      // The manifest is written while the pushes are held, never once they were let go (the
+      // checkpoint given up): the release waits for it, and the coordinator for this report.
+      auto commit = [this, id = k.id](const std::function<Status()>& write) {
+        std::lock_guard<std::mutex> l(gate_.mu);
+        if (gate_.id != id)
+          return Status::Aborted("the checkpoint was given up before its manifest was written");
+        return write();
+      };
+      Status st =
+          LeadCheckpoint(k.dir, std::chrono::milliseconds(k.timeout_ms), k.cuts, &about, commit);
       report({k.id, st, about});
       leading_.store(false);
     });
@@ -2563,7 +2587,10 @@ class WorkerImpl final : public Worker {
   std::atomic<bool> gated_{false};    // gate_.id != 0, read without the lock
   std::atomic<uint32_t> issuing_{0};  // pushes taking a number past an open gate
   std::atomic<bool> leading_{false};  // worker 0: lead_thread_ writes a checkpoint
+  std::mutex lead_mu_;                // guards lead_thread_ and lead_closing_
   std::thread lead_thread_;
+  bool lead_closing_ = false;  // the destructor took lead_thread_: no new one
+  std::timed_mutex write_mu_;  // LeadCheckpoint: one checkpoint written at a time
   std::vector<std::shared_ptr<RpcChannel>> servers_;
   std::vector<std::unique_ptr<Credits>> credits_;   // by server
   std::vector<std::shared_ptr<Batcher>> batchers_;  // by server

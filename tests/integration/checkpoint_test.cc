@@ -283,6 +283,50 @@ TEST(Checkpoint, TheCoordinatorCheckpointsARunningJobAtOneCut) {
   }
 }
 
+// Checkpoints given up (a 1 ms timeout: the workers' pushes are let go while they are taken)
+// never leave a manifest: the directory's last complete checkpoint is one whose taking
+// succeeded, and it is one cut.
+TEST(Checkpoint, AGivenUpCheckpointIsNeverLoaded) {
+  for (Mode mode : {Mode::kSync, Mode::kAsync}) {
+    SCOPED_TRACE(ModeName(mode));
+    const std::string dir = TempDir("given-up");
+    uint64_t succeeded = 0;
+    {
+      auto lc = LocalCluster::Start(Opts(2, 2, mode, Aggregate::kSum, 4096), 16, "tcp");
+      ASSERT_TRUE(lc);
+      std::atomic<uint64_t> progress{0};
+      std::atomic<bool> done{false};
+      std::thread taker([&] {
+        const auto until = std::chrono::steady_clock::now() + 60s;
+        while (progress.load() < 2 && std::chrono::steady_clock::now() < until)
+          std::this_thread::sleep_for(1ms);
+        auto first = lc->coordinator->Checkpoint(dir, 60s);
+        EXPECT_TRUE(first.ok()) << first.status().ToString();
+        succeeded += first.ok() ? 1 : 0;
+        for (int i = 0; i < 8; ++i) {
+          auto r = lc->coordinator->Checkpoint(dir, 1ms);
+          if (r.ok()) {
+            ++succeeded;
+          } else {
+            EXPECT_NE(r.status().message().find("checkpoint into " + dir), std::string::npos)
+                << r.status().ToString();
+          }
+          std::this_thread::sleep_for(3ms);
+        }
+        done.store(true);
+      });
+      lc->ForEachWorker([&](Worker& w) {
+        CutSteps(w, 40, 44, [&] { return done.load(); }, &progress);
+      });
+      taker.join();
+      lc->Finish();
+    }
+    EXPECT_EQ(server::CurrentGeneration(dir), succeeded);
+    ExpectOneCut(dir, mode, nullptr);
+    std::filesystem::remove_all(dir);
+  }
+}
+
 // --checkpoint-interval: the coordinator checkpoints the job on its own while it runs; ssp too.
 TEST(Checkpoint, PeriodicCheckpointsOfARunningJob) {
   for (Mode mode : {Mode::kSync, Mode::kSsp}) {
