@@ -102,6 +102,19 @@ struct Barrier {
   Clock::time_point deadline;
 };
 
+// A checkpoint of the running job being taken (CoordinatorImpl::Checkpoint).
+struct CheckpointRun {
+  uint64_t id = 0;
+  std::string dir;
+  Clock::time_point deadline;
+  std::set<uint32_t> awaiting;                          // worker ranks yet to say what they issued
+  std::map<std::string, std::vector<uint64_t>> issued;  // tensor -> by worker rank
+  bool cutting = false;                                 // the cuts went out
+  bool done = false;
+  Status result;
+  std::string about;
+};
+
 struct TensorRecord {
   uint64_t numel = 0;
   TensorPlacement placement;
@@ -1155,17 +1168,6 @@ class CoordinatorImpl final : public Coordinator {
   std::map<uint64_t, uint32_t> rebuilding_;
   uint64_t backups_rebuilt_ = 0;  // guarded by mu_
   // Checkpoints of the running job (Checkpoint), guarded by mu_: the one being taken, and counts.
-  struct CheckpointRun {
-    uint64_t id = 0;
-    std::string dir;
-    Clock::time_point deadline;
-    std::set<uint32_t> awaiting;  // worker ranks yet to say what they issued
-    std::map<std::string, std::vector<uint64_t>> issued;  // tensor -> by worker rank
-    bool cutting = false;                                 // the cuts went out
-    bool done = false;
-    Status result;
-    std::string about;
-  };
   std::optional<CheckpointRun> ckpt_;
   uint64_t checkpoints_started_ = 0;
   uint64_t checkpoints_written_ = 0;
