@@ -1796,7 +1796,7 @@ class ServerImpl final : public Server {
                               p->reply.chunks[k].version = ch->engine->version();
                               if (--p->left != 0) return;
                               lock.unlock();
-                              data_ctx_->RunInLoop([this, p, weak, req] {
+                              data_ctx_->RunInLoop([p, weak, req] {
                                 auto conn = weak.lock();
                                 if (!conn) return;
                                 Bytes body;
