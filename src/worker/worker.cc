@@ -1361,9 +1361,22 @@ class WorkerImpl final : public Worker {
       const std::vector<CheckpointCut>& cuts = {}, std::string* about = nullptr,
       const std::function<Status(const std::function<Status()>&)>& commit = nullptr) {
     // One at a time (the workers' and the coordinator's may meet): each its own generation.
-    std::unique_lock<std::timed_mutex> writing(write_mu_, std::defer_lock);
-    if (!writing.try_lock_for(timeout))
-      return Status::Timeout("another checkpoint was being written all along");
+    {
+      std::unique_lock<std::mutex> lock(write_mu_);
+      if (!write_cv_.wait_for(lock, timeout, [&] { return !writing_; }))
+        return Status::Timeout("another checkpoint was being written all along");
+      writing_ = true;
+    }
+    struct Written {  // the next one may go, however this one ends
+      WorkerImpl* self;
+      ~Written() {
+        {
+          std::lock_guard<std::mutex> lock(self->write_mu_);
+          self->writing_ = false;
+        }
+        self->write_cv_.notify_all();
+      }
+    } written{this};
     const uint64_t generation = server::CurrentGeneration(dir) + 1;
     std::vector<server::CheckpointFile> files;
     uint64_t chunks = 0;
@@ -2590,7 +2603,10 @@ class WorkerImpl final : public Worker {
   std::mutex lead_mu_;                // guards lead_thread_ and lead_closing_
   std::thread lead_thread_;
   bool lead_closing_ = false;  // the destructor took lead_thread_: no new one
-  std::timed_mutex write_mu_;  // LeadCheckpoint: one checkpoint written at a time
+  // LeadCheckpoint: one checkpoint written at a time.
+  std::mutex write_mu_;
+  std::condition_variable write_cv_;
+  bool writing_ = false;  // guarded by write_mu_
   std::vector<std::shared_ptr<RpcChannel>> servers_;
   std::vector<std::unique_ptr<Credits>> credits_;   // by server
   std::vector<std::shared_ptr<Batcher>> batchers_;  // by server
