@@ -316,7 +316,8 @@ TEST(Checkpoint, AGivenUpCheckpointIsNeverLoaded) {
         done.store(true);
       });
       lc->ForEachWorker([&](Worker& w) {
-        CutSteps(w, 40, 44, [&] { return done.load(); }, &progress);
+        CutSteps(
+            w, 40, 44, [&] { return done.load(); }, &progress);
       });
       taker.join();
       lc->Finish();
