@@ -18,6 +18,7 @@ namespace shardps {
 namespace {
 
 using namespace std::chrono_literals;
+using testing::CommandResult;
 using testing::CountOccurrences;
 using testing::RunCommand;
 
@@ -37,6 +38,18 @@ class TrainCli : public ::testing::Test {
   static nlohmann::json ReadJson(const std::string& path) {
     std::ifstream f(path);
     return nlohmann::json::parse(f, nullptr, false);
+  }
+
+  // shardps train on the synthetic dataset in dir_ with 2 servers and 2 workers, whose sums do
+  // not depend on arrival order, and a constant rate: a run restored from a checkpoint ends as
+  // the run without a break.
+  CommandResult RunRestorable(std::vector<std::string> extra, const std::string& report) const {
+    std::vector<std::string> argv = {kShardps,        "train",    "--data-dir", dir_.string(),
+                                     "--servers",     "2",        "--workers",  "2",
+                                     "--batch",       "40",       "--lr",       "0.01",
+                                     "--lr-schedule", "constant", "--report",   report};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    return RunCommand(argv, 120s);
   }
 
   std::filesystem::path dir_;
@@ -166,21 +179,13 @@ TEST_F(TrainCli, NodeReducedRunMatchesTheBaseline) {
 TEST_F(TrainCli, ARunRestoredFromItsCheckpointEndsAsTheRunWithoutABreak) {
   WriteSyntheticDataset(dir_.string(), 240, 60);
   const std::string ckpt = Path("ckpt");
-  auto run = [&](std::vector<std::string> extra, const std::string& report) {
-    std::vector<std::string> argv = {kShardps,        "train",    "--data-dir", dir_.string(),
-                                     "--servers",     "2",        "--workers",  "2",
-                                     "--batch",       "40",       "--lr",       "0.01",
-                                     "--lr-schedule", "constant", "--report",   report};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    return RunCommand(argv, 120s);
-  };
-  auto a = run({"--epochs", "3"}, Path("a.json"));
+  auto a = RunRestorable({"--epochs", "3"}, Path("a.json"));
   ASSERT_EQ(a.exit_code, 0) << a.output;
-  auto b =
-      run({"--epochs", "2", "--checkpoint-every", "6", "--checkpoint-dir", ckpt}, Path("b.json"));
+  auto b = RunRestorable({"--epochs", "2", "--checkpoint-every", "6", "--checkpoint-dir", ckpt},
+                         Path("b.json"));
   ASSERT_EQ(b.exit_code, 0) << b.output;
   EXPECT_NE(b.output.find("checkpoint after step 12 in " + ckpt), std::string::npos) << b.output;
-  auto c = run({"--epochs", "3", "--restore", ckpt}, Path("c.json"));
+  auto c = RunRestorable({"--epochs", "3", "--restore", ckpt}, Path("c.json"));
   ASSERT_EQ(c.exit_code, 0) << c.output;
   EXPECT_NE(c.output.find("restoring from " + ckpt), std::string::npos) << c.output;
   auto ja = ReadJson(Path("a.json")), jc = ReadJson(Path("c.json"));
@@ -188,7 +193,7 @@ TEST_F(TrainCli, ARunRestoredFromItsCheckpointEndsAsTheRunWithoutABreak) {
   EXPECT_EQ(ja["test_accuracy"].get<double>(), jc["test_accuracy"].get<double>());
   EXPECT_EQ(ja["train_loss"].get<double>(), jc["train_loss"].get<double>());
   // A checkpoint that is not there stops the job before it trains.
-  auto d = run({"--epochs", "1", "--restore", Path("nowhere")}, Path("d.json"));
+  auto d = RunRestorable({"--epochs", "1", "--restore", Path("nowhere")}, Path("d.json"));
   EXPECT_NE(d.exit_code, 0) << d.output;
   EXPECT_NE(d.output.find("MANIFEST is missing"), std::string::npos) << d.output;
 }
@@ -200,22 +205,14 @@ TEST_F(TrainCli, ARunRestoredFromItsCheckpointEndsAsTheRunWithoutABreak) {
 TEST_F(TrainCli, ARunRestoredFromAPeriodicCheckpointEndsAsTheRunWithoutABreak) {
   WriteSyntheticDataset(dir_.string(), 240, 60);
   const std::string ckpt = Path("periodic");
-  auto run = [&](std::vector<std::string> extra, const std::string& report) {
-    std::vector<std::string> argv = {kShardps,        "train",    "--data-dir", dir_.string(),
-                                     "--servers",     "2",        "--workers",  "2",
-                                     "--batch",       "40",       "--lr",       "0.01",
-                                     "--lr-schedule", "constant", "--report",   report};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    return RunCommand(argv, 120s);
-  };
-  auto a = run({"--epochs", "3"}, Path("a.json"));
+  auto a = RunRestorable({"--epochs", "3"}, Path("a.json"));
   ASSERT_EQ(a.exit_code, 0) << a.output;
-  auto b = run({"--epochs", "2", "--checkpoint-interval", "1", "--checkpoint-dir", ckpt,
-                "--slow-worker", "1:300"},
-               Path("b.json"));
+  auto b = RunRestorable({"--epochs", "2", "--checkpoint-interval", "1", "--checkpoint-dir", ckpt,
+                          "--slow-worker", "1:300"},
+                         Path("b.json"));
   ASSERT_EQ(b.exit_code, 0) << b.output;
   EXPECT_GE(CountOccurrences(b.output, " written: generation "), 2u) << b.output;
-  auto c = run({"--epochs", "3", "--restore", ckpt}, Path("c.json"));
+  auto c = RunRestorable({"--epochs", "3", "--restore", ckpt}, Path("c.json"));
   ASSERT_EQ(c.exit_code, 0) << c.output;
   const std::string restored = "train: restored from " + ckpt + " at version ";
   const size_t at = c.output.find(restored);
