@@ -61,6 +61,9 @@ Result<std::string> RequestCheckpoint(const CheckpointFlags& f) {
                       std::chrono::milliseconds(f.timeout_ms) + std::chrono::seconds(10),
                       "the checkpoint");
   (*conn)->Close();
+  if (!rep.ok() && f.secret_file.empty() && rep.status().code() == Status::Code::kUnavailable)
+    return rep.status().WithContext(
+        "a job with a cluster secret refuses clients without it (--secret FILE)");
   if (!rep.ok()) return rep.status();
   Reader r(rep->data(), rep->size());
   std::string about;

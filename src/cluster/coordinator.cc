@@ -1096,6 +1096,10 @@ class CoordinatorImpl final : public Coordinator {
     f.Counter("shardps_coordinator_checkpoints_total",
               "checkpoints of the running job written (shardps checkpoint, --checkpoint-interval)",
               static_cast<double>(checkpoints_failed_), {{"result", "failed"}});
+    f.Gauge("shardps_coordinator_checkpoint_phase",
+            "a checkpoint of the running job: 0 none, 1 the workers hold their pushes and say what "
+            "they issued, 2 the cuts went out: the chunks are written",
+            ckpt_ ? (ckpt_->cutting ? 2.0 : 1.0) : 0.0);
     f.Gauge("shardps_coordinator_shard_map_epoch",
             "the shard map's epoch: servers replaced by their chunks' backups so far",
             static_cast<double>(epoch_));

@@ -1603,6 +1603,11 @@ class ServerImpl final : public Server {
             "{} chunk(s) did not receive the pushes issued before the checkpoint in time: {}",
             left.size(),
             fmt::join(behind.begin(), behind.begin() + std::min<size_t>(3, behind.size()), "; ")));
+      {
+        // A server being destroyed stops waiting for the cut (it joins this thread).
+        std::lock_guard<std::mutex> closing(saver_mu_);
+        if (saver_closed_) return Status::Aborted("the server is stopping");
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     *count = all.size();

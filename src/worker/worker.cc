@@ -900,20 +900,28 @@ class WorkerImpl final : public Worker {
     no.on_checkpoint_release = [this](const CheckpointGate& g) { OpenGate(g.id, nullptr); };
     auto servers_failed = failed_servers_;
     auto failover = failover_;
-    auto node =
-        NodeClient::Connect(control_ctx_.get(), no, [servers_failed, failover](Status why, bool) {
-          // The job failed: fail every outstanding server call so that waits return promptly.
-          {
-            std::lock_guard<std::mutex> lock(servers_failed->mu);
-            servers_failed->why = why;
-            for (auto& rpc : servers_failed->rpcs)
-              if (auto r = rpc.lock()) r->FailAll(why);
-            for (auto& b : servers_failed->batchers)
-              if (auto bb = b.lock()) bb->Fail(why);
-          }
-          // Operations waiting for a failover fail with it too.
-          failover->FailAll(why);
-        });
+    auto gate = gate_;
+    auto node = NodeClient::Connect(control_ctx_.get(), no,
+                                    [servers_failed, failover, gate](Status why, bool) {
+                                      // Pushes held by a checkpoint go on, to fail with the job.
+                                      {
+                                        std::lock_guard<std::mutex> lock(gate->mu);
+                                        gate->OpenLocked();
+                                      }
+                                      gate->cv.notify_all();
+                                      // The job failed: fail every outstanding server call so that
+                                      // waits return promptly.
+                                      {
+                                        std::lock_guard<std::mutex> lock(servers_failed->mu);
+                                        servers_failed->why = why;
+                                        for (auto& rpc : servers_failed->rpcs)
+                                          if (auto r = rpc.lock()) r->FailAll(why);
+                                        for (auto& b : servers_failed->batchers)
+                                          if (auto bb = b.lock()) bb->Fail(why);
+                                      }
+                                      // Operations waiting for a failover fail with it too.
+                                      failover->FailAll(why);
+                                    });
     if (!node.ok()) return node.status();
     node_ = std::move(node).value();
     view_ = node_->info().view;
@@ -996,9 +1004,9 @@ class WorkerImpl final : public Worker {
     }
     {
       // Checkpoints of the running job may hold its pushes from now on (CloseGate).
-      std::lock_guard<std::mutex> lock(gate_.mu);
-      gate_.rank = rank_;
-      gate_.ready = true;
+      std::lock_guard<std::mutex> lock(gate_->mu);
+      gate_->rank = rank_;
+      gate_->ready = true;
     }
     if (auto c = gpu::Cuda::Load(); c.ok()) {
       cuda_ = std::move(c).value();
@@ -1436,15 +1444,15 @@ class WorkerImpl final : public Worker {
     cc.id = g.id;
     {
       // A worker still starting has no tensors: it answers none, and holds what it pushes later.
-      std::lock_guard<std::mutex> lock(gate_.mu);
-      gate_.id = g.id;
-      gate_.cut = false;
-      gate_.bound.clear();
+      std::lock_guard<std::mutex> lock(gate_->mu);
+      gate_->id = g.id;
+      gate_->cut = false;
+      gate_->bound.clear();
       // Held no longer than the checkpoint may take, and the release's way here.
-      gate_.until = std::chrono::steady_clock::now() + std::chrono::milliseconds(g.timeout_ms) +
-                    opt_.rpc_timeout;
+      gate_->until = std::chrono::steady_clock::now() + std::chrono::milliseconds(g.timeout_ms) +
+                     opt_.rpc_timeout;
     }
-    gated_.store(true);
+    gate_->gated.store(true);
     // A push that took its number before it saw the gate is counted: wait for those.
     while (issuing_.load() != 0) std::this_thread::yield();
     std::lock_guard<std::mutex> lock(tensors_mu_);
@@ -1457,15 +1465,15 @@ class WorkerImpl final : public Worker {
                         std::function<void(const CheckpointDone&)> report) {
     bool lead = false;
     {
-      std::lock_guard<std::mutex> lock(gate_.mu);
-      if (gate_.id != k.id) return;  // over already, or not this worker's
-      for (const auto& c : k.cuts) gate_.bound[c.tensor] = c.Bound(k.mode, gate_.rank);
-      gate_.cut = true;
-      gate_.until = std::chrono::steady_clock::now() + std::chrono::milliseconds(k.timeout_ms) +
-                    opt_.rpc_timeout;
-      lead = gate_.ready && gate_.rank == 0;
+      std::lock_guard<std::mutex> lock(gate_->mu);
+      if (gate_->id != k.id) return;  // over already, or not this worker's
+      for (const auto& c : k.cuts) gate_->bound[c.tensor] = c.Bound(k.mode, gate_->rank);
+      gate_->cut = true;
+      gate_->until = std::chrono::steady_clock::now() + std::chrono::milliseconds(k.timeout_ms) +
+                     opt_.rpc_timeout;
+      lead = gate_->ready && gate_->rank == 0;
     }
-    gate_.cv.notify_all();
+    gate_->cv.notify_all();
     if (!lead) return;
     std::lock_guard<std::mutex> lock(lead_mu_);
     if (lead_closing_) return;  // being destroyed
@@ -1479,8 +1487,8 @@ class WorkerImpl final : public Worker {
       // The manifest is written while the pushes are held, never once they were let go (the
       // checkpoint given up): the release waits for it, and the coordinator for this report.
       auto commit = [this, id = k.id](const std::function<Status()>& write) {
-        std::lock_guard<std::mutex> l(gate_.mu);
-        if (gate_.id != id)
+        std::lock_guard<std::mutex> l(gate_->mu);
+        if (gate_->id != id)
           return Status::Aborted("the checkpoint was given up before its manifest was written");
         return write();
       };
@@ -1494,36 +1502,33 @@ class WorkerImpl final : public Worker {
   // kCheckpointRelease (or the hold's time is up: `why`): held pushes go.
   void OpenGate(uint64_t id, const char* why) {
     {
-      std::lock_guard<std::mutex> lock(gate_.mu);
-      if (gate_.id != id || id == 0) return;
-      if (why) spdlog::warn("worker {}: checkpoint {}: {}; pushes go on", gate_.rank, id, why);
-      gate_.id = 0;
-      gate_.cut = false;
-      gate_.bound.clear();
-      gated_.store(false);
+      std::lock_guard<std::mutex> lock(gate_->mu);
+      if (gate_->id != id || id == 0) return;
+      if (why) spdlog::warn("worker {}: checkpoint {}: {}; pushes go on", gate_->rank, id, why);
+      gate_->OpenLocked();
     }
-    gate_.cv.notify_all();
+    gate_->cv.notify_all();
   }
 
   // The sequence number of a new push of `t`: held while a checkpoint of the running job is
   // taken, unless its cut holds it.
   uint64_t IssueStep(TensorInfo& t) {
     issuing_.fetch_add(1);
-    if (!gated_.load()) {
+    if (!gate_->gated.load()) {
       const uint64_t step = t.next_step.fetch_add(1);
       issuing_.fetch_sub(1);
       return step;
     }
     issuing_.fetch_sub(1);
-    std::unique_lock<std::mutex> lock(gate_.mu);
-    while (gate_.id != 0) {
-      if (gate_.cut) {
-        auto it = gate_.bound.find(t.name);
-        if (it != gate_.bound.end() && t.next_step.load() <= it->second) break;
+    std::unique_lock<std::mutex> lock(gate_->mu);
+    while (gate_->id != 0) {
+      if (gate_->cut) {
+        auto it = gate_->bound.find(t.name);
+        if (it != gate_->bound.end() && t.next_step.load() <= it->second) break;
       }
-      if (gate_.cv.wait_until(lock, gate_.until) == std::cv_status::timeout &&
-          std::chrono::steady_clock::now() >= gate_.until) {
-        const uint64_t id = gate_.id;
+      if (gate_->cv.wait_until(lock, gate_->until) == std::cv_status::timeout &&
+          std::chrono::steady_clock::now() >= gate_->until) {
+        const uint64_t id = gate_->id;
         lock.unlock();
         OpenGate(id, "no release came in time");
         lock.lock();
@@ -2595,9 +2600,18 @@ class WorkerImpl final : public Worker {
     bool cut = false;                                 // its cuts are known: pushes up to `bound` go
     std::unordered_map<std::string, uint64_t> bound;  // tensor -> last sequence number to push
     std::chrono::steady_clock::time_point until;      // held no longer than this
+    std::atomic<bool> gated{false};                   // id != 0, read without the lock
+    // Lets every held push go (under mu): the checkpoint is over, given up, or the job failed.
+    void OpenLocked() {
+      id = 0;
+      cut = false;
+      bound.clear();
+      gated.store(false);
+    }
   };
-  PushGate gate_;
-  std::atomic<bool> gated_{false};    // gate_.id != 0, read without the lock
+  // Shared with the job-failure handler, which opens it (a push held by a checkpoint of a job
+  // that failed goes on, to fail with it).
+  std::shared_ptr<PushGate> gate_ = std::make_shared<PushGate>();
   std::atomic<uint32_t> issuing_{0};  // pushes taking a number past an open gate
   std::atomic<bool> leading_{false};  // worker 0: lead_thread_ writes a checkpoint
   std::mutex lead_mu_;                // guards lead_thread_ and lead_closing_

@@ -11,6 +11,7 @@
 #include "core/crc32c.h"
 #include "server/checkpoint.h"
 #include "support/exact_values.h"
+#include "support/http_get.h"
 #include "support/local_cluster.h"
 #include "support/running_checkpoint.h"
 
@@ -326,6 +327,78 @@ TEST(Checkpoint, AGivenUpCheckpointIsNeverLoaded) {
     ExpectOneCut(dir, mode, nullptr);
     std::filesystem::remove_all(dir);
   }
+}
+
+// A sync checkpoint that cannot complete (a tensor pushed at step 1 only is one step behind the
+// others at step 2, so its cut waits for a step 2 that never comes: a documented limit) holds
+// the workers' new pushes. When its one server then stops, the server stops waiting for the cut,
+// the checkpoint fails, nothing is written, and the held pushes go on (and fail with the job)
+// at once, rather than waiting out the checkpoint's 100 s.
+TEST(Checkpoint, HeldPushesGoOnWhenTheJobFails) {
+  const std::string dir = TempDir("held");
+  auto co = Opts(1, 2, Mode::kSync, Aggregate::kSum, 4096);
+  co.metrics_listen = "127.0.0.1:0";
+  auto lc = LocalCluster::Start(co, 16, "tcp");
+  ASSERT_TRUE(lc);
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<Status> held(2);
+  std::vector<double> held_seconds(2, 0);
+  std::thread workers([&] {
+    lc->ForEachWorker([&](Worker& w) {
+      auto ids = w.Declare(CutModel());
+      ASSERT_TRUE(ids.ok()) << ids.status().ToString();
+      const auto model = CutModel();
+      auto step = [&](uint64_t s, size_t tensors) {
+        std::vector<Handle> hs;
+        std::vector<std::vector<float>> g(tensors);
+        for (size_t k = 0; k < tensors; ++k) {
+          g[k].assign(model[k].shape[0], Grad(w.rank(), s, k));
+          hs.push_back(w.Push((*ids)[k], g[k].data()));
+        }
+        for (auto& h : hs) ASSERT_TRUE(h.Wait(60s).ok());
+      };
+      step(1, 3);  // a, b, c
+      step(2, 2);  // a, b
+      ready.fetch_add(1);
+      for (auto until = std::chrono::steady_clock::now() + 60s;
+           !go.load() && std::chrono::steady_clock::now() < until;)
+        std::this_thread::sleep_for(1ms);
+      std::vector<float> g(model[0].shape[0], 1.0f);
+      const auto t0 = std::chrono::steady_clock::now();
+      auto h = w.Push((*ids)[0], g.data());  // step 3 of a: past its cut, held
+      held[w.rank()] = h.Wait(120s);
+      held_seconds[w.rank()] =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    });
+  });
+  for (auto until = std::chrono::steady_clock::now() + 60s;
+       ready.load() < 2 && std::chrono::steady_clock::now() < until;)
+    std::this_thread::sleep_for(1ms);
+  ASSERT_EQ(ready.load(), 2);
+  Result<std::string> taken = Status::OK();
+  std::thread taker([&] { taken = lc->coordinator->Checkpoint(dir, 100s); });
+  // Phase 2: every worker answered, so every worker holds its pushes past its cut.
+  std::optional<double> phase;
+  for (auto until = std::chrono::steady_clock::now() + 60s;
+       phase != 2.0 && std::chrono::steady_clock::now() < until;) {
+    auto m = testing::HttpGet(lc->coordinator->metrics_address(), "/metrics");
+    phase = testing::Sample(m.body, "shardps_coordinator_checkpoint_phase");
+    std::this_thread::sleep_for(2ms);
+  }
+  ASSERT_EQ(phase, 2.0);
+  go.store(true);
+  std::this_thread::sleep_for(200ms);  // the pushes reach the gate (or not: see below)
+  lc->servers[0].reset();              // the job fails
+  workers.join();
+  taker.join();
+  EXPECT_FALSE(taken.ok());
+  for (uint32_t w = 0; w < 2; ++w) {
+    EXPECT_FALSE(held[w].ok()) << "worker " << w;
+    EXPECT_LT(held_seconds[w], 60.0) << "worker " << w << ": held past the job's failure";
+  }
+  EXPECT_EQ(server::CurrentGeneration(dir), 0u);  // nothing written
+  std::filesystem::remove_all(dir);
 }
 
 // --checkpoint-interval: the coordinator checkpoints the job on its own while it runs; ssp too.
