@@ -268,19 +268,11 @@ void NodeClient::ReportFailure(const std::string& why) {
 }
 
 void NodeClient::ReportBackupRebuilt(const BackupRebuilt& b) {
-  Bytes meta;
-  Writer w(&meta);
-  w.Put<uint64_t>(0);
-  b.Encode(&w);
-  rpc_->connection().Send(kBackupRebuilt, std::move(meta), {}, nullptr);
+  SendNotice(rpc_->shared_connection(), kBackupRebuilt, b);
 }
 
 void NodeClient::ReportWorkerRestored(uint32_t rank) {
-  Bytes meta;
-  Writer w(&meta);
-  w.Put<uint64_t>(0);
-  WorkerUp{rank}.Encode(&w);
-  rpc_->connection().Send(kWorkerRestored, std::move(meta), {}, nullptr);
+  SendNotice(rpc_->shared_connection(), kWorkerRestored, WorkerUp{rank});
 }
 
 }  // namespace shardps::cluster
