@@ -91,6 +91,11 @@ struct Node {
   bool rejoin_told = false;  // the servers were told (kWorkerUp): the rank's old node is removed
   std::set<uint32_t> awaiting;
   Clock::time_point rejoin_deadline;
+  // A server joining the running job (docs/fault-tolerance.md, "A server that joins"): the
+  // live nodes (ids) yet to say they reached it, until `join_deadline`; given chunks after.
+  bool joining = false;
+  std::set<uint32_t> unreached;
+  Clock::time_point join_deadline;
   std::string Name() const {
     return fmt::format("{} {} (node {}, pid {})", RoleName(role), rank, id, pid);
   }
@@ -322,6 +327,11 @@ class CoordinatorImpl final : public Coordinator {
           return Drop(c, "malformed backup report");
         return OnBackupRebuilt(*node, b);
       }
+      case kServerReached: {
+        ServerReached sr;
+        if (!sr.Decode(&r) || !r.done() || !node) return Drop(c, "malformed server-reached report");
+        return OnServerReached(*node, sr);
+      }
       case kCheckpointCounts: {
         CheckpointCounts cc;
         if (!cc.Decode(&r) || !r.done() || !node || node->role != Role::kWorker)
@@ -467,6 +477,7 @@ class CoordinatorImpl final : public Coordinator {
     if (FindNode(c)) return Reply(*c, req, Status::AlreadyExists("already registered"));
     if (finished_) return Reply(*c, req, Status::Unavailable("the job has ended"));
     if (complete_ && rq.role == Role::kWorker) return HandleRejoin(c, req, rq);
+    if (complete_) return HandleServerJoin(c, req, rq);
     uint32_t limit = rq.role == Role::kServer ? opt_.num_servers : opt_.num_workers;
     std::set<uint32_t> taken;
     for (auto& n : nodes_)
@@ -566,6 +577,133 @@ class CoordinatorImpl final : public Coordinator {
                  live.count(rank) ? " once the worker of that rank is removed" : "");
     nodes_.push_back(std::move(n));
     AdvanceRejoins();
+  }
+
+  // A server that registers once the job runs joins it (docs/fault-tolerance.md, "A server
+  // that joins"): it gets the next rank and the job's view, every live node is told
+  // (kServerJoined) and connects to it; once all said so (kServerReached) it takes chunks:
+  // new backups of those left with one copy, and its share of the tensors declared later.
+  void HandleServerJoin(const std::shared_ptr<transport::Connection>& c, uint64_t req,
+                        const RegisterRequest& rq) {
+    auto refuse = [&](const std::string& why) { Reply(*c, req, Status::InvalidArgument(why)); };
+    if (!Replicated())
+      return refuse(fmt::format(
+          "the job already has all its {} servers (a server joins a running job only when it "
+          "keeps backups: --replicas 1 with 2 servers or more)",
+          opt_.num_servers));
+    const auto rank = static_cast<uint32_t>(server_bytes_.size());
+    if (rank >= kMaxServers)
+      return refuse(fmt::format("the job has {} servers, the most it can have", rank));
+    if (rq.rank >= 0 && static_cast<uint32_t>(rq.rank) != rank)
+      return refuse(fmt::format(
+          "server rank {} is taken: a server joining the running job is given rank {} (leave "
+          "--rank out)",
+          rq.rank, rank));
+    if (rq.transport != opt_.transport)
+      return refuse(fmt::format("this job uses transport '{}', the server asked for '{}'",
+                                opt_.transport, rq.transport));
+    if (rq.data_address.empty()) return refuse("a server must give its data address");
+    for (const auto& n : nodes_)
+      if (n.joining && !n.dead)
+        return Reply(*c, req,
+                     Status::Unavailable(fmt::format(
+                         "{} is joining the job: one server joins at a time; try again", n.Name())));
+    EndCheckpoint(Status::Aborted(fmt::format("server {} joined the job during it", rank)));
+    Node n;
+    n.id = next_node_id_++;
+    n.role = Role::kServer;
+    n.rank = rank;
+    n.pid = rq.pid;
+    n.host = rq.host;
+    n.data_address = rq.data_address;
+    n.node = rq.host;
+    n.conn = c;
+    n.register_request = req;
+    n.last_seen = Clock::now();
+    n.joining = true;
+    n.join_deadline = n.last_seen + JoinWait();
+    for (const auto& o : nodes_)
+      if (!o.dead && !o.rejoining && !o.goodbye) n.unreached.insert(o.id);
+    server_bytes_.push_back(0);
+    server_dead_.push_back(false);
+    view_.servers.push_back(ServerInfo{n.id, n.data_address});
+    view_.num_servers = static_cast<uint32_t>(view_.servers.size());
+    RegisterReply rep;
+    rep.node_id = n.id;
+    rep.rank = rank;
+    rep.view = view_;
+    rep.joined = true;
+    rep.epoch = epoch_;
+    for (uint32_t s = 0; s < server_dead_.size(); ++s)
+      if (server_dead_[s]) rep.dead_servers.push_back(s);
+    Bytes body;
+    Writer w(&body);
+    rep.Encode(&w);
+    Reply(*c, req, Status::OK(), body);
+    spdlog::info("coordinator: {} registered from {}: it joins the running job ({} live nodes "
+                 "connect to it first)",
+                 n.Name(), c->peer(), n.unreached.size());
+    Notify(kServerJoined, ServerJoined{epoch_, rank, n.id, n.data_address},
+           [&](const Node& o) { return n.unreached.count(o.id) > 0; });
+    nodes_.push_back(std::move(n));
+    AdvanceJoins();
+  }
+
+  std::chrono::milliseconds JoinWait() const {
+    return std::max(opt_.heartbeat_timeout * 4, std::chrono::milliseconds(10000));
+  }
+
+  // A joining server every live node reached is given chunks; one that some could not reach,
+  // or not within JoinWait, is declared dead (it held nothing).
+  void AdvanceJoins() {
+    const auto now = Clock::now();
+    for (auto& n : nodes_) {
+      if (!n.joining || n.dead) continue;
+      for (auto it = n.unreached.begin(); it != n.unreached.end();) {
+        const Node* o = FindNodeById(*it);
+        it = !o || o->dead || o->goodbye ? n.unreached.erase(it) : std::next(it);
+      }
+      if (!n.unreached.empty() && now < n.join_deadline) continue;
+      if (!n.unreached.empty()) {
+        std::vector<std::string> names;
+        for (uint32_t id : n.unreached)
+          if (const Node* o = FindNodeById(id)) names.push_back(o->Name());
+        n.joining = false;
+        return Lost(n, fmt::format("{} could not join: not reached by {} within {} ms", n.Name(),
+                                   fmt::join(names, ", "), JoinWait().count()));
+      }
+      n.joining = false;
+      ++servers_joined_;
+      spdlog::info("coordinator: {} joined the job; {} live servers now", n.Name(), LiveServers());
+      RebuildBackups();
+    }
+  }
+
+  // kServerReached: node `from` reached joining server `r.rank`, or cannot (the join fails).
+  void OnServerReached(const Node& from, const ServerReached& r) {
+    for (auto& n : nodes_) {
+      if (!n.joining || n.dead || n.role != Role::kServer || n.rank != r.rank) continue;
+      if (!r.error.empty()) {
+        n.joining = false;
+        return Lost(n, fmt::format("{} could not join: {} cannot reach it: {}", n.Name(),
+                                   from.Name(), r.error));
+      }
+      n.unreached.erase(from.id);
+    }
+    AdvanceJoins();
+  }
+
+  const Node* FindNodeById(uint32_t id) const {
+    for (const auto& n : nodes_)
+      if (n.id == id) return &n;
+    return nullptr;
+  }
+
+  uint32_t LiveServers() const {
+    uint32_t live = 0;
+    for (const auto& n : nodes_)
+      if (n.role == Role::kServer && !n.dead) ++live;
+    return live;
   }
 
   // Lets in each rejoining worker that every live server answered for; one that waited past its
@@ -806,10 +944,17 @@ class CoordinatorImpl final : public Coordinator {
   uint32_t LeastLoaded(uint32_t besides) const {
     uint32_t best = kNoServer;
     for (uint32_t s = 0; s < server_bytes_.size(); ++s) {
-      if (s == besides || server_dead_[s]) continue;
+      if (s == besides || server_dead_[s] || Joining(s)) continue;
       if (best == kNoServer || server_bytes_[s] < server_bytes_[best]) best = s;
     }
     return best;
+  }
+
+  // Server `s` is joining: no node was told to use it yet.
+  bool Joining(uint32_t s) const {
+    return std::any_of(nodes_.begin(), nodes_.end(), [&](const Node& n) {
+      return n.joining && !n.dead && n.role == Role::kServer && n.rank == s;
+    });
   }
 
   // Node `n` died or went silent: the job fails, unless it is a server whose every chunk has a
@@ -1009,6 +1154,8 @@ class CoordinatorImpl final : public Coordinator {
         continue;
       }
       AdvanceRejoins();
+      AdvanceJoins();
+      if (finished_) continue;
       for (auto& n : nodes_) {
         if (n.goodbye || n.dead || n.rejoining) continue;
         // With replicas a silent server is replaced after the failover timeout.
@@ -1090,6 +1237,9 @@ class CoordinatorImpl final : public Coordinator {
     f.Counter("shardps_coordinator_workers_rejoined_total",
               "removed workers whose place a new worker process took (it rejoined the job)",
               static_cast<double>(workers_rejoined_));
+    f.Counter("shardps_coordinator_servers_joined_total",
+              "servers that joined the running job and were given chunks",
+              static_cast<double>(servers_joined_));
     f.Counter("shardps_coordinator_checkpoints_total",
               "checkpoints of the running job written (shardps checkpoint, --checkpoint-interval)",
               static_cast<double>(checkpoints_written_), {{"result", "written"}});
@@ -1167,6 +1317,7 @@ class CoordinatorImpl final : public Coordinator {
   bool grouped_ = false;           // guarded by mu_: node-level reduction (workers push as nodes)
   uint64_t workers_removed_ = 0;   // guarded by mu_: --on-worker-loss continue
   uint64_t workers_rejoined_ = 0;  // guarded by mu_
+  uint64_t servers_joined_ = 0;    // guarded by mu_
   ClusterView view_;               // guarded by mu_: the job's, once complete (rejoining workers)
   // guarded by mu_: chunks whose new backup is being copied, and on which server
   std::map<uint64_t, uint32_t> rebuilding_;

@@ -85,6 +85,25 @@ void ServerDown::Encode(Writer* w) const {
 
 bool ServerDown::Decode(Reader* r) { return r->Get(&epoch) && r->Get(&rank); }
 
+void ServerJoined::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(rank);
+  w->Put(node_id);
+  w->PutString(address);
+}
+
+bool ServerJoined::Decode(Reader* r) {
+  return r->Get(&epoch) && r->Get(&rank) && rank < kMaxServers && r->Get(&node_id) &&
+         r->GetString(&address, 1024) && !address.empty();
+}
+
+void ServerReached::Encode(Writer* w) const {
+  w->Put(rank);
+  w->PutString(error);
+}
+
+bool ServerReached::Decode(Reader* r) { return r->Get(&rank) && r->GetString(&error, 4096); }
+
 void WorkerDown::Encode(Writer* w) const { w->Put(rank); }
 
 bool WorkerDown::Decode(Reader* r) { return r->Get(&rank); }
@@ -323,12 +342,20 @@ void RegisterReply::Encode(Writer* w) const {
   w->Put(rank);
   view.Encode(w);
   w->Put<uint8_t>(rejoined ? 1 : 0);
+  w->Put<uint8_t>(joined ? 1 : 0);
+  w->Put(epoch);
+  w->PutVector(std::span<const uint32_t>(dead_servers));
 }
 
 bool RegisterReply::Decode(Reader* r) {
-  uint8_t j = 0;
-  if (!r->Get(&node_id) || !r->Get(&rank) || !view.Decode(r) || !r->Get(&j) || j > 1) return false;
+  uint8_t j = 0, s = 0;
+  if (!r->Get(&node_id) || !r->Get(&rank) || !view.Decode(r) || !r->Get(&j) || j > 1 ||
+      !r->Get(&s) || s > 1 || !r->Get(&epoch) || !r->GetVector(&dead_servers, kMaxServers))
+    return false;
   rejoined = j == 1;
+  joined = s == 1;
+  for (uint32_t d : dead_servers)
+    if (d >= view.servers.size()) return false;
   return true;
 }
 

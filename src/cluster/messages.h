@@ -63,7 +63,15 @@ enum Tag : uint32_t {
   // ReplicaMembership (primary -> backup): a pusher of a chunk was removed or rejoined, at this
   // point of the chunk's stream of replicated pushes.
   kReplicaMembership = 39,
+  // A server joins the running job (docs/fault-tolerance.md, "A server that joins"): the
+  // coordinator tells every live node (ServerJoined, request id 0); each answers once it
+  // reached the new server (ServerReached, request id 0), and only then is it given chunks.
+  kServerJoined = 40,
+  kServerReached = 41,
 };
+
+// The most servers a job has, those that joined it included.
+inline constexpr uint32_t kMaxServers = 4096;
 
 // No server: a chunk without a backup.
 inline constexpr uint32_t kNoServer = UINT32_MAX;
@@ -136,6 +144,11 @@ struct RegisterReply {
   // A worker that rejoins a running job in the place of one removed (docs/fault-tolerance.md):
   // the chunks exist, and each tells it at attach where its pushes go on.
   bool rejoined = false;
+  // A server that joins a running job (`joined`): the shard map's epoch, and the servers
+  // declared dead (ranks in `view.servers` it must not reach).
+  bool joined = false;
+  uint64_t epoch = 0;
+  std::vector<uint32_t> dead_servers;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };
@@ -183,6 +196,27 @@ struct CreateChunkItem {
 struct ServerDown {
   uint64_t epoch = 0;
   uint32_t rank = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kServerJoined (coordinator -> every live node, request id 0): server `rank` joined the running
+// job at `address` (its data address); it holds nothing yet. Each node connects to it and
+// answers kServerReached.
+struct ServerJoined {
+  uint64_t epoch = 0;
+  uint32_t rank = 0;
+  uint32_t node_id = 0;
+  std::string address;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kServerReached (node -> coordinator, request id 0): this node reached server `rank` that
+// joined (an empty `error`), or cannot (why).
+struct ServerReached {
+  uint32_t rank = 0;
+  std::string error;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };

@@ -42,7 +42,8 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
                   worker_down = options.on_worker_down, worker_up = options.on_worker_up,
                   rebuild = options.on_rebuild_backups, added = options.on_backups_added,
                   gate = options.on_checkpoint_gate, cuts = options.on_checkpoint_cuts,
-                  release = options.on_checkpoint_release](
+                  release = options.on_checkpoint_release,
+                  joined = options.on_server_joined](
                      const std::shared_ptr<transport::Connection>& c, transport::Message m) {
     auto rpc = *rpc_slot;
     if (m.tag == kReply) {
@@ -95,6 +96,14 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
       }
       case kCheckpointRelease:
         return notice(CheckpointGate{}, "checkpoint release", release);
+      case kServerJoined: {
+        std::function<void(const ServerJoined&)> reach;
+        if (joined)
+          reach = [&](const ServerJoined& j) {
+            joined(j, [conn = c](const ServerReached& s) { SendNotice(conn, kServerReached, s); });
+          };
+        return notice(ServerJoined{}, "server-joined notice", reach);
+      }
       default:
         break;
     }

@@ -52,6 +52,11 @@ struct NodeClientOptions {
   std::function<void(const CheckpointCuts&, std::function<void(const CheckpointDone&)> report)>
       on_checkpoint_cuts;
   std::function<void(const CheckpointGate&)> on_checkpoint_release;
+  // Servers and workers: a server joined the running job (kServerJoined). The node connects to
+  // it and says so with `report` (kServerReached; from any thread, once). On the same thread,
+  // in order with on_server_down.
+  std::function<void(const ServerJoined&, std::function<void(const ServerReached&)> report)>
+      on_server_joined;
 };
 
 class NodeClient {

@@ -374,6 +374,10 @@ class ServerImpl final : public Server {
     no.on_worker_down = [this](const WorkerDown& d) { OnWorkerDown(d); };
     no.on_worker_up = [this](const WorkerUp& u) { OnWorkerUp(u); };
     no.on_rebuild_backups = [this](const BackupOrders& o) { OnRebuildBackups(o); };
+    no.on_server_joined = [this](const ServerJoined& j,
+                                 std::function<void(const ServerReached&)> report) {
+      OnServerJoined(j, std::move(report));
+    };
     auto done = done_;
     auto node = NodeClient::Connect(control_ctx_.get(), no, [done](Status why, bool shutdown) {
       std::lock_guard<std::mutex> lock(done->mu);
@@ -389,6 +393,17 @@ class ServerImpl final : public Server {
     node_ = std::move(node).value();
     view_ = node_->info().view;
     rank_ = node_->info().rank;
+    {
+      // A server that joins a running job: the servers declared dead before it came.
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      epoch_.store(std::max(epoch_.load(), node_->info().epoch));
+      const size_t n = std::max(peer_addresses_.size(), view_.servers.size());
+      peer_addresses_.resize(n);
+      for (size_t s = 0; s < view_.servers.size(); ++s)
+        peer_addresses_[s] = view_.servers[s].address;
+      dead_.resize(std::max(dead_.size(), n), false);
+      for (uint32_t s : node_->info().dead_servers) dead_[s] = true;
+    }
     // Per pusher: each worker, or each node (node-level reduction).
     counters_ = std::make_unique<WorkerCounters[]>(view_.num_pushers());
     num_counters_.store(view_.num_pushers());
@@ -631,14 +646,38 @@ class ServerImpl final : public Server {
   // of the chunks it is the primary of to their backups (kReplicate). Every server listens
   // before it registers, so all of them are reachable once the view is complete.
   Status ConnectPeers() {
+    size_t n = 0;
     {
+      // (A server that joined while this one was starting is in peer_addresses_ already.)
       std::lock_guard<std::mutex> lock(failover_mu_);
-      peers_.resize(view_.num_servers);
-      link_down_.assign(view_.num_servers, false);
+      n = peer_addresses_.size();
+      peers_.resize(n);
+      link_down_.resize(n, false);
+      dead_.resize(std::max(dead_.size(), n), false);
     }
-    for (uint32_t s = 0; s < view_.num_servers; ++s) {
-      if (s == rank_) continue;
-      SHARDPS_RETURN_IF_ERROR(ConnectPeer(s, opt_.connect_timeout));
+    for (uint32_t s = 0; s < n; ++s) {
+      {
+        std::lock_guard<std::mutex> lock(failover_mu_);
+        if (s == rank_ || dead_[s] || peers_[s]) continue;
+      }
+      Status st = ConnectPeer(s, opt_.connect_timeout);
+      const bool joined = TellReached(s, st);
+      if (st.ok() || joined) continue;
+      // A server that joins a running job may find a server dying (not declared dead yet): its
+      // link is retried (ReplicaLinkLoop) until it is reached or declared dead.
+      if (!node_->info().joined) return st;
+      spdlog::warn("server {}: {}; retrying", rank_, st.ToString());
+    }
+    {
+      // From now on ReplicaLinkLoop opens the links: to servers that joined meanwhile too.
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      links_started_ = true;
+      n = peer_addresses_.size();
+      peers_.resize(n);
+      link_down_.resize(n, false);
+      dead_.resize(std::max(dead_.size(), n), false);
+      for (uint32_t s = 0; s < n; ++s)
+        if (s != rank_ && !dead_[s] && !peers_[s]) link_down_[s] = true;
     }
     link_thread_ = std::thread([this] { ReplicaLinkLoop(); });
     spdlog::info(
@@ -678,7 +717,12 @@ class ServerImpl final : public Server {
       link_cv_.notify_all();
       SendAnswers();  // batch entries its failed calls completed
     };
-    auto conn = data_ctx_->Connect(view_.servers[s].address, h, timeout);
+    std::string address;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (s < peer_addresses_.size()) address = peer_addresses_[s];
+    }
+    auto conn = data_ctx_->Connect(address, h, timeout);
     if (!conn.ok())
       return conn.status().WithContext(fmt::format("connecting to server {} (replication)", s));
     *slot = std::make_shared<RpcChannel>(*conn);
@@ -692,6 +736,52 @@ class ServerImpl final : public Server {
     }
     peers_[s] = *slot;
     return Status::OK();
+  }
+
+  // kServerJoined, on the control loop: server `j.rank` joined the running job. Its link is
+  // opened by ReplicaLinkLoop (Connect blocks), which then says so (`report`).
+  void OnServerJoined(const ServerJoined& j, std::function<void(const ServerReached&)> report) {
+    if (stopping_.load()) return;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (j.rank == rank_ || (j.rank < dead_.size() && dead_[j.rank]) ||
+          (j.rank < peer_addresses_.size() && !peer_addresses_[j.rank].empty())) {
+        spdlog::warn("server {}: told that server {} joined, which it knew of; ignored", rank_,
+                     j.rank);
+        return;
+      }
+      const size_t n = std::max<size_t>(peer_addresses_.size(), j.rank + 1);
+      peer_addresses_.resize(n);
+      peer_addresses_[j.rank] = j.address;
+      dead_.resize(std::max(dead_.size(), n), false);
+      joined_reports_[j.rank] = std::move(report);
+      // Before ConnectPeers ended (this server is starting), it connects to it there.
+      if (links_started_) {
+        peers_.resize(std::max(peers_.size(), n));
+        link_down_.resize(std::max(link_down_.size(), n), false);
+        link_down_[j.rank] = true;
+      }
+    }
+    spdlog::info("server {}: server {} joined the job at {}; connecting to it", rank_, j.rank,
+                 j.address);
+    link_cv_.notify_all();
+  }
+
+  // After connecting to server `s`: if it is one that joined the running job, the coordinator
+  // hears how that went (kServerReached). True when it was.
+  bool TellReached(uint32_t s, const Status& st) {
+    std::function<void(const ServerReached&)> report;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      auto it = joined_reports_.find(s);
+      if (it == joined_reports_.end()) return false;
+      report = std::move(it->second);
+      joined_reports_.erase(it);
+    }
+    if (!st.ok())
+      spdlog::warn("server {}: cannot reach server {}, which joined: {}", rank_, s, st.ToString());
+    report(ServerReached{s, st.ok() ? std::string() : st.ToString()});
+    return true;
   }
 
   // How long a push waits for a backup whose connection closed: until the link is reopened (the
@@ -712,12 +802,13 @@ class ServerImpl final : public Server {
       link_cv_.wait_for(lock, std::chrono::milliseconds(100));
       if (stopping_.load()) break;
       const auto now = Clock::now();
-      for (uint32_t s = 0; s < view_.num_servers; ++s) {
+      for (uint32_t s = 0; s < peers_.size(); ++s) {
         if (s == rank_ || dead_[s]) continue;
         if (link_down_[s] && !hold_links_) {
           lock.unlock();
           Status st =
               ConnectPeer(s, std::min(opt_.connect_timeout, std::chrono::milliseconds(1000)));
+          TellReached(s, st);
           lock.lock();
           if (stopping_.load()) return;
           if (dead_[s]) continue;  // OnServerDown took its pushes
@@ -981,6 +1072,7 @@ class ServerImpl final : public Server {
       }
       orphans = std::move(orphans_[d.rank]);
       orphans_.erase(d.rank);
+      joined_reports_.erase(d.rank);
       if (d.rank < peers_.size()) peer = std::move(peers_[d.rank]);
       if (d.rank < link_down_.size()) link_down_[d.rank] = false;
     }
@@ -2401,6 +2493,10 @@ class ServerImpl final : public Server {
   std::mutex failover_mu_;
   std::vector<std::shared_ptr<RpcChannel>> peers_;  // failover_mu_: by server rank, to backups
   std::vector<bool> dead_;                          // failover_mu_: servers declared dead
+  std::vector<std::string> peer_addresses_;  // failover_mu_: by rank (servers that joined too)
+  bool links_started_ = false;               // failover_mu_: ReplicaLinkLoop opens the links
+  // failover_mu_: servers that joined the running job, to tell the coordinator once reached
+  std::map<uint32_t, std::function<void(const ServerReached&)>> joined_reports_;
   // failover_mu_: pushes whose backup's connection failed before it was declared dead
   std::map<uint32_t, std::vector<std::shared_ptr<ReplicaJoin>>> orphans_;
   std::set<uint32_t> removed_workers_;  // failover_mu_: removed from the job (kWorkerDown)

@@ -857,7 +857,8 @@ class WorkerImpl final : public Worker {
       if (!st.ok()) spdlog::warn("worker {}: goodbye failed: {}", rank_, st.ToString());
     }
     node_.reset();
-    for (auto& s : servers_) s->connection().Close();
+    for (auto& s : servers_)
+      if (s) s->connection().Close();
     std::thread lead;
     {
       std::lock_guard<std::mutex> lock(lead_mu_);
@@ -892,6 +893,13 @@ class WorkerImpl final : public Worker {
     no.rpc_timeout = opt_.rpc_timeout;
     no.on_server_down = [this](const ServerDown& d) { OnServerDown(d); };
     no.on_backups_added = [this](const BackupOrders& o) { OnBackupsAdded(o); };
+    no.on_server_joined = [fo = failover_](const ServerJoined& j,
+                                           std::function<void(const ServerReached&)> report) {
+      // Connected to by FailoverWatch (Connect blocks; this is the control loop).
+      std::lock_guard<std::mutex> lock(fo->mu);
+      fo->joined.push_back({j, std::move(report)});
+      fo->cv.notify_all();
+    };
     no.on_checkpoint_gate = [this](const CheckpointGate& g) { return CloseGate(g); };
     no.on_checkpoint_cuts = [this](const CheckpointCuts& k,
                                    std::function<void(const CheckpointDone&)> report) {
@@ -936,44 +944,10 @@ class WorkerImpl final : public Worker {
     auto dctx = transport::CreateContext(opt_.transport, co);
     if (!dctx.ok()) return dctx.status();
     data_ctx_ = std::move(dctx).value();
-    for (uint32_t s = 0; s < view_.num_servers; ++s) {
-      auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
-      auto batcher = std::make_shared<Batcher>(view_.replicas > 0);
-      transport::ConnectionHandlers h;
-      h.on_message = [this, slot, batcher, s](const std::shared_ptr<Connection>& c,
-                                              transport::Message m) {
-        bool ok = m.tag == kBatchAnswer ? OnBatchAnswer(*batcher, s, m)
-                                        : m.tag == kReply && *slot && (*slot)->OnReply(m);
-        if (!ok) {
-          spdlog::error("unexpected message from server {}; closing", s);
-          c->Close();
-        }
-      };
-      h.on_close = [this, slot, batcher, s](const std::shared_ptr<Connection>&, Status st) {
-        Status why = Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
-                                                     st.ok() ? "" : ": " + st.message()));
-        if (*slot) (*slot)->FailAll(why);
-        // With replication, its batched operations go to their chunks' backups once the
-        // coordinator declared it dead.
-        batcher->Fail(why, [this, s, why](Batcher::Item item) {
-          auto op = item.op;
-          ChunkRef* ref = item.ref;
-          AfterFailover(s, why, op, ref, [this, item = std::move(item)] {
-            AddToBatch(item.ref->server.load(), item, item.entry,
-                       item.grad ? item.grad->data() : nullptr);
-          });
-        });
-      };
-      auto conn = data_ctx_->Connect(view_.servers[s].address, h, opt_.connect_timeout);
-      if (!conn.ok()) return conn.status().WithContext(fmt::format("connecting to server {}", s));
-      *slot = std::make_shared<RpcChannel>(*conn);
-      servers_.push_back(*slot);
-      batchers_.push_back(batcher);
-      credits_.push_back(std::make_unique<Credits>());
-      std::lock_guard<std::mutex> lock(failed_servers_->mu);
-      failed_servers_->rpcs.push_back(*slot);
-      failed_servers_->batchers.push_back(batcher);
-    }
+    if (view_.servers.size() > kMaxServers)
+      return Status::ProtocolError(fmt::format("the job has {} servers", view_.servers.size()));
+    for (uint32_t s = 0; s < view_.servers.size(); ++s)
+      SHARDPS_RETURN_IF_ERROR(ConnectServer(s, view_.servers[s].address));
     if (!opt_.timeline.empty())
       meters_->timeline = std::make_shared<metrics::Timeline>(
           opt_.timeline, fmt::format("worker {}", rank_), 1000 + rank_);
@@ -997,10 +971,11 @@ class WorkerImpl final : public Worker {
       {
         std::lock_guard<std::mutex> lock(failover_->mu);
         failover_->ready = true;
-        for (uint32_t s = 0; s < servers_.size(); ++s)
+        for (uint32_t s = 0; s < NumServers(); ++s)
           if (failover_->Dead(s)) dead.push_back(s);
       }
-      for (uint32_t s : dead) servers_[s]->connection().Close();
+      for (uint32_t s : dead)
+        if (servers_[s]) servers_[s]->connection().Close();
     }
     {
       // Checkpoints of the running job may hold its pushes from now on (CloseGate).
@@ -1089,7 +1064,9 @@ class WorkerImpl final : public Worker {
   uint32_t rank() const override { return rank_; }
   bool rejoined() const override { return rejoined_; }
   uint32_t num_workers() const override { return view_.num_workers; }
-  uint32_t num_servers() const override { return view_.num_servers; }
+  uint32_t num_servers() const override { return NumServers(); }
+  // The servers connected to, by rank (those that joined the running job included).
+  uint32_t NumServers() const { return num_servers_.load(); }
   Mode mode() const override { return view_.mode; }
   uint32_t staleness() const override { return view_.staleness; }
   uint32_t sync_quorum() const override { return view_.sync_quorum; }
@@ -1158,7 +1135,8 @@ class WorkerImpl final : public Worker {
       std::vector<ChunkRef*> refs;
       std::vector<bool> backup;  // per ref: this is its backup's copy
     };
-    std::vector<std::vector<Batch>> per(view_.num_servers);
+    const uint32_t num_servers = NumServers();
+    std::vector<std::vector<Batch>> per(num_servers);
     for (size_t i = 0; i < specs.size(); ++i) {
       auto info = std::make_unique<TensorInfo>();
       info->name = specs[i].name;
@@ -1192,6 +1170,11 @@ class WorkerImpl final : public Worker {
         // they are.
         for (const uint32_t server : {p.server, p.backup}) {
           if (server == kNoServer) continue;
+          if (server >= num_servers || !servers_[server])
+            return Status::ProtocolError(fmt::format(
+                "chunk {} of tensor '{}' was placed on server {}, which this worker has not "
+                "reached",
+                p.chunk_id, specs[i].name, server));
           auto& batches = per[server];
           if (batches.empty() || batches.back().count >= kCreateBatchItems ||
               (batches.back().count > 0 &&
@@ -1233,7 +1216,7 @@ class WorkerImpl final : public Worker {
       }
       infos.push_back(std::move(info));
     }
-    for (uint32_t s = 0; s < view_.num_servers; ++s) {
+    for (uint32_t s = 0; s < num_servers; ++s) {
       for (Batch& b : per[s]) {
         Bytes body;
         Writer w(&body);
@@ -1388,14 +1371,15 @@ class WorkerImpl final : public Worker {
     const uint64_t generation = server::CurrentGeneration(dir) + 1;
     std::vector<server::CheckpointFile> files;
     uint64_t chunks = 0;
-    std::vector<std::future<Result<Bytes>>> replies(servers_.size());
-    std::vector<bool> dead(servers_.size(), false);
+    const uint32_t num_servers = NumServers();
+    std::vector<std::future<Result<Bytes>>> replies(num_servers);
+    std::vector<bool> dead(num_servers, false);
     {
       // A server declared dead holds nothing to save: its chunks' backups serve them.
       std::lock_guard<std::mutex> lock(failover_->mu);
-      for (size_t s = 0; s < servers_.size(); ++s) dead[s] = failover_->Dead(s);
+      for (size_t s = 0; s < num_servers; ++s) dead[s] = failover_->Dead(s) || !servers_[s];
     }
-    for (size_t s = 0; s < servers_.size(); ++s) {
+    for (size_t s = 0; s < num_servers; ++s) {
       if (dead[s]) continue;
       Bytes body;
       Writer w(&body);
@@ -1409,7 +1393,7 @@ class WorkerImpl final : public Worker {
                         fmt::format("server {} writing its chunks", s));
       });
     }
-    for (size_t s = 0; s < servers_.size(); ++s) {
+    for (size_t s = 0; s < num_servers; ++s) {
       if (dead[s]) continue;
       auto rep = replies[s].get();
       if (!rep.ok()) return rep.status();
@@ -1424,7 +1408,7 @@ class WorkerImpl final : public Worker {
     }
     nlohmann::json info = {{"job_id", view_.job_id},
                            {"mode", ModeName(view_.mode)},
-                           {"servers", view_.num_servers},
+                           {"servers", num_servers},
                            {"workers", view_.num_workers},
                            {"chunks", chunks}};
     if (!cuts.empty()) info["taken_by"] = "coordinator";
@@ -1538,7 +1522,7 @@ class WorkerImpl final : public Worker {
   }
 
   Result<std::string> ServerStats(uint32_t server) override {
-    if (server >= servers_.size())
+    if (server >= NumServers() || !servers_[server])
       return Status::InvalidArgument(fmt::format("no server {}", server));
     {
       std::lock_guard<std::mutex> lock(failover_->mu);
@@ -1597,6 +1581,12 @@ class WorkerImpl final : public Worker {
       std::function<void()> again;
     };
     std::vector<Waiting> waiting;
+    // Servers that joined the running job, for FailoverWatch to connect to (kServerJoined).
+    struct Joined {
+      ServerJoined server;
+      std::function<void(const ServerReached&)> report;
+    };
+    std::vector<Joined> joined;
     bool Dead(uint32_t s) const { return s < dead.size() && dead[s]; }
     void FailAll(const Status& why) {
       std::vector<Waiting> w;
@@ -1622,7 +1612,8 @@ class WorkerImpl final : public Worker {
       // A transport's failure (the connection closed, a one-sided operation cancelled as the
       // peer vanished, a replaced primary's refusal) may be the server's death, which the
       // coordinator decides; an error the server answered (a wrong size, an unknown chunk) is not.
-      const bool lost = (server < servers_.size() && servers_[server]->connection().closed()) ||
+      const bool lost = (server < NumServers() && servers_[server] &&
+                         servers_[server]->connection().closed()) ||
                         why.IsUnavailable() || why.IsRemoteError() || why.IsAborted() ||
                         why.code() == Status::Code::kIOError;
       if (failover_->replicated && !failover_->stop && (lost || failover_->Dead(server))) {
@@ -1679,7 +1670,8 @@ class WorkerImpl final : public Worker {
       std::shared_ptr<RpcChannel> rpc;
       {
         std::lock_guard<std::mutex> lock(failover_->mu);
-        if (!failover_->ready || it.backup >= servers_.size() || failover_->Dead(it.backup))
+        if (!failover_->ready || it.backup >= NumServers() || !servers_[it.backup] ||
+            failover_->Dead(it.backup))
           continue;
         rpc = servers_[it.backup];
       }
@@ -1749,12 +1741,12 @@ class WorkerImpl final : public Worker {
         "to their backups; {} operations are sent again",
         rank_, d.rank, d.epoch, moved, run.size());
     if (!ready) return;  // Init closes it once it connected to every server
-    if (d.rank < credits_.size()) {
+    if (d.rank < NumServers() && credits_[d.rank]) {
       Credits& c = *credits_[d.rank];
       std::lock_guard<std::mutex> lock(c.mu);
       c.grants.clear();
     }
-    if (d.rank < servers_.size()) servers_[d.rank]->connection().Close();
+    if (d.rank < NumServers() && servers_[d.rank]) servers_[d.rank]->connection().Close();
     for (auto& w : run) {
       bool ok = false;
       {
@@ -1770,11 +1762,91 @@ class WorkerImpl final : public Worker {
     }
   }
 
-  // Fails the operations whose server was neither replaced nor back in time.
+  // A server that joined the running job: connected to (an empty string), or why not.
+  std::string ReachJoined(const ServerJoined& j) {
+    if (j.rank < NumServers() && servers_[j.rank]) return {};  // in the view this worker got
+    {
+      std::lock_guard<std::mutex> lock(failover_->mu);
+      if (failover_->Dead(j.rank)) return fmt::format("server {} was declared dead", j.rank);
+    }
+    Status st = ConnectServer(j.rank, j.address);
+    if (!st.ok()) {
+      spdlog::warn("worker {}: cannot reach server {}, which joined the job: {}", rank_, j.rank,
+                   st.ToString());
+      return st.ToString();
+    }
+    spdlog::info("worker {}: server {} joined the job at {}; connected", rank_, j.rank,
+                 j.address);
+    return {};
+  }
+
+  // Connects to server `s` at `address` (its data connection, batcher and credits): at Init, for
+  // each server of the view, and for a server that joins the running job (FailoverWatch).
+  // Entries are set once, before the count that makes them visible.
+  Status ConnectServer(uint32_t s, const std::string& address) {
+    auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
+    auto batcher = std::make_shared<Batcher>(view_.replicas > 0);
+    transport::ConnectionHandlers h;
+    h.on_message = [this, slot, batcher, s](const std::shared_ptr<Connection>& c,
+                                            transport::Message m) {
+      bool ok = m.tag == kBatchAnswer ? OnBatchAnswer(*batcher, s, m)
+                                      : m.tag == kReply && *slot && (*slot)->OnReply(m);
+      if (!ok) {
+        spdlog::error("unexpected message from server {}; closing", s);
+        c->Close();
+      }
+    };
+    h.on_close = [this, slot, batcher, s](const std::shared_ptr<Connection>&, Status st) {
+      Status why = Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
+                                                   st.ok() ? "" : ": " + st.message()));
+      if (*slot) (*slot)->FailAll(why);
+      // With replication, its batched operations go to their chunks' backups once the
+      // coordinator declared it dead.
+      batcher->Fail(why, [this, s, why](Batcher::Item item) {
+        auto op = item.op;
+        ChunkRef* ref = item.ref;
+        AfterFailover(s, why, op, ref, [this, item = std::move(item)] {
+          AddToBatch(item.ref->server.load(), item, item.entry,
+                     item.grad ? item.grad->data() : nullptr);
+        });
+      });
+    };
+    auto conn = data_ctx_->Connect(address, h, opt_.connect_timeout);
+    if (!conn.ok()) return conn.status().WithContext(fmt::format("connecting to server {}", s));
+    *slot = std::make_shared<RpcChannel>(*conn);
+    servers_[s] = *slot;
+    batchers_[s] = batcher;
+    credits_[s] = std::make_unique<Credits>();
+    {
+      std::lock_guard<std::mutex> lock(failed_servers_->mu);
+      failed_servers_->rpcs.push_back(*slot);
+      failed_servers_->batchers.push_back(batcher);
+      if (!failed_servers_->why.ok()) {
+        // The job failed while this connected (a server that joined): as the others.
+        (*slot)->FailAll(failed_servers_->why);
+        batcher->Fail(failed_servers_->why);
+      }
+    }
+    // Published: readers see the entries below the count (NumServers).
+    if (num_servers_.load() < s + 1) num_servers_.store(s + 1);
+    return Status::OK();
+  }
+
+  // Connects to the servers that joined the running job (kServerJoined) and says so; fails the
+  // operations whose server was neither replaced nor back in time.
   void FailoverWatch() {
     std::unique_lock<std::mutex> lock(failover_->mu);
     while (!failover_->stop) {
-      failover_->cv.wait_for(lock, std::chrono::milliseconds(200));
+      if (failover_->joined.empty())
+        failover_->cv.wait_for(lock, std::chrono::milliseconds(200));
+      if (!failover_->joined.empty() && !failover_->stop) {
+        auto joined = std::move(failover_->joined);
+        failover_->joined.clear();
+        lock.unlock();
+        for (auto& j : joined) j.report(ServerReached{j.server.rank, ReachJoined(j.server)});
+        lock.lock();
+        continue;
+      }
       const auto now = std::chrono::steady_clock::now();
       std::vector<Failover::Waiting> expired;
       for (auto it = failover_->waiting.begin(); it != failover_->waiting.end();) {
@@ -2317,7 +2389,7 @@ class WorkerImpl final : public Worker {
   // The rank of the server `rpc` talks to (an operation keeps the server it started on, whatever
   // a failover does to its chunk meanwhile).
   uint32_t IndexOf(const std::shared_ptr<RpcChannel>& rpc) const {
-    for (uint32_t s = 0; s < servers_.size(); ++s)
+    for (uint32_t s = 0; s < NumServers(); ++s)
       if (servers_[s] == rpc) return s;
     return 0;
   }
@@ -2515,7 +2587,8 @@ class WorkerImpl final : public Worker {
       fuse_kick_ = false;
       lock.unlock();
       auto next = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-      for (uint32_t s = 0; s < batchers_.size(); ++s) {
+      for (uint32_t s = 0; s < NumServers(); ++s) {
+        if (!batchers_[s]) continue;
         Batcher& b = *batchers_[s];
         if (!b.Flush(servers_[s]->connection(), rank_, delay, &bytes_pushed_))
           next = std::min(next, b.Oldest() + delay);  // not old enough yet
@@ -2621,9 +2694,14 @@ class WorkerImpl final : public Worker {
   std::mutex write_mu_;
   std::condition_variable write_cv_;
   bool writing_ = false;  // guarded by write_mu_
-  std::vector<std::shared_ptr<RpcChannel>> servers_;
-  std::vector<std::unique_ptr<Credits>> credits_;   // by server
-  std::vector<std::shared_ptr<Batcher>> batchers_;  // by server
+  // By server rank, as many as a job can have: set once each (ConnectServer), at Init and as
+  // servers join the running job, so that readers take them without a lock. Those below
+  // NumServers() are set, but for a server that joined and could not be reached (null).
+  std::vector<std::shared_ptr<RpcChannel>> servers_{kMaxServers};
+  std::vector<std::unique_ptr<Credits>> credits_ =
+      std::vector<std::unique_ptr<Credits>>(kMaxServers);
+  std::vector<std::shared_ptr<Batcher>> batchers_{kMaxServers};
+  std::atomic<uint32_t> num_servers_{0};
   // --fuse-us: the thread that sends batches when they are old enough (FuseLoop).
   std::thread fuse_thread_;
   std::mutex fuse_mu_;

@@ -259,6 +259,67 @@ TEST_P(Failover, TwoServersDieOneAfterTheOtherWithNewBackupsMadeInBetween) {
   lc->Finish();
 }
 
+// A server that joins the running job (docs/fault-tolerance.md, "A server that joins"): of 2
+// servers, server 1 dies and server 0 is left with the only copy of every chunk; a new server
+// process joins, is given rank 2 and becomes the backup of every chunk; then server 0 dies too,
+// and the job ends on the new server alone. Exact sums: nothing acknowledged lost, nothing
+// applied twice.
+TEST_P(Failover, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
+  auto lc = LocalCluster::Start(Job(2, 2), 16, GetParam().transport, 1, Device(), Nodes());
+  ASSERT_TRUE(lc);
+  constexpr uint64_t kSteps = 24;
+  std::atomic<bool> first{false}, second{false};
+  std::atomic<int> waiting{0};
+  std::thread killer;
+  std::unique_ptr<Server> joined;
+  auto stat = [&](uint32_t server, const char* key) -> int64_t {
+    auto j = lc->workers[0]->ServerStats(server);
+    if (!j.ok()) return -1;
+    auto js = nlohmann::json::parse(*j);
+    return js.contains(key) ? js[key].get<int64_t>() : -1;
+  };
+  Run(*lc, kSteps, [&](uint32_t rank, uint64_t step) {
+    if (rank == 0 && step == 6 && !first.exchange(true))
+      killer = std::thread([&] { lc->servers[1].reset(); });
+    if (step != 12) return;
+    // Every worker is here, none has pushed step 12: no step is open, nothing is in flight.
+    waiting++;
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    if (rank != 0) {
+      while (!second.load() && std::chrono::steady_clock::now() < deadline + 60s)
+        std::this_thread::sleep_for(5ms);
+      EXPECT_TRUE(second.load());
+      return;
+    }
+    while (waiting.load() < static_cast<int>(lc->workers.size()) &&
+           std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(5ms);
+    if (killer.joinable()) killer.join();
+    while (stat(0, "shard_map_epoch") != 1 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(5ms);
+    EXPECT_EQ(stat(0, "unbacked_chunks"), static_cast<int64_t>(kChunks));
+    auto s = lc->start_server(-1);
+    EXPECT_TRUE(s.ok()) << s.status().ToString();
+    if (s.ok()) joined = std::move(s).value();
+    // Every live node reached it before it was given chunks: worker 0 knows it.
+    while ((lc->workers[0]->num_servers() < 3 || stat(0, "unbacked_chunks") != 0 ||
+            stat(2, "replicas_installed") != static_cast<int64_t>(kChunks)) &&
+           std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(10ms);
+    EXPECT_EQ(stat(0, "unbacked_chunks"), 0) << "no new backups 60 s after the server joined";
+    EXPECT_EQ(stat(2, "replicas_installed"), static_cast<int64_t>(kChunks));
+    lc->servers[0].reset();
+    second = true;
+  });
+  if (killer.joinable()) killer.join();
+  EXPECT_EQ(lc->workers[0]->num_servers(), 3u);
+  EXPECT_EQ(stat(2, "shard_map_epoch"), 2);
+  EXPECT_EQ(stat(2, "promoted_chunks"), static_cast<int64_t>(kChunks));
+  EXPECT_EQ(stat(2, "unbacked_chunks"), static_cast<int64_t>(kChunks));  // the last server
+  lc->servers.push_back(std::move(joined));
+  lc->Finish();
+}
+
 // With two servers, the survivor of one death has nowhere to put new backups: a second death
 // leaves chunks with no copy, and the job fails with an error naming one.
 TEST(FailoverLimits, ASecondDeathThatLeavesAChunkWithoutACopyFailsTheJobNamingIt) {

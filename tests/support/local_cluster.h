@@ -24,6 +24,9 @@ struct LocalCluster {
   std::vector<std::unique_ptr<Worker>> workers;  // indexed by rank
   // Connects one more worker of rank `rank` (as Start did each): a restarted worker.
   std::function<Result<std::unique_ptr<Worker>>(uint32_t rank)> connect_worker;
+  // Starts one more server with the job's options (rank -1: the coordinator's pick): a server
+  // that joins the running job.
+  std::function<Result<std::unique_ptr<Server>>(int32_t rank)> start_server;
 
   // `transport` names the job's transport; "X+nobatch" runs X with the workers' batches off
   // (fuse_bytes 0), so that small chunks take the landing-buffer path too.
@@ -43,28 +46,31 @@ struct LocalCluster {
     if (!c.ok()) return nullptr;
     lc->coordinator = std::move(c).value();
     std::string addr = lc->coordinator->address();
+    lc->start_server = [addr, landing_buffers, transport, apply_threads, server_tweak,
+                        co](int32_t rank) {
+      ServerOptions so;
+      so.coordinator = addr;
+      so.rank = rank;
+      so.landing_buffers = landing_buffers;
+      so.apply_threads = apply_threads;
+      so.transport = transport;
+      // rdma_cm binds the address of an RDMA interface, not loopback (scripts/test-rdma.sh).
+      if (transport == "verbs" && std::getenv("SHARDPS_RDMA_ADDRESS"))
+        so.listen = std::string(std::getenv("SHARDPS_RDMA_ADDRESS")) + ":0";
+      so.register_timeout = std::chrono::milliseconds(20000);
+      // What the job's options say of every node.
+      so.secret_file = co.secret_file;
+      so.metrics_listen = co.metrics_listen;
+      so.tls_cert = co.tls_cert;
+      so.tls_key = co.tls_key;
+      so.tls_ca = co.tls_ca;
+      if (server_tweak) server_tweak(so);
+      return Server::Start(so);
+    };
     std::vector<std::future<Result<std::unique_ptr<Server>>>> sf;
     for (uint32_t i = 0; i < co.num_servers; ++i)
-      sf.push_back(std::async(std::launch::async, [addr, i, landing_buffers, transport,
-                                                   apply_threads, server_tweak, co] {
-        ServerOptions so;
-        so.coordinator = addr;
-        so.rank = static_cast<int32_t>(i);
-        so.landing_buffers = landing_buffers;
-        so.apply_threads = apply_threads;
-        so.transport = transport;
-        // rdma_cm binds the address of an RDMA interface, not loopback (scripts/test-rdma.sh).
-        if (transport == "verbs" && std::getenv("SHARDPS_RDMA_ADDRESS"))
-          so.listen = std::string(std::getenv("SHARDPS_RDMA_ADDRESS")) + ":0";
-        so.register_timeout = std::chrono::milliseconds(20000);
-        // What the job's options say of every node.
-        so.secret_file = co.secret_file;
-        so.metrics_listen = co.metrics_listen;
-        so.tls_cert = co.tls_cert;
-        so.tls_key = co.tls_key;
-        so.tls_ca = co.tls_ca;
-        if (server_tweak) server_tweak(so);
-        return Server::Start(so);
+      sf.push_back(std::async(std::launch::async, [start = lc->start_server, i] {
+        return start(static_cast<int32_t>(i));
       }));
     lc->connect_worker = [addr, transport, co, batches, worker_tweak](uint32_t i) {
       WorkerOptions wo;
