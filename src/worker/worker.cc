@@ -947,7 +947,7 @@ class WorkerImpl final : public Worker {
     if (view_.servers.size() > kMaxServers)
       return Status::ProtocolError(fmt::format("the job has {} servers", view_.servers.size()));
     for (uint32_t s = 0; s < view_.servers.size(); ++s)
-      SHARDPS_RETURN_IF_ERROR(ConnectServer(s, view_.servers[s].address));
+      SHARDPS_RETURN_IF_ERROR(ConnectServer(s, view_.servers[s].address, opt_.connect_timeout));
     if (!opt_.timeline.empty())
       meters_->timeline = std::make_shared<metrics::Timeline>(
           opt_.timeline, fmt::format("worker {}", rank_), 1000 + rank_);
@@ -1769,7 +1769,10 @@ class WorkerImpl final : public Worker {
       std::lock_guard<std::mutex> lock(failover_->mu);
       if (failover_->Dead(j.rank)) return fmt::format("server {} was declared dead", j.rank);
     }
-    Status st = ConnectServer(j.rank, j.address);
+    // Bounded well within the coordinator's wait for the join (and this worker's destruction
+    // waits for it).
+    Status st =
+        ConnectServer(j.rank, j.address, std::min(opt_.connect_timeout, std::chrono::milliseconds(5000)));
     if (!st.ok()) {
       spdlog::warn("worker {}: cannot reach server {}, which joined the job: {}", rank_, j.rank,
                    st.ToString());
@@ -1783,7 +1786,8 @@ class WorkerImpl final : public Worker {
   // Connects to server `s` at `address` (its data connection, batcher and credits): at Init, for
   // each server of the view, and for a server that joins the running job (FailoverWatch).
   // Entries are set once, before the count that makes them visible.
-  Status ConnectServer(uint32_t s, const std::string& address) {
+  Status ConnectServer(uint32_t s, const std::string& address,
+                       std::chrono::milliseconds timeout) {
     auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
     auto batcher = std::make_shared<Batcher>(view_.replicas > 0);
     transport::ConnectionHandlers h;
@@ -1811,7 +1815,7 @@ class WorkerImpl final : public Worker {
         });
       });
     };
-    auto conn = data_ctx_->Connect(address, h, opt_.connect_timeout);
+    auto conn = data_ctx_->Connect(address, h, timeout);
     if (!conn.ok()) return conn.status().WithContext(fmt::format("connecting to server {}", s));
     *slot = std::make_shared<RpcChannel>(*conn);
     servers_[s] = *slot;

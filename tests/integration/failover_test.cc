@@ -342,6 +342,59 @@ TEST(FailoverLimits, ASecondDeathThatLeavesAChunkWithoutACopyFailsTheJobNamingIt
   EXPECT_FALSE(w.Push(*id, g.data()).Wait(60s).ok());
 }
 
+// A server joins a running job only where it can: one without backups, or asking for a rank
+// the job has, is refused with the reason.
+TEST(FailoverLimits, AServerJoinIsRefusedWhereItCannotBe) {
+  {
+    auto lc = LocalCluster::Start(Opts(2, 1, Mode::kAsync, Aggregate::kSum, kChunkBytes));
+    ASSERT_TRUE(lc);
+    auto s = lc->start_server(-1);
+    ASSERT_FALSE(s.ok());
+    EXPECT_NE(s.status().message().find("only when it keeps backups"), std::string::npos)
+        << s.status().ToString();
+    lc->Finish();
+  }
+  CoordinatorOptions co = Opts(2, 1, Mode::kAsync, Aggregate::kSum, kChunkBytes);
+  co.replicas = 1;
+  auto lc = LocalCluster::Start(co);
+  ASSERT_TRUE(lc);
+  auto s = lc->start_server(1);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.status().message().find("server rank 1 is taken"), std::string::npos)
+      << s.status().ToString();
+  lc->Finish();
+}
+
+// A server that joins but that the others cannot reach (it gives an address nobody listens on)
+// is declared dead without having been given anything: the job goes on as it was, and the
+// chunks of a tensor declared later are placed on the servers it had.
+TEST(FailoverLimits, AServerThatCannotBeReachedDoesNotJoin) {
+  CoordinatorOptions co = Opts(2, 1, Mode::kAsync, Aggregate::kSum, kChunkBytes);
+  co.replicas = 1;
+  auto lc = LocalCluster::Start(co, 16, "tcp", 1, [](ServerOptions& so) {
+    if (so.rank < 0) so.advertise = "127.0.0.2";  // loopback, where it does not listen
+  });
+  ASSERT_TRUE(lc);
+  Worker& w = *lc->workers[0];
+  auto a = w.Declare(Sgd1("a", 8000, 0.0f));
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  std::vector<float> g(8000, 1.0f), out(8000);
+  ASSERT_TRUE(w.Push(*a, g.data()).Wait(60s).ok());
+  auto s = lc->start_server(-1);  // it registers and starts; the others cannot reach it
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  Status st = (*s)->Wait(30s);
+  EXPECT_FALSE(st.ok());  // its coordinator closed its connection: declared dead
+  EXPECT_EQ(w.num_servers(), 2u);
+  auto b = w.Declare(Sgd1("b", 8000, 0.0f));
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  for (TensorId id : {*a, *b}) ASSERT_TRUE(w.Push(id, g.data()).Wait(60s).ok());
+  ASSERT_TRUE(w.Pull(*a, out.data()).Wait(60s).ok());
+  EXPECT_EQ(out[0], -2.0f);
+  ASSERT_TRUE(w.Pull(*b, out.data()).Wait(60s).ok());
+  EXPECT_EQ(out[7999], -1.0f);
+  lc->Finish();
+}
+
 // A backup that lives but cannot be reached (the link closed and stays closed) and is not
 // declared dead: a push waiting for it fails within 2 * the failover timeout + 1 s, naming it,
 // rather than waiting for ever.
