@@ -112,7 +112,7 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
   app->add_option("--kill-second-server-at", b->kill_second_server_at,
                   "after --kill-server-at: every worker meets before this iteration, worker 0 "
                   "waits until every chunk has a backup again (at most 60 s), then kills server 1 "
-                  "(needs --servers 3 or more)");
+                  "(needs --servers 3 or more, or --restart-servers 1)");
   app->add_option("--kill-server-how", b->kill_server_how,
                   "kill (SIGKILL), or stop (SIGSTOP, then SIGCONT once that iteration completed: "
                   "a server that comes back after it was replaced)")
@@ -307,11 +307,13 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
     return 2;
   }
   if (b.kill_second_server_at > 0 &&
-      (job.servers < 3 || b.kill_server_at == 0 || b.kill_second_server_at <= b.kill_server_at)) {
+      ((job.servers < 3 && job.restart_servers == 0) || b.kill_server_at == 0 ||
+       b.kill_second_server_at <= b.kill_server_at)) {
     std::fprintf(stderr,
-                 "shardps bench: --kill-second-server-at needs --servers 3 or more and "
-                 "--kill-server-at at an earlier iteration (the second death is survived once "
-                 "the first one's chunks have new backups)\n");
+                 "shardps bench: --kill-second-server-at needs --servers 3 or more (or a new "
+                 "server in the dead one's place: --restart-servers 1) and --kill-server-at at an "
+                 "earlier iteration (the second death is survived once the first one's chunks "
+                 "have new backups)\n");
     return 2;
   }
   if (job.restart_workers > 0) {

@@ -22,6 +22,7 @@ void JobFlags::Add(CLI::App* app, bool with_sizes) {
   AddTunable(app, kReplicas, &replicas)->check(CLI::Range(0u, 1u));
   AddTunable(app, kOnWorkerLoss, &on_worker_loss)->check(CLI::IsMember({"fail", "continue"}));
   AddTunable(app, kRestartWorkers, &restart_workers)->check(CLI::Range(0u, 1000000u));
+  AddTunable(app, kRestartServers, &restart_servers)->check(CLI::Range(0u, 4000u));
   AddTunable(app, kWorkerWeights, &worker_weights);
   AddTunable(app, kWeightRule, &weight_rule)->check(CLI::IsMember({"fixed", "staleness"}));
   AddTunable(app, kTransport, &transport);

@@ -33,6 +33,7 @@ struct JobFlags {
   uint32_t replicas = static_cast<uint32_t>(tunables::kReplicas.number);
   std::string on_worker_loss{tunables::kOnWorkerLoss.default_value};
   uint32_t restart_workers = 0;
+  uint32_t restart_servers = 0;
   std::string worker_weights{tunables::kWorkerWeights.default_value};
   std::string weight_rule{tunables::kWeightRule.default_value};
   std::string transport{tunables::kTransport.default_value};

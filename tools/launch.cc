@@ -122,6 +122,11 @@ Result<LaunchOptions> LaunchFor(const JobFlags& job, std::vector<std::string> pr
   lo.restore = job.restore;
   lo.busy_poll_us = job.busy_poll_us;
   lo.restart_workers = job.restart_workers;
+  lo.restart_servers = job.restart_servers;
+  if (lo.restart_servers > 0 && (lo.coordinator.replicas == 0 || lo.coordinator.num_servers < 2))
+    return Status::InvalidArgument(
+        "--restart-servers needs --replicas 1 and --servers 2 or more (a server joins only a job "
+        "that keeps backups; without them a server's death ends the job)");
   if (lo.restart_workers > 0 && !lo.coordinator.continue_on_worker_loss)
     return Status::InvalidArgument(
         "--restart-workers needs --on-worker-loss continue (otherwise a worker's death ends the "
@@ -203,6 +208,8 @@ void MergeTimelineParts(const LaunchOptions& opt) {
   std::vector<std::string> parts;
   for (uint32_t i = 0; i < opt.coordinator.num_servers; ++i)
     parts.push_back(fmt::format("{}.server{}.json", opt.timeline, i));
+  for (uint32_t i = 1; i <= opt.restart_servers; ++i)
+    parts.push_back(fmt::format("{}.server-new{}.json", opt.timeline, i));
   for (uint32_t i = 0; i < opt.coordinator.num_workers; ++i)
     parts.push_back(fmt::format("{}.worker{}.json", opt.timeline, i));
   std::vector<std::string> found;
@@ -260,21 +267,26 @@ int RunLaunch(const LaunchOptions& opt) {
   const std::vector<std::string> common = ChildEnvironment(opt, addr);
   std::vector<Child> children;
   Status spawn_error;
-  for (uint32_t i = 0; i < co.num_servers && spawn_error.ok(); ++i) {
+  // Server `i` of the job's; or, i at num_servers and above, the (i - num_servers + 1)th that
+  // replaces a dead one (--restart-servers): the coordinator gives it its rank when it joins.
+  auto spawn_server = [&](uint32_t i) -> Result<Child> {
+    const bool joins = i >= co.num_servers;
     auto env = common;
     env.push_back("SHARDPS_ROLE=server");
-    env.push_back(fmt::format("{}={}", kRank.env, i));
+    if (!joins) env.push_back(fmt::format("{}={}", kRank.env, i));
     if (!co.metrics_listen.empty())
-      env.push_back(
-          fmt::format("{}={}", kMetricsListen.env, MetricsListenFor(co.metrics_listen, i)));
+      env.push_back(fmt::format(
+          "{}={}", kMetricsListen.env,
+          MetricsListenFor(co.metrics_listen, joins ? i + co.num_workers : int64_t{i})));
     if (!opt.timeline.empty())
-      env.push_back(fmt::format("{}={}.server{}.json", kTimeline.env, opt.timeline, i));
+      env.push_back(fmt::format("{}={}.server{}{}.json", kTimeline.env, opt.timeline,
+                                joins ? "-new" : "", joins ? i - co.num_servers + 1 : i));
     std::vector<std::string> argv = {SelfExe(),
                                      "server",
                                      "--coordinator",
                                      addr,
                                      "--rank",
-                                     std::to_string(i),
+                                     joins ? "-1" : std::to_string(i),
                                      "--transport",
                                      co.transport,
                                      "--landing-buffers",
@@ -283,7 +295,12 @@ int RunLaunch(const LaunchOptions& opt) {
                                      std::to_string(opt.apply_threads),
                                      "--device",
                                      opt.device};
-    auto c = Spawn(fmt::format("server {}", i), false, argv, opt.parent_env, env);
+    return Spawn(joins ? fmt::format("new server {}", i - co.num_servers + 1)
+                       : fmt::format("server {}", i),
+                 false, argv, opt.parent_env, env);
+  };
+  for (uint32_t i = 0; i < co.num_servers && spawn_error.ok(); ++i) {
+    auto c = spawn_server(i);
     if (c.ok())
       children.push_back(std::move(c).value());
     else
@@ -334,6 +351,7 @@ int RunLaunch(const LaunchOptions& opt) {
   Clock::time_point workers_done{};
   bool all_workers_done = false;
   uint32_t restarts_left = opt.restart_workers;
+  uint32_t servers_started = co.num_servers;  // --restart-servers: new ones count on from here
   for (;;) {
     std::vector<pollfd> pfds;
     std::vector<Child*> owners;
@@ -370,6 +388,7 @@ int RunLaunch(const LaunchOptions& opt) {
     }
     // Reap.
     std::vector<size_t> restart;  // workers started again once the loop is done
+    uint32_t new_servers = 0;     // servers started in the place of dead ones, after the loop
     for (auto& c : children) {
       if (c.exited) continue;
       int st = 0;
@@ -384,8 +403,11 @@ int RunLaunch(const LaunchOptions& opt) {
           opt.coordinator.num_servers > 1) {
         // Replication: the coordinator replaces it with its chunks' backups, or fails the job
         // (seen below) when it cannot.
-        std::fprintf(stderr, "[launch] %s %s; the job goes on with its chunks' backups\n",
-                     c.name.c_str(), Describe(st).c_str());
+        const bool again = servers_started + new_servers < co.num_servers + opt.restart_servers;
+        std::fprintf(stderr, "[launch] %s %s; the job goes on with its chunks' backups%s\n",
+                     c.name.c_str(), Describe(st).c_str(),
+                     again ? ", and a new server joins it in its place" : "");
+        if (again) ++new_servers;
         continue;
       }
       if (c.is_worker && c.restarted && !ok && job_done) {
@@ -419,7 +441,22 @@ int RunLaunch(const LaunchOptions& opt) {
         term_sent = Clock::now();
       }
     }
-    if (terminating) restart.clear();  // the job is being stopped: nothing starts again
+    if (terminating) {  // the job is being stopped: nothing starts again
+      restart.clear();
+      new_servers = 0;
+    }
+    for (; new_servers > 0; --new_servers) {
+      auto c = spawn_server(servers_started++);
+      if (!c.ok()) {
+        stop_reason = c.status().ToString();
+        exit_code = 1;
+        terminating = true;
+        terminate_all(SIGTERM);
+        term_sent = Clock::now();
+        break;
+      }
+      children.push_back(std::move(c).value());
+    }
     for (size_t i : restart) {
       Child& old = children[i];
       if (old.out >= 0) {  // what it wrote last still shows, before the new one's lines

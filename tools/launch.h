@@ -29,6 +29,9 @@ struct LaunchOptions {
   // --restart-workers: a worker process that dies (other than worker 0) is started again with its
   // rank, this many times in all; with --on-worker-loss continue it rejoins the job.
   uint32_t restart_workers = 0;
+  // --restart-servers: with replicas, a server process that dies is replaced by a new one that
+  // joins the running job (docs/fault-tolerance.md, "A server that joins"), this many times.
+  uint32_t restart_servers = 0;
   // --timeline: each server and worker writes FILE.server<i>.json / FILE.worker<r>.json, merged
   // into FILE when the job ends.
   std::string timeline;

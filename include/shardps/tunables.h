@@ -77,6 +77,15 @@ inline constexpr Tunable kRestartWorkers{
     "times in all; with --on-worker-loss continue it rejoins the job in its place "
     "(docs/fault-tolerance.md)",
     "launch, train"};
+inline constexpr Tunable kRestartServers{
+    "restart-servers",
+    "SHARDPS_RESTART_SERVERS",
+    "0",
+    0,
+    "launch: with --replicas 1, a server process that dies is replaced by a new one, which joins "
+    "the running job and becomes the backup of the chunks left with one copy, up to N times in "
+    "all (docs/fault-tolerance.md)",
+    "launch, bench, train"};
 inline constexpr Tunable kWorkerWeights{
     "worker-weights",
     "SHARDPS_WORKER_WEIGHTS",
@@ -351,6 +360,7 @@ inline constexpr const Tunable* kAll[] = {
     &kReplicas,
     &kOnWorkerLoss,
     &kRestartWorkers,
+    &kRestartServers,
     &kWorkerWeights,
     &kWeightRule,
     &kTransport,

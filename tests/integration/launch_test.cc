@@ -225,9 +225,10 @@ CommandResult RunVerifiedBench(const std::vector<std::string>& args,
 // iterations, with `kills` (its --kill-... flags).
 CommandResult RunKillBench(const std::string& transport, const std::string& mode,
                            const std::string& chunk, const std::string& iters,
-                           const std::vector<std::string>& kills) {
+                           const std::vector<std::string>& kills,
+                           const std::string& servers = "3") {
   std::vector<std::string> args = {
-      "--transport",  transport, "--servers", "3",      "--workers",   "2",
+      "--transport",  transport, "--servers", servers,  "--workers",   "2",
       "--replicas",   "1",       "--mode",    mode,     "--aggregate", "sum",
       "--chunk-size", chunk,     "--size",    "200000", "--iters",     iters};
   args.insert(args.end(), kills.begin(), kills.end());
@@ -278,6 +279,40 @@ TEST(Launch, TwoServersKilledOneAfterTheOtherLoseNoPush) {
         EXPECT_NE(r.output.find("killed server 1"), std::string::npos) << r.output;
         EXPECT_NE(r.output.find("declared dead; shard map epoch 2"), std::string::npos) << r.output;
       }
+}
+
+// A new server in a dead one's place (docs/fault-tolerance.md, "A server that joins"): of 2
+// servers, worker 0 SIGKILLs server 0; the launcher starts a new server process
+// (--restart-servers 1), which joins the running job and becomes the backup of every chunk left
+// with one copy; then server 1 is killed too, and the job ends on the new server alone. Both
+// workers verify every value.
+TEST(Launch, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
+  for (const std::string& transport : BenchTransports())
+    for (const std::string mode : {"sync", "async"}) {
+      SCOPED_TRACE(transport + " " + mode);
+      auto r = RunKillBench(transport, mode, "64KiB", "24",
+                            {"--restart-servers", "1", "--kill-server-at", "5",
+                             "--kill-second-server-at", "14"},
+                            "2");
+      EXPECT_NE(r.output.find("a new server joins it in its place"), std::string::npos)
+          << r.output;
+      EXPECT_NE(r.output.find("server 2 (node"), std::string::npos) << r.output;
+      EXPECT_NE(r.output.find("joined the job; 2 live servers now"), std::string::npos)
+          << r.output;
+      EXPECT_NE(r.output.find("killed server 1"), std::string::npos) << r.output;
+      EXPECT_NE(r.output.find("declared dead; shard map epoch 2"), std::string::npos) << r.output;
+      EXPECT_NE(r.output.find("server 2: server 1 was declared dead"), std::string::npos)
+          << r.output;
+    }
+}
+
+// --restart-servers is refused where a new server could not join.
+TEST(Launch, RestartServersNeedsBackups) {
+  auto r = RunCommand({kShardps, "bench", "--servers", "2", "--restart-servers", "1", "--iters",
+                       "1", "--size", "4KiB"},
+                      60s);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--restart-servers needs --replicas 1"), std::string::npos) << r.output;
 }
 
 // A server paused (SIGSTOP, a hung host) past the heartbeat timeout is replaced; resumed after
