@@ -605,9 +605,10 @@ class CoordinatorImpl final : public Coordinator {
     if (rq.data_address.empty()) return refuse("a server must give its data address");
     for (const auto& n : nodes_)
       if (n.joining && !n.dead)
-        return Reply(*c, req,
-                     Status::Unavailable(fmt::format(
-                         "{} is joining the job: one server joins at a time; try again", n.Name())));
+        return Reply(
+            *c, req,
+            Status::Unavailable(fmt::format(
+                "{} is joining the job: one server joins at a time; try again", n.Name())));
     EndCheckpoint(Status::Aborted(fmt::format("server {} joined the job during it", rank)));
     Node n;
     n.id = next_node_id_++;
@@ -640,9 +641,10 @@ class CoordinatorImpl final : public Coordinator {
     Writer w(&body);
     rep.Encode(&w);
     Reply(*c, req, Status::OK(), body);
-    spdlog::info("coordinator: {} registered from {}: it joins the running job ({} live nodes "
-                 "connect to it first)",
-                 n.Name(), c->peer(), n.unreached.size());
+    spdlog::info(
+        "coordinator: {} registered from {}: it joins the running job ({} live nodes "
+        "connect to it first)",
+        n.Name(), c->peer(), n.unreached.size());
     Notify(kServerJoined, ServerJoined{epoch_, rank, n.id, n.data_address},
            [&](const Node& o) { return n.unreached.count(o.id) > 0; });
     nodes_.push_back(std::move(n));

@@ -42,8 +42,7 @@ Result<std::unique_ptr<NodeClient>> NodeClient::Connect(transport::Context* ctx,
                   worker_down = options.on_worker_down, worker_up = options.on_worker_up,
                   rebuild = options.on_rebuild_backups, added = options.on_backups_added,
                   gate = options.on_checkpoint_gate, cuts = options.on_checkpoint_cuts,
-                  release = options.on_checkpoint_release,
-                  joined = options.on_server_joined](
+                  release = options.on_checkpoint_release, joined = options.on_server_joined](
                      const std::shared_ptr<transport::Connection>& c, transport::Message m) {
     auto rpc = *rpc_slot;
     if (m.tag == kReply) {

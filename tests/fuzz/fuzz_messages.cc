@@ -65,7 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t which = data[0];
   data++;
   size--;
-  switch (which % 33) {
+  switch (which % 35) {
     case 0:
       RoundTrip<ClusterView>(data, size);
       break;
@@ -161,6 +161,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 32:
       RoundTrip<SaveChunksRequest>(data, size);
+      break;
+    case 33:
+      RoundTrip<ServerJoined>(data, size);
+      break;
+    case 34:
+      RoundTrip<ServerReached>(data, size);
       break;
     case 12: {
       // Counts read off the wire before vectors are sized.

@@ -49,8 +49,9 @@ MESSAGES = {
     "register_request_node": (1, u8(2) + i32(-1) + string(b"") + string(b"host") + u32(123) + string(b"tcp") +
                               string(b"host/node1") + i32(1) + u32(2)),
     "cluster_view_nodes": (0, view((0, 0, 1))),
-    "register_reply": (2, u32(7) + u32(1) + view() + u8(0)),
-    "register_reply_rejoined": (2, u32(7) + u32(2) + view() + u8(1)),
+    "register_reply": (2, u32(7) + u32(1) + view() + u8(0) + u8(0) + u64(0) + u64(0)),
+    "register_reply_rejoined": (2, u32(7) + u32(2) + view() + u8(1) + u8(0) + u64(0) + u64(0)),
+    "register_reply_joined": (2, u32(7) + u32(2) + view() + u8(0) + u8(1) + u64(1) + u64(1) + u32(0)),
     "create_chunk_item": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs()),
     "create_chunk_item_topk": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(5, 256, 2)),
     "chunk_slots": (4, remote_key() + u64(4160) + u64(0) + u64(0)),
@@ -98,6 +99,9 @@ MESSAGES = {
     "save_chunks": (32, string(b"/ckpt/run1") + string(b"g2-server-0.chunks") + u32(0) + u32(0)),
     "save_chunks_cuts": (32, string(b"/ckpt/run1") + string(b"g2-server-0.chunks") + u32(60000) + u32(1)
                          + string(b"fc1.weight") + u32(2) + u64(7) + u64(6) + u64(7)),
+    "server_joined": (33, u64(1) + u32(2) + u32(9) + string(b"127.0.0.1:7071")),
+    "server_reached": (34, u32(2) + string(b"")),
+    "server_reached_error": (34, u32(2) + string(b"connection refused")),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
 

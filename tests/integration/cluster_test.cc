@@ -415,11 +415,11 @@ TEST_P(ClusterOver, HostilePeersOnEveryPortWhileAJobRuns) {
           out.resize(out.size() + 4096, 0x11);
           break;
         default: {  // well framed, junk inside, known tags
-          const uint32_t tags[] = {cluster::kGrant,          cluster::kPushDone,
-                                   cluster::kCreateChunks,   cluster::kRegister,
-                                   cluster::kDeclare,        cluster::kBarrier,
-                                   cluster::kTakeCheckpoint, cluster::kCheckpointCounts,
-                                   cluster::kCheckpointDone, cluster::kSaveChunks};
+          const uint32_t tags[] = {
+              cluster::kGrant,          cluster::kPushDone,         cluster::kCreateChunks,
+              cluster::kRegister,       cluster::kDeclare,          cluster::kBarrier,
+              cluster::kTakeCheckpoint, cluster::kCheckpointCounts, cluster::kCheckpointDone,
+              cluster::kSaveChunks,     cluster::kServerReached,    cluster::kInstallReplica};
           std::vector<uint8_t> meta(rng() % 200);
           for (auto& b : meta) b = static_cast<uint8_t>(rng());
           h.meta_len = static_cast<uint32_t>(meta.size());
