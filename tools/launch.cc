@@ -295,9 +295,9 @@ int RunLaunch(const LaunchOptions& opt) {
                                      std::to_string(opt.apply_threads),
                                      "--device",
                                      opt.device};
-    return Spawn(joins ? fmt::format("new server {}", i - co.num_servers + 1)
-                       : fmt::format("server {}", i),
-                 false, argv, opt.parent_env, env);
+    return Spawn(
+        joins ? fmt::format("new server {}", i - co.num_servers + 1) : fmt::format("server {}", i),
+        false, argv, opt.parent_env, env);
   };
   for (uint32_t i = 0; i < co.num_servers && spawn_error.ok(); ++i) {
     auto c = spawn_server(i);

@@ -1612,10 +1612,10 @@ class WorkerImpl final : public Worker {
       // A transport's failure (the connection closed, a one-sided operation cancelled as the
       // peer vanished, a replaced primary's refusal) may be the server's death, which the
       // coordinator decides; an error the server answered (a wrong size, an unknown chunk) is not.
-      const bool lost = (server < NumServers() && servers_[server] &&
-                         servers_[server]->connection().closed()) ||
-                        why.IsUnavailable() || why.IsRemoteError() || why.IsAborted() ||
-                        why.code() == Status::Code::kIOError;
+      const bool lost =
+          (server < NumServers() && servers_[server] && servers_[server]->connection().closed()) ||
+          why.IsUnavailable() || why.IsRemoteError() || why.IsAborted() ||
+          why.code() == Status::Code::kIOError;
       if (failover_->replicated && !failover_->stop && (lost || failover_->Dead(server))) {
         if (!failover_->failed.ok()) {
           fail = failover_->failed;
@@ -1771,23 +1771,21 @@ class WorkerImpl final : public Worker {
     }
     // Bounded well within the coordinator's wait for the join (and this worker's destruction
     // waits for it).
-    Status st =
-        ConnectServer(j.rank, j.address, std::min(opt_.connect_timeout, std::chrono::milliseconds(5000)));
+    Status st = ConnectServer(j.rank, j.address,
+                              std::min(opt_.connect_timeout, std::chrono::milliseconds(5000)));
     if (!st.ok()) {
       spdlog::warn("worker {}: cannot reach server {}, which joined the job: {}", rank_, j.rank,
                    st.ToString());
       return st.ToString();
     }
-    spdlog::info("worker {}: server {} joined the job at {}; connected", rank_, j.rank,
-                 j.address);
+    spdlog::info("worker {}: server {} joined the job at {}; connected", rank_, j.rank, j.address);
     return {};
   }
 
   // Connects to server `s` at `address` (its data connection, batcher and credits): at Init, for
   // each server of the view, and for a server that joins the running job (FailoverWatch).
   // Entries are set once, before the count that makes them visible.
-  Status ConnectServer(uint32_t s, const std::string& address,
-                       std::chrono::milliseconds timeout) {
+  Status ConnectServer(uint32_t s, const std::string& address, std::chrono::milliseconds timeout) {
     auto slot = std::make_shared<std::shared_ptr<RpcChannel>>();
     auto batcher = std::make_shared<Batcher>(view_.replicas > 0);
     transport::ConnectionHandlers h;
@@ -1801,8 +1799,8 @@ class WorkerImpl final : public Worker {
       }
     };
     h.on_close = [this, slot, batcher, s](const std::shared_ptr<Connection>&, Status st) {
-      Status why = Status::Unavailable(fmt::format("lost the connection to server {}{}", s,
-                                                   st.ok() ? "" : ": " + st.message()));
+      Status why = Status::Unavailable(
+          fmt::format("lost the connection to server {}{}", s, st.ok() ? "" : ": " + st.message()));
       if (*slot) (*slot)->FailAll(why);
       // With replication, its batched operations go to their chunks' backups once the
       // coordinator declared it dead.
@@ -1841,8 +1839,7 @@ class WorkerImpl final : public Worker {
   void FailoverWatch() {
     std::unique_lock<std::mutex> lock(failover_->mu);
     while (!failover_->stop) {
-      if (failover_->joined.empty())
-        failover_->cv.wait_for(lock, std::chrono::milliseconds(200));
+      if (failover_->joined.empty()) failover_->cv.wait_for(lock, std::chrono::milliseconds(200));
       if (!failover_->joined.empty() && !failover_->stop) {
         auto joined = std::move(failover_->joined);
         failover_->joined.clear();

@@ -290,15 +290,13 @@ TEST(Launch, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
   for (const std::string& transport : BenchTransports())
     for (const std::string mode : {"sync", "async"}) {
       SCOPED_TRACE(transport + " " + mode);
-      auto r = RunKillBench(transport, mode, "64KiB", "24",
-                            {"--restart-servers", "1", "--kill-server-at", "5",
-                             "--kill-second-server-at", "14"},
-                            "2");
-      EXPECT_NE(r.output.find("a new server joins it in its place"), std::string::npos)
-          << r.output;
+      auto r = RunKillBench(
+          transport, mode, "64KiB", "24",
+          {"--restart-servers", "1", "--kill-server-at", "5", "--kill-second-server-at", "14"},
+          "2");
+      EXPECT_NE(r.output.find("a new server joins it in its place"), std::string::npos) << r.output;
       EXPECT_NE(r.output.find("server 2 (node"), std::string::npos) << r.output;
-      EXPECT_NE(r.output.find("joined the job; 2 live servers now"), std::string::npos)
-          << r.output;
+      EXPECT_NE(r.output.find("joined the job; 2 live servers now"), std::string::npos) << r.output;
       EXPECT_NE(r.output.find("killed server 1"), std::string::npos) << r.output;
       EXPECT_NE(r.output.find("declared dead; shard map epoch 2"), std::string::npos) << r.output;
       EXPECT_NE(r.output.find("server 2: server 1 was declared dead"), std::string::npos)
