@@ -115,6 +115,54 @@ TEST(Codec, RandomInputNeverCrashesTheDecoders) {
   }
 }
 
+// The register reply of a server that joins a running job: its fields travel, and a dead server
+// the view does not have is refused.
+TEST(Codec, AJoiningServersRegisterReplyRoundTrips) {
+  cluster::RegisterReply rep;
+  rep.node_id = 9;
+  rep.rank = 3;
+  rep.view.num_servers = 4;
+  rep.view.num_workers = 2;
+  for (uint32_t s = 0; s < 4; ++s)
+    rep.view.servers.push_back({s + 1, "127.0.0.1:" + std::to_string(7000 + s)});
+  rep.joined = true;
+  rep.epoch = 2;
+  rep.dead_servers = {0, 2};
+  Bytes b;
+  Writer w(&b);
+  rep.Encode(&w);
+  Reader r(b.data(), b.size());
+  cluster::RegisterReply got;
+  ASSERT_TRUE(got.Decode(&r));
+  EXPECT_TRUE(r.done());
+  EXPECT_TRUE(got.joined);
+  EXPECT_FALSE(got.rejoined);
+  EXPECT_EQ(got.epoch, 2u);
+  EXPECT_EQ(got.dead_servers, (std::vector<uint32_t>{0, 2}));
+  EXPECT_EQ(got.view.servers.size(), 4u);
+  rep.dead_servers = {4};  // not in the view
+  Bytes c;
+  Writer w2(&c);
+  rep.Encode(&w2);
+  Reader r2(c.data(), c.size());
+  EXPECT_FALSE(got.Decode(&r2));
+  cluster::ServerJoined j{1, 3, 9, "127.0.0.1:7003"};
+  Bytes d;
+  Writer w3(&d);
+  j.Encode(&w3);
+  Reader r3(d.data(), d.size());
+  cluster::ServerJoined jj;
+  ASSERT_TRUE(jj.Decode(&r3));
+  EXPECT_EQ(jj.rank, 3u);
+  EXPECT_EQ(jj.address, "127.0.0.1:7003");
+  j.rank = cluster::kMaxServers;  // beyond any job
+  Bytes e;
+  Writer w4(&e);
+  j.Encode(&w4);
+  Reader r4(e.data(), e.size());
+  EXPECT_FALSE(jj.Decode(&r4));
+}
+
 TEST(Frame, HeaderValidation) {
   uint8_t buf[transport::kFrameHeaderSize];
   transport::FrameHeader h;
