@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
+#include <deque>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -32,10 +33,12 @@ Status CoordinatorOptions::Validate() const {
                     chunk_bytes));
   if (heartbeat_interval.count() <= 0 || heartbeat_timeout <= heartbeat_interval)
     return Status::InvalidArgument("heartbeat timeout must exceed the heartbeat interval");
-  if (replicas > 0 && failover_timeout <= heartbeat_interval)
-    return Status::InvalidArgument(
-        fmt::format("failover timeout ({} ms) must exceed the heartbeat interval ({} ms)",
-                    failover_timeout.count(), heartbeat_interval.count()));
+  if (replicas > 0 && num_servers > 1 && failover_timeout <= heartbeat_interval)
+    return Status::InvalidArgument(fmt::format(
+        "the failover timeout ({} ms, --failover-timeout-ms) must exceed the heartbeat interval "
+        "({} ms): with backups (--replicas 1, the default with 2 servers or more) a server "
+        "silent that long is replaced; raise it, or run without backups (--replicas 0)",
+        failover_timeout.count(), heartbeat_interval.count()));
   if (checkpoint_interval.count() < 0 || checkpoint_timeout.count() <= 0)
     return Status::InvalidArgument("the checkpoint interval and timeout must be positive");
   if (checkpoint_interval.count() > 0 && checkpoint_dir.empty())
@@ -603,12 +606,14 @@ class CoordinatorImpl final : public Coordinator {
       return refuse(fmt::format("this job uses transport '{}', the server asked for '{}'",
                                 opt_.transport, rq.transport));
     if (rq.data_address.empty()) return refuse("a server must give its data address");
-    for (const auto& n : nodes_)
-      if (n.joining && !n.dead)
-        return Reply(
-            *c, req,
-            Status::Unavailable(fmt::format(
-                "{} is joining the job: one server joins at a time; try again", n.Name())));
+    // One server joins at a time, and not while a worker rejoins (each would miss what the other
+    // changes): the others wait, answered in turn (AdvanceJoins).
+    if (joining_rank_ != kNoServer || RejoinInProgress()) {
+      spdlog::info("coordinator: a server from {} waits to join: {}", c->peer(),
+                   joining_rank_ != kNoServer ? "another server is joining" : "a worker rejoins");
+      waiting_joins_.push_back({c, req, rq});
+      return;
+    }
     EndCheckpoint(Status::Aborted(fmt::format("server {} joined the job during it", rank)));
     Node n;
     n.id = next_node_id_++;
@@ -637,6 +642,14 @@ class CoordinatorImpl final : public Coordinator {
     rep.epoch = epoch_;
     for (uint32_t s = 0; s < server_dead_.size(); ++s)
       if (server_dead_[s]) rep.dead_servers.push_back(s);
+    // Workers removed (--on-worker-loss continue) whose rank no live worker holds: the chunks
+    // made on it do not wait for them (the other servers were told: kWorkerDown).
+    for (uint32_t w = 0; w < opt_.num_workers; ++w) {
+      const bool held = std::any_of(nodes_.begin(), nodes_.end(), [&](const Node& o) {
+        return o.role == Role::kWorker && o.rank == w && !o.dead && !o.rejoining;
+      });
+      if (!held) rep.removed_workers.push_back(w);
+    }
     Bytes body;
     Writer w(&body);
     rep.Encode(&w);
@@ -647,6 +660,7 @@ class CoordinatorImpl final : public Coordinator {
         n.Name(), c->peer(), n.unreached.size());
     Notify(kServerJoined, ServerJoined{epoch_, rank, n.id, n.data_address},
            [&](const Node& o) { return n.unreached.count(o.id) > 0; });
+    joining_rank_ = rank;
     nodes_.push_back(std::move(n));
     AdvanceJoins();
   }
@@ -659,6 +673,13 @@ class CoordinatorImpl final : public Coordinator {
   // or not within JoinWait, is declared dead (it held nothing).
   void AdvanceJoins() {
     const auto now = Clock::now();
+    if (joining_rank_ != kNoServer && !Joining(joining_rank_)) joining_rank_ = kNoServer;
+    while (joining_rank_ == kNoServer && !RejoinInProgress() && !waiting_joins_.empty() &&
+           !finished_) {
+      WaitingJoin next = std::move(waiting_joins_.front());
+      waiting_joins_.pop_front();
+      if (!next.conn->closed()) HandleServerJoin(next.conn, next.req, next.rq);
+    }
     for (auto& n : nodes_) {
       if (!n.joining || n.dead) continue;
       for (auto it = n.unreached.begin(); it != n.unreached.end();) {
@@ -671,10 +692,12 @@ class CoordinatorImpl final : public Coordinator {
         for (uint32_t id : n.unreached)
           if (const Node* o = FindNodeById(id)) names.push_back(o->Name());
         n.joining = false;
+        joining_rank_ = kNoServer;
         return Lost(n, fmt::format("{} could not join: not reached by {} within {} ms", n.Name(),
                                    fmt::join(names, ", "), JoinWait().count()));
       }
       n.joining = false;
+      joining_rank_ = kNoServer;
       ++servers_joined_;
       spdlog::info("coordinator: {} joined the job; {} live servers now", n.Name(), LiveServers());
       RebuildBackups();
@@ -687,6 +710,7 @@ class CoordinatorImpl final : public Coordinator {
       if (!n.joining || n.dead || n.role != Role::kServer || n.rank != r.rank) continue;
       if (!r.error.empty()) {
         n.joining = false;
+        joining_rank_ = kNoServer;
         return Lost(n, fmt::format("{} could not join: {} cannot reach it: {}", n.Name(),
                                    from.Name(), r.error));
       }
@@ -715,6 +739,7 @@ class CoordinatorImpl final : public Coordinator {
     for (auto& n : nodes_) {
       if (!n.rejoining || n.dead) continue;
       if (!n.rejoin_told) {
+        if (joining_rank_ != kNoServer) continue;  // after the server joining now (or its end)
         const bool held = std::any_of(nodes_.begin(), nodes_.end(), [&](const Node& o) {
           return o.role == Role::kWorker && !o.dead && !o.rejoining && o.rank == n.rank;
         });
@@ -954,9 +979,16 @@ class CoordinatorImpl final : public Coordinator {
 
   // Server `s` is joining: no node was told to use it yet.
   bool Joining(uint32_t s) const {
+    if (s != joining_rank_) return false;
     return std::any_of(nodes_.begin(), nodes_.end(), [&](const Node& n) {
       return n.joining && !n.dead && n.role == Role::kServer && n.rank == s;
     });
+  }
+
+  // A rejoining worker the servers were told of (kWorkerUp) is not in yet.
+  bool RejoinInProgress() const {
+    return std::any_of(nodes_.begin(), nodes_.end(),
+                       [](const Node& o) { return o.rejoining && !o.dead && o.rejoin_told; });
   }
 
   // Node `n` died or went silent: the job fails, unless it is a server whose every chunk has a
@@ -1209,6 +1241,7 @@ class CoordinatorImpl final : public Coordinator {
         n.conn->Send(kShutdown, meta, {}, nullptr);
       }
     spdlog::info("coordinator: all workers finished; job done");
+    RefuseWaitingJoins("the job has ended");
     finished_ = true;
     result_ = Status::OK();
     cv_.notify_all();
@@ -1277,8 +1310,15 @@ class CoordinatorImpl final : public Coordinator {
               static_cast<double>(ctx_ ? ctx_->refused_peers() : 0));
   }
 
+  // Servers waiting to join a job that ended are told so.
+  void RefuseWaitingJoins(const std::string& why) {
+    for (auto& j : waiting_joins_) Reply(*j.conn, j.req, Status::Unavailable(why));
+    waiting_joins_.clear();
+  }
+
   void Fail(Status why) {
     if (finished_) return;
+    RefuseWaitingJoins("the job failed: " + why.message());
     spdlog::error("coordinator: job failed: {}", why.ToString());
     finished_ = true;
     result_ = why;
@@ -1320,7 +1360,15 @@ class CoordinatorImpl final : public Coordinator {
   uint64_t workers_removed_ = 0;   // guarded by mu_: --on-worker-loss continue
   uint64_t workers_rejoined_ = 0;  // guarded by mu_
   uint64_t servers_joined_ = 0;    // guarded by mu_
-  ClusterView view_;               // guarded by mu_: the job's, once complete (rejoining workers)
+  uint32_t joining_rank_ = kNoServer;  // guarded by mu_: the server joining now, if one is
+  // guarded by mu_: servers that registered to join while another joined or a worker rejoined
+  struct WaitingJoin {
+    std::shared_ptr<transport::Connection> conn;
+    uint64_t req = 0;
+    RegisterRequest rq;
+  };
+  std::deque<WaitingJoin> waiting_joins_;
+  ClusterView view_;  // guarded by mu_: the job's, once complete (rejoining workers)
   // guarded by mu_: chunks whose new backup is being copied, and on which server
   std::map<uint64_t, uint32_t> rebuilding_;
   uint64_t backups_rebuilt_ = 0;  // guarded by mu_

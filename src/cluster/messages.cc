@@ -345,17 +345,21 @@ void RegisterReply::Encode(Writer* w) const {
   w->Put<uint8_t>(joined ? 1 : 0);
   w->Put(epoch);
   w->PutVector(std::span<const uint32_t>(dead_servers));
+  w->PutVector(std::span<const uint32_t>(removed_workers));
 }
 
 bool RegisterReply::Decode(Reader* r) {
   uint8_t j = 0, s = 0;
   if (!r->Get(&node_id) || !r->Get(&rank) || !view.Decode(r) || !r->Get(&j) || j > 1 ||
-      !r->Get(&s) || s > 1 || !r->Get(&epoch) || !r->GetVector(&dead_servers, kMaxServers))
+      !r->Get(&s) || s > 1 || !r->Get(&epoch) || !r->GetVector(&dead_servers, kMaxServers) ||
+      !r->GetVector(&removed_workers, kMaxWorkers))
     return false;
   rejoined = j == 1;
   joined = s == 1;
   for (uint32_t d : dead_servers)
     if (d >= view.servers.size()) return false;
+  for (uint32_t w : removed_workers)
+    if (w >= view.num_workers) return false;
   return true;
 }
 

@@ -144,11 +144,13 @@ struct RegisterReply {
   // A worker that rejoins a running job in the place of one removed (docs/fault-tolerance.md):
   // the chunks exist, and each tells it at attach where its pushes go on.
   bool rejoined = false;
-  // A server that joins a running job (`joined`): the shard map's epoch, and the servers
-  // declared dead (ranks in `view.servers` it must not reach).
+  // A server that joins a running job (`joined`): the shard map's epoch, the servers declared
+  // dead (ranks in `view.servers` it must not reach), and the workers removed from the job (its
+  // chunks' steps do not wait for them).
   bool joined = false;
   uint64_t epoch = 0;
   std::vector<uint32_t> dead_servers;
+  std::vector<uint32_t> removed_workers;  // worker ranks removed from the job, not taken again
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };

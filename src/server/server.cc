@@ -403,6 +403,8 @@ class ServerImpl final : public Server {
         peer_addresses_[s] = view_.servers[s].address;
       dead_.resize(std::max(dead_.size(), n), false);
       for (uint32_t s : node_->info().dead_servers) dead_[s] = true;
+      // Workers removed before it joined: its chunks' steps do not wait for them.
+      for (uint32_t w : node_->info().removed_workers) removed_workers_.insert(w);
     }
     // Per pusher: each worker, or each node (node-level reduction).
     counters_ = std::make_unique<WorkerCounters[]>(view_.num_pushers());
@@ -742,12 +744,12 @@ class ServerImpl final : public Server {
   // opened by ReplicaLinkLoop (Connect blocks), which then says so (`report`).
   void OnServerJoined(const ServerJoined& j, std::function<void(const ServerReached&)> report) {
     if (stopping_.load()) return;
+    // (This server may still be starting: its rank_ is not read here.)
     {
       std::lock_guard<std::mutex> lock(failover_mu_);
-      if (j.rank == rank_ || (j.rank < dead_.size() && dead_[j.rank]) ||
+      if ((j.rank < dead_.size() && dead_[j.rank]) ||
           (j.rank < peer_addresses_.size() && !peer_addresses_[j.rank].empty())) {
-        spdlog::warn("server {}: told that server {} joined, which it knew of; ignored", rank_,
-                     j.rank);
+        spdlog::warn("server: told that server {} joined, which it knew of; ignored", j.rank);
         return;
       }
       const size_t n = std::max<size_t>(peer_addresses_.size(), j.rank + 1);
@@ -762,8 +764,7 @@ class ServerImpl final : public Server {
         link_down_[j.rank] = true;
       }
     }
-    spdlog::info("server {}: server {} joined the job at {}; connecting to it", rank_, j.rank,
-                 j.address);
+    spdlog::info("server: server {} joined the job at {}; connecting to it", j.rank, j.address);
     link_cv_.notify_all();
   }
 
@@ -808,14 +809,20 @@ class ServerImpl final : public Server {
           lock.unlock();
           Status st =
               ConnectPeer(s, std::min(opt_.connect_timeout, std::chrono::milliseconds(1000)));
-          TellReached(s, st);
+          const bool joined = TellReached(s, st);
           lock.lock();
           if (stopping_.load()) return;
           if (dead_[s]) continue;  // OnServerDown took its pushes
           if (st.ok()) {
             link_down_[s] = false;
-            reopened_links_.fetch_add(1, std::memory_order_relaxed);
-            spdlog::info("server {}: reopened the connection to server {} (replication)", rank_, s);
+            if (joined) {
+              spdlog::info("server {}: connected to server {}, which joined (replication)", rank_,
+                           s);
+            } else {
+              reopened_links_.fetch_add(1, std::memory_order_relaxed);
+              spdlog::info("server {}: reopened the connection to server {} (replication)", rank_,
+                           s);
+            }
           }
         }
         auto it = orphans_.find(s);

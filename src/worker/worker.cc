@@ -1522,8 +1522,9 @@ class WorkerImpl final : public Worker {
   }
 
   Result<std::string> ServerStats(uint32_t server) override {
-    if (server >= NumServers() || !servers_[server])
-      return Status::InvalidArgument(fmt::format("no server {}", server));
+    if (server >= NumServers()) return Status::InvalidArgument(fmt::format("no server {}", server));
+    if (!servers_[server])  // one that joined the job and could not be reached
+      return Status::Unavailable(fmt::format("server {} was never reached", server));
     {
       std::lock_guard<std::mutex> lock(failover_->mu);
       if (failover_->Dead(server))
@@ -1777,6 +1778,16 @@ class WorkerImpl final : public Worker {
       spdlog::warn("worker {}: cannot reach server {}, which joined the job: {}", rank_, j.rank,
                    st.ToString());
       return st.ToString();
+    }
+    bool dead = false;
+    {
+      std::lock_guard<std::mutex> lock(failover_->mu);
+      dead = failover_->Dead(j.rank);
+    }
+    if (dead) {
+      // Declared dead while this connected (OnServerDown found no connection to close).
+      servers_[j.rank]->connection().Close();
+      return fmt::format("server {} was declared dead", j.rank);
     }
     spdlog::info("worker {}: server {} joined the job at {}; connected", rank_, j.rank, j.address);
     return {};

@@ -49,9 +49,10 @@ MESSAGES = {
     "register_request_node": (1, u8(2) + i32(-1) + string(b"") + string(b"host") + u32(123) + string(b"tcp") +
                               string(b"host/node1") + i32(1) + u32(2)),
     "cluster_view_nodes": (0, view((0, 0, 1))),
-    "register_reply": (2, u32(7) + u32(1) + view() + u8(0) + u8(0) + u64(0) + u64(0)),
-    "register_reply_rejoined": (2, u32(7) + u32(2) + view() + u8(1) + u8(0) + u64(0) + u64(0)),
-    "register_reply_joined": (2, u32(7) + u32(2) + view() + u8(0) + u8(1) + u64(1) + u64(1) + u32(0)),
+    "register_reply": (2, u32(7) + u32(1) + view() + u8(0) + u8(0) + u64(0) + u64(0) + u64(0)),
+    "register_reply_rejoined": (2, u32(7) + u32(2) + view() + u8(1) + u8(0) + u64(0) + u64(0) + u64(0)),
+    "register_reply_joined": (2, u32(7) + u32(2) + view() + u8(0) + u8(1) + u64(1) + u64(1) + u32(0)
+                              + u64(1) + u32(2)),
     "create_chunk_item": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs()),
     "create_chunk_item_topk": (3, u64(1) + string(b"fc1.weight") + u64(0) + u64(1024) + optimizer() + codecs(5, 256, 2)),
     "chunk_slots": (4, remote_key() + u64(4160) + u64(0) + u64(0)),

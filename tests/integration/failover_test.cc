@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <future>
 #include <string>
 #include <thread>
 #include <vector>
@@ -16,6 +17,7 @@
 
 #include "server/testing.h"
 #include "support/exact_values.h"
+#include "support/http_get.h"
 #include "support/local_cluster.h"
 #include "transport/context.h"
 #include "worker/testing.h"
@@ -41,6 +43,14 @@ struct Param {
   std::string device = "cpu";  // the servers' --device: "twin" runs the device update rule
   uint32_t per_node = 1;       // workers per node: 2 reduce on their node, which pushes
 };
+
+// The coordinator's metrics without the nodes' (whose HTTP servers take seconds to stop).
+std::function<void(ServerOptions&)> NoNodeMetrics() {
+  return [](ServerOptions& so) { so.metrics_listen.clear(); };
+}
+std::function<void(WorkerOptions&)> NoNodeMetricsW() {
+  return [](WorkerOptions& wo) { wo.metrics_listen.clear(); };
+}
 
 class Failover : public ::testing::TestWithParam<Param> {
  protected:
@@ -395,6 +405,107 @@ TEST(FailoverLimits, AServerThatCannotBeReachedDoesNotJoin) {
   lc->Finish();
 }
 
+// A server that joins a job from which a worker was removed (--on-worker-loss continue) takes
+// the tensors declared after it (its chunks' sync steps do not wait for the removed worker: the
+// register reply names it), and the workers declare them with placements on a rank past the view
+// they registered with.
+TEST(FailoverLimits, AServerThatJoinsAfterAWorkerWasRemovedTakesTheNewTensors) {
+  CoordinatorOptions co = Opts(2, 3, Mode::kSync, Aggregate::kSum, kChunkBytes);
+  co.replicas = 1;
+  co.continue_on_worker_loss = true;
+  co.metrics_listen = "127.0.0.1:0";  // the coordinator's only (the nodes' take seconds to stop)
+  auto lc = LocalCluster::Start(co, 16, "tcp", 1, NoNodeMetrics(), NoNodeMetricsW());
+  ASSERT_TRUE(lc);
+  worker::DieWithoutGoodbyeForTest(lc->workers[2]);
+  auto joined = lc->start_server(-1);
+  ASSERT_TRUE(joined.ok()) << joined.status().ToString();
+  // In service once every live node reached it: the coordinator counts it.
+  std::optional<double> in_service;
+  for (auto until = std::chrono::steady_clock::now() + 30s;
+       in_service != 1.0 && std::chrono::steady_clock::now() < until;) {
+    auto m = testing::HttpGet(lc->coordinator->metrics_address(), "/metrics");
+    in_service = testing::Sample(m.body, "shardps_coordinator_servers_joined_total");
+    std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_EQ(in_service, 1.0);
+  EXPECT_EQ(lc->workers[0]->num_servers(), 3u);
+  EXPECT_EQ(lc->workers[1]->num_servers(), 3u);
+  constexpr int64_t kN = 3072;  // 3 chunks
+  constexpr uint64_t kSteps = 4;
+  std::vector<std::thread> ts;
+  for (uint32_t r = 0; r < 2; ++r)
+    ts.emplace_back([&, r] {
+      Worker& w = *lc->workers[r];
+      auto id = w.Declare(Sgd1("late", kN, 0.0f));
+      ASSERT_TRUE(id.ok()) << id.status().ToString();
+      std::vector<float> g(kN), out(kN);
+      for (uint64_t s = 1; s <= kSteps; ++s) {
+        for (int64_t i = 0; i < kN; ++i) g[i] = Grad(r, s, i);
+        Handle h = w.PushPull(*id, g.data(), out.data());
+        ASSERT_TRUE(h.Wait(30s).ok())
+            << "worker " << r << " step " << s << ": " << h.Wait(0ms).ToString();
+        ASSERT_EQ(h.version(), s);
+      }
+      for (int64_t i = 0; i < kN; ++i) {
+        double expect = 0;
+        for (uint64_t t = 1; t <= kSteps; ++t)
+          for (uint32_t ww = 0; ww < 2; ++ww) expect -= Grad(ww, t, i);
+        ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i;
+      }
+    });
+  for (auto& t : ts) t.join();
+  // The new server holds some of the new chunks (it was the least loaded).
+  auto js = lc->workers[0]->ServerStats(2);
+  ASSERT_TRUE(js.ok()) << js.status().ToString();
+  EXPECT_GT(nlohmann::json::parse(*js)["chunks"].get<int64_t>(), 0) << *js;
+  for (uint32_t r = 0; r < 2; ++r) EXPECT_TRUE(lc->workers[r]->Finish().ok());
+  EXPECT_TRUE(lc->coordinator->Wait(10s).ok());
+  EXPECT_TRUE((*joined)->Wait(10s).ok());
+}
+
+// Two servers that register to join at once join one after the other: ranks 2 and 3, each
+// reached by every live node before the next one is let in.
+TEST(FailoverLimits, ServersThatJoinAtOnceJoinInTurn) {
+  CoordinatorOptions co = Opts(2, 1, Mode::kAsync, Aggregate::kSum, kChunkBytes);
+  co.replicas = 1;
+  co.metrics_listen = "127.0.0.1:0";  // the coordinator's only (the nodes' take seconds to stop)
+  auto lc = LocalCluster::Start(co, 16, "tcp", 1, NoNodeMetrics(), NoNodeMetricsW());
+  ASSERT_TRUE(lc);
+  auto a = std::async(std::launch::async, [&] { return lc->start_server(-1); });
+  auto b = std::async(std::launch::async, [&] { return lc->start_server(-1); });
+  auto sa = a.get();
+  auto sb = b.get();
+  ASSERT_TRUE(sa.ok()) << sa.status().ToString();
+  ASSERT_TRUE(sb.ok()) << sb.status().ToString();
+  EXPECT_EQ(std::min((*sa)->rank(), (*sb)->rank()), 2u);
+  EXPECT_EQ(std::max((*sa)->rank(), (*sb)->rank()), 3u);
+  std::optional<double> joined;
+  for (auto until = std::chrono::steady_clock::now() + 30s;
+       joined != 2.0 && std::chrono::steady_clock::now() < until;) {
+    auto m = testing::HttpGet(lc->coordinator->metrics_address(), "/metrics");
+    joined = testing::Sample(m.body, "shardps_coordinator_servers_joined_total");
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(joined, 2.0);
+  EXPECT_EQ(lc->workers[0]->num_servers(), 4u);
+  // A tensor declared now is spread over the four (each the least loaded in turn).
+  Worker& w = *lc->workers[0];
+  auto id = w.Declare(Sgd1("t", 4096, 0.0f));  // 4 chunks, each with a backup
+  ASSERT_TRUE(id.ok()) << id.status().ToString();
+  std::vector<float> g(4096, 1.0f), out(4096);
+  ASSERT_TRUE(w.Push(*id, g.data()).Wait(30s).ok());
+  ASSERT_TRUE(w.Pull(*id, out.data()).Wait(30s).ok());
+  for (float v : out) ASSERT_EQ(v, -1.0f);
+  for (uint32_t s = 0; s < 4; ++s) {
+    auto js = w.ServerStats(s);
+    ASSERT_TRUE(js.ok()) << js.status().ToString();
+    EXPECT_EQ(nlohmann::json::parse(*js)["chunks"].get<int64_t>(), 2) << "server " << s;
+  }
+  lc->servers.push_back(std::move(*sa));
+  lc->servers.push_back(std::move(*sb));
+  lc->Finish();
+}
+
 // A backup that lives but cannot be reached (the link closed and stays closed) and is not
 // declared dead: a push waiting for it fails within 2 * the failover timeout + 1 s, naming it,
 // rather than waiting for ever.
@@ -455,7 +566,7 @@ TEST(FailoverLimits, InSspAWorkerThatLeavesEarlyHoldsNoCopyBack) {
   EXPECT_TRUE(lc->coordinator->Wait(10s).ok());
 }
 
-// Without replicas (the default) a server's death ends the job, naming it.
+// Without replicas (--replicas 0) a server's death ends the job, naming it.
 TEST(FailoverLimits, WithoutReplicasAServerDeathEndsTheJob) {
   auto lc = LocalCluster::Start(Opts(2, 1, Mode::kAsync, Aggregate::kSum, kChunkBytes));
   ASSERT_TRUE(lc);
