@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 "$B/codec_bench" $((16 << 20)) 10 "$OUT/codec-bench-64MiB.json"  # beyond the caches
 run() {  # name, then train's flags
   local name="$1"; shift
-  "$B/shardps" --log-level warn train --dataset fashion-mnist --servers 2 --workers 4 "$@" \
+  "$B/shardps" --log-level warn train --dataset fashion-mnist --servers 2 --workers 4 --replicas 0 "$@" \
     --report "$OUT/train-compression-$name.json" | grep 'train: done\|train: compression'
 }
 for c in none fp16 bf16 int8 onebit topk:1%; do run "${c%%:*}" --compression "$c"; done

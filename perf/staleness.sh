@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 run() {  # name, then train's flags; REUSE=1 keeps a report already there
   local name="$1"; shift
   if [ "${REUSE:-0}" = 1 ] && [ -f "$OUT/train-staleness-$name.json" ]; then return 0; fi
-  "$B/shardps" --log-level warn train --dataset fashion-mnist --servers 2 --workers 4 \
+  "$B/shardps" --log-level warn train --dataset fashion-mnist --servers 2 --workers 4 --replicas 0 \
     --epochs "$EPOCHS" --slow-worker "3:$SLOW_MS" --target-accuracy 0.87 "$@" \
     --report "$OUT/train-staleness-$name.json" | grep 'train: done\|reached'
 }

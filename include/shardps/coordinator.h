@@ -25,11 +25,11 @@ struct CoordinatorOptions {
   // sync: a step is published once this many workers' pushes arrived (backup workers); later
   // pushes of a published step are acknowledged and dropped. 0: every worker.
   uint32_t sync_quorum = 0;
-  // Backups of every chunk, each on another server (0 or 1; at most servers - 1 are kept). With
-  // one, a push is acknowledged once its chunk's backup holds it too, and a server that dies or
-  // goes silent is replaced by the backups of its chunks: the job goes on
-  // (docs/fault-tolerance.md). 0: a server's death ends the job.
-  uint32_t replicas = 0;
+  // Backups of every chunk, each on another server (0 or 1; at most servers - 1 are kept: a job
+  // of one server has none). With one (the default), a push is acknowledged once its chunk's
+  // backup holds it too, and a server that dies or goes silent is replaced by the backups of its
+  // chunks: the job goes on (docs/fault-tolerance.md). 0: a server's death ends the job.
+  uint32_t replicas = static_cast<uint32_t>(tunables::kReplicas.number);
   // The weight eta_i of each worker's push (theta += sum_i eta_i * delta_i): one per worker, or
   // empty for 1 each. `weight_rule` kStaleness lowers it by the push's staleness.
   std::vector<float> worker_weights;

@@ -53,11 +53,11 @@ inline constexpr Tunable kSyncQuorum{
 inline constexpr Tunable kReplicas{
     "replicas",
     "SHARDPS_REPLICAS",
-    "0",
-    0,
-    "backups of every chunk on other servers (0 or 1): a push is acknowledged once every live "
-    "copy holds it, and a server that dies is replaced by its chunks' backups "
-    "(docs/fault-tolerance.md)",
+    "1",
+    1,
+    "backups of every chunk on other servers (0 or 1; a job of one server has none): a push is "
+    "acknowledged once every live copy holds it, and a server that dies is replaced by its "
+    "chunks' backups; 0: none, a server's death ends the job (docs/fault-tolerance.md)",
     "coordinator, launch, bench, train"};
 inline constexpr Tunable kOnWorkerLoss{
     "on-worker-loss",

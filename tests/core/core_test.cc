@@ -128,6 +128,7 @@ TEST(Codec, AJoiningServersRegisterReplyRoundTrips) {
   rep.joined = true;
   rep.epoch = 2;
   rep.dead_servers = {0, 2};
+  rep.removed_workers = {1};
   Bytes b;
   Writer w(&b);
   rep.Encode(&w);
@@ -139,6 +140,7 @@ TEST(Codec, AJoiningServersRegisterReplyRoundTrips) {
   EXPECT_FALSE(got.rejoined);
   EXPECT_EQ(got.epoch, 2u);
   EXPECT_EQ(got.dead_servers, (std::vector<uint32_t>{0, 2}));
+  EXPECT_EQ(got.removed_workers, (std::vector<uint32_t>{1}));
   EXPECT_EQ(got.view.servers.size(), 4u);
   rep.dead_servers = {4};  // not in the view
   Bytes c;
@@ -284,6 +286,7 @@ TEST(Tunables, OptionsDefaultsAreTheTables) {
   CoordinatorOptions co;
   EXPECT_EQ(static_cast<int64_t>(co.chunk_bytes), tunables::kChunkSize.number);
   EXPECT_EQ(co.heartbeat_timeout.count(), tunables::kHeartbeatTimeoutMs.number);
+  EXPECT_EQ(co.replicas, 1u);  // a backup of every chunk whenever the job has 2 servers or more
 }
 
 TEST(Environment, ReadsTheSnapshotNotTheProcess) {

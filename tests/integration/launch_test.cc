@@ -306,8 +306,8 @@ TEST(Launch, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
 
 // --restart-servers is refused where a new server could not join.
 TEST(Launch, RestartServersNeedsBackups) {
-  auto r = RunCommand({kShardps, "bench", "--servers", "2", "--restart-servers", "1", "--iters",
-                       "1", "--size", "4KiB"},
+  auto r = RunCommand({kShardps, "bench", "--servers", "2", "--replicas", "0", "--restart-servers",
+                       "1", "--iters", "1", "--size", "4KiB"},
                       60s);
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("--restart-servers needs --replicas 1"), std::string::npos) << r.output;
@@ -388,8 +388,8 @@ TEST(Launch, KillWorkerAtNeedsOnWorkerLossContinue) {
 // Without replicas a killed server still ends the job, naming it; --kill-server-at says what it
 // needs.
 TEST(Launch, KillServerAtNeedsReplicas) {
-  auto r = RunCommand({kShardps, "bench", "--servers", "2", "--workers", "1", "--kill-server-at",
-                       "3", "--size", "4KiB"},
+  auto r = RunCommand({kShardps, "bench", "--servers", "2", "--replicas", "0", "--workers", "1",
+                       "--kill-server-at", "3", "--size", "4KiB"},
                       60s);
   ASSERT_FALSE(r.timed_out) << r.output;
   EXPECT_EQ(r.exit_code, 2) << r.output;
@@ -703,11 +703,12 @@ TEST(Launch, ASecretFileGuardsEveryConnectionOfTheJob) {
 TEST(Launch, TimelineHoldsEverySpanOfTheJobInOneTrace) {
   auto dir = TempDir("timeline");
   const std::string file = dir + "/job.json";
-  // 300,000 floats in 64 KiB chunks: 19 chunks over 2 servers.
-  auto r = RunCommand(
-      {kShardps, "bench", "--servers", "2", "--workers", "2", "--size", "1200000", "--chunk-size",
-       "64KiB", "--iters", "20", "--warmup", "0", "--verify", "--timeline", file},
-      120s);
+  // 300,000 floats in 64 KiB chunks: 19 chunks over 2 servers, each chunk on both (a primary
+  // and its backup: --replicas 1, the default).
+  auto r = RunCommand({kShardps, "bench", "--servers", "2", "--workers", "2", "--replicas", "1",
+                       "--size", "1200000", "--chunk-size", "64KiB", "--iters", "20", "--warmup",
+                       "0", "--verify", "--timeline", file},
+                      120s);
   ASSERT_FALSE(r.timed_out) << r.output;
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(CountOccurrences(r.output, ", verified"), 2u) << r.output;
@@ -723,9 +724,10 @@ TEST(Launch, TimelineHoldsEverySpanOfTheJobInOneTrace) {
     }
   EXPECT_EQ(spans["worker/push_pull"], 2 * 20);
   EXPECT_EQ(spans["worker/wait"], 2 * 20);
-  // Every chunk push of every worker is applied once; each step's last completes the update.
-  EXPECT_EQ(spans["server/apply"] + spans["server/apply+publish"], 2 * 20 * 19);
-  EXPECT_EQ(spans["server/apply+publish"], 20 * 19);
+  // Every chunk push of every worker is applied once by each of the chunk's two copies; each
+  // step's last completes the update.
+  EXPECT_EQ(spans["server/apply"] + spans["server/apply+publish"], 2 * 2 * 20 * 19);
+  EXPECT_EQ(spans["server/apply+publish"], 2 * 20 * 19);
   EXPECT_EQ(pids.size(), 4u);  // 2 servers, 2 workers
   EXPECT_EQ(j["otherData"]["dropped_spans"], 0);
   // The parts are gone.

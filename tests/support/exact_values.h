@@ -25,6 +25,7 @@ inline CoordinatorOptions Opts(uint32_t servers, uint32_t workers, Mode mode, Ag
   co.aggregate = agg;
   co.chunk_bytes = chunk_bytes;
   co.heartbeat_timeout = std::chrono::seconds(10);
+  co.replicas = 0;  // one copy of each chunk, unless a test asks for a backup
   return co;
 }
 
