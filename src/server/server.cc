@@ -280,6 +280,12 @@ class ServerImpl final : public Server {
     }
     link_cv_.notify_all();
     if (link_thread_.joinable()) link_thread_.join();
+    std::vector<std::thread> reaching;
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      reaching = std::move(reaching_);
+    }
+    for (auto& t : reaching) t.join();  // each connect is bounded (ReachJoinedPeer)
     metrics_.Stop();
     applier_.Stop();
     if (device_)
@@ -757,14 +763,32 @@ class ServerImpl final : public Server {
       peer_addresses_[j.rank] = j.address;
       dead_.resize(std::max(dead_.size(), n), false);
       joined_reports_[j.rank] = std::move(report);
-      // Before ConnectPeers ended (this server is starting), it connects to it there.
+      // Before ConnectPeers ended (this server is starting), it connects to it there. After, a
+      // thread of its own does (ReplicaLinkLoop may be busy reopening a link to a dying server,
+      // as it is when a new server replaces a dead one).
       if (links_started_) {
         peers_.resize(std::max(peers_.size(), n));
         link_down_.resize(std::max(link_down_.size(), n), false);
-        link_down_[j.rank] = true;
+        reaching_.emplace_back([this, r = j.rank] { ReachJoinedPeer(r); });
       }
     }
     spdlog::info("server: server {} joined the job at {}; connecting to it", j.rank, j.address);
+  }
+
+  // The replication link to server `s`, which joined; the coordinator hears how it went. If it
+  // failed, ReplicaLinkLoop goes on trying (the coordinator declares the server dead meanwhile).
+  void ReachJoinedPeer(uint32_t s) {
+    if (stopping_.load()) return;
+    Status st = ConnectPeer(s, std::min(opt_.connect_timeout, std::chrono::milliseconds(5000)));
+    TellReached(s, st);
+    if (st.ok()) {
+      spdlog::info("server {}: connected to server {}, which joined (replication)", rank_, s);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(failover_mu_);
+      if (s < link_down_.size() && !dead_[s]) link_down_[s] = true;
+    }
     link_cv_.notify_all();
   }
 
@@ -2502,6 +2526,7 @@ class ServerImpl final : public Server {
   std::vector<bool> dead_;                          // failover_mu_: servers declared dead
   std::vector<std::string> peer_addresses_;  // failover_mu_: by rank (servers that joined too)
   bool links_started_ = false;               // failover_mu_: ReplicaLinkLoop opens the links
+  std::vector<std::thread> reaching_;  // failover_mu_: ReachJoinedPeer, one per server that joined
   // failover_mu_: servers that joined the running job, to tell the coordinator once reached
   std::map<uint32_t, std::function<void(const ServerReached&)>> joined_reports_;
   // failover_mu_: pushes whose backup's connection failed before it was declared dead
