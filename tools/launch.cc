@@ -344,6 +344,15 @@ int RunLaunch(const LaunchOptions& opt) {
     for (auto& c : children)
       if (!c.exited) kill(c.pid, sig);
   };
+  // The job is stopped: every child gets SIGTERM (SIGKILL after the grace), the launch exits
+  // with `code`, saying `reason`.
+  auto stop = [&](std::string reason, int code) {
+    stop_reason = std::move(reason);
+    exit_code = code;
+    terminating = true;
+    terminate_all(SIGTERM);
+    term_sent = Clock::now();
+  };
   if (terminating) {
     terminate_all(SIGTERM);
     term_sent = Clock::now();
@@ -375,11 +384,8 @@ int RunLaunch(const LaunchOptions& opt) {
     while (read(sfd, &si, sizeof(si)) == sizeof(si)) {
       if (si.ssi_signo == SIGINT || si.ssi_signo == SIGTERM || si.ssi_signo == SIGHUP) {
         if (!terminating) {
-          stop_reason = fmt::format("received {}", strsignal(static_cast<int>(si.ssi_signo)));
-          exit_code = 128 + static_cast<int>(si.ssi_signo);
-          terminating = true;
-          terminate_all(SIGTERM);
-          term_sent = Clock::now();
+          stop(fmt::format("received {}", strsignal(static_cast<int>(si.ssi_signo))),
+               128 + static_cast<int>(si.ssi_signo));
         } else {
           terminate_all(SIGKILL);  // a second Ctrl-C: no more grace
           killed = true;
@@ -434,11 +440,7 @@ int RunLaunch(const LaunchOptions& opt) {
         continue;
       }
       if (!ok || (!c.is_worker && !job_done)) {
-        stop_reason = fmt::format("{} {}", c.name, Describe(st));
-        exit_code = 1;
-        terminating = true;
-        terminate_all(SIGTERM);
-        term_sent = Clock::now();
+        stop(fmt::format("{} {}", c.name, Describe(st)), 1);
       }
     }
     if (terminating) {  // the job is being stopped: nothing starts again
@@ -448,11 +450,7 @@ int RunLaunch(const LaunchOptions& opt) {
     for (; new_servers > 0; --new_servers) {
       auto c = spawn_server(servers_started++);
       if (!c.ok()) {
-        stop_reason = c.status().ToString();
-        exit_code = 1;
-        terminating = true;
-        terminate_all(SIGTERM);
-        term_sent = Clock::now();
+        stop(c.status().ToString(), 1);
         break;
       }
       children.push_back(std::move(c).value());
@@ -466,11 +464,7 @@ int RunLaunch(const LaunchOptions& opt) {
       }
       auto c = Spawn(old.name, true, opt.program, opt.parent_env, old.env);
       if (!c.ok()) {
-        stop_reason = c.status().ToString();
-        exit_code = 1;
-        terminating = true;
-        terminate_all(SIGTERM);
-        term_sent = Clock::now();
+        stop(c.status().ToString(), 1);
         break;
       }
       c->env = old.env;
@@ -480,11 +474,7 @@ int RunLaunch(const LaunchOptions& opt) {
     if (!terminating) {
       Status job = (*coord)->Wait(std::chrono::milliseconds(0));
       if (!job.ok() && !job.IsTimeout()) {
-        stop_reason = "the job failed: " + job.message();
-        exit_code = 1;
-        terminating = true;
-        terminate_all(SIGTERM);
-        term_sent = Clock::now();
+        stop("the job failed: " + job.message(), 1);
       }
     }
     bool workers_left = false, any_left = false;
@@ -503,14 +493,11 @@ int RunLaunch(const LaunchOptions& opt) {
     // Servers end once the coordinator tells them the job is done; do not wait forever.
     if (all_workers_done && any_left && !terminating &&
         Clock::now() - workers_done > std::chrono::seconds(5)) {
-      stop_reason = (*coord)->Wait(std::chrono::milliseconds(0)).ok()
-                        ? "servers did not stop within 5 s after the job ended"
-                        : "every worker exited but the job did not end (did each worker connect "
-                          "with shardps::Worker and finish?)";
-      exit_code = 1;
-      terminating = true;
-      terminate_all(SIGTERM);
-      term_sent = Clock::now();
+      stop((*coord)->Wait(std::chrono::milliseconds(0)).ok()
+               ? "servers did not stop within 5 s after the job ended"
+               : "every worker exited but the job did not end (did each worker connect with "
+                 "shardps::Worker and finish?)",
+           1);
     }
     if (terminating && !killed && Clock::now() - term_sent > opt.grace) {
       terminate_all(SIGKILL);

@@ -44,6 +44,32 @@ struct Param {
   uint32_t per_node = 1;       // workers per node: 2 reduce on their node, which pushes
 };
 
+// Every worker stops before a step (none has pushed it: no sync step is open, nothing is in
+// flight); worker 0 runs `act` once all are there, the others wait until it is done. Bounded.
+class Meeting {
+ public:
+  explicit Meeting(size_t workers) : workers_(static_cast<int>(workers)) {}
+  void At(uint32_t rank, const std::function<void(std::chrono::steady_clock::time_point)>& act) {
+    arrived_++;
+    const auto deadline = std::chrono::steady_clock::now() + 60s;
+    if (rank != 0) {
+      while (!done_.load() && std::chrono::steady_clock::now() < deadline + 60s)
+        std::this_thread::sleep_for(5ms);
+      EXPECT_TRUE(done_.load());
+      return;
+    }
+    while (arrived_.load() < workers_ && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(5ms);
+    act(deadline);
+    done_ = true;
+  }
+
+ private:
+  const int workers_;
+  std::atomic<int> arrived_{0};
+  std::atomic<bool> done_{false};
+};
+
 // The coordinator's metrics without the nodes' (whose HTTP servers take seconds to stop).
 std::function<void(ServerOptions&)> NoNodeMetrics() {
   return [](ServerOptions& so) { so.metrics_listen.clear(); };
@@ -228,8 +254,8 @@ TEST_P(Failover, TwoServersDieOneAfterTheOtherWithNewBackupsMadeInBetween) {
   auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport, 1, Device(), Nodes());
   ASSERT_TRUE(lc);
   constexpr uint64_t kSteps = 30;
-  std::atomic<bool> first{false}, second{false};
-  std::atomic<int> waiting{0};
+  std::atomic<bool> first{false};
+  Meeting meeting(lc->workers.size());
   std::thread killer;
   // Whether every chunk on servers 0 and 2 has a backup again.
   auto backed = [&] {
@@ -243,24 +269,13 @@ TEST_P(Failover, TwoServersDieOneAfterTheOtherWithNewBackupsMadeInBetween) {
     if (rank == 0 && step == 8 && !first.exchange(true))
       killer = std::thread([&] { lc->servers[1].reset(); });
     if (step != 20) return;
-    // Every worker is here, none has pushed step 20: no step is open, nothing is in flight.
-    waiting++;
-    const auto deadline = std::chrono::steady_clock::now() + 60s;
-    if (rank != 0) {
-      while (!second.load() && std::chrono::steady_clock::now() < deadline + 60s)
-        std::this_thread::sleep_for(5ms);
-      EXPECT_TRUE(second.load());
-      return;
-    }
-    while (waiting.load() < static_cast<int>(lc->workers.size()) &&
-           std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(5ms);
-    if (killer.joinable()) killer.join();
-    while (!backed() && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(20ms);
-    EXPECT_TRUE(backed()) << "the chunks have no new backups 60 s after the failover";
-    lc->servers[2].reset();
-    second = true;
+    meeting.At(rank, [&](auto deadline) {
+      if (killer.joinable()) killer.join();
+      while (!backed() && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(20ms);
+      EXPECT_TRUE(backed()) << "the chunks have no new backups 60 s after the failover";
+      lc->servers[2].reset();
+    });
   });
   if (killer.joinable()) killer.join();
   auto j = Stats(*lc->workers[0], 0);
@@ -278,8 +293,8 @@ TEST_P(Failover, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
   auto lc = LocalCluster::Start(Job(2, 2), 16, GetParam().transport, 1, Device(), Nodes());
   ASSERT_TRUE(lc);
   constexpr uint64_t kSteps = 24;
-  std::atomic<bool> first{false}, second{false};
-  std::atomic<int> waiting{0};
+  std::atomic<bool> first{false};
+  Meeting meeting(lc->workers.size());
   std::thread killer;
   std::unique_ptr<Server> joined;
   auto stat = [&](uint32_t server, const char* key) -> int64_t {
@@ -292,34 +307,23 @@ TEST_P(Failover, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
     if (rank == 0 && step == 6 && !first.exchange(true))
       killer = std::thread([&] { lc->servers[1].reset(); });
     if (step != 12) return;
-    // Every worker is here, none has pushed step 12: no step is open, nothing is in flight.
-    waiting++;
-    const auto deadline = std::chrono::steady_clock::now() + 60s;
-    if (rank != 0) {
-      while (!second.load() && std::chrono::steady_clock::now() < deadline + 60s)
+    meeting.At(rank, [&](auto deadline) {
+      if (killer.joinable()) killer.join();
+      while (stat(0, "shard_map_epoch") != 1 && std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(5ms);
-      EXPECT_TRUE(second.load());
-      return;
-    }
-    while (waiting.load() < static_cast<int>(lc->workers.size()) &&
-           std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(5ms);
-    if (killer.joinable()) killer.join();
-    while (stat(0, "shard_map_epoch") != 1 && std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(5ms);
-    EXPECT_EQ(stat(0, "unbacked_chunks"), static_cast<int64_t>(kChunks));
-    auto s = lc->start_server(-1);
-    EXPECT_TRUE(s.ok()) << s.status().ToString();
-    if (s.ok()) joined = std::move(s).value();
-    // Every live node reached it before it was given chunks: worker 0 knows it.
-    while ((lc->workers[0]->num_servers() < 3 || stat(0, "unbacked_chunks") != 0 ||
-            stat(2, "replicas_installed") != static_cast<int64_t>(kChunks)) &&
-           std::chrono::steady_clock::now() < deadline)
-      std::this_thread::sleep_for(10ms);
-    EXPECT_EQ(stat(0, "unbacked_chunks"), 0) << "no new backups 60 s after the server joined";
-    EXPECT_EQ(stat(2, "replicas_installed"), static_cast<int64_t>(kChunks));
-    lc->servers[0].reset();
-    second = true;
+      EXPECT_EQ(stat(0, "unbacked_chunks"), static_cast<int64_t>(kChunks));
+      auto s = lc->start_server(-1);
+      EXPECT_TRUE(s.ok()) << s.status().ToString();
+      if (s.ok()) joined = std::move(s).value();
+      // Every live node reached it before it was given chunks: worker 0 knows it.
+      while ((lc->workers[0]->num_servers() < 3 || stat(0, "unbacked_chunks") != 0 ||
+              stat(2, "replicas_installed") != static_cast<int64_t>(kChunks)) &&
+             std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(10ms);
+      EXPECT_EQ(stat(0, "unbacked_chunks"), 0) << "no new backups 60 s after the server joined";
+      EXPECT_EQ(stat(2, "replicas_installed"), static_cast<int64_t>(kChunks));
+      lc->servers[0].reset();
+    });
   });
   if (killer.joinable()) killer.join();
   EXPECT_EQ(lc->workers[0]->num_servers(), 3u);
