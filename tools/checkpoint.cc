@@ -60,8 +60,12 @@ Result<std::string> RequestCheckpoint(const CheckpointFlags& f) {
   auto rep = CallSync(**slot, kTakeCheckpoint, body,
                       std::chrono::milliseconds(f.timeout_ms) + std::chrono::seconds(10),
                       "the checkpoint");
+  // A coordinator that wants a secret closes the connection unanswered: the call fails as the
+  // connection closed (Unavailable), or, when the close came first, as sent on a closed one.
+  const bool closed_by_peer = (*conn)->closed();
   (*conn)->Close();
-  if (!rep.ok() && f.secret_file.empty() && rep.status().code() == Status::Code::kUnavailable)
+  if (!rep.ok() && f.secret_file.empty() &&
+      (rep.status().code() == Status::Code::kUnavailable || closed_by_peer))
     return rep.status().WithContext(
         "a job with a cluster secret refuses clients without it (--secret FILE)");
   if (!rep.ok()) return rep.status();
