@@ -506,6 +506,15 @@ class CoordinatorImpl final : public Coordinator {
                                               opt_.transport, RoleName(rq.role), rq.transport)));
     if (rq.role == Role::kServer && rq.data_address.empty())
       return Reply(*c, req, Status::InvalidArgument("a server must give its data address"));
+    Node n = NewNode(c, req, rq, rank);
+    spdlog::info("coordinator: {} registered from {}", n.Name(), c->peer());
+    nodes_.push_back(std::move(n));
+    if (nodes_.size() == opt_.num_servers + opt_.num_workers) Complete();
+  }
+
+  // The node that registered on `c` (request `req`) as `rq` says, with rank `rank` and a new id.
+  Node NewNode(const std::shared_ptr<transport::Connection>& c, uint64_t req,
+               const RegisterRequest& rq, uint32_t rank) {
     Node n;
     n.id = next_node_id_++;
     n.role = rq.role;
@@ -519,9 +528,7 @@ class CoordinatorImpl final : public Coordinator {
     n.conn = c;
     n.register_request = req;
     n.last_seen = Clock::now();
-    spdlog::info("coordinator: {} registered from {}", n.Name(), c->peer());
-    nodes_.push_back(std::move(n));
-    if (nodes_.size() == opt_.num_servers + opt_.num_workers) Complete();
+    return n;
   }
 
   // A worker that registers once the job runs: a restarted worker in the place of one that was
@@ -562,18 +569,8 @@ class CoordinatorImpl final : public Coordinator {
           "a worker cannot rejoin a job that lost a server yet (docs/fault-tolerance.md, known "
           "limits)");
     EndCheckpoint(Status::Aborted(fmt::format("worker {} rejoined the job during it", rank)));
-    Node n;
-    n.id = next_node_id_++;
-    n.role = Role::kWorker;
-    n.rank = rank;
-    n.pid = rq.pid;
-    n.host = rq.host;
-    n.node = rq.node.empty() ? rq.host : rq.node;
-    n.local_rank = rq.local_rank;
+    Node n = NewNode(c, req, rq, rank);
     n.local_size = 1;
-    n.conn = c;
-    n.register_request = req;
-    n.last_seen = Clock::now();
     n.rejoining = true;
     n.rejoin_deadline = n.last_seen + RejoinWait();
     spdlog::info("coordinator: {} registered from {}: it rejoins the job{}", n.Name(), c->peer(),
@@ -615,17 +612,7 @@ class CoordinatorImpl final : public Coordinator {
       return;
     }
     EndCheckpoint(Status::Aborted(fmt::format("server {} joined the job during it", rank)));
-    Node n;
-    n.id = next_node_id_++;
-    n.role = Role::kServer;
-    n.rank = rank;
-    n.pid = rq.pid;
-    n.host = rq.host;
-    n.data_address = rq.data_address;
-    n.node = rq.host;
-    n.conn = c;
-    n.register_request = req;
-    n.last_seen = Clock::now();
+    Node n = NewNode(c, req, rq, rank);
     n.joining = true;
     n.join_deadline = n.last_seen + JoinWait();
     for (const auto& o : nodes_)

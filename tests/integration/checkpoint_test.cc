@@ -379,14 +379,9 @@ TEST(Checkpoint, HeldPushesGoOnWhenTheJobFails) {
   Result<std::string> taken = Status::OK();
   std::thread taker([&] { taken = lc->coordinator->Checkpoint(dir, 100s); });
   // Phase 2: every worker answered, so every worker holds its pushes past its cut.
-  std::optional<double> phase;
-  for (auto until = std::chrono::steady_clock::now() + 60s;
-       phase != 2.0 && std::chrono::steady_clock::now() < until;) {
-    auto m = testing::HttpGet(lc->coordinator->metrics_address(), "/metrics");
-    phase = testing::Sample(m.body, "shardps_coordinator_checkpoint_phase");
-    std::this_thread::sleep_for(2ms);
-  }
-  ASSERT_EQ(phase, 2.0);
+  ASSERT_EQ(testing::WaitForSample(lc->coordinator->metrics_address(),
+                                   "shardps_coordinator_checkpoint_phase", 2.0, 60s),
+            2.0);
   go.store(true);
   std::this_thread::sleep_for(200ms);  // the pushes reach the gate (or not: see below)
   lc->servers[0].reset();              // the job fails

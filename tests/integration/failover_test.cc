@@ -424,14 +424,9 @@ TEST(FailoverLimits, AServerThatJoinsAfterAWorkerWasRemovedTakesTheNewTensors) {
   auto joined = lc->start_server(-1);
   ASSERT_TRUE(joined.ok()) << joined.status().ToString();
   // In service once every live node reached it: the coordinator counts it.
-  std::optional<double> in_service;
-  for (auto until = std::chrono::steady_clock::now() + 30s;
-       in_service != 1.0 && std::chrono::steady_clock::now() < until;) {
-    auto m = testing::HttpGet(lc->coordinator->metrics_address(), "/metrics");
-    in_service = testing::Sample(m.body, "shardps_coordinator_servers_joined_total");
-    std::this_thread::sleep_for(5ms);
-  }
-  ASSERT_EQ(in_service, 1.0);
+  ASSERT_EQ(testing::WaitForSample(lc->coordinator->metrics_address(),
+                                   "shardps_coordinator_servers_joined_total", 1.0, 30s),
+            1.0);
   EXPECT_EQ(lc->workers[0]->num_servers(), 3u);
   EXPECT_EQ(lc->workers[1]->num_servers(), 3u);
   constexpr int64_t kN = 3072;  // 3 chunks
@@ -483,14 +478,9 @@ TEST(FailoverLimits, ServersThatJoinAtOnceJoinInTurn) {
   ASSERT_TRUE(sb.ok()) << sb.status().ToString();
   EXPECT_EQ(std::min((*sa)->rank(), (*sb)->rank()), 2u);
   EXPECT_EQ(std::max((*sa)->rank(), (*sb)->rank()), 3u);
-  std::optional<double> joined;
-  for (auto until = std::chrono::steady_clock::now() + 30s;
-       joined != 2.0 && std::chrono::steady_clock::now() < until;) {
-    auto m = testing::HttpGet(lc->coordinator->metrics_address(), "/metrics");
-    joined = testing::Sample(m.body, "shardps_coordinator_servers_joined_total");
-    std::this_thread::sleep_for(5ms);
-  }
-  EXPECT_EQ(joined, 2.0);
+  EXPECT_EQ(testing::WaitForSample(lc->coordinator->metrics_address(),
+                                   "shardps_coordinator_servers_joined_total", 2.0, 30s),
+            2.0);
   EXPECT_EQ(lc->workers[0]->num_servers(), 4u);
   // A tensor declared now is spread over the four (each the least loaded in turn).
   Worker& w = *lc->workers[0];

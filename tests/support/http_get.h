@@ -8,11 +8,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <initializer_list>
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 
 #include "support/raw_socket.h"
 
@@ -68,6 +70,19 @@ inline std::optional<double> Sample(const std::string& text, const std::string& 
     return std::strtod(line.c_str() + line.rfind(' ') + 1, nullptr);
   }
   return std::nullopt;
+}
+
+// Polls `/metrics` at `address` until sample `name` equals `want` or `timeout` passed; returns
+// the last value seen (nullopt when there was none).
+inline std::optional<double> WaitForSample(const std::string& address, const std::string& name,
+                                           double want, std::chrono::milliseconds timeout) {
+  std::optional<double> seen;
+  for (auto until = std::chrono::steady_clock::now() + timeout;
+       seen != want && std::chrono::steady_clock::now() < until;) {
+    seen = Sample(HttpGet(address, "/metrics").body, name);
+    if (seen != want) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  return seen;
 }
 
 }  // namespace shardps::testing
