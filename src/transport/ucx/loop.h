@@ -18,6 +18,8 @@
 #include <string>
 #include <thread>
 
+#include <spdlog/spdlog.h>
+
 #include "core/codec.h"
 #include "shardps/status.h"
 #include "transport/context.h"
@@ -64,6 +66,7 @@ class Progress {
       ev.data.fd = ufd;
       epoll_ctl(epfd_, EPOLL_CTL_ADD, ufd, &ev);
     }
+    name_ = name;
     thread_ = std::thread([this, name] {
       thread_id_.MarkCurrent();
       pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
@@ -136,6 +139,29 @@ class Progress {
       }
     });
   }
+  // The worker cannot be armed (UCX has events pending) although progress found nothing: a
+  // send waits for a peer that does not read (stopped), or a peer died in the middle of a send
+  // into this process's shared-memory queue (UCX's mm transport: the half-written entry is never
+  // completed, and nothing behind it is ever received). True once that lasted 10 ms (since the
+  // last progress), so that the loop stops spinning; said once per episode past 5 s.
+  bool Stuck(std::chrono::steady_clock::time_point now) {
+    if (stuck_since_ == std::chrono::steady_clock::time_point{}) {
+      stuck_since_ = now;
+      stuck_said_ = false;
+      return false;
+    }
+    if (!stuck_said_ && now - stuck_since_ > std::chrono::seconds(5)) {
+      stuck_said_ = true;
+      spdlog::warn(
+          "[{}] UCX has had events pending without progress for 5 s: a peer does not read what "
+          "this process sends (stopped), or one died in the middle of a send into this "
+          "process's shared-memory queue, which then receives nothing more (UCX's mm "
+          "transport; where processes may be killed, run ucx over tcp or InfiniBand/RoCE)",
+          name_);
+    }
+    return now - stuck_since_ > std::chrono::milliseconds(10);
+  }
+
   void Run() {
     auto last = std::chrono::steady_clock::now();
     while (!stop_) {
@@ -143,7 +169,10 @@ class Progress {
       while (ucp_worker_progress(worker_)) any = true;
       any = Drain() || any;
       auto now = std::chrono::steady_clock::now();
-      if (any) last = now;
+      if (any) {
+        last = now;
+        stuck_since_ = {};
+      }
       // While someone holds the polling (an apply owes an acknowledgement), the window is
       // kHeldPollFactor times longer.
       auto window = holds_->load() > 0 ? busy_poll_ * kHeldPollFactor : busy_poll_;
@@ -154,8 +183,13 @@ class Progress {
         continue;
       }
       if (!tasks_.empty()) continue;
-      if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
       epoll_event evs[4];
+      if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) {
+        if (!Stuck(now)) continue;
+        // Pending without progress: wait a millisecond at a time instead of spinning.
+        epoll_wait(epfd_, evs, 4, 1);
+        continue;
+      }
       int n = epoll_wait(epfd_, evs, 4, 20);
       for (int i = 0; i < n; ++i)
         if (evs[i].data.fd == wake_) {
@@ -170,6 +204,10 @@ class Progress {
 
   ucp_worker_h worker_ = nullptr;
   Bytes address_;
+  std::string name_;
+  // Stuck(): since when UCX was busy without progress, and whether that was said (loop thread).
+  std::chrono::steady_clock::time_point stuck_since_{};
+  bool stuck_said_ = false;
   std::chrono::microseconds busy_poll_{0};
   // Live HoldPolling() tokens; shared with them, so a token may outlive this object.
   std::shared_ptr<std::atomic<int>> holds_ = std::make_shared<std::atomic<int>>(0);
