@@ -61,38 +61,45 @@ void FillPeriodic13(float* out, uint64_t n, const float (&p)[13]) {
 }
 
 // --kill-second-server-at: every worker meets before `iteration` (none has started it, so no
-// sync step is open and every chunk can be copied to its new backup); worker 0 waits until no
-// live server has a chunk without a backup, then SIGKILLs server 1; they meet again.
-Status KillSecondServer(Worker& w, uint32_t iteration) {
-  SHARDPS_RETURN_IF_ERROR(w.Barrier("bench.second-kill", 120s));
+// sync step is open and every chunk can be copied to its new backup), waits until each chunk of
+// its tensors has a backup it is attached to (the coordinator counted the new backup whole and
+// told it; a server's own count comes before that), and they meet again; worker 0 SIGKILLs
+// server 1; they meet once more.
+Status KillSecondServer(Worker& w, uint32_t iteration, std::chrono::seconds wait) {
+  SHARDPS_RETURN_IF_ERROR(w.Barrier("bench.second-kill", wait));
+  const auto start = Clock::now();
+  for (uint64_t unbacked; (unbacked = w.stats().unbacked_chunks) != 0;) {
+    if (Clock::now() - start > wait)
+      return Status::Timeout(
+          fmt::format("{} chunks still have no backup {} s into iteration {}: no new backups",
+                      unbacked, wait.count(), iteration));
+    std::this_thread::sleep_for(10ms);
+  }
+  const double waited = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  SHARDPS_RETURN_IF_ERROR(w.Barrier("bench.backed-up", wait));
   if (w.rank() == 0) {
-    const auto start = Clock::now();
-    for (;;) {
-      uint64_t unbacked = 0;
-      for (uint32_t s = 1; s < w.num_servers(); ++s) {
-        auto js = w.ServerStats(s);
-        if (!js.ok()) return js.status().WithContext(fmt::format("stats of server {}", s));
-        auto j = nlohmann::json::parse(*js, nullptr, false);
-        if (j.is_discarded() || !j.contains("unbacked_chunks"))
-          return Status::Internal(fmt::format("server {} did not say its unbacked chunks", s));
-        unbacked += j["unbacked_chunks"].get<uint64_t>();
-      }
-      if (unbacked == 0) break;
-      if (Clock::now() - start > 60s)
-        return Status::Timeout(
-            fmt::format("{} chunks still have one copy 60 s into iteration {}: no new backups",
-                        unbacked, iteration));
-      std::this_thread::sleep_for(10ms);
-    }
     auto pid = KillServerProcess(w, 1, SIGKILL);
     if (!pid.ok()) return pid.status();
     std::printf(
         "worker 0: every chunk had a backup again (waited %.0f ms at iteration %u); killed server "
         "1 (pid %d)\n",
-        std::chrono::duration<double, std::milli>(Clock::now() - start).count(), iteration, *pid);
+        waited, iteration, *pid);
     std::fflush(stdout);
   }
-  return w.Barrier("bench.second-killed", 120s);
+  return w.Barrier("bench.second-killed", wait);
+}
+
+// A failed wait: the error, then what every server still reachable says of itself (its stats:
+// open steps, epoch, unbacked chunks), so that a stall names where it is.
+int WaitFailed(Worker& w, const Status& st) {
+  std::fprintf(stderr, "shardps bench: worker %u: %s\n", w.rank(), st.ToString().c_str());
+  if (st.IsTimeout())
+    for (uint32_t s = 0; s < w.num_servers(); ++s) {
+      auto js = w.ServerStats(s);
+      std::fprintf(stderr, "shardps bench: worker %u: server %u says: %s\n", w.rank(), s,
+                   js.ok() ? js->c_str() : js.status().ToString().c_str());
+    }
+  return 1;
 }
 
 }  // namespace
@@ -109,14 +116,19 @@ void AddBenchFlags(CLI::App* app, BenchFlags* b) {
                   "worker 0 kills server 0 (SIGKILL; it must run on this host) before this "
                   "iteration, counting the warm-up: with --replicas 1 the job goes on "
                   "(docs/fault-tolerance.md)");
-  app->add_option("--kill-second-server-at", b->kill_second_server_at,
-                  "after --kill-server-at: every worker meets before this iteration, worker 0 "
-                  "waits until every chunk has a backup again (at most 60 s), then kills server 1 "
-                  "(needs --servers 3 or more, or --restart-servers 1)");
+  app->add_option(
+      "--kill-second-server-at", b->kill_second_server_at,
+      "after --kill-server-at: every worker meets before this iteration, worker 0 "
+      "waits until every chunk has a backup again (at most --wait-timeout-s), then kills "
+      "server 1 (needs --servers 3 or more, or --restart-servers 1)");
   app->add_option("--kill-server-how", b->kill_server_how,
                   "kill (SIGKILL), or stop (SIGSTOP, then SIGCONT once that iteration completed: "
                   "a server that comes back after it was replaced)")
       ->check(CLI::IsMember({"kill", "stop"}));
+  app->add_option("--wait-timeout-s", b->wait_timeout_s,
+                  "how long one operation, barrier or the wait for new backups may take before "
+                  "the bench fails, printing what every server says of itself")
+      ->check(CLI::Range(1u, 3600u));
   app->add_option("--kill-worker-at", b->kill_worker_at,
                   "the last worker kills itself (SIGKILL) before this iteration, counting the "
                   "warm-up: with --on-worker-loss continue the others go on without it");
@@ -450,6 +462,7 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       return;
     }
   };
+  const std::chrono::seconds wait(b.wait_timeout_s);
   std::vector<double> lat_us;
   uint64_t step = 0;
   const bool stop_server = b.kill_server_how == "stop";
@@ -458,11 +471,8 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
   for (uint32_t it = 0; it < b.warmup + b.iters && mismatches == 0; ++it) {
     if (it == b.warmup) {
       before = w.stats();
-      Status bs = w.Barrier("bench.start", 120s);
-      if (!bs.ok()) {
-        std::fprintf(stderr, "shardps bench: %s\n", bs.ToString().c_str());
-        return 1;
-      }
+      Status bs = w.Barrier("bench.start", wait);
+      if (!bs.ok()) return WaitFailed(w, bs);
     }
     if (push) {
       // Filled outside the timed region; periodic in i (i % 13), so filled from a table.
@@ -477,10 +487,7 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       raise(SIGKILL);
     }
     if (it + 1 == b.kill_second_server_at) {
-      if (Status st = KillSecondServer(w, it + 1); !st.ok()) {
-        std::fprintf(stderr, "shardps bench: worker %u: %s\n", w.rank(), st.ToString().c_str());
-        return 1;
-      }
+      if (Status st = KillSecondServer(w, it + 1, wait); !st.ok()) return WaitFailed(w, st);
     }
     const bool kill_now = w.rank() == 0 && it + 1 == b.kill_server_at && w.num_servers() > 1;
     if (kill_now) {
@@ -506,11 +513,8 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
         hs.push_back(w.Pull((*ids)[k], o));
     }
     for (auto& h : hs) {
-      Status st = h.Wait(120s);
-      if (!st.ok()) {
-        std::fprintf(stderr, "shardps bench: worker %u: %s\n", w.rank(), st.ToString().c_str());
-        return 1;
-      }
+      Status st = h.Wait(wait);
+      if (!st.ok()) return WaitFailed(w, st);
     }
     if (kill_now) {
       std::printf("worker 0: iteration %u completed %.0f ms after server 0 was %s\n", it + 1,
@@ -534,19 +538,13 @@ int RunBench(const BenchFlags& b, const JobFlags& job, const std::vector<std::st
       static_cast<double>(after.bytes_pushed - before.bytes_pushed) / b.iters;
   const double pulled_per_iter =
       static_cast<double>(after.bytes_pulled - before.bytes_pulled) / b.iters;
-  Status bs = w.Barrier("bench.end", 120s);
-  if (!bs.ok()) {
-    std::fprintf(stderr, "shardps bench: %s\n", bs.ToString().c_str());
-    return 1;
-  }
+  Status bs = w.Barrier("bench.end", wait);
+  if (!bs.ok()) return WaitFailed(w, bs);
   if (b.verify && mismatches == 0 && (async || !pull)) {
     // Final state after everyone's pushes.
     for (uint32_t k = 0; k < b.tensors; ++k) {
-      Status st = w.Pull((*ids)[k], out.data() + static_cast<size_t>(k) * n).Wait(120s);
-      if (!st.ok()) {
-        std::fprintf(stderr, "shardps bench: %s\n", st.ToString().c_str());
-        return 1;
-      }
+      Status st = w.Pull((*ids)[k], out.data() + static_cast<size_t>(k) * n).Wait(wait);
+      if (!st.ok()) return WaitFailed(w, st);
     }
     check(step, "after the last step");
   }

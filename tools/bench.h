@@ -39,6 +39,9 @@ struct BenchFlags {
   // no (--on-worker-loss continue: docs/fault-tolerance.md). --verify then expects its pushes
   // until it died and, in sync mode, each step's mean over its contributors.
   uint32_t kill_worker_at = 0;
+  // How long one operation, barrier or the wait for new backups may take before the bench fails
+  // (printing what every server says of itself).
+  uint32_t wait_timeout_s = 120;
 };
 
 void AddBenchFlags(CLI::App* app, BenchFlags* b);

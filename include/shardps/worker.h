@@ -98,6 +98,10 @@ struct WorkerStats {
   uint64_t bytes_pushed = 0;  // gradient bytes written into the servers' landing buffers
   uint64_t bytes_pulled = 0;  // parameter bytes read from the published slots (every attempt)
   uint64_t late_pushes = 0;   // pushes (of a chunk) dropped as late: sync with a quorum
+  // With backups (--replicas 1): chunks of this worker's tensors with no live backup it is
+  // attached to. A death of their server now would lose them; after a failover, new backups
+  // (docs/fault-tolerance.md) bring this back to 0.
+  uint64_t unbacked_chunks = 0;
 };
 
 namespace worker {

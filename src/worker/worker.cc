@@ -280,6 +280,9 @@ struct ChunkRef {
   // Its backup, if it has one (docs/fault-tolerance.md): as declared, or a new one made after a
   // failover; kNoServer once it moved to it.
   std::atomic<uint32_t> backup{kNoServer};
+  // A new backup being attached to (kBackupsAdded, not answered yet): an operation that finds
+  // its server dead meanwhile waits for the attach instead of failing.
+  std::atomic<uint32_t> attaching{kNoServer};
   CreateChunkItem create;  // as declared: what attaching to a new backup names
   uint64_t offset = 0;
   uint64_t numel = 0;
@@ -1025,6 +1028,20 @@ class WorkerImpl final : public Worker {
     if (!st.ok()) spdlog::error("worker {}: {}", rank_, st.ToString());
   }
 
+  // Chunks of this worker's tensors without a live backup it attached to (WorkerStats).
+  uint64_t UnbackedChunks() const {
+    std::lock_guard<std::mutex> tl(tensors_mu_);
+    std::lock_guard<std::mutex> lock(failover_->mu);
+    if (!failover_->replicated) return 0;
+    uint64_t n = 0;
+    for (const auto& t : tensors_)
+      for (const auto& c : t->chunks) {
+        const uint32_t b = c->backup.load();
+        if (b == kNoServer || failover_->Dead(b)) ++n;
+      }
+    return n;
+  }
+
   // The metrics of a scrape (docs/metrics.md).
   void Collect(metrics::Families& f) {
     auto d = [](uint64_t v) { return static_cast<double>(v); };
@@ -1034,6 +1051,9 @@ class WorkerImpl final : public Worker {
               d(bytes_pulled_.load()));
     f.Counter("shardps_worker_late_pushes_total", "chunk pushes dropped as late (backup workers)",
               d(late_pushes_.load()));
+    f.Gauge("shardps_worker_unbacked_chunks",
+            "chunks of this worker's tensors without a live backup it is attached to (replicas)",
+            d(UnbackedChunks()));
     f.Gauge("shardps_worker_operations_in_flight", "push, pull and push_pull not completed",
             static_cast<double>(meters_->in_flight.load()));
     f.Histogram("shardps_worker_operation_seconds", "time from start to completion", meters_->push,
@@ -1552,6 +1572,7 @@ class WorkerImpl final : public Worker {
     st.bytes_pushed = bytes_pushed_.load();
     st.bytes_pulled = bytes_pulled_.load();
     st.late_pushes = late_pushes_.load();
+    st.unbacked_chunks = UnbackedChunks();
     return st;
   }
 
@@ -1629,6 +1650,11 @@ class WorkerImpl final : public Worker {
         } else if (RerouteLocked(ref)) {
           lock.unlock();
           return again();
+        } else if (AttachingLocked(ref)) {  // its new backup is being attached to: it waits
+          const auto wait = std::chrono::milliseconds(FailoverWaitMs());
+          failover_->waiting.push_back(
+              {server, std::chrono::steady_clock::now() + wait, why, op, ref, std::move(again)});
+          return;
         } else {
           fail = why.WithContext(fmt::format("chunk {} has no live copy left", ref->chunk_id));
         }
@@ -1668,6 +1694,7 @@ class WorkerImpl final : public Worker {
         // Not declared here (yet): attached if it is declared later (Declare).
         if (!ref) unattached_backups_[it.chunk_id] = it.backup;
       }
+      if (!ref) continue;
       std::shared_ptr<RpcChannel> rpc;
       {
         std::lock_guard<std::mutex> lock(failover_->mu);
@@ -1675,8 +1702,8 @@ class WorkerImpl final : public Worker {
             failover_->Dead(it.backup))
           continue;
         rpc = servers_[it.backup];
+        ref->attaching.store(it.backup);
       }
-      if (!ref) continue;
       CreateChunkItem ci = ref->create;
       ci.primary = ref->server.load();
       ci.backup = it.backup;
@@ -1690,20 +1717,32 @@ class WorkerImpl final : public Worker {
                   CreateChunksReply reply;
                   if (st.ok() && (!reply.Decode(&r) || !r.done() || reply.chunks.size() != 1))
                     st = Status::ProtocolError("malformed create reply");
-                  std::lock_guard<std::mutex> lock(fo->mu);
+                  std::unique_lock<std::mutex> lock(fo->mu);
                   if (fo->stop) return;
                   if (st.ok() && reply.chunks[0].slot_stride != ref->layout.stride)
                     st = Status::ProtocolError("malformed create reply");
                   if (st.ok() && !ref->AddCopy(b, std::move(reply.chunks[0])))
                     st = Status::ResourceExhausted(
                         fmt::format("it had {} copies already", ChunkRef::kMaxCopies));
-                  if (!st.ok()) {
+                  if (!st.ok())
                     spdlog::warn("worker {}: cannot use server {} as chunk {}'s new backup: {}",
                                  rank_, b, id, st.ToString());
-                    return;
+                  else if (!fo->Dead(b) && ref->server.load() != b)
+                    ref->backup.store(b);
+                  uint32_t expected = b;
+                  ref->attaching.compare_exchange_strong(expected, kNoServer);
+                  // Operations that found its server dead while this attach was under way.
+                  std::vector<Failover::Waiting> run;
+                  for (auto w = fo->waiting.begin(); w != fo->waiting.end();) {
+                    if (w->ref == ref && fo->Dead(w->server)) {
+                      run.push_back(std::move(*w));
+                      w = fo->waiting.erase(w);
+                    } else {
+                      ++w;
+                    }
                   }
-                  if (fo->Dead(b) || ref->server.load() == b) return;
-                  ref->backup.store(b);
+                  lock.unlock();
+                  RunAfterFailover(run);
                 });
     }
   }
@@ -1748,11 +1787,21 @@ class WorkerImpl final : public Worker {
       c.grants.clear();
     }
     if (d.rank < NumServers() && servers_[d.rank]) servers_[d.rank]->connection().Close();
+    RunAfterFailover(run);
+  }
+
+  // Operations whose server was declared dead: each goes again on its chunk's copy now, waits
+  // for the new backup being attached to, or fails (no live copy left).
+  void RunAfterFailover(std::vector<Failover::Waiting>& run) {
     for (auto& w : run) {
       bool ok = false;
       {
         std::lock_guard<std::mutex> lock(failover_->mu);
         ok = RerouteLocked(w.ref);
+        if (!ok && AttachingLocked(w.ref)) {
+          failover_->waiting.push_back(std::move(w));
+          continue;
+        }
       }
       if (ok) {
         w.again();
@@ -1761,6 +1810,12 @@ class WorkerImpl final : public Worker {
             w.why.WithContext(fmt::format("chunk {} has no live copy left", w.ref->chunk_id)), 0);
       }
     }
+  }
+
+  // Under failover_->mu: whether `ref` is being attached to a new backup that is alive.
+  bool AttachingLocked(const ChunkRef* ref) const {
+    const uint32_t a = ref->attaching.load();
+    return a != kNoServer && !failover_->Dead(a);
   }
 
   // A server that joined the running job: connected to (an empty string), or why not.
@@ -1860,10 +1915,18 @@ class WorkerImpl final : public Worker {
         continue;
       }
       const auto now = std::chrono::steady_clock::now();
-      std::vector<Failover::Waiting> expired;
+      std::vector<std::pair<Failover::Waiting, std::string>> expired;
       for (auto it = failover_->waiting.begin(); it != failover_->waiting.end();) {
         if (it->deadline <= now || failover_->stop) {
-          expired.push_back(std::move(*it));
+          std::string why =
+              failover_->Dead(it->server)
+                  ? fmt::format(
+                        "chunk {} has no live copy left: its new backup was not attached "
+                        "to within {} ms",
+                        it->ref->chunk_id, FailoverWaitMs())
+                  : fmt::format("server {} was not declared dead and replaced within {} ms",
+                                it->server, FailoverWaitMs());
+          expired.emplace_back(std::move(*it), std::move(why));
           it = failover_->waiting.erase(it);
         } else {
           ++it;
@@ -1871,11 +1934,7 @@ class WorkerImpl final : public Worker {
       }
       if (expired.empty()) continue;
       lock.unlock();
-      for (auto& w : expired)
-        w.op->ChunkDone(w.why.WithContext(
-                            fmt::format("server {} was not declared dead and replaced within {} ms",
-                                        w.server, FailoverWaitMs())),
-                        0);
+      for (auto& [w, why] : expired) w.op->ChunkDone(w.why.WithContext(why), 0);
       lock.lock();
     }
   }

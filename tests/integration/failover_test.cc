@@ -257,12 +257,15 @@ TEST_P(Failover, TwoServersDieOneAfterTheOtherWithNewBackupsMadeInBetween) {
   std::atomic<bool> first{false};
   Meeting meeting(lc->workers.size());
   std::thread killer;
-  // Whether every chunk on servers 0 and 2 has a backup again.
+  // Whether every chunk on servers 0 and 2 has a backup again, as they count it and as every
+  // worker does (the coordinator counted it and the worker attached to it).
   auto backed = [&] {
     for (uint32_t s : {0u, 2u}) {
       auto j = lc->workers[0]->ServerStats(s);
       if (!j.ok() || nlohmann::json::parse(*j)["unbacked_chunks"] != 0) return false;
     }
+    for (auto& w : lc->workers)
+      if (w->stats().unbacked_chunks != 0) return false;
     return true;
   };
   Run(*lc, kSteps, [&](uint32_t rank, uint64_t step) {
@@ -281,6 +284,7 @@ TEST_P(Failover, TwoServersDieOneAfterTheOtherWithNewBackupsMadeInBetween) {
   auto j = Stats(*lc->workers[0], 0);
   EXPECT_EQ(j["shard_map_epoch"], 2);
   EXPECT_EQ(j["unbacked_chunks"], kChunks);  // one server left: nowhere to put a backup
+  EXPECT_EQ(lc->workers[0]->stats().unbacked_chunks, kChunks);
   lc->Finish();
 }
 
@@ -316,12 +320,19 @@ TEST_P(Failover, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
       EXPECT_TRUE(s.ok()) << s.status().ToString();
       if (s.ok()) joined = std::move(s).value();
       // Every live node reached it before it was given chunks: worker 0 knows it.
+      auto workers_unbacked = [&] {
+        uint64_t n = 0;
+        for (auto& w : lc->workers) n += w->stats().unbacked_chunks;
+        return n;
+      };
       while ((lc->workers[0]->num_servers() < 3 || stat(0, "unbacked_chunks") != 0 ||
-              stat(2, "replicas_installed") != static_cast<int64_t>(kChunks)) &&
+              stat(2, "replicas_installed") != static_cast<int64_t>(kChunks) ||
+              workers_unbacked() != 0) &&
              std::chrono::steady_clock::now() < deadline)
         std::this_thread::sleep_for(10ms);
       EXPECT_EQ(stat(0, "unbacked_chunks"), 0) << "no new backups 60 s after the server joined";
       EXPECT_EQ(stat(2, "replicas_installed"), static_cast<int64_t>(kChunks));
+      EXPECT_EQ(workers_unbacked(), 0u) << "the workers did not attach to the new backups";
       lc->servers[0].reset();
     });
   });
@@ -330,6 +341,7 @@ TEST_P(Failover, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
   EXPECT_EQ(stat(2, "shard_map_epoch"), 2);
   EXPECT_EQ(stat(2, "promoted_chunks"), static_cast<int64_t>(kChunks));
   EXPECT_EQ(stat(2, "unbacked_chunks"), static_cast<int64_t>(kChunks));  // the last server
+  EXPECT_EQ(lc->workers[0]->stats().unbacked_chunks, kChunks);
   lc->servers.push_back(std::move(joined));
   lc->Finish();
 }
