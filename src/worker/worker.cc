@@ -1729,6 +1729,8 @@ class WorkerImpl final : public Worker {
                                  rank_, b, id, st.ToString());
                   else if (!fo->Dead(b) && ref->server.load() != b)
                     ref->backup.store(b);
+                  // Its server died while this attach was under way: it moves there now.
+                  if (fo->Dead(ref->server.load())) RerouteLocked(ref);
                   uint32_t expected = b;
                   ref->attaching.compare_exchange_strong(expected, kNoServer);
                   // Operations that found its server dead while this attach was under way.
@@ -1795,15 +1797,24 @@ class WorkerImpl final : public Worker {
   void RunAfterFailover(std::vector<Failover::Waiting>& run) {
     for (auto& w : run) {
       bool ok = false;
+      Status fail;
       {
         std::lock_guard<std::mutex> lock(failover_->mu);
         ok = RerouteLocked(w.ref);
-        if (!ok && AttachingLocked(w.ref)) {
+        if (!failover_->failed.ok()) {
+          fail = failover_->failed;
+        } else if (failover_->stop) {
+          fail = Status::Aborted("the worker is shutting down");
+        } else if (!ok && AttachingLocked(w.ref)) {
+          w.deadline =
+              std::chrono::steady_clock::now() + std::chrono::milliseconds(FailoverWaitMs());
           failover_->waiting.push_back(std::move(w));
           continue;
         }
       }
-      if (ok) {
+      if (!fail.ok()) {
+        w.op->ChunkDone(fail, 0);
+      } else if (ok) {
         w.again();
       } else {
         w.op->ChunkDone(

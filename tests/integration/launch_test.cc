@@ -240,7 +240,8 @@ CommandResult RunKillBench(const std::string& transport, const std::string& mode
                                    "--chunk-size", chunk,     "--size",           "200000",
                                    "--iters",      iters,     "--wait-timeout-s", "40"};
   args.insert(args.end(), kills.begin(), kills.end());
-  return RunVerifiedBench(args, {"UCX_TLS=tcp,self"});
+  // (A request to a server is bounded by 10 s: what a failed bench asks every server, too.)
+  return RunVerifiedBench(args, {"UCX_TLS=tcp,self", "SHARDPS_TIMEOUT_MS=10000"});
 }
 
 // tcp, and ucx where it is built.

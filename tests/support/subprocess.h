@@ -20,6 +20,7 @@ inline size_t CountOccurrences(const std::string& hay, const std::string& needle
 // The last `lines` lines of `text`: where a failed command's output says what went wrong (put
 // first in a failure message, as CI shows the head of a failing test's output).
 inline std::string LastLines(const std::string& text, size_t lines) {
+  if (lines == 0) return {};
   size_t at = text.size();
   if (at > 0 && text[at - 1] == '\n') --at;  // the final newline ends the last line
   for (size_t n = 0; n < lines; ++n) {

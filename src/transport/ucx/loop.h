@@ -162,6 +162,17 @@ class Progress {
     return now - stuck_since_ > std::chrono::milliseconds(10);
   }
 
+  // Waits up to `ms` for the worker's event fd or a Post(), and clears the latter.
+  void Sleep(int ms) {
+    epoll_event evs[4];
+    int n = epoll_wait(epfd_, evs, 4, ms);
+    for (int i = 0; i < n; ++i)
+      if (evs[i].data.fd == wake_) {
+        uint64_t v;
+        [[maybe_unused]] ssize_t r = read(wake_, &v, sizeof(v));
+      }
+  }
+
   void Run() {
     auto last = std::chrono::steady_clock::now();
     while (!stop_) {
@@ -183,19 +194,13 @@ class Progress {
         continue;
       }
       if (!tasks_.empty()) continue;
-      epoll_event evs[4];
       if (ucp_worker_arm(worker_) == UCS_ERR_BUSY) {
-        if (!Stuck(now)) continue;
         // Pending without progress: wait a millisecond at a time instead of spinning.
-        epoll_wait(epfd_, evs, 4, 1);
+        if (Stuck(now)) Sleep(1);
         continue;
       }
-      int n = epoll_wait(epfd_, evs, 4, 20);
-      for (int i = 0; i < n; ++i)
-        if (evs[i].data.fd == wake_) {
-          uint64_t v;
-          [[maybe_unused]] ssize_t r = read(wake_, &v, sizeof(v));
-        }
+      stuck_since_ = {};
+      Sleep(20);
     }
     Drain();  // tasks queued before Stop() still run: their callbacks fire exactly once
     while (ucp_worker_progress(worker_)) {
