@@ -94,6 +94,7 @@ struct Node {
   bool rejoin_told = false;  // the servers were told (kWorkerUp): the rank's old node is removed
   std::set<uint32_t> awaiting;
   Clock::time_point rejoin_deadline;
+  uint64_t rejoin_epoch = 0;  // the shard map's epoch when it registered: a death since fails it
   // A server joining the running job (docs/fault-tolerance.md, "A server that joins"): the
   // live nodes (ids) yet to say they reached it, until `join_deadline`; given chunks after.
   bool joining = false;
@@ -564,15 +565,12 @@ class CoordinatorImpl final : public Coordinator {
       return refuse(fmt::format("this job uses transport '{}', the worker asked for '{}'",
                                 opt_.transport, rq.transport));
     if (rq.local_size > 1) return refuse("a worker rejoins alone (workers per node 1)");
-    if (std::find(server_dead_.begin(), server_dead_.end(), true) != server_dead_.end())
-      return refuse(
-          "a worker cannot rejoin a job that lost a server yet (docs/fault-tolerance.md, known "
-          "limits)");
     EndCheckpoint(Status::Aborted(fmt::format("worker {} rejoined the job during it", rank)));
     Node n = NewNode(c, req, rq, rank);
     n.local_size = 1;
     n.rejoining = true;
     n.rejoin_deadline = n.last_seen + RejoinWait();
+    n.rejoin_epoch = epoch_;
     spdlog::info("coordinator: {} registered from {}: it rejoins the job{}", n.Name(), c->peer(),
                  live.count(rank) ? " once the worker of that rank is removed" : "");
     nodes_.push_back(std::move(n));
@@ -750,17 +748,17 @@ class CoordinatorImpl final : public Coordinator {
         Notify(kWorkerUp, WorkerUp{n.rank},
                [](const Node& other) { return other.role == Role::kServer; });
       }
-      const bool lost_server =
-          std::find(server_dead_.begin(), server_dead_.end(), true) != server_dead_.end();
+      // A server that died while it was let in: its chunks moved, and the servers that answered
+      // may not be those that serve them now.
+      const bool lost_server = epoch_ != n.rejoin_epoch;
       if (!lost_server && !n.awaiting.empty() && now < n.rejoin_deadline) continue;
       n.rejoining = false;
       n.last_seen = now;
       if (lost_server || !n.awaiting.empty()) {
-        // (A server that died meanwhile: the view it would be given names it.)
         const std::string why =
             lost_server ? fmt::format(
-                              "{} could not rejoin: a server died while it was let in (a worker "
-                              "cannot rejoin a job that lost a server yet)",
+                              "{} could not rejoin: a server died while it was let in (it may "
+                              "register again)",
                               n.Name())
                         : fmt::format(
                               "{} could not rejoin: server(s) {} did not make their chunks wait "
@@ -775,6 +773,11 @@ class CoordinatorImpl final : public Coordinator {
       rep.rank = n.rank;
       rep.view = view_;
       rep.rejoined = true;
+      // The servers declared dead before (ranks of the view it must not reach): their chunks are
+      // on their backups, where its declares find them.
+      rep.epoch = epoch_;
+      for (uint32_t s = 0; s < server_dead_.size(); ++s)
+        if (server_dead_[s]) rep.dead_servers.push_back(s);
       Bytes body;
       Writer w(&body);
       rep.Encode(&w);

@@ -949,8 +949,12 @@ class WorkerImpl final : public Worker {
     data_ctx_ = std::move(dctx).value();
     if (view_.servers.size() > kMaxServers)
       return Status::ProtocolError(fmt::format("the job has {} servers", view_.servers.size()));
+    // A worker that rejoins a job that lost servers: those are not reached (their chunks are on
+    // their backups, where its declares find them).
+    const std::vector<uint32_t>& dead_at_start = node_->info().dead_servers;
     for (uint32_t s = 0; s < view_.servers.size(); ++s)
-      SHARDPS_RETURN_IF_ERROR(ConnectServer(s, view_.servers[s].address, opt_.connect_timeout));
+      if (std::find(dead_at_start.begin(), dead_at_start.end(), s) == dead_at_start.end())
+        SHARDPS_RETURN_IF_ERROR(ConnectServer(s, view_.servers[s].address, opt_.connect_timeout));
     if (!opt_.timeline.empty())
       meters_->timeline = std::make_shared<metrics::Timeline>(
           opt_.timeline, fmt::format("worker {}", rank_), 1000 + rank_);
@@ -963,7 +967,10 @@ class WorkerImpl final : public Worker {
     if (view_.replicas > 0) {
       {
         std::lock_guard<std::mutex> lock(failover_->mu);
-        failover_->dead.resize(std::max<size_t>(failover_->dead.size(), view_.num_servers), false);
+        failover_->dead.resize(
+            std::max<size_t>({failover_->dead.size(), view_.num_servers, view_.servers.size()}),
+            false);
+        for (uint32_t s : dead_at_start) failover_->dead[s] = true;
         failover_->replicated = true;
       }
       failover_thread_ = std::thread([this] { FailoverWatch(); });

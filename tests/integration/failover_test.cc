@@ -663,6 +663,7 @@ struct RejoinParam {
   std::string transport;
   Mode mode;
   uint32_t replicas = 0;
+  bool lose_server = false;  // 3 servers; server 1 dies before worker 2 does
 };
 
 class WorkerRejoin : public ::testing::TestWithParam<RejoinParam> {
@@ -674,8 +675,12 @@ class WorkerRejoin : public ::testing::TestWithParam<RejoinParam> {
   }
 };
 
+// With lose_server, server 1 goes away (and is declared dead) before worker 2 dies: the new
+// worker 2 rejoins a job that lost a server, reaching only the live ones.
 TEST_P(WorkerRejoin, ARestartedWorkerRejoinsAndEveryAcknowledgedPushCounts) {
-  CoordinatorOptions co = Opts(2, 3, GetParam().mode, Aggregate::kSum, kChunkBytes);
+  const bool lose_server = GetParam().lose_server;
+  CoordinatorOptions co =
+      Opts(lose_server ? 3 : 2, 3, GetParam().mode, Aggregate::kSum, kChunkBytes);
   co.continue_on_worker_loss = true;
   co.replicas = GetParam().replicas;
   co.heartbeat_timeout = 2s;
@@ -739,6 +744,17 @@ TEST_P(WorkerRejoin, ARestartedWorkerRejoinsAndEveryAcknowledgedPushCounts) {
     if (w.rank() == 2) {
       for (uint64_t s = 1; s <= kDiesAfter; ++s)
         if (!push(w, *ids, s, false)) return;
+      if (lose_server) {
+        std::thread([&] { lc->servers[1].reset(); }).join();
+        const auto until = std::chrono::steady_clock::now() + 20s;
+        auto epoch = [&] {
+          auto j = w.ServerStats(0);
+          return j.ok() ? nlohmann::json::parse(*j)["shard_map_epoch"].get<int64_t>() : -1;
+        };
+        while (epoch() != 1 && std::chrono::steady_clock::now() < until)
+          std::this_thread::sleep_for(10ms);
+        ASSERT_EQ(epoch(), 1) << "server 1 was not declared dead";
+      }
       worker::DieWithoutGoodbyeForTest(lc->workers[2]);  // nothing touches `w` after this
       // A new process of rank 2: refused while the coordinator has not removed the old one.
       const auto deadline = std::chrono::steady_clock::now() + 20s;
@@ -785,7 +801,10 @@ TEST_P(WorkerRejoin, ARestartedWorkerRejoinsAndEveryAcknowledgedPushCounts) {
   for (uint32_t r = 0; r < 2; ++r) EXPECT_TRUE(lc->workers[r]->Finish().ok());
   EXPECT_TRUE(again->Finish().ok());
   EXPECT_TRUE(lc->coordinator->Wait(10s).ok());
-  for (auto& s : lc->servers) EXPECT_TRUE(s->Wait(10s).ok());
+  for (auto& s : lc->servers)
+    if (s) {
+      EXPECT_TRUE(s->Wait(10s).ok());
+    }
 }
 
 // A rejoin is refused, saying why, where it cannot be: a job that ends when a worker dies (no
@@ -836,6 +855,9 @@ std::vector<RejoinParam> RejoinParams() {
   for (const auto& t : ts)
     for (Mode m : {Mode::kSync, Mode::kAsync, Mode::kSsp})
       for (uint32_t r : {0u, 1u}) p.push_back({t, m, r});
+  // A rejoin into a job that lost a server.
+  for (const auto& t : ts)
+    for (Mode m : {Mode::kSync, Mode::kAsync, Mode::kSsp}) p.push_back({t, m, 1, true});
   return p;
 }
 
@@ -843,7 +865,8 @@ INSTANTIATE_TEST_SUITE_P(Jobs, WorkerRejoin, ::testing::ValuesIn(RejoinParams())
                          [](const auto& info) {
                            std::string name = info.param.transport + "_" +
                                               ModeName(info.param.mode) +
-                                              (info.param.replicas ? "_replicas" : "");
+                                              (info.param.replicas ? "_replicas" : "") +
+                                              (info.param.lose_server ? "_lost_server" : "");
                            std::replace(name.begin(), name.end(), '+', '_');
                            return name;
                          });
