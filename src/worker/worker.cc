@@ -1617,6 +1617,27 @@ class WorkerImpl final : public Worker {
     };
     std::vector<Joined> joined;
     bool Dead(uint32_t s) const { return s < dead.size() && dead[s]; }
+    // Under mu: `w` waits (for a server's replacement, or a new backup's attach) until `wait`
+    // from now.
+    void Queue(Waiting w, std::chrono::milliseconds wait) {
+      w.deadline = std::chrono::steady_clock::now() + wait;
+      waiting.push_back(std::move(w));
+      cv.notify_all();
+    }
+    // Under mu: the waiting operations `pick` chooses, taken out.
+    template <typename Pick>
+    std::vector<Waiting> Take(Pick pick) {
+      std::vector<Waiting> out;
+      for (auto it = waiting.begin(); it != waiting.end();) {
+        if (pick(*it)) {
+          out.push_back(std::move(*it));
+          it = waiting.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      return out;
+    }
     void FailAll(const Status& why) {
       std::vector<Waiting> w;
       {
@@ -1648,19 +1669,13 @@ class WorkerImpl final : public Worker {
       if (failover_->replicated && !failover_->stop && (lost || failover_->Dead(server))) {
         if (!failover_->failed.ok()) {
           fail = failover_->failed;
-        } else if (!failover_->Dead(server)) {
-          const auto wait = std::chrono::milliseconds(FailoverWaitMs());
-          failover_->waiting.push_back(
-              {server, std::chrono::steady_clock::now() + wait, why, op, ref, std::move(again)});
-          failover_->cv.notify_all();
-          return;
-        } else if (RerouteLocked(ref)) {
+        } else if (failover_->Dead(server) && RerouteLocked(ref)) {
           lock.unlock();
           return again();
-        } else if (AttachingLocked(ref)) {  // its new backup is being attached to: it waits
-          const auto wait = std::chrono::milliseconds(FailoverWaitMs());
-          failover_->waiting.push_back(
-              {server, std::chrono::steady_clock::now() + wait, why, op, ref, std::move(again)});
+        } else if (!failover_->Dead(server) || AttachingLocked(ref)) {
+          // Until the server is declared dead, or its new backup's attach is answered.
+          failover_->Queue({server, {}, why, op, ref, std::move(again)},
+                           std::chrono::milliseconds(FailoverWaitMs()));
           return;
         } else {
           fail = why.WithContext(fmt::format("chunk {} has no live copy left", ref->chunk_id));
@@ -1741,15 +1756,9 @@ class WorkerImpl final : public Worker {
                   uint32_t expected = b;
                   ref->attaching.compare_exchange_strong(expected, kNoServer);
                   // Operations that found its server dead while this attach was under way.
-                  std::vector<Failover::Waiting> run;
-                  for (auto w = fo->waiting.begin(); w != fo->waiting.end();) {
-                    if (w->ref == ref && fo->Dead(w->server)) {
-                      run.push_back(std::move(*w));
-                      w = fo->waiting.erase(w);
-                    } else {
-                      ++w;
-                    }
-                  }
+                  auto run = fo->Take([&](const Failover::Waiting& w) {
+                    return w.ref == ref && fo->Dead(w.server);
+                  });
                   lock.unlock();
                   RunAfterFailover(run);
                 });
@@ -1776,14 +1785,7 @@ class WorkerImpl final : public Worker {
             RerouteLocked(c.get());
             moved++;
           }
-      for (auto it = failover_->waiting.begin(); it != failover_->waiting.end();) {
-        if (it->server == d.rank) {
-          run.push_back(std::move(*it));
-          it = failover_->waiting.erase(it);
-        } else {
-          ++it;
-        }
-      }
+      run = failover_->Take([&](const Failover::Waiting& w) { return w.server == d.rank; });
     }
     spdlog::warn(
         "worker {}: server {} was declared dead (shard map epoch {}): its {} chunks go "
@@ -1813,9 +1815,7 @@ class WorkerImpl final : public Worker {
         } else if (failover_->stop) {
           fail = Status::Aborted("the worker is shutting down");
         } else if (!ok && AttachingLocked(w.ref)) {
-          w.deadline =
-              std::chrono::steady_clock::now() + std::chrono::milliseconds(FailoverWaitMs());
-          failover_->waiting.push_back(std::move(w));
+          failover_->Queue(std::move(w), std::chrono::milliseconds(FailoverWaitMs()));
           continue;
         }
       }
@@ -1933,26 +1933,21 @@ class WorkerImpl final : public Worker {
         continue;
       }
       const auto now = std::chrono::steady_clock::now();
-      std::vector<std::pair<Failover::Waiting, std::string>> expired;
-      for (auto it = failover_->waiting.begin(); it != failover_->waiting.end();) {
-        if (it->deadline <= now || failover_->stop) {
-          std::string why =
-              failover_->Dead(it->server)
-                  ? fmt::format(
-                        "chunk {} has no live copy left: its new backup was not attached "
-                        "to within {} ms",
-                        it->ref->chunk_id, FailoverWaitMs())
-                  : fmt::format("server {} was not declared dead and replaced within {} ms",
-                                it->server, FailoverWaitMs());
-          expired.emplace_back(std::move(*it), std::move(why));
-          it = failover_->waiting.erase(it);
-        } else {
-          ++it;
-        }
-      }
+      auto expired = failover_->Take(
+          [&](const Failover::Waiting& w) { return w.deadline <= now || failover_->stop; });
       if (expired.empty()) continue;
+      std::vector<std::string> whys;
+      for (const auto& w : expired)
+        whys.push_back(
+            failover_->Dead(w.server)
+                ? fmt::format("chunk {} has no live copy left: its new backup was not "
+                              "attached to within {} ms",
+                              w.ref->chunk_id, FailoverWaitMs())
+                : fmt::format("server {} was not declared dead and replaced within {} ms", w.server,
+                              FailoverWaitMs()));
       lock.unlock();
-      for (auto& [w, why] : expired) w.op->ChunkDone(w.why.WithContext(why), 0);
+      for (size_t i = 0; i < expired.size(); ++i)
+        expired[i].op->ChunkDone(expired[i].why.WithContext(whys[i]), 0);
       lock.lock();
     }
   }
