@@ -95,6 +95,7 @@ struct ServerStats {
   // as a backup, chunks served since their primary was declared dead, connections to a backup
   // reopened, the shard map's epoch.
   uint64_t replicated_pushes = 0;
+  uint64_t replicated_copied = 0;  // of them, copied first (not sent from the landing buffer)
   uint64_t replica_pushes = 0;
   uint64_t promoted_chunks = 0;
   uint64_t backups_rebuilt = 0;     // chunks of which this server made a new backup (a failover)

@@ -4,6 +4,10 @@
 
 namespace shardps::server {
 
+LandingPool::LandingPool() : link_(std::make_shared<LeaseLink>()) { link_->pool = this; }
+
+LandingPool::~LandingPool() { CloseLeases(); }
+
 Status LandingPool::Init(transport::Context* ctx, uint32_t buffers, uint64_t buffer_bytes) {
   auto region = ctx->AllocateRegion(static_cast<size_t>(buffers) * buffer_bytes);
   if (!region.ok())
@@ -74,17 +78,71 @@ void LandingPool::Release(uint32_t buffer) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (buffer >= state_.size()) return;
-    if (waiters_.empty()) {
-      state_[buffer] = Slot{};
-      free_.push_back(buffer);
+    if (state_[buffer].leased) {
+      state_[buffer].released = true;  // freed when the lease ends (Unlease)
       return;
     }
-    Waiter w = std::move(waiters_.front());
-    waiters_.pop_front();
-    state_[buffer] = Slot{State::kGranted, w.owner, false, w.chunk, w.seq};
-    grant = std::move(w.grant);
+    grant = FreeLocked(buffer);
   }
-  grant(buffer);
+  if (grant) grant(buffer);
+}
+
+LandingPool::GrantFn LandingPool::FreeLocked(uint32_t buffer) {
+  if (waiters_.empty()) {
+    state_[buffer] = Slot{};
+    free_.push_back(buffer);
+    return nullptr;
+  }
+  Waiter w = std::move(waiters_.front());
+  waiters_.pop_front();
+  state_[buffer] = Slot{State::kGranted, w.owner, false, w.chunk, w.seq};
+  return std::move(w.grant);
+}
+
+// Ends a lease (LandingPool::Lease) wherever its last holder lets go of it.
+class LandingPool::LeaseToken {
+ public:
+  LeaseToken(std::shared_ptr<LeaseLink> link, uint32_t buffer)
+      : link_(std::move(link)), buffer_(buffer) {}
+  ~LeaseToken() {
+    std::lock_guard<std::mutex> lock(link_->mu);
+    if (link_->pool) link_->pool->Unlease(buffer_);
+  }
+  LeaseToken(const LeaseToken&) = delete;
+  LeaseToken& operator=(const LeaseToken&) = delete;
+
+ private:
+  std::shared_ptr<LeaseLink> link_;
+  uint32_t buffer_;
+};
+
+std::shared_ptr<const void> LandingPool::Lease(uint32_t buffer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (buffer >= state_.size()) return nullptr;
+  Slot& s = state_[buffer];
+  if (s.state != State::kApplying || s.leased || s.released || leased_ >= state_.size() / 2)
+    return nullptr;
+  s.leased = true;
+  leased_++;
+  return std::make_shared<LeaseToken>(link_, buffer);
+}
+
+void LandingPool::Unlease(uint32_t buffer) {
+  GrantFn grant;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Slot& s = state_[buffer];
+    s.leased = false;
+    leased_--;
+    if (!s.released) return;
+    grant = FreeLocked(buffer);
+  }
+  if (grant) grant(buffer);
+}
+
+void LandingPool::CloseLeases() {
+  std::lock_guard<std::mutex> lock(link_->mu);
+  link_->pool = nullptr;
 }
 
 void LandingPool::DropOwner(const transport::Connection* owner) {

@@ -25,6 +25,11 @@ class LandingPool {
   // Called (possibly on another thread, never inline in Request) when a buffer is granted.
   using GrantFn = std::function<void(uint32_t buffer)>;
 
+  LandingPool();
+  ~LandingPool();
+  LandingPool(const LandingPool&) = delete;
+  LandingPool& operator=(const LandingPool&) = delete;
+
   Status Init(transport::Context* ctx, uint32_t buffers, uint64_t buffer_bytes);
 
   // Grants a buffer to `owner` for the push of `seq` of `chunk`, now or when one frees up;
@@ -40,12 +45,28 @@ class LandingPool {
   bool Claim(uint32_t buffer, const transport::Connection* owner, uint64_t chunk, uint64_t seq);
   // Buffers held by pushes the chunk engine parked (EngineActions::parked_buffers_delta).
   void AddParked(int64_t delta);
-  // Returns a buffer that was claimed; the oldest waiter gets it.
+  // Returns a buffer that was claimed; the oldest waiter gets it (once its lease ended too).
   void Release(uint32_t buffer);
+  // A claimed buffer whose bytes are sent on from where they landed (a push forwarded to its
+  // chunk's backup: docs/fault-tolerance.md, "A push"): it goes back to the pool once Release
+  // was called and the lease returned ended, whichever is last. Null when half the pool is
+  // leased already (the sender copies the bytes instead): the other half, less what stands
+  // granted ahead or parked (a quarter at most), always circulates, so leases held until a sync
+  // step completes cannot starve the pushes that complete it. The lease may end on any thread,
+  // after the pool is gone too (then it does nothing).
+  std::shared_ptr<const void> Lease(uint32_t buffer);
+  // Leases that end from now on return their buffers to no one (the owner is stopping: the
+  // waiters' grants would reach it).
+  void CloseLeases();
   // Forgets a closed connection: its granted buffers come back, its waiters are dropped.
   void DropOwner(const transport::Connection* owner);
 
   const float* data(uint32_t buffer) const;
+  // Buffers leased now (Lease).
+  uint32_t leased() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return leased_;
+  }
   uint64_t buffer_bytes() const { return buffer_bytes_; }
   uint32_t size() const { return static_cast<uint32_t>(state_.size()); }
   // Buffers granted or being applied (not free).
@@ -66,7 +87,18 @@ class LandingPool {
     bool ahead = false;  // granted ahead and not claimed yet (for any chunk and step)
     uint64_t chunk = 0;  // what it was granted for, unless ahead
     uint64_t seq = 0;
+    bool leased = false;    // a lease holds it (kApplying)
+    bool released = false;  // Release came while it was leased
   };
+  // What a lease reaches the pool through; the pool unlinks itself when it closes or goes.
+  struct LeaseLink {
+    std::mutex mu;
+    LandingPool* pool = nullptr;  // guarded by mu
+  };
+  class LeaseToken;
+  // The buffer freed: to the oldest waiter (its grant, to call outside mu_) or the free list.
+  GrantFn FreeLocked(uint32_t buffer);
+  void Unlease(uint32_t buffer);
   struct Waiter {
     const transport::Connection* owner;
     uint64_t chunk;
@@ -76,10 +108,12 @@ class LandingPool {
   std::unique_ptr<transport::MemoryRegion> region_;
   uint64_t buffer_bytes_ = 0;
   std::mutex mu_;
-  std::vector<Slot> state_;     // guarded by mu_
-  std::vector<uint32_t> free_;  // guarded by mu_
-  std::deque<Waiter> waiters_;  // guarded by mu_
-  int64_t parked_ = 0;          // guarded by mu_
+  std::vector<Slot> state_;          // guarded by mu_
+  std::vector<uint32_t> free_;       // guarded by mu_
+  std::deque<Waiter> waiters_;       // guarded by mu_
+  int64_t parked_ = 0;               // guarded by mu_
+  uint32_t leased_ = 0;              // guarded by mu_
+  std::shared_ptr<LeaseLink> link_;  // this pool's, shared with its leases
 };
 
 }  // namespace shardps::server

@@ -75,6 +75,7 @@ std::string ServerStats::ToJson() const {
                       {"batched_pushes", batched_pushes},
                       {"batched_pulls", batched_pulls},
                       {"replicated_pushes", replicated_pushes},
+                      {"replicated_copied", replicated_copied},
                       {"replica_pushes", replica_pushes},
                       {"promoted_chunks", promoted_chunks},
                       {"backups_rebuilt", backups_rebuilt},
@@ -275,6 +276,9 @@ class ServerImpl final : public Server {
     // From here on messages are ignored and work handed to a chunk's owner is dropped (an
     // update completing on the device finishes nothing).
     stopping_ = true;
+    // Forwards that end from here on (in a transport's queue, the teardown's) keep their landing
+    // buffers: a waiter's grant would reach this server as it goes.
+    pool_.CloseLeases();
     {
       std::lock_guard<std::mutex> lock(failover_mu_);  // ReplicaLinkLoop sees it, or waits
     }
@@ -495,6 +499,10 @@ class ServerImpl final : public Server {
               d(s.batched_pulls));
     f.Counter("shardps_server_replicated_pushes_total",
               "pushes forwarded to their chunk's backup (replication)", d(s.replicated_pushes));
+    f.Counter("shardps_server_replicated_copied_total",
+              "forwarded pushes whose bytes were copied first rather than sent from their landing "
+              "buffer (batched pushes, pushes to a new backup, half the landing buffers held)",
+              d(s.replicated_copied));
     f.Counter("shardps_server_replica_pushes_total", "pushes taken as a chunk's backup",
               d(s.replica_pushes));
     f.Counter("shardps_server_promoted_chunks_total",
@@ -621,6 +629,7 @@ class ServerImpl final : public Server {
     if (control_ctx_) s.refused_peers += control_ctx_->refused_peers();
     s.grants_waited = grants_waited_.load();
     s.replicated_pushes = replicated_pushes_.load(std::memory_order_relaxed);
+    s.replicated_copied = replicated_copied_.load(std::memory_order_relaxed);
     s.replica_pushes = replica_pushes_.load(std::memory_order_relaxed);
     s.promoted_chunks = promoted_chunks_.load(std::memory_order_relaxed);
     s.backups_rebuilt = backups_rebuilt_.load(std::memory_order_relaxed);
@@ -1133,7 +1142,7 @@ class ServerImpl final : public Server {
       if (b < peers_.size()) peer = peers_[b];
     }
     if (!peer) return;
-    SendReplica(*peer, Join(ch, p, b, nullptr));
+    SendReplica(*peer, Join(ch, p, b, nullptr, /*from_landing=*/true));
   }
 
   // Owner thread, as the chunk's engine takes push `p` (EngineConfig::on_take), for a chunk that
@@ -1169,9 +1178,11 @@ class ServerImpl final : public Server {
   }
 
   // Makes push `p` of `ch` wait for backup `b`'s answer too (`r`: a new backup being made, whose
-  // answer counts for it instead): what to send it, the bytes copied.
+  // answer counts for it instead): what to send it. With `from_landing`, a push that landed in
+  // a landing buffer is sent from there, the buffer kept out of the pool until the forward is
+  // over (LandingPool::Lease); otherwise, or when half the pool is held so, the bytes are copied.
   std::shared_ptr<ReplicaJoin> Join(Chunk& ch, LandedPush& p, uint32_t b,
-                                    std::shared_ptr<Rebuild> r) {
+                                    std::shared_ptr<Rebuild> r, bool from_landing = false) {
     auto join = std::make_shared<ReplicaJoin>();
     join->backup = b;
     join->rebuild = std::move(r);
@@ -1191,7 +1202,14 @@ class ServerImpl final : public Server {
     const auto* g = static_cast<const uint8_t*>(p.grad.data);
     replicated_pushes_.fetch_add(1, std::memory_order_relaxed);
     join->meta = std::move(meta);
-    join->payload = transport::Payload::Own(Bytes(g, g + p.grad.bytes));
+    std::shared_ptr<const void> lease;
+    if (from_landing && p.buffer != kNoLandingBuffer) lease = pool_.Lease(p.buffer);
+    if (lease) {
+      join->payload = transport::Payload{g, p.grad.bytes, std::move(lease)};
+    } else {
+      replicated_copied_.fetch_add(1, std::memory_order_relaxed);
+      join->payload = transport::Payload::Own(Bytes(g, g + p.grad.bytes));
+    }
     return join;
   }
 
@@ -2539,6 +2557,7 @@ class ServerImpl final : public Server {
   std::atomic<uint64_t> reopened_links_{0};
   std::atomic<uint64_t> epoch_{0};               // the shard map's, as last heard
   std::atomic<uint64_t> replicated_pushes_{0};   // forwarded to a backup
+  std::atomic<uint64_t> replicated_copied_{0};   // of them, copied first (Join)
   std::atomic<uint64_t> replica_pushes_{0};      // taken as a backup
   std::atomic<uint64_t> promoted_chunks_{0};     // served since their primary was declared dead
   std::atomic<uint64_t> backups_rebuilt_{0};     // chunks of which a new backup was made

@@ -177,10 +177,11 @@ TEST_P(Failover, EveryPushIsHeldByBothCopies) {
   ASSERT_TRUE(lc);
   constexpr uint64_t kSteps = 20;
   Run(*lc, kSteps);
-  uint64_t forwarded = 0, taken = 0, applied = 0, chunks = 0;
+  uint64_t forwarded = 0, copied = 0, taken = 0, applied = 0, chunks = 0;
   for (uint32_t s = 0; s < 3; ++s) {
     auto j = Stats(*lc->workers[0], s);
     forwarded += j["replicated_pushes"].get<uint64_t>();
+    copied += j["replicated_copied"].get<uint64_t>();
     taken += j["replica_pushes"].get<uint64_t>();
     applied += j["pushes_applied"].get<uint64_t>();
     chunks += j["chunks"].get<uint64_t>();
@@ -189,6 +190,13 @@ TEST_P(Failover, EveryPushIsHeldByBothCopies) {
   const uint64_t pushes = Pushers(2) * kSteps * kChunks;
   EXPECT_EQ(chunks, 2 * kChunks);  // a primary and a backup each
   EXPECT_EQ(forwarded, pushes);
+  // Without batches every push landed in a landing buffer and went on from there: a server's
+  // share of them in flight (at most 2 chunks x 2 pushers) is far below half its 16 buffers.
+  if (GetParam().transport.find("+nobatch") != std::string::npos) {
+    EXPECT_EQ(copied, 0u);
+  } else {
+    EXPECT_LE(copied, forwarded);
+  }
   EXPECT_EQ(taken, pushes);
   EXPECT_EQ(applied, 2 * pushes);
   lc->Finish();
@@ -535,6 +543,48 @@ TEST(FailoverLimits, APushWhoseLiveBackupCannotBeReachedFailsInBoundedTime) {
       << st.ToString();
   EXPECT_LT(waited, 15s);  // the bound is 3 s; waiting for a failover would take 21 s
   server::CloseReplicationLinksForTest(*lc->servers[0], true);
+}
+
+// Forwarded pushes are sent from their landing buffers, which stay out of the pool until the
+// backup answered: in sync mode that is once the step is complete on both copies, which needs
+// the other workers' pushes to land. With 2 landing buffers per server (one may be leased) and
+// 3 workers pushing 8 chunks at once, every step still completes with the exact sum.
+TEST(FailoverLimits, TwoLandingBuffersCarryEverySyncStepWithBackups) {
+  CoordinatorOptions co = Opts(2, 3, Mode::kSync, Aggregate::kSum, kChunkBytes);
+  co.replicas = 1;
+  auto lc = LocalCluster::Start(co, 2, "tcp+nobatch");
+  ASSERT_TRUE(lc);
+  constexpr int64_t kN = 8 * 1024;  // 8 chunks: 4 primaries on each server
+  constexpr uint64_t kSteps = 10;
+  const float init = 100.0f;
+  lc->ForEachWorker([&](Worker& w) {
+    auto id = w.Declare(Sgd1("t", kN, init));
+    ASSERT_TRUE(id.ok()) << id.status().ToString();
+    std::vector<float> g(kN), out(kN);
+    for (uint64_t s = 1; s <= kSteps; ++s) {
+      for (int64_t i = 0; i < kN; ++i) g[i] = Grad(w.rank(), s, i);
+      auto h = w.PushPull(*id, g.data(), out.data());
+      Status st = h.Wait(60s);
+      ASSERT_TRUE(st.ok()) << "worker " << w.rank() << " step " << s << ": " << st.ToString();
+      ASSERT_EQ(h.version(), s);
+      for (int64_t i = 0; i < kN; ++i) {
+        double expect = init;
+        for (uint64_t t = 1; t <= s; ++t)
+          for (uint32_t ww = 0; ww < 3; ++ww) expect -= Grad(ww, t, i);
+        ASSERT_EQ(out[i], static_cast<float>(expect)) << "element " << i << " step " << s;
+      }
+    }
+  });
+  uint64_t forwarded = 0;
+  for (uint32_t s = 0; s < 2; ++s) {
+    auto j = lc->workers[0]->ServerStats(s);
+    ASSERT_TRUE(j.ok()) << j.status().ToString();
+    auto stats = nlohmann::json::parse(*j);
+    forwarded += stats["replicated_pushes"].get<uint64_t>();
+    EXPECT_EQ(stats["landing_buffers"], 2);
+  }
+  EXPECT_EQ(forwarded, 3 * kSteps * 8);
+  lc->Finish();
 }
 
 // ssp with replicas: a worker that leaves early (says goodbye; its connections close) holds

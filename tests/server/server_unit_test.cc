@@ -24,6 +24,7 @@
 #include "cluster/messages.h"
 #include "cluster/rpc.h"
 #include "server/applier.h"
+#include "server/landing_pool.h"
 #include "server/optimizer.h"
 #include "support/local_cluster.h"
 #include "transport/context.h"
@@ -244,6 +245,51 @@ TEST(Applier, OneThreadOrASmallRangeRunsInline) {
   ASSERT_EQ(calls.size(), 1u);
   EXPECT_EQ(calls[0], std::make_pair(size_t{0}, size_t{1999}));
   EXPECT_EQ(b.ranges_helped(), 0u);
+}
+
+// A landing buffer leased to a forward (a push sent on to its chunk's backup from where it
+// landed) goes back to the pool once both the engine released it and the lease ended, in either
+// order; at most half the pool is leased; a lease that ends after the pool closed or went does
+// nothing.
+TEST(LandingPool, ALeasedBufferReturnsOnceBothAreDone) {
+  auto ctx = transport::CreateContext("tcp", transport::ContextOptions{});
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  auto pool = std::make_unique<server::LandingPool>();
+  ASSERT_TRUE(pool->Init(ctx->get(), 4, 4096).ok());
+  std::vector<uint32_t> granted;
+  auto grant = [&](uint32_t b) { granted.push_back(b); };
+  for (uint64_t c = 0; c < 4; ++c) EXPECT_FALSE(pool->Request(nullptr, c, 1, grant));
+  ASSERT_EQ(granted.size(), 4u);
+  const std::vector<uint32_t> b = granted;
+  for (uint64_t c = 0; c < 4; ++c) ASSERT_TRUE(pool->Claim(b[c], nullptr, c, 1));
+  auto lease0 = pool->Lease(b[0]);
+  auto lease1 = pool->Lease(b[1]);
+  ASSERT_TRUE(lease0 && lease1);
+  EXPECT_FALSE(pool->Lease(b[2]));  // half the pool is leased
+  EXPECT_EQ(pool->leased(), 2u);
+  granted.clear();
+  EXPECT_TRUE(pool->Request(nullptr, 9, 1, grant));  // waits: every buffer is in use
+  pool->Release(b[0]);                               // the engine is done; the forward is not
+  EXPECT_TRUE(granted.empty());
+  lease0.reset();
+  ASSERT_EQ(granted, std::vector<uint32_t>{b[0]});
+  lease1.reset();  // the forward first, then the engine
+  EXPECT_EQ(pool->in_use(), 4u);
+  pool->Release(b[1]);
+  EXPECT_EQ(pool->in_use(), 3u);
+  EXPECT_EQ(pool->leased(), 0u);
+  // A buffer not claimed (or released already) is not leased.
+  EXPECT_FALSE(pool->Lease(b[1]));
+  auto late = pool->Lease(b[2]);
+  ASSERT_TRUE(late);
+  pool->Release(b[2]);
+  pool->CloseLeases();
+  late.reset();  // returns nothing: the owner is stopping
+  EXPECT_EQ(pool->in_use(), 3u);
+  auto orphan = pool->Lease(b[3]);
+  ASSERT_TRUE(orphan);
+  pool.reset();
+  orphan.reset();  // after the pool is gone
 }
 
 // A hand-driven client of one server: speaks the push protocol message by message.
