@@ -1,5 +1,7 @@
 #include "server/landing_pool.h"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 namespace shardps::server {
@@ -120,7 +122,9 @@ std::shared_ptr<const void> LandingPool::Lease(uint32_t buffer) {
   std::lock_guard<std::mutex> lock(mu_);
   if (buffer >= state_.size()) return nullptr;
   Slot& s = state_[buffer];
-  if (s.state != State::kApplying || s.leased || s.released || leased_ >= state_.size() / 2)
+  const auto size = static_cast<int64_t>(state_.size());
+  if (s.state != State::kApplying || s.leased || s.released || leased_ >= size / 2 ||
+      leased_ + 1 + std::max<int64_t>(parked_, 0) >= size)
     return nullptr;
   s.leased = true;
   leased_++;

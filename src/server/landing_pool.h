@@ -2,8 +2,10 @@
 // gets a free buffer at once or waits in FIFO order; a worker that holds no grant cannot write,
 // so a slow server pushes back on its senders and its memory does not grow with their number.
 // A worker may also hold one buffer granted ahead (with a push's acknowledgement) for its next
-// push, which then costs no grant round trip; at most a quarter of the pool stands granted so,
-// so the rest always circulates among grant requests. Thread-safe.
+// push, which then costs no grant round trip; at most a quarter of the pool stands granted so.
+// A buffer may also be leased to a forward of its push (Lease), at most half the pool. What is
+// neither granted ahead, nor held by a parked push, nor leased circulates among grant requests,
+// and both bounds leave at least one buffer so. Thread-safe.
 #pragma once
 
 #include <cstdint>
@@ -37,8 +39,8 @@ class LandingPool {
   bool Request(const transport::Connection* owner, uint64_t chunk, uint64_t seq, GrantFn grant);
   // A buffer granted ahead to `owner` (for any chunk and step), if one is free with no one
   // waiting, `owner` holds none already, is still connected, and fewer than size() / 4 stand
-  // granted ahead or are held by parked pushes (so that three quarters of the pool always
-  // circulate among admissible pushes: no step can starve).
+  // granted ahead or are held by parked pushes (so that the rest, less what is leased,
+  // circulates among admissible pushes: no step can starve).
   std::optional<uint32_t> GrantAhead(const transport::Connection* owner);
   // Moves a granted buffer into use; false when `owner` does not hold it, or holds it for
   // another chunk or step.
@@ -49,11 +51,11 @@ class LandingPool {
   void Release(uint32_t buffer);
   // A claimed buffer whose bytes are sent on from where they landed (a push forwarded to its
   // chunk's backup: docs/fault-tolerance.md, "A push"): it goes back to the pool once Release
-  // was called and the lease returned ended, whichever is last. Null when half the pool is
-  // leased already (the sender copies the bytes instead): the other half, less what stands
-  // granted ahead or parked (a quarter at most), always circulates, so leases held until a sync
-  // step completes cannot starve the pushes that complete it. The lease may end on any thread,
-  // after the pool is gone too (then it does nothing).
+  // was called and the lease returned ended, whichever is last. Null (the sender copies the
+  // bytes instead) when half the pool is leased already, or when leases and buffers held by
+  // parked pushes would leave no other buffer: what is left circulates, so leases held until a
+  // sync step completes cannot starve the pushes that complete it. The lease may end on any
+  // thread, after the pool is gone too (then it does nothing).
   std::shared_ptr<const void> Lease(uint32_t buffer);
   // Leases that end from now on return their buffers to no one (the owner is stopping: the
   // waiters' grants would reach it).

@@ -1131,8 +1131,9 @@ class ServerImpl final : public Server {
   }
 
   // The data loop: forwards push `p` of `ch` to the chunk's backup, and makes its
-  // acknowledgement wait for the backup's. The bytes are copied: the landing buffer goes back
-  // to the pool once this server applied the push, which may be before they left.
+  // acknowledgement wait for the backup's. The bytes go from the landing buffer, leased until
+  // the forward is over (the buffer would go back to the pool once this server applied the
+  // push, which may be before they left), or from a copy (Join).
   void Forward(Chunk& ch, LandedPush& p) {
     const uint32_t b = ch.backup.load();
     if (b == kNoServer || ch.forward_on_take.load(std::memory_order_relaxed)) return;

@@ -280,6 +280,13 @@ TEST(LandingPool, ALeasedBufferReturnsOnceBothAreDone) {
   EXPECT_EQ(pool->leased(), 0u);
   // A buffer not claimed (or released already) is not leased.
   EXPECT_FALSE(pool->Lease(b[1]));
+  // Buffers held by parked pushes count too: one buffer is always left to circulate.
+  pool->AddParked(2);
+  auto one = pool->Lease(b[2]);
+  EXPECT_TRUE(one);
+  EXPECT_FALSE(pool->Lease(b[3]));  // 1 leased + 2 parked + this one: the whole pool
+  one.reset();
+  pool->AddParked(-2);
   auto late = pool->Lease(b[2]);
   ASSERT_TRUE(late);
   pool->Release(b[2]);
