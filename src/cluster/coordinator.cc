@@ -168,6 +168,7 @@ class CoordinatorImpl final : public Coordinator {
     if (!l.ok()) return l.status().WithContext("coordinator listen");
     listener_ = std::move(l).value();
     server_bytes_.assign(opt_.num_servers, 0);
+    primary_bytes_placed_.assign(opt_.num_servers, 0);
     server_dead_.assign(opt_.num_servers, false);
     started_ = Clock::now();
     ticker_ = std::thread([this] { Tick(); });
@@ -616,6 +617,7 @@ class CoordinatorImpl final : public Coordinator {
     for (const auto& o : nodes_)
       if (!o.dead && !o.rejoining && !o.goodbye) n.unreached.insert(o.id);
     server_bytes_.push_back(0);
+    primary_bytes_placed_.push_back(0);
     server_dead_.push_back(false);
     view_.servers.push_back(ServerInfo{n.id, n.data_address});
     view_.num_servers = static_cast<uint32_t>(view_.servers.size());
@@ -925,11 +927,14 @@ class CoordinatorImpl final : public Coordinator {
           p.offset = off;
           p.numel = std::min(elems_per_chunk, it.numel - off);
           // Balance by bytes: the least loaded live server takes the chunk, the next one its
-          // backup (a backup costs its server the same memory and apply work).
-          p.server = LeastLoaded(kNoServer);
+          // backup (a backup costs its server the same memory and apply work). Between servers
+          // holding as many bytes, the one that was given fewer primaries takes it, so that the
+          // workers' traffic is spread too (else with 2 servers every primary is server 0's).
+          p.server = LeastLoaded(kNoServer, /*primary=*/true);
           if (p.server == kNoServer)
             return Reply(*c, req, Status::Unavailable("no live server is left to place chunks on"));
           server_bytes_[p.server] += p.numel * 4;
+          primary_bytes_placed_[p.server] += p.numel * 4;
           if (Replicated()) {
             p.backup = LeastLoaded(p.server);
             if (p.backup != kNoServer) server_bytes_[p.backup] += p.numel * 4;
@@ -958,11 +963,15 @@ class CoordinatorImpl final : public Coordinator {
   bool Replicated() const { return opt_.replicas > 0 && opt_.num_servers > 1; }
 
   // The live server holding the fewest bytes, other than `besides`; kNoServer when none is.
-  uint32_t LeastLoaded(uint32_t besides) const {
+  // With `primary`, of those holding as few, the one given the fewest primary bytes.
+  uint32_t LeastLoaded(uint32_t besides, bool primary = false) const {
     uint32_t best = kNoServer;
     for (uint32_t s = 0; s < server_bytes_.size(); ++s) {
       if (s == besides || server_dead_[s] || Joining(s)) continue;
-      if (best == kNoServer || server_bytes_[s] < server_bytes_[best]) best = s;
+      if (best == kNoServer || server_bytes_[s] < server_bytes_[best] ||
+          (primary && server_bytes_[s] == server_bytes_[best] &&
+           primary_bytes_placed_[s] < primary_bytes_placed_[best]))
+        best = s;
     }
     return best;
   }
@@ -1341,6 +1350,9 @@ class CoordinatorImpl final : public Coordinator {
   std::map<std::string, Barrier> barriers_;
   std::map<std::string, TensorRecord> tensors_;
   std::vector<uint64_t> server_bytes_;
+  // Per server: the bytes of the chunks placed on it as their primary when declared (a tie-break
+  // of placement: LeastLoaded).
+  std::vector<uint64_t> primary_bytes_placed_;
   std::vector<bool> server_dead_;  // by server rank: declared dead (Lost)
   uint64_t epoch_ = 0;             // the shard map's: one more per server declared dead
   uint64_t next_chunk_id_ = 1;
