@@ -96,6 +96,8 @@ struct ServerStats {
   // reopened, the shard map's epoch.
   uint64_t replicated_pushes = 0;
   uint64_t replicated_copied = 0;  // of them, copied first (not sent from the landing buffer)
+  uint64_t replicated_steps = 0;   // sync steps forwarded whole (their sum), not push by push
+  uint64_t replica_steps = 0;      // sync steps taken whole as a backup
   uint64_t replica_pushes = 0;
   uint64_t promoted_chunks = 0;
   uint64_t backups_rebuilt = 0;     // chunks of which this server made a new backup (a failover)

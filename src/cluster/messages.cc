@@ -237,6 +237,29 @@ bool SaveChunksRequest::Decode(Reader* r) {
          name != "." && name != ".." && r->Get(&wait_ms) && DecodeCuts(r, &cuts);
 }
 
+void ForwardedStep::Encode(Writer* w) const {
+  w->Put(epoch);
+  w->Put(chunk_id);
+  w->Put(seq);
+  w->Put<uint8_t>(lr ? 1 : 0);
+  if (lr) w->Put(*lr);
+  w->Put(scale);
+  w->PutVector(std::span<const uint32_t>(pushers));
+}
+
+bool ForwardedStep::Decode(Reader* r) {
+  uint8_t has = 0;
+  if (!r->Get(&epoch) || !r->Get(&chunk_id) || !r->Get(&seq) || !r->Get(&has) || has > 1)
+    return false;
+  lr.reset();
+  if (has) {
+    float v = 0;
+    if (!r->Get(&v)) return false;
+    lr = v;
+  }
+  return r->Get(&scale) && r->GetVector(&pushers, kMaxWorkers);
+}
+
 void ReplicaMembership::Encode(Writer* w) const {
   w->Put(epoch);
   w->Put(chunk_id);

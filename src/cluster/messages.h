@@ -68,6 +68,10 @@ enum Tag : uint32_t {
   // reached the new server (ServerReached, request id 0), and only then is it given chunks.
   kServerJoined = 40,
   kServerReached = 41,
+  // server -> server: a sync step of a chunk whose primary forwards steps rather than pushes
+  // (ForwardedStep; the payload is the step's sum, numel floats); the reply is a PushAck
+  // (docs/fault-tolerance.md, "A push").
+  kReplicateStep = 42,
 };
 
 // The most servers a job has, those that joined it included.
@@ -238,6 +242,20 @@ struct WorkerDown {
 // message, request id 0), and only once every live server did is the worker let in.
 struct WorkerUp {
   uint32_t rank = 0;
+  void Encode(Writer* w) const;
+  [[nodiscard]] bool Decode(Reader* r);
+};
+
+// kReplicateStep (a chunk's primary -> its backup): step `seq` as the primary published it: the
+// pushers whose pushes its sum (the payload) holds, the update's learning rate and its factor of
+// the sum. The backup applies the same update to the same sum, so both hold the same bits.
+struct ForwardedStep {
+  uint64_t epoch = 0;
+  uint64_t chunk_id = 0;
+  uint64_t seq = 0;
+  std::optional<float> lr;
+  float scale = 1.0f;
+  std::vector<uint32_t> pushers;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
 };

@@ -9,6 +9,7 @@ namespace shardps::server {
 
 void EngineActions::Append(EngineActions&& o) {
   for (auto& a : o.acks) acks.push_back(std::move(a));
+  for (auto& st : o.steps) steps.push_back(std::move(st));
   release.insert(release.end(), o.release.begin(), o.release.end());
   for (auto& g : o.admit) admit.push_back(std::move(g));
   applied += o.applied;
@@ -452,7 +453,7 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
     step.lr = p.lr;
   }
   bool next_in_line = seq == version() + 1;
-  if (step.count + 1 == Needed(seq, step) && next_in_line) {
+  if (step.count + 1 == Needed(seq, step) && next_in_line && !cfg_.forward_steps) {
     // The step's last push is folded straight into the update (no accumulator pass): it is
     // the gradient (decoded as the update goes, when compressed) and the others' sum the extra.
     GradientView sum = SumView(step.sum);
@@ -470,7 +471,7 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
     return;
   }
   if (step.count == 0) {
-    if (next_in_line && !slots_.master && !rule_->owns_parameters()) {
+    if (next_in_line && !slots_.master && !rule_->owns_parameters() && !cfg_.forward_steps) {
       // The next slot is free while this step is next in line: sum there (no model-sized
       // accumulator in sync mode). It no longer holds a valid version.
       uint8_t* slot = Slot(version() + 1);
@@ -500,12 +501,25 @@ void ChunkEngine::PublishReadySteps(EngineActions* out) {
   std::erase_if(joiners_, [&](uint32_t w) { return join_from_[w] <= version() + 1; });
   if (it == steps_.end() || it->second.count < Needed(it->first, it->second)) return;
   uint64_t seq = it->first;
+  const float scale = Scale(it->second.count);
   Update(
-      SumView(it->second.sum), nullptr, Scale(it->second.count), it->second.lr,
-      [this, seq](EngineActions* o) {
+      SumView(it->second.sum), nullptr, scale, it->second.lr,
+      [this, seq, scale](EngineActions* o) {
         auto s = steps_.find(seq);
-        for (auto& a : s->second.acks) o->acks.push_back({a.to, failure_, version(), a.late});
-        if (s->second.own) spare_.push_back(std::move(s->second.own));
+        if (cfg_.forward_steps && failure_.ok()) {
+          // The sum goes to the backup with the acknowledgements (a new accumulator for a
+          // later step).
+          EngineActions::Step& f = o->steps.emplace_back();
+          f.seq = seq;
+          f.pushers = s->second.pushers;
+          f.lr = s->second.lr;
+          f.scale = scale;
+          f.sum = std::shared_ptr<Accumulator>(std::move(s->second.own));
+          for (auto& a : s->second.acks) f.acks.push_back({a.to, failure_, version(), a.late});
+        } else {
+          for (auto& a : s->second.acks) o->acks.push_back({a.to, failure_, version(), a.late});
+          if (s->second.own) spare_.push_back(std::move(s->second.own));
+        }
         steps_.erase(s);
       },
       out);
@@ -555,6 +569,44 @@ void ChunkEngine::Drain(EngineActions* out) {
       break;
   }
   AdmitGrants(out);
+}
+
+EngineActions ChunkEngine::OnForwardedStep(uint64_t seq, const std::vector<uint32_t>& pushers,
+                                           std::optional<float> lr, float scale, const float* sum,
+                                           ReplyTo reply) {
+  EngineActions out;
+  if (!failure_.ok()) {
+    out.acks.push_back({std::move(reply), failure_, version()});
+    return out;
+  }
+  if (seq <= version()) {  // sent again after the link was reopened: applied once
+    out.duplicates += pushers.size();
+    out.acks.push_back({std::move(reply), Status::OK(), version()});
+    return out;
+  }
+  if (seq != version() + 1 || updating_ || !steps_.empty() || !cfg_.forward_steps) {
+    out.acks.push_back(
+        {std::move(reply),
+         Status::Internal(fmt::format(
+             "the primary's step {} cannot be applied to version {} of this backup ({} steps of "
+             "pushes open, {})",
+             seq, version(), steps_.size(),
+             cfg_.forward_steps ? "forwarded steps" : "this chunk takes pushes, not steps")),
+         version()});
+    return out;
+  }
+  for (uint32_t w : pushers)
+    if (w < cfg_.num_workers) last_seq_[w] = std::max(last_seq_[w], seq);
+  out.applied += pushers.size();
+  std::erase_if(joiners_, [&](uint32_t w) { return join_from_[w] <= seq; });
+  Update(
+      SumView(sum), nullptr, scale, lr,
+      [this, reply = std::move(reply)](EngineActions* o) {
+        o->acks.push_back({reply, failure_, version()});
+      },
+      &out);
+  Drain(&out);
+  return out;
 }
 
 void ChunkEngine::Update(const GradientView& grad, const GradientView* extra, float scale,

@@ -94,6 +94,12 @@ struct EngineConfig {
   // late or as a duplicate), in the order it takes them, before it is answered (a new backup is
   // sent pushes in that order: docs/fault-tolerance.md, "New backups").
   std::function<void(LandedPush&)> on_take;
+  // sync, with a backup (docs/fault-tolerance.md, "A push"): every step is summed in an
+  // accumulator, never in a slot nor fused with its last push, and handed over whole once
+  // published (EngineActions::steps) with its pushes' acknowledgements, so that the primary
+  // forwards the step's sum rather than each push; a backup applies such a step with
+  // OnForwardedStep. Only for a rule that completes inline (not the device rule).
+  bool forward_steps = false;
 };
 
 // A batch request being answered (the server's; cluster::BatchRequest).
@@ -148,7 +154,18 @@ struct EngineActions {
     uint64_t version = 0;
     bool late = false;  // dropped: its step was published without it
   };
+  // A sync step published (EngineConfig::forward_steps): for the chunk's backup, with the
+  // acknowledgements of its pushes, which wait for the backup's.
+  struct Step {
+    uint64_t seq = 0;
+    std::vector<uint32_t> pushers;  // whose pushes it sums (each pusher's last sequence number)
+    std::optional<float> lr;
+    float scale = 1.0f;                // the update's factor of the sum
+    std::shared_ptr<Accumulator> sum;  // numel floats
+    std::vector<Ack> acks;             // its pushes', not in `acks`
+  };
   std::vector<Ack> acks;           // answer these pushes
+  std::vector<Step> steps;         // forward these (and then answer their pushes)
   std::vector<uint32_t> release;   // landing buffers the engine is done with (or kNoLandingBuffer)
   std::vector<ParkedGrant> admit;  // grant requests that are admissible now
   uint64_t applied = 0;            // pushes folded into the parameters
@@ -158,7 +175,7 @@ struct EngineActions {
   int64_t parked_buffers_delta = 0;  // change in landing buffers held by parked pushes
 
   void Append(EngineActions&& o);
-  bool empty() const { return acks.empty() && release.empty() && admit.empty(); }
+  bool empty() const { return acks.empty() && release.empty() && admit.empty() && steps.empty(); }
 };
 
 // Memory of the published slots (cluster::SlotLayout): slot v % 2 holds version v. With a
@@ -192,6 +209,15 @@ class ChunkEngine {
 
   // Owner thread.
   EngineActions OnPush(LandedPush p);
+  // Owner thread, a backup of a chunk whose primary forwards steps (EngineConfig::forward_steps):
+  // step `seq` whole, as the primary published it: each pusher's sequence number moves to
+  // `seq` and the update is applied to `sum` (numel floats, held by the caller until the
+  // returned actions are carried out) with `scale` and `lr`, exactly as the primary did.
+  // `reply` is answered once it is published; a step published already (a resend) is answered
+  // at once; one out of order, or with steps of pushes open here, is refused.
+  EngineActions OnForwardedStep(uint64_t seq, const std::vector<uint32_t>& pushers,
+                                std::optional<float> lr, float scale, const float* sum,
+                                ReplyTo reply);
   // Owner thread: forgets what `owner` left parked (its buffers come back in `release`).
   EngineActions OnConnectionClosed(const transport::Connection* owner);
   // Owner thread: pusher `worker` was removed from the job (it died: docs/fault-tolerance.md).

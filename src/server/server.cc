@@ -76,6 +76,8 @@ std::string ServerStats::ToJson() const {
                       {"batched_pulls", batched_pulls},
                       {"replicated_pushes", replicated_pushes},
                       {"replicated_copied", replicated_copied},
+                      {"replicated_steps", replicated_steps},
+                      {"replica_steps", replica_steps},
                       {"replica_pushes", replica_pushes},
                       {"promoted_chunks", promoted_chunks},
                       {"backups_rebuilt", backups_rebuilt},
@@ -161,6 +163,9 @@ struct ReplicaJoin {
   // Sent to a new backup before it was whole (Rebuild): its answer counts for the rebuild, and
   // the worker is acknowledged on this server's word.
   std::shared_ptr<Rebuild> rebuild;
+  // A forwarded step (kReplicateStep) carries the acknowledgements of all its pushes: this one
+  // is the first's, these the others', which get the backup's answer when it does (RemoteDone).
+  std::vector<std::shared_ptr<ReplicaJoin>> followers;  // guarded by mu
 
   // Records one side; the acknowledgement to send when it was the second, with the backup's
   // refusal (this server was replaced and is fenced) in place of this server's success.
@@ -252,6 +257,9 @@ struct Chunk {
   // that order: ForwardTaken), no longer as they land (Forward), so that the new backup's engine
   // takes them in the same order from a copy taken in between.
   std::atomic<bool> forward_on_take{false};
+  // sync with backups: the primary forwards each published step's sum (ForwardStep), not each
+  // push (EngineConfig::forward_steps); until forward_on_take, which takes over.
+  bool forward_steps = false;
   // Per pusher that rejoined the job (docs/fault-tolerance.md, "A worker that rejoins"): the
   // sequence number its next push must have, which its attach is told.
   std::mutex rejoin_mu;
@@ -503,6 +511,11 @@ class ServerImpl final : public Server {
               "forwarded pushes whose bytes were copied first rather than sent from their landing "
               "buffer (batched pushes, pushes to a new backup, half the landing buffers held)",
               d(s.replicated_copied));
+    f.Counter("shardps_server_replicated_steps_total",
+              "sync steps forwarded whole to their chunk's backup (their sum, not each push)",
+              d(s.replicated_steps));
+    f.Counter("shardps_server_replica_steps_total", "sync steps taken whole as a backup",
+              d(s.replica_steps));
     f.Counter("shardps_server_replica_pushes_total", "pushes taken as a chunk's backup",
               d(s.replica_pushes));
     f.Counter("shardps_server_promoted_chunks_total",
@@ -630,6 +643,8 @@ class ServerImpl final : public Server {
     s.grants_waited = grants_waited_.load();
     s.replicated_pushes = replicated_pushes_.load(std::memory_order_relaxed);
     s.replicated_copied = replicated_copied_.load(std::memory_order_relaxed);
+    s.replicated_steps = replicated_steps_.load(std::memory_order_relaxed);
+    s.replica_steps = replica_steps_.load(std::memory_order_relaxed);
     s.replica_pushes = replica_pushes_.load(std::memory_order_relaxed);
     s.promoted_chunks = promoted_chunks_.load(std::memory_order_relaxed);
     s.backups_rebuilt = backups_rebuilt_.load(std::memory_order_relaxed);
@@ -986,17 +1001,20 @@ class ServerImpl final : public Server {
   void ChangeChunkMembership(Chunk& ch, uint32_t w, MembershipChange change, uint64_t from,
                              std::function<void(uint64_t)> done) {
     const uint32_t pusher = view_.PusherOf(w);
-    if (!ch.forward_on_take.load()) SendMembership(ch, ch.backup.load(), pusher, change, from);
+    if (!ch.forward_on_take.load() && !ch.forward_steps)
+      SendMembership(ch, ch.backup.load(), pusher, change, from);
     OnOwner(ch, [this, chp = &ch, pusher, change, from, done = std::move(done)] {
       Chunk& c = *chp;
       uint64_t next = 0;
       Execute(c, Membership(c, pusher, change, from, &next));
-      if (c.forward_on_take.load(std::memory_order_relaxed)) {
-        // After the pushes it took before (ForwardTaken), to its backup and to a new one being
-        // made from a copy taken before.
+      if (c.forward_on_take.load(std::memory_order_relaxed) || c.forward_steps) {
+        // After the pushes it took before (ForwardTaken), or the steps it published before
+        // (ForwardStep, the change's own included), to its backup and to a new one being made
+        // from a copy taken before.
         std::vector<uint32_t> to;
         if (c.backup.load() != kNoServer) to.push_back(c.backup.load());
-        if (c.rebuild && c.rebuild_copied) to.push_back(c.rebuild->backup);
+        if (c.forward_on_take.load(std::memory_order_relaxed) && c.rebuild && c.rebuild_copied)
+          to.push_back(c.rebuild->backup);
         data_ctx_->RunInLoop([this, chp, to, pusher, change, from] {
           for (uint32_t b : to) SendMembership(*chp, b, pusher, change, from);
         });
@@ -1136,7 +1154,8 @@ class ServerImpl final : public Server {
   // push, which may be before they left), or from a copy (Join).
   void Forward(Chunk& ch, LandedPush& p) {
     const uint32_t b = ch.backup.load();
-    if (b == kNoServer || ch.forward_on_take.load(std::memory_order_relaxed)) return;
+    if (b == kNoServer || ch.forward_steps || ch.forward_on_take.load(std::memory_order_relaxed))
+      return;
     std::shared_ptr<RpcChannel> peer;
     {
       std::lock_guard<std::mutex> lock(failover_mu_);
@@ -1232,7 +1251,7 @@ class ServerImpl final : public Server {
     peer.Call(join->tag, join->meta, join->payload,
               [this, join](Status st, Reader& r, transport::Message& m) {
                 PushAck ack;
-                if (st.ok() && join->tag == kReplicate && (!ack.Decode(&r) || !r.done()))
+                if (st.ok() && join->tag != kReplicaMembership && (!ack.Decode(&r) || !r.done()))
                   st = Status::ProtocolError("malformed replica acknowledgement");
                 if (join->tag == kReplicaMembership && m.tag == kReply && !st.ok())
                   spdlog::warn("server {}: backup {} refused a membership change: {}", rank_,
@@ -1265,7 +1284,49 @@ class ServerImpl final : public Server {
   }
 
   void RemoteDone(const std::shared_ptr<ReplicaJoin>& join, const Status& st) {
+    std::vector<std::shared_ptr<ReplicaJoin>> followers;
+    {
+      std::lock_guard<std::mutex> lock(join->mu);
+      followers.swap(join->followers);
+    }
     if (auto a = join->Remote(st)) join->deliver(std::move(*a));
+    for (auto& f : followers) RemoteDone(f, st);
+  }
+
+  // Owner thread: step `st` of `ch` was published (EngineConfig::forward_steps). Its sum goes to
+  // the chunk's backup, and its pushes are acknowledged once the backup has it too (one
+  // ReplicaJoin each, the first carrying the message); at once when the chunk has no backup,
+  // or forwards pushes as it takes them (a new backup was begun: ForwardTaken sent them).
+  // Sent from the data loop, in order with the membership changes made after it.
+  void ForwardStep(Chunk& ch, EngineActions::Step st) {
+    const uint32_t b = ch.backup.load();
+    if (b == kNoServer || ch.forward_on_take.load(std::memory_order_relaxed)) {
+      for (auto& a : st.acks) AckNow(ch, a);
+      return;
+    }
+    std::vector<std::shared_ptr<ReplicaJoin>> joins;
+    for (size_t i = 0; i < std::max<size_t>(1, st.acks.size()); ++i) {
+      auto j = std::make_shared<ReplicaJoin>();
+      j->backup = b;
+      j->deliver = [this, chp = &ch](EngineActions::Ack a) { AckNow(*chp, a); };
+      joins.push_back(std::move(j));
+    }
+    std::shared_ptr<ReplicaJoin> lead = joins[0];
+    lead->followers.assign(joins.begin() + 1, joins.end());
+    lead->tag = kReplicateStep;
+    Writer w(&lead->meta);
+    ForwardedStep{epoch_.load(), ch.id, st.seq, st.lr, st.scale, st.pushers}.Encode(&w);
+    Accumulator* sum = st.sum.get();
+    lead->payload = transport::Payload{sum->data(), ch.numel * sizeof(float), std::move(st.sum)};
+    replicated_steps_.fetch_add(1, std::memory_order_relaxed);
+    for (size_t i = 0; i < st.acks.size(); ++i) {
+      st.acks[i].to.join = joins[i];
+      AckNow(ch, st.acks[i]);
+    }
+    data_ctx_->RunInLoop([this, lead] {
+      SendToBackup(lead);
+      SendAnswers();
+    });
   }
 
   // New backups (docs/fault-tolerance.md, "New backups").
@@ -1561,6 +1622,50 @@ class ServerImpl final : public Server {
     OnOwner(*ch, [this, ch, p = std::move(p)]() mutable { ApplyPush(*ch, std::move(p)); });
   }
 
+  // kReplicateStep: a published step of a chunk this server is the backup of, whose primary
+  // forwards steps (ForwardStep). Applied by the chunk's engine as the primary applied it; the
+  // answer once it is published here.
+  void OnReplicateStep(const std::shared_ptr<Connection>& c, uint64_t req, Reader& r,
+                       transport::Message& m) {
+    ForwardedStep f;
+    if (!f.Decode(&r) || !r.done()) return Drop(c, "malformed replicated step");
+    Chunk* ch = FindChunk(f.chunk_id);
+    if (!ch) return Reply(*c, req, Status::NotFound(fmt::format("unknown chunk {}", f.chunk_id)));
+    if (!ch->is_backup.load()) return Reply(*c, req, ServedHere(f.chunk_id, f.epoch));
+    if (m.payload.size() != ch->numel * sizeof(float))
+      return Drop(c, fmt::format("replicated step of {} bytes for chunk {} of {} elements",
+                                 m.payload.size(), f.chunk_id, ch->numel));
+    for (uint32_t w : f.pushers)
+      if (w >= view_.num_pushers())
+        return Reply(*c, req, Status::InvalidArgument(fmt::format("unknown pusher {}", w)));
+    if (!std::isfinite(f.scale) || f.scale <= 0)
+      return Reply(*c, req, Status::InvalidArgument(fmt::format("step factor {}", f.scale)));
+    if (Status st = f.lr ? CheckLearningRate(*f.lr) : Status::OK(); !st.ok())
+      return Reply(*c, req, st);
+    auto held = std::make_shared<BatchBytes>(inbound_);
+    if (!held->charge.TryCharge(m.payload.size()))
+      return Drop(c, fmt::format("a replicated step of {} bytes would pass the server's inbound "
+                                 "budget of {} bytes",
+                                 m.payload.size(), inbound_->limit()));
+    held->bytes = std::move(m.payload);
+    replica_steps_.fetch_add(1, std::memory_order_relaxed);
+    ReplyTo reply{c, req};
+    reply.replica = true;
+    OnOwner(*ch, [this, ch, f = std::move(f), held, reply = std::move(reply)]() mutable {
+      const auto start = std::chrono::steady_clock::now();
+      EngineActions a = ch->engine->OnForwardedStep(
+          f.seq, f.pushers, f.lr, f.scale, reinterpret_cast<const float*>(held->bytes.data()),
+          std::move(reply));
+      const auto end = std::chrono::steady_clock::now();
+      apply_latency_.Observe(end - start);
+      if (timeline_)
+        timeline_->Span(
+            a.published ? "apply+publish" : "apply", "server", start, end, ch->id,
+            {{"chunk", "step"}, {static_cast<int64_t>(ch->id), static_cast<int64_t>(f.seq)}});
+      Execute(*ch, std::move(a));
+    });
+  }
+
   void Finish(Status st) {
     std::lock_guard<std::mutex> lock(done_->mu);
     if (done_->finished) return;
@@ -1853,6 +1958,8 @@ class ServerImpl final : public Server {
         return OnSaveChunks(c, req, r);
       case kReplicate:
         return OnReplicate(c, req, r, m);
+      case kReplicateStep:
+        return OnReplicateStep(c, req, r, m);
       case kInstallReplica:
         return OnInstallReplica(c, req, r, m);
       case kReplicaMembership:
@@ -2106,6 +2213,12 @@ class ServerImpl final : public Server {
     ec.counters = counters_.get();
     ec.initial_version = version;
     ec.on_take = [this, raw = ch.get()](LandedPush& p) { ForwardTaken(*raw, p); };
+    // Steps rather than pushes go to the backup when that moves fewer bytes: two pushers or more
+    // whose pushes together outweigh one sum of floats. Not on a device (its sums live there).
+    ec.forward_steps = view_.replicas > 0 && view_.mode == Mode::kSync && !device_ &&
+                       view_.num_pushers() >= 2 &&
+                       view_.num_pushers() * max_push >= it.numel * sizeof(float);
+    ch->forward_steps = ec.forward_steps;
     if (copy) ec.initial_last_seq = copy->last_seq;  // a checkpoint's workers start afresh
     if (copy) ec.initial_join_from = copy->join_from;
     // Its place in the shard map: a backup here takes the primary's forwarded pushes; a primary
@@ -2423,6 +2536,7 @@ class ServerImpl final : public Server {
       if (conn && !conn->closed()) RequestBuffer(conn, g.request, ch.id, g.seq);
     }
     for (auto& ack : a.acks) AckNow(ch, ack);
+    for (auto& st : a.steps) ForwardStep(ch, std::move(st));
     pushes_applied_ += a.applied;
     duplicates_ += a.duplicates;
     late_ += a.late;
@@ -2559,6 +2673,8 @@ class ServerImpl final : public Server {
   std::atomic<uint64_t> epoch_{0};               // the shard map's, as last heard
   std::atomic<uint64_t> replicated_pushes_{0};   // forwarded to a backup
   std::atomic<uint64_t> replicated_copied_{0};   // of them, copied first (Join)
+  std::atomic<uint64_t> replicated_steps_{0};    // sync steps forwarded whole (ForwardStep)
+  std::atomic<uint64_t> replica_steps_{0};       // sync steps taken as a backup
   std::atomic<uint64_t> replica_pushes_{0};      // taken as a backup
   std::atomic<uint64_t> promoted_chunks_{0};     // served since their primary was declared dead
   std::atomic<uint64_t> backups_rebuilt_{0};     // chunks of which a new backup was made

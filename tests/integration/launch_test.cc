@@ -734,9 +734,10 @@ TEST(Launch, TimelineHoldsEverySpanOfTheJobInOneTrace) {
     }
   EXPECT_EQ(spans["worker/push_pull"], 2 * 20);
   EXPECT_EQ(spans["worker/wait"], 2 * 20);
-  // Every chunk push of every worker is applied once by each of the chunk's two copies; each
-  // step's last completes the update.
-  EXPECT_EQ(spans["server/apply"] + spans["server/apply+publish"], 2 * 2 * 20 * 19);
+  // Every chunk push of every worker is applied once by the chunk's primary, each step's last
+  // completing the update; its backup applies each step's sum once (sync with two workers: the
+  // primary forwards steps, not pushes).
+  EXPECT_EQ(spans["server/apply"] + spans["server/apply+publish"], 2 * 20 * 19 + 20 * 19);
   EXPECT_EQ(spans["server/apply+publish"], 2 * 20 * 19);
   EXPECT_EQ(pids.size(), 4u);  // 2 servers, 2 workers
   EXPECT_EQ(j["otherData"]["dropped_spans"], 0);
