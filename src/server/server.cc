@@ -1304,6 +1304,16 @@ class ServerImpl final : public Server {
       for (auto& a : st.acks) AckNow(ch, a);
       return;
     }
+    if (!st.sum) {  // not expected: the engine hands every forwarded step over with its sum
+      for (auto& a : st.acks) {
+        a.status =
+            Status::Internal(fmt::format("step {} of chunk {} has no sum to send to its "
+                                         "backup",
+                                         st.seq, ch.id));
+        AckNow(ch, a);
+      }
+      return;
+    }
     std::vector<std::shared_ptr<ReplicaJoin>> joins;
     for (size_t i = 0; i < std::max<size_t>(1, st.acks.size()); ++i) {
       auto j = std::make_shared<ReplicaJoin>();

@@ -65,7 +65,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t which = data[0];
   data++;
   size--;
-  switch (which % 35) {
+  switch (which % 36) {
     case 0:
       RoundTrip<ClusterView>(data, size);
       break;
@@ -167,6 +167,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       break;
     case 34:
       RoundTrip<ServerReached>(data, size);
+      break;
+    case 35:
+      RoundTrip<ForwardedStep>(data, size);
       break;
     case 12: {
       // Counts read off the wire before vectors are sized.

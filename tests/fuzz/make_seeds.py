@@ -103,6 +103,8 @@ MESSAGES = {
     "server_joined": (33, u64(1) + u32(2) + u32(9) + string(b"127.0.0.1:7071")),
     "server_reached": (34, u32(2) + string(b"")),
     "server_reached_error": (34, u32(2) + string(b"connection refused")),
+    "forwarded_step": (35, u64(1) + u64(3) + u64(7) + u8(1) + f32(0.1) + f32(0.5) + u64(2) + u32(0) + u32(1)),
+    "forwarded_step_no_lr": (35, u64(1) + u64(3) + u64(7) + u8(0) + f32(1.0) + u64(1) + u32(2)),
     "counts": (12, u32(3) + u64(4) + b"abcd" + u64(2) + f32(1.0) + f32(2.0) + string(b"s")),
 }
 

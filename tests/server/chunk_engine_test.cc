@@ -118,6 +118,66 @@ TEST(ChunkEngine, SyncPublishesWhenEveryWorkerPushedAndAcksThenWithTheVersion) {
   EXPECT_EQ(f.engine->steps_open(), 0u);
 }
 
+// Sync with a backup that takes steps (EngineConfig::forward_steps): the primary sums every
+// push of a step apart from the slots and hands the published step over with its pushes'
+// acknowledgements instead of sending them; the backup applies that sum and holds the same
+// bits (a mean of fractions: nothing exact about it but the arithmetic's order). A resent step
+// is answered without being applied again; one out of order is refused.
+TEST(ChunkEngine, AForwardedStepGivesTheBackupTheSameBits) {
+  EngineConfig c = Fixture::Config(Mode::kSync, 3, Aggregate::kMean);
+  c.forward_steps = true;
+  Fixture primary(c), backup(c);
+  std::vector<EngineActions::Step> steps;
+  for (uint64_t s = 1; s <= 3; ++s) {
+    EngineActions a;
+    for (uint32_t w = 0; w < 3; ++w) {
+      EngineActions one = primary.Push(w, s, 0.1f * static_cast<float>(w + s), w);
+      // The next slot still holds version s - 2 (no running sum there) until s is published.
+      if (w == 0 && s >= 2) {
+        EXPECT_EQ(primary.Tag(s % 2), s - 1);
+      }
+      a.Append(std::move(one));
+    }
+    EXPECT_TRUE(a.acks.empty());  // they go with the step
+    ASSERT_EQ(a.steps.size(), 1u);
+    EngineActions::Step& st = a.steps[0];
+    EXPECT_EQ(st.seq, s);
+    EXPECT_EQ(st.acks.size(), 3u);
+    EXPECT_EQ(st.scale, 1.0f / 3.0f);
+    std::vector<uint32_t> pushers = st.pushers;
+    std::sort(pushers.begin(), pushers.end());
+    EXPECT_EQ(pushers, (std::vector<uint32_t>{0, 1, 2}));
+    ASSERT_TRUE(st.sum);
+    EngineActions b =
+        backup.engine->OnForwardedStep(st.seq, st.pushers, st.lr, st.scale, st.sum->data(), {});
+    ASSERT_EQ(b.acks.size(), 1u);
+    EXPECT_TRUE(b.acks[0].status.ok()) << b.acks[0].status.ToString();
+    EXPECT_EQ(b.acks[0].version, s);
+    EXPECT_EQ(b.applied, 3u);
+    steps.push_back(std::move(st));
+  }
+  EXPECT_EQ(primary.engine->version(), 3u);
+  EXPECT_EQ(backup.engine->version(), 3u);
+  EXPECT_EQ(std::memcmp(primary.Params().data(), backup.Params().data(), kN * sizeof(float)), 0);
+  EXPECT_EQ(backup.engine->last_seqs(), (std::vector<uint64_t>{3, 3, 3}));
+  // Step 2 again (a resend after the link was reopened): answered, not applied.
+  EngineActions again = backup.engine->OnForwardedStep(2, steps[1].pushers, steps[1].lr,
+                                                       steps[1].scale, steps[1].sum->data(), {});
+  ASSERT_EQ(again.acks.size(), 1u);
+  EXPECT_TRUE(again.acks[0].status.ok());
+  EXPECT_EQ(again.applied, 0u);
+  EXPECT_EQ(backup.engine->version(), 3u);
+  // Step 5 before step 4: refused, nothing applied.
+  EngineActions gap = backup.engine->OnForwardedStep(5, steps[0].pushers, steps[0].lr,
+                                                     steps[0].scale, steps[0].sum->data(), {});
+  ASSERT_EQ(gap.acks.size(), 1u);
+  EXPECT_FALSE(gap.acks[0].status.ok());
+  EXPECT_EQ(backup.engine->version(), 3u);
+  // Promoted, the backup takes pushes from where the steps left it.
+  for (uint32_t w = 0; w < 3; ++w) backup.Push(w, 4, 1.0f, w);
+  EXPECT_EQ(backup.engine->version(), 4u);
+}
+
 // A copy for a new backup (docs/fault-tolerance.md, "New backups"): while the hold is on, a
 // push that would open a step waits and the open one drains, whatever the order the pushes
 // came in (worker 1's step 2 before its step 1); the engine is then quiet at version 1, grants

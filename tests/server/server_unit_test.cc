@@ -743,6 +743,7 @@ TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
       {cluster::kPushDone, U64s({1, 1})},               // truncated notification
       {cluster::kCreateChunks, U64s({1, 1ull << 40})},  // absurd count
       {cluster::kReplicaMembership, U64s({1, 0, 1})},   // truncated membership change
+      {cluster::kReplicateStep, U64s({1, 0, 1})},       // truncated forwarded step
       {999, U64s({1})},                                 // unknown tag
       {cluster::kGrant, {}},                            // no request id at all
   };
@@ -785,6 +786,22 @@ TEST_F(ServerProtocol, MalformedMessagesCloseOnlyThatConnection) {
     auto not_backup = raw.Call(cluster::kReplicaMembership, change(1));
     EXPECT_TRUE(not_backup.status().IsAborted()) << not_backup.status().ToString();
     auto unknown = raw.Call(cluster::kReplicaMembership, change(777));
+    EXPECT_NE(unknown.status().message().find("unknown chunk 777"), std::string::npos)
+        << unknown.status().ToString();
+    EXPECT_TRUE(raw.Call(cluster::kGrant, GrantAsk(1, 32)).ok());  // still served
+  }
+  // So is a forwarded sync step (a replaced primary's is refused: this server serves the chunk).
+  {
+    RawClient raw(lc_->servers[0]->address());
+    auto step = [](uint64_t chunk) {
+      Bytes b;
+      Writer w(&b);
+      cluster::ForwardedStep{0, chunk, 1, std::nullopt, 1.0f, {0}}.Encode(&w);
+      return b;
+    };
+    auto not_backup = raw.Call(cluster::kReplicateStep, step(1));
+    EXPECT_TRUE(not_backup.status().IsAborted()) << not_backup.status().ToString();
+    auto unknown = raw.Call(cluster::kReplicateStep, step(777));
     EXPECT_NE(unknown.status().message().find("unknown chunk 777"), std::string::npos)
         << unknown.status().ToString();
     EXPECT_TRUE(raw.Call(cluster::kGrant, GrantAsk(1, 32)).ok());  // still served
