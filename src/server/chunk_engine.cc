@@ -166,6 +166,7 @@ void ChunkEngine::AdmitGrants(EngineActions* out) {
 
 EngineActions ChunkEngine::OnPush(LandedPush p) {
   EngineActions out;
+  if (!forwarded_.empty()) DropForwardedSteps(&out);
   if (updating_) {
     queued_.push_back(std::move(p));
     return out;
@@ -529,6 +530,8 @@ void ChunkEngine::Drain(EngineActions* out) {
   for (;;) {
     if (updating_) return;  // resumed when the update completes
     uint64_t before = version();
+    ApplyForwardedSteps(out);
+    if (updating_ || version() != before) continue;
     size_t parked_before = parked_.size(), queued_before = queued_.size();
     if (cfg_.mode == Mode::kSync) PublishReadySteps(out);
     if (updating_ || version() != before) continue;
@@ -571,42 +574,87 @@ void ChunkEngine::Drain(EngineActions* out) {
   AdmitGrants(out);
 }
 
-EngineActions ChunkEngine::OnForwardedStep(uint64_t seq, const std::vector<uint32_t>& pushers,
-                                           std::optional<float> lr, float scale, const float* sum,
-                                           ReplyTo reply) {
+EngineActions ChunkEngine::OnForwardedStep(ForwardedStep f) {
   EngineActions out;
+  auto refuse = [&](Status st) {
+    out.acks.push_back({std::move(f.reply), std::move(st), version()});
+  };
   if (!failure_.ok()) {
-    out.acks.push_back({std::move(reply), failure_, version()});
+    refuse(failure_);
     return out;
   }
-  if (seq <= version()) {  // sent again after the link was reopened: applied once
-    out.duplicates += pushers.size();
-    out.acks.push_back({std::move(reply), Status::OK(), version()});
+  if (f.seq <= version()) {  // sent again after the link was reopened: applied once
+    out.duplicates += f.pushers.size();
+    out.acks.push_back({std::move(f.reply), Status::OK(), version()});
     return out;
   }
-  if (seq != version() + 1 || updating_ || !steps_.empty() || !cfg_.forward_steps) {
-    out.acks.push_back(
-        {std::move(reply),
-         Status::Internal(fmt::format(
-             "the primary's step {} cannot be applied to version {} of this backup ({} steps of "
-             "pushes open, {})",
-             seq, version(), steps_.size(),
-             cfg_.forward_steps ? "forwarded steps" : "this chunk takes pushes, not steps")),
-         version()});
+  if (!steps_.empty() || !parked_.empty()) {
+    refuse(Status::Aborted(fmt::format(
+        "step {} of the primary arrives while this copy takes pushes itself (version {})", f.seq,
+        version())));
     return out;
   }
-  for (uint32_t w : pushers)
-    if (w < cfg_.num_workers) last_seq_[w] = std::max(last_seq_[w], seq);
-  out.applied += pushers.size();
-  std::erase_if(joiners_, [&](uint32_t w) { return join_from_[w] <= seq; });
-  Update(
-      SumView(sum), nullptr, scale, lr,
-      [this, reply = std::move(reply)](EngineActions* o) {
-        o->acks.push_back({reply, failure_, version()});
-      },
-      &out);
+  auto waiting = forwarded_.find(f.seq);
+  if (waiting != forwarded_.end()) {
+    // Sent again while the first copy waits: the newer answer address takes over.
+    out.duplicates += f.pushers.size();
+    out.acks.push_back({std::move(waiting->second.reply), Status::OK(), version()});
+    waiting->second.reply = std::move(f.reply);
+  } else if (forwarded_.size() >= kMaxStepsAhead) {
+    refuse(Status::ResourceExhausted(
+        fmt::format("step {} arrives with {} steps of the primary waiting for step {}", f.seq,
+                    forwarded_.size(), version() + 1)));
+    return out;
+  } else {
+    const uint64_t seq = f.seq;
+    forwarded_.emplace(seq, std::move(f));
+  }
+  ApplyForwardedSteps(&out);
   Drain(&out);
   return out;
+}
+
+void ChunkEngine::ApplyForwardedSteps(EngineActions* out) {
+  while (!updating_ && !forwarded_.empty()) {
+    auto it = forwarded_.begin();
+    if (it->first > version() + 1) return;
+    ForwardedStep f = std::move(it->second);
+    forwarded_.erase(it);
+    if (f.seq <= version()) {
+      out->duplicates += f.pushers.size();
+      out->acks.push_back({std::move(f.reply), Status::OK(), version()});
+      continue;
+    }
+    for (uint32_t w : f.pushers) {
+      if (w >= cfg_.num_workers) continue;
+      last_seq_[w] = std::max(last_seq_[w], f.seq);
+      if (WorkerCounters* c = Counters(w)) c->pushes.fetch_add(1, std::memory_order_relaxed);
+    }
+    out->applied += f.pushers.size();
+    std::erase_if(joiners_, [&](uint32_t w) { return join_from_[w] <= f.seq; });
+    GradientView sum;
+    sum.data = f.sum;
+    sum.memory = transport::MemoryKind::kHost;
+    sum.numel = rule_->numel();
+    sum.bytes = sum.numel * sizeof(float);
+    Update(
+        sum, nullptr, f.scale, f.lr,
+        [this, reply = std::move(f.reply), hold = std::move(f.hold)](EngineActions* o) {
+          o->acks.push_back({reply, failure_, version()});
+        },
+        out);
+  }
+}
+
+void ChunkEngine::DropForwardedSteps(EngineActions* out) {
+  for (auto& [seq, f] : forwarded_)
+    out->acks.push_back(
+        {std::move(f.reply),
+         Status::Aborted(fmt::format("step {} of the primary came after this copy took pushes "
+                                     "itself (version {})",
+                                     seq, version())),
+         version()});
+  forwarded_.clear();
 }
 
 void ChunkEngine::Update(const GradientView& grad, const GradientView* extra, float scale,

@@ -98,7 +98,8 @@ struct EngineConfig {
   // accumulator, never in a slot nor fused with its last push, and handed over whole once
   // published (EngineActions::steps) with its pushes' acknowledgements, so that the primary
   // forwards the step's sum rather than each push; a backup applies such a step with
-  // OnForwardedStep. Only for a rule that completes inline (not the device rule).
+  // OnForwardedStep (which takes them whatever this is). Not for the device rule (its sums live
+  // on the device).
   bool forward_steps = false;
 };
 
@@ -209,15 +210,26 @@ class ChunkEngine {
 
   // Owner thread.
   EngineActions OnPush(LandedPush p);
-  // Owner thread, a backup of a chunk whose primary forwards steps (EngineConfig::forward_steps):
-  // step `seq` whole, as the primary published it: each pusher's sequence number moves to
-  // `seq` and the update is applied to `sum` (numel floats, held by the caller until the
-  // returned actions are carried out) with `scale` and `lr`, exactly as the primary did.
-  // `reply` is answered once it is published; a step published already (a resend) is answered
-  // at once; one out of order, or with steps of pushes open here, is refused.
-  EngineActions OnForwardedStep(uint64_t seq, const std::vector<uint32_t>& pushers,
-                                std::optional<float> lr, float scale, const float* sum,
-                                ReplyTo reply);
+  // A sync step of the chunk's primary, whole (EngineConfig::forward_steps): the pushers whose
+  // pushes `sum` (numel floats in host memory, kept alive by `hold`) holds, the update's
+  // learning rate and factor of the sum.
+  struct ForwardedStep {
+    uint64_t seq = 0;
+    std::vector<uint32_t> pushers;
+    std::optional<float> lr;
+    float scale = 1.0f;
+    const float* sum = nullptr;
+    std::shared_ptr<const void> hold;
+    ReplyTo reply;
+  };
+  // Owner thread, a backup of a chunk whose primary forwards steps: applies step `f` as the
+  // primary did (the same update of the same sum), once every step before it was; each pusher's
+  // sequence number moves to it. `f.reply` is answered once it is published; a step published
+  // already (a resend) at once. A step that arrives ahead of its turn (resent out of order after
+  // a link was reopened) or during an update waits, up to kMaxStepsAhead of them; one that
+  // arrives while pushes are open here (the backup was promoted) is refused.
+  EngineActions OnForwardedStep(ForwardedStep f);
+  static constexpr size_t kMaxStepsAhead = 16;
   // Owner thread: forgets what `owner` left parked (its buffers come back in `release`).
   EngineActions OnConnectionClosed(const transport::Connection* owner);
   // Owner thread: pusher `worker` was removed from the job (it died: docs/fault-tolerance.md).
@@ -319,6 +331,10 @@ class ChunkEngine {
   // parked pushes, admissible grants.
   void Drain(EngineActions* out);
   void PublishReadySteps(EngineActions* out);
+  // Applies the forwarded steps whose turn it is (OnForwardedStep), while no update is in flight.
+  void ApplyForwardedSteps(EngineActions* out);
+  // The primary was replaced (a push arrived): the steps it forwarded that wait are refused.
+  void DropForwardedSteps(EngineActions* out);
   // Computes version+1 into the next slot, seqlock style.
   void Update(const GradientView& grad, const GradientView* extra, float scale,
               std::optional<float> lr, std::function<void(EngineActions*)> then,
@@ -355,7 +371,8 @@ class ChunkEngine {
   std::atomic<uint64_t> slowest_{0};                   // ssp: min clock, live workers
   std::map<uint64_t, Step> steps_;                     // sync: open steps
   std::map<std::pair<uint32_t, uint64_t>, LandedPush> parked_;  // (worker, seq)
-  std::deque<LandedPush> queued_;  // arrived while an update was in flight
+  std::deque<LandedPush> queued_;                // arrived while an update was in flight
+  std::map<uint64_t, ForwardedStep> forwarded_;  // forwarded steps waiting for their turn
   std::vector<std::unique_ptr<Accumulator>> spare_;
   bool updating_ = false;
   Status failure_;  // an update that failed: everything after it is refused

@@ -166,6 +166,15 @@ struct ReplicaJoin {
   // A forwarded step (kReplicateStep) carries the acknowledgements of all its pushes: this one
   // is the first's, these the others', which get the backup's answer when it does (RemoteDone).
   std::vector<std::shared_ptr<ReplicaJoin>> followers;  // guarded by mu
+  bool answered = false;  // guarded by mu: the backup's answer (or its death) came
+
+  // Makes `f` get this one's answer from the backup; false when it came already.
+  bool AddFollower(std::shared_ptr<ReplicaJoin> f) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (answered) return false;
+    followers.push_back(std::move(f));
+    return true;
+  }
 
   // Records one side; the acknowledgement to send when it was the second, with the backup's
   // refusal (this server was replaced and is fenced) in place of this server's success.
@@ -260,6 +269,10 @@ struct Chunk {
   // sync with backups: the primary forwards each published step's sum (ForwardStep), not each
   // push (EngineConfig::forward_steps); until forward_on_take, which takes over.
   bool forward_steps = false;
+  // Owner thread: the last step forwarded so (its first push's ReplicaJoin, which carries the
+  // message), while it is in flight: acknowledgements given outside a step (a late push, a
+  // resent one) wait for it too.
+  std::weak_ptr<ReplicaJoin> last_step;
   // Per pusher that rejoined the job (docs/fault-tolerance.md, "A worker that rejoins"): the
   // sequence number its next push must have, which its attach is told.
   std::mutex rejoin_mu;
@@ -1287,10 +1300,25 @@ class ServerImpl final : public Server {
     std::vector<std::shared_ptr<ReplicaJoin>> followers;
     {
       std::lock_guard<std::mutex> lock(join->mu);
+      join->answered = true;
       followers.swap(join->followers);
     }
     if (auto a = join->Remote(st)) join->deliver(std::move(*a));
     for (auto& f : followers) RemoteDone(f, st);
+  }
+
+  // Owner thread, a chunk that forwards steps: an acknowledgement the engine gave outside a step
+  // (a push dropped as late, or sent again, for a step published already) waits for the backup to
+  // hold the last step forwarded, as that step's own pushes do: until then its version could be
+  // lost with this server.
+  void AfterLastStep(Chunk& ch, EngineActions::Ack& a) {
+    if (!a.status.ok() || a.to.join || a.to.replica) return;
+    auto lead = ch.last_step.lock();
+    if (!lead) return;
+    auto f = std::make_shared<ReplicaJoin>();
+    f->backup = lead->backup;
+    f->deliver = [this, chp = &ch](EngineActions::Ack x) { AckNow(*chp, x); };
+    if (lead->AddFollower(f)) a.to.join = f;
   }
 
   // Owner thread: step `st` of `ch` was published (EngineConfig::forward_steps). Its sum goes to
@@ -1329,6 +1357,7 @@ class ServerImpl final : public Server {
     Accumulator* sum = st.sum.get();
     lead->payload = transport::Payload{sum->data(), ch.numel * sizeof(float), std::move(st.sum)};
     replicated_steps_.fetch_add(1, std::memory_order_relaxed);
+    ch.last_step = lead;
     for (size_t i = 0; i < st.acks.size(); ++i) {
       st.acks[i].to.join = joins[i];
       AckNow(ch, st.acks[i]);
@@ -1663,9 +1692,15 @@ class ServerImpl final : public Server {
     reply.replica = true;
     OnOwner(*ch, [this, ch, f = std::move(f), held, reply = std::move(reply)]() mutable {
       const auto start = std::chrono::steady_clock::now();
-      EngineActions a = ch->engine->OnForwardedStep(
-          f.seq, f.pushers, f.lr, f.scale, reinterpret_cast<const float*>(held->bytes.data()),
-          std::move(reply));
+      ChunkEngine::ForwardedStep in;
+      in.seq = f.seq;
+      in.pushers = std::move(f.pushers);
+      in.lr = f.lr;
+      in.scale = f.scale;
+      in.sum = reinterpret_cast<const float*>(held->bytes.data());
+      in.hold = held;
+      in.reply = std::move(reply);
+      EngineActions a = ch->engine->OnForwardedStep(std::move(in));
       const auto end = std::chrono::steady_clock::now();
       apply_latency_.Observe(end - start);
       if (timeline_)
@@ -2545,8 +2580,12 @@ class ServerImpl final : public Server {
       auto conn = g.conn.lock();
       if (conn && !conn->closed()) RequestBuffer(conn, g.request, ch.id, g.seq);
     }
-    for (auto& ack : a.acks) AckNow(ch, ack);
+    // Steps first: an acknowledgement given outside a step waits for the last one forwarded.
     for (auto& st : a.steps) ForwardStep(ch, std::move(st));
+    for (auto& ack : a.acks) {
+      if (ch.forward_steps) AfterLastStep(ch, ack);
+      AckNow(ch, ack);
+    }
     pushes_applied_ += a.applied;
     duplicates_ += a.duplicates;
     late_ += a.late;

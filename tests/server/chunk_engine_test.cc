@@ -121,14 +121,16 @@ TEST(ChunkEngine, SyncPublishesWhenEveryWorkerPushedAndAcksThenWithTheVersion) {
 // Sync with a backup that takes steps (EngineConfig::forward_steps): the primary sums every
 // push of a step apart from the slots and hands the published step over with its pushes'
 // acknowledgements instead of sending them; the backup applies that sum and holds the same
-// bits (a mean of fractions: nothing exact about it but the arithmetic's order). A resent step
-// is answered without being applied again; one out of order is refused.
+// bits (a mean of fractions: nothing exact about it but the arithmetic's order). Steps that
+// arrive out of order (resent after a link was reopened) wait for their turn; a resent step is
+// answered without being applied again; once the backup takes pushes (it was promoted), the
+// steps still waiting are refused.
 TEST(ChunkEngine, AForwardedStepGivesTheBackupTheSameBits) {
   EngineConfig c = Fixture::Config(Mode::kSync, 3, Aggregate::kMean);
   c.forward_steps = true;
   Fixture primary(c), backup(c);
   std::vector<EngineActions::Step> steps;
-  for (uint64_t s = 1; s <= 3; ++s) {
+  for (uint64_t s = 1; s <= 5; ++s) {
     EngineActions a;
     for (uint32_t w = 0; w < 3; ++w) {
       EngineActions one = primary.Push(w, s, 0.1f * static_cast<float>(w + s), w);
@@ -148,34 +150,57 @@ TEST(ChunkEngine, AForwardedStepGivesTheBackupTheSameBits) {
     std::sort(pushers.begin(), pushers.end());
     EXPECT_EQ(pushers, (std::vector<uint32_t>{0, 1, 2}));
     ASSERT_TRUE(st.sum);
-    EngineActions b =
-        backup.engine->OnForwardedStep(st.seq, st.pushers, st.lr, st.scale, st.sum->data(), {});
-    ASSERT_EQ(b.acks.size(), 1u);
-    EXPECT_TRUE(b.acks[0].status.ok()) << b.acks[0].status.ToString();
-    EXPECT_EQ(b.acks[0].version, s);
-    EXPECT_EQ(b.applied, 3u);
     steps.push_back(std::move(st));
   }
-  EXPECT_EQ(primary.engine->version(), 3u);
+  auto send = [&](size_t i, uint64_t request) {
+    ChunkEngine::ForwardedStep f;
+    f.seq = steps[i].seq;
+    f.pushers = steps[i].pushers;
+    f.lr = steps[i].lr;
+    f.scale = steps[i].scale;
+    f.sum = steps[i].sum->data();
+    f.reply.request = request;
+    return backup.engine->OnForwardedStep(std::move(f));
+  };
+  EngineActions b = send(0, 1);
+  ASSERT_EQ(b.acks.size(), 1u);
+  EXPECT_TRUE(b.acks[0].status.ok()) << b.acks[0].status.ToString();
+  EXPECT_EQ(b.acks[0].version, 1u);
+  EXPECT_EQ(b.applied, 3u);
+  // Step 3 before step 2: it waits, then both go, in order.
+  b = send(2, 3);
+  EXPECT_TRUE(b.acks.empty());
+  EXPECT_EQ(backup.engine->version(), 1u);
+  b = send(1, 2);
+  ASSERT_EQ(b.acks.size(), 2u);
+  EXPECT_EQ(b.acks[0].to.request, 2u);
+  EXPECT_EQ(b.acks[0].version, 2u);
+  EXPECT_EQ(b.acks[1].to.request, 3u);
+  EXPECT_EQ(b.acks[1].version, 3u);
   EXPECT_EQ(backup.engine->version(), 3u);
-  EXPECT_EQ(std::memcmp(primary.Params().data(), backup.Params().data(), kN * sizeof(float)), 0);
-  EXPECT_EQ(backup.engine->last_seqs(), (std::vector<uint64_t>{3, 3, 3}));
   // Step 2 again (a resend after the link was reopened): answered, not applied.
-  EngineActions again = backup.engine->OnForwardedStep(2, steps[1].pushers, steps[1].lr,
-                                                       steps[1].scale, steps[1].sum->data(), {});
-  ASSERT_EQ(again.acks.size(), 1u);
-  EXPECT_TRUE(again.acks[0].status.ok());
-  EXPECT_EQ(again.applied, 0u);
+  b = send(1, 4);
+  ASSERT_EQ(b.acks.size(), 1u);
+  EXPECT_TRUE(b.acks[0].status.ok());
+  EXPECT_EQ(b.applied, 0u);
   EXPECT_EQ(backup.engine->version(), 3u);
-  // Step 5 before step 4: refused, nothing applied.
-  EngineActions gap = backup.engine->OnForwardedStep(5, steps[0].pushers, steps[0].lr,
-                                                     steps[0].scale, steps[0].sum->data(), {});
-  ASSERT_EQ(gap.acks.size(), 1u);
-  EXPECT_FALSE(gap.acks[0].status.ok());
-  EXPECT_EQ(backup.engine->version(), 3u);
-  // Promoted, the backup takes pushes from where the steps left it.
-  for (uint32_t w = 0; w < 3; ++w) backup.Push(w, 4, 1.0f, w);
-  EXPECT_EQ(backup.engine->version(), 4u);
+  b = send(3, 5);
+  b = send(4, 6);
+  EXPECT_EQ(backup.engine->version(), 5u);
+  EXPECT_EQ(std::memcmp(primary.Params().data(), backup.Params().data(), kN * sizeof(float)), 0);
+  EXPECT_EQ(backup.engine->last_seqs(), (std::vector<uint64_t>{5, 5, 5}));
+  // Promoted: a step still waiting (7, without 6) is refused once the backup takes pushes, which
+  // go on from where the steps left it.
+  steps[4].seq = 7;
+  b = send(4, 7);
+  EXPECT_TRUE(b.acks.empty());
+  EngineActions p = backup.Push(0, 6, 1.0f, 0);
+  ASSERT_EQ(p.acks.size(), 1u);
+  EXPECT_TRUE(p.acks[0].status.IsAborted()) << p.acks[0].status.ToString();
+  EXPECT_EQ(p.acks[0].to.request, 7u);
+  backup.Push(1, 6, 1.0f, 1);
+  backup.Push(2, 6, 1.0f, 2);
+  EXPECT_EQ(backup.engine->version(), 6u);
 }
 
 // A copy for a new backup (docs/fault-tolerance.md, "New backups"): while the hold is on, a
