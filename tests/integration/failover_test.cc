@@ -338,9 +338,17 @@ TEST_P(Failover, ANewServerTakesADeadOnesPlaceAndTheNextDeathIsSurvived) {
     auto js = nlohmann::json::parse(*j);
     return js.contains(key) ? js[key].get<int64_t>() : -1;
   };
+  // Server 1 dies once every worker declared its tensors (in async mode worker 0 may be at step
+  // 6 before worker 1 has: a declare is not sent again after a failover).
+  std::atomic<size_t> declared{0};
   Run(*lc, kSteps, [&](uint32_t rank, uint64_t step) {
-    if (rank == 0 && step == 6 && !first.exchange(true))
+    if (step == 1) declared++;
+    if (rank == 0 && step == 6 && !first.exchange(true)) {
+      const auto until = std::chrono::steady_clock::now() + 60s;
+      while (declared.load() < lc->workers.size() && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(5ms);
       killer = std::thread([&] { lc->servers[1].reset(); });
+    }
     if (step != 12) return;
     meeting.At(rank, [&](auto deadline) {
       if (killer.joinable()) killer.join();
