@@ -121,6 +121,21 @@ bool CheckpointGate::Decode(Reader* r) { return r->Get(&id) && r->Get(&timeout_m
 
 namespace {
 constexpr uint32_t kMaxCheckpointTensors = 1 << 20;
+// An optional float (a push's or a step's learning rate): u8 present (0 or 1), then the value.
+void PutOptional(Writer* w, const std::optional<float>& v) {
+  w->Put<uint8_t>(v ? 1 : 0);
+  if (v) w->Put(*v);
+}
+[[nodiscard]] bool GetOptional(Reader* r, std::optional<float>* v) {
+  uint8_t has = 0;
+  if (!r->Get(&has) || has > 1) return false;
+  v->reset();
+  if (has == 0) return true;
+  float x = 0;
+  if (!r->Get(&x)) return false;
+  *v = x;
+  return true;
+}
 constexpr size_t kMaxTensorName = 1024;
 constexpr uint32_t kMaxWorkers = 65536;
 }  // namespace
@@ -241,23 +256,14 @@ void ForwardedStep::Encode(Writer* w) const {
   w->Put(epoch);
   w->Put(chunk_id);
   w->Put(seq);
-  w->Put<uint8_t>(lr ? 1 : 0);
-  if (lr) w->Put(*lr);
+  PutOptional(w, lr);
   w->Put(scale);
   w->PutVector(std::span<const uint32_t>(pushers));
 }
 
 bool ForwardedStep::Decode(Reader* r) {
-  uint8_t has = 0;
-  if (!r->Get(&epoch) || !r->Get(&chunk_id) || !r->Get(&seq) || !r->Get(&has) || has > 1)
-    return false;
-  lr.reset();
-  if (has) {
-    float v = 0;
-    if (!r->Get(&v)) return false;
-    lr = v;
-  }
-  return r->Get(&scale) && r->GetVector(&pushers, kMaxWorkers);
+  return r->Get(&epoch) && r->Get(&chunk_id) && r->Get(&seq) && GetOptional(r, &lr) &&
+         r->Get(&scale) && r->GetVector(&pushers, kMaxWorkers);
 }
 
 void ReplicaMembership::Encode(Writer* w) const {
@@ -572,24 +578,12 @@ void PushDone::Encode(Writer* w) const {
   w->Put(seq);
   w->Put(bytes);
   w->Put(base_version);
-  w->Put<uint8_t>(lr ? 1 : 0);
-  if (lr) w->Put(*lr);
-}
-
-bool PushDone::DecodeLr(Reader* r) {
-  uint8_t has = 0;
-  if (!r->Get(&has) || has > 1) return false;
-  lr.reset();
-  if (has == 0) return true;
-  float v = 0;
-  if (!r->Get(&v)) return false;
-  lr = v;
-  return true;
+  PutOptional(w, lr);
 }
 
 bool PushDone::Decode(Reader* r) {
   return r->Get(&epoch) && r->Get(&chunk_id) && r->Get(&buffer) && r->Get(&worker) &&
-         r->Get(&seq) && r->Get(&bytes) && r->Get(&base_version) && DecodeLr(r);
+         r->Get(&seq) && r->Get(&bytes) && r->Get(&base_version) && GetOptional(r, &lr);
 }
 
 void PushAck::Encode(Writer* w) const {

@@ -420,9 +420,6 @@ struct PushDone {
   std::optional<float> lr;
   void Encode(Writer* w) const;
   [[nodiscard]] bool Decode(Reader* r);
-
- private:
-  [[nodiscard]] bool DecodeLr(Reader* r);
 };
 
 // The reply to kPushDone: the version the push is part of (sync: the version that holds it is

@@ -515,7 +515,7 @@ void ChunkEngine::PublishReadySteps(EngineActions* out) {
           f.pushers = s->second.pushers;
           f.lr = s->second.lr;
           f.scale = scale;
-          f.sum = std::shared_ptr<Accumulator>(std::move(s->second.own));
+          f.sum = std::move(s->second.own);
           for (auto& a : s->second.acks) f.acks.push_back({a.to, failure_, version(), a.late});
         } else {
           for (auto& a : s->second.acks) o->acks.push_back({a.to, failure_, version(), a.late});
@@ -632,11 +632,8 @@ void ChunkEngine::ApplyForwardedSteps(EngineActions* out) {
     }
     out->applied += f.pushers.size();
     std::erase_if(joiners_, [&](uint32_t w) { return join_from_[w] <= f.seq; });
-    GradientView sum;
-    sum.data = f.sum;
-    sum.memory = transport::MemoryKind::kHost;
-    sum.numel = rule_->numel();
-    sum.bytes = sum.numel * sizeof(float);
+    GradientView sum = SumView(f.sum);
+    sum.memory = transport::MemoryKind::kHost;  // as it arrived, whatever the rule's memory
     Update(
         sum, nullptr, f.scale, f.lr,
         [this, reply = std::move(f.reply), hold = std::move(f.hold)](EngineActions* o) {

@@ -162,7 +162,7 @@ struct EngineActions {
     std::vector<uint32_t> pushers;  // whose pushes it sums (each pusher's last sequence number)
     std::optional<float> lr;
     float scale = 1.0f;                // the update's factor of the sum
-    std::shared_ptr<Accumulator> sum;  // numel floats
+    std::unique_ptr<Accumulator> sum;  // numel floats (back with Recycle when not sent)
     std::vector<Ack> acks;             // its pushes', not in `acks`
   };
   std::vector<Ack> acks;           // answer these pushes
@@ -229,6 +229,11 @@ class ChunkEngine {
   // a link was reopened) or during an update waits, up to kMaxStepsAhead of them; one that
   // arrives while pushes are open here (the backup was promoted) is refused.
   EngineActions OnForwardedStep(ForwardedStep f);
+  // Owner thread: a step's sum that was not sent (the chunk has no backup now) serves a later
+  // step.
+  void Recycle(std::unique_ptr<Accumulator> sum) {
+    if (sum) spare_.push_back(std::move(sum));
+  }
   static constexpr size_t kMaxStepsAhead = 16;
   // Owner thread: forgets what `owner` left parked (its buffers come back in `release`).
   EngineActions OnConnectionClosed(const transport::Connection* owner);

@@ -1329,17 +1329,8 @@ class ServerImpl final : public Server {
   void ForwardStep(Chunk& ch, EngineActions::Step st) {
     const uint32_t b = ch.backup.load();
     if (b == kNoServer || ch.forward_on_take.load(std::memory_order_relaxed)) {
+      ch.engine->Recycle(std::move(st.sum));
       for (auto& a : st.acks) AckNow(ch, a);
-      return;
-    }
-    if (!st.sum) {  // not expected: the engine hands every forwarded step over with its sum
-      for (auto& a : st.acks) {
-        a.status =
-            Status::Internal(fmt::format("step {} of chunk {} has no sum to send to its "
-                                         "backup",
-                                         st.seq, ch.id));
-        AckNow(ch, a);
-      }
       return;
     }
     std::vector<std::shared_ptr<ReplicaJoin>> joins;
@@ -1354,8 +1345,8 @@ class ServerImpl final : public Server {
     lead->tag = kReplicateStep;
     Writer w(&lead->meta);
     ForwardedStep{epoch_.load(), ch.id, st.seq, st.lr, st.scale, st.pushers}.Encode(&w);
-    Accumulator* sum = st.sum.get();
-    lead->payload = transport::Payload{sum->data(), ch.numel * sizeof(float), std::move(st.sum)};
+    std::shared_ptr<Accumulator> sum = std::move(st.sum);
+    lead->payload = transport::Payload{sum->data(), ch.numel * sizeof(float), std::move(sum)};
     replicated_steps_.fetch_add(1, std::memory_order_relaxed);
     ch.last_step = lead;
     for (size_t i = 0; i < st.acks.size(); ++i) {
@@ -1637,12 +1628,8 @@ class ServerImpl final : public Server {
     if (Status st = CheckPushBytes(*ch, d.bytes); !st.ok()) return Reply(*c, req, st);
     if (Status st = d.lr ? CheckLearningRate(*d.lr) : Status::OK(); !st.ok())
       return Reply(*c, req, st);
-    auto held = std::make_shared<BatchBytes>(inbound_);
-    if (!held->charge.TryCharge(d.bytes))
-      return Drop(c, fmt::format("a replicated push of {} bytes would pass the server's inbound "
-                                 "budget of {} bytes",
-                                 d.bytes, inbound_->limit()));
-    held->bytes = std::move(m.payload);
+    auto held = HoldPayload(c, m, "replicated push");
+    if (!held) return;
     LandedPush p;
     p.worker = d.worker;
     p.seq = d.seq;
@@ -1681,12 +1668,8 @@ class ServerImpl final : public Server {
       return Reply(*c, req, Status::InvalidArgument(fmt::format("step factor {}", f.scale)));
     if (Status st = f.lr ? CheckLearningRate(*f.lr) : Status::OK(); !st.ok())
       return Reply(*c, req, st);
-    auto held = std::make_shared<BatchBytes>(inbound_);
-    if (!held->charge.TryCharge(m.payload.size()))
-      return Drop(c, fmt::format("a replicated step of {} bytes would pass the server's inbound "
-                                 "budget of {} bytes",
-                                 m.payload.size(), inbound_->limit()));
-    held->bytes = std::move(m.payload);
+    auto held = HoldPayload(c, m, "replicated step");
+    if (!held) return;
     replica_steps_.fetch_add(1, std::memory_order_relaxed);
     ReplyTo reply{c, req};
     reply.replica = true;
@@ -2427,6 +2410,20 @@ class ServerImpl final : public Server {
     explicit BatchBytes(std::shared_ptr<transport::InboundBudget> b)
         : budget(std::move(b)), charge(budget.get(), UINT64_MAX) {}
   };
+
+  // A replicated message's payload, kept (and charged to the inbound budget) until its chunk's
+  // engine is done with it; null when the budget would be passed: the connection is closed.
+  std::shared_ptr<BatchBytes> HoldPayload(const std::shared_ptr<Connection>& c,
+                                          transport::Message& m, const char* what) {
+    auto held = std::make_shared<BatchBytes>(inbound_);
+    if (!held->charge.TryCharge(m.payload.size())) {
+      Drop(c, fmt::format("a {} of {} bytes would pass the server's inbound budget of {} bytes",
+                          what, m.payload.size(), inbound_->limit()));
+      return nullptr;
+    }
+    held->bytes = std::move(m.payload);
+    return held;
+  }
 
   // Loop thread. The operations of a batch, in entry order; every chunk it may name (at most
   // kMaxBatchedChunkBytes) is owned by this thread, so each push is applied here and now.
