@@ -95,9 +95,10 @@ struct ServerStats {
   // as a backup, chunks served since their primary was declared dead, connections to a backup
   // reopened, the shard map's epoch.
   uint64_t replicated_pushes = 0;
-  uint64_t replicated_copied = 0;  // of them, copied first (not sent from the landing buffer)
-  uint64_t replicated_steps = 0;   // sync steps forwarded whole (their sum), not push by push
-  uint64_t replica_steps = 0;      // sync steps taken whole as a backup
+  uint64_t replicated_copied = 0;    // of them, copied first (not sent from the landing buffer)
+  uint64_t replicated_steps = 0;     // sync steps forwarded whole (their sum), not push by push
+  uint64_t step_sums_allocated = 0;  // accumulators allocated for sync steps (others reused)
+  uint64_t replica_steps = 0;        // sync steps taken whole as a backup
   uint64_t replica_pushes = 0;
   uint64_t promoted_chunks = 0;
   uint64_t backups_rebuilt = 0;     // chunks of which this server made a new backup (a failover)

@@ -16,6 +16,7 @@ void EngineActions::Append(EngineActions&& o) {
   duplicates += o.duplicates;
   late += o.late;
   published += o.published;
+  sums_allocated += o.sums_allocated;
   parked_buffers_delta += o.parked_buffers_delta;
 }
 
@@ -483,8 +484,12 @@ void ChunkEngine::ProcessSync(LandedPush& p, EngineActions* out) {
       if (!spare_.empty()) {
         step.own = std::move(spare_.back());
         spare_.pop_back();
-      } else {
+      } else if (cfg_.spare_sum) {
+        step.own = cfg_.spare_sum();
+      }
+      if (!step.own) {
         step.own = rule_->NewAccumulator();
+        out->sums_allocated++;
       }
       step.sum = step.own->data();
     }

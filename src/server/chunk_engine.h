@@ -101,6 +101,9 @@ struct EngineConfig {
   // OnForwardedStep (which takes them whatever this is). Not for the device rule (its sums live
   // on the device).
   bool forward_steps = false;
+  // Owner thread, with forward_steps: a sum of an earlier step that came back once sent (null:
+  // none), asked for before a new accumulator is made.
+  std::function<std::unique_ptr<Accumulator>()> spare_sum;
 };
 
 // A batch request being answered (the server's; cluster::BatchRequest).
@@ -173,6 +176,7 @@ struct EngineActions {
   uint64_t duplicates = 0;         // resent pushes acknowledged without applying
   uint64_t late = 0;               // pushes dropped because their step was published
   uint64_t published = 0;          // versions published
+  uint64_t sums_allocated = 0;     // accumulators made for sync steps (none spare)
   int64_t parked_buffers_delta = 0;  // change in landing buffers held by parked pushes
 
   void Append(EngineActions&& o);
@@ -230,7 +234,7 @@ class ChunkEngine {
   // arrives while pushes are open here (the backup was promoted) is refused.
   EngineActions OnForwardedStep(ForwardedStep f);
   // Owner thread: a step's sum that was not sent (the chunk has no backup now) serves a later
-  // step.
+  // step (one that was sent comes back through EngineConfig::spare_sum).
   void Recycle(std::unique_ptr<Accumulator> sum) {
     if (sum) spare_.push_back(std::move(sum));
   }

@@ -77,6 +77,7 @@ std::string ServerStats::ToJson() const {
                       {"replicated_pushes", replicated_pushes},
                       {"replicated_copied", replicated_copied},
                       {"replicated_steps", replicated_steps},
+                      {"step_sums_allocated", step_sums_allocated},
                       {"replica_steps", replica_steps},
                       {"replica_pushes", replica_pushes},
                       {"promoted_chunks", promoted_chunks},
@@ -236,6 +237,38 @@ void ReadRss(uint64_t* rss, uint64_t* peak) {
   }
 }
 
+// Forwarded steps' sums whose send ended (Chunk::spare_sums): at most kKept are kept, the rest
+// freed.
+struct SpareSums {
+  static constexpr size_t kKept = 4;
+  std::mutex mu;
+  std::vector<std::unique_ptr<Accumulator>> sums;  // guarded by mu
+
+  // A shared owner of `sum` for a send: the last owner to let it go gives it back to `to`, or
+  // frees it once the chunk is gone.
+  static std::shared_ptr<Accumulator> Lend(std::unique_ptr<Accumulator> sum,
+                                           const std::shared_ptr<SpareSums>& to) {
+    auto back = [to = std::weak_ptr<SpareSums>(to)](Accumulator* a) { GiveBack(to, a); };
+    return std::shared_ptr<Accumulator>(sum.release(), std::move(back));
+  }
+
+  static void GiveBack(const std::weak_ptr<SpareSums>& to, Accumulator* a) {
+    std::unique_ptr<Accumulator> own(a);
+    auto s = to.lock();
+    if (!s) return;
+    std::lock_guard<std::mutex> lock(s->mu);
+    if (s->sums.size() < kKept) s->sums.push_back(std::move(own));
+  }
+
+  std::unique_ptr<Accumulator> Pop() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (sums.empty()) return nullptr;
+    std::unique_ptr<Accumulator> s = std::move(sums.back());
+    sums.pop_back();
+    return s;
+  }
+};
+
 struct Chunk {
   uint64_t id = 0;
   std::string tensor;
@@ -273,6 +306,10 @@ struct Chunk {
   // message), while it is in flight: acknowledgements given outside a step (a late push, a
   // resent one) wait for it too.
   std::weak_ptr<ReplicaJoin> last_step;
+  // Sums of forwarded steps whose send ended (the backup answered, or the link let them go),
+  // back from whichever thread released them; the engine takes them for later steps
+  // (EngineConfig::spare_sum), so that a step's sum is not a fresh allocation each time.
+  std::shared_ptr<SpareSums> spare_sums = std::make_shared<SpareSums>();
   // Per pusher that rejoined the job (docs/fault-tolerance.md, "A worker that rejoins"): the
   // sequence number its next push must have, which its attach is told.
   std::mutex rejoin_mu;
@@ -527,6 +564,9 @@ class ServerImpl final : public Server {
     f.Counter("shardps_server_replicated_steps_total",
               "sync steps forwarded whole to their chunk's backup (their sum, not each push)",
               d(s.replicated_steps));
+    f.Counter("shardps_server_step_sums_allocated_total",
+              "accumulators allocated for sync steps' sums (the others reuse one)",
+              d(s.step_sums_allocated));
     f.Counter("shardps_server_replica_steps_total", "sync steps taken whole as a backup",
               d(s.replica_steps));
     f.Counter("shardps_server_replica_pushes_total", "pushes taken as a chunk's backup",
@@ -657,6 +697,7 @@ class ServerImpl final : public Server {
     s.replicated_pushes = replicated_pushes_.load(std::memory_order_relaxed);
     s.replicated_copied = replicated_copied_.load(std::memory_order_relaxed);
     s.replicated_steps = replicated_steps_.load(std::memory_order_relaxed);
+    s.step_sums_allocated = step_sums_allocated_.load(std::memory_order_relaxed);
     s.replica_steps = replica_steps_.load(std::memory_order_relaxed);
     s.replica_pushes = replica_pushes_.load(std::memory_order_relaxed);
     s.promoted_chunks = promoted_chunks_.load(std::memory_order_relaxed);
@@ -1345,7 +1386,7 @@ class ServerImpl final : public Server {
     lead->tag = kReplicateStep;
     Writer w(&lead->meta);
     ForwardedStep{epoch_.load(), ch.id, st.seq, st.lr, st.scale, st.pushers}.Encode(&w);
-    std::shared_ptr<Accumulator> sum = std::move(st.sum);
+    std::shared_ptr<Accumulator> sum = SpareSums::Lend(std::move(st.sum), ch.spare_sums);
     lead->payload = transport::Payload{sum->data(), ch.numel * sizeof(float), std::move(sum)};
     replicated_steps_.fetch_add(1, std::memory_order_relaxed);
     ch.last_step = lead;
@@ -2247,6 +2288,7 @@ class ServerImpl final : public Server {
                        view_.num_pushers() >= 2 &&
                        view_.num_pushers() * max_push >= it.numel * sizeof(float);
     ch->forward_steps = ec.forward_steps;
+    if (ec.forward_steps) ec.spare_sum = [sums = ch->spare_sums] { return sums->Pop(); };
     if (copy) ec.initial_last_seq = copy->last_seq;  // a checkpoint's workers start afresh
     if (copy) ec.initial_join_from = copy->join_from;
     // Its place in the shard map: a backup here takes the primary's forwarded pushes; a primary
@@ -2587,6 +2629,7 @@ class ServerImpl final : public Server {
     duplicates_ += a.duplicates;
     late_ += a.late;
     versions_ += a.published;
+    step_sums_allocated_ += a.sums_allocated;
     if (ch.rebuild && !ch.rebuild_copied) TakeBackupCopy(ch);  // the chunk may be quiet now
   }
 
@@ -2687,6 +2730,7 @@ class ServerImpl final : public Server {
   std::unique_ptr<WorkerCounters[]> counters_;
   std::atomic<uint32_t> num_counters_{0};
   std::atomic<uint64_t> versions_{0};
+  std::atomic<uint64_t> step_sums_allocated_{0};  // accumulators made for sync steps
   std::atomic<uint64_t> push_bytes_{0};
   metrics::LatencyHistogram apply_latency_;
   metrics::RoleMetrics metrics_;                 // stopped first: its scrapes read the rest
