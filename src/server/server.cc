@@ -224,6 +224,9 @@ constexpr size_t kRangeElements = 64 << 10;
 // stream; chunks on different streams overlap), and how long stopping waits for queued work.
 constexpr int kDeviceStreams = 4;
 constexpr std::chrono::milliseconds kDeviceDrainTimeout{10000};
+// How long an order to make a new backup of a chunk not created here yet waits for the chunk (a
+// worker's declare under way when the chunk's primary died: docs/fault-tolerance.md).
+constexpr std::chrono::seconds kAwaitedRebuildWait{30};
 // A checkpoint: how long the chunks' owners may take to hand over their state.
 constexpr std::chrono::milliseconds kSnapshotTimeout{300000};
 
@@ -905,6 +908,25 @@ class ServerImpl final : public Server {
       link_cv_.wait_for(lock, std::chrono::milliseconds(100));
       if (stopping_.load()) break;
       const auto now = Clock::now();
+      std::vector<std::pair<uint64_t, uint32_t>> never;  // awaited rebuilds whose chunk never came
+      for (auto it = awaited_rebuilds_.begin(); it != awaited_rebuilds_.end();) {
+        if (now < it->second.until) {
+          ++it;
+          continue;
+        }
+        never.emplace_back(it->first, it->second.backup);
+        it = awaited_rebuilds_.erase(it);
+      }
+      if (!never.empty()) {
+        lock.unlock();
+        for (auto [chunk, b] : never)
+          ReportRebuilt(chunk, b,
+                        Status::InvalidArgument(fmt::format(
+                            "this server does not hold it (it was not created here within {} s)",
+                            kAwaitedRebuildWait.count())));
+        lock.lock();
+        if (stopping_.load()) break;
+      }
       for (uint32_t s = 0; s < peers_.size(); ++s) {
         if (s == rank_ || dead_[s]) continue;
         if (link_down_[s] && !hold_links_) {
@@ -1408,6 +1430,18 @@ class ServerImpl final : public Server {
     if (stopping_.load()) return;
     for (const auto& it : o.items) {
       Chunk* ch = FindChunk(it.chunk_id);
+      if (!ch) {
+        // Not created here yet: a worker's declare was creating it when its primary died, and
+        // its create reaches this server after the order. Begun once it is (MakeChunk publishes
+        // a chunk under failover_mu_), or refused after kAwaitedRebuildWait (ReplicaLinkLoop).
+        std::lock_guard<std::mutex> lock(failover_mu_);
+        ch = FindChunk(it.chunk_id);
+        if (!ch) {
+          awaited_rebuilds_[it.chunk_id] = {it.backup,
+                                            std::chrono::steady_clock::now() + kAwaitedRebuildWait};
+          continue;
+        }
+      }
       std::string why;
       {
         std::lock_guard<std::mutex> lock(failover_mu_);
@@ -2315,8 +2349,19 @@ class ServerImpl final : public Server {
       for (uint32_t w : removed_workers_) (void)ch->engine->RemoveWorker(view_.PusherOf(w));
     }
     versions_++;  // version 0
-    std::unique_lock<std::shared_mutex> lock(chunks_mu_);
-    chunks_.emplace(it.chunk_id, std::move(ch));
+    {
+      std::unique_lock<std::shared_mutex> lock(chunks_mu_);
+      chunks_.emplace(it.chunk_id, std::move(ch));
+    }
+    // An order to make it a new backup that came before it (OnRebuildBackups).
+    BackupOrders o;
+    auto awaited = awaited_rebuilds_.find(it.chunk_id);
+    if (awaited != awaited_rebuilds_.end()) {
+      if (!raw->is_backup.load()) o.items.push_back({it.chunk_id, awaited->second.backup});
+      awaited_rebuilds_.erase(awaited);
+    }
+    roles.unlock();
+    if (!o.items.empty()) OnRebuildBackups(o);
     return raw;
   }
 
@@ -2754,6 +2799,13 @@ class ServerImpl final : public Server {
   std::map<uint32_t, std::function<void(const ServerReached&)>> joined_reports_;
   // failover_mu_: pushes whose backup's connection failed before it was declared dead
   std::map<uint32_t, std::vector<std::shared_ptr<ReplicaJoin>>> orphans_;
+  // Orders to make a new backup of a chunk not created here yet (OnRebuildBackups), until when
+  // they wait for it; guarded by failover_mu_.
+  struct AwaitedRebuild {
+    uint32_t backup = 0;
+    std::chrono::steady_clock::time_point until;
+  };
+  std::map<uint64_t, AwaitedRebuild> awaited_rebuilds_;
   std::set<uint32_t> removed_workers_;  // failover_mu_: removed from the job (kWorkerDown)
   std::vector<bool> link_down_;         // failover_mu_: by rank, a closed link to a live backup
   bool hold_links_ = false;             // failover_mu_: closed links stay closed (tests)

@@ -824,6 +824,9 @@ class WorkerImpl final : public Worker {
   explicit WorkerImpl(WorkerOptions o) : opt_(std::move(o)) {}
 
   // Tests: the destructor then ends the worker as a crash would, without a goodbye.
+  // Fault injection (worker/testing.h): runs before each create message of a Declare, with the
+  // server it goes to; set before the worker declares.
+  void BeforeCreate(std::function<void(uint32_t)> hook) { create_hook_ = std::move(hook); }
   void SkipGoodbye() { finished_ = true; }
 
   ~WorkerImpl() override {
@@ -1243,6 +1246,11 @@ class WorkerImpl final : public Worker {
       }
       infos.push_back(std::move(info));
     }
+    // Servers that died while their chunks were being created (the job keeps backups): those
+    // chunks go on with their other copy (LostInDeclare); and what each backup answered, for the
+    // chunks whose primary that was.
+    std::vector<bool> lost(num_servers, false);
+    std::map<ChunkRef*, std::pair<uint64_t, uint64_t>> backup_reply;  // version, next_seq
     for (uint32_t s = 0; s < num_servers; ++s) {
       for (Batch& b : per[s]) {
         Bytes body;
@@ -1251,8 +1259,13 @@ class WorkerImpl final : public Worker {
         w.PutRaw(b.body.data(), b.body.size());
         w.Put<int32_t>(static_cast<int32_t>(rank_));
         w.Put<uint32_t>(0);  // no rejoin_from
+        if (create_hook_) create_hook_(s);
         // Sent as a message whose payload is the initial values.
         auto rep = CallCreate(*servers_[s], body, std::move(b.init));
+        if (!rep.ok() && LostInDeclare(s, rep.status())) {
+          lost[s] = true;
+          break;
+        }
         if (!rep.ok())
           return rep.status().WithContext(fmt::format("creating chunks on server {}", s));
         Reader r(rep->data(), rep->size());
@@ -1264,16 +1277,34 @@ class WorkerImpl final : public Worker {
           const ChunkSlots& got = reply.chunks[k];
           if (got.slot_stride != ref->layout.stride)
             return Status::ProtocolError("malformed create reply");
-          const uint64_t version = got.version;
-          const uint64_t next_seq = got.next_seq;
+          if (b.backup[k]) {
+            backup_reply[ref] = {got.version, got.next_seq};
+          } else {
+            Started(*ref, got.version, got.next_seq);
+          }
           ref->AddCopy(static_cast<uint32_t>(s), std::move(reply.chunks[k]));
-          if (b.backup[k]) continue;
-          ref->known_version = version;
-          ref->rejoin_next = next_seq;
-          // A chunk restored from a checkpoint (docs/fault-tolerance.md) is at its saved
-          // version: in sync mode the tensor's pushes go on with the step after it.
-          if (view_.mode == Mode::kSync && ref->tensor_step->load() <= version)
-            ref->tensor_step->store(version + 1);
+        }
+      }
+    }
+    if (std::find(lost.begin(), lost.end(), true) != lost.end()) {
+      // The chunks of a server that died go on with their other copy: a primary's with its
+      // backup (which serves it now: the coordinator moved it there), a backup's without one
+      // (the coordinator has a new one made, which kBackupsAdded names).
+      std::lock_guard<std::mutex> lock(failover_->mu);
+      for (auto& info : infos) {
+        for (auto& c : info->chunks) {
+          const uint32_t b = c->backup.load();
+          if (b != kNoServer && lost[b]) c->backup.store(kNoServer);
+          if (!lost[c->server.load()]) continue;
+          auto got = backup_reply.find(c.get());
+          if (b == kNoServer || lost[b] || got == backup_reply.end())
+            return Status::Unavailable(fmt::format(
+                "chunk {} of tensor '{}': server {} died while it was being created, and no "
+                "other server holds it",
+                c->chunk_id, info->name, c->server.load()));
+          c->server.store(b);
+          c->backup.store(kNoServer);
+          Started(*c, got->second.first, got->second.second);
         }
       }
     }
@@ -1787,6 +1818,7 @@ class WorkerImpl final : public Worker {
           }
       run = failover_->Take([&](const Failover::Waiting& w) { return w.server == d.rank; });
     }
+    failover_->cv.notify_all();  // a Declare waiting for it (LostInDeclare)
     spdlog::warn(
         "worker {}: server {} was declared dead (shard map epoch {}): its {} chunks go "
         "to their backups; {} operations are sent again",
@@ -1998,6 +2030,41 @@ class WorkerImpl final : public Worker {
       }
     }
     return Status::OK();
+  }
+
+  // Declare: the server that serves a chunk answered its create (or attach): the chunk's
+  // published version, and where this worker's pushes go on (ChunkSlots).
+  void Started(ChunkRef& ref, uint64_t version, uint64_t next_seq) {
+    ref.known_version = version;
+    ref.rejoin_next = next_seq;
+    // A chunk restored from a checkpoint (docs/fault-tolerance.md) is at its saved version: in
+    // sync mode the tensor's pushes go on with the step after it.
+    if (view_.mode == Mode::kSync && ref.tensor_step->load() <= version)
+      ref.tensor_step->store(version + 1);
+  }
+
+  // Declare: creating chunks on `server` failed with `why`. True when the job keeps backups, the
+  // server's connection was lost, and the coordinator declared it dead within the failover wait
+  // (FailoverWaitMs): the declare goes on with the chunks' other copies. False: the declare fails
+  // with `why`.
+  bool LostInDeclare(uint32_t server, const Status& why) {
+    // A worker that rejoined learns where its pushes go on from each chunk's primary: its
+    // declare fails (docs/fault-tolerance.md, "Known limits").
+    if (rejoined_) return false;
+    std::unique_lock<std::mutex> lock(failover_->mu);
+    if (!failover_->replicated) return false;
+    const bool lost = (servers_[server] && servers_[server]->connection().closed()) ||
+                      why.IsUnavailable() || why.IsRemoteError() || why.IsAborted() ||
+                      why.code() == Status::Code::kIOError;
+    if (!lost && !failover_->Dead(server)) return false;
+    spdlog::warn(
+        "worker {}: creating chunks on server {} failed ({}): waiting for it to be "
+        "replaced",
+        rank_, server, why.ToString());
+    failover_->cv.wait_for(lock, std::chrono::milliseconds(FailoverWaitMs()), [&] {
+      return failover_->stop || !failover_->failed.ok() || failover_->Dead(server);
+    });
+    return failover_->Dead(server) && !failover_->stop && failover_->failed.ok();
   }
 
   Result<Bytes> CallCreate(RpcChannel& rpc, const Bytes& body, Bytes init) {
@@ -2809,9 +2876,10 @@ class WorkerImpl final : public Worker {
   std::mutex declare_mu_;
 
   std::atomic<bool> finished_{false};
-  std::atomic<uint64_t> bytes_pushed_{0};  // written into landing buffers (encoded)
-  std::atomic<uint64_t> bytes_pulled_{0};  // read from published slots (encoded)
-  std::atomic<uint64_t> late_pushes_{0};   // acknowledged late, dropped by the server
+  std::function<void(uint32_t)> create_hook_;  // BeforeCreateForTest
+  std::atomic<uint64_t> bytes_pushed_{0};      // written into landing buffers (encoded)
+  std::atomic<uint64_t> bytes_pulled_{0};      // read from published slots (encoded)
+  std::atomic<uint64_t> late_pushes_{0};       // acknowledged late, dropped by the server
   std::shared_ptr<worker::Meters> meters_ = std::make_shared<worker::Meters>();
   metrics::RoleMetrics metrics_;
   mutable std::mutex tensors_mu_;
@@ -2828,6 +2896,9 @@ namespace worker {
 void DieWithoutGoodbyeForTest(std::unique_ptr<Worker>& w) {
   dynamic_cast<WorkerImpl&>(*w).SkipGoodbye();
   w.reset();
+}
+void BeforeCreateForTest(Worker& w, std::function<void(uint32_t server)> hook) {
+  dynamic_cast<WorkerImpl&>(w).BeforeCreate(std::move(hook));
 }
 }  // namespace worker
 

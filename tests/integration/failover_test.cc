@@ -283,6 +283,44 @@ TEST_P(Failover, AServerGoesAwayAndTheJobGoesOn) {
   lc->Finish();
 }
 
+// A server dies while the workers declare their tensors (docs/fault-tolerance.md, "A declare
+// under way"): worker 0 is about to create its chunks on server 1 when server 1 is killed. The
+// declare goes on with each chunk's other copy (a backup created before the death was promoted,
+// one created after it serves the chunk from the start), every chunk that lost a copy gets a new
+// backup (an order that reached its primary before the chunk did waits for it), and the job ends
+// with the exact sum of every push.
+TEST_P(Failover, AServerDiesWhileTheChunksAreCreated) {
+  auto lc = LocalCluster::Start(Job(3, 2), 16, GetParam().transport, 1, Device(), Nodes());
+  ASSERT_TRUE(lc);
+  std::atomic<bool> killed{false};
+  worker::BeforeCreateForTest(*lc->workers[0], [&](uint32_t server) {
+    if (server == 1 && !killed.exchange(true)) lc->servers[1].reset();
+  });
+  Run(*lc, 10);
+  EXPECT_TRUE(killed.load());
+  auto backed = [&] {
+    for (uint32_t s : {0u, 2u}) {
+      auto j = lc->workers[0]->ServerStats(s);
+      if (!j.ok() || nlohmann::json::parse(*j)["unbacked_chunks"] != 0) return false;
+    }
+    for (auto& w : lc->workers)
+      if (w->stats().unbacked_chunks != 0) return false;
+    return true;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (!backed() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(20ms);
+  EXPECT_TRUE(backed()) << "the chunks that lost a copy have no new backup 60 s after the death";
+  uint64_t chunks = 0;
+  for (uint32_t s : {0u, 2u}) {
+    auto j = Stats(*lc->workers[0], s);
+    EXPECT_EQ(j["shard_map_epoch"], 1) << "server " << s;
+    chunks += j["chunks"].get<uint64_t>();
+  }
+  EXPECT_EQ(chunks, 2 * kChunks);  // two copies of each again
+  lc->Finish();
+}
+
 // Two servers go away one after the other (docs/fault-tolerance.md, "New backups"). After the
 // first death, every chunk left with one copy gets a new backup on a survivor (its primary copies
 // it there while the workers go on); the workers then meet at step 20, and the second server is
