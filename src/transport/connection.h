@@ -12,8 +12,10 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <memory>
+#include <new>
 #include <string>
 
 #include "core/codec.h"
@@ -26,15 +28,32 @@ namespace shardps::transport {
 class Buffer {
  public:
   Buffer() = default;
-  explicit Buffer(size_t n) : data_(n ? new uint8_t[n] : nullptr), size_(n) {}
+  explicit Buffer(size_t n) : data_(n ? Allocate(nullptr, n) : nullptr), size_(n) {}
   uint8_t* data() { return data_.get(); }
   const uint8_t* data() const { return data_.get(); }
   size_t size() const { return size_; }
   // Keeps only the first n bytes (n <= size()); no reallocation.
   void Truncate(size_t n) { size_ = n < size_ ? n : size_; }
+  // Grows to n bytes (n >= size()), keeping the bytes it held: in place where the allocator can,
+  // and a large buffer's pages are moved rather than copied (realloc: mremap).
+  void Grow(size_t n) {
+    if (n <= size_) return;
+    uint8_t* p = Allocate(data_.get(), n);
+    (void)data_.release();  // realloc freed or kept it
+    data_.reset(p);
+    size_ = n;
+  }
 
  private:
-  std::unique_ptr<uint8_t[]> data_;
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  static uint8_t* Allocate(uint8_t* old, size_t n) {
+    void* p = std::realloc(old, n);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<uint8_t*>(p);
+  }
+  std::unique_ptr<uint8_t, Free> data_;
   size_t size_ = 0;
 };
 
