@@ -168,6 +168,18 @@ class Failover : public ::testing::TestWithParam<Param> {
     return [d](ServerOptions& so) { so.device = d; };
   }
 
+  // Whether every chunk on `servers` has a backup again, as they count it and as every worker
+  // does (the coordinator counted it and the worker attached to it).
+  static bool Backed(LocalCluster& lc, const std::vector<uint32_t>& servers) {
+    for (uint32_t s : servers) {
+      auto j = lc.workers[0]->ServerStats(s);
+      if (!j.ok() || nlohmann::json::parse(*j)["unbacked_chunks"] != 0) return false;
+    }
+    for (auto& w : lc.workers)
+      if (w->stats().unbacked_chunks != 0) return false;
+    return true;
+  }
+
   static nlohmann::json Stats(Worker& w, uint32_t server) {
     auto j = w.ServerStats(server);
     EXPECT_TRUE(j.ok()) << j.status().ToString();
@@ -298,15 +310,7 @@ TEST_P(Failover, AServerDiesWhileTheChunksAreCreated) {
   });
   Run(*lc, 10);
   EXPECT_TRUE(killed.load());
-  auto backed = [&] {
-    for (uint32_t s : {0u, 2u}) {
-      auto j = lc->workers[0]->ServerStats(s);
-      if (!j.ok() || nlohmann::json::parse(*j)["unbacked_chunks"] != 0) return false;
-    }
-    for (auto& w : lc->workers)
-      if (w->stats().unbacked_chunks != 0) return false;
-    return true;
-  };
+  auto backed = [&] { return Backed(*lc, {0, 2}); };
   const auto deadline = std::chrono::steady_clock::now() + 60s;
   while (!backed() && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(20ms);
@@ -332,17 +336,7 @@ TEST_P(Failover, TwoServersDieOneAfterTheOtherWithNewBackupsMadeInBetween) {
   std::atomic<bool> first{false};
   Meeting meeting(lc->workers.size());
   std::thread killer;
-  // Whether every chunk on servers 0 and 2 has a backup again, as they count it and as every
-  // worker does (the coordinator counted it and the worker attached to it).
-  auto backed = [&] {
-    for (uint32_t s : {0u, 2u}) {
-      auto j = lc->workers[0]->ServerStats(s);
-      if (!j.ok() || nlohmann::json::parse(*j)["unbacked_chunks"] != 0) return false;
-    }
-    for (auto& w : lc->workers)
-      if (w->stats().unbacked_chunks != 0) return false;
-    return true;
-  };
+  auto backed = [&] { return Backed(*lc, {0, 2}); };
   Run(*lc, kSteps, [&](uint32_t rank, uint64_t step) {
     if (rank == 0 && step == 8 && !first.exchange(true))
       killer = std::thread([&] { lc->servers[1].reset(); });
