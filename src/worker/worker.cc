@@ -824,10 +824,10 @@ class WorkerImpl final : public Worker {
   explicit WorkerImpl(WorkerOptions o) : opt_(std::move(o)) {}
 
   // Tests: the destructor then ends the worker as a crash would, without a goodbye.
+  void SkipGoodbye() { finished_ = true; }
   // Fault injection (worker/testing.h): runs before each create message of a Declare, with the
   // server it goes to; set before the worker declares.
   void BeforeCreate(std::function<void(uint32_t)> hook) { create_hook_ = std::move(hook); }
-  void SkipGoodbye() { finished_ = true; }
 
   ~WorkerImpl() override {
     if (node_thread_.joinable()) {
