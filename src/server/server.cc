@@ -2353,11 +2353,12 @@ class ServerImpl final : public Server {
       std::unique_lock<std::shared_mutex> lock(chunks_mu_);
       chunks_.emplace(it.chunk_id, std::move(ch));
     }
-    // An order to make it a new backup that came before it (OnRebuildBackups).
+    // An order to make it a new backup that came before it (OnRebuildBackups, which begins it
+    // or reports why not).
     BackupOrders o;
     auto awaited = awaited_rebuilds_.find(it.chunk_id);
     if (awaited != awaited_rebuilds_.end()) {
-      if (!raw->is_backup.load()) o.items.push_back({it.chunk_id, awaited->second.backup});
+      o.items.push_back({it.chunk_id, awaited->second.backup});
       awaited_rebuilds_.erase(awaited);
     }
     roles.unlock();

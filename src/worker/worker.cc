@@ -1690,14 +1690,8 @@ class WorkerImpl final : public Worker {
     Status fail = why;
     {
       std::unique_lock<std::mutex> lock(failover_->mu);
-      // A transport's failure (the connection closed, a one-sided operation cancelled as the
-      // peer vanished, a replaced primary's refusal) may be the server's death, which the
-      // coordinator decides; an error the server answered (a wrong size, an unknown chunk) is not.
-      const bool lost =
-          (server < NumServers() && servers_[server] && servers_[server]->connection().closed()) ||
-          why.IsUnavailable() || why.IsRemoteError() || why.IsAborted() ||
-          why.code() == Status::Code::kIOError;
-      if (failover_->replicated && !failover_->stop && (lost || failover_->Dead(server))) {
+      if (failover_->replicated && !failover_->stop &&
+          (MayBeLost(server, why) || failover_->Dead(server))) {
         if (!failover_->failed.ok()) {
           fail = failover_->failed;
         } else if (failover_->Dead(server) && RerouteLocked(ref)) {
@@ -1714,6 +1708,16 @@ class WorkerImpl final : public Worker {
       }
     }
     op->ChunkDone(fail, 0);
+  }
+
+  // Whether `why`, an operation's failure on `server`, may be the server's death, which the
+  // coordinator decides: a transport's failure (the connection closed, a one-sided operation
+  // cancelled as the peer vanished, a replaced primary's refusal); an error the server answered
+  // (a wrong size, an unknown chunk) is not.
+  bool MayBeLost(uint32_t server, const Status& why) const {
+    return (server < NumServers() && servers_[server] && servers_[server]->connection().closed()) ||
+           why.IsUnavailable() || why.IsRemoteError() || why.IsAborted() ||
+           why.code() == Status::Code::kIOError;
   }
 
   // How long an operation that lost its server waits for the server to be replaced: twice the
@@ -2053,10 +2057,7 @@ class WorkerImpl final : public Worker {
     if (rejoined_) return false;
     std::unique_lock<std::mutex> lock(failover_->mu);
     if (!failover_->replicated) return false;
-    const bool lost = (servers_[server] && servers_[server]->connection().closed()) ||
-                      why.IsUnavailable() || why.IsRemoteError() || why.IsAborted() ||
-                      why.code() == Status::Code::kIOError;
-    if (!lost && !failover_->Dead(server)) return false;
+    if (!MayBeLost(server, why) && !failover_->Dead(server)) return false;
     spdlog::warn(
         "worker {}: creating chunks on server {} failed ({}): waiting for it to be "
         "replaced",

@@ -19,9 +19,10 @@ namespace {
 constexpr size_t kStagingBytes = 256 << 10;
 constexpr size_t kDirectRecvThreshold = 64 << 10;
 // A message's payload buffer is allocated as its bytes arrive, never as its header claims: it
-// grows to at most this many times what came so far (a peer that stalls holds that much). Each
-// growth copies what came; a factor of 4 rather than 2 copies 1.3 MiB of a 4 MiB payload rather
-// than 3.9 MiB, and allocates 5.3 MiB rather than 7.9 (a forwarded push: docs/perf.md).
+// grows to at most this many times what came so far (a peer that stalls holds that much). A
+// growth that cannot happen in place copies what came (realloc moves a large buffer's pages
+// instead): a factor of 4 rather than 2 copies at most 1.3 MiB of a 4 MiB payload rather than
+// 3.9 MiB, and allocates 5.3 MiB rather than 7.9 (a forwarded push: docs/perf.md).
 constexpr uint64_t kPayloadGrowth = 4;
 constexpr int kMaxIov = 64;
 
